@@ -1,0 +1,36 @@
+# Every target sets itself up: `make demo` and `make test` work on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-all lint notebooks bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m pyro_backpass demo --out figures/demo
+
+test: install
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check pyro_backpass tests benchmarks
+	$(PY) -m ruff format --check pyro_backpass tests benchmarks
+
+notebooks: install
+	$(PY) -m pytest -q tests/test_notebooks.py
+
+bench: install
+	$(PY) benchmarks/greedy_vs_exact.py
+
+clean:
+	rm -rf $(VENV) figures .pytest_cache
