@@ -307,7 +307,9 @@ class Backbone(nn.Module):
         try:
             config = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{cfg_path} is not valid JSON (corrupt or truncated?): {err}") from None
+            raise ValueError(
+                f"{cfg_path} is not valid JSON (corrupt or truncated?): {err}"
+            ) from None
         if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
             raise ValueError(f"{cfg_path} is not a pyro_backpass backbone config")
         if config.get("format_version") != FORMAT_VERSION:
