@@ -1,11 +1,29 @@
 """Rendered data for pyro_backpass: procedural 3-D objects, cluttered scenes, user images.
 
-``DEFAULT_SIZE`` is the side in pixels of every image this package renders unless told
-otherwise; ``CATEGORIES`` lists the object categories in label order (a classifier's output
-index ``k`` means ``CATEGORIES[k]``).
+``CATEGORIES`` lists the object categories in label order (a classifier's output index ``k``
+means ``CATEGORIES[k]``). ``DEFAULT_SIZE`` is the side in pixels of every image this package
+renders unless told otherwise: 64 px (provisional; see ``benchmarks/image_size.py``).
 """
 
-DEFAULT_SIZE: int = 64
-CATEGORIES: tuple[str, ...] = ("airplane", "bird", "boat", "car", "chair")
+from pyro_backpass.data._constants import CATEGORIES, DEFAULT_SIZE
+from pyro_backpass.data.objects import (
+    OBJECT_SCALE,
+    ObjectDataset,
+    ObjectParams,
+    ObjectRender,
+    RenderedObjects,
+    render_object,
+    sample_object_params,
+)
 
-__all__ = ["CATEGORIES", "DEFAULT_SIZE"]
+__all__ = [
+    "CATEGORIES",
+    "DEFAULT_SIZE",
+    "OBJECT_SCALE",
+    "ObjectDataset",
+    "ObjectParams",
+    "ObjectRender",
+    "RenderedObjects",
+    "render_object",
+    "sample_object_params",
+]
