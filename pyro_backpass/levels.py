@@ -87,7 +87,7 @@ def levels_from_cfg(
         raise ValueError(f"num_categories must be >= 1, got {num_categories}")
     specs = [LevelSpec("image", "image", in_channels, h, w)]
     channels = in_channels
-    for name, item in zip(level_names(cfg), cfg):
+    for name, item in zip(level_names(cfg), cfg, strict=True):
         if item == "M":
             h, w = h // 2, w // 2
             if h < 1 or w < 1:

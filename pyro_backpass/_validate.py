@@ -1,0 +1,152 @@
+"""Input checks shared by the model and the inference routines: clear errors at the boundary."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from pyro_backpass.generative_model import GenerativeModel
+
+__all__ = ["check_bu", "check_category", "check_clamp", "check_observed"]
+
+
+def _device_check(name: str, x: torch.Tensor, gm: GenerativeModel) -> None:
+    if x.device != gm.device:
+        raise ValueError(
+            f"{name} is on {x.device} but the model is on {gm.device}; move one of them "
+            f"(e.g. gm.to({str(x.device)!r}))"
+        )
+
+
+def check_bu(
+    gm: GenerativeModel, bu: Mapping[str, torch.Tensor] | None, *, batch_size: int | None = None
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Validate ``bu`` (level name → ``(B, C, H, W)``), return the model's levels and ``B``.
+
+    Levels the model does not have are ignored. The ``image`` entry is raw RGB in [0, 1] by
+    convention (a backbone's input) but is not range-checked here: the model's image level is
+    Gaussian, and its own samples leave [0, 1]. ``category`` may be ``(B, N)`` or
+    ``(B, N, 1, 1)`` and comes back as ``(B, N, 1, 1)``.
+    """
+    if bu is None:
+        b = 1 if batch_size is None else int(batch_size)
+        if b < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return {}, b
+    if not isinstance(bu, Mapping):
+        raise TypeError(f"bu must be a mapping level name -> tensor, got {type(bu).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    sizes: dict[str, int] = {}
+    specs = {s.name: s for s in gm.levels}
+    for name, x in bu.items():
+        if name not in specs:
+            continue
+        spec = specs[name]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"bu[{name!r}] must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"bu[{name!r}] must be a floating-point tensor, got {x.dtype}")
+        if name == "category" and x.dim() == 2:
+            x = x[..., None, None]
+        if x.dim() != 4 or tuple(x.shape[1:]) != spec.shape:
+            want = f"(B, {spec.channels})" if name == "category" else f"(B, {spec.channels}, "
+            want += "" if name == "category" else f"{spec.height}, {spec.width})"
+            raise ValueError(f"bu[{name!r}] has shape {tuple(x.shape)}; expected {want}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"bu[{name!r}] contains NaN or inf")
+        _device_check(f"bu[{name!r}]", x, gm)
+        out[name] = x.to(gm.dtype)
+        sizes[name] = x.shape[0]
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"bu levels disagree on the batch size: {sizes}")
+    b = next(iter(sizes.values())) if sizes else (1 if batch_size is None else int(batch_size))
+    if batch_size is not None and sizes and b != batch_size:
+        raise ValueError(f"batch_size={batch_size} but bu has batch size {b}")
+    return out, b
+
+
+def check_observed(
+    gm: GenerativeModel, observed: Mapping[str, Any] | None, bu: Mapping[str, torch.Tensor], b: int
+) -> dict[str, torch.Tensor]:
+    """``observed``: level name → bool mask broadcastable to ``(B, C, H, W)`` (or a bool)."""
+    if observed is None:
+        return {}
+    if not isinstance(observed, Mapping):
+        raise TypeError("observed must be a mapping level name -> bool mask (B, C, H, W)")
+    names = {s.name for s in gm.levels}
+    out = {}
+    for name, mask in observed.items():
+        if name not in names:
+            raise ValueError(f"observed[{name!r}]: the model has no level {name!r}")
+        if name not in bu:
+            continue  # an unobserved level stays unobserved
+        mask = torch.as_tensor(mask, device=gm.device)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"observed[{name!r}] must be a bool mask, got {mask.dtype}")
+        try:
+            torch.broadcast_shapes(mask.shape, bu[name].shape)
+        except RuntimeError:
+            raise ValueError(
+                f"observed[{name!r}] has shape {tuple(mask.shape)}, not broadcastable to "
+                f"bu[{name!r}] {tuple(bu[name].shape)}"
+            ) from None
+        out[name] = mask
+    return out
+
+
+def check_category(gm: GenerativeModel, category: Any, b: int) -> torch.Tensor | None:
+    """A name, an index, or one per image → ``(B,)`` long, or None."""
+    if category is None:
+        return None
+    items: Sequence[Any]
+    if isinstance(category, (str, int)) or (
+        isinstance(category, torch.Tensor) and category.dim() == 0
+    ):
+        items = [category] * b
+    else:
+        items = list(category.tolist() if isinstance(category, torch.Tensor) else category)
+        if len(items) != b:
+            raise ValueError(f"category has {len(items)} entries for {b} images")
+    idx = []
+    for item in items:
+        if isinstance(item, str):
+            if item not in gm.categories:
+                raise ValueError(f"unknown category {item!r}; known: {list(gm.categories)}")
+            idx.append(gm.categories.index(item))
+        else:
+            i = int(item)
+            if not 0 <= i < len(gm.categories):
+                raise ValueError(f"category index {i} out of range [0, {len(gm.categories)})")
+            idx.append(i)
+    return torch.tensor(idx, dtype=torch.long, device=gm.device)
+
+
+def check_clamp(
+    gm: GenerativeModel, clamp: Mapping[str, Any] | None, b: int
+) -> dict[str, torch.Tensor]:
+    """Site name → int or ``(B,)`` indices, checked against the site's size → ``(B,)`` long."""
+    if clamp is None:
+        return {}
+    sizes = gm.site_sizes
+    out = {}
+    for site, value in clamp.items():
+        if site not in sizes:
+            raise ValueError(f"clamp: unknown site {site!r}; sites: {list(sizes)}")
+        if site == "category":
+            out[site] = check_category(gm, value, b)
+            continue
+        v = torch.as_tensor(value, device=gm.device)
+        if v.is_floating_point() or v.dtype == torch.bool:
+            raise TypeError(f"clamp[{site!r}] must be integer indices, got {v.dtype}")
+        v = v.long().expand(b) if v.dim() == 0 else v.long()
+        if v.shape != (b,):
+            raise ValueError(
+                f"clamp[{site!r}] must be an int or shaped ({b},), got {tuple(v.shape)}"
+            )
+        if (v < 0).any() or (v >= sizes[site]).any():
+            raise ValueError(f"clamp[{site!r}] out of range [0, {sizes[site]})")
+        out[site] = v
+    return out

@@ -1,0 +1,86 @@
+"""Closed-form per-element maximisation of the backward pass, eq. (13) of the paper."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["closed_form_td", "normal_log_density"]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def normal_log_density(x: torch.Tensor, loc, scale) -> torch.Tensor:
+    """log N(x; loc, scale), scale a standard deviation (no validation: a hot path)."""
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    return -0.5 * ((x - loc) / scale).pow(2) - scale.log() - _HALF_LOG_2PI
+
+
+def closed_form_td(
+    bu: torch.Tensor | None,
+    phi: torch.Tensor,
+    *,
+    threshold: torch.Tensor | float,
+    background: torch.Tensor | float,
+    scale_td: torch.Tensor | float,
+    scale_on: torch.Tensor | float,
+    scale_off: torch.Tensor | float,
+    observed: torch.Tensor | bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The maximiser over ``f_td`` of one element's terms, and the maximum, in closed form.
+
+    For each element this solves::
+
+        max_{f_td}  log P(f_bu | f_td) + log N(f_td; phi, scale_td)
+
+    with the thresholded-Gaussian ``P(f_bu | f_td)`` of eq. (9). On the range ``f_td >= λ`` the
+    maximiser is the precision-weighted mid-point clipped up to λ::
+
+        η = (σ0² f_bu + σ1² φ) / (σ0² + σ1²),   f_on = max(η, λ)
+
+    and on ``f_td < λ`` it is ``φ`` clipped down to λ (footnote 2: the boundary may be taken on
+    both ranges). The better of the two wins, compared with full log-densities (σ1 ≠ σ2, so the
+    normalising constants matter). An off-range boundary value is returned as the largest float
+    below λ, which realises the supplement's boundary coin: the plain
+    :class:`~pyro_backpass.ThresholdedGaussian` then scores the returned ``f_td`` on the branch
+    the maximisation chose, so the Pyro model's log-density of the result equals ``log_score``.
+
+    Where ``observed`` is False (or ``bu`` is None) the element has no observation term:
+    ``f_td = φ`` and ``log_score = log N(φ; φ, σ0)``.
+
+    :param bu: bottom-up activations ``f_bu``, broadcastable with ``phi``; or None.
+    :param phi: top-down prediction ``φ``.
+    :param threshold: λ. :param background: β. :param scale_td: σ0.
+    :param scale_on: σ1 (e.g. per channel, ``(C, 1, 1)``). :param scale_off: σ2.
+    :param observed: bool mask broadcastable with ``phi``, or a bool, or None (= all observed).
+    :returns: ``(f_td, log_score)``, both shaped like the broadcast of the inputs.
+    """
+    prior_at_phi = normal_log_density(phi, phi, scale_td)
+    if bu is None or observed is False:
+        return phi, prior_at_phi.expand_as(phi)
+    threshold = torch.as_tensor(threshold, dtype=phi.dtype, device=phi.device)
+    var_td = torch.as_tensor(scale_td, dtype=phi.dtype, device=phi.device) ** 2
+    var_on = torch.as_tensor(scale_on, dtype=phi.dtype, device=phi.device) ** 2
+
+    # On-branch: Gaussian product; its mode clipped to the branch's range.
+    eta = (var_td * bu + var_on * phi) / (var_td + var_on)
+    f_on = torch.maximum(eta, threshold)
+    score_on = normal_log_density(bu, f_on, scale_on) + normal_log_density(f_on, phi, scale_td)
+
+    # Off-branch: the observation no longer depends on f_td, so the prior's mode wins, clipped to
+    # the branch's range; its boundary is the float just below λ (see the docstring).
+    below = torch.nextafter(threshold, threshold.new_tensor(-math.inf))
+    f_off = torch.minimum(phi, below)
+    score_off = normal_log_density(bu, background, scale_off) + normal_log_density(
+        f_off, phi, scale_td
+    )
+
+    take_on = score_on >= score_off
+    f_td = torch.where(take_on, f_on, f_off)
+    log_score = torch.where(take_on, score_on, score_off)
+    if observed is not None and observed is not True:
+        observed = torch.as_tensor(observed, dtype=torch.bool, device=phi.device)
+        f_td = torch.where(observed, f_td, phi)
+        log_score = torch.where(observed, log_score, prior_at_phi)
+    return f_td, log_score

@@ -1,0 +1,460 @@
+"""The hierarchical generative model of CNN activations, as an ``nn.Module`` and a Pyro model.
+
+Top-down, a category is instantiated level by level: each level ``l`` below ``category`` has a
+mixture index ``γ_l`` (which of K kernel sets generates it) and an offset ``δ_l``, with priors
+``P(γ_l | γ's above)`` (Dirichlet n-gram tables) and ``P(δ_l)`` (uniform by default)::
+
+    c ~ P(c)
+    for l = L-1 … 0:
+        γ_l ~ P(γ_l | γ_{l+1..l+n}),   δ_l ~ P(δ_l)
+        F^l_td ~ Normal(φ_l(F^{l+1}_td, γ_l, δ_l), σ0_l)           (element-wise)
+        F^l_bu ~ ThresholdedGaussian(F^l_td; λ_l, β_l, σ1_l, σ2_l)  (where observed)
+
+Reference: Wang et al. 2016, eqs. (1)–(9).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.ops.indexing import Vindex
+from torch import nn
+
+from pyro_backpass._io import atomic_write
+from pyro_backpass._validate import check_bu, check_category, check_observed
+from pyro_backpass.levels import Cfg, LevelSpec, levels_from_cfg
+from pyro_backpass.observation import Observation
+from pyro_backpass.priors import CategoricalPrior, NGramPrior, SitePrior, UniformPrior
+from pyro_backpass.top_down import TopDownStep, offset_grid
+
+__all__ = ["GenerativeModel"]
+
+_ENUM = {"enumerate": "parallel"}
+_PRIOR_TYPES = {c.__name__: c for c in (CategoricalPrior, UniformPrior, NGramPrior)}
+_CONFIG_KEY = "pyro_backpass.GenerativeModel"
+
+
+def default_offsets(levels: Sequence[LevelSpec]) -> dict[str, list[tuple[int, int]]]:
+    """{−2..2}² just below ``category``, {−1..1}² on other pools, {(0, 0)} elsewhere."""
+    out = {}
+    for i, spec in enumerate(levels[:-1]):
+        top = levels[i + 1].kind == "category"
+        out[spec.name] = offset_grid(2 if top else 1 if spec.kind == "pool" else 0)
+    return out
+
+
+class GenerativeModel(nn.Module):
+    """A generative model of a CNN's activations on chosen levels.
+
+    :param levels: level specs bottom to top, ``image`` first and ``category`` last.
+    :param categories: category names (as many as the ``category`` level has channels).
+    :param num_components: K per hidden level (an int for all, or ``{level: K}``).
+    :param offsets: δ values per level (``{level: [(dy, dx), ...]}`` or ``{level: radius}``);
+        missing levels get :func:`default_offsets`.
+    :param ngram_order: n, how many upper levels' γ condition each γ (the category counts).
+    :param scale_td: σ0 (an int for all levels or ``{level: σ0}``).
+    :param threshold, background, scale_on, scale_off: observation parameters for every level
+        (λ, β, σ1, σ2); set per level through ``gm.observations[level]`` afterwards.
+    :param cfg: the backbone config the levels came from (kept for the record).
+    """
+
+    FORMAT_VERSION = 1
+
+    def __init__(
+        self,
+        levels: Sequence[LevelSpec],
+        *,
+        categories: Sequence[str],
+        num_components: int | Mapping[str, int],
+        offsets: Mapping[str, Sequence[tuple[int, int]] | int] | None = None,
+        ngram_order: int = 1,
+        scale_td: float | Mapping[str, float] = 0.1,
+        threshold: float = 0.5,
+        background: float = 0.0,
+        scale_on: float = 0.3,
+        scale_off: float = 0.3,
+        cfg: Cfg | None = None,
+    ) -> None:
+        super().__init__()
+        levels = tuple(levels)
+        if len(levels) < 2 or levels[0].kind != "image" or levels[-1].kind != "category":
+            raise ValueError("levels must run from an 'image' level up to a 'category' level")
+        if len(categories) != levels[-1].channels or len(set(categories)) != len(categories):
+            raise ValueError(
+                f"need {levels[-1].channels} distinct category names, got {list(categories)}"
+            )
+        if ngram_order < 1:
+            raise ValueError(f"ngram_order must be >= 1, got {ngram_order}")
+        self._levels, self._categories = levels, tuple(categories)
+        self.ngram_order, self.cfg = int(ngram_order), None if cfg is None else list(cfg)
+        hidden = [s.name for s in levels[:-1]]
+        ks = self._per_level(num_components, hidden, "num_components")
+        sigma0 = self._per_level(scale_td, hidden, "scale_td")
+        offs = default_offsets(levels)
+        for name, value in (offsets or {}).items():
+            if name not in offs:
+                raise ValueError(f"offsets: unknown level {name!r}; hidden levels: {hidden}")
+            offs[name] = offset_grid(value) if isinstance(value, int) else list(value)
+
+        self.steps = nn.ModuleDict()
+        self.observations = nn.ModuleDict()
+        for i, spec in enumerate(levels[:-1]):
+            self.steps[spec.name] = TopDownStep(
+                levels[i + 1], spec, num_components=ks[spec.name], offsets=offs[spec.name],
+                scale_td=sigma0[spec.name],
+            )  # fmt: skip
+        for spec in levels:
+            self.observations[spec.name] = Observation(
+                spec, threshold=threshold, background=background, scale_on=scale_on,
+                scale_off=scale_off,
+            )  # fmt: skip
+        self.priors = nn.ModuleDict(self.default_priors())
+
+    @staticmethod
+    def _per_level(value: Any, names: list[str], what: str) -> dict[str, Any]:
+        if isinstance(value, Mapping):
+            missing = [n for n in names if n not in value]
+            unknown = [n for n in value if n not in names]
+            if missing or unknown:
+                raise ValueError(f"{what}: missing levels {missing}, unknown levels {unknown}")
+            return dict(value)
+        return {n: value for n in names}
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def levels(self) -> tuple[LevelSpec, ...]:
+        """Level specs, bottom (``image``) to top (``category``)."""
+        return self._levels
+
+    @property
+    def hidden_levels(self) -> tuple[str, ...]:
+        """Names of the levels with hidden variables (all but ``category``), bottom to top."""
+        return tuple(s.name for s in self._levels[:-1])
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        return self._categories
+
+    @property
+    def offsets(self) -> dict[str, list[tuple[int, int]]]:
+        """``{level: [(dy, dx), ...]}``; a δ value indexes this list."""
+        return {n: [tuple(o) for o in s.offsets.tolist()] for n, s in self.steps.items()}
+
+    @property
+    def num_components(self) -> dict[str, int]:
+        return {n: s.num_components for n, s in self.steps.items()}
+
+    @property
+    def sites(self) -> list[str]:
+        """Discrete site names in top-down (sampling) order."""
+        out = ["category"]
+        for name in reversed(self.hidden_levels):
+            out += [f"gamma_{name}", f"delta_{name}"]
+        return out
+
+    @property
+    def site_sizes(self) -> dict[str, int]:
+        sizes = {"category": len(self._categories)}
+        for name in reversed(self.hidden_levels):
+            sizes[f"gamma_{name}"] = self.steps[name].num_components
+            sizes[f"delta_{name}"] = self.steps[name].num_offsets
+        return sizes
+
+    @property
+    def device(self) -> torch.device:
+        return self.observations["image"].threshold.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.observations["image"].threshold.dtype
+
+    def gamma_parents(self, level: str) -> tuple[str, ...]:
+        """The n-gram prefix of ``γ_level``: the n nearest upper levels' γ (or ``category``)."""
+        names = [s.name for s in self._levels]
+        i = names.index(level)
+        above = names[i + 1 : i + 1 + self.ngram_order]
+        return tuple("category" if n == "category" else f"gamma_{n}" for n in above)
+
+    def default_priors(self) -> dict[str, SitePrior]:
+        sizes = self.site_sizes
+        priors: dict[str, SitePrior] = {"category": UniformPrior(sizes["category"])}
+        for name in reversed(self.hidden_levels):
+            parents = self.gamma_parents(name)
+            priors[f"gamma_{name}"] = NGramPrior.uniform(
+                [sizes[p] for p in parents], sizes[f"gamma_{name}"], parents=parents
+            )
+            priors[f"delta_{name}"] = UniformPrior(sizes[f"delta_{name}"])
+        return priors
+
+    def resolve_priors(self, priors: Mapping[str, SitePrior] | None = None) -> dict[str, SitePrior]:
+        """The model's priors with per-call overrides, checked against the sites."""
+        out = dict(self.priors.items())
+        sizes, order = self.site_sizes, self.sites
+        for site, prior in (priors or {}).items():
+            if site not in sizes:
+                raise ValueError(f"priors: unknown site {site!r}; sites: {order}")
+            if not isinstance(prior, SitePrior):
+                raise TypeError(f"priors[{site!r}] must be a SitePrior, got {type(prior).__name__}")
+            table = prior.log_probs()
+            want = tuple(sizes[p] for p in prior.parents if p in sizes) + (sizes[site],)
+            bad_parent = [p for p in prior.parents if p not in sizes or p == site]
+            if bad_parent or tuple(table.shape) != want:
+                raise ValueError(
+                    f"priors[{site!r}]: parents {prior.parents} / table {tuple(table.shape)} do "
+                    f"not fit the model (expected table {want}, parents among {order})"
+                )
+            if any(order.index(p) >= order.index(site) for p in prior.parents):
+                raise ValueError(f"priors[{site!r}]: parents must be sites above it: {order}")
+            if self._level_of(site) is not None and any(
+                self._level_of(p) == self._level_of(site) for p in prior.parents
+            ):
+                raise ValueError(f"priors[{site!r}]: parents must be on higher levels")
+            out[site] = prior.to(self.device)
+        return out
+
+    @staticmethod
+    def _level_of(site: str) -> str | None:
+        return None if site == "category" else site.split("_", 1)[1]
+
+    def observation_td(self, category: torch.Tensor) -> torch.Tensor:
+        """``F^L_td``: the one-hot category, ``(..., N, 1, 1)``."""
+        onehot = F.one_hot(category, len(self._categories)).to(self.dtype)
+        return onehot[..., None, None]
+
+    # ------------------------------------------------------------------ the Pyro model
+    def model(
+        self,
+        bu: Mapping[str, torch.Tensor] | None = None,
+        *,
+        batch_size: int | None = None,
+        category: Any = None,
+        observed: Mapping[str, torch.Tensor] | None = None,
+        priors: Mapping[str, SitePrior] | None = None,
+        sample_tables: bool = False,
+        sample_bu: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """The Bayes net as a Pyro model; returns the top-down activations by level.
+
+        Sites: ``category``; per level top-down ``gamma_<level>`` and ``delta_<level>``
+        (marked for parallel enumeration), ``td_<level>`` ~ Normal(φ, σ0).to_event(3) and,
+        where ``bu`` has the level, ``bu_<level>`` observed through a
+        :class:`ThresholdedGaussian`; ``bu_category`` observes the one-hot category. All inside
+        ``plate("images", B)``.
+
+        :param bu: level name → ``(B, C, H, W)`` bottom-up activations (levels absent are
+            unobserved; unknown names are ignored).
+        :param batch_size: B when ``bu`` is None.
+        :param category: a name, an index or one per image: observes the ``category`` site.
+        :param observed: level → bool mask ``(B, C, H, W)``-broadcastable; False elements have
+            no observation term.
+        :param priors: per-call prior overrides, site → :class:`SitePrior`.
+        :param sample_tables: draw the n-gram tables from their Dirichlet priors (sites
+            ``table_<site>``) instead of using the point estimates.
+        :param sample_bu: also sample ``bu_<level>`` on every level not in ``bu``.
+        """
+        bu, b = check_bu(self, bu, batch_size=batch_size)
+        masks = check_observed(self, observed, bu, b)
+        cat_obs = check_category(self, category, b)
+        priors = self.resolve_priors(priors)
+        tables = {
+            site: prior.table(sample=sample_tables, name=f"table_{site}")
+            for site, prior in priors.items()
+        }
+        td: dict[str, torch.Tensor] = {}
+        with pyro.plate("images", b, dim=-1):
+            values = {
+                "category": pyro.sample(
+                    "category", dist.Categorical(tables["category"]), obs=cat_obs, infer=_ENUM
+                )
+            }
+            self._observe("category", self.observation_td(values["category"]), bu, masks, sample_bu)
+            upper = values["category"]
+            for name in reversed(self.hidden_levels):
+                for site in (f"gamma_{name}", f"delta_{name}"):
+                    probs = self._cpd(tables[site], priors[site].parents, values)
+                    values[site] = pyro.sample(site, dist.Categorical(probs), infer=_ENUM)
+                step = self.steps[name]
+                phi = step.phi(upper, values[f"gamma_{name}"], values[f"delta_{name}"])
+                td[name] = pyro.sample(f"td_{name}", dist.Normal(phi, step.scale_td).to_event(3))
+                self._observe(name, td[name], bu, masks, sample_bu)
+                upper = td[name]
+        return td
+
+    @staticmethod
+    def _cpd(table: torch.Tensor, parents: Sequence[str], values: Mapping[str, torch.Tensor]):
+        if not parents:
+            return table
+        return Vindex(table)[tuple(values[p] for p in parents) + (slice(None),)]
+
+    def _observe(self, name, td, bu, masks, sample_bu) -> None:
+        if name not in bu and not sample_bu:
+            return
+        d = self.observations[name].distribution(td)
+        if name in masks:
+            d = d.mask(masks[name])
+        pyro.sample(f"bu_{name}", d.to_event(3), obs=bu.get(name))
+
+    def format_shapes(self, bu: Mapping[str, torch.Tensor] | None = None, **kwargs: Any) -> str:
+        """The trace's shapes (``trace.format_shapes()``) under parallel enumeration."""
+        from pyro import poutine
+
+        enum_model = poutine.enum(self.model, first_available_dim=-2)
+        trace = poutine.trace(enum_model).get_trace(bu, **kwargs)
+        trace.compute_log_prob()
+        return trace.format_shapes()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def random(
+        cls,
+        cfg: Cfg,
+        *,
+        num_components: int | Mapping[str, int],
+        num_categories: int = 1,
+        image_size: int = 16,
+        seed: int = 0,
+        **scales: Any,
+    ) -> GenerativeModel:
+        """A model with random parameters, for tests, benchmarks and notebooks.
+
+        Kernels are rescaled so that φ has RMS ≈ 1 on every level (per component, measured on
+        ancestral samples from the levels above); a component whose φ vanishes is redrawn, so
+        components are distinct and MAP ties do not occur. n-gram tables are drawn from a
+        Dirichlet(2); offsets and categories are uniform. ``scales`` (and any other
+        ``GenerativeModel`` keyword, e.g. ``offsets``) override the defaults λ = 0.5, β = 0,
+        σ0 = 0.1, σ1 = σ2 = 0.3.
+        """
+        levels = levels_from_cfg(cfg, image_size=image_size, num_categories=num_categories)
+        gm = cls(
+            levels,
+            categories=[f"c{i}" for i in range(num_categories)],
+            num_components=num_components,
+            cfg=cfg,
+            **scales,
+        )
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            upper: torch.Tensor = torch.arange(num_categories).repeat_interleave(4)  # (S,)
+            for name in reversed(gm.hidden_levels):
+                step = gm.steps[name]
+                for _attempt in range(20):
+                    step.reset_parameters(gen)
+                    rms = step.phi_all(upper).pow(2).mean(dim=(0, 2, 3, 4)).sqrt()  # (K,)
+                    if bool((rms > 1e-3).all()):
+                        break
+                else:
+                    raise RuntimeError(f"could not draw non-vanishing components for {name}")
+                scale = rms.reciprocal()
+                if step.kind == "template":
+                    step.weight.mul_(scale.view(1, -1, 1, 1, 1))
+                else:
+                    step.weight.mul_(scale.view(-1, *[1] * (step.weight.dim() - 1)))
+                    step.bias.mul_(scale.view(-1, 1))
+                # Ancestral samples of this level feed the next level's rescaling.
+                s = upper.shape[0]
+                gamma = torch.randint(step.num_components, (s,), generator=gen)
+                delta = torch.randint(step.num_offsets, (s,), generator=gen)
+                phi = step.phi(upper, gamma, delta)
+                upper = phi + step.scale_td * torch.randn(phi.shape, generator=gen)
+            for prior in gm.priors.values():
+                if isinstance(prior, NGramPrior):
+                    alpha = torch.full(prior.probs.shape, 2.0)
+                    prior.probs.copy_(torch._standard_gamma(alpha, generator=gen))
+                    prior.probs.div_(prior.probs.sum(-1, keepdim=True))
+        return gm
+
+    # ------------------------------------------------------------------ persistence
+    def config(self) -> dict[str, Any]:
+        priors = {}
+        for site, prior in self.priors.items():
+            kind = type(prior).__name__
+            if kind not in _PRIOR_TYPES:
+                raise TypeError(f"cannot save prior of custom type {kind} for site {site!r}")
+            entry: dict[str, Any] = {"type": kind}
+            if isinstance(prior, NGramPrior):
+                entry |= {"parents": list(prior.parents), "concentration": prior.concentration}
+            priors[site] = entry
+        return {
+            "format_version": self.FORMAT_VERSION,
+            "levels": [asdict(s) for s in self._levels],
+            "categories": list(self._categories),
+            "num_components": self.num_components,
+            "offsets": {k: [list(o) for o in v] for k, v in self.offsets.items()},
+            "ngram_order": self.ngram_order,
+            "cfg": self.cfg,
+            "priors": priors,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write parameters (safetensors) with the JSON config in its metadata, atomically."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        meta = {_CONFIG_KEY: json.dumps(self.config())}
+        return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, map_location: str | None = None) -> GenerativeModel:
+        """Read a model written by :meth:`save`; clear errors for wrong or damaged files."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no model file at {path}")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+        if _CONFIG_KEY not in meta:
+            raise ValueError(f"{path} is not a pyro_backpass GenerativeModel file (no config)")
+        config = json.loads(meta[_CONFIG_KEY])
+        if config.get("format_version") != cls.FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has format version {config.get('format_version')}; this version of "
+                f"pyro_backpass reads {cls.FORMAT_VERSION}"
+            )
+        levels = [LevelSpec(**s) for s in config["levels"]]
+        gm = cls(
+            levels,
+            categories=config["categories"],
+            num_components=config["num_components"],
+            offsets={k: [tuple(o) for o in v] for k, v in config["offsets"].items()},
+            ngram_order=config["ngram_order"],
+            cfg=config["cfg"],
+        )
+        for site, entry in config["priors"].items():
+            shape = state[f"priors.{site}.probs"].shape
+            if entry["type"] == "NGramPrior":
+                prior = NGramPrior(
+                    torch.ones(shape),
+                    parents=entry["parents"],
+                    concentration=entry["concentration"],
+                )
+            elif entry["type"] == "UniformPrior":
+                prior = UniformPrior(shape[-1])
+            else:
+                prior = CategoricalPrior(torch.ones(shape))
+            gm.priors[site] = prior
+        expected = gm.state_dict()
+        bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape] + [
+            k for k in state if k not in expected
+        ]
+        if bad:
+            raise ValueError(f"{path}: tensors do not match its own config: {bad[:5]}")
+        gm.load_state_dict(state)
+        return gm.to(map_location) if map_location else gm
+
+    def extra_repr(self) -> str:
+        ks = ", ".join(f"{k}={v}" for k, v in self.num_components.items())
+        return f"categories={list(self._categories)}, K: {ks}"

@@ -1,0 +1,70 @@
+"""Per-level parameters of the observation model P(F_bu | F_td), eq. (9) of the paper."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pyro_backpass.closed_form import closed_form_td
+from pyro_backpass.levels import LevelSpec
+from pyro_backpass.thresholded_gaussian import ThresholdedGaussian
+
+__all__ = ["Observation"]
+
+
+class Observation(nn.Module):
+    """λ, β, σ2 (scalars) and σ1 (one per channel) of one level, as buffers.
+
+    :param spec: the level. Channel-specific σ1 is what the paper found robust to clutter.
+    """
+
+    def __init__(
+        self,
+        spec: LevelSpec,
+        *,
+        threshold: float = 0.5,
+        background: float = 0.0,
+        scale_on: float | torch.Tensor = 0.3,
+        scale_off: float = 0.3,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        scale_on = torch.as_tensor(scale_on, dtype=torch.get_default_dtype())
+        scale_on = scale_on.expand(spec.channels).reshape(spec.channels, 1, 1).clone()
+        for name, value in (("scale_on", scale_on), ("scale_off", scale_off)):
+            if not (torch.as_tensor(value) > 0).all():
+                raise ValueError(f"{spec.name}: {name} must be > 0")
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.register_buffer("background", torch.tensor(float(background)))
+        self.register_buffer("scale_on", scale_on)  # (C, 1, 1)
+        self.register_buffer("scale_off", torch.tensor(float(scale_off)))
+
+    def distribution(self, td: torch.Tensor) -> ThresholdedGaussian:
+        """``P(f_bu | f_td)`` element-wise, batch shape ``td.shape`` (``(..., C, H, W)``)."""
+        return ThresholdedGaussian(
+            td,
+            threshold=self.threshold,
+            background=self.background,
+            scale_on=self.scale_on,
+            scale_off=self.scale_off,
+        )
+
+    def closed_form(
+        self,
+        bu: torch.Tensor | None,
+        phi: torch.Tensor,
+        *,
+        scale_td: torch.Tensor,
+        observed: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`~pyro_backpass.closed_form_td` with this level's parameters."""
+        return closed_form_td(
+            bu,
+            phi,
+            threshold=self.threshold,
+            background=self.background,
+            scale_td=scale_td,
+            scale_on=self.scale_on,
+            scale_off=self.scale_off,
+            observed=observed,
+        )

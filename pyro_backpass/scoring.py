@@ -1,0 +1,148 @@
+"""The objective shared by greedy and exact MAP, and :func:`log_joint` to score any assignment.
+
+For an assignment of all discrete sites, F̂_td is computed top-down, each level's F̂^l_td the
+closed-form maximiser (eq. 13) given the levels above; the score is::
+
+    log P(c) + log P(F^L_bu | c) + Σ_l [ log P(γ_l | parents) + log P(δ_l)
+                                        + Σ_i log_score_i(F^l_bu, φ_l(F̂^{l+1}, γ_l, δ_l)) ]
+
+which equals the Pyro model's log-density with ``td_<level>`` conditioned on F̂_td. The
+Dirichlet density of the tables is not included (they are point estimates in ``model()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pyro_backpass._validate import check_bu, check_clamp, check_observed
+from pyro_backpass.priors import SitePrior
+
+if TYPE_CHECKING:
+    from pyro_backpass.generative_model import GenerativeModel
+
+__all__ = ["full_res_level", "log_joint", "object_mask", "prior_grid"]
+
+
+def prior_grid(
+    prior: SitePrior,
+    site: str,
+    *,
+    fixed: Mapping[str, torch.Tensor],
+    grid: Sequence[str],
+    sizes: Mapping[str, int],
+    batch: int,
+) -> torch.Tensor:
+    """``log P(site | parents)`` over a grid of jointly enumerated sites.
+
+    ``fixed``: already assigned sites → ``(B,)``; ``grid``: the enumerated sites (``site`` among
+    them). Returns ``(B, *[sizes[g] for g in grid])``.
+    """
+    lp = prior.log_probs()
+    ndim = 1 + len(grid)
+
+    def axis_index(name: str) -> torch.Tensor:
+        shape = [1] * ndim
+        shape[1 + grid.index(name)] = sizes[name]
+        return torch.arange(sizes[name], device=lp.device).reshape(shape)
+
+    index = []
+    for parent in prior.parents:
+        if parent in grid:
+            index.append(axis_index(parent))
+        elif parent in fixed:
+            index.append(fixed[parent].reshape([batch] + [1] * len(grid)))
+        else:
+            raise ValueError(f"prior of {site!r} needs {parent!r}, which is not assigned yet")
+    index.append(axis_index(site))
+    out = lp[tuple(index)]
+    return out.expand([batch] + [sizes[g] for g in grid])
+
+
+def full_res_level(gm: GenerativeModel) -> str:
+    """The level whose on-elements define an object's mask (see :class:`MapResult`)."""
+    image = gm.levels[0]
+    for spec in gm.levels[1:-1]:
+        if (spec.height, spec.width) == (image.height, image.width):
+            return spec.name
+    return image.name
+
+
+def object_mask(gm: GenerativeModel, td: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``(B, H, W)`` bool: on-elements of F̂_td at :func:`full_res_level`, any channel."""
+    name = full_res_level(gm)
+    return (td[name] >= gm.observations[name].threshold).any(dim=-3)
+
+
+def level_terms(
+    gm: GenerativeModel,
+    name: str,
+    upper: torch.Tensor,
+    gamma: torch.Tensor,
+    delta: torch.Tensor,
+    bu: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """F̂^l_td ``(B, C, H, W)`` and the level's data score ``(B,)`` for given (γ, δ)."""
+    step = gm.steps[name]
+    phi = step.phi(upper, gamma, delta)  # (B, C, H, W)
+    f_td, score = gm.observations[name].closed_form(
+        bu.get(name), phi, scale_td=step.scale_td, observed=masks.get(name)
+    )
+    return f_td, score.sum(dim=(-3, -2, -1))
+
+
+def category_term(
+    gm: GenerativeModel, category: torch.Tensor, bu: Mapping[str, torch.Tensor], masks
+) -> torch.Tensor:
+    """``log P(F^L_bu | c)``; 0 without ``bu['category']``.
+
+    ``category``: indices whose last dim broadcasts with the batch (``(B,)``, ``(N, 1)``, or
+    Pyro's enumeration shapes); the result has the broadcast shape.
+    """
+    if "category" not in bu:
+        return torch.zeros(category.shape, dtype=gm.dtype, device=gm.device)
+    d = gm.observations["category"].distribution(gm.observation_td(category))
+    lp = d.log_prob(bu["category"])  # (..., B, N, 1, 1)
+    if "category" in masks:
+        lp = lp * masks["category"]
+    return lp.sum(dim=(-3, -2, -1))
+
+
+def log_joint(
+    gm: GenerativeModel,
+    bu: Mapping[str, torch.Tensor],
+    assignment: Mapping[str, Any],
+    *,
+    observed: Mapping[str, torch.Tensor] | None = None,
+    priors: Mapping[str, SitePrior] | None = None,
+) -> torch.Tensor:
+    """The objective of greedy and exact MAP at any full assignment, ``(B,)``.
+
+    :param assignment: every discrete site (``gm.sites``) → an int or ``(B,)`` indices, as in
+        :attr:`MapResult.assignment`.
+    """
+    bu, b = check_bu(gm, bu)
+    masks = check_observed(gm, observed, bu, b)
+    missing = [s for s in gm.sites if s not in assignment]
+    if missing:
+        raise ValueError(f"assignment is missing sites {missing}")
+    values = check_clamp(gm, {s: assignment[s] for s in gm.sites}, b)
+    priors = gm.resolve_priors(priors)
+    total = category_term(gm, values["category"], bu, masks)
+    for site in gm.sites:
+        total = total + _site_logp(priors[site], site, values)
+    upper = values["category"]
+    for name in reversed(gm.hidden_levels):
+        upper, score = level_terms(
+            gm, name, upper, values[f"gamma_{name}"], values[f"delta_{name}"], bu, masks
+        )
+        total = total + score
+    return total
+
+
+def _site_logp(prior: SitePrior, site: str, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    lp = prior.log_probs()
+    return lp[tuple(values[p] for p in prior.parents) + (values[site],)]

@@ -1,0 +1,178 @@
+"""The top-down mixture of convolutions φ, eq. (6) of the paper, and integer shifts.
+
+One :class:`TopDownStep` generates one level from the level above it. Its kind follows the
+forward step it inverts:
+
+========== ============================ =============================================
+kind       upper level                  φ for mixture component γ
+========== ============================ =============================================
+template   ``category`` (one-hot c)     ReLU(T[c, γ])
+conv       a conv level (same size)     ReLU(conv2d(F, W_γ, padding=1) + b_γ)
+unpool     a pool level (×2 size)       ReLU(conv_transpose2d(F, W_γ, stride=2) + b_γ)
+========== ============================ =============================================
+
+then a shift by δ: an integer translation with zero fill (not a roll). All K kernel sets are
+applied with **one** batched convolution (:meth:`TopDownStep.phi_all`); shifts are slices of a
+padded tensor (:func:`shift_all`) or per-element gathers (:func:`shift_select`).
+
+Reference: Wang et al. 2016, eq. (6).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pyro.ops.indexing import Vindex
+from torch import nn
+
+from pyro_backpass.levels import LevelSpec
+
+__all__ = ["StepKind", "TopDownStep", "offset_grid", "shift_all", "shift_select", "step_kind"]
+
+StepKind = Literal["template", "conv", "unpool"]
+
+
+def step_kind(upper: LevelSpec) -> StepKind:
+    """The kind of the top-down step *from* ``upper`` to the level below it."""
+    return {"category": "template", "pool": "unpool", "conv": "conv"}[upper.kind]
+
+
+def offset_grid(radius: int) -> list[tuple[int, int]]:
+    """All (dy, dx) in {−r..r}², row-major (dy, then dx)."""
+    return [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+
+
+def _pad_of(offsets: torch.Tensor) -> int:
+    return int(offsets.abs().max()) if offsets.numel() else 0
+
+
+def shift_all(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Every shift of ``x``: ``(..., C, H, W)`` → ``(..., D, C, H, W)``.
+
+    ``out[..., d, :, y, x] = x[..., :, y − dy_d, x − dx_d]`` and 0 outside the map.
+    """
+    h, w = x.shape[-2:]
+    p = _pad_of(offsets)
+    if p == 0:
+        return x.unsqueeze(-4)
+    xp = F.pad(x, (p, p, p, p))  # (..., C, H+2p, W+2p)
+    rows = [(p - int(dy), p - int(dx)) for dy, dx in offsets.tolist()]
+    return torch.stack([xp[..., r : r + h, c : c + w] for r, c in rows], dim=-4)
+
+
+def shift_select(x: torch.Tensor, offsets: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Shift each map by its own offset: ``x (S_x, C, H, W)``, ``delta (S_d)`` → ``(S, C, H, W)``.
+
+    ``S`` is the broadcast of ``S_x`` and ``S_d`` (Pyro's enumeration dims included).
+    """
+    h, w = x.shape[-2:]
+    p = _pad_of(offsets)
+    batch = torch.broadcast_shapes(x.shape[:-3], delta.shape)
+    if p == 0:
+        return x.expand(batch + x.shape[-3:])
+    dy, dx = offsets[delta, 0], offsets[delta, 1]  # (S_d,) each
+    xp = F.pad(x, (p, p, p, p)).expand(batch + (x.shape[-3], h + 2 * p, w + 2 * p))
+    rows = torch.arange(h, device=x.device) + p - dy.unsqueeze(-1)  # (S_d, H)
+    idx = rows[..., None, :, None].expand(batch + (x.shape[-3], h, w + 2 * p))
+    xr = xp.gather(-2, idx)  # (S, C, H, W+2p)
+    cols = torch.arange(w, device=x.device) + p - dx.unsqueeze(-1)  # (S_d, W)
+    idx = cols[..., None, None, :].expand(batch + (x.shape[-3], h, w))
+    return xr.gather(-1, idx)  # (S, C, H, W)
+
+
+class TopDownStep(nn.Module):
+    """Generates level ``out`` from level ``upper`` with K kernel sets and a set of offsets.
+
+    :param upper: spec of the level above. :param out: spec of the generated level.
+    :param num_components: K, the number of kernel sets (values of γ).
+    :param offsets: the (dy, dx) values of δ, in a fixed order.
+    :param scale_td: σ0, the standard deviation of ``F_td`` around φ.
+    """
+
+    def __init__(
+        self,
+        upper: LevelSpec,
+        out: LevelSpec,
+        *,
+        num_components: int,
+        offsets: Sequence[tuple[int, int]],
+        scale_td: float,
+    ) -> None:
+        super().__init__()
+        if num_components < 1:
+            raise ValueError(f"{out.name}: num_components must be >= 1, got {num_components}")
+        if len(offsets) == 0:
+            raise ValueError(f"{out.name}: needs at least one offset, e.g. [(0, 0)]")
+        self.kind: StepKind = step_kind(upper)
+        self.upper, self.out, self.num_components = upper, out, int(num_components)
+        k, c_in, c = self.num_components, upper.channels, out.channels
+        if self.kind == "template":
+            self.weight = nn.Parameter(torch.zeros(c_in, k, *out.shape))  # (Ncat, K, C, H, W)
+            self.bias = None
+        elif self.kind == "conv":
+            if (upper.height, upper.width) != (out.height, out.width):
+                raise ValueError(f"conv step {upper.name}->{out.name} must keep the spatial size")
+            self.weight = nn.Parameter(torch.zeros(k, c, c_in, 3, 3))
+            self.bias = nn.Parameter(torch.zeros(k, c))
+        else:
+            extra = (out.height - 2 * upper.height, out.width - 2 * upper.width)
+            if not all(e in (0, 1) for e in extra):
+                raise ValueError(f"unpool step {upper.name}->{out.name} must double the size")
+            self.weight = nn.Parameter(torch.zeros(k, c_in, c, 4, 4))
+            self.bias = nn.Parameter(torch.zeros(k, c))
+        self.register_buffer("offsets", torch.tensor(list(offsets), dtype=torch.long))
+        self.register_buffer("scale_td", torch.tensor(float(scale_td)))
+
+    @property
+    def num_offsets(self) -> int:
+        return int(self.offsets.shape[0])
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Kaiming-like random kernels (the scale is fixed later by the caller)."""
+        with torch.no_grad():
+            w = torch.randn(self.weight.shape, generator=generator)
+            fan_in = 1 if self.kind == "template" else self.upper.channels * 9
+            self.weight.copy_(w * math.sqrt(2.0 / fan_in))
+            if self.bias is not None:
+                self.bias.copy_(0.1 * torch.randn(self.bias.shape, generator=generator))
+
+    def phi_all(self, upper: torch.Tensor, components: slice | None = None) -> torch.Tensor:
+        """φ for every component (or a ``components`` slice of them), unshifted.
+
+        ``template``: ``upper`` is a category index tensor ``(S,)`` → ``(S, K, C, H, W)``.
+        ``conv``/``unpool``: ``upper`` is ``(S, C_in, H_in, W_in)`` → ``(S, K, C, H, W)``.
+        """
+        components = slice(None) if components is None else components
+        c, h, w = self.out.shape
+        if self.kind == "template":
+            return F.relu(self.weight[upper][..., components, :, :, :])
+        weight, bias = self.weight[components], self.bias[components]
+        k = weight.shape[0]
+        batch = upper.shape[:-3]
+        x = upper.reshape(-1, *upper.shape[-3:])  # (N, C_in, H_in, W_in)
+        if self.kind == "conv":
+            y = F.conv2d(x, weight.reshape(k * c, *weight.shape[2:]), padding=1)
+        else:
+            extra = (h - 2 * x.shape[-2], w - 2 * x.shape[-1])
+            # (C_in, K*C, 4, 4): one transposed conv for all K kernel sets.
+            weight = weight.permute(1, 0, 2, 3, 4).reshape(x.shape[1], k * c, 4, 4)
+            y = F.conv_transpose2d(x, weight, stride=2, padding=1, output_padding=extra)
+        y = y.reshape(-1, k, c, h, w) + bias.reshape(1, k, c, 1, 1)  # (N, K, C, H, W)
+        return F.relu(y).reshape(batch + (k, c, h, w))
+
+    def phi(self, upper: torch.Tensor, gamma: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """φ for given (γ, δ), broadcasting all batch dims (Pyro's enumeration dims included).
+
+        ``template``: ``upper`` is a category index tensor; else ``(S_u, C_in, H_in, W_in)``.
+        ``gamma``, ``delta``: long tensors of batch shapes ``S_g``, ``S_d`` → ``(S, C, H, W)``.
+        """
+        if self.kind == "template":
+            selected = F.relu(Vindex(self.weight)[upper, gamma])  # (S, C, H, W)
+        else:
+            all_k = self.phi_all(upper)  # (S_u, K, C, H, W)
+            selected = Vindex(all_k)[..., gamma, :, :, :]  # (S_ug, C, H, W)
+        return shift_select(selected, self.offsets, delta)
