@@ -15,15 +15,21 @@ from pyro_backpass.data.objects import (
     render_object,
     sample_object_params,
 )
+from pyro_backpass.data.scenes import SCENE_SCALE, Instance, Scene, Scenes, make_scene
 
 __all__ = [
     "CATEGORIES",
     "DEFAULT_SIZE",
+    "Instance",
     "OBJECT_SCALE",
     "ObjectDataset",
     "ObjectParams",
     "ObjectRender",
     "RenderedObjects",
+    "SCENE_SCALE",
+    "Scene",
+    "Scenes",
+    "make_scene",
     "render_object",
     "sample_object_params",
 ]
