@@ -16,6 +16,7 @@ from pyro_backpass.data.objects import (
     sample_object_params,
 )
 from pyro_backpass.data.scenes import SCENE_SCALE, Instance, Scene, Scenes, make_scene
+from pyro_backpass.data.user_data import ObjectFolder, SceneFolder, load_scene_image
 
 __all__ = [
     "CATEGORIES",
@@ -23,12 +24,15 @@ __all__ = [
     "Instance",
     "OBJECT_SCALE",
     "ObjectDataset",
+    "ObjectFolder",
     "ObjectParams",
     "ObjectRender",
     "RenderedObjects",
     "SCENE_SCALE",
     "Scene",
+    "SceneFolder",
     "Scenes",
+    "load_scene_image",
     "make_scene",
     "render_object",
     "sample_object_params",
