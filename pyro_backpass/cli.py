@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(sub)
     # Further subcommands (train-backbone, ...) register here.
+    __import__("pyro_backpass.backbone.train", fromlist=["add_parser"]).add_parser(sub)
     return parser
 
 

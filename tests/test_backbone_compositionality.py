@@ -97,6 +97,10 @@ def test_distractor_sweep_and_plot():
     # At the image level nothing changes inside the object's mask until it is covered.
     img = sweep.change["image"]
     assert (img[sweep.occluded == 0] == 0).all() and (img[sweep.occluded > 0] > 0).all()
+    # A distractor at another height is first moved to the object's row, so it still passes.
+    high, hmask = square(2, 24, 6, 0.2)
+    moved = distractor_sweep(bb, obj, mask, high, hmask, step=3)
+    torch.testing.assert_close(moved.occluded, sweep.occluded)
     fig, ax = plot_distractor_sweep(sweep)
     assert len(ax.lines) == len(sweep.change) - 1 + 1  # one line per level but image, + axvline
     fig2, ax2 = plt.subplots()

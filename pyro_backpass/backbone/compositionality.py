@@ -127,15 +127,13 @@ class DistractorSweep:
     occluded: Tensor
 
 
-def _shift_x(x: Tensor, dx: int) -> Tensor:
-    """Shift the last dimension by ``dx`` pixels, filling with zeros (no wrap-around)."""
+def _shift(x: Tensor, dx: int, *, dim: int = -1) -> Tensor:
+    """Shift along ``dim`` by ``dx`` pixels, filling with zeros (no wrap-around)."""
     out = torch.zeros_like(x)
-    W = x.shape[-1]
-    if dx >= 0:
-        if dx < W:
-            out[..., dx:] = x[..., : W - dx]
-    elif -dx < W:
-        out[..., : W + dx] = x[..., -dx:]
+    n = x.shape[dim]
+    if abs(dx) < n:
+        src = x.narrow(dim, max(-dx, 0), n - abs(dx))
+        out.narrow(dim, max(dx, 0), n - abs(dx)).copy_(src)
     return out
 
 
@@ -153,8 +151,9 @@ def distractor_sweep(
     """Move a distractor horizontally from outside the frame until it covers the object.
 
     The supplement's sequence (Fig. 7–8), on any backbone: the distractor (pasted over the
-    object image where its mask is set) starts just left of the frame and moves ``step``
-    pixels per frame until its centre reaches the object's centre.
+    object image where its mask is set) is first moved to the object's row (centres aligned),
+    then starts just left of the frame and moves ``step`` pixels per frame until its centre
+    reaches the object's centre.
 
     :param object_image: ``(3, H, W)`` in ``[0, 1]``; ``object_mask``: bool ``(H, W)``.
     :param distractor_image: ``(3, H, W)``; ``distractor_mask``: bool ``(H, W)``.
@@ -172,6 +171,11 @@ def distractor_sweep(
             raise ValueError(f"{what} is empty")
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
+    # Align the rows of the two centres so that the distractor passes over the object.
+    rows_o, rows_d = object_mask.any(1).nonzero(), distractor_mask.any(1).nonzero()
+    dy = round(float(rows_o.float().mean()) - float(rows_d.float().mean()))
+    distractor_image = _shift(distractor_image, dy, dim=-2)
+    distractor_mask = _shift(distractor_mask, dy, dim=-2)
     cols_o = object_mask.any(0).nonzero().flatten()
     cols_d = distractor_mask.any(0).nonzero().flatten()
     o_left, o_centre = int(cols_o.min()), float(cols_o.float().mean())
@@ -180,8 +184,8 @@ def distractor_sweep(
     shifts = torch.arange(first, max(last, first) + 1, step)
     frames, occluded = [], []
     for dx in shifts.tolist():
-        dm = _shift_x(distractor_mask, dx)
-        frames.append(torch.where(dm, _shift_x(distractor_image, dx), object_image))
+        dm = _shift(distractor_mask, dx)
+        frames.append(torch.where(dm, _shift(distractor_image, dx), object_image))
         occluded.append((dm & object_mask).sum() / object_mask.sum())
     frames_t = torch.stack(frames)  # (T, 3, H, W)
     clean = backbone(object_image.unsqueeze(0))

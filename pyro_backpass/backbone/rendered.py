@@ -41,8 +41,8 @@ def render_objects(
     images, labels = [], []
     bar = tqdm(total=len(categories) * n, desc="render objects", disable=not progress)
     for k, cat in enumerate(categories):
-        # Categories get distinct seeds so that no two share a viewpoint/colour sequence.
-        ds = RenderedObjects(cat, n, size=size, seed=seed * 1009 + k)
+        # Items are seeded by (seed, category, index), so categories never share a draw.
+        ds = RenderedObjects(cat, n, size=size, seed=seed)
         for i in range(n):
             images.append(ds[i][0])
             bar.update(1)
@@ -78,13 +78,13 @@ def render_scene_pairs(
             clutter=True,
             occlusion=occlusion,
             size=size,
-            seed=seed * 100_003 + s,
+            seed=(seed, s),
         )
         scenes.append(scene.image)
         for inst in scene.instances:
             if inst.category not in categories or not inst.mask.any():
                 continue
-            objects.append(inst.alone)
+            objects.append(inst.image_alone)
             masks.append(inst.mask)
             labels.append(categories.index(inst.category))
             scene_index.append(s)

@@ -201,14 +201,14 @@ def train_backbone(config: TrainConfig = TrainConfig(), *, progress: bool = True
                 scene_idx = torch.randint(len(pairs.scenes), (config.scene_batch,), generator=gen)
                 cls, pen = _scene_loss(backbone, pairs, scene_idx.unique(), config, gen)
                 loss = loss + cls + config.penalty_weight * pen
-                sums["penalty"] += float(pen)
+                sums["penalty"] += pen.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            sums["loss"] += float(loss)
+            sums["loss"] += loss.item()
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         acc = accuracy(backbone, x_test, y_test)
         record = {k: v / steps_per_epoch for k, v in sums.items()}
         history.append({"epoch": epoch + 1, **record, "held_out_accuracy": acc})
@@ -236,14 +236,13 @@ def train_backbone(config: TrainConfig = TrainConfig(), *, progress: bool = True
 # ------------------------------------------------------------------------------------- CLI
 
 SMOKE = {
-    "cfg": (4, "M", 8, "M"),
+    "cfg": (4, "M", 4, "M", 8, "M", 8, "M"),  # four pools: the default penalty levels exist
     "n_train": 4,
     "n_test": 2,
     "epochs": 1,
     "batch_size": 8,
     "n_scenes": 2,
     "scene_batch": 2,
-    "penalty_levels": ("pool1", "pool2"),
 }
 
 

@@ -1,0 +1,190 @@
+"""Benchmark the shipped backbones: accuracy, training time, throughput, compositionality.
+
+For each shipped backbone (``Backbone.default()`` and ``Backbone.default(compositional=True)``):
+
+* held-out accuracy on freshly rendered objects from a seed no training run used, and the
+  held-out accuracy and training time its training run recorded in the checkpoint;
+* forward-pass throughput (images/s, CPU, median of several timed runs, batch 64 at the
+  training size), with the machine described;
+* the per-level compositionality number (relative change of each object's activations inside
+  its visible mask, scene vs. the object alone; lower is more compositional) on held-out scenes.
+
+Writes ``benchmarks/results/backbone.json`` and ``benchmarks/results/backbone_compositionality.png``
+(the supplement's distractor sweep, Fig. 7–8, for both backbones) and prints a markdown table.
+``--smoke`` runs on tiny sizes in seconds (a test runs it).
+
+Usage: ``python benchmarks/backbone.py [--smoke] [--out PATH] [--figure PATH]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from pyro_backpass._io import atomic_write, atomic_write_json  # noqa: E402
+from pyro_backpass.backbone import Backbone  # noqa: E402
+from pyro_backpass.backbone.compositionality import (  # noqa: E402
+    compositionality_score,
+    distractor_sweep,
+    plot_distractor_sweep,
+)
+from pyro_backpass.backbone.rendered import render_objects, render_scene_pairs  # noqa: E402
+from pyro_backpass.backbone.train import HELD_OUT_SEED_OFFSET  # noqa: E402
+from pyro_backpass.data import CATEGORIES, DEFAULT_SIZE, make_scene  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+# Seeds no training run uses (training: 0 and 0 + offset for its held-out set).
+OBJECT_SEED = 2 * HELD_OUT_SEED_OFFSET
+SCENE_SEED = 3 * HELD_OUT_SEED_OFFSET
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads"
+    )
+
+
+@torch.no_grad()
+def throughput(backbone: Backbone, *, batch: int, size: int, runs: int) -> float:
+    """Median images/s of ``backbone(images)`` over ``runs`` timed runs after one warm-up."""
+    x = torch.rand(batch, 3, size, size)
+    backbone(x)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        backbone(x)
+        times.append(time.perf_counter() - t)
+    return batch / statistics.median(times)
+
+
+def sweep_figure(backbones: dict[str, Backbone], path: Path, *, size: int) -> None:
+    """Supplement Fig. 7–8 for each backbone: an airplane, a car moving in from the left."""
+    plane = make_scene(targets=("airplane",), distractors=0, clutter=False, size=size, seed=11)
+    car = make_scene(targets=("car",), distractors=0, clutter=False, size=size, seed=12)
+    p, c = plane.instances[0], car.instances[0]
+    sweeps = {
+        name: distractor_sweep(bb, p.image_alone, p.amodal_mask, c.image_alone, c.amodal_mask)
+        for name, bb in backbones.items()
+    }
+    first = next(iter(sweeps.values()))
+    keys = torch.linspace(0, len(first.shifts) - 1, 4).round().long().tolist()
+    fig = plt.figure(figsize=(4 * len(sweeps) + 1, 6.5))
+    grid = fig.add_gridspec(2, 4 * len(sweeps), height_ratios=[1, 1.6])
+    for j, t in enumerate(keys):
+        ax = fig.add_subplot(grid[0, j * len(sweeps) : (j + 1) * len(sweeps)])
+        ax.imshow(first.frames[t].permute(1, 2, 0).numpy())
+        ax.set_title(f"gap {int(first.gap[t])} px", fontsize=8)
+        ax.axis("off")
+    ymax = max(float(v[:, None].max()) for s in sweeps.values() for v in s.change.values())
+    for i, (name, sweep) in enumerate(sweeps.items()):
+        ax = fig.add_subplot(grid[1, 4 * i : 4 * (i + 1)])
+        plot_distractor_sweep(sweep, ax=ax)
+        ax.set_ylim(0, min(ymax, 2.0) * 1.05)
+        ax.set_title(name, fontsize=9)
+    fig.suptitle("Change of the airplane's activations inside its mask as a car moves in")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    levels = list(next(iter(rows.values()))["relative_change"])
+    head = "| backbone | held-out acc. | train time (s) | images/s | " + " | ".join(levels) + " |"
+    lines = [head, "|" + "---|" * (4 + len(levels))]
+    for name, r in rows.items():
+        cells = [
+            name,
+            f"{r['held_out_accuracy']:.3f}",
+            f"{r['training']['total_seconds']:.0f}" if r["training"] else "–",
+            f"{r['images_per_second']:.0f}",
+        ] + [f"{r['relative_change'][lv]:.3f}" for lv in levels]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
+    parser.add_argument("--out", type=Path, default=RESULTS / "backbone.json")
+    parser.add_argument("--figure", type=Path, default=RESULTS / "backbone_compositionality.png")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    n_objects, n_scenes, runs = (2, 3, 2) if args.smoke else (200, 300, 9)
+    size = DEFAULT_SIZE
+
+    backbones = {"small_vgg": Backbone.default()}
+    backbones["small_vgg_compositional"] = Backbone.default(compositional=True)
+    images, labels = render_objects(CATEGORIES, n_objects, size=size, seed=OBJECT_SEED)
+    pairs = render_scene_pairs(n_scenes, categories=CATEGORIES, size=size, seed=SCENE_SEED)
+    rows: dict[str, dict] = {}
+    for name, bb in backbones.items():
+        bb.eval()
+        acc = (bb.predict(images) == labels).float().mean().item()
+        score = compositionality_score(
+            bb, pairs.scenes, pairs.objects, pairs.masks, pairs.scene_index
+        )
+        training = bb.info.get("training", {})
+        rows[name] = {
+            "held_out_accuracy": acc,
+            "n_held_out": len(images),
+            "images_per_second": throughput(bb, batch=64, size=size, runs=runs),
+            "relative_change": score.relative_change,
+            "n_scene_objects": score.n_objects,
+            "training": {
+                k: training.get(k)
+                for k in ("held_out_accuracy", "n_held_out", "render_seconds", "train_seconds")
+                + ("total_seconds",)
+            }
+            if training
+            else {},
+            "cfg": list(bb.cfg),
+            "image_size": list(bb.image_size),
+            "penalty": (
+                {k: training["config"][k] for k in ("penalty", "penalty_levels", "penalty_weight")}
+                if training and training["config"].get("compositional")
+                else None
+            ),
+        }
+    vgg16 = None
+    if not args.smoke:
+        # Random weights: throughput does not depend on them.
+        vgg16 = throughput(Backbone.vgg16(), batch=4, size=224, runs=3)
+    result = {
+        "machine": machine(),
+        "smoke": args.smoke,
+        "image_size": size,
+        "object_seed": OBJECT_SEED,
+        "scene_seed": SCENE_SEED,
+        "n_scenes": n_scenes,
+        "backbones": rows,
+        "vgg16_224px_images_per_second": vgg16,
+    }
+    atomic_write_json(args.out, result)
+    sweep_figure(backbones, args.figure, size=size)
+    print(markdown_table(rows))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""benchmarks/backbone.py --smoke: runs in seconds and writes its results and figure."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "backbone.py"
+
+
+def test_backbone_benchmark_smoke(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_backbone", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, fig = tmp_path / "backbone.json", tmp_path / "sweep.png"
+    module.main(["--smoke", "--out", str(out), "--figure", str(fig)])
+    result = json.loads(out.read_text())
+    assert result["smoke"] is True and "CPUs" in result["machine"]
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(result["backbones"]) == {"small_vgg", "small_vgg_compositional"}
+    for row in result["backbones"].values():
+        assert 0 <= row["held_out_accuracy"] <= 1 and row["images_per_second"] > 0
+        assert row["training"]["train_seconds"] > 0
+        change = row["relative_change"]
+        assert list(change)[0] == "image" and list(change)[-1] == "pool4"
+        # Inside its visible mask a scene shows the object's own pixels, up to antialiased
+        # edges: the image-level change must be small, or the masks are misaligned.
+        assert change["image"] < 0.15
+    table = capsys.readouterr().out
+    assert table.startswith("| backbone |") and "small_vgg_compositional" in table
