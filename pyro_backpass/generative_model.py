@@ -34,7 +34,7 @@ from pyro_backpass._validate import check_bu, check_category, check_observed
 from pyro_backpass.levels import Cfg, LevelSpec, levels_from_cfg
 from pyro_backpass.observation import Observation
 from pyro_backpass.priors import CategoricalPrior, NGramPrior, SitePrior, UniformPrior
-from pyro_backpass.top_down import TopDownStep, offset_grid
+from pyro_backpass.top_down import TopDownStep, offset_grid, shift_all
 
 __all__ = ["GenerativeModel"]
 
@@ -326,8 +326,8 @@ class GenerativeModel(nn.Module):
     ) -> GenerativeModel:
         """A model with random parameters, for tests, benchmarks and notebooks.
 
-        Kernels are rescaled so that φ has RMS ≈ 1 on every level (per component, measured on
-        ancestral samples from the levels above); a component whose φ vanishes is redrawn, so
+        Kernels are rescaled so that φ has RMS ≈ 1 on every level (per component, over all
+        offsets, measured on ancestral samples from the levels above); a component whose φ vanishes is redrawn, so
         components are distinct and MAP ties do not occur. n-gram tables are drawn from a
         Dirichlet(2); offsets and categories are uniform. ``scales`` (and any other
         ``GenerativeModel`` keyword, e.g. ``offsets``) override the defaults λ = 0.5, β = 0,
@@ -348,7 +348,9 @@ class GenerativeModel(nn.Module):
                 step = gm.steps[name]
                 for _attempt in range(20):
                     step.reset_parameters(gen)
-                    rms = step.phi_all(upper).pow(2).mean(dim=(0, 2, 3, 4)).sqrt()  # (K,)
+                    # RMS over samples and all offsets (zero fill included): (K,)
+                    phi = shift_all(step.phi_all(upper), step.offsets)  # (S, K, D, C, H, W)
+                    rms = phi.pow(2).mean(dim=(0, 2, 3, 4, 5)).sqrt()
                     if bool((rms > 1e-3).all()):
                         break
                 else:

@@ -1,0 +1,68 @@
+import itertools
+
+import pytest
+import torch
+
+from pyro_backpass import GenerativeModel, exact_map, greedy_map, joint_states, log_joint, sample
+
+
+def brute_force(gm, bu, b):
+    """Score every joint assignment with log_joint (batched over assignments), per image."""
+    sites, sizes = gm.sites, gm.site_sizes
+    combos = list(itertools.product(*[range(sizes[s]) for s in sites]))
+    best = []
+    for i in range(b):
+        n = len(combos)
+        rep = {k: v[i : i + 1].expand(n, *v.shape[1:]) for k, v in bu.items()}
+        table = torch.tensor(combos)  # (n, sites)
+        assignment = {s: table[:, j] for j, s in enumerate(sites)}
+        with torch.no_grad():
+            scores = log_joint(gm, rep, assignment)
+        j = int(scores.argmax())
+        best.append((dict(zip(sites, combos[j], strict=True)), float(scores[j])))
+    return best
+
+
+@pytest.mark.parametrize(
+    "cfg, size, k, ncat",
+    [([2], 6, 2, 2), ([2, "M"], 6, 2, 1), ([2], 5, 3, 1)],
+)
+def test_exact_equals_brute_force_and_is_never_below_greedy(cfg, size, k, ncat):
+    gm = GenerativeModel.random(cfg, num_components=k, num_categories=ncat, image_size=size)
+    s = sample(gm, 2, observe=True, seed=5)
+    # Weak evidence: extra noise on every level makes greedy and exact differ more often.
+    bu = {n: x + 0.5 * torch.randn_like(x) for n, x in s.bu.items()}
+    exact = exact_map(gm, bu)
+    greedy = greedy_map(gm, bu)
+    for i, (assignment, score) in enumerate(brute_force(gm, bu, 2)):
+        assert exact.log_joint[i].item() == pytest.approx(score, rel=1e-5, abs=1e-3)
+        got = {s_: int(v[i]) for s_, v in exact.assignment.items()}
+        # Same assignment, or a tie in score.
+        if got != assignment:
+            assert log_joint(gm, {n: x[i : i + 1] for n, x in bu.items()}, got).item() == (
+                pytest.approx(score, rel=1e-5)
+            )
+    assert (exact.log_joint >= greedy.log_joint - 1e-3).all()
+    torch.testing.assert_close(exact.log_joint, log_joint(gm, bu, exact.assignment).detach())
+
+
+def test_options_and_modes():
+    gm = GenerativeModel.random([2, "M"], num_components=2, num_categories=2, image_size=6)
+    s = sample(gm, 2, observe=True, seed=6)
+    r = exact_map(gm, s.bu, category=1, clamp={"gamma_image": 1}, top_k=3)
+    assert r.assignment["category"].tolist() == [1, 1]
+    assert r.assignment["gamma_image"].tolist() == [1, 1]
+    for i in range(2):
+        scores = [m[1] for m in r.modes[i]]
+        assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(
+            r.log_joint[i].item()
+        )
+
+
+def test_size_limit_is_a_clear_error():
+    gm = GenerativeModel.random([2, "M", 2, "M"], num_components=5, num_categories=1,
+                                image_size=16)  # fmt: skip
+    assert joint_states(gm) > 10**5
+    bu = {"image": torch.rand(1, 3, 16, 16)}
+    with pytest.raises(MemoryError, match="joint states per image"):
+        exact_map(gm, bu, max_memory_bytes=1000)

@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+from pyro import poutine
+from safetensors.torch import save_file
+
+from pyro_backpass import GenerativeModel, greedy_map, sample
+
+
+def small(**kw):
+    return GenerativeModel.random([3, "M", 4, "M"], num_components=3, num_categories=2,
+                                  image_size=8, **kw)  # fmt: skip
+
+
+def test_structure():
+    gm = small()
+    assert [s.name for s in gm.levels] == [
+        "image",
+        "conv1_1",
+        "pool1",
+        "conv2_1",
+        "pool2",
+        "category",
+    ]
+    assert gm.categories == ("c0", "c1")
+    assert len(gm.offsets["pool2"]) == 25 and len(gm.offsets["pool1"]) == 9
+    assert gm.offsets["conv1_1"] == [(0, 0)] and gm.offsets["image"] == [(0, 0)]
+    assert gm.gamma_parents("pool2") == ("category",)
+    assert gm.gamma_parents("conv2_1") == ("gamma_pool2",)
+    gm2 = GenerativeModel.random([3, "M"], num_components={"image": 2, "conv1_1": 3, "pool1": 4},
+                                 ngram_order=2, image_size=8)  # fmt: skip
+    assert gm2.gamma_parents("conv1_1") == ("gamma_pool1", "category")
+    assert gm2.priors["gamma_image"].log_probs().shape == (3, 4, 2)
+
+
+def test_random_phi_has_unit_rms_on_every_level():
+    gm = GenerativeModel.random([3, "M", 4, "M"], num_components=3, num_categories=2,
+                                image_size=16, scale_td=0.01)  # fmt: skip
+    s = sample(gm, 64, seed=0)
+    for name in gm.hidden_levels:
+        rms = s.td[name].pow(2).mean().sqrt().item()
+        assert 0.5 < rms < 2.0, (name, rms)
+
+
+def test_model_sites_and_enumeration_shapes():
+    gm = small()
+    s = sample(gm, 2, observe=True, seed=0)
+    trace = poutine.trace(gm.model).get_trace(s.bu)
+    names = [n for n in trace.nodes if trace.nodes[n]["type"] == "sample"]
+    assert names[:4] == ["images", "category", "gamma_pool2", "delta_pool2"]
+    assert trace.nodes["bu_image"]["is_observed"]
+    assert trace.nodes["gamma_pool1"]["infer"]["enumerate"] == "parallel"
+    tiny = GenerativeModel.random([2, "M"], num_components=2, image_size=4)
+    shapes = tiny.format_shapes({"pool1": torch.rand(1, 2, 2, 2)})
+    assert "delta_pool1" in shapes and "bu_pool1" in shapes
+
+
+def test_sample_tables_draws_dirichlet_rows():
+    gm = small()
+    trace = poutine.trace(gm.model).get_trace(batch_size=2, sample_tables=True)
+    table = trace.nodes["table_gamma_conv2_1"]["value"]
+    assert table.shape == (3, 3)
+    torch.testing.assert_close(table.sum(-1), torch.ones(3))
+    assert not torch.allclose(table, gm.priors["gamma_conv2_1"].probs)
+
+
+def test_save_load_round_trip(tmp_path):
+    gm = small()
+    path = gm.save(tmp_path / "m.safetensors")
+    gm2 = GenerativeModel.load(path)
+    for k, v in gm.state_dict().items():
+        assert torch.equal(v, gm2.state_dict()[k]), k
+    s = sample(gm, 2, observe=True, seed=0)
+    a, b = greedy_map(gm, s.bu), greedy_map(gm2, s.bu)
+    assert all(torch.equal(a.assignment[k], b.assignment[k]) for k in gm.sites)
+    assert gm2.offsets == gm.offsets and gm2.categories == gm.categories
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary left behind
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    gm = small()
+    path = gm.save(tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        GenerativeModel.load(tmp_path / "trunc.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"hello world, not a model")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        GenerativeModel.load(tmp_path / "junk.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a pyro_backpass GenerativeModel"):
+        GenerativeModel.load(tmp_path / "other.safetensors")
+    config = gm.config() | {"format_version": 99}
+    state = {k: v.contiguous() for k, v in gm.state_dict().items()}
+    meta = {"pyro_backpass.GenerativeModel": json.dumps(config)}
+    save_file(state, str(tmp_path / "v99.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="format version 99"):
+        GenerativeModel.load(tmp_path / "v99.safetensors")
+    config = gm.config() | {"num_components": {k: 4 for k in gm.num_components}}
+    meta = {"pyro_backpass.GenerativeModel": json.dumps(config)}
+    save_file(state, str(tmp_path / "mismatch.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="do not match"):
+        GenerativeModel.load(tmp_path / "mismatch.safetensors")
+    with pytest.raises(FileNotFoundError):
+        GenerativeModel.load(tmp_path / "missing.safetensors")
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="num_components"):
+        GenerativeModel.random([3], num_components={"image": 2}, image_size=8)
+    with pytest.raises(ValueError, match="offsets: unknown level"):
+        GenerativeModel.random([3], num_components=2, image_size=8, offsets={"pool7": 1})
+    with pytest.raises(ValueError, match="too small"):
+        GenerativeModel.random([3, "M", 3, "M"], num_components=2, image_size=2)

@@ -1,0 +1,165 @@
+import itertools
+
+import pytest
+import torch
+
+from pyro_backpass import (
+    CategoricalPrior,
+    GenerativeModel,
+    LevelSpec,
+    closed_form_td,
+    greedy_map,
+    log_joint,
+    sample,
+)
+from tests.oracles import phi_loop
+
+
+def one_level_model(seed=0):
+    """image directly below category: one hidden level, a template step."""
+    levels = [LevelSpec("image", "image", 3, 6, 6), LevelSpec("category", "category", 3, 1, 1)]
+    gm = GenerativeModel(levels, categories=["a", "b", "c"], num_components=4)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        gm.steps["image"].weight.copy_(torch.randn(3, 4, 3, 6, 6, generator=g))
+    return gm
+
+
+def brute_force_level(gm, name, upper, bu_l, fixed_logp):
+    """argmax over (γ, δ) of prior + Σ closed-form score, by loops over hypotheses."""
+    step, obs = gm.steps[name], gm.observations[name]
+    best, arg = -float("inf"), None
+    for g, d in itertools.product(range(step.num_components), range(step.num_offsets)):
+        with torch.no_grad():
+            phi = phi_loop(step, upper, g, d)
+        _, s = closed_form_td(
+            None if bu_l is None else bu_l, phi, threshold=obs.threshold,
+            background=obs.background, scale_td=step.scale_td, scale_on=obs.scale_on,
+            scale_off=obs.scale_off,
+        )  # fmt: skip
+        total = float((fixed_logp(g, d) + s.sum()).detach())
+        if total > best:
+            best, arg = total, (g, d)
+    return arg, best
+
+
+def test_one_level_model_equals_brute_force():
+    gm = one_level_model()
+    s = sample(gm, 5, observe=True, seed=3)
+    result = greedy_map(gm, s.bu)
+    prior_c = gm.priors["category"].log_probs()
+    prior_g = gm.priors["gamma_image"].log_probs()
+    prior_d = gm.priors["delta_image"].log_probs()
+    for i in range(5):
+        best, arg = -float("inf"), None
+        for c in range(3):
+            (g, d), score = brute_force_level(
+                gm,
+                "image",
+                c,
+                s.bu["image"][i],
+                lambda g, d: prior_c[c] + prior_g[c, g] + prior_d[d],
+            )
+            if score > best:
+                best, arg = score, (c, g, d)
+        got = tuple(
+            int(result.assignment[k][i]) for k in ("category", "gamma_image", "delta_image")
+        )
+        assert got == arg
+        assert result.log_joint[i].item() == pytest.approx(best, rel=1e-5)
+
+
+def test_each_level_is_the_brute_force_argmax_given_the_levels_above():
+    gm = GenerativeModel.random([3, "M", 4], num_components=3, num_categories=2, image_size=8)
+    s = sample(gm, 3, observe=True, seed=1)
+    r = greedy_map(gm, s.bu)
+    for i in range(3):
+        for j, name in enumerate(gm.hidden_levels[:-1]):
+            upper = r.td[gm.hidden_levels[j + 1]][i]
+            parent = r.assignment[gm.gamma_parents(name)[0]][i]
+            lg = gm.priors[f"gamma_{name}"].log_probs()[parent]
+            ld = gm.priors[f"delta_{name}"].log_probs()
+            (g, d), _ = brute_force_level(
+                gm, name, upper, s.bu[name][i], lambda g, d: lg[g] + ld[d]
+            )
+            assert (g, d) == (
+                int(r.assignment[f"gamma_{name}"][i]),
+                int(r.assignment[f"delta_{name}"][i]),
+            )
+
+
+def test_recovers_the_truth_at_the_models_own_noise():
+    gm = GenerativeModel.random([4, "M"], num_components=3, num_categories=2, image_size=12)
+    s = sample(gm, 8, observe=True, seed=2)
+    r = greedy_map(gm, s.bu)
+    agree = sum(
+        all(int(r.assignment[k][i]) == int(s.assignment[k][i]) for k in gm.sites) for i in range(8)
+    )
+    assert agree >= 6
+    assert (r.log_joint >= log_joint(gm, s.bu, s.assignment) - 1e-3).sum() >= 7
+
+
+def test_options_category_clamp_priors_topk_and_chunking():
+    gm = GenerativeModel.random([3, "M"], num_components=3, num_categories=2, image_size=8)
+    s = sample(gm, 2, observe=True, seed=4)
+    r = greedy_map(gm, s.bu, category="c1", clamp={"gamma_conv1_1": 2})
+    assert r.assignment["category"].tolist() == [1, 1]
+    assert r.assignment["gamma_conv1_1"].tolist() == [2, 2]
+    # A location preference moves the top offset.
+    pref = torch.zeros(25)
+    pref[7] = 1.0
+    r = greedy_map(gm, s.bu, priors={"delta_pool1": CategoricalPrior(pref)})
+    assert r.assignment["delta_pool1"].tolist() == [7, 7]
+    # top_k: sorted, the first is the MAP, and chunking does not change the answer.
+    r5 = greedy_map(gm, s.bu, top_k=5)
+    r5c = greedy_map(gm, s.bu, top_k=5, chunk_elements=100)
+    for i in range(2):
+        lj = [m[1] for m in r5.modes[i]]
+        assert lj == sorted(lj, reverse=True) and len(lj) == 5
+        assert lj[0] == pytest.approx(r5.log_joint[i].item())
+        assert r5.modes[i][0][0] == {k: int(v[i]) for k, v in r5.assignment.items()}
+        assert [m[0] for m in r5c.modes[i]] == [m[0] for m in r5.modes[i]]
+    assert r5.log_joint.ge(greedy_map(gm, s.bu).log_joint - 1e-4).all()
+    assert r5.mask.shape == (2, 8, 8) and r5.mask.dtype == torch.bool
+
+
+def test_occlusion_mask_removes_observation_terms():
+    gm = GenerativeModel.random([3], num_components=2, num_categories=1, image_size=8)
+    s = sample(gm, 1, observe=True, seed=0)
+    hidden = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    bu = {"image": torch.randn(1, 3, 8, 8) * 100}  # garbage everywhere...
+    r = greedy_map(gm, bu, observed={"image": hidden})  # ... but nothing observed
+    r0 = greedy_map(gm, {})
+    for k in gm.sites:
+        assert torch.equal(r.assignment[k], r0.assignment[k])
+    assert s.td["image"].shape == (1, 3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "bu, match",
+    [
+        ({"image": torch.rand(2, 3, 7, 8)}, "shape"),
+        ({"image": torch.full((1, 3, 8, 8), float("nan"))}, "NaN"),
+        ({"image": torch.zeros(1, 3, 8, 8, dtype=torch.long)}, "floating"),
+        ({"image": torch.rand(2, 3, 8, 8), "conv1_1": torch.rand(3, 3, 8, 8)}, "batch size"),
+    ],
+)
+def test_bad_input_is_named(bu, match):
+    gm = GenerativeModel.random([3], num_components=2, num_categories=2, image_size=8)
+    with pytest.raises((ValueError, TypeError), match=match):
+        greedy_map(gm, bu)
+
+
+def test_bad_options_are_named():
+    gm = GenerativeModel.random([3], num_components=2, num_categories=2, image_size=8)
+    bu = {"image": torch.rand(1, 3, 8, 8)}
+    with pytest.raises(ValueError, match="unknown category 'dog'"):
+        greedy_map(gm, bu, category="dog")
+    with pytest.raises(ValueError, match="unknown site"):
+        greedy_map(gm, bu, clamp={"gamma_pool9": 0})
+    with pytest.raises(ValueError, match="out of range"):
+        greedy_map(gm, bu, clamp={"gamma_image": 5})
+    with pytest.raises(ValueError, match="top_k"):
+        greedy_map(gm, bu, top_k=0)
+    with pytest.raises(ValueError, match="priors"):
+        greedy_map(gm, bu, priors={"delta_conv1_1": CategoricalPrior(torch.ones(3))})
