@@ -56,25 +56,27 @@ def closed_form_td(
     :param observed: bool mask broadcastable with ``phi``, or a bool, or None (= all observed).
     :returns: ``(f_td, log_score)``, both shaped like the broadcast of the inputs.
     """
-    prior_at_phi = normal_log_density(phi, phi, scale_td)
+    scale_td = torch.as_tensor(scale_td, dtype=phi.dtype, device=phi.device)
+    log_norm_td = -scale_td.log() - _HALF_LOG_2PI  # log N(φ; φ, σ0)
     if bu is None or observed is False:
-        return phi, prior_at_phi.expand_as(phi)
-    threshold = torch.as_tensor(threshold, dtype=phi.dtype, device=phi.device)
-    var_td = torch.as_tensor(scale_td, dtype=phi.dtype, device=phi.device) ** 2
-    var_on = torch.as_tensor(scale_on, dtype=phi.dtype, device=phi.device) ** 2
+        return phi, log_norm_td.expand_as(phi)
+    as_t = lambda v: torch.as_tensor(v, dtype=phi.dtype, device=phi.device)  # noqa: E731
+    threshold, background = as_t(threshold), as_t(background)
+    scale_on, scale_off = as_t(scale_on), as_t(scale_off)
+    prec_td, prec_on = scale_td.pow(-2), scale_on.pow(-2)
 
-    # On-branch: Gaussian product; its mode clipped to the branch's range.
-    eta = (var_td * bu + var_on * phi) / (var_td + var_on)
+    # On-branch: Gaussian product; its mode (precision-weighted mid-point) clipped up to λ.
+    eta = (prec_on * bu + prec_td * phi) / (prec_on + prec_td)
     f_on = torch.maximum(eta, threshold)
-    score_on = normal_log_density(bu, f_on, scale_on) + normal_log_density(f_on, phi, scale_td)
+    score_on = -0.5 * (prec_on * (bu - f_on).square() + prec_td * (f_on - phi).square())
+    score_on = score_on + (log_norm_td - scale_on.log() - _HALF_LOG_2PI)
 
-    # Off-branch: the observation no longer depends on f_td, so the prior's mode wins, clipped to
-    # the branch's range; its boundary is the float just below λ (see the docstring).
+    # Off-branch: the observation no longer depends on f_td, so the prior's mode wins, clipped
+    # down to the branch's range; its boundary is the float just below λ (see the docstring).
     below = torch.nextafter(threshold, threshold.new_tensor(-math.inf))
     f_off = torch.minimum(phi, below)
-    score_off = normal_log_density(bu, background, scale_off) + normal_log_density(
-        f_off, phi, scale_td
-    )
+    score_off = normal_log_density(bu, background, scale_off)
+    score_off = score_off + (log_norm_td - 0.5 * prec_td * (f_off - phi).square())
 
     take_on = score_on >= score_off
     f_td = torch.where(take_on, f_on, f_off)
@@ -82,5 +84,5 @@ def closed_form_td(
     if observed is not None and observed is not True:
         observed = torch.as_tensor(observed, dtype=torch.bool, device=phi.device)
         f_td = torch.where(observed, f_td, phi)
-        log_score = torch.where(observed, log_score, prior_at_phi)
+        log_score = torch.where(observed, log_score, log_norm_td)
     return f_td, log_score
