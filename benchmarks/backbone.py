@@ -122,14 +122,80 @@ def markdown_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+# The penalty variants compared by `--penalty-selection` (short runs, one seed): which levels,
+# which normalisation. Issue 3's throwaway experiment motivates the absolute/relative pair.
+VARIANTS: dict[str, dict] = {
+    "plain": {"compositional": False},
+    "absolute pool1-4": {
+        "penalty": "absolute",
+        "penalty_levels": ("pool1", "pool2", "pool3", "pool4"),
+    },
+    "relative pool1-4": {
+        "penalty": "relative",
+        "penalty_levels": ("pool1", "pool2", "pool3", "pool4"),
+    },
+    "relative pool3-4": {"penalty": "relative", "penalty_levels": ("pool3", "pool4")},
+    "relative all": {
+        "penalty": "relative",
+        "penalty_levels": (
+            "conv1_1",
+            "pool1",
+            "conv2_1",
+            "pool2",
+            "conv3_1",
+            "pool3",
+            "conv4_1",
+            "pool4",
+        ),
+    },
+}
+
+
+def penalty_selection(path: Path, *, smoke: bool) -> dict:
+    """Train each variant briefly; per level, the compositionality number on held-out scenes."""
+    from dataclasses import replace
+
+    from pyro_backpass.backbone.train import TrainConfig, train_backbone
+
+    base = TrainConfig(n_train=1500, n_test=100, epochs=8, n_scenes=1000, compositional=True)
+    n_scenes = 200
+    if smoke:
+        base = replace(base, cfg=(4, "M", 4, "M", 8, "M", 8, "M"), n_train=4, n_test=2, epochs=1)
+        base, n_scenes = replace(base, n_scenes=2, batch_size=8, scene_batch=2), 3
+    pairs = render_scene_pairs(n_scenes, categories=CATEGORIES, size=DEFAULT_SIZE, seed=SCENE_SEED)
+    out: dict[str, dict] = {}
+    for name, changes in VARIANTS.items():
+        result = train_backbone(replace(base, **changes), progress=False)
+        score = compositionality_score(
+            result.backbone, pairs.scenes, pairs.objects, pairs.masks, pairs.scene_index
+        )
+        out[name] = {
+            "held_out_accuracy": result.held_out_accuracy,
+            "train_seconds": round(result.train_seconds, 1),
+            "relative_change": score.relative_change,
+        }
+        print(name, f"acc {result.held_out_accuracy:.3f}", score, flush=True)
+    record = {"base_config": {k: str(v) for k, v in vars(base).items()}, "variants": out}
+    atomic_write_json(path, record)
+    return record
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
+    parser.add_argument(
+        "--penalty-selection",
+        type=Path,
+        default=None,
+        help="instead: compare penalty variants in short runs, write this JSON (minutes)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "backbone.json")
     parser.add_argument("--figure", type=Path, default=RESULTS / "backbone_compositionality.png")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.penalty_selection is not None:
+        return penalty_selection(args.penalty_selection, smoke=args.smoke)
     n_objects, n_scenes, runs = (2, 3, 2) if args.smoke else (200, 300, 9)
     size = DEFAULT_SIZE
 

@@ -8,6 +8,13 @@ feature-compositionality study and the ``train-backbone`` command.
 
 from pyro_backpass.backbone.activations import Activations, downsample_mask, read_levels
 from pyro_backpass.backbone.backbone import VGG16_CFG, Backbone
+from pyro_backpass.backbone.compositionality import (
+    CompositionalityScore,
+    DistractorSweep,
+    compositionality_score,
+    distractor_sweep,
+    plot_distractor_sweep,
+)
 from pyro_backpass.backbone.small_vgg import DEFAULT_CFG, SmallVGG, make_layers
 
 __all__ = [
@@ -15,8 +22,13 @@ __all__ = [
     "VGG16_CFG",
     "Activations",
     "Backbone",
+    "CompositionalityScore",
+    "DistractorSweep",
     "SmallVGG",
+    "compositionality_score",
+    "distractor_sweep",
     "downsample_mask",
     "make_layers",
+    "plot_distractor_sweep",
     "read_levels",
 ]
