@@ -327,11 +327,11 @@ class GenerativeModel(nn.Module):
         """A model with random parameters, for tests, benchmarks and notebooks.
 
         Kernels are rescaled so that φ has RMS ≈ 1 on every level (per component, over all
-        offsets, measured on ancestral samples from the levels above); a component whose φ vanishes is redrawn, so
-        components are distinct and MAP ties do not occur. n-gram tables are drawn from a
-        Dirichlet(2); offsets and categories are uniform. ``scales`` (and any other
-        ``GenerativeModel`` keyword, e.g. ``offsets``) override the defaults λ = 0.5, β = 0,
-        σ0 = 0.1, σ1 = σ2 = 0.3.
+        offsets, measured on ancestral samples from the levels above); a component whose φ
+        vanishes is redrawn, so components are distinct and MAP ties do not occur. n-gram
+        tables are drawn from a Dirichlet(2); offsets and categories are uniform. ``scales``
+        (and any other ``GenerativeModel`` keyword, e.g. ``offsets``) override the defaults
+        λ = 0.5, β = 0, σ0 = 0.1, σ1 = σ2 = 0.3.
         """
         levels = levels_from_cfg(cfg, image_size=image_size, num_categories=num_categories)
         gm = cls(

@@ -58,7 +58,7 @@ def test_one_level_model_equals_brute_force():
                 "image",
                 c,
                 s.bu["image"][i],
-                lambda g, d: prior_c[c] + prior_g[c, g] + prior_d[d],
+                lambda g, d, c=c: prior_c[c] + prior_g[c, g] + prior_d[d],
             )
             if score > best:
                 best, arg = score, (c, g, d)
@@ -80,7 +80,7 @@ def test_each_level_is_the_brute_force_argmax_given_the_levels_above():
             lg = gm.priors[f"gamma_{name}"].log_probs()[parent]
             ld = gm.priors[f"delta_{name}"].log_probs()
             (g, d), _ = brute_force_level(
-                gm, name, upper, s.bu[name][i], lambda g, d: lg[g] + ld[d]
+                gm, name, upper, s.bu[name][i], lambda g, d, lg=lg, ld=ld: lg[g] + ld[d]
             )
             assert (g, d) == (
                 int(r.assignment[f"gamma_{name}"][i]),

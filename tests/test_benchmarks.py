@@ -1,0 +1,24 @@
+"""Every benchmark script has a --smoke mode that runs here in seconds."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "benchmarks"
+
+
+def run_script(name, *args, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    runpy.run_path(str(BENCH / name), run_name="__main__")
+
+
+def test_greedy_vs_exact_smoke(tmp_path, monkeypatch):
+    out = tmp_path / "gve.json"
+    run_script("greedy_vs_exact.py", "--smoke", "--out", str(out), monkeypatch=monkeypatch)
+    result = json.loads(out.read_text())
+    row = result["settings"][0]
+    assert {"levels", "K", "noise", "trials", "agreement", "logjoint_gap_median",
+            "logjoint_gap_max", "time_greedy_s", "time_exact_s", "speedup"} <= set(row)  # fmt: skip
+    assert row["logjoint_gap_median"] >= -1e-3 and 0 <= row["agreement"] <= 1
+    assert "cores" in result["machine"]

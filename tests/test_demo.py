@@ -1,0 +1,18 @@
+import pytest
+
+from pyro_backpass.cli import main, resolve_device
+
+
+def test_demo_smoke_writes_figures(tmp_path, capsys):
+    main(["demo", "--smoke", "--out", str(tmp_path), "--device", "cpu", "--print-shapes"])
+    for name in ("samples", "clamped_samples", "map_reconstruction", "topk"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "backward pass" in out and "Trace Shapes" in out
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(SystemExit, match="unknown device"):
+        resolve_device("tpu9")
