@@ -86,7 +86,7 @@ def top_level_scores(
     parts = []
     for start in range(0, ncat * k, chunk):
         phi = shift_all(templates[start : start + chunk], step.offsets)  # (n, D, C, H, W)
-        _, s = obs.closed_form(x, phi.unsqueeze(0), scale_td=step.scale_td, observed=m)
+        s = obs.score(x, phi.unsqueeze(0), scale_td=step.scale_td, observed=m)
         parts.append(s.sum(dim=(-3, -2, -1)).expand(b, -1, -1))  # (B, n, D)
     scores = torch.cat(parts, dim=1).reshape(b, ncat, k, d)
     grid = ["category", f"gamma_{top}", f"delta_{top}"]
@@ -110,7 +110,7 @@ def level_scores(
     for start in range(0, k, chunk):
         phi = step.phi_all(upper, slice(start, start + chunk))  # (B, n, C, H, W)
         phi = shift_all(phi, step.offsets)  # (B, n, D, C, H, W)
-        _, s = obs.closed_form(x, phi, scale_td=step.scale_td, observed=m)
+        s = obs.score(x, phi, scale_td=step.scale_td, observed=m)
         parts.append(s.sum(dim=(-3, -2, -1)))  # (B, n, D)
     return torch.cat(parts, dim=1)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pyro_backpass.closed_form import closed_form_td
+from pyro_backpass.closed_form import closed_form_score, closed_form_td
 from pyro_backpass.levels import LevelSpec
 from pyro_backpass.thresholded_gaussian import ThresholdedGaussian
 
@@ -59,6 +59,26 @@ class Observation(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`~pyro_backpass.closed_form_td` with this level's parameters."""
         return closed_form_td(
+            bu,
+            phi,
+            threshold=self.threshold,
+            background=self.background,
+            scale_td=scale_td,
+            scale_on=self.scale_on,
+            scale_off=self.scale_off,
+            observed=observed,
+        )
+
+    def score(
+        self,
+        bu: torch.Tensor | None,
+        phi: torch.Tensor,
+        *,
+        scale_td: torch.Tensor,
+        observed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The ``log_score`` of :meth:`closed_form` alone (greedy's hypothesis scoring)."""
+        return closed_form_score(
             bu,
             phi,
             threshold=self.threshold,

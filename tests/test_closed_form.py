@@ -77,3 +77,16 @@ def test_boundary_value_is_scored_on_the_branch_that_won():
     torch.testing.assert_close(model_lp, score)
     naive = ThresholdedGaussian(torch.full_like(f, 0.5), **kw).log_prob(bu)
     assert (naive.sum() - ThresholdedGaussian(f, **kw).log_prob(bu).sum()).abs() > 1000
+
+
+def test_score_only_path_equals_the_full_closed_form():
+    from pyro_backpass.closed_form import closed_form_score
+
+    g = torch.Generator().manual_seed(0)
+    bu, phi = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
+    kw = dict(threshold=0.2, background=0.1, scale_td=0.3, scale_on=torch.rand(3, 1, 1) + 0.1,
+              scale_off=0.5)  # fmt: skip
+    mask = torch.rand(4, 1, 5, 5, generator=g) > 0.5
+    for observed in (None, mask, False):
+        _, full = closed_form_td(bu, phi, observed=observed, **kw)
+        torch.testing.assert_close(closed_form_score(bu, phi, observed=observed, **kw), full)
