@@ -53,9 +53,9 @@ class TrainConfig:
     cfg: tuple[int | str, ...] = DEFAULT_CFG
     image_size: int = DEFAULT_SIZE
     categories: tuple[str, ...] = CATEGORIES
-    n_train: int = 2000  # rendered training objects per category
+    n_train: int = 3000  # rendered training objects per category
     n_test: int = 200  # held-out objects per category (another seed)
-    epochs: int = 10
+    epochs: int = 15
     batch_size: int = 64
     lr: float = 3e-3  # peak of the one-cycle schedule
     weight_decay: float = 1e-4
