@@ -66,3 +66,20 @@ def test_size_limit_is_a_clear_error():
     bu = {"image": torch.rand(1, 3, 16, 16)}
     with pytest.raises(MemoryError, match="joint states per image"):
         exact_map(gm, bu, max_memory_bytes=1000)
+
+
+def test_second_order_ngram_prior_per_call_matches_brute_force():
+    """Another n-gram order, passed per call: γ_image | (γ_pool1, γ_conv1_1)."""
+    from pyro_backpass import NGramPrior
+
+    gm = GenerativeModel.random([2, "M"], num_components=2, num_categories=1, image_size=6)
+    table = torch.tensor([[[0.9, 0.1], [0.2, 0.8]], [[0.5, 0.5], [0.05, 0.95]]])
+    priors = {"gamma_image": NGramPrior(table, parents=["gamma_conv1_1", "gamma_pool1"])}
+    s = sample(gm, 2, observe=True, seed=3, priors=priors)
+    bu = {n: x + 0.3 * torch.randn_like(x) for n, x in s.bu.items()}
+    exact = exact_map(gm, bu, priors=priors)
+    greedy = greedy_map(gm, bu, priors=priors)
+    assert (exact.log_joint >= greedy.log_joint - 1e-3).all()
+    gm.priors["gamma_image"] = priors["gamma_image"]  # brute force scores with the model's own
+    for i, (_, score) in enumerate(brute_force(gm, bu, 2)):
+        assert exact.log_joint[i].item() == pytest.approx(score, rel=1e-5, abs=1e-3)

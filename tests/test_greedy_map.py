@@ -163,3 +163,15 @@ def test_bad_options_are_named():
         greedy_map(gm, bu, top_k=0)
     with pytest.raises(ValueError, match="priors"):
         greedy_map(gm, bu, priors={"delta_conv1_1": CategoricalPrior(torch.ones(3))})
+
+
+def test_large_k_is_chunked_and_unchanged():
+    """K = 500 on the top level (as in the paper) with a small chunk bound."""
+    gm = GenerativeModel.random([3, "M"], num_components={"image": 2, "conv1_1": 2, "pool1": 500},
+                                num_categories=2, image_size=8)  # fmt: skip
+    s = sample(gm, 2, observe=True, seed=0)
+    a = greedy_map(gm, s.bu, top_k=3)
+    b = greedy_map(gm, s.bu, top_k=3, chunk_elements=5000)
+    assert all(torch.equal(a.assignment[k], b.assignment[k]) for k in gm.sites)
+    torch.testing.assert_close(a.log_joint, b.log_joint)
+    assert [m[0] for m in a.modes[0]] == [m[0] for m in b.modes[0]]
