@@ -78,13 +78,36 @@ def run_setting(levels: int, k: int, noise: str, *, models: int, images: int, si
     }
 
 
+def markdown_table(result: dict) -> str:
+    """The README's table, from a results JSON."""
+    lines = [
+        "| hidden levels | K | noise | joint states | trials | agreement "
+        "| log-joint gap median / max | greedy (s) | exact (s) | speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["settings"]:
+        lines.append(
+            f"| {r['levels']} | {r['K']} | {r['noise']} | {r['joint_states']:,} | {r['trials']} "
+            f"| {r['agreement']:.0%} "
+            f"| {r['logjoint_gap_median']:.3g} / {r['logjoint_gap_max']:.3g} "
+            f"| {r['time_greedy_s']:.3f} | {r['time_exact_s']:.1f} | {r['speedup']:.0f}× |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="one tiny setting, seconds")
     p.add_argument("--out", type=Path, default=RESULTS / "greedy_vs_exact.json")
     p.add_argument("--models", type=int, default=3, help="random models per setting")
     p.add_argument("--images", type=int, default=8, help="images per model")
+    p.add_argument("--table", action="store_true", help="print --out's results as markdown")
     args = p.parse_args(argv)
+    if args.table:
+        import json
+
+        print(markdown_table(json.loads(args.out.read_text())))
+        return
     # One thread: timings on a shared 2-core machine are steadier, and both methods get the same.
     torch.set_num_threads(1)
     if args.smoke:
