@@ -49,6 +49,16 @@ class Observation(nn.Module):
             scale_off=self.scale_off,
         )
 
+    def _params(self, scale_td: torch.Tensor, observed: torch.Tensor | None) -> dict:
+        return dict(
+            threshold=self.threshold,
+            background=self.background,
+            scale_td=scale_td,
+            scale_on=self.scale_on,
+            scale_off=self.scale_off,
+            observed=observed,
+        )
+
     def closed_form(
         self,
         bu: torch.Tensor | None,
@@ -58,16 +68,7 @@ class Observation(nn.Module):
         observed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`~pyro_backpass.closed_form_td` with this level's parameters."""
-        return closed_form_td(
-            bu,
-            phi,
-            threshold=self.threshold,
-            background=self.background,
-            scale_td=scale_td,
-            scale_on=self.scale_on,
-            scale_off=self.scale_off,
-            observed=observed,
-        )
+        return closed_form_td(bu, phi, **self._params(scale_td, observed))
 
     def score(
         self,
@@ -78,13 +79,4 @@ class Observation(nn.Module):
         observed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The ``log_score`` of :meth:`closed_form` alone (greedy's hypothesis scoring)."""
-        return closed_form_score(
-            bu,
-            phi,
-            threshold=self.threshold,
-            background=self.background,
-            scale_td=scale_td,
-            scale_on=self.scale_on,
-            scale_off=self.scale_off,
-            observed=observed,
-        )
+        return closed_form_score(bu, phi, **self._params(scale_td, observed))
