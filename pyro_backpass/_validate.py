@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,8 @@ def check_bu(
         sizes[name] = x.shape[0]
     if len(set(sizes.values())) > 1:
         raise ValueError(f"bu levels disagree on the batch size: {sizes}")
+    if sizes and next(iter(sizes.values())) < 1:
+        raise ValueError("bu has batch size 0: give at least one image")
     b = next(iter(sizes.values())) if sizes else (1 if batch_size is None else int(batch_size))
     if batch_size is not None and sizes and b != batch_size:
         raise ValueError(f"batch_size={batch_size} but bu has batch size {b}")
@@ -86,13 +89,18 @@ def check_observed(
         mask = torch.as_tensor(mask, device=gm.device)
         if mask.dtype != torch.bool:
             raise TypeError(f"observed[{name!r}] must be a bool mask, got {mask.dtype}")
+        if name == "category" and mask.dim() == 2:
+            mask = mask[..., None, None]  # (B, N) like bu['category']
+        shape = tuple(bu[name].shape)
         try:
-            torch.broadcast_shapes(mask.shape, bu[name].shape)
+            fits = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, shape) == shape
         except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(
-                f"observed[{name!r}] has shape {tuple(mask.shape)}, not broadcastable to "
-                f"bu[{name!r}] {tuple(bu[name].shape)}"
-            ) from None
+                f"observed[{name!r}] has shape {tuple(mask.shape)}; it must broadcast to "
+                f"bu[{name!r}] {shape} without growing it, e.g. (B, 1, H, W) for a spatial mask"
+            )
         out[name] = mask
     return out
 
@@ -102,14 +110,23 @@ def check_category(gm: GenerativeModel, category: Any, b: int) -> torch.Tensor |
     if category is None:
         return None
     items: Sequence[Any]
-    if isinstance(category, (str, int)) or (
-        isinstance(category, torch.Tensor) and category.dim() == 0
-    ):
+    if isinstance(category, torch.Tensor):
+        if category.dim() > 1 or category.is_floating_point() or category.dtype == torch.bool:
+            raise ValueError(
+                f"category as a tensor must be 0-D or (B,) integer indices, got "
+                f"{category.dtype} of shape {tuple(category.shape)}"
+            )
+        category = category.tolist()
+    if isinstance(category, (str, numbers.Integral)):
         items = [category] * b
-    else:
-        items = list(category.tolist() if isinstance(category, torch.Tensor) else category)
+    elif isinstance(category, Sequence):
+        items = list(category)
         if len(items) != b:
             raise ValueError(f"category has {len(items)} entries for {b} images")
+    else:
+        raise TypeError(
+            f"category must be a name, an index or one per image, got {type(category).__name__}"
+        )
     idx = []
     for item in items:
         if isinstance(item, str):
@@ -117,6 +134,8 @@ def check_category(gm: GenerativeModel, category: Any, b: int) -> torch.Tensor |
                 raise ValueError(f"unknown category {item!r}; known: {list(gm.categories)}")
             idx.append(gm.categories.index(item))
         else:
+            if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+                raise TypeError(f"category entries must be names or int indices, got {item!r}")
             i = int(item)
             if not 0 <= i < len(gm.categories):
                 raise ValueError(f"category index {i} out of range [0, {len(gm.categories)})")

@@ -75,14 +75,18 @@ def joint_states(gm: GenerativeModel, clamped: set[str] | frozenset[str] = froze
 
 
 def _chunk_bytes(gm: GenerativeModel, clamped: set[str], b: int) -> int:
-    """Peak memory of one chunk: every level's φ over all enumerated states above it."""
+    """Peak memory of one chunk: every level's φ over all enumerated states down to it.
+
+    A level's φ is built for every state of the levels above times its own (γ, δ), then the
+    closed form keeps a few temporaries of that size alive.
+    """
     sizes, states, peak = gm.site_sizes, 1, 0
     itemsize = torch.finfo(gm.dtype).bits // 8
     for name in reversed(gm.hidden_levels[:-1]):
         for site in (f"gamma_{name}", f"delta_{name}"):
             states *= 1 if site in clamped else sizes[site]
         step = gm.steps[name]
-        elements = states * step.num_components * step.out.numel * b
+        elements = states * step.out.numel * b
         peak = max(peak, elements * itemsize * _TEMPORARIES)
     return peak
 
@@ -110,7 +114,7 @@ def exact_map(
     masks = check_observed(gm, observed, bu, b)
     clamps = merge_category(gm, category, clamp, b)
     priors = gm.resolve_priors(priors)
-    if not isinstance(top_k, int) or top_k < 1:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     need = _chunk_bytes(gm, set(clamps), b)
     if need > max_memory_bytes:
@@ -123,6 +127,9 @@ def exact_map(
     top = gm.hidden_levels[-1]
     top_sites = ("category", f"gamma_{top}", f"delta_{top}")
     sizes = gm.site_sizes
+    num_top = math.prod(1 if s in clamps else sizes[s] for s in top_sites)
+    if top_k > num_top:
+        raise ValueError(f"top_k={top_k} exceeds the {num_top} top-level hypotheses")
     choices = [
         [clamps[s]] if s in clamps else [torch.full((b,), v, device=gm.device) for v in range(n)]
         for s, n in ((s, sizes[s]) for s in top_sites)
@@ -151,6 +158,7 @@ def exact_map(
                 [
                     ({s: int(v[i]) for s, v in found[j][0].items()}, float(scores[i, j]))
                     for j in order[i, :top_k].tolist()
+                    if float(scores[i, j]) > -math.inf
                 ]
                 for i in range(b)
             ]

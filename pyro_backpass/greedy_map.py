@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = ["greedy_map"]
 
-DEFAULT_CHUNK_ELEMENTS = 2**24  # floats per (images × hypotheses × level) chunk: 64 MB
+# Elements of φ per chunk of (images × hypotheses × level); the closed form keeps about eight
+# temporaries of that size, so 2**22 (16 MB of float32 per tensor) peaks near 150 MB.
+DEFAULT_CHUNK_ELEMENTS = 2**22
 
 
 def merge_category(gm, category: Any, clamp: Any, b: int) -> dict[str, torch.Tensor]:
@@ -193,8 +195,10 @@ def greedy_map(
     :param observed: level → bool mask; False elements have no observation term (occlusion).
     :param top_k: with k > 1, the k best top-level hypotheses are each completed greedily
         down to the image; ``modes`` lists them by total log-joint and the best is returned
-        as the MAP (the paper's Fig. 5 bars).
-    :param chunk_elements: bound on the floats of one batch of hypotheses (peak memory).
+        as the MAP (the paper's Fig. 5 bars). That best can beat the plain pass, so compare
+        greedy with :func:`~pyro_backpass.exact_map` at ``top_k=1``.
+    :param chunk_elements: bound on the elements of φ for one batch of hypotheses; peak memory
+        is about ten times that many floats.
     :returns: :class:`~pyro_backpass.MapResult`.
 
     Example::
@@ -208,7 +212,7 @@ def greedy_map(
     masks = check_observed(gm, observed, bu, b)
     clamps = merge_category(gm, category, clamp, b)
     priors = gm.resolve_priors(priors)
-    if not isinstance(top_k, int) or top_k < 1:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     top = gm.hidden_levels[-1]
     grid = ["category", f"gamma_{top}", f"delta_{top}"]

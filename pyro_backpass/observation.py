@@ -30,7 +30,9 @@ class Observation(nn.Module):
         super().__init__()
         self.spec = spec
         scale_on = torch.as_tensor(scale_on, dtype=torch.get_default_dtype())
-        scale_on = scale_on.expand(spec.channels).reshape(spec.channels, 1, 1).clone()
+        if scale_on.numel() not in (1, spec.channels):
+            raise ValueError(f"{spec.name}: scale_on needs 1 or {spec.channels} values")
+        scale_on = scale_on.reshape(-1).expand(spec.channels).reshape(spec.channels, 1, 1).clone()
         for name, value in (("scale_on", scale_on), ("scale_off", scale_off)):
             if not (torch.as_tensor(value) > 0).all():
                 raise ValueError(f"{spec.name}: {name} must be > 0")

@@ -107,6 +107,8 @@ class TopDownStep(nn.Module):
             raise ValueError(f"{out.name}: num_components must be >= 1, got {num_components}")
         if len(offsets) == 0:
             raise ValueError(f"{out.name}: needs at least one offset, e.g. [(0, 0)]")
+        if not (math.isfinite(scale_td) and scale_td > 0):
+            raise ValueError(f"{out.name}: scale_td (σ0) must be finite and > 0, got {scale_td}")
         self.kind: StepKind = step_kind(upper)
         self.upper, self.out, self.num_components = upper, out, int(num_components)
         k, c_in, c = self.num_components, upper.channels, out.channels

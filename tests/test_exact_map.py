@@ -46,17 +46,42 @@ def test_exact_equals_brute_force_and_is_never_below_greedy(cfg, size, k, ncat):
     torch.testing.assert_close(exact.log_joint, log_joint(gm, bu, exact.assignment).detach())
 
 
-def test_options_and_modes():
+def test_options_and_modes_against_brute_force():
+    """Each mode is the best completion of one top-level choice, found by brute force."""
     gm = GenerativeModel.random([2, "M"], num_components=2, num_categories=2, image_size=6)
     s = sample(gm, 2, observe=True, seed=6)
-    r = exact_map(gm, s.bu, category=1, clamp={"gamma_image": 1}, top_k=3)
+    bu = {n: x + 0.3 * torch.randn_like(x) for n, x in s.bu.items()}
+    r = exact_map(gm, bu, category=1, clamp={"gamma_image": 1}, top_k=3)
     assert r.assignment["category"].tolist() == [1, 1]
     assert r.assignment["gamma_image"].tolist() == [1, 1]
+    sites, sizes = gm.sites, gm.site_sizes
+    combos = [c for c in itertools.product(*[range(sizes[x]) for x in sites])
+              if c[0] == 1 and c[sites.index("gamma_image")] == 1]  # fmt: skip
+    table = torch.tensor(combos)
     for i in range(2):
-        scores = [m[1] for m in r.modes[i]]
-        assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(
-            r.log_joint[i].item()
-        )
+        rep = {k: v[i : i + 1].expand(len(combos), *v.shape[1:]) for k, v in bu.items()}
+        with torch.no_grad():
+            scores = log_joint(gm, rep, {x: table[:, j] for j, x in enumerate(sites)})
+        best_per_top: dict = {}
+        for combo, score in zip(combos, scores.tolist(), strict=True):
+            key = combo[:3]
+            best_per_top[key] = max(best_per_top.get(key, -float("inf")), score)
+        expect = sorted(best_per_top.values(), reverse=True)[:3]
+        got = [m[1] for m in r.modes[i]]
+        assert got == pytest.approx(expect, rel=1e-5)
+        assert got[0] == pytest.approx(r.log_joint[i].item())
+    with pytest.raises(ValueError, match="top_k"):
+        exact_map(gm, bu, category=1, clamp={"gamma_pool1": 0, "delta_pool1": 3}, top_k=2)
+
+
+def test_size_limit_admits_a_million_states_at_the_default_image_size():
+    from pyro_backpass import DEFAULT_SIZE
+    from pyro_backpass.exact_map import DEFAULT_MAX_MEMORY, _chunk_bytes
+
+    gm = GenerativeModel.random([8, "M", 16, "M"], num_components=5, num_categories=2,
+                                image_size=DEFAULT_SIZE)  # fmt: skip
+    assert joint_states(gm) >= 10**6
+    assert _chunk_bytes(gm, set(), 1) <= DEFAULT_MAX_MEMORY
 
 
 def test_size_limit_is_a_clear_error():
