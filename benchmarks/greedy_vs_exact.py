@@ -9,9 +9,13 @@ runs ``greedy_map`` and ``exact_map`` on the same observations. Reported per set
 * ``time_greedy_s`` (median of repeats) and ``time_exact_s``, for all images of the setting,
   measured in the same run, and ``speedup`` = exact / greedy.
 
-Noise settings: ``model`` (data drawn from the model itself) and ``weak_top`` (the two top
-hidden levels' observations get extra Gaussian noise of standard deviation 1, i.e. about the
-RMS of φ, so upper-level evidence is weak and greedy's early decisions are less certain).
+Noise settings, on the two top hidden levels' observations (greedy decides those first):
+
+* ``model``: data drawn from the model itself;
+* ``weak_top``: extra Gaussian noise of standard deviation 1 (about the RMS of φ);
+* ``weaker_top``: extra noise of standard deviation 3;
+* ``no_top``: those two levels unobserved, so greedy's first decisions rest on the prior alone
+  while exact MAP still sees the evidence of the levels below.
 
 Writes ``benchmarks/results/greedy_vs_exact.json``; ``--smoke`` runs a tiny setting in seconds.
 
@@ -34,6 +38,8 @@ from common import RESULTS, machine, median_time  # noqa: E402
 from pyro_backpass import GenerativeModel, exact_map, greedy_map, joint_states, sample  # noqa: E402
 from pyro_backpass._io import atomic_write_json  # noqa: E402
 
+# Extra noise on the two top hidden levels' observations; None: leave them unobserved.
+NOISE = {"model": 0.0, "weak_top": 1.0, "weaker_top": 3.0, "no_top": None}
 # Hidden levels below the category -> backbone config (image is always the lowest level).
 CFGS = {2: [4], 3: [4, "M"], 4: [4, "M", 4]}
 MAX_STATES = 10**6
@@ -49,10 +55,12 @@ def run_setting(levels: int, k: int, noise: str, *, models: int, images: int, si
         states = joint_states(gm)
         s = sample(gm, images, observe=True, seed=m)
         bu = dict(s.bu)
-        if noise == "weak_top":
-            gen = torch.Generator().manual_seed(m)
-            for name in gm.hidden_levels[-2:]:
-                bu[name] = bu[name] + torch.randn(bu[name].shape, generator=gen)
+        gen = torch.Generator().manual_seed(m)
+        for name in gm.hidden_levels[-2:]:
+            if NOISE[noise] is None:
+                del bu[name]
+            elif NOISE[noise] > 0:
+                bu[name] = bu[name] + NOISE[noise] * torch.randn(bu[name].shape, generator=gen)
         t_greedy += median_time(lambda: greedy_map(gm, bu), repeats=repeats)  # noqa: B023
         greedy = greedy_map(gm, bu)
         t = time.perf_counter()
@@ -113,7 +121,7 @@ def main(argv=None) -> None:
     if args.smoke:
         grid, kw = [(2, 2, "model")], dict(models=1, images=2, size=6, categories=1, repeats=1)
     else:
-        grid = [(n, k, noise) for noise in ("model", "weak_top") for n in (2, 3, 4)
+        grid = [(n, k, noise) for noise in NOISE for n in (2, 3, 4)
                 for k in (2, 3, 4, 5)]  # fmt: skip
         kw = dict(models=args.models, images=args.images, size=16, categories=2, repeats=5)
     settings = []
