@@ -19,6 +19,7 @@ Usage: ``python benchmarks/backbone.py [--smoke] [--out PATH] [--figure PATH]``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -65,16 +66,26 @@ def machine() -> str:
 
 
 @torch.no_grad()
-def throughput(backbone: Backbone, *, batch: int, size: int, runs: int) -> float:
-    """Median images/s of ``backbone(images)`` over ``runs`` timed runs after one warm-up."""
+def throughput(backbone: Backbone, *, batch: int, size: int, runs: int) -> dict[str, float]:
+    """Median images/s of ``backbone(images)`` over ``runs`` timed runs, per thread count.
+
+    Both 1 and 2 threads: on a shared 2-core machine 2 threads can be the slower (each
+    OpenMP barrier waits for a core another process holds).
+    """
     x = torch.rand(batch, 3, size, size)
-    backbone(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        backbone(x)
-        times.append(time.perf_counter() - t)
-    return batch / statistics.median(times)
+    before = torch.get_num_threads()
+    out = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        backbone(x)  # warm-up
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            backbone(x)
+            times.append(time.perf_counter() - t)
+        out[f"{threads}_threads"] = round(batch / statistics.median(times), 1)
+    torch.set_num_threads(before)
+    return out
 
 
 def sweep_figure(backbones: dict[str, Backbone], path: Path, *, size: int) -> None:
@@ -109,14 +120,18 @@ def sweep_figure(backbones: dict[str, Backbone], path: Path, *, size: int) -> No
 
 def markdown_table(rows: dict[str, dict]) -> str:
     levels = list(next(iter(rows.values()))["relative_change"])
-    head = "| backbone | held-out acc. | train time (s) | images/s | " + " | ".join(levels) + " |"
+    head = (
+        "| backbone | held-out acc. | train time (s) | images/s (1 / 2 threads) | "
+        + " | ".join(levels)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (4 + len(levels))]
     for name, r in rows.items():
         cells = [
             name,
             f"{r['held_out_accuracy']:.3f}",
             f"{r['training']['total_seconds']:.0f}" if r["training"] else "–",
-            f"{r['images_per_second']:.0f}",
+            " / ".join(f"{v:.0f}" for v in r["images_per_second"].values()),
         ] + [f"{r['relative_change'][lv]:.3f}" for lv in levels]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -135,6 +150,16 @@ VARIANTS: dict[str, dict] = {
         "penalty_levels": ("pool1", "pool2", "pool3", "pool4"),
     },
     "relative pool3-4": {"penalty": "relative", "penalty_levels": ("pool3", "pool4")},
+    "relative pool1-4 w0.3": {
+        "penalty": "relative",
+        "penalty_levels": ("pool1", "pool2", "pool3", "pool4"),
+        "penalty_weight": 0.3,
+    },
+    "relative pool1-4 w0.1": {
+        "penalty": "relative",
+        "penalty_levels": ("pool1", "pool2", "pool3", "pool4"),
+        "penalty_weight": 0.1,
+    },
     "relative all": {
         "penalty": "relative",
         "penalty_levels": (
@@ -151,20 +176,25 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def penalty_selection(path: Path, *, smoke: bool) -> dict:
-    """Train each variant briefly; per level, the compositionality number on held-out scenes."""
+def penalty_selection(path: Path, *, smoke: bool, names: Sequence[str] | None = None) -> dict:
+    """Train each variant briefly; per level, the compositionality number on held-out scenes.
+
+    ``names`` picks variants; their results are merged into an existing ``path``.
+    """
     from dataclasses import replace
 
     from pyro_backpass.backbone.train import TrainConfig, train_backbone
 
-    base = TrainConfig(n_train=1500, n_test=100, epochs=8, n_scenes=1000, compositional=True)
+    base = TrainConfig(n_train=800, n_test=100, epochs=6, n_scenes=600, compositional=True)
     n_scenes = 200
     if smoke:
         base = replace(base, cfg=(4, "M", 4, "M", 8, "M", 8, "M"), n_train=4, n_test=2, epochs=1)
         base, n_scenes = replace(base, n_scenes=2, batch_size=8, scene_batch=2), 3
     pairs = render_scene_pairs(n_scenes, categories=CATEGORIES, size=DEFAULT_SIZE, seed=SCENE_SEED)
-    out: dict[str, dict] = {}
-    for name, changes in VARIANTS.items():
+    old = json.loads(path.read_text()) if path.exists() and not smoke else {}
+    out: dict[str, dict] = old.get("variants", {})
+    for name in names or list(VARIANTS):
+        changes = VARIANTS[name]
         result = train_backbone(replace(base, **changes), progress=False)
         score = compositionality_score(
             result.backbone, pairs.scenes, pairs.objects, pairs.masks, pairs.scene_index
@@ -189,13 +219,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         default=None,
         help="instead: compare penalty variants in short runs, write this JSON (minutes)",
     )
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "backbone.json")
     parser.add_argument("--figure", type=Path, default=RESULTS / "backbone_compositionality.png")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.penalty_selection is not None:
-        return penalty_selection(args.penalty_selection, smoke=args.smoke)
+        return penalty_selection(args.penalty_selection, smoke=args.smoke, names=args.variants)
     n_objects, n_scenes, runs = (2, 3, 2) if args.smoke else (200, 300, 9)
     size = DEFAULT_SIZE
 

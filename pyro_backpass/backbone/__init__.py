@@ -4,6 +4,10 @@
 package), ``Backbone.vgg16(weights=...)`` (torchvision's VGG16 features), ``SmallVGG`` (the
 config-built classifier), ``Activations`` (what a forward pass returns), the
 feature-compositionality study and the ``train-backbone`` command.
+
+``Backbone.default(compositional=True)`` and ``train-backbone --compositional`` use the
+objective of Stone et al. (2017), "Teaching Compositionality to CNNs", which is covered by US
+patent 11,216,727; it is offered as an option and is never used unless asked for.
 """
 
 from pyro_backpass.backbone.activations import Activations, downsample_mask, read_levels
