@@ -10,7 +10,12 @@ mask ``w`` are pulled towards the object's own activations::
 ``absolute`` is the mean squared error per masked unit, as in the paper; it can be lowered by
 shrinking the activations, and a throwaway experiment of issue 3 saw exactly that at the low
 levels (conv1 turned into an outline detector). ``relative`` divides by the object's own
-activation energy, so it is invariant to the scale of a level.
+activation energy, so it is invariant to the scale of a level. It has a trivial minimiser
+too: activations that do not depend on the input. Only the classification losses stand
+against it, and in short runs (``benchmarks/results/backbone_penalty_selection.json``)
+penalising pool3–pool4 alone collapsed the classifier to chance, pool1–pool4 cost much
+accuracy, while penalising every conv and pool level kept more accuracy and lowered the
+change at every level (the default of ``train-backbone --compositional``).
 
 The method is covered by US patent 11,216,727; this package offers it as an option
 (``train-backbone --compositional``), never as a hidden default.

@@ -9,7 +9,8 @@ trained with AdamW and a one-cycle learning rate; images are flipped left–righ
 cluttered scenes and every object in them rendered alone at the same place; the loss is the
 classification loss on the single objects, on the objects alone and on the scenes (soft target:
 uniform over the categories present), plus ``penalty_weight`` times the compositionality
-penalty of :mod:`.penalty` at ``penalty_levels``. That method is covered by US patent
+penalty of :mod:`.penalty` at ``penalty_levels`` (default: every conv and pool level,
+relative normalisation; chosen by measurement, see that module). That method is covered by US patent
 11,216,727; it is an option here, not a default.
 
 References:
@@ -62,7 +63,10 @@ class TrainConfig:
     seed: int = 0
     # Compositional objective (Stone et al. 2017); off by default.
     compositional: bool = False
-    penalty_levels: tuple[str, ...] = ("pool1", "pool2", "pool3", "pool4")
+    # None: every conv and pool level of cfg. Chosen by measurement (benchmarks/results/
+    # backbone_penalty_selection.json): all levels, relative, keeps conv1 from collapsing and
+    # the top from going input-independent.
+    penalty_levels: tuple[str, ...] | None = None
     penalty: PenaltyKind = "relative"
     penalty_weight: float = 1.0
     n_scenes: int = 1500  # rendered training scenes (each with its objects alone)
@@ -85,7 +89,7 @@ def _check_config(config: TrainConfig) -> None:
     if len(config.categories) < 2:
         raise ValueError("train on at least two categories")
     names = level_names(config.cfg)
-    if config.compositional:
+    if config.compositional and config.penalty_levels is not None:
         bad = [lv for lv in config.penalty_levels if lv not in names]
         if bad or not config.penalty_levels:
             raise ValueError(f"penalty levels {bad or '()'} are not levels of cfg: {names}")
@@ -108,6 +112,13 @@ def accuracy(backbone: Backbone, images: Tensor, labels: Tensor, *, batch_size: 
         for i in range(0, len(images), batch_size)
     )
     return correct / len(images)
+
+
+def penalised_levels(config: TrainConfig) -> tuple[str, ...]:
+    """The levels the compositional penalty acts on: ``penalty_levels`` or all of cfg's."""
+    if config.penalty_levels is not None:
+        return tuple(config.penalty_levels)
+    return tuple(level_names(config.cfg))
 
 
 def _scene_loss(
@@ -136,7 +147,7 @@ def _scene_loss(
         alone_acts,
         masks,
         scene_index,
-        levels=config.penalty_levels,
+        levels=penalised_levels(config),
         kind=config.penalty,
     )
     return cls, pen
@@ -236,7 +247,7 @@ def train_backbone(config: TrainConfig = TrainConfig(), *, progress: bool = True
 # ------------------------------------------------------------------------------------- CLI
 
 SMOKE = {
-    "cfg": (4, "M", 4, "M", 8, "M", 8, "M"),  # four pools: the default penalty levels exist
+    "cfg": (4, "M", 4, "M", 8, "M", 8, "M"),
     "n_train": 4,
     "n_test": 2,
     "epochs": 1,
@@ -279,7 +290,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="add Stone et al. (2017)'s compositionality objective (US patent 11,216,727)",
     )
-    p.add_argument("--penalty-levels", nargs="+", default=list(d.penalty_levels))
+    p.add_argument(
+        "--penalty-levels", nargs="+", default=None, help="default: every conv and pool level"
+    )
     p.add_argument("--penalty", choices=["relative", "absolute"], default=d.penalty)
     p.add_argument("--penalty-weight", type=float, default=d.penalty_weight)
     p.add_argument("--n-scenes", type=int, default=d.n_scenes)
@@ -307,7 +320,7 @@ def run(args: argparse.Namespace) -> None:
         lr=args.lr,
         seed=args.seed,
         compositional=args.compositional,
-        penalty_levels=tuple(args.penalty_levels),
+        penalty_levels=None if args.penalty_levels is None else tuple(args.penalty_levels),
         penalty=args.penalty,
         penalty_weight=args.penalty_weight,
         n_scenes=args.n_scenes,
