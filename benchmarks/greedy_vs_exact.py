@@ -110,6 +110,7 @@ def main(argv=None) -> None:
     p.add_argument("--models", type=int, default=3, help="random models per setting")
     p.add_argument("--images", type=int, default=8, help="images per model")
     p.add_argument("--table", action="store_true", help="print --out's results as markdown")
+    p.add_argument("--resume", action="store_true", help="keep settings already in --out")
     args = p.parse_args(argv)
     if args.table:
         import json
@@ -125,7 +126,16 @@ def main(argv=None) -> None:
                 for k in (2, 3, 4, 5)]  # fmt: skip
         kw = dict(models=args.models, images=args.images, size=16, categories=2, repeats=5)
     settings = []
+    if args.resume and args.out.exists():
+        import json
+
+        settings = json.loads(args.out.read_text())["settings"]
+    done = {(r["levels"], r["K"], r["noise"]) for r in settings}
     for levels, k, noise in grid:
+        if (levels, k, noise) in done:
+            continue
+        if NOISE[noise] is None and levels <= 2:
+            continue  # both hidden levels would be unobserved: nothing to infer from
         gm = GenerativeModel.random(
             CFGS[levels], num_components=k, num_categories=kw["categories"], image_size=kw["size"]
         )
@@ -141,7 +151,8 @@ def main(argv=None) -> None:
             f"exact={row['time_exact_s']:.2f}s speedup={row['speedup']:.0f}x",
             flush=True,
         )
-    atomic_write_json(args.out, {"machine": machine(), "threads": 1, "settings": settings})
+        # Written after every setting, so an interrupted run keeps what it measured.
+        atomic_write_json(args.out, {"machine": machine(), "threads": 1, "settings": settings})
     print(f"wrote {args.out}")
 
 
