@@ -59,10 +59,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (
-        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads"
-    )
+    # Shared with other jobs while measured: throughput is given per thread count.
+    return f"{cpu}, {os.cpu_count()} logical CPUs (shared), torch {torch.__version__}"
 
 
 @torch.no_grad()
