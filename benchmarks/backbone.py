@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,34 +32,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, machine  # noqa: E402
+
 from pyro_backpass._io import atomic_write, atomic_write_json  # noqa: E402
 from pyro_backpass.backbone import Backbone  # noqa: E402
 from pyro_backpass.backbone.compositionality import (  # noqa: E402
     compositionality_score,
     distractor_sweep,
-    plot_distractor_sweep,
 )
 from pyro_backpass.backbone.rendered import render_objects, render_scene_pairs  # noqa: E402
 from pyro_backpass.backbone.train import HELD_OUT_SEED_OFFSET  # noqa: E402
 from pyro_backpass.data import CATEGORIES, DEFAULT_SIZE, make_scene  # noqa: E402
+from pyro_backpass.plotting import plot_distractor_sweep  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 # Seeds no training run uses (training: 0 and 0 + offset for its held-out set).
 OBJECT_SEED = 2 * HELD_OUT_SEED_OFFSET
 SCENE_SEED = 3 * HELD_OUT_SEED_OFFSET
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    # Shared with other jobs while measured: throughput is given per thread count.
-    return f"{cpu}, {os.cpu_count()} logical CPUs (shared), torch {torch.__version__}"
 
 
 @torch.no_grad()

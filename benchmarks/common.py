@@ -24,7 +24,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    # The machine is shared with other jobs while measuring: compare only ratios in one run.
+    desc = f"{cpu}, {os.cpu_count()} logical CPUs (shared), torch {torch.__version__}"
     if torch.cuda.is_available():
         desc += f", GPU {torch.cuda.get_device_name()}"
     return desc

@@ -11,7 +11,6 @@ from pyro_backpass.backbone import (
     SmallVGG,
     compositionality_score,
     distractor_sweep,
-    plot_distractor_sweep,
 )
 from pyro_backpass.closed_form import closed_form_td
 from pyro_backpass.data import (
@@ -31,6 +30,12 @@ from pyro_backpass.exact_map import exact_map, joint_states
 from pyro_backpass.generative_model import GenerativeModel
 from pyro_backpass.greedy_map import greedy_map
 from pyro_backpass.levels import LevelSpec, level_names, levels_from_cfg
+from pyro_backpass.plotting import (
+    plot_distractor_sweep,
+    plot_modes,
+    plot_reconstruction,
+    plot_samples,
+)
 from pyro_backpass.priors import CategoricalPrior, NGramPrior, SitePrior, UniformPrior
 from pyro_backpass.results import MapResult, Sample
 from pyro_backpass.sampling import sample
@@ -74,6 +79,9 @@ __all__ = [
     "log_joint",
     "make_scene",
     "plot_distractor_sweep",
+    "plot_modes",
+    "plot_reconstruction",
+    "plot_samples",
     "render_object",
     "sample",
 ]

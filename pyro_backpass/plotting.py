@@ -12,9 +12,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from pyro_backpass.backbone.compositionality import DistractorSweep
 from pyro_backpass.results import MapResult, Sample
 
-__all__ = ["plot_modes", "plot_reconstruction", "plot_samples", "to_rgb"]
+__all__ = [
+    "plot_distractor_sweep",
+    "plot_modes",
+    "plot_reconstruction",
+    "plot_samples",
+    "to_rgb",
+]
 
 
 def to_rgb(x: torch.Tensor, *, normalize: bool = False) -> np.ndarray:
@@ -118,4 +125,23 @@ def plot_modes(
         ax.set_xticklabels(
             ["/".join(str(a[s]) for s in label_sites) for a, _ in modes], rotation=90, fontsize=7
         )
+    return fig, ax
+
+
+def plot_distractor_sweep(sweep: DistractorSweep, *, levels: Sequence[str] | None = None, ax=None):
+    """Relative change per level against the distractor–object gap. Returns ``(fig, ax)``."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+    else:
+        fig = ax.figure
+    names = [n for n in (levels or sweep.change) if n != "image"]
+    cmap = plt.get_cmap("viridis")
+    for i, name in enumerate(names):
+        colour = cmap(i / max(len(names) - 1, 1))
+        ax.plot(sweep.gap.numpy(), sweep.change[name].numpy(), color=colour, label=name, lw=1.2)
+    ax.axvline(0, color="k", ls="--", lw=0.8)
+    ax.invert_xaxis()  # the distractor approaches from the left: time runs left to right
+    ax.set_xlabel("gap between distractor and object (px; < 0: overlapping)")
+    ax.set_ylabel("relative change inside object mask")
+    ax.legend(fontsize=6, ncol=2, frameon=False)
     return fig, ax

@@ -11,10 +11,10 @@ from pyro_backpass.backbone.compositionality import (
     compositionality_score,
     distractor_sweep,
     masked_change,
-    plot_distractor_sweep,
 )
 from pyro_backpass.backbone.penalty import compositional_penalty
 from pyro_backpass.levels import levels_from_cfg
+from pyro_backpass.plotting import plot_distractor_sweep
 
 CFG = [4, "M", 8, "M"]
 

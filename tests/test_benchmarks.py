@@ -21,4 +21,4 @@ def test_greedy_vs_exact_smoke(tmp_path, monkeypatch):
     assert {"levels", "K", "noise", "trials", "agreement", "logjoint_gap_median",
             "logjoint_gap_max", "time_greedy_s", "time_exact_s", "speedup"} <= set(row)  # fmt: skip
     assert row["logjoint_gap_median"] >= -1e-3 and 0 <= row["agreement"] <= 1
-    assert "cores" in result["machine"]
+    assert "CPUs" in result["machine"]

@@ -17,7 +17,6 @@ from pyro_backpass.backbone.compositionality import (
     DistractorSweep,
     compositionality_score,
     distractor_sweep,
-    plot_distractor_sweep,
 )
 from pyro_backpass.backbone.small_vgg import DEFAULT_CFG, SmallVGG, make_layers
 
@@ -33,6 +32,5 @@ __all__ = [
     "distractor_sweep",
     "downsample_mask",
     "make_layers",
-    "plot_distractor_sweep",
     "read_levels",
 ]

@@ -40,7 +40,6 @@ __all__ = [
     "compositionality_score",
     "distractor_sweep",
     "masked_change",
-    "plot_distractor_sweep",
 ]
 
 
@@ -207,24 +206,3 @@ def distractor_sweep(
         change={k: torch.cat(v) for k, v in change.items()},
         occluded=torch.stack(occluded),
     )
-
-
-def plot_distractor_sweep(sweep: DistractorSweep, *, levels: Sequence[str] | None = None, ax=None):
-    """Relative change per level against the distractor–object gap. Returns ``(fig, ax)``."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-    else:
-        fig = ax.figure
-    names = [n for n in (levels or sweep.change) if n != "image"]
-    cmap = plt.get_cmap("viridis")
-    for i, name in enumerate(names):
-        colour = cmap(i / max(len(names) - 1, 1))
-        ax.plot(sweep.gap.numpy(), sweep.change[name].numpy(), color=colour, label=name, lw=1.2)
-    ax.axvline(0, color="k", ls="--", lw=0.8)
-    ax.invert_xaxis()  # the distractor approaches from the left: time runs left to right
-    ax.set_xlabel("gap between distractor and object (px; < 0: overlapping)")
-    ax.set_ylabel("relative change inside object mask")
-    ax.legend(fontsize=6, ncol=2, frameon=False)
-    return fig, ax

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 __all__ = ["ScenePairs", "render_objects", "render_scene_pairs"]
 

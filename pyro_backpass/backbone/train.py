@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pyro_backpass.backbone.backbone import Backbone
 from pyro_backpass.backbone.penalty import PenaltyKind, compositional_penalty
