@@ -209,7 +209,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS / "backbone.json")
     parser.add_argument("--figure", type=Path, default=RESULTS / "backbone_compositionality.png")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--table", action="store_true", help="print --out's results as markdown")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())["backbones"]))
+        return None
     torch.set_num_threads(args.threads)
     if args.penalty_selection is not None:
         return penalty_selection(args.penalty_selection, smoke=args.smoke, names=args.variants)
