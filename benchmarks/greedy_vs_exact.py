@@ -111,6 +111,14 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=8, help="images per model")
     p.add_argument("--table", action="store_true", help="print --out's results as markdown")
     p.add_argument("--resume", action="store_true", help="keep settings already in --out")
+    p.add_argument(
+        "--target",
+        type=int,
+        metavar="RUNS",
+        default=0,
+        help="repeat the issue's target setting (3 levels, K=4, model noise) RUNS times and write "
+        "the spread of its speedup to greedy_vs_exact_target.json",
+    )
     args = p.parse_args(argv)
     if args.table:
         import json
@@ -125,6 +133,20 @@ def main(argv=None) -> None:
         grid = [(n, k, noise) for noise in NOISE for n in (2, 3, 4)
                 for k in (2, 3, 4, 5)]  # fmt: skip
         kw = dict(models=args.models, images=args.images, size=16, categories=2, repeats=5)
+    if args.target:
+        kw = dict(models=args.models, images=args.images, size=16, categories=2, repeats=20)
+        rows = [run_setting(3, 4, "model", **kw) for _ in range(args.target)]
+        speedups = sorted(r["speedup"] for r in rows)
+        out = RESULTS / "greedy_vs_exact_target.json"
+        atomic_write_json(out, {
+            "machine": machine(), "threads": 1, "setting": "levels=3, K=4, noise=model",
+            "speedup_median": statistics.median(speedups), "speedup_min": speedups[0],
+            "speedup_max": speedups[-1], "agreement_min": min(r["agreement"] for r in rows),
+            "runs": rows,
+        })  # fmt: skip
+        spread = f"{speedups[0]:.0f}-{speedups[-1]:.0f}x"
+        print(f"speedup median {statistics.median(speedups):.0f}x, range {spread}; wrote {out}")
+        return
     settings = []
     if args.resume and args.out.exists():
         import json
