@@ -33,7 +33,7 @@ from pyro_backpass._validate import check_bu, check_observed
 from pyro_backpass.greedy_map import merge_category
 from pyro_backpass.priors import SitePrior
 from pyro_backpass.results import MapResult
-from pyro_backpass.scoring import category_term, log_joint, object_mask
+from pyro_backpass.scoring import category_term, log_joint, object_mask, top_down
 
 if TYPE_CHECKING:
     from pyro_backpass.generative_model import GenerativeModel
@@ -151,7 +151,7 @@ def exact_map(
             s: torch.stack([a[s] for a, _ in found], dim=1).gather(1, best[:, None]).squeeze(1)
             for s in gm.sites
         }
-        td = _td_of(gm, assignment, bu, masks)
+        td, _ = top_down(gm, assignment, bu, masks)
         modes = None
         if top_k > 1:
             modes = [
@@ -169,16 +169,3 @@ def exact_map(
             mask=object_mask(gm, td),
             modes=modes,
         )
-
-
-def _td_of(gm, assignment, bu, masks) -> dict[str, torch.Tensor]:
-    from pyro_backpass.scoring import level_terms
-
-    td = {"category": gm.observation_td(assignment["category"])}
-    upper = assignment["category"]
-    for name in reversed(gm.hidden_levels):
-        upper, _ = level_terms(
-            gm, name, upper, assignment[f"gamma_{name}"], assignment[f"delta_{name}"], bu, masks
-        )
-        td[name] = upper
-    return td

@@ -134,13 +134,28 @@ def log_joint(
     total = category_term(gm, values["category"], bu, masks)
     for site in gm.sites:
         total = total + _site_logp(priors[site], site, values)
-    upper = values["category"]
+    _, data_scores = top_down(gm, values, bu, masks)
+    for score in data_scores:
+        total = total + score
+    return total
+
+
+def top_down(
+    gm: GenerativeModel,
+    values: Mapping[str, torch.Tensor],
+    bu: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """F̂_td of a full assignment, level by level, and each level's data score ``(B,)``."""
+    td = {"category": gm.observation_td(values["category"])}
+    upper, scores = values["category"], []
     for name in reversed(gm.hidden_levels):
         upper, score = level_terms(
             gm, name, upper, values[f"gamma_{name}"], values[f"delta_{name}"], bu, masks
         )
-        total = total + score
-    return total
+        td[name] = upper
+        scores.append(score)
+    return td, scores
 
 
 def _site_logp(prior: SitePrior, site: str, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
