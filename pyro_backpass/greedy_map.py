@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from pyro_backpass._validate import check_bu, check_category, check_clamp, check_observed
 from pyro_backpass.priors import SitePrior
 from pyro_backpass.results import MapResult
-from pyro_backpass.scoring import _site_logp, category_term, level_terms, object_mask, prior_grid
+from pyro_backpass.scoring import (
+    _site_logp,
+    category_term,
+    freeze_priors,
+    level_terms,
+    object_mask,
+    prior_grid,
+)
 from pyro_backpass.top_down import shift_all
 
 if TYPE_CHECKING:
@@ -82,39 +89,44 @@ def top_level_scores(
     top = gm.hidden_levels[-1]
     step, obs = gm.steps[top], gm.observations[top]
     ncat, k, d = len(gm.categories), step.num_components, step.num_offsets
-    templates = F.relu(step.weight).reshape(ncat * k, *step.out.shape)  # (N*K, C, H, W)
-    x, m = _bu_and_mask(bu, masks, top, extra_dims=2)  # (B, 1, 1, C, H, W)
-    chunk = max(1, chunk_elements // (b * d * step.out.numel))
-    parts = []
-    for start in range(0, ncat * k, chunk):
-        phi = shift_all(templates[start : start + chunk], step.offsets)  # (n, D, C, H, W)
-        s = obs.score(x, phi.unsqueeze(0), scale_td=step.scale_td, observed=m)
-        parts.append(s.sum(dim=(-3, -2, -1)).expand(b, -1, -1))  # (B, n, D)
-    scores = torch.cat(parts, dim=1).reshape(b, ncat, k, d)
+    templates = F.relu(step.weight).reshape(1, ncat * k, *step.out.shape)  # (1, N*K, C, H, W)
+    scores = obs.hypothesis_scores(
+        bu.get(top), templates, step.offsets, scale_td=step.scale_td, observed=masks.get(top),
+        chunk_elements=chunk_elements,
+    )  # fmt: skip
+    scores = scores.expand(b, -1, -1).reshape(b, ncat, k, d)
     grid = ["category", f"gamma_{top}", f"delta_{top}"]
     for site in grid:
         scores = scores + prior_grid(
             priors[site], site, fixed={}, grid=grid, sizes=gm.site_sizes, batch=b
         )
-    cats = torch.arange(ncat, device=gm.device)[:, None]  # (N, 1)
-    return scores + category_term(gm, cats, bu, masks).expand(ncat, b).T[:, :, None, None]
+    if "category" in bu:
+        cats = torch.arange(ncat, device=gm.device)[:, None]  # (N, 1)
+        scores = scores + category_term(gm, cats, bu, masks).T[:, :, None, None]
+    return scores
 
 
 def level_scores(
     gm: GenerativeModel, name: str, upper: torch.Tensor, bu, masks, *, chunk_elements: int
-) -> torch.Tensor:
-    """Data scores of all (γ, δ) of a level below the top, given F̂ above: ``(B, K, D)``."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Data scores of all (γ, δ) of a level below the top, given F̂ above: ``(B, K, D)``.
+
+    Also returns φ of all K components ``(B, K, C, H, W)`` when they fit in one chunk (else
+    None), so the winner's φ need not be convolved again.
+    """
     step, obs = gm.steps[name], gm.observations[name]
     b, k, d = upper.shape[0], step.num_components, step.num_offsets
-    x, m = _bu_and_mask(bu, masks, name, extra_dims=2)  # (B, 1, 1, C, H, W)
     chunk = max(1, chunk_elements // (b * d * step.out.numel))
     parts = []
     for start in range(0, k, chunk):
         phi = step.phi_all(upper, slice(start, start + chunk))  # (B, n, C, H, W)
-        phi = shift_all(phi, step.offsets)  # (B, n, D, C, H, W)
-        s = obs.score(x, phi, scale_td=step.scale_td, observed=m)
-        parts.append(s.sum(dim=(-3, -2, -1)))  # (B, n, D)
-    return torch.cat(parts, dim=1)
+        parts.append(
+            obs.hypothesis_scores(
+                bu.get(name), phi, step.offsets, scale_td=step.scale_td,
+                observed=masks.get(name), chunk_elements=chunk_elements,
+            )  # (B, n, D)
+        )  # fmt: skip
+    return torch.cat(parts, dim=1), (phi if chunk >= k else None)
 
 
 def descend(
@@ -141,9 +153,26 @@ def descend(
     )
     td[top], data_scores = upper, [top_score]
     sizes = gm.site_sizes
+    rows = torch.arange(b, device=gm.device)
     for name in reversed(gm.hidden_levels[:-1]):
         grid = [f"gamma_{name}", f"delta_{name}"]
-        scores = level_scores(gm, name, upper, bu, masks, chunk_elements=chunk_elements)
+        step = gm.steps[name]
+        # One offset (conv levels, the image) and few components: the closed form of every
+        # component at once gives both the scores and the winner's F̂, with no second pass.
+        direct = step.num_offsets == 1 and b * step.num_components * step.out.numel <= (
+            chunk_elements
+        )
+        if direct:
+            phi = shift_all(step.phi_all(upper), step.offsets)[:, :, 0]  # (B, K, C, H, W)
+            x, m = _bu_and_mask(bu, masks, name, extra_dims=1)  # (B, 1, C, H, W)
+            f_all, s_all = gm.observations[name].closed_form(
+                x, phi, scale_td=step.scale_td, observed=m
+            )  # (B, K, C, H, W) each
+            scores = s_all.sum(dim=(-3, -2, -1))[:, :, None]  # (B, K, 1)
+        else:
+            scores, phi_all = level_scores(
+                gm, name, upper, bu, masks, chunk_elements=chunk_elements
+            )
         for site in grid:
             scores = scores + prior_grid(
                 priors[site], site, fixed=values, grid=grid, sizes=sizes, batch=b
@@ -152,9 +181,16 @@ def descend(
         best = scores.reshape(b, -1).argmax(dim=-1)  # first maximum: lowest flat index
         d = sizes[f"delta_{name}"]
         values[grid[0]], values[grid[1]] = best // d, best % d
-        # F̂ and its score are recomputed for the winner alone, with the same code as
-        # log_joint, so greedy's log_joint equals log_joint(assignment) exactly.
-        upper, score = level_terms(gm, name, upper, values[grid[0]], values[grid[1]], bu, masks)
+        if direct:
+            # The same element-wise values log_joint computes, summed over the same shape, so
+            # greedy's log_joint equals log_joint(assignment) exactly.
+            upper = f_all[rows, values[grid[0]]]  # (B, C, H, W)
+            score = s_all[rows, values[grid[0]]].sum(dim=(-3, -2, -1))
+        else:
+            # F̂ and its score for the winner alone, with log_joint's own code.
+            upper, score = level_terms(
+                gm, name, upper, values[grid[0]], values[grid[1]], bu, masks, all_k=phi_all
+            )
         td[name] = upper
         data_scores.append(score)
     # Summed in log_joint's order, so the two agree to the last bit.
@@ -168,7 +204,9 @@ def descend(
 
 
 def _repeat(x: torch.Tensor, k: int, b: int) -> torch.Tensor:
-    return x.repeat_interleave(k, dim=0) if x.dim() > 0 and x.shape[0] == b else x
+    if k == 1 or x.dim() == 0 or x.shape[0] != b:
+        return x
+    return x.repeat_interleave(k, dim=0)
 
 
 def greedy_map(
@@ -214,48 +252,65 @@ def greedy_map(
     priors = gm.resolve_priors(priors)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    # Inference mode (no autograd bookkeeping at all) is measurably faster than no_grad on
+    # this op-heavy path; the result is cloned out of it so users can use it freely.
+    with torch.inference_mode():
+        result = _greedy(gm, bu, masks, clamps, freeze_priors(priors), b, top_k, chunk_elements)
+    return MapResult(
+        assignment={s: v.clone() for s, v in result.assignment.items()},
+        td={n: v.clone() for n, v in result.td.items()},
+        log_joint=result.log_joint.clone(),
+        mask=result.mask.clone(),
+        modes=result.modes,
+    )
+
+
+def _greedy(gm, bu, masks, clamps, priors, b: int, top_k: int, chunk_elements: int) -> MapResult:
+    """The body of :func:`greedy_map`, on validated inputs."""
     top = gm.hidden_levels[-1]
     grid = ["category", f"gamma_{top}", f"delta_{top}"]
-    with torch.no_grad():
-        scores = top_level_scores(gm, bu, masks, priors, b, chunk_elements=chunk_elements)
-        flat = apply_clamps(scores, grid, clamps).reshape(b, -1)  # (B, N*K*D)
-        if top_k > flat.shape[1]:
-            raise ValueError(f"top_k={top_k} exceeds the {flat.shape[1]} top-level hypotheses")
-        if top_k == 1:
-            chosen = flat.argmax(dim=-1, keepdim=True)  # (B, 1), ties -> lowest index
-        else:
-            chosen = flat.sort(dim=-1, descending=True, stable=True).indices[:, :top_k]
-        k = chosen.shape[1]
-        _, kk, dd = scores.shape[1:]
-        idx = chosen.reshape(-1)  # (B*k,)
-        top_values = {grid[0]: idx // (kk * dd), grid[1]: (idx // dd) % kk, grid[2]: idx % dd}
-        rep_bu = {n: _repeat(x, k, b) for n, x in bu.items()}
-        rep_masks = {n: _repeat(m.expand(bu[n].shape), k, b) for n, m in masks.items()}
-        rep_clamps = {s: _repeat(v, k, b) for s, v in clamps.items()}
-        assignment, td, total = descend(
-            gm, top_values, rep_bu, rep_masks, priors, rep_clamps, chunk_elements=chunk_elements
-        )
-        feasible = torch.isfinite(flat.gather(1, chosen)).reshape(-1)
-        total = torch.where(feasible, total, -torch.inf).reshape(b, k)
-        # A clamped-out or impossible hypothesis has -inf at the top: keep only real ones.
-        order = total.sort(dim=-1, descending=True, stable=True).indices  # (B, k)
-        pick = torch.arange(b, device=gm.device) * k + order[:, 0]  # best of the k per image
-        modes = None
-        if top_k > 1:
-            modes = []
-            for i in range(b):
-                entries = []
-                for j in order[i].tolist():
-                    lj = float(total[i, j])
-                    if lj == -float("inf"):
-                        continue
-                    entries.append(({s: int(v[i * k + j]) for s, v in assignment.items()}, lj))
-                modes.append(entries)
-        td_best = {n: v[pick] for n, v in td.items()}
-        return MapResult(
-            assignment={s: v[pick] for s, v in assignment.items()},
-            td=td_best,
-            log_joint=total.reshape(-1)[pick],
-            mask=object_mask(gm, td_best),
-            modes=modes,
-        )
+    scores = top_level_scores(gm, bu, masks, priors, b, chunk_elements=chunk_elements)
+    flat = apply_clamps(scores, grid, clamps).reshape(b, -1)  # (B, N*K*D)
+    if top_k > flat.shape[1]:
+        raise ValueError(f"top_k={top_k} exceeds the {flat.shape[1]} top-level hypotheses")
+    if top_k == 1:
+        chosen = flat.argmax(dim=-1, keepdim=True)  # (B, 1), ties -> lowest index
+    else:
+        chosen = flat.sort(dim=-1, descending=True, stable=True).indices[:, :top_k]
+    k = chosen.shape[1]
+    _, kk, dd = scores.shape[1:]
+    idx = chosen.reshape(-1)  # (B*k,)
+    top_values = {grid[0]: idx // (kk * dd), grid[1]: (idx // dd) % kk, grid[2]: idx % dd}
+    rep_bu = {n: _repeat(x, k, b) for n, x in bu.items()}
+    rep_masks = {n: _repeat(m.expand(bu[n].shape), k, b) for n, m in masks.items()}
+    rep_clamps = {s: _repeat(v, k, b) for s, v in clamps.items()}
+    assignment, td, total = descend(
+        gm, top_values, rep_bu, rep_masks, priors, rep_clamps, chunk_elements=chunk_elements
+    )
+    feasible = torch.isfinite(flat.gather(1, chosen)).reshape(-1)
+    total = torch.where(feasible, total, -torch.inf).reshape(b, k)
+    if k == 1:
+        return MapResult(assignment=assignment, td=td, log_joint=total[:, 0],
+                         mask=object_mask(gm, td), modes=None)  # fmt: skip
+    # A clamped-out or impossible hypothesis has -inf at the top: keep only real ones.
+    order = total.sort(dim=-1, descending=True, stable=True).indices  # (B, k)
+    pick = torch.arange(b, device=gm.device) * k + order[:, 0]  # best of the k per image
+    modes = None
+    if top_k > 1:
+        modes = []
+        for i in range(b):
+            entries = []
+            for j in order[i].tolist():
+                lj = float(total[i, j])
+                if lj == -float("inf"):
+                    continue
+                entries.append(({s: int(v[i * k + j]) for s, v in assignment.items()}, lj))
+            modes.append(entries)
+    td_best = {n: v[pick] for n, v in td.items()}
+    return MapResult(
+        assignment={s: v[pick] for s, v in assignment.items()},
+        td=td_best,
+        log_joint=total.reshape(-1)[pick],
+        mask=object_mask(gm, td_best),
+        modes=modes,
+    )

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pyro_backpass.closed_form import closed_form_score, closed_form_td
+from pyro_backpass.hypothesis_scores import hypothesis_scores
 from pyro_backpass.levels import LevelSpec
 from pyro_backpass.thresholded_gaussian import ThresholdedGaussian
 
@@ -80,5 +81,22 @@ class Observation(nn.Module):
         scale_td: torch.Tensor,
         observed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The ``log_score`` of :meth:`closed_form` alone (greedy's hypothesis scoring)."""
+        """The ``log_score`` of :meth:`closed_form` alone, element-wise."""
         return closed_form_score(bu, phi, **self._params(scale_td, observed))
+
+    def hypothesis_scores(
+        self,
+        bu: torch.Tensor | None,
+        phi: torch.Tensor,
+        offsets: torch.Tensor,
+        *,
+        scale_td: torch.Tensor,
+        observed: torch.Tensor | None = None,
+        chunk_elements: int = 2**22,
+    ) -> torch.Tensor:
+        """:func:`~pyro_backpass.hypothesis_scores.hypothesis_scores` with this level's
+        parameters: ``Σ_i log_score_i`` of every unshifted ``phi`` ``(B|1, T, C, H, W)`` at every
+        offset, ``(B, T, D)`` (greedy's hypothesis scoring)."""
+        return hypothesis_scores(
+            bu, phi, offsets, chunk_elements=chunk_elements, **self._params(scale_td, observed)
+        )

@@ -26,8 +26,26 @@ if TYPE_CHECKING:
 __all__ = ["full_res_level", "log_joint", "object_mask", "prior_grid"]
 
 
+class FrozenPrior:
+    """A prior's ``log_probs()`` evaluated once, for the many lookups of one inference call."""
+
+    __slots__ = ("parents", "_log_probs")
+
+    def __init__(self, prior: SitePrior) -> None:
+        self.parents = prior.parents
+        self._log_probs = prior.log_probs()
+
+    def log_probs(self) -> torch.Tensor:
+        return self._log_probs
+
+
+def freeze_priors(priors: Mapping[str, SitePrior]) -> dict[str, FrozenPrior]:
+    """:class:`FrozenPrior` of every site (the tables do not change during one call)."""
+    return {site: FrozenPrior(prior) for site, prior in priors.items()}
+
+
 def prior_grid(
-    prior: SitePrior,
+    prior: SitePrior | FrozenPrior,
     site: str,
     *,
     fixed: Mapping[str, torch.Tensor],
@@ -84,10 +102,15 @@ def level_terms(
     delta: torch.Tensor,
     bu: Mapping[str, torch.Tensor],
     masks: Mapping[str, torch.Tensor],
+    *,
+    all_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """F̂^l_td ``(B, C, H, W)`` and the level's data score ``(B,)`` for given (γ, δ)."""
+    """F̂^l_td ``(B, C, H, W)`` and the level's data score ``(B,)`` for given (γ, δ).
+
+    ``all_k``: ``step.phi_all(upper)`` if the caller has it already (same values, no new conv).
+    """
     step = gm.steps[name]
-    phi = step.phi(upper, gamma, delta)  # (B, C, H, W)
+    phi = step.phi(upper, gamma, delta, all_k=all_k)  # (B, C, H, W)
     f_td, score = gm.observations[name].closed_form(
         bu.get(name), phi, scale_td=step.scale_td, observed=masks.get(name)
     )
@@ -158,6 +181,8 @@ def top_down(
     return td, scores
 
 
-def _site_logp(prior: SitePrior, site: str, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def _site_logp(
+    prior: SitePrior | FrozenPrior, site: str, values: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
     lp = prior.log_probs()
     return lp[tuple(values[p] for p in prior.parents) + (values[site],)]

@@ -50,18 +50,32 @@ def _pad_of(offsets: torch.Tensor) -> int:
     return int(offsets.abs().max()) if offsets.numel() else 0
 
 
-def shift_all(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def shift_all(
+    x: torch.Tensor, offsets: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Every shift of ``x``: ``(..., C, H, W)`` → ``(..., D, C, H, W)``.
 
-    ``out[..., d, :, y, x] = x[..., :, y − dy_d, x − dx_d]`` and 0 outside the map.
+    ``out[..., d, :, y, x] = x[..., :, y − dy_d, x − dx_d]`` and 0 outside the map. ``out``: an
+    optional contiguous tensor of the result's shape to write into (a reused buffer).
     """
     h, w = x.shape[-2:]
     p = _pad_of(offsets)
-    if p == 0:
+    if p == 0 and out is None:
         return x.unsqueeze(-4)
-    xp = F.pad(x, (p, p, p, p))  # (..., C, H+2p, W+2p)
-    rows = [(p - int(dy), p - int(dx)) for dy, dx in offsets.tolist()]
-    return torch.stack([xp[..., r : r + h, c : c + w] for r, c in rows], dim=-4)
+    xp = F.pad(x, (p, p, p, p)) if p else x  # (..., C, H+2p, W+2p)
+    # Window (r, s) of the padded map, r = p − dy, s = p − dx: all windows are one strided view
+    # (..., C, 2p+1, 2p+1, H, W), copied out once.
+    windows = xp.unfold(-2, h, 1).unfold(-2, w, 1)
+    n = 2 * p + 1
+    pairs = [(p - dy, p - dx) for dy, dx in offsets.tolist()]
+    if pairs == [(r, c) for r in range(n) for c in range(n)]:  # every window, in order
+        shape = windows.shape[:-5] + (n * n, x.shape[-3], h, w)
+        out = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
+        out.view(shape[:-4] + (n, n) + shape[-3:]).copy_(windows.movedim(-5, -3))
+        return out
+    r, c = torch.tensor(pairs, device=x.device).T
+    shifted = windows[..., r, c, :, :].movedim(-4, -3)  # (..., D, C, H, W)
+    return shifted.contiguous() if out is None else out.copy_(shifted)
 
 
 def shift_select(x: torch.Tensor, offsets: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -166,15 +180,31 @@ class TopDownStep(nn.Module):
         y = y.reshape(-1, k, c, h, w) + bias.reshape(1, k, c, 1, 1)  # (N, K, C, H, W)
         return F.relu(y).reshape(batch + (k, c, h, w))
 
-    def phi(self, upper: torch.Tensor, gamma: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def phi(
+        self,
+        upper: torch.Tensor,
+        gamma: torch.Tensor,
+        delta: torch.Tensor,
+        *,
+        all_k: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """φ for given (γ, δ), broadcasting all batch dims (Pyro's enumeration dims included).
 
         ``template``: ``upper`` is a category index tensor; else ``(S_u, C_in, H_in, W_in)``.
         ``gamma``, ``delta``: long tensors of batch shapes ``S_g``, ``S_d`` → ``(S, C, H, W)``.
+        ``all_k``: ``phi_all(upper)`` when the caller has computed it already.
         """
+        # One image dim (greedy, log_joint): plain indexing; Pyro's enumeration dims: Vindex.
         if self.kind == "template":
-            selected = F.relu(Vindex(self.weight)[upper, gamma])  # (S, C, H, W)
+            if upper.dim() <= 1 and gamma.dim() <= 1:
+                selected = F.relu(self.weight[upper, gamma])  # (S, C, H, W)
+            else:
+                selected = F.relu(Vindex(self.weight)[upper, gamma])
         else:
-            all_k = self.phi_all(upper)  # (S_u, K, C, H, W)
-            selected = Vindex(all_k)[..., gamma, :, :, :]  # (S_ug, C, H, W)
+            all_k = self.phi_all(upper) if all_k is None else all_k  # (S_u, K, C, H, W)
+            if all_k.dim() == 5 and gamma.dim() <= 1:
+                rows = torch.arange(all_k.shape[0], device=all_k.device)
+                selected = all_k[rows, gamma]  # (S_ug, C, H, W)
+            else:
+                selected = Vindex(all_k)[..., gamma, :, :, :]
         return shift_select(selected, self.offsets, delta)
