@@ -95,11 +95,9 @@ def top_level_scores(
         chunk_elements=chunk_elements,
     )  # fmt: skip
     scores = scores.expand(b, -1, -1).reshape(b, ncat, k, d)
-    grid = ["category", f"gamma_{top}", f"delta_{top}"]
+    grid, sizes = ["category", f"gamma_{top}", f"delta_{top}"], gm.site_sizes
     for site in grid:
-        scores = scores + prior_grid(
-            priors[site], site, fixed={}, grid=grid, sizes=gm.site_sizes, batch=b
-        )
+        scores = scores + prior_grid(priors[site], site, fixed={}, grid=grid, sizes=sizes, batch=b)
     if "category" in bu:
         cats = torch.arange(ncat, device=gm.device)[:, None]  # (N, 1)
         scores = scores + category_term(gm, cats, bu, masks).T[:, :, None, None]

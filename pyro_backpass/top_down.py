@@ -85,6 +85,11 @@ def shift_select(x: torch.Tensor, offsets: torch.Tensor, delta: torch.Tensor) ->
     """
     h, w = x.shape[-2:]
     p = _pad_of(offsets)
+    if p and x.dim() == 4 and delta.shape == x.shape[:1]:
+        # One map per image (greedy, log_joint): pick each image's window of the padded map.
+        windows = F.pad(x, (p, p, p, p)).unfold(-2, h, 1).unfold(-2, w, 1)  # (S, C, R, R, H, W)
+        rows = torch.arange(x.shape[0], device=x.device)
+        return windows[rows, :, p - offsets[delta, 0], p - offsets[delta, 1]]  # (S, C, H, W)
     batch = torch.broadcast_shapes(x.shape[:-3], delta.shape)
     if p == 0:
         return x.expand(batch + x.shape[-3:])
