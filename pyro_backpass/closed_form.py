@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["closed_form_score", "closed_form_td", "normal_log_density"]
+__all__ = [
+    "ClosedFormConstants",
+    "closed_form_constants",
+    "closed_form_score",
+    "closed_form_td",
+    "normal_log_density",
+]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -15,6 +22,93 @@ def normal_log_density(x: torch.Tensor, loc, scale) -> torch.Tensor:
     """log N(x; loc, scale), scale a standard deviation (no validation: a hot path)."""
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
     return -0.5 * ((x - loc) / scale).pow(2) - scale.log() - _HALF_LOG_2PI
+
+
+Scalar = float | torch.Tensor  # a Python float, or a 0-dim tensor where gradients are needed
+
+
+class ClosedFormConstants(NamedTuple):
+    """One level's observation parameters and the constants the closed form derives from them.
+
+    Made once per level by :func:`closed_form_constants` (e.g. once per greedy pass) instead of
+    once per call. Precisions p = σ⁻²; entries that involve σ1 are ``(C, 1, 1)`` tensors (σ1 is
+    per channel), the others Python floats unless a gradient must flow through them.
+    """
+
+    threshold: Scalar  # λ
+    below: Scalar  # the largest float below λ (the off-branch boundary)
+    background: Scalar  # β
+    log_norm_td: Scalar  # log N(φ; φ, σ0)
+    half_prec_td: Scalar  # ½ p0
+    half_prec_off: Scalar  # ½ p2
+    const_off: Scalar  # log N(0; 0, σ0) + log N(0; 0, σ2)
+    weight_on: torch.Tensor  # p1 / (p0 + p1): η = weight_on f_bu + weight_td φ
+    weight_td: torch.Tensor  # p0 / (p0 + p1)
+    half_prec_on: torch.Tensor  # ½ p1
+    const_on: torch.Tensor  # log N(0; 0, σ0) + log N(0; 0, σ1)
+    # For hypothesis_scores' form: ½ p_c (f_bu − φ)² = (a f_bu − a φ)², a = √(½ p0 p1 / (p0 + p1)),
+    # and ½ (p0 + p1) relu(λ − η)² = relu(κ p1 (λ − f_bu) + κ p0 (λ − φ))², κ = √(½ / (p0 + p1)).
+    root_half_prec_c: torch.Tensor  # a
+    clip_on: torch.Tensor  # κ p1
+    clip_td: torch.Tensor  # κ p0
+
+
+def _needs_grad(v) -> bool:
+    return isinstance(v, torch.Tensor) and v.requires_grad and torch.is_grad_enabled()
+
+
+def closed_form_constants(
+    *,
+    threshold: torch.Tensor | float,
+    background: torch.Tensor | float,
+    scale_td: torch.Tensor | float,
+    scale_on: torch.Tensor | float,
+    scale_off: torch.Tensor | float,
+    like: torch.Tensor,
+) -> ClosedFormConstants:
+    """:class:`ClosedFormConstants` in ``like``'s dtype and device.
+
+    The scalar parameters (λ, β, σ0, σ2) are read as numbers, rounded to ``like``'s dtype, so
+    the derived scalars cost no tensor operations; if any of them needs a gradient, all stay
+    tensors.
+    """
+
+    def as_t(v):
+        return torch.as_tensor(v, dtype=like.dtype, device=like.device)
+
+    s1 = as_t(scale_on)
+    scalars = (threshold, background, scale_td, scale_off)
+    if any(_needs_grad(v) for v in scalars):
+        lam, beta, s0, s2 = (as_t(v) for v in scalars)
+        below = torch.nextafter(lam, lam.new_tensor(-math.inf))
+        log_s0, log_s2 = s0.log(), s2.log()
+    else:
+        # One small CPU tensor rounds all four to the dtype (and gives λ's float below).
+        vals = torch.tensor([float(v) for v in scalars], dtype=like.dtype)
+        below = float(torch.nextafter(vals[0], vals.new_tensor(-math.inf)))
+        lam, beta, s0, s2 = vals.tolist()
+        log_s0, log_s2 = math.log(s0), math.log(s2)
+    p0, p2 = s0**-2, s2**-2
+    p1 = s1.pow(-2)
+    total = p1 + p0
+    kappa = (0.5 / total).sqrt()
+    log_norm_td = -log_s0 - _HALF_LOG_2PI
+    return ClosedFormConstants(
+        threshold=lam,
+        below=below,
+        background=beta,
+        log_norm_td=log_norm_td,
+        half_prec_td=0.5 * p0,
+        half_prec_off=0.5 * p2,
+        const_off=log_norm_td - log_s2 - _HALF_LOG_2PI,
+        weight_on=p1 / total,
+        weight_td=p0 / total,
+        half_prec_on=0.5 * p1,
+        const_on=(log_norm_td - _HALF_LOG_2PI) - s1.log(),
+        root_half_prec_c=kappa * (p1 * p0).sqrt(),
+        clip_on=kappa * p1,
+        clip_td=kappa * p0,
+    )
 
 
 def closed_form_td(
@@ -56,21 +150,46 @@ def closed_form_td(
     :param observed: bool mask broadcastable with ``phi``, or a bool, or None (= all observed).
     :returns: ``(f_td, log_score)``, both shaped like the broadcast of the inputs.
     """
-    scale_td = torch.as_tensor(scale_td, dtype=phi.dtype, device=phi.device)
-    log_norm_td = -scale_td.log() - _HALF_LOG_2PI  # log N(φ; φ, σ0)
+    c = closed_form_constants(
+        threshold=threshold, background=background, scale_td=scale_td, scale_on=scale_on,
+        scale_off=scale_off, like=phi,
+    )  # fmt: skip
+    return closed_form_with(c, bu, phi, observed=observed)
+
+
+def closed_form_with(
+    c: ClosedFormConstants,
+    bu: torch.Tensor | None,
+    phi: torch.Tensor,
+    *,
+    observed: torch.Tensor | bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`closed_form_td` with the constants made beforehand (the hot path's entry)."""
     if bu is None or observed is False:
-        return phi, log_norm_td.expand_as(phi)
-    (f_on, score_on), (f_off, score_off) = _branches(
-        bu, phi, threshold, background, scale_td, scale_on, scale_off, log_norm_td
+        return phi, _full_like(phi, c.log_norm_td)
+    # On-branch: the precision-weighted mid-point η, clipped up to λ.
+    f_on = (c.weight_on * bu + c.weight_td * phi).clamp_min(c.threshold)
+    score_on = c.const_on - (
+        c.half_prec_on * (bu - f_on).square() + c.half_prec_td * (f_on - phi).square()
     )
-    take_on = score_on >= score_off
-    f_td = _select(take_on, f_on, f_off)
-    log_score = torch.maximum(score_on, score_off)  # the same as selecting by take_on
+    # Off-branch: the observation no longer depends on f_td, so the prior's mode wins, clipped
+    # down to the branch's range; its boundary is the float just below λ (see closed_form_td).
+    f_off = phi.clamp_max(c.below)
+    score_off = c.const_off - (
+        c.half_prec_off * (bu - c.background).square() + c.half_prec_td * (f_off - phi).square()
+    )
+    f_td = _select(score_on >= score_off, f_on, f_off)
+    log_score = torch.maximum(score_on, score_off)  # the same as selecting by the comparison
     if observed is not None and observed is not True:
         observed = torch.as_tensor(observed, dtype=torch.bool, device=phi.device)
         f_td = _select(observed, f_td, phi)
-        log_score = _select(observed, log_score, log_norm_td)
+        log_score = _select(observed, log_score, c.log_norm_td)
     return f_td, log_score
+
+
+def _full_like(x: torch.Tensor, value: Scalar) -> torch.Tensor:
+    """``value`` (a number or a 0-dim tensor) broadcast to ``x``'s shape, as a view."""
+    return x.new_zeros(()).add(value).expand_as(x)
 
 
 def _select(cond: torch.Tensor, a: torch.Tensor, b) -> torch.Tensor:
@@ -94,41 +213,9 @@ def closed_form_score(
     scale_off: torch.Tensor | float,
     observed: torch.Tensor | bool | None = None,
 ) -> torch.Tensor:
-    """``closed_form_td(...)[1]`` alone, with fewer temporaries: the hot path of greedy MAP."""
-    scale_td = torch.as_tensor(scale_td, dtype=phi.dtype, device=phi.device)
-    log_norm_td = -scale_td.log() - _HALF_LOG_2PI
-    if bu is None or observed is False:
-        return log_norm_td.expand_as(phi)
-    (_, score_on), (_, score_off) = _branches(
-        bu, phi, threshold, background, scale_td, scale_on, scale_off, log_norm_td
-    )
-    log_score = torch.maximum(score_on, score_off)
-    if observed is not None and observed is not True:
-        observed = torch.as_tensor(observed, dtype=torch.bool, device=phi.device)
-        log_score = _select(observed, log_score, log_norm_td)
-    return log_score
-
-
-def _branches(bu, phi, threshold, background, scale_td, scale_on, scale_off, log_norm_td):
-    """Maximiser and maximum on each range of f_td: ((f_on, score_on), (f_off, score_off))."""
-
-    def as_t(v):
-        return torch.as_tensor(v, dtype=phi.dtype, device=phi.device)
-
-    threshold, background = as_t(threshold), as_t(background)
-    scale_on, scale_off = as_t(scale_on), as_t(scale_off)
-    prec_td, prec_on = scale_td.pow(-2), scale_on.pow(-2)
-
-    # On-branch: Gaussian product; its mode (precision-weighted mid-point) clipped up to λ.
-    eta = (prec_on * bu + prec_td * phi) / (prec_on + prec_td)
-    f_on = torch.maximum(eta, threshold)
-    score_on = -0.5 * (prec_on * (bu - f_on).square() + prec_td * (f_on - phi).square())
-    score_on = score_on + (log_norm_td - scale_on.log() - _HALF_LOG_2PI)
-
-    # Off-branch: the observation no longer depends on f_td, so the prior's mode wins, clipped
-    # down to the branch's range; its boundary is the float just below λ (see closed_form_td).
-    below = torch.nextafter(threshold, threshold.new_tensor(-math.inf))
-    f_off = torch.minimum(phi, below)
-    score_off = normal_log_density(bu, background, scale_off)
-    score_off = score_off + (log_norm_td - 0.5 * prec_td * (f_off - phi).square())
-    return (f_on, score_on), (f_off, score_off)
+    """``closed_form_td(...)[1]`` alone."""
+    c = closed_form_constants(
+        threshold=threshold, background=background, scale_td=scale_td, scale_on=scale_on,
+        scale_off=scale_off, like=phi,
+    )  # fmt: skip
+    return closed_form_with(c, bu, phi, observed=observed)[1]

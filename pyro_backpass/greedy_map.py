@@ -83,7 +83,7 @@ def _bu_and_mask(bu, masks, name: str, extra_dims: int):
 
 
 def top_level_scores(
-    gm: GenerativeModel, bu, masks, priors, b: int, *, chunk_elements: int
+    gm: GenerativeModel, bu, masks, priors, b: int, *, chunk_elements: int, constants=None
 ) -> torch.Tensor:
     """Scores of all (category, γ, δ) of the top level: ``(B, N, K, D)``."""
     top = gm.hidden_levels[-1]
@@ -92,7 +92,7 @@ def top_level_scores(
     templates = F.relu(step.weight).reshape(1, ncat * k, *step.out.shape)  # (1, N*K, C, H, W)
     scores = obs.hypothesis_scores(
         bu.get(top), templates, step.offsets, scale_td=step.scale_td, observed=masks.get(top),
-        chunk_elements=chunk_elements,
+        chunk_elements=chunk_elements, constants=constants,
     )  # fmt: skip
     scores = scores.expand(b, -1, -1).reshape(b, ncat, k, d)
     grid, sizes = ["category", f"gamma_{top}", f"delta_{top}"], gm.site_sizes
@@ -105,7 +105,14 @@ def top_level_scores(
 
 
 def level_scores(
-    gm: GenerativeModel, name: str, upper: torch.Tensor, bu, masks, *, chunk_elements: int
+    gm: GenerativeModel,
+    name: str,
+    upper: torch.Tensor,
+    bu,
+    masks,
+    *,
+    chunk_elements: int,
+    constants=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Data scores of all (γ, δ) of a level below the top, given F̂ above: ``(B, K, D)``.
 
@@ -121,7 +128,7 @@ def level_scores(
         parts.append(
             obs.hypothesis_scores(
                 bu.get(name), phi, step.offsets, scale_td=step.scale_td,
-                observed=masks.get(name), chunk_elements=chunk_elements,
+                observed=masks.get(name), chunk_elements=chunk_elements, constants=constants,
             )  # (B, n, D)
         )  # fmt: skip
     return torch.cat(parts, dim=1), (phi if chunk >= k else None)
@@ -136,19 +143,23 @@ def descend(
     clamps,
     *,
     chunk_elements: int,
+    constants: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """Complete a top-level choice greedily down to the image.
 
     ``values`` holds ``category``, ``gamma_<top>``, ``delta_<top>`` as ``(B,)``. Returns the
-    full assignment, F̂_td by level and the log-joint ``(B,)``.
+    full assignment, F̂_td by level and the log-joint ``(B,)``. ``constants``: level →
+    its closed-form constants, if made already.
     """
+    constants = {} if constants is None else constants
     top = gm.hidden_levels[-1]
     b = values["category"].shape[0]
     values = dict(values)
     td = {"category": gm.observation_td(values["category"])}
     upper, top_score = level_terms(
-        gm, top, values["category"], values[f"gamma_{top}"], values[f"delta_{top}"], bu, masks
-    )
+        gm, top, values["category"], values[f"gamma_{top}"], values[f"delta_{top}"], bu, masks,
+        constants=constants.get(top),
+    )  # fmt: skip
     td[top], data_scores = upper, [top_score]
     sizes = gm.site_sizes
     rows = torch.arange(b, device=gm.device)
@@ -164,13 +175,14 @@ def descend(
             phi = shift_all(step.phi_all(upper), step.offsets)[:, :, 0]  # (B, K, C, H, W)
             x, m = _bu_and_mask(bu, masks, name, extra_dims=1)  # (B, 1, C, H, W)
             f_all, s_all = gm.observations[name].closed_form(
-                x, phi, scale_td=step.scale_td, observed=m
+                x, phi, scale_td=step.scale_td, observed=m, constants=constants.get(name)
             )  # (B, K, C, H, W) each
             scores = s_all.sum(dim=(-3, -2, -1))[:, :, None]  # (B, K, 1)
         else:
             scores, phi_all = level_scores(
-                gm, name, upper, bu, masks, chunk_elements=chunk_elements
-            )
+                gm, name, upper, bu, masks, chunk_elements=chunk_elements,
+                constants=constants.get(name),
+            )  # fmt: skip
         for site in grid:
             scores = scores + prior_grid(
                 priors[site], site, fixed=values, grid=grid, sizes=sizes, batch=b
@@ -187,8 +199,9 @@ def descend(
         else:
             # F̂ and its score for the winner alone, with log_joint's own code.
             upper, score = level_terms(
-                gm, name, upper, values[grid[0]], values[grid[1]], bu, masks, all_k=phi_all
-            )
+                gm, name, upper, values[grid[0]], values[grid[1]], bu, masks, all_k=phi_all,
+                constants=constants.get(name),
+            )  # fmt: skip
         td[name] = upper
         data_scores.append(score)
     # Summed in log_joint's order, so the two agree to the last bit.
@@ -267,7 +280,13 @@ def _greedy(gm, bu, masks, clamps, priors, b: int, top_k: int, chunk_elements: i
     """The body of :func:`greedy_map`, on validated inputs."""
     top = gm.hidden_levels[-1]
     grid = ["category", f"gamma_{top}", f"delta_{top}"]
-    scores = top_level_scores(gm, bu, masks, priors, b, chunk_elements=chunk_elements)
+    # Each level's closed-form constants, made once for the whole pass.
+    consts = {
+        name: gm.observations[name].constants(gm.steps[name].scale_td) for name in gm.hidden_levels
+    }
+    scores = top_level_scores(
+        gm, bu, masks, priors, b, chunk_elements=chunk_elements, constants=consts[top]
+    )
     flat = apply_clamps(scores, grid, clamps).reshape(b, -1)  # (B, N*K*D)
     if top_k > flat.shape[1]:
         raise ValueError(f"top_k={top_k} exceeds the {flat.shape[1]} top-level hypotheses")
@@ -283,8 +302,9 @@ def _greedy(gm, bu, masks, clamps, priors, b: int, top_k: int, chunk_elements: i
     rep_masks = {n: _repeat(m.expand(bu[n].shape), k, b) for n, m in masks.items()}
     rep_clamps = {s: _repeat(v, k, b) for s, v in clamps.items()}
     assignment, td, total = descend(
-        gm, top_values, rep_bu, rep_masks, priors, rep_clamps, chunk_elements=chunk_elements
-    )
+        gm, top_values, rep_bu, rep_masks, priors, rep_clamps, chunk_elements=chunk_elements,
+        constants=consts,
+    )  # fmt: skip
     feasible = torch.isfinite(flat.gather(1, chosen)).reshape(-1)
     total = torch.where(feasible, total, -torch.inf).reshape(b, k)
     if k == 1:

@@ -41,10 +41,10 @@ import threading
 
 import torch
 
-from pyro_backpass.closed_form import _HALF_LOG_2PI
+from pyro_backpass.closed_form import ClosedFormConstants, closed_form_constants
 from pyro_backpass.top_down import shift_all
 
-__all__ = ["hypothesis_scores"]
+__all__ = ["hypothesis_scores", "hypothesis_scores_with"]
 
 
 _LOCAL = threading.local()
@@ -65,10 +65,6 @@ def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(False):  # a normal tensor: usable in and out of that mode
             buf = buffers[like.dtype] = torch.empty(numel, dtype=like.dtype)
     return buf[:numel]
-
-
-def _as(v, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(v, dtype=like.dtype, device=like.device)
 
 
 def hypothesis_scores(
@@ -96,43 +92,53 @@ def hypothesis_scores(
     :param observed: None or a bool mask broadcastable to ``(B, C, H, W)``.
     :param chunk_elements: bound on ``B·D·T'·C·H·W`` per chunk of hypotheses ``T'``.
     """
-    scale_td = _as(scale_td, phi)
-    log_norm_td = -scale_td.log() - _HALF_LOG_2PI  # log N(φ; φ, σ0)
-    t, (c, h, w) = phi.shape[1], phi.shape[-3:]
-    d, j = offsets.shape[0], c * h * w
+    c = closed_form_constants(
+        threshold=threshold, background=background, scale_td=scale_td, scale_on=scale_on,
+        scale_off=scale_off, like=phi,
+    )  # fmt: skip
+    return hypothesis_scores_with(
+        c, bu, phi, offsets, observed=observed, chunk_elements=chunk_elements
+    )
+
+
+def hypothesis_scores_with(
+    c: ClosedFormConstants,
+    bu: torch.Tensor | None,
+    phi: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    observed: torch.Tensor | None = None,
+    chunk_elements: int = 2**22,
+) -> torch.Tensor:
+    """:func:`hypothesis_scores` with the constants made beforehand (greedy's entry)."""
+    t, (ch, h, w) = phi.shape[1], phi.shape[-3:]
+    d, j = offsets.shape[0], ch * h * w
     if bu is None:
-        return (j * log_norm_td).expand(phi.shape[0], t, d)
+        return phi.new_zeros(()).add(j * c.log_norm_td).expand(phi.shape[0], t, d)
     b = bu.shape[0]
-    lam, beta = _as(threshold, phi), _as(background, phi)
-    s_on, s_off = _as(scale_on, phi), _as(scale_off, phi)
-    p0, p1 = scale_td.pow(-2), s_on.pow(-2)
-    a = (0.5 * p0 * p1 / (p0 + p1)).sqrt()  # √(½ p_c), per channel
-    k = (0.5 / (p0 + p1)).sqrt()  # λ − η = (p1 (λ − f_bu) + p0 (λ − φ)) / (p0 + p1)
-    k_on = log_norm_td - s_on.log() - _HALF_LOG_2PI  # K_on, per channel
-    below = torch.nextafter(lam, lam.new_tensor(-math.inf))
+    lam, below = c.threshold, c.below
 
     # Image side, unshifted: (B, C, H, W) each.
-    x_quad = a * bu  # √(½p_c) f_bu
-    x_clip = k * p1 * (lam - bu)
-    x_off = 0.5 * s_off.pow(-2) * (bu - beta).square() + (s_off.log() - s_on.log())
-    zero_c = k * p0 * lam  # the φ side of the clip term at φ = 0
-    zero_off = 0.5 * p0 * (-below).clamp_min(0).square()
-    n0 = torch.minimum(x_quad.square() + (x_clip + zero_c).clamp_min(0).square(),
+    x_quad = c.root_half_prec_c * bu  # a f_bu
+    x_clip = c.clip_on * (lam - bu)
+    x_off = c.half_prec_off * (bu - c.background).square() + (c.const_on - c.const_off)
+    zero_off = c.half_prec_td * torch.as_tensor(-below).clamp_min(0).square()  # φ side at 0
+    n0 = torch.minimum(x_quad.square() + (x_clip + c.clip_td * lam).clamp_min(0).square(),
                        x_off + zero_off)  # n at φ = 0  # fmt: skip
     weight = torch.ones_like(bu) if observed is None else torch.broadcast_to(observed, bu.shape)
     weight = weight.to(bu.dtype)
     # Σ_i s0_i: observed elements score K_on − n0, the others log N(φ; φ, σ0).
-    base = (weight * (k_on - n0) + (1 - weight) * log_norm_td).sum(dim=(-3, -2, -1))  # (B,)
+    base = (weight * (c.const_on - n0) + (1 - weight) * c.log_norm_td).sum(dim=(-3, -2, -1))
 
     # Shifted by −δ, all at once: x[b, δ, j] = f_bu[b, j + δ] (zero fill, weight 0 there).
     per = max(1, chunk_elements // max(1, b * d * j))
     n_scratch = 2 * b * d * min(per, t) * j
     # Gradients cannot flow through out= buffers: a differentiable call allocates afresh.
     grad = torch.is_grad_enabled() and any(
-        v.requires_grad for v in (bu, phi, lam, beta, scale_td, s_on, s_off)
+        isinstance(v, torch.Tensor) and v.requires_grad for v in (bu, phi, *c)
     )
     scratch = None if grad else _workspace(n_scratch + 5 * b * d * j, phi)
-    stacked = None if grad else scratch[n_scratch:].view(5, b, d, c, h, w)
+    stacked = None if grad else scratch[n_scratch:].view(5, b, d, ch, h, w)
     stacked = shift_all(
         torch.stack([x_quad, x_clip, x_off, weight * n0, weight]), -offsets, out=stacked
     )
@@ -140,23 +146,24 @@ def hypothesis_scores(
     ref = ref.sum(dim=-1)  # (B, D, 1): Σ_j w n0
 
     # φ side, per element j of the (C, H, W) map; per-channel factors broadcast over (H, W).
-    a_j = a.expand(c, h, w).reshape(-1)
-    k_j = (k * p0).expand(c, h, w).reshape(-1)
+    a_j = c.root_half_prec_c.expand(ch, h, w).reshape(-1)
+    k_j = c.clip_td.expand(ch, h, w).reshape(-1)
+    half_p0 = c.half_prec_td
 
     def weighted_n(ph: torch.Tensor) -> torch.Tensor:
         """w · n, n = K_on − s, for ``ph`` ``(B|1, 1, T', J)`` against every shifted image."""
         if grad:
             n_on = (x_quad - a_j * ph).square() + (x_clip + k_j * (lam - ph)).clamp_min(0).square()
-            n_off = x_off + 0.5 * p0 * (ph - below).clamp_min(0).square()
+            n_off = x_off + half_p0 * (ph - below).clamp_min(0).square()
             return torch.minimum(n_on, n_off) * weight
         # The same, in two scratch buffers (no fresh allocation of the big temporaries).
         shape = (b, d, ph.shape[2], j)
         size = math.prod(shape)
         n_on, clip = scratch[:size].view(shape), scratch[size : 2 * size].view(shape)
         torch.sub(x_quad, a_j * ph, out=n_on).square_()  # (B, D, T', J)
-        torch.add(x_clip, k_j * (lam - ph), out=clip).clamp_min_(0).square_()
-        n_on.add_(clip)
-        n_off = torch.add(x_off, 0.5 * p0 * (ph - below).clamp_min_(0).square_(), out=clip)
+        torch.add(x_clip, k_j * (lam - ph), out=clip).clamp_min_(0)
+        n_on.addcmul_(clip, clip)
+        n_off = torch.add(x_off, half_p0 * (ph - below).clamp_min_(0).square_(), out=clip)
         return torch.minimum(n_on, n_off, out=n_on).mul_(weight)
 
     phi_flat = phi.reshape(phi.shape[0], 1, t, j)  # (B|1, 1, T, J)

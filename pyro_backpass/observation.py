@@ -5,8 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pyro_backpass.closed_form import closed_form_score, closed_form_td
-from pyro_backpass.hypothesis_scores import hypothesis_scores
+from pyro_backpass.closed_form import (
+    ClosedFormConstants,
+    closed_form_constants,
+    closed_form_score,
+    closed_form_td,
+    closed_form_with,
+)
+from pyro_backpass.hypothesis_scores import hypothesis_scores, hypothesis_scores_with
 from pyro_backpass.levels import LevelSpec
 from pyro_backpass.thresholded_gaussian import ThresholdedGaussian
 
@@ -62,6 +68,13 @@ class Observation(nn.Module):
             observed=observed,
         )
 
+    def constants(self, scale_td: torch.Tensor) -> ClosedFormConstants:
+        """This level's closed-form constants (make once, pass as ``constants=`` below)."""
+        return closed_form_constants(
+            threshold=self.threshold, background=self.background, scale_td=scale_td,
+            scale_on=self.scale_on, scale_off=self.scale_off, like=self.threshold,
+        )  # fmt: skip
+
     def closed_form(
         self,
         bu: torch.Tensor | None,
@@ -69,8 +82,14 @@ class Observation(nn.Module):
         *,
         scale_td: torch.Tensor,
         observed: torch.Tensor | None = None,
+        constants: ClosedFormConstants | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`~pyro_backpass.closed_form_td` with this level's parameters."""
+        """:func:`~pyro_backpass.closed_form_td` with this level's parameters.
+
+        ``constants``: :meth:`constants` made beforehand (the same values, fewer operations).
+        """
+        if constants is not None:
+            return closed_form_with(constants, bu, phi, observed=observed)
         return closed_form_td(bu, phi, **self._params(scale_td, observed))
 
     def score(
@@ -93,10 +112,15 @@ class Observation(nn.Module):
         scale_td: torch.Tensor,
         observed: torch.Tensor | None = None,
         chunk_elements: int = 2**22,
+        constants: ClosedFormConstants | None = None,
     ) -> torch.Tensor:
         """:func:`~pyro_backpass.hypothesis_scores.hypothesis_scores` with this level's
         parameters: ``Σ_i log_score_i`` of every unshifted ``phi`` ``(B|1, T, C, H, W)`` at every
         offset, ``(B, T, D)`` (greedy's hypothesis scoring)."""
+        if constants is not None:
+            return hypothesis_scores_with(
+                constants, bu, phi, offsets, observed=observed, chunk_elements=chunk_elements
+            )
         return hypothesis_scores(
             bu, phi, offsets, chunk_elements=chunk_elements, **self._params(scale_td, observed)
         )

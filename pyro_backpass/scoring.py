@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pyro_backpass._validate import check_bu, check_clamp, check_observed
+from pyro_backpass.closed_form import ClosedFormConstants
 from pyro_backpass.priors import SitePrior
 
 if TYPE_CHECKING:
@@ -104,15 +105,17 @@ def level_terms(
     masks: Mapping[str, torch.Tensor],
     *,
     all_k: torch.Tensor | None = None,
+    constants: ClosedFormConstants | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """F̂^l_td ``(B, C, H, W)`` and the level's data score ``(B,)`` for given (γ, δ).
 
-    ``all_k``: ``step.phi_all(upper)`` if the caller has it already (same values, no new conv).
+    ``all_k``: ``step.phi_all(upper)`` if the caller has it already (same values, no new conv);
+    ``constants``: the level's closed-form constants, if made already.
     """
     step = gm.steps[name]
     phi = step.phi(upper, gamma, delta, all_k=all_k)  # (B, C, H, W)
     f_td, score = gm.observations[name].closed_form(
-        bu.get(name), phi, scale_td=step.scale_td, observed=masks.get(name)
+        bu.get(name), phi, scale_td=step.scale_td, observed=masks.get(name), constants=constants
     )
     return f_td, score.sum(dim=(-3, -2, -1))
 

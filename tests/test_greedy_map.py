@@ -269,3 +269,22 @@ def test_category_evidence_against_brute_force_when_batch_equals_categories():
         )
         assert got == arg
         assert result.log_joint[i].item() == pytest.approx(best, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cfg, occluded",
+    [([3, "M"], False), ([3, "M"], True), ([2, "M", 3, "M"], True)],
+    ids=["one-offset-levels", "occluded", "pool-level-below-top"],
+)
+def test_greedy_log_joint_is_log_joint_of_its_assignment_to_the_bit(cfg, occluded):
+    """Both ways down (all components' closed form at once on one-offset levels, scoring then
+    recomputing the winner on pool levels) report exactly ``log_joint(assignment)``."""
+    gm = GenerativeModel.random(cfg, num_components=3, num_categories=2, image_size=8)
+    s = sample(gm, 4, observe=True, seed=2)
+    observed = None
+    if occluded:
+        observed = {
+            "image": torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.3
+        }
+    r = greedy_map(gm, s.bu, observed=observed)
+    assert torch.equal(r.log_joint, log_joint(gm, s.bu, r.assignment, observed=observed).detach())

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from pyro_backpass import closed_form_td
 from pyro_backpass.hypothesis_scores import hypothesis_scores
-from pyro_backpass.top_down import offset_grid
+from pyro_backpass.top_down import offset_grid, shift_all
 from tests.oracles import shift_loop
 
 
@@ -119,3 +119,19 @@ def test_greedy_top_level_scores_are_prior_plus_plain_data_score():
     for c, g, d in torch.cartesian_prod(*(torch.arange(n) for n in got.shape[1:])).tolist():
         want[:, c, g, d] += float(lp_c[c] + lp_g[c, g] + lp_d[d])
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+
+
+def test_gradients_flow_and_match_the_plain_formula():
+    """With gradients on, the scratch buffers are bypassed: same values, autograd works."""
+    gen = torch.Generator().manual_seed(5)
+    kw = _kw(2, gen)
+    bu = torch.rand(2, 2, 4, 4, generator=gen).double()
+    phi = torch.rand(1, 3, 2, 4, 4, generator=gen).double().requires_grad_()
+    offsets = torch.tensor(offset_grid(1))
+    got = hypothesis_scores(bu, phi, offsets, **kw)
+    with torch.no_grad():
+        torch.testing.assert_close(got, hypothesis_scores(bu, phi, offsets, **kw))
+    (grad,) = torch.autograd.grad(got.sum(), phi)
+    plain = closed_form_td(bu[:, None, None], shift_all(phi, offsets), **kw)[1].sum()
+    (want,) = torch.autograd.grad(plain, phi)
+    torch.testing.assert_close(grad, want)

@@ -24,6 +24,28 @@ def test_shifts_against_index_loop():
         torch.testing.assert_close(sel[b], shift_loop(x[b], dy, dx))
 
 
+@pytest.mark.parametrize(
+    "offsets",
+    [[(1, 0)], [(0, 2), (-1, 1), (2, -2)], [(dx, dy) for dy, dx in offset_grid(1)]],
+    ids=["one-nonzero", "sparse", "column-major"],
+)
+def test_any_offset_list_against_index_loop(offsets):
+    """Offsets that are not the full row-major grid take the indexed path: same result."""
+    x = torch.randn(3, 2, 5, 4)
+    offsets = torch.tensor(offsets)
+    allshift = shift_all(x, offsets)
+    out = torch.full_like(allshift, float("nan"))
+    assert shift_all(x, offsets, out=out) is out
+    delta = torch.arange(3) % len(offsets)
+    sel = shift_select(x, offsets, delta)
+    for b in range(3):
+        for d, (dy, dx) in enumerate(offsets.tolist()):
+            torch.testing.assert_close(allshift[b, d], shift_loop(x[b], dy, dx))
+            torch.testing.assert_close(out[b, d], shift_loop(x[b], dy, dx))
+        dy, dx = offsets[delta[b]].tolist()
+        torch.testing.assert_close(sel[b], shift_loop(x[b], dy, dx))
+
+
 @pytest.mark.parametrize("cfg, size", [([3, "M", 4], 8), ([2, 3, "M", 4, "M"], 10)])
 def test_phi_against_per_hypothesis_loop(cfg, size):
     """Batched φ (one conv for all K, shifts as slices) equals a per-hypothesis loop."""
