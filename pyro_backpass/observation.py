@@ -69,11 +69,37 @@ class Observation(nn.Module):
         )
 
     def constants(self, scale_td: torch.Tensor) -> ClosedFormConstants:
-        """This level's closed-form constants (make once, pass as ``constants=`` below)."""
-        return closed_form_constants(
-            threshold=self.threshold, background=self.background, scale_td=scale_td,
-            scale_on=self.scale_on, scale_off=self.scale_off, like=self.threshold,
-        )  # fmt: skip
+        """This level's closed-form constants, to pass as ``constants=`` below.
+
+        Cached: the parameters they were made from are kept and compared with the current
+        ones on every call (one concatenation and one equality test, instead of the ~30
+        operations that make them), so in-place edits, new buffers and ``.to(...)`` all give
+        fresh constants. Where a gradient must flow through a parameter, nothing is cached.
+        """
+        raw = (self.threshold, self.background, self.scale_on, self.scale_off, scale_td)
+
+        def make() -> ClosedFormConstants:
+            return closed_form_constants(
+                threshold=self.threshold, background=self.background, scale_td=scale_td,
+                scale_on=self.scale_on, scale_off=self.scale_off, like=self.threshold,
+            )  # fmt: skip
+
+        if torch.is_grad_enabled() and any(t.requires_grad for t in raw):
+            return make()
+        # Normal tensors even inside inference mode, so the cache serves both modes.
+        with torch.inference_mode(False):
+            key = torch.cat([t.reshape(-1) for t in raw])
+            cached = self.__dict__.get("_constants_cache")
+            if (
+                cached is not None
+                and (cached[0].shape, cached[0].dtype, cached[0].device)
+                == (key.shape, key.dtype, key.device)
+                and torch.equal(cached[0], key)
+            ):
+                return cached[1]
+            constants = make()
+        self.__dict__["_constants_cache"] = (key, constants)
+        return constants
 
     def closed_form(
         self,

@@ -61,6 +61,16 @@ def prior_grid(
     """
     lp = prior.log_probs()
     ndim = 1 + len(grid)
+    for parent in prior.parents:
+        if parent not in grid and parent not in fixed:
+            raise ValueError(f"prior of {site!r} needs {parent!r}, which is not assigned yet")
+    if not any(parent in grid for parent in prior.parents):
+        # Every parent assigned already: one lookup gives (B, S) (or (S,) without parents).
+        if prior.parents:
+            lp = lp[tuple(fixed[parent] for parent in prior.parents)]
+        shape = [lp.shape[0] if lp.dim() == 2 else 1] + [1] * len(grid)
+        shape[1 + grid.index(site)] = sizes[site]
+        return lp.reshape(shape).expand([batch] + [sizes[g] for g in grid])
 
     def axis_index(name: str) -> torch.Tensor:
         shape = [1] * ndim
@@ -71,10 +81,8 @@ def prior_grid(
     for parent in prior.parents:
         if parent in grid:
             index.append(axis_index(parent))
-        elif parent in fixed:
-            index.append(fixed[parent].reshape([batch] + [1] * len(grid)))
         else:
-            raise ValueError(f"prior of {site!r} needs {parent!r}, which is not assigned yet")
+            index.append(fixed[parent].reshape([batch] + [1] * len(grid)))
     index.append(axis_index(site))
     out = lp[tuple(index)]
     return out.expand([batch] + [sizes[g] for g in grid])

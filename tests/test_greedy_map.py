@@ -288,3 +288,18 @@ def test_greedy_log_joint_is_log_joint_of_its_assignment_to_the_bit(cfg, occlude
         }
     r = greedy_map(gm, s.bu, observed=observed)
     assert torch.equal(r.log_joint, log_joint(gm, s.bu, r.assignment, observed=observed).detach())
+
+
+def test_cached_closed_form_constants_follow_in_place_edits():
+    """Observation.constants is cached; editing a buffer in place must give fresh constants."""
+    gm = GenerativeModel.random([3, "M"], num_components=2, num_categories=2, image_size=8)
+    s = sample(gm, 3, observe=True, seed=4)
+    before = greedy_map(gm, s.bu)
+    with torch.no_grad():
+        for obs in gm.observations.values():
+            obs.threshold.fill_(0.9)
+            obs.scale_on.mul_(1.5)
+    after = greedy_map(gm, s.bu)
+    # Same answer as the uncached path (log_joint builds its constants afresh every call).
+    torch.testing.assert_close(after.log_joint, log_joint(gm, s.bu, after.assignment).detach())
+    assert not torch.equal(before.log_joint, after.log_joint)
