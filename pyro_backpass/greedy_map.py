@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro_backpass._validate import check_bu, check_category, check_clamp, check_observed
+from pyro_backpass.hypothesis_scores import template_planes
 from pyro_backpass.priors import SitePrior
 from pyro_backpass.results import MapResult
 from pyro_backpass.scoring import (
@@ -84,15 +85,25 @@ def _bu_and_mask(bu, masks, name: str, extra_dims: int):
 
 def top_level_scores(
     gm: GenerativeModel, bu, masks, priors, b: int, *, chunk_elements: int, constants=None
-) -> torch.Tensor:
-    """Scores of all (category, γ, δ) of the top level: ``(B, N, K, D)``."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scores of all (category, γ, δ) of the top level: ``(B, N, K, D)``.
+
+    Also returns the templates shifted by every offset ``(N*K, D, C, H, W)`` when they were
+    at hand (``constants`` given and small enough to keep), else None.
+    """
     top = gm.hidden_levels[-1]
     step, obs = gm.steps[top], gm.observations[top]
     ncat, k, d = len(gm.categories), step.num_components, step.num_offsets
-    templates = F.relu(step.weight).reshape(1, ncat * k, *step.out.shape)  # (1, N*K, C, H, W)
+    planes = shifted = None
+    if constants is not None and 3 * ncat * k * d * step.out.numel <= chunk_elements:
+        shifted, planes = _template_planes(step, constants)
+    # The templates (N*K of them, shared by all images); with ``planes`` only their shape is read.
+    templates = (step.weight if planes is not None else F.relu(step.weight)).reshape(
+        1, ncat * k, *step.out.shape
+    )  # (1, N*K, C, H, W)
     scores = obs.hypothesis_scores(
         bu.get(top), templates, step.offsets, scale_td=step.scale_td, observed=masks.get(top),
-        chunk_elements=chunk_elements, constants=constants,
+        chunk_elements=chunk_elements, constants=constants, planes=planes,
     )  # fmt: skip
     scores = scores.expand(b, -1, -1).reshape(b, ncat, k, d)
     grid, sizes = ["category", f"gamma_{top}", f"delta_{top}"], gm.site_sizes
@@ -101,7 +112,31 @@ def top_level_scores(
     if "category" in bu:
         cats = torch.arange(ncat, device=gm.device)[:, None]  # (N, 1)
         scores = scores + category_term(gm, cats, bu, masks).T[:, :, None, None]
-    return scores
+    return scores, shifted
+
+
+def _template_planes(step, constants) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top level's templates shifted by every offset ``(N*K, D, C, H, W)`` and their
+    :func:`~pyro_backpass.hypothesis_scores.template_planes`, kept on the step between calls
+    while its templates, offsets and constants stay the same (checked on every call; the
+    constants object itself is reused only while the observation parameters are unchanged)."""
+    cached = step.__dict__.get("_planes_cache")
+    if (
+        cached is not None
+        and cached[0] is constants
+        and cached[1].device == step.weight.device
+        and torch.equal(cached[1], step.weight)
+        and torch.equal(cached[2], step.offsets)
+    ):
+        return cached[3], cached[4]
+    with torch.inference_mode(False):  # normal tensors, usable in and out of inference mode
+        templates = F.relu(step.weight.detach()).reshape(-1, *step.out.shape)  # (N*K, C, H, W)
+        shifted = shift_all(templates, step.offsets)
+        planes = template_planes(constants, templates, step.offsets)
+        step.__dict__["_planes_cache"] = (
+            constants, step.weight.detach().clone(), step.offsets.clone(), shifted, planes
+        )  # fmt: skip
+    return shifted, planes
 
 
 def level_scores(
@@ -144,22 +179,36 @@ def descend(
     *,
     chunk_elements: int,
     constants: Mapping[str, Any] | None = None,
+    top_shifted: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """Complete a top-level choice greedily down to the image.
 
     ``values`` holds ``category``, ``gamma_<top>``, ``delta_<top>`` as ``(B,)``. Returns the
     full assignment, F̂_td by level and the log-joint ``(B,)``. ``constants``: level →
-    its closed-form constants, if made already.
+    its closed-form constants, if made already; ``top_shifted``: the top level's templates
+    shifted by every offset, from :func:`top_level_scores`, if it returned them.
     """
     constants = {} if constants is None else constants
     top = gm.hidden_levels[-1]
     b = values["category"].shape[0]
     values = dict(values)
     td = {"category": gm.observation_td(values["category"])}
-    upper, top_score = level_terms(
-        gm, top, values["category"], values[f"gamma_{top}"], values[f"delta_{top}"], bu, masks,
-        constants=constants.get(top),
-    )  # fmt: skip
+    step = gm.steps[top]
+    if top_shifted is not None:
+        # The winner's φ from the shifted templates of top_level_scores: the same values
+        # level_terms would build (a ReLU, then a zero-filled shift), without building them.
+        phi = top_shifted[values["category"] * step.num_components + values[f"gamma_{top}"],
+                      values[f"delta_{top}"]]  # (B, C, H, W)  # fmt: skip
+        upper, top_score = gm.observations[top].closed_form(
+            bu.get(top), phi, scale_td=step.scale_td, observed=masks.get(top),
+            constants=constants[top],
+        )  # fmt: skip
+        top_score = top_score.sum(dim=(-3, -2, -1))
+    else:
+        upper, top_score = level_terms(
+            gm, top, values["category"], values[f"gamma_{top}"], values[f"delta_{top}"], bu,
+            masks, constants=constants.get(top),
+        )  # fmt: skip
     td[top], data_scores = upper, [top_score]
     sizes = gm.site_sizes
     rows = torch.arange(b, device=gm.device)
@@ -284,7 +333,7 @@ def _greedy(gm, bu, masks, clamps, priors, b: int, top_k: int, chunk_elements: i
     consts = {
         name: gm.observations[name].constants(gm.steps[name].scale_td) for name in gm.hidden_levels
     }
-    scores = top_level_scores(
+    scores, top_shifted = top_level_scores(
         gm, bu, masks, priors, b, chunk_elements=chunk_elements, constants=consts[top]
     )
     flat = apply_clamps(scores, grid, clamps).reshape(b, -1)  # (B, N*K*D)
@@ -303,7 +352,7 @@ def _greedy(gm, bu, masks, clamps, priors, b: int, top_k: int, chunk_elements: i
     rep_clamps = {s: _repeat(v, k, b) for s, v in clamps.items()}
     assignment, td, total = descend(
         gm, top_values, rep_bu, rep_masks, priors, rep_clamps, chunk_elements=chunk_elements,
-        constants=consts,
+        constants=consts, top_shifted=top_shifted,
     )  # fmt: skip
     feasible = torch.isfinite(flat.gather(1, chosen)).reshape(-1)
     total = torch.where(feasible, total, -torch.inf).reshape(b, k)

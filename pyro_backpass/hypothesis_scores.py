@@ -18,6 +18,12 @@ where ``w`` is 1 where j + δ is inside the map (and observed) and 0 elsewhere �
 ``w`` are shifted once per offset, and each φ_t is used unshifted; the weighted sum over j is a
 batched matrix product.
 
+When the hypotheses are shared by all images (the top level's templates), the other way round
+is cheaper still: the template side of the per-element terms below does not depend on the
+image, so it is shifted once (:func:`template_planes`, which callers may keep between calls)
+and compared with the unshifted image directly; zero-filled elements then *are* φ = 0, and no
+correction is needed.
+
 **The per-element maximum in few operations.** With precisions p0 = σ0⁻², p1 = σ1⁻², p2 = σ2⁻²
 and the on-branch constant K_on = log N(0; 0, σ0) + log N(0; 0, σ1), write s = K_on − n with::
 
@@ -44,7 +50,7 @@ import torch
 from pyro_backpass.closed_form import ClosedFormConstants, closed_form_constants
 from pyro_backpass.top_down import shift_all
 
-__all__ = ["hypothesis_scores", "hypothesis_scores_with"]
+__all__ = ["hypothesis_scores", "hypothesis_scores_with", "template_planes"]
 
 
 _LOCAL = threading.local()
@@ -109,12 +115,21 @@ def hypothesis_scores_with(
     *,
     observed: torch.Tensor | None = None,
     chunk_elements: int = 2**22,
+    planes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`hypothesis_scores` with the constants made beforehand (greedy's entry)."""
+    """:func:`hypothesis_scores` with the constants made beforehand (greedy's entry).
+
+    ``planes``: ``template_planes(c, phi[0], offsets)`` kept from an earlier call, for
+    hypotheses shared by all images (``phi`` of batch size 1).
+    """
     t, (ch, h, w) = phi.shape[1], phi.shape[-3:]
     d, j = offsets.shape[0], ch * h * w
     if bu is None:
         return phi.new_zeros(()).add(j * c.log_norm_td).expand(phi.shape[0], t, d)
+    if planes is not None or (phi.shape[0] == 1 and 3 * t * d * j <= chunk_elements):
+        if planes is None:
+            planes = template_planes(c, phi[0], offsets)
+        return _shared_template_scores(c, bu, planes, observed, chunk_elements)
     b = bu.shape[0]
     lam, below = c.threshold, c.below
 
@@ -170,3 +185,70 @@ def hypothesis_scores_with(
     parts = [weighted_n(phi_flat[:, :, i : i + per]).sum(-1) for i in range(0, t, per)]
     main = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (B, D, T)
     return (base[:, None, None] + ref - main).transpose(1, 2)  # (B, T, D)
+
+
+def template_planes(
+    c: ClosedFormConstants, phi: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """The template side of ``n`` for every template and offset: ``(3, T, D, C·H·W)``.
+
+    ``phi``: ``(T, C, H, W)`` unshifted templates. The planes are a·φ', κ p0 (λ − φ') and
+    ½ p0 relu(φ' − λ⁻)² of every shifted copy φ' (zero fill included). They depend on the
+    model alone, so a caller may keep them while the templates and constants do not change.
+    """
+    t, j = phi.shape[0], phi[0].numel()
+    shifted = shift_all(phi, offsets)  # (T, D, C, H, W)
+    quad = c.root_half_prec_c * shifted
+    clip = c.clip_td * (c.threshold - shifted)
+    off = c.half_prec_td * (shifted - c.below).clamp_min(0).square()
+    return torch.stack([quad, clip, off]).reshape(3, t, offsets.shape[0], j)
+
+
+def _shared_template_scores(
+    c: ClosedFormConstants,
+    bu: torch.Tensor,
+    planes: torch.Tensor,
+    observed: torch.Tensor | None,
+    chunk_elements: int,
+) -> torch.Tensor:
+    """Scores ``(B, T, D)`` of shared templates, from their :func:`template_planes`."""
+    b, (ch, h, w) = bu.shape[0], bu.shape[-3:]
+    _, t, d, j = planes.shape
+    # Image side, unshifted: (B, 1, 1, J) each.
+    x_quad = (c.root_half_prec_c * bu).reshape(b, 1, 1, j)
+    x_clip = (c.clip_on * (c.threshold - bu)).reshape(b, 1, 1, j)
+    x_off = c.half_prec_off * (bu - c.background).square() + (c.const_on - c.const_off)
+    x_off = x_off.reshape(b, 1, 1, j)
+    # Σ_i s_i = Σ_i [K_on − n_i] over observed elements, log N(φ; φ, σ0) over the others.
+    k_on = c.const_on.expand(ch, h, w)
+    if observed is None:
+        weight, const = None, k_on.sum()
+    else:
+        obs = torch.broadcast_to(observed, bu.shape).to(bu.dtype)
+        weight = obs.reshape(b, 1, 1, j)
+        const = (obs * k_on + (1 - obs) * c.log_norm_td).sum(dim=(-3, -2, -1))[:, None, None]
+    grad = torch.is_grad_enabled() and any(
+        isinstance(v, torch.Tensor) and v.requires_grad for v in (bu, planes, *c)
+    )
+    per = max(1, chunk_elements // max(1, b * d * j))
+    scratch = None if grad else _workspace(2 * b * min(per, t) * d * j, bu)
+    parts = []
+    for start in range(0, t, per):
+        quad, clip, off = planes[:, start : start + per].unsqueeze(1)  # (1, T', D, J) each
+        if grad:
+            n_on = (x_quad - quad).square() + (x_clip + clip).clamp_min(0).square()
+            n = torch.minimum(n_on, x_off + off)
+            n = n if weight is None else n * weight
+        else:  # the same, in two scratch buffers
+            shape = (b, quad.shape[1], d, j)
+            size = math.prod(shape)
+            n_on, n_clip = scratch[:size].view(shape), scratch[size : 2 * size].view(shape)
+            torch.sub(x_quad, quad, out=n_on).square_()  # (B, T', D, J)
+            torch.add(x_clip, clip, out=n_clip).clamp_min_(0)
+            n_on.addcmul_(n_clip, n_clip)
+            n = torch.minimum(n_on, torch.add(x_off, off, out=n_clip), out=n_on)
+            if weight is not None:
+                n.mul_(weight)
+        parts.append(n.sum(dim=-1))  # (B, T', D)
+    main = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    return const - main  # (B, T, D)

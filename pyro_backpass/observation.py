@@ -139,14 +139,16 @@ class Observation(nn.Module):
         observed: torch.Tensor | None = None,
         chunk_elements: int = 2**22,
         constants: ClosedFormConstants | None = None,
+        planes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:func:`~pyro_backpass.hypothesis_scores.hypothesis_scores` with this level's
         parameters: ``Σ_i log_score_i`` of every unshifted ``phi`` ``(B|1, T, C, H, W)`` at every
         offset, ``(B, T, D)`` (greedy's hypothesis scoring)."""
         if constants is not None:
             return hypothesis_scores_with(
-                constants, bu, phi, offsets, observed=observed, chunk_elements=chunk_elements
-            )
+                constants, bu, phi, offsets, observed=observed, chunk_elements=chunk_elements,
+                planes=planes,
+            )  # fmt: skip
         return hypothesis_scores(
             bu, phi, offsets, chunk_elements=chunk_elements, **self._params(scale_td, observed)
         )

@@ -100,7 +100,7 @@ def full_res_level(gm: GenerativeModel) -> str:
 def object_mask(gm: GenerativeModel, td: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``(B, H, W)`` bool: on-elements of F̂_td at :func:`full_res_level`, any channel."""
     name = full_res_level(gm)
-    return (td[name] >= gm.observations[name].threshold).any(dim=-3)
+    return td[name].amax(dim=-3) >= gm.observations[name].threshold  # some channel is on
 
 
 def level_terms(

@@ -47,7 +47,7 @@ def offset_grid(radius: int) -> list[tuple[int, int]]:
 
 
 def _pad_of(offsets: torch.Tensor) -> int:
-    return int(offsets.abs().max()) if offsets.numel() else 0
+    return max((abs(v) for pair in offsets.tolist() for v in pair), default=0)
 
 
 def shift_all(

@@ -108,7 +108,7 @@ def test_greedy_top_level_scores_are_prior_plus_plain_data_score():
     top = gm.hidden_levels[-1]
     step, obs = gm.steps[top], gm.observations[top]
     priors = gm.resolve_priors(None)
-    got = top_level_scores(gm, dict(s.bu), {}, priors, 2, chunk_elements=2**22)  # (B, N, K, D)
+    got, _ = top_level_scores(gm, dict(s.bu), {}, priors, 2, chunk_elements=2**22)  # (B,N,K,D)
     templates = step.weight.relu().reshape(1, -1, *step.out.shape)
     kw = dict(threshold=obs.threshold, background=obs.background, scale_td=step.scale_td,
               scale_on=obs.scale_on, scale_off=obs.scale_off)  # fmt: skip
