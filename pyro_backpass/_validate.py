@@ -60,7 +60,7 @@ def check_bu(
         if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
             raise ValueError(f"bu[{name!r}] contains NaN or inf")
         _device_check(f"bu[{name!r}]", x, gm)
-        out[name] = x.to(gm.dtype)
+        out[name] = x if x.dtype == gm.dtype else x.to(gm.dtype)
         sizes[name] = x.shape[0]
     if len(set(sizes.values())) > 1:
         raise ValueError(f"bu levels disagree on the batch size: {sizes}")

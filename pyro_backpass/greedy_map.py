@@ -232,14 +232,18 @@ def descend(
                 gm, name, upper, bu, masks, chunk_elements=chunk_elements,
                 constants=constants.get(name),
             )  # fmt: skip
-        for site in grid:
+        d = sizes[f"delta_{name}"]
+        # With one offset, log P(δ) is 0 for every hypothesis: it cannot change the choice.
+        for site in grid if d > 1 else grid[:1]:
             scores = scores + prior_grid(
                 priors[site], site, fixed=values, grid=grid, sizes=sizes, batch=b
             )
         scores = apply_clamps(scores, grid, clamps)
         best = scores.reshape(b, -1).argmax(dim=-1)  # first maximum: lowest flat index
-        d = sizes[f"delta_{name}"]
-        values[grid[0]], values[grid[1]] = best // d, best % d
+        if d == 1:
+            values[grid[0]], values[grid[1]] = best, torch.zeros_like(best)
+        else:
+            values[grid[0]], values[grid[1]] = best // d, best % d
         if direct:
             # The same element-wise values log_joint computes, summed over the same shape, so
             # greedy's log_joint equals log_joint(assignment) exactly.
