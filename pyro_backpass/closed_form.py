@@ -78,15 +78,22 @@ def closed_form_constants(
 
     s1 = as_t(scale_on)
     scalars = (threshold, background, scale_td, scale_off)
-    if any(_needs_grad(v) for v in scalars):
+    if any(_needs_grad(v) or (isinstance(v, torch.Tensor) and v.numel() != 1) for v in scalars):
+        # Gradients through the parameters, or element-wise parameters: tensors throughout.
         lam, beta, s0, s2 = (as_t(v) for v in scalars)
         below = torch.nextafter(lam, lam.new_tensor(-math.inf))
         log_s0, log_s2 = s0.log(), s2.log()
     else:
         # One small CPU tensor rounds all four to the dtype (and gives λ's float below).
         vals = torch.tensor([float(v) for v in scalars], dtype=like.dtype)
-        below = float(torch.nextafter(vals[0], vals.new_tensor(-math.inf)))
         lam, beta, s0, s2 = vals.tolist()
+        for name, v in (("threshold λ", lam), ("background β", beta)):
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v}")
+        for name, v in (("scale_td σ0", s0), ("scale_off σ2", s2)):
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {v}")
+        below = float(torch.nextafter(vals[0], vals.new_tensor(-math.inf)))
         log_s0, log_s2 = math.log(s0), math.log(s2)
     p0, p2 = s0**-2, s2**-2
     p1 = s1.pow(-2)
@@ -167,39 +174,39 @@ def closed_form_with(
     """:func:`closed_form_td` with the constants made beforehand (the hot path's entry)."""
     if bu is None or observed is False:
         return phi, _full_like(phi, c.log_norm_td)
+    masked = observed is not None and observed is not True
+    if masked:
+        observed = torch.as_tensor(observed, dtype=torch.bool, device=phi.device)
+        # Unobserved elements are scored as φ alone below; give them a harmless f_bu first, so
+        # no huge value there can overflow into a NaN.
+        bu = _select(observed, bu, c.background)
     # On-branch: the precision-weighted mid-point η, clipped up to λ.
     f_on = (c.weight_on * bu + c.weight_td * phi).clamp_min(c.threshold)
     # Off-branch: the observation no longer depends on f_td, so the prior's mode wins, clipped
     # down to the branch's range; its boundary is the float just below λ (see closed_form_td).
     f_off = phi.clamp_max(c.below)
-    if isinstance(c.half_prec_td, float):
-        # score = const − ½p_obs (bu − ·)² − ½p0 (f − φ)², with fused multiply-adds (this is
-        # the hot path, and its cost is mostly the number of operations).
-        d_on, d_td, d_off = bu - f_on, f_on - phi, f_off - phi
-        score_on = torch.addcmul(c.const_on, d_on, d_on * c.half_prec_on, value=-1.0)
-        score_on.addcmul_(d_td, d_td, value=-c.half_prec_td)
-        base_off = (bu - c.background).square_().mul_(-c.half_prec_off).add_(c.const_off)
-        score_off = torch.addcmul(base_off, d_off, d_off, value=-c.half_prec_td)
-    else:  # parameters that need gradients: plain operations
-        score_on = c.const_on - (
-            c.half_prec_on * (bu - f_on).square() + c.half_prec_td * (f_on - phi).square()
-        )
-        score_off = c.const_off - (
-            c.half_prec_off * (bu - c.background).square() + c.half_prec_td * (f_off - phi).square()
-        )
+    # score = const − ½p_obs (bu − ·)² − ½p0 (f − φ)². Every step is its own correctly rounded
+    # kernel (no fused multiply-add, whose rounding may differ between a kernel's vector and
+    # scalar loops), so an element's value does not depend on where it sits in the batch.
+    score_on = c.const_on - (
+        c.half_prec_on * (bu - f_on).square() + c.half_prec_td * (f_on - phi).square()
+    )
+    score_off = c.const_off - (
+        c.half_prec_off * (bu - c.background).square() + c.half_prec_td * (f_off - phi).square()
+    )
     take_on = score_on >= score_off
     f_td = f_on * take_on + f_off * ~take_on  # exact selection of finite values (see _select)
     log_score = torch.maximum(score_on, score_off)  # the same as selecting by take_on
-    if observed is not None and observed is not True:
-        observed = torch.as_tensor(observed, dtype=torch.bool, device=phi.device)
+    if masked:
         f_td = _select(observed, f_td, phi)
         log_score = _select(observed, log_score, c.log_norm_td)
     return f_td, log_score
 
 
 def _full_like(x: torch.Tensor, value: Scalar) -> torch.Tensor:
-    """``value`` (a number or a 0-dim tensor) broadcast to ``x``'s shape, as a view."""
-    return x.new_zeros(()).add(value).expand_as(x)
+    """``value`` (a number or a 0-dim tensor) in ``x``'s shape, contiguous (so sums over it
+    round the same however a caller slices it)."""
+    return x.new_zeros(()).add(value).expand_as(x).contiguous()
 
 
 def _select(cond: torch.Tensor, a: torch.Tensor, b) -> torch.Tensor:

@@ -129,7 +129,8 @@ def _template_planes(step, constants) -> tuple[torch.Tensor, torch.Tensor]:
         and torch.equal(cached[2], step.offsets)
     ):
         return cached[3], cached[4]
-    with torch.inference_mode(False):  # normal tensors, usable in and out of inference mode
+    # Normal tensors, usable in and out of inference mode, and no autograd graph.
+    with torch.inference_mode(False), torch.no_grad():
         templates = F.relu(step.weight.detach()).reshape(-1, *step.out.shape)  # (N*K, C, H, W)
         shifted = shift_all(templates, step.offsets)
         planes = template_planes(constants, templates, step.offsets)

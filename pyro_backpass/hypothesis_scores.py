@@ -47,7 +47,7 @@ import threading
 
 import torch
 
-from pyro_backpass.closed_form import ClosedFormConstants, closed_form_constants
+from pyro_backpass.closed_form import ClosedFormConstants, _select, closed_form_constants
 from pyro_backpass.top_down import shift_all
 
 __all__ = ["hypothesis_scores", "hypothesis_scores_with", "template_planes"]
@@ -126,65 +126,102 @@ def hypothesis_scores_with(
     d, j = offsets.shape[0], ch * h * w
     if bu is None:
         return phi.new_zeros(()).add(j * c.log_norm_td).expand(phi.shape[0], t, d)
+    b = bu.shape[0]
+    grad = torch.is_grad_enabled() and any(
+        isinstance(v, torch.Tensor) and v.requires_grad for v in (bu, phi, planes, *c)
+    )
+    weight = None
+    if observed is not None:
+        obs = torch.broadcast_to(observed, bu.shape)
+        bu = _select(obs, bu, c.background)  # harmless values where nothing is observed
+        weight = obs.to(bu.dtype)
+    # Image side, unshifted: (B, C, H, W) each.
+    x_quad = c.root_half_prec_c * bu  # a f_bu
+    x_clip = c.clip_on * (c.threshold - bu)
+    x_off = c.half_prec_off * (bu - c.background).square() + (c.const_on - c.const_off)
+    # Σ_i s_i = Σ_i [K_on − n_i] over observed elements, log N(φ; φ, σ0) over the others.
+    k_on = c.const_on.expand(ch, h, w)
     if planes is not None or (phi.shape[0] == 1 and 3 * t * d * j <= chunk_elements):
         if planes is None:
             planes = template_planes(c, phi[0], offsets)
-        return _shared_template_scores(c, bu, planes, observed, chunk_elements)
-    b = bu.shape[0]
-    lam, below = c.threshold, c.below
+        const = (
+            k_on.sum()
+            if weight is None
+            else (weight * k_on + (1 - weight) * c.log_norm_td).sum(dim=(-3, -2, -1))[:, None, None]
+        )
+        x = [v.reshape(b, 1, 1, j) for v in (x_quad, x_clip, x_off)]
+        wt = None if weight is None else weight.reshape(b, 1, 1, j)
+        per = max(1, chunk_elements // max(1, b * d * j))
+        scratch = None if grad else _workspace(2 * b * min(per, t) * d * j, bu)
+        parts = []
+        for start in range(0, t, per):
+            sides = planes[:, start : start + per].unsqueeze(1)  # 3 × (1, T', D, J)
+            n = _n(*x, *sides, scratch=scratch)  # (B, T', D, J)
+            parts.append((n if wt is None else _mul(n, wt, grad)).sum(dim=-1))  # (B, T', D)
+        return const - (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])  # (B, T, D)
+    return _per_image_scores(c, phi, offsets, x_quad, x_clip, x_off, weight, k_on, chunk_elements,
+                             grad)  # fmt: skip
 
-    # Image side, unshifted: (B, C, H, W) each.
-    x_quad = c.root_half_prec_c * bu  # a f_bu
-    x_clip = c.clip_on * (lam - bu)
-    x_off = c.half_prec_off * (bu - c.background).square() + (c.const_on - c.const_off)
-    zero_off = c.half_prec_td * torch.as_tensor(-below).clamp_min(0).square()  # φ side at 0
-    n0 = torch.minimum(x_quad.square() + (x_clip + c.clip_td * lam).clamp_min(0).square(),
-                       x_off + zero_off)  # n at φ = 0  # fmt: skip
-    weight = torch.ones_like(bu) if observed is None else torch.broadcast_to(observed, bu.shape)
-    weight = weight.to(bu.dtype)
+
+def _per_image_scores(c, phi, offsets, x_quad, x_clip, x_off, weight, k_on, chunk_elements, grad):
+    """Scores ``(B, T, D)`` of φ ``(B|1, T, C, H, W)``: the image shifted by −δ."""
+    b, t, (ch, h, w) = x_quad.shape[0], phi.shape[1], phi.shape[-3:]
+    d, j = offsets.shape[0], ch * h * w
+    ones = torch.ones_like(x_quad) if weight is None else weight
+    # n at φ = 0 by the very kernels used for every hypothesis below, so an element whose φ is
+    # 0 contributes exactly 0 to (n − n0), and a dead component ties at every offset.
+    n0 = _n(*(v.reshape(b, 1, 1, j) for v in (x_quad, x_clip, x_off)),
+            *_phi_side(c, phi.new_zeros(1, 1, 1, j), ch, h, w), scratch=None)  # fmt: skip
+    n0 = n0.reshape(b, ch, h, w)
     # Σ_i s0_i: observed elements score K_on − n0, the others log N(φ; φ, σ0).
-    base = (weight * (c.const_on - n0) + (1 - weight) * c.log_norm_td).sum(dim=(-3, -2, -1))
-
+    base = (ones * (k_on - n0) + (1 - ones) * c.log_norm_td).sum(dim=(-3, -2, -1))  # (B,)
     # Shifted by −δ, all at once: x[b, δ, j] = f_bu[b, j + δ] (zero fill, weight 0 there).
     per = max(1, chunk_elements // max(1, b * d * j))
     n_scratch = 2 * b * d * min(per, t) * j
-    # Gradients cannot flow through out= buffers: a differentiable call allocates afresh.
-    grad = torch.is_grad_enabled() and any(
-        isinstance(v, torch.Tensor) and v.requires_grad for v in (bu, phi, *c)
-    )
     scratch = None if grad else _workspace(n_scratch + 5 * b * d * j, phi)
     stacked = None if grad else scratch[n_scratch:].view(5, b, d, ch, h, w)
-    stacked = shift_all(
-        torch.stack([x_quad, x_clip, x_off, weight * n0, weight]), -offsets, out=stacked
-    )
-    x_quad, x_clip, x_off, ref, weight = stacked.view(5, b, d, 1, j).unbind(0)  # (B, D, 1, J)
-    ref = ref.sum(dim=-1)  # (B, D, 1): Σ_j w n0
+    stacked = shift_all(torch.stack([x_quad, x_clip, x_off, n0, ones]), -offsets, out=stacked)
+    x_quad, x_clip, x_off, n0, ones = stacked.view(5, b, d, 1, j).unbind(0)  # (B, D, 1, J)
+    phi_flat = phi.reshape(phi.shape[0], 1, t, j)  # (B|1, 1, T, J)
+    parts = []
+    for start in range(0, t, per):
+        sides = _phi_side(c, phi_flat[:, :, start : start + per], ch, h, w)
+        n = _n(x_quad, x_clip, x_off, *sides, scratch=None if grad else scratch[:n_scratch])
+        n = n - n0 if grad else n.sub_(n0)  # (B, D, T', J): n − n0, 0 wherever φ = 0
+        parts.append(_mul(n, ones, grad).sum(dim=-1))  # (B, D, T')
+    main = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (B, D, T): Σ w (n − n0)
+    return (base[:, None, None] - main).transpose(1, 2)  # (B, T, D)
 
-    # φ side, per element j of the (C, H, W) map; per-channel factors broadcast over (H, W).
+
+def _phi_side(c: ClosedFormConstants, ph: torch.Tensor, ch: int, h: int, w: int):
+    """The φ side of n for unshifted φ ``(…, J)``: a φ, κ p0 (λ − φ), ½ p0 relu(φ − λ⁻)²."""
     a_j = c.root_half_prec_c.expand(ch, h, w).reshape(-1)
     k_j = c.clip_td.expand(ch, h, w).reshape(-1)
-    half_p0 = c.half_prec_td
+    return a_j * ph, k_j * (c.threshold - ph), c.half_prec_td * (ph - c.below).clamp_min(0).square()
 
-    def weighted_n(ph: torch.Tensor) -> torch.Tensor:
-        """w · n, n = K_on − s, for ``ph`` ``(B|1, 1, T', J)`` against every shifted image."""
-        if grad:
-            n_on = (x_quad - a_j * ph).square() + (x_clip + k_j * (lam - ph)).clamp_min(0).square()
-            n_off = x_off + half_p0 * (ph - below).clamp_min(0).square()
-            return torch.minimum(n_on, n_off) * weight
-        # The same, in two scratch buffers (no fresh allocation of the big temporaries).
-        shape = (b, d, ph.shape[2], j)
-        size = math.prod(shape)
-        n_on, clip = scratch[:size].view(shape), scratch[size : 2 * size].view(shape)
-        torch.sub(x_quad, a_j * ph, out=n_on).square_()  # (B, D, T', J)
-        torch.add(x_clip, k_j * (lam - ph), out=clip).clamp_min_(0)
-        n_on.addcmul_(clip, clip)
-        n_off = torch.add(x_off, half_p0 * (ph - below).clamp_min_(0).square_(), out=clip)
-        return torch.minimum(n_on, n_off, out=n_on).mul_(weight)
 
-    phi_flat = phi.reshape(phi.shape[0], 1, t, j)  # (B|1, 1, T, J)
-    parts = [weighted_n(phi_flat[:, :, i : i + per]).sum(-1) for i in range(0, t, per)]
-    main = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (B, D, T)
-    return (base[:, None, None] + ref - main).transpose(1, 2)  # (B, T, D)
+def _n(x_quad, x_clip, x_off, quad, clip, off, *, scratch: torch.Tensor | None) -> torch.Tensor:
+    """n = min((x_quad − quad)² + relu(x_clip + clip)², x_off + off), broadcast.
+
+    With ``scratch`` the result lives in it (two buffers of the result's size, no fresh
+    allocation); without, plain operations (differentiable). Both run the same kernels, one
+    correctly rounded operation each, so an element's value never depends on the path or on
+    where it sits in the batch.
+    """
+    if scratch is None:
+        n_on = (x_quad - quad).square() + (x_clip + clip).clamp_min(0).square()
+        return torch.minimum(n_on, x_off + off)
+    shape = torch.broadcast_shapes(x_quad.shape, quad.shape)
+    size = math.prod(shape)
+    n_on, n_clip = scratch[:size].view(shape), scratch[size : 2 * size].view(shape)
+    torch.sub(x_quad, quad, out=n_on).square_()
+    torch.add(x_clip, clip, out=n_clip).clamp_min_(0).square_()
+    n_on.add_(n_clip)
+    return torch.minimum(n_on, torch.add(x_off, off, out=n_clip), out=n_on)
+
+
+def _mul(n: torch.Tensor, weight: torch.Tensor, grad: bool) -> torch.Tensor:
+    return n * weight if grad else n.mul_(weight)
 
 
 def template_planes(
@@ -196,59 +233,6 @@ def template_planes(
     ½ p0 relu(φ' − λ⁻)² of every shifted copy φ' (zero fill included). They depend on the
     model alone, so a caller may keep them while the templates and constants do not change.
     """
-    t, j = phi.shape[0], phi[0].numel()
-    shifted = shift_all(phi, offsets)  # (T, D, C, H, W)
-    quad = c.root_half_prec_c * shifted
-    clip = c.clip_td * (c.threshold - shifted)
-    off = c.half_prec_td * (shifted - c.below).clamp_min(0).square()
-    return torch.stack([quad, clip, off]).reshape(3, t, offsets.shape[0], j)
-
-
-def _shared_template_scores(
-    c: ClosedFormConstants,
-    bu: torch.Tensor,
-    planes: torch.Tensor,
-    observed: torch.Tensor | None,
-    chunk_elements: int,
-) -> torch.Tensor:
-    """Scores ``(B, T, D)`` of shared templates, from their :func:`template_planes`."""
-    b, (ch, h, w) = bu.shape[0], bu.shape[-3:]
-    _, t, d, j = planes.shape
-    # Image side, unshifted: (B, 1, 1, J) each.
-    x_quad = (c.root_half_prec_c * bu).reshape(b, 1, 1, j)
-    x_clip = (c.clip_on * (c.threshold - bu)).reshape(b, 1, 1, j)
-    x_off = c.half_prec_off * (bu - c.background).square() + (c.const_on - c.const_off)
-    x_off = x_off.reshape(b, 1, 1, j)
-    # Σ_i s_i = Σ_i [K_on − n_i] over observed elements, log N(φ; φ, σ0) over the others.
-    k_on = c.const_on.expand(ch, h, w)
-    if observed is None:
-        weight, const = None, k_on.sum()
-    else:
-        obs = torch.broadcast_to(observed, bu.shape).to(bu.dtype)
-        weight = obs.reshape(b, 1, 1, j)
-        const = (obs * k_on + (1 - obs) * c.log_norm_td).sum(dim=(-3, -2, -1))[:, None, None]
-    grad = torch.is_grad_enabled() and any(
-        isinstance(v, torch.Tensor) and v.requires_grad for v in (bu, planes, *c)
-    )
-    per = max(1, chunk_elements // max(1, b * d * j))
-    scratch = None if grad else _workspace(2 * b * min(per, t) * d * j, bu)
-    parts = []
-    for start in range(0, t, per):
-        quad, clip, off = planes[:, start : start + per].unsqueeze(1)  # (1, T', D, J) each
-        if grad:
-            n_on = (x_quad - quad).square() + (x_clip + clip).clamp_min(0).square()
-            n = torch.minimum(n_on, x_off + off)
-            n = n if weight is None else n * weight
-        else:  # the same, in two scratch buffers
-            shape = (b, quad.shape[1], d, j)
-            size = math.prod(shape)
-            n_on, n_clip = scratch[:size].view(shape), scratch[size : 2 * size].view(shape)
-            torch.sub(x_quad, quad, out=n_on).square_()  # (B, T', D, J)
-            torch.add(x_clip, clip, out=n_clip).clamp_min_(0)
-            n_on.addcmul_(n_clip, n_clip)
-            n = torch.minimum(n_on, torch.add(x_off, off, out=n_clip), out=n_on)
-            if weight is not None:
-                n.mul_(weight)
-        parts.append(n.sum(dim=-1))  # (B, T', D)
-    main = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-    return const - main  # (B, T, D)
+    (t, ch, h, w), d = phi.shape, offsets.shape[0]
+    shifted = shift_all(phi, offsets).reshape(t, d, ch * h * w)  # (T, D, J)
+    return torch.stack(_phi_side(c, shifted, ch, h, w))  # (3, T, D, J)

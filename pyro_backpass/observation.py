@@ -86,19 +86,21 @@ class Observation(nn.Module):
 
         if torch.is_grad_enabled() and any(t.requires_grad for t in raw):
             return make()
-        # Normal tensors even inside inference mode, so the cache serves both modes.
-        with torch.inference_mode(False):
+        # Normal tensors even inside inference mode, so the cache serves both modes (and no
+        # autograd graph: leaving inference mode turns grad mode back on).
+        dtypes = tuple(t.dtype for t in raw)
+        with torch.inference_mode(False), torch.no_grad():
             key = torch.cat([t.reshape(-1) for t in raw])
             cached = self.__dict__.get("_constants_cache")
             if (
                 cached is not None
-                and (cached[0].shape, cached[0].dtype, cached[0].device)
-                == (key.shape, key.dtype, key.device)
+                and (cached[0].shape, cached[2], cached[0].device)
+                == (key.shape, dtypes, key.device)
                 and torch.equal(cached[0], key)
             ):
                 return cached[1]
             constants = make()
-        self.__dict__["_constants_cache"] = (key, constants)
+        self.__dict__["_constants_cache"] = (key, constants, dtypes)
         return constants
 
     def closed_form(

@@ -90,3 +90,12 @@ def test_score_only_path_equals_the_full_closed_form():
     for observed in (None, mask, False):
         _, full = closed_form_td(bu, phi, observed=observed, **kw)
         torch.testing.assert_close(closed_form_score(bu, phi, observed=observed, **kw), full)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"threshold": float("inf")}, {"background": float("nan")}, {"scale_td": 0.0}]
+)
+def test_non_finite_or_non_positive_parameters_are_named(bad):
+    kw = dict(threshold=0.5, background=0.0, scale_td=0.1, scale_on=0.3, scale_off=0.3) | bad
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        closed_form_td(torch.zeros(3), torch.zeros(3), **kw)

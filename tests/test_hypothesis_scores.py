@@ -1,5 +1,6 @@
 """hypothesis_scores against the plain formula: closed_form_td on every shifted copy, in a loop."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -135,3 +136,32 @@ def test_gradients_flow_and_match_the_plain_formula():
     plain = closed_form_td(bu[:, None, None], shift_all(phi, offsets), **kw)[1].sum()
     (want,) = torch.autograd.grad(plain, phi)
     torch.testing.assert_close(grad, want)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-templates", "per-image"])
+def test_an_all_zero_phi_ties_exactly_at_every_offset(shared):
+    """A dead component (φ = 0) scores the same at every offset, to the bit, on both paths,
+    so ties go to the lowest offset whatever else is in the batch."""
+    gen = torch.Generator().manual_seed(7)
+    kw = _kw(2, gen)
+    kw["scale_on"] = kw["scale_on"].float()
+    bu = (1.3 * torch.randn(3, 2, 6, 6, generator=gen)).relu()
+    phi = torch.rand(1 if shared else 3, 4, 2, 6, 6, generator=gen)
+    phi[:, 2] = 0.0
+    got = hypothesis_scores(bu, phi, torch.tensor(offset_grid(1)), **kw)  # (B, T, D)
+    assert (got[:, 2] == got[:, 2, :1]).all()
+
+
+def test_values_under_unobserved_elements_do_not_matter():
+    gen = torch.Generator().manual_seed(8)
+    kw = _kw(2, gen)
+    bu = torch.rand(2, 2, 5, 5, generator=gen).double()
+    phi = torch.rand(1, 3, 2, 5, 5, generator=gen).double()
+    observed = torch.rand(2, 1, 5, 5, generator=gen) > 0.4
+    offsets = torch.tensor(offset_grid(1))
+    huge = torch.where(observed, bu, torch.full_like(bu, 1e300))
+    for chunk in (2**22, 60):  # both paths
+        a = hypothesis_scores(bu, phi, offsets, observed=observed, chunk_elements=chunk, **kw)
+        b = hypothesis_scores(huge, phi, offsets, observed=observed, chunk_elements=chunk, **kw)
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
