@@ -222,7 +222,9 @@ def descend(
             chunk_elements
         )
         if direct:
-            phi = shift_all(step.phi_all(upper), step.offsets)[:, :, 0]  # (B, K, C, H, W)
+            phi = step.phi_all(upper)  # (B, K, C, H, W)
+            if step.offset_list != ((0, 0),):  # the one offset is a real shift
+                phi = shift_all(phi, step.offsets)[:, :, 0]
             x, m = _bu_and_mask(bu, masks, name, extra_dims=1)  # (B, 1, C, H, W)
             f_all, s_all = gm.observations[name].closed_form(
                 x, phi, scale_td=step.scale_td, observed=m, constants=constants.get(name)

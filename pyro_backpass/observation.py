@@ -71,10 +71,10 @@ class Observation(nn.Module):
     def constants(self, scale_td: torch.Tensor) -> ClosedFormConstants:
         """This level's closed-form constants, to pass as ``constants=`` below.
 
-        Cached: the parameters they were made from are kept and compared with the current
-        ones on every call (one concatenation and one equality test, instead of the ~30
-        operations that make them), so in-place edits, new buffers and ``.to(...)`` all give
-        fresh constants. Where a gradient must flow through a parameter, nothing is cached.
+        Cached: copies of the parameters they were made from are kept and compared with the
+        current ones on every call (five equality tests, instead of the ~30 operations that
+        make them), so in-place edits, new buffers and ``.to(...)`` all give fresh constants.
+        Where a gradient must flow through a parameter, nothing is cached.
         """
         raw = (self.threshold, self.background, self.scale_on, self.scale_off, scale_td)
 
@@ -88,19 +88,19 @@ class Observation(nn.Module):
             return make()
         # Normal tensors even inside inference mode, so the cache serves both modes (and no
         # autograd graph: leaving inference mode turns grad mode back on).
-        dtypes = tuple(t.dtype for t in raw)
+        cached = self.__dict__.get("_constants_cache")
+        if (
+            cached is not None
+            and all(
+                (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
+                for a, b in zip(cached[0], raw, strict=True)
+            )
+            and all(torch.equal(a, b) for a, b in zip(cached[0], raw, strict=True))
+        ):
+            return cached[1]
         with torch.inference_mode(False), torch.no_grad():
-            key = torch.cat([t.reshape(-1) for t in raw])
-            cached = self.__dict__.get("_constants_cache")
-            if (
-                cached is not None
-                and (cached[0].shape, cached[2], cached[0].device)
-                == (key.shape, dtypes, key.device)
-                and torch.equal(cached[0], key)
-            ):
-                return cached[1]
             constants = make()
-        self.__dict__["_constants_cache"] = (key, constants, dtypes)
+            self.__dict__["_constants_cache"] = (tuple(t.clone() for t in raw), constants)
         return constants
 
     def closed_form(

@@ -146,6 +146,11 @@ class TopDownStep(nn.Module):
             self.weight = nn.Parameter(torch.zeros(k, c_in, c, 4, 4))
             self.bias = nn.Parameter(torch.zeros(k, c))
         self.register_buffer("offsets", torch.tensor(list(offsets), dtype=torch.long))
+        # The same list in Python, for structural checks that should cost no tensor operation
+        # (the offsets are structure, fixed at construction like K).
+        self.offset_list: tuple[tuple[int, int], ...] = tuple(
+            (int(dy), int(dx)) for dy, dx in offsets
+        )
         self.register_buffer("scale_td", torch.tensor(float(scale_td)))
 
     @property
