@@ -15,8 +15,9 @@ i = j + δ; image elements with no φ behind them see φ = 0. So, with s0_i = s(
     S[b, t, δ] = Σ_i s0_i + Σ_j w[b, δ, j] (s(f_bu[b, j + δ], φ_t[j]) − s0_{j + δ})
 
 where ``w`` is 1 where j + δ is inside the map (and observed) and 0 elsewhere — the image and
-``w`` are shifted once per offset, and each φ_t is used unshifted; the weighted sum over j is a
-batched matrix product.
+``w`` are shifted once per offset, and each φ_t is used unshifted. The difference is formed per
+element by the same kernels for both terms, so it is exactly 0 wherever φ_t is 0 (a dead
+component ties at every offset, and ties go to the lowest index as in the plain formula).
 
 When the hypotheses are shared by all images (the top level's templates), the other way round
 is cheaper still: the template side of the per-element terms below does not depend on the
