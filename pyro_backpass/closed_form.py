@@ -12,16 +12,9 @@ __all__ = [
     "closed_form_constants",
     "closed_form_score",
     "closed_form_td",
-    "normal_log_density",
 ]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-
-def normal_log_density(x: torch.Tensor, loc, scale) -> torch.Tensor:
-    """log N(x; loc, scale), scale a standard deviation (no validation: a hot path)."""
-    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
-    return -0.5 * ((x - loc) / scale).pow(2) - scale.log() - _HALF_LOG_2PI
 
 
 Scalar = float | torch.Tensor  # a Python float, or a 0-dim tensor where gradients are needed

@@ -8,7 +8,6 @@ from torch import nn
 from pyro_backpass.closed_form import (
     ClosedFormConstants,
     closed_form_constants,
-    closed_form_score,
     closed_form_td,
     closed_form_with,
 )
@@ -119,17 +118,6 @@ class Observation(nn.Module):
         if constants is not None:
             return closed_form_with(constants, bu, phi, observed=observed)
         return closed_form_td(bu, phi, **self._params(scale_td, observed))
-
-    def score(
-        self,
-        bu: torch.Tensor | None,
-        phi: torch.Tensor,
-        *,
-        scale_td: torch.Tensor,
-        observed: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The ``log_score`` of :meth:`closed_form` alone, element-wise."""
-        return closed_form_score(bu, phi, **self._params(scale_td, observed))
 
     def hypothesis_scores(
         self,
