@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, median_time  # noqa: E402
 
 from pyro_backpass import GenerativeModel, exact_map, greedy_map, joint_states, sample  # noqa: E402
-from pyro_backpass._io import atomic_write_json  # noqa: E402
+from pyro_backpass.files import atomic_write_json  # noqa: E402
 
 # Extra noise on the two top hidden levels' observations; None: leave them unobserved.
 NOISE = {"model": 0.0, "weak_top": 1.0, "weaker_top": 3.0, "no_top": None}

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pyro_backpass import CATEGORIES, ObjectDataset, RenderedObjects, make_scene
-from pyro_backpass._io import atomic_write_json
+from pyro_backpass.files import atomic_write_json
 
 RESULTS = Path(__file__).parent / "results" / "image_size.json"
 

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from pyro_backpass import CATEGORIES, DEFAULT_SIZE, RenderedObjects, make_scene  # noqa: E402
-from pyro_backpass._io import atomic_write  # noqa: E402
+from pyro_backpass.files import atomic_write  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "rendered_grid.png"
 # A fixed palette for instance masks (targets and distractors), clutter in grey.

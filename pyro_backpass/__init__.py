@@ -1,18 +1,27 @@
 """pyro_backpass: a backward pass through a CNN using a generative model of its activations.
 
 The public API is defined here, once; notebooks, the CLI and benchmarks import from the root.
+The package's rooms, bottom to top (imports point down only; ``pyproject.toml`` holds the
+contract that ``lint-imports`` checks):
+
+- ``levels``, ``results``, ``files``: shared leaves (level names, result types, atomic writes)
+- ``data/``: rendered objects and scenes, user image folders
+- ``backbone/``: the CNNs whose activations are modelled, and their training library
+- ``model/``: the Bayes net (top-down steps, priors, observation model) as a Pyro model
+- ``inference/``: closed form, objective, greedy and exact MAP, sampling
+- ``learning/``, ``parsing/``: fitting the model; parsing scenes (independent of each other)
+- ``viz/``: figures of given results (imports only ``data`` and the leaves)
+- ``cli/``: the ``pyro-backpass`` command; the only place with argparse or device choice
 """
 
 from pyro_backpass.backbone import (
     Activations,
     Backbone,
     CompositionalityScore,
-    DistractorSweep,
     SmallVGG,
     compositionality_score,
     distractor_sweep,
 )
-from pyro_backpass.closed_form import closed_form_td
 from pyro_backpass.data import (
     CATEGORIES,
     DEFAULT_SIZE,
@@ -26,21 +35,30 @@ from pyro_backpass.data import (
     make_scene,
     render_object,
 )
-from pyro_backpass.exact_map import exact_map, joint_states
-from pyro_backpass.generative_model import GenerativeModel
-from pyro_backpass.greedy_map import greedy_map
+from pyro_backpass.inference import (
+    closed_form_td,
+    exact_map,
+    greedy_map,
+    joint_states,
+    log_joint,
+    sample,
+)
 from pyro_backpass.levels import LevelSpec, level_names, levels_from_cfg
-from pyro_backpass.plotting import (
+from pyro_backpass.model import (
+    CategoricalPrior,
+    GenerativeModel,
+    NGramPrior,
+    SitePrior,
+    ThresholdedGaussian,
+    UniformPrior,
+)
+from pyro_backpass.results import DistractorSweep, MapResult, Sample
+from pyro_backpass.viz import (
     plot_distractor_sweep,
     plot_modes,
     plot_reconstruction,
     plot_samples,
 )
-from pyro_backpass.priors import CategoricalPrior, NGramPrior, SitePrior, UniformPrior
-from pyro_backpass.results import MapResult, Sample
-from pyro_backpass.sampling import sample
-from pyro_backpass.scoring import log_joint
-from pyro_backpass.thresholded_gaussian import ThresholdedGaussian
 
 __version__ = "0.1.0"
 

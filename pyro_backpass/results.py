@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MapResult", "Mode", "Sample"]
+__all__ = ["DistractorSweep", "MapResult", "Mode", "Sample", "ranked_modes"]
 
 Mode = tuple[dict[str, int], float]
 """One posterior mode of one image: (assignment site → index, log-joint)."""
@@ -57,3 +57,39 @@ class Sample:
     @property
     def image(self) -> torch.Tensor:
         return self.td["image"]
+
+
+@dataclass(frozen=True)
+class DistractorSweep:
+    """A distractor moved in from the left across an object; the object's change per level.
+
+    ``gap[t]``: pixels between the distractor's right edge and the object's left edge
+    (negative once they overlap); ``frames``: ``(T, 3, H, W)``; ``change[level]``: ``(T,)``;
+    ``occluded[t]``: fraction of the object's mask the distractor covers.
+    """
+
+    shifts: torch.Tensor
+    gap: torch.Tensor
+    frames: torch.Tensor
+    change: dict[str, torch.Tensor]
+    occluded: torch.Tensor
+
+
+def ranked_modes(
+    assignment: dict[str, torch.Tensor], log_joint: torch.Tensor, order: torch.Tensor
+) -> list[list[Mode]]:
+    """:attr:`MapResult.modes`: per image, the candidates in ``order``, impossible ones dropped.
+
+    :param assignment: site → ``(B, M)`` indices of M candidate assignments per image.
+    :param log_joint: ``(B, M)`` their log-joints (−inf: clamped out or impossible).
+    :param order: ``(B, m)`` the candidates to list, best first.
+    """
+    modes = []
+    for i, row in enumerate(order.tolist()):
+        entries = []
+        for j in row:
+            value = float(log_joint[i, j])
+            if value > -float("inf"):
+                entries.append(({s: int(v[i, j]) for s, v in assignment.items()}, value))
+        modes.append(entries)
+    return modes

@@ -14,7 +14,7 @@ from pyro_backpass.backbone.compositionality import (
 )
 from pyro_backpass.backbone.penalty import compositional_penalty
 from pyro_backpass.levels import levels_from_cfg
-from pyro_backpass.plotting import plot_distractor_sweep
+from pyro_backpass.viz.plotting import plot_distractor_sweep
 
 CFG = [4, "M", 8, "M"]
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from pyro_backpass.backbone import Backbone
-from pyro_backpass.backbone.rendered import render_objects
 from pyro_backpass.backbone.train import HELD_OUT_SEED_OFFSET
 from pyro_backpass.cli import main
 from pyro_backpass.data import CATEGORIES, DEFAULT_SIZE
+from pyro_backpass.data.rendered import render_objects
 
 
 @pytest.mark.parametrize("compositional", [False, True])

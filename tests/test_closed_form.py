@@ -79,17 +79,29 @@ def test_boundary_value_is_scored_on_the_branch_that_won():
     assert (naive.sum() - ThresholdedGaussian(f, **kw).log_prob(bu).sum()).abs() > 1000
 
 
-def test_score_only_path_equals_the_full_closed_form():
-    from pyro_backpass.closed_form import closed_form_score
+def test_observation_constants_give_the_closed_form_of_its_parameters():
+    """``closed_form`` with an Observation's (cached) constants equals ``closed_form_td`` with
+    its raw parameters, also after an in-place edit of a parameter."""
+    from pyro_backpass.inference.closed_form import closed_form
+    from pyro_backpass.levels import LevelSpec
+    from pyro_backpass.model.observation import Observation
 
     g = torch.Generator().manual_seed(0)
     bu, phi = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
-    kw = dict(threshold=0.2, background=0.1, scale_td=0.3, scale_on=torch.rand(3, 1, 1) + 0.1,
-              scale_off=0.5)  # fmt: skip
+    obs = Observation(LevelSpec("pool1", "pool", 3, 5, 5), threshold=0.2, background=0.1,
+                      scale_on=torch.rand(3) + 0.1, scale_off=0.5)  # fmt: skip
+    scale_td = torch.tensor(0.3)
     mask = torch.rand(4, 1, 5, 5, generator=g) > 0.5
-    for observed in (None, mask, False):
-        _, full = closed_form_td(bu, phi, observed=observed, **kw)
-        torch.testing.assert_close(closed_form_score(bu, phi, observed=observed, **kw), full)
+    for edit in (None, 0.4):
+        if edit is not None:
+            obs.threshold.fill_(edit)
+        kw = dict(threshold=obs.threshold, background=obs.background, scale_td=scale_td,
+                  scale_on=obs.scale_on, scale_off=obs.scale_off)  # fmt: skip
+        for observed in (None, mask, False):
+            want = closed_form_td(bu, phi, observed=observed, **kw)
+            got = closed_form(obs.constants(scale_td), bu, phi, observed=observed)
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

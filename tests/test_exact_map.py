@@ -76,12 +76,12 @@ def test_options_and_modes_against_brute_force():
 
 def test_size_limit_admits_a_million_states_at_the_default_image_size():
     from pyro_backpass import DEFAULT_SIZE
-    from pyro_backpass.exact_map import DEFAULT_MAX_MEMORY, _chunk_bytes
+    from pyro_backpass.inference.exact import DEFAULT_MAX_MEMORY, chunk_bytes
 
     gm = GenerativeModel.random([8, "M", 16, "M"], num_components=5, num_categories=2,
                                 image_size=DEFAULT_SIZE)  # fmt: skip
     assert joint_states(gm) >= 10**6
-    assert _chunk_bytes(gm, set(), 1) <= DEFAULT_MAX_MEMORY
+    assert chunk_bytes(gm, set(), 1) <= DEFAULT_MAX_MEMORY
 
 
 def test_size_limit_is_a_clear_error():

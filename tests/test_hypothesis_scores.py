@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyro_backpass import closed_form_td
-from pyro_backpass.hypothesis_scores import hypothesis_scores
-from pyro_backpass.top_down import offset_grid, shift_all
+from pyro_backpass.inference.hypotheses import hypothesis_scores as scores_with
+from pyro_backpass.model.observation import closed_form_constants
+from pyro_backpass.model.top_down import offset_grid, shift_all
 from tests.oracles import shift_loop
 
 
@@ -23,6 +24,12 @@ def _oracle(bu, phi, offsets, observed, **kw):
                 _, s = closed_form_td(bu[i].double(), shift_loop(p, dy, dx), observed=obs, **kw)
                 out[i, h, n] = s.sum()
     return out
+
+
+def hypothesis_scores(bu, phi, offsets, *, observed=None, chunk_elements=2**22, **kw):
+    """The scoring under test, with the observation parameters as keywords."""
+    c = closed_form_constants(**kw, like=phi)
+    return scores_with(c, bu, phi, offsets, observed=observed, chunk_elements=chunk_elements)
 
 
 def _kw(c, gen, *, threshold=0.5):
@@ -102,14 +109,16 @@ def test_repeated_calls_do_not_share_results():
 def test_greedy_top_level_scores_are_prior_plus_plain_data_score():
     """greedy_map's top-level scores over every (category, γ, δ), against a loop."""
     from pyro_backpass import GenerativeModel, sample
-    from pyro_backpass.greedy_map import top_level_scores
+    from pyro_backpass.inference.greedy import top_level_scores
 
     gm = GenerativeModel.random([3, "M"], num_components=2, num_categories=2, image_size=8)
     s = sample(gm, 2, observe=True, seed=1)
     top = gm.hidden_levels[-1]
     step, obs = gm.steps[top], gm.observations[top]
     priors = gm.resolve_priors(None)
-    got, _ = top_level_scores(gm, dict(s.bu), {}, priors, 2, chunk_elements=2**22)  # (B,N,K,D)
+    got, _ = top_level_scores(
+        gm, dict(s.bu), {}, priors, batch=2, chunk_elements=2**22, constants=gm.constants(top)
+    )  # (B, N, K, D)
     templates = step.weight.relu().reshape(1, -1, *step.out.shape)
     kw = dict(threshold=obs.threshold, background=obs.background, scale_td=step.scale_td,
               scale_on=obs.scale_on, scale_off=obs.scale_off)  # fmt: skip

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pyro_backpass import GenerativeModel, greedy_map, sample
-from pyro_backpass.plotting import plot_modes, plot_reconstruction, plot_samples, to_rgb
+from pyro_backpass.viz.plotting import plot_modes, plot_reconstruction, plot_samples, to_rgb
 
 
 def test_plots_return_fig_and_axes():

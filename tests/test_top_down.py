@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pyro_backpass import GenerativeModel
-from pyro_backpass.top_down import offset_grid, shift_all, shift_select
+from pyro_backpass.model.top_down import offset_grid, shift_all, shift_select
 from tests.oracles import phi_loop, shift_loop
 
 

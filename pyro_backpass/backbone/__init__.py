@@ -3,7 +3,8 @@
 ``Backbone.default()`` (a small VGG trained on the rendered objects, shipped inside the
 package), ``Backbone.vgg16(weights=...)`` (torchvision's VGG16 features), ``SmallVGG`` (the
 config-built classifier), ``Activations`` (what a forward pass returns), the
-feature-compositionality study and the ``train-backbone`` command.
+feature-compositionality study and the training library behind ``pyro-backpass train-backbone``
+(the command itself is in :mod:`pyro_backpass.cli`).
 
 ``Backbone.default(compositional=True)`` and ``train-backbone --compositional`` use the
 objective of Stone et al. (2017), "Teaching Compositionality to CNNs", which is covered by US
@@ -14,11 +15,11 @@ from pyro_backpass.backbone.activations import Activations, downsample_mask, rea
 from pyro_backpass.backbone.backbone import VGG16_CFG, Backbone
 from pyro_backpass.backbone.compositionality import (
     CompositionalityScore,
-    DistractorSweep,
     compositionality_score,
     distractor_sweep,
 )
 from pyro_backpass.backbone.small_vgg import DEFAULT_CFG, SmallVGG, make_layers
+from pyro_backpass.results import DistractorSweep
 
 __all__ = [
     "DEFAULT_CFG",

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pyro_backpass._io import atomic_write, atomic_write_json
 from pyro_backpass.backbone.activations import Activations, read_levels
 from pyro_backpass.backbone.small_vgg import SmallVGG, make_layers
+from pyro_backpass.files import atomic_write, atomic_write_json
 from pyro_backpass.levels import Cfg, LevelSpec, levels_from_cfg
 
 __all__ = ["FORMAT_VERSION", "IMAGENET_MEAN", "IMAGENET_STD", "VGG16_CFG", "Backbone"]

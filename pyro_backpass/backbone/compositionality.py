@@ -33,6 +33,7 @@ from torch import Tensor
 
 from pyro_backpass.backbone.activations import Activations, downsample_mask
 from pyro_backpass.backbone.backbone import Backbone
+from pyro_backpass.results import DistractorSweep
 
 __all__ = [
     "CompositionalityScore",
@@ -108,22 +109,6 @@ def compositionality_score(
             energy[name] = energy.get(name, 0) + en.sum()
     change = {k: float((err[k] / energy[k].clamp_min(1e-12)).sqrt()) for k in err}
     return CompositionalityScore(relative_change=change, n_objects=n)
-
-
-@dataclass(frozen=True)
-class DistractorSweep:
-    """A distractor moved in from the left across an object; the object's change per level.
-
-    ``gap[t]``: pixels between the distractor's right edge and the object's left edge
-    (negative once they overlap); ``frames``: ``(T, 3, H, W)``; ``change[level]``: ``(T,)``;
-    ``occluded[t]``: fraction of the object's mask the distractor covers.
-    """
-
-    shifts: Tensor
-    gap: Tensor
-    frames: Tensor
-    change: dict[str, Tensor]
-    occluded: Tensor
 
 
 def _shift(x: Tensor, dx: int, *, dim: int = -1) -> Tensor:

@@ -1,4 +1,5 @@
-"""Rendered data for pyro_backpass: procedural 3-D objects, cluttered scenes, user images.
+"""Rendered data for pyro_backpass: procedural 3-D objects, cluttered scenes, user images, and
+rendered sets as in-memory tensors (for training backbones and models).
 
 ``CATEGORIES`` lists the object categories in label order (a classifier's output index ``k``
 means ``CATEGORIES[k]``). ``DEFAULT_SIZE`` is the side in pixels of every image this package
@@ -17,7 +18,7 @@ spans only about 1.6 cells of a stride-16 (pool4) map; pass ``size=96`` (2.3 cel
 top level must resolve positions within an object.
 """
 
-from pyro_backpass.data._constants import CATEGORIES, DEFAULT_SIZE
+from pyro_backpass.data.constants import CATEGORIES, DEFAULT_SIZE
 from pyro_backpass.data.objects import (
     OBJECT_SCALE,
     ObjectDataset,
@@ -27,6 +28,7 @@ from pyro_backpass.data.objects import (
     render_object,
     sample_object_params,
 )
+from pyro_backpass.data.rendered import ScenePairs, render_objects, render_scene_pairs
 from pyro_backpass.data.scenes import SCENE_SCALE, Instance, Scene, Scenes, make_scene
 from pyro_backpass.data.user_data import ObjectFolder, SceneFolder, load_scene_image
 
@@ -43,9 +45,12 @@ __all__ = [
     "SCENE_SCALE",
     "Scene",
     "SceneFolder",
+    "ScenePairs",
     "Scenes",
     "load_scene_image",
     "make_scene",
     "render_object",
+    "render_objects",
+    "render_scene_pairs",
     "sample_object_params",
 ]

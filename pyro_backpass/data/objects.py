@@ -24,17 +24,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pyro_backpass._io import atomic_write
-from pyro_backpass.data._checks import (
+from pyro_backpass.data.checks import (
     check_category,
     check_count,
     check_range,
     check_seed,
     check_size,
 )
-from pyro_backpass.data._constants import CATEGORIES, DEFAULT_SIZE
+from pyro_backpass.data.constants import CATEGORIES, DEFAULT_SIZE
 from pyro_backpass.data.meshes import build_mesh, sample_shape
 from pyro_backpass.data.render import Layer, render_mesh
+from pyro_backpass.files import atomic_write
 
 __all__ = [
     "OBJECT_SCALE",

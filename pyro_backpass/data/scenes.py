@@ -25,15 +25,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pyro_backpass.data._checks import (
+from pyro_backpass.data.checks import (
     check_category,
     check_count,
     check_range,
     check_seed,
     check_size,
 )
-from pyro_backpass.data._constants import CATEGORIES, DEFAULT_SIZE
 from pyro_backpass.data.clutter import random_clutter_mesh
+from pyro_backpass.data.constants import CATEGORIES, DEFAULT_SIZE
 from pyro_backpass.data.objects import (
     RGB,
     ObjectParams,

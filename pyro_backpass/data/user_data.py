@@ -19,8 +19,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from pyro_backpass.data._checks import check_size
-from pyro_backpass.data._constants import DEFAULT_SIZE
+from pyro_backpass.data.checks import check_size
+from pyro_backpass.data.constants import DEFAULT_SIZE
 
 __all__ = ["ObjectFolder", "SceneFolder", "load_scene_image"]
 

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pyro import poutine
 
-from pyro_backpass.greedy_map import merge_category
-from pyro_backpass.priors import SitePrior
+from pyro_backpass.model.checks import merge_category
+from pyro_backpass.model.priors import SitePrior
 from pyro_backpass.results import Sample
 
 if TYPE_CHECKING:
-    from pyro_backpass.generative_model import GenerativeModel
+    from pyro_backpass.model.generative_model import GenerativeModel
 
 __all__ = ["sample"]
 

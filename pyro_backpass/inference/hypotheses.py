@@ -38,7 +38,7 @@ in the closed form). Every factor splits into an image part and a φ part, so ea
 each hypothesis costs about eight vectorised operations instead of thirty.
 
 The oracle in the tests is the plain formula: :func:`~pyro_backpass.closed_form_td` summed over
-:func:`~pyro_backpass.top_down.shift_all` copies.
+:func:`~pyro_backpass.model.top_down.shift_all` copies.
 """
 
 from __future__ import annotations
@@ -48,10 +48,15 @@ import threading
 
 import torch
 
-from pyro_backpass.closed_form import ClosedFormConstants, _select, closed_form_constants
-from pyro_backpass.top_down import shift_all
+from pyro_backpass.inference.closed_form import select
+from pyro_backpass.model.observation import ClosedFormConstants
+from pyro_backpass.model.top_down import shift_all
 
-__all__ = ["hypothesis_scores", "hypothesis_scores_with", "template_planes"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "hypothesis_scores", "template_planes"]
+
+# Elements per chunk of (images × hypotheses × level); the scoring keeps a few temporaries of
+# that size, so 2**22 (16 MB of float32 per tensor) peaks near 150 MB.
+DEFAULT_CHUNK_ELEMENTS = 2**22
 
 
 _LOCAL = threading.local()
@@ -75,53 +80,29 @@ def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def hypothesis_scores(
-    bu: torch.Tensor | None,
-    phi: torch.Tensor,
-    offsets: torch.Tensor,
-    *,
-    threshold: torch.Tensor | float,
-    background: torch.Tensor | float,
-    scale_td: torch.Tensor | float,
-    scale_on: torch.Tensor | float,
-    scale_off: torch.Tensor | float,
-    observed: torch.Tensor | None = None,
-    chunk_elements: int = 2**22,
-) -> torch.Tensor:
-    """``Σ_i log_score_i`` of every hypothesis ``(t, δ)``: ``(B, T, D)``.
-
-    Equal, up to float rounding, to::
-
-        closed_form_td(bu[:, None, None], shift_all(phi, offsets), ...)[1].sum((-3, -2, -1))
-
-    :param bu: ``(B, C, H, W)`` bottom-up activations, or None (level unobserved).
-    :param phi: ``(B or 1, T, C, H, W)`` unshifted top-down predictions (1: shared by images).
-    :param offsets: ``(D, 2)`` long (dy, dx) of the shifts (zero fill).
-    :param observed: None or a bool mask broadcastable to ``(B, C, H, W)``.
-    :param chunk_elements: bound on ``B·D·T'·C·H·W`` per chunk of hypotheses ``T'``.
-    """
-    c = closed_form_constants(
-        threshold=threshold, background=background, scale_td=scale_td, scale_on=scale_on,
-        scale_off=scale_off, like=phi,
-    )  # fmt: skip
-    return hypothesis_scores_with(
-        c, bu, phi, offsets, observed=observed, chunk_elements=chunk_elements
-    )
-
-
-def hypothesis_scores_with(
     c: ClosedFormConstants,
     bu: torch.Tensor | None,
     phi: torch.Tensor,
     offsets: torch.Tensor,
     *,
     observed: torch.Tensor | None = None,
-    chunk_elements: int = 2**22,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     planes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`hypothesis_scores` with the constants made beforehand (greedy's entry).
+    """``Σ_i log_score_i`` of every hypothesis ``(t, δ)``: ``(B, T, D)``.
 
-    ``planes``: ``template_planes(c, phi[0], offsets)`` kept from an earlier call, for
-    hypotheses shared by all images (``phi`` of batch size 1).
+    Equal, up to float rounding, to::
+
+        closed_form(c, bu[:, None, None], shift_all(phi, offsets), ...)[1].sum((-3, -2, -1))
+
+    :param c: the level's closed-form constants (``Observation.constants``).
+    :param bu: ``(B, C, H, W)`` bottom-up activations, or None (level unobserved).
+    :param phi: ``(B or 1, T, C, H, W)`` unshifted top-down predictions (1: shared by images).
+    :param offsets: ``(D, 2)`` long (dy, dx) of the shifts (zero fill).
+    :param observed: None or a bool mask broadcastable to ``(B, C, H, W)``.
+    :param chunk_elements: bound on ``B·D·T'·C·H·W`` per chunk of hypotheses ``T'``.
+    :param planes: ``template_planes(c, phi[0], offsets)`` kept from an earlier call, for
+        hypotheses shared by all images (``phi`` of batch size 1).
     """
     t, (ch, h, w) = phi.shape[1], phi.shape[-3:]
     d, j = offsets.shape[0], ch * h * w
@@ -134,7 +115,7 @@ def hypothesis_scores_with(
     weight = None
     if observed is not None:
         obs = torch.broadcast_to(observed, bu.shape)
-        bu = _select(obs, bu, c.background)  # harmless values where nothing is observed
+        bu = select(obs, bu, c.background)  # harmless values where nothing is observed
         weight = obs.to(bu.dtype)
     # Image side, unshifted: (B, C, H, W) each.
     x_quad = c.root_half_prec_c * bu  # a f_bu

@@ -12,8 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from pyro_backpass.backbone.compositionality import DistractorSweep
-from pyro_backpass.results import MapResult, Sample
+from pyro_backpass.results import DistractorSweep, MapResult, Sample
 
 __all__ = [
     "plot_distractor_sweep",

@@ -9,9 +9,9 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
-__all__ = ["ThresholdedGaussian"]
+__all__ = ["HALF_LOG_2PI", "ThresholdedGaussian"]
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class ThresholdedGaussian(TorchDistribution):
@@ -92,7 +92,7 @@ class ThresholdedGaussian(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         loc, scale = self.mean, self.stddev
-        return -0.5 * ((value - loc) / scale).pow(2) - scale.log() - _HALF_LOG_2PI
+        return -0.5 * ((value - loc) / scale).pow(2) - scale.log() - HALF_LOG_2PI
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
         shape = self._extended_shape(sample_shape)

@@ -14,6 +14,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from pyro_backpass.data.objects import RenderedObjects
+from pyro_backpass.data.scenes import make_scene
+
 __all__ = ["ScenePairs", "render_objects", "render_scene_pairs"]
 
 
@@ -36,8 +39,6 @@ def render_objects(
     categories: Sequence[str], n: int, *, size: int, seed: int, progress: bool = False
 ) -> tuple[Tensor, Tensor]:
     """``n`` rendered objects per category: images ``(K·n, 3, H, W)``, labels ``(K·n,)``."""
-    from pyro_backpass.data import RenderedObjects
-
     images, labels = [], []
     bar = tqdm(total=len(categories) * n, desc="render objects", disable=not progress)
     for k, cat in enumerate(categories):
@@ -66,8 +67,6 @@ def render_scene_pairs(
     Every instance (target or distractor) becomes one object; objects whose visible mask is
     empty are dropped.
     """
-    from pyro_backpass.data import make_scene
-
     gen = torch.Generator().manual_seed(seed)
     scenes, objects, masks, labels, scene_index = [], [], [], [], []
     for s in tqdm(range(n), desc="render scenes", disable=not progress):

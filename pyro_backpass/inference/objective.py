@@ -17,14 +17,26 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pyro_backpass._validate import check_bu, check_clamp, check_observed
-from pyro_backpass.closed_form import ClosedFormConstants
-from pyro_backpass.priors import SitePrior
+from pyro_backpass.inference.closed_form import closed_form
+from pyro_backpass.model.checks import check_bu, check_clamp, check_observed
+from pyro_backpass.model.observation import ClosedFormConstants
+from pyro_backpass.model.priors import SitePrior
 
 if TYPE_CHECKING:
-    from pyro_backpass.generative_model import GenerativeModel
+    from pyro_backpass.model.generative_model import GenerativeModel
 
-__all__ = ["full_res_level", "log_joint", "object_mask", "prior_grid"]
+__all__ = [
+    "FrozenPrior",
+    "category_term",
+    "freeze_priors",
+    "full_res_level",
+    "level_terms",
+    "log_joint",
+    "object_mask",
+    "prior_grid",
+    "site_log_prob",
+    "top_down_pass",
+]
 
 
 class FrozenPrior:
@@ -122,9 +134,8 @@ def level_terms(
     """
     step = gm.steps[name]
     phi = step.phi(upper, gamma, delta, all_k=all_k)  # (B, C, H, W)
-    f_td, score = gm.observations[name].closed_form(
-        bu.get(name), phi, scale_td=step.scale_td, observed=masks.get(name), constants=constants
-    )
+    c = gm.constants(name) if constants is None else constants
+    f_td, score = closed_form(c, bu.get(name), phi, observed=masks.get(name))
     return f_td, score.sum(dim=(-3, -2, -1))
 
 
@@ -167,14 +178,14 @@ def log_joint(
     priors = gm.resolve_priors(priors)
     total = category_term(gm, values["category"], bu, masks)
     for site in gm.sites:
-        total = total + _site_logp(priors[site], site, values)
-    _, data_scores = top_down(gm, values, bu, masks)
+        total = total + site_log_prob(priors[site], site, values)
+    _, data_scores = top_down_pass(gm, values, bu, masks)
     for score in data_scores:
         total = total + score
     return total
 
 
-def top_down(
+def top_down_pass(
     gm: GenerativeModel,
     values: Mapping[str, torch.Tensor],
     bu: Mapping[str, torch.Tensor],
@@ -192,8 +203,9 @@ def top_down(
     return td, scores
 
 
-def _site_logp(
+def site_log_prob(
     prior: SitePrior | FrozenPrior, site: str, values: Mapping[str, torch.Tensor]
 ) -> torch.Tensor:
+    """``log P(site | parents)`` at a full assignment ``values`` (site → ``(B,)``)."""
     lp = prior.log_probs()
     return lp[tuple(values[p] for p in prior.parents) + (values[site],)]

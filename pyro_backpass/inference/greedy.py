@@ -22,39 +22,31 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from pyro_backpass._validate import check_bu, check_category, check_clamp, check_observed
-from pyro_backpass.hypothesis_scores import template_planes
-from pyro_backpass.priors import SitePrior
-from pyro_backpass.results import MapResult
-from pyro_backpass.scoring import (
-    _site_logp,
+from pyro_backpass.inference.closed_form import closed_form
+from pyro_backpass.inference.hypotheses import (
+    DEFAULT_CHUNK_ELEMENTS,
+    hypothesis_scores,
+    template_planes,
+)
+from pyro_backpass.inference.inputs import check_map_inputs
+from pyro_backpass.inference.objective import (
+    FrozenPrior,
     category_term,
     freeze_priors,
     level_terms,
     object_mask,
     prior_grid,
+    site_log_prob,
 )
-from pyro_backpass.top_down import shift_all
+from pyro_backpass.model.observation import ClosedFormConstants
+from pyro_backpass.model.priors import SitePrior
+from pyro_backpass.model.top_down import TopDownStep, shift_all
+from pyro_backpass.results import MapResult, ranked_modes
 
 if TYPE_CHECKING:
-    from pyro_backpass.generative_model import GenerativeModel
+    from pyro_backpass.model.generative_model import GenerativeModel
 
-__all__ = ["greedy_map"]
-
-# Elements of φ per chunk of (images × hypotheses × level); the closed form keeps about eight
-# temporaries of that size, so 2**22 (16 MB of float32 per tensor) peaks near 150 MB.
-DEFAULT_CHUNK_ELEMENTS = 2**22
-
-
-def merge_category(gm, category: Any, clamp: Any, b: int) -> dict[str, torch.Tensor]:
-    """``clamp`` checked, with ``category`` folded in as ``clamp['category']``."""
-    clamps = check_clamp(gm, clamp, b)
-    cat = check_category(gm, category, b)
-    if cat is not None:
-        if "category" in clamps and not torch.equal(clamps["category"], cat):
-            raise ValueError("category= and clamp['category'] disagree")
-        clamps["category"] = cat
-    return clamps
+__all__ = ["apply_clamps", "greedy_map"]
 
 
 def apply_clamps(
@@ -84,87 +76,83 @@ def _bu_and_mask(bu, masks, name: str, extra_dims: int):
 
 
 def top_level_scores(
-    gm: GenerativeModel, bu, masks, priors, b: int, *, chunk_elements: int, constants=None
+    gm: GenerativeModel,
+    bu: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    priors: Mapping[str, FrozenPrior],
+    *,
+    batch: int,
+    chunk_elements: int,
+    constants: ClosedFormConstants,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scores of all (category, γ, δ) of the top level: ``(B, N, K, D)``.
 
     Also returns the templates shifted by every offset ``(N*K, D, C, H, W)`` when they were
-    at hand (``constants`` given and small enough to keep), else None.
+    at hand (small enough to keep), else None.
     """
     top = gm.hidden_levels[-1]
-    step, obs = gm.steps[top], gm.observations[top]
+    step = gm.steps[top]
     ncat, k, d = len(gm.categories), step.num_components, step.num_offsets
     planes = shifted = None
-    if constants is not None and 3 * ncat * k * d * step.out.numel <= chunk_elements:
-        shifted, planes = _template_planes(step, constants)
+    if 3 * ncat * k * d * step.out.numel <= chunk_elements:
+        shifted, planes = step.derived(
+            "greedy_template_planes", (constants,), lambda: _template_planes(step, constants)
+        )
     # The templates (N*K of them, shared by all images); with ``planes`` only their shape is read.
     templates = (step.weight if planes is not None else F.relu(step.weight)).reshape(
         1, ncat * k, *step.out.shape
     )  # (1, N*K, C, H, W)
-    scores = obs.hypothesis_scores(
-        bu.get(top), templates, step.offsets, scale_td=step.scale_td, observed=masks.get(top),
-        chunk_elements=chunk_elements, constants=constants, planes=planes,
+    scores = hypothesis_scores(
+        constants, bu.get(top), templates, step.offsets, observed=masks.get(top),
+        chunk_elements=chunk_elements, planes=planes,
     )  # fmt: skip
-    scores = scores.expand(b, -1, -1).reshape(b, ncat, k, d)
+    scores = scores.expand(batch, -1, -1).reshape(batch, ncat, k, d)
     grid, sizes = ["category", f"gamma_{top}", f"delta_{top}"], gm.site_sizes
     for site in grid:
-        scores = scores + prior_grid(priors[site], site, fixed={}, grid=grid, sizes=sizes, batch=b)
+        scores = scores + prior_grid(
+            priors[site], site, fixed={}, grid=grid, sizes=sizes, batch=batch
+        )
     if "category" in bu:
         cats = torch.arange(ncat, device=gm.device)[:, None]  # (N, 1)
         scores = scores + category_term(gm, cats, bu, masks).T[:, :, None, None]
     return scores, shifted
 
 
-def _template_planes(step, constants) -> tuple[torch.Tensor, torch.Tensor]:
+def _template_planes(
+    step: TopDownStep, constants: ClosedFormConstants
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The top level's templates shifted by every offset ``(N*K, D, C, H, W)`` and their
-    :func:`~pyro_backpass.hypothesis_scores.template_planes`, kept on the step between calls
-    while its templates, offsets and constants stay the same (checked on every call; the
-    constants object itself is reused only while the observation parameters are unchanged)."""
-    cached = step.__dict__.get("_planes_cache")
-    if (
-        cached is not None
-        and cached[0] is constants
-        and cached[1].device == step.weight.device
-        and torch.equal(cached[1], step.weight)
-        and torch.equal(cached[2], step.offsets)
-    ):
-        return cached[3], cached[4]
-    # Normal tensors, usable in and out of inference mode, and no autograd graph.
-    with torch.inference_mode(False), torch.no_grad():
-        templates = F.relu(step.weight.detach()).reshape(-1, *step.out.shape)  # (N*K, C, H, W)
-        shifted = shift_all(templates, step.offsets)
-        planes = template_planes(constants, templates, step.offsets)
-        step.__dict__["_planes_cache"] = (
-            constants, step.weight.detach().clone(), step.offsets.clone(), shifted, planes
-        )  # fmt: skip
-    return shifted, planes
+    :func:`~pyro_backpass.inference.hypotheses.template_planes` (kept by the step between calls
+    while its templates, offsets and these constants stay the same)."""
+    templates = F.relu(step.weight.detach()).reshape(-1, *step.out.shape)  # (N*K, C, H, W)
+    return shift_all(templates, step.offsets), template_planes(constants, templates, step.offsets)
 
 
 def level_scores(
     gm: GenerativeModel,
     name: str,
     upper: torch.Tensor,
-    bu,
-    masks,
+    bu: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
     *,
     chunk_elements: int,
-    constants=None,
+    constants: ClosedFormConstants,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Data scores of all (γ, δ) of a level below the top, given F̂ above: ``(B, K, D)``.
 
     Also returns φ of all K components ``(B, K, C, H, W)`` when they fit in one chunk (else
     None), so the winner's φ need not be convolved again.
     """
-    step, obs = gm.steps[name], gm.observations[name]
+    step = gm.steps[name]
     b, k, d = upper.shape[0], step.num_components, step.num_offsets
     chunk = max(1, chunk_elements // (b * d * step.out.numel))
     parts = []
     for start in range(0, k, chunk):
         phi = step.phi_all(upper, slice(start, start + chunk))  # (B, n, C, H, W)
         parts.append(
-            obs.hypothesis_scores(
-                bu.get(name), phi, step.offsets, scale_td=step.scale_td,
-                observed=masks.get(name), chunk_elements=chunk_elements, constants=constants,
+            hypothesis_scores(
+                constants, bu.get(name), phi, step.offsets, observed=masks.get(name),
+                chunk_elements=chunk_elements,
             )  # (B, n, D)
         )  # fmt: skip
     return torch.cat(parts, dim=1), (phi if chunk >= k else None)
@@ -172,24 +160,23 @@ def level_scores(
 
 def descend(
     gm: GenerativeModel,
-    values: dict[str, torch.Tensor],
-    bu,
-    masks,
-    priors,
-    clamps,
+    values: Mapping[str, torch.Tensor],
     *,
+    bu: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    priors: Mapping[str, FrozenPrior],
+    clamps: Mapping[str, torch.Tensor],
     chunk_elements: int,
-    constants: Mapping[str, Any] | None = None,
+    constants: Mapping[str, ClosedFormConstants],
     top_shifted: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """Complete a top-level choice greedily down to the image.
 
     ``values`` holds ``category``, ``gamma_<top>``, ``delta_<top>`` as ``(B,)``. Returns the
-    full assignment, F̂_td by level and the log-joint ``(B,)``. ``constants``: level →
-    its closed-form constants, if made already; ``top_shifted``: the top level's templates
-    shifted by every offset, from :func:`top_level_scores`, if it returned them.
+    full assignment, F̂_td by level and the log-joint ``(B,)``. ``constants``: level → its
+    closed-form constants; ``top_shifted``: the top level's templates shifted by every offset,
+    from :func:`top_level_scores`, if it returned them.
     """
-    constants = {} if constants is None else constants
     top = gm.hidden_levels[-1]
     b = values["category"].shape[0]
     values = dict(values)
@@ -199,16 +186,13 @@ def descend(
         # The winner's φ from the shifted templates of top_level_scores: the same values
         # level_terms would build (a ReLU, then a zero-filled shift), without building them.
         phi = top_shifted[values["category"] * step.num_components + values[f"gamma_{top}"],
-                      values[f"delta_{top}"]]  # (B, C, H, W)  # fmt: skip
-        upper, top_score = gm.observations[top].closed_form(
-            bu.get(top), phi, scale_td=step.scale_td, observed=masks.get(top),
-            constants=constants[top],
-        )  # fmt: skip
+                          values[f"delta_{top}"]]  # (B, C, H, W)  # fmt: skip
+        upper, top_score = closed_form(constants[top], bu.get(top), phi, observed=masks.get(top))
         top_score = top_score.sum(dim=(-3, -2, -1))
     else:
         upper, top_score = level_terms(
             gm, top, values["category"], values[f"gamma_{top}"], values[f"delta_{top}"], bu,
-            masks, constants=constants.get(top),
+            masks, constants=constants[top],
         )  # fmt: skip
     td[top], data_scores = upper, [top_score]
     sizes = gm.site_sizes
@@ -226,14 +210,12 @@ def descend(
             if step.offset_list != ((0, 0),):  # the one offset is a real shift
                 phi = shift_all(phi, step.offsets)[:, :, 0]
             x, m = _bu_and_mask(bu, masks, name, extra_dims=1)  # (B, 1, C, H, W)
-            f_all, s_all = gm.observations[name].closed_form(
-                x, phi, scale_td=step.scale_td, observed=m, constants=constants.get(name)
-            )  # (B, K, C, H, W) each
+            f_all, s_all = closed_form(constants[name], x, phi, observed=m)  # (B, K, C, H, W)
             scores = s_all.sum(dim=(-3, -2, -1))[:, :, None]  # (B, K, 1)
         else:
             scores, phi_all = level_scores(
                 gm, name, upper, bu, masks, chunk_elements=chunk_elements,
-                constants=constants.get(name),
+                constants=constants[name],
             )  # fmt: skip
         d = sizes[f"delta_{name}"]
         # With one offset, log P(δ) is 0 for every hypothesis: it cannot change the choice.
@@ -256,14 +238,14 @@ def descend(
             # F̂ and its score for the winner alone, with log_joint's own code.
             upper, score = level_terms(
                 gm, name, upper, values[grid[0]], values[grid[1]], bu, masks, all_k=phi_all,
-                constants=constants.get(name),
+                constants=constants[name],
             )  # fmt: skip
         td[name] = upper
         data_scores.append(score)
     # Summed in log_joint's order, so the two agree to the last bit.
     total = category_term(gm, values["category"], bu, masks)
     for site in gm.sites:
-        total = total + _site_logp(priors[site], site, values)
+        total = total + site_log_prob(priors[site], site, values)
     for score in data_scores:
         total = total + score
     assignment = {site: values[site] for site in gm.sites}
@@ -301,7 +283,7 @@ def greedy_map(
     :param top_k: with k > 1, the k best top-level hypotheses are each completed greedily
         down to the image; ``modes`` lists them by total log-joint and the best is returned
         as the MAP (the paper's Fig. 5 bars). That best can beat the plain pass, so compare
-        greedy with :func:`~pyro_backpass.exact_map` at ``top_k=1``.
+        greedy with :func:`~pyro_backpass.inference.exact` at ``top_k=1``.
     :param chunk_elements: bound on the elements of φ for one batch of hypotheses; peak memory
         is about ten times that many floats.
     :returns: :class:`~pyro_backpass.MapResult`.
@@ -313,16 +295,17 @@ def greedy_map(
         result = greedy_map(gm, s.bu, top_k=5)
         result.assignment["category"], result.log_joint, result.modes[0][:2]
     """
-    bu, b = check_bu(gm, bu)
-    masks = check_observed(gm, observed, bu, b)
-    clamps = merge_category(gm, category, clamp, b)
-    priors = gm.resolve_priors(priors)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    inputs = check_map_inputs(
+        gm, bu, category=category, clamp=clamp, priors=priors, observed=observed, top_k=top_k
+    )
     # Inference mode (no autograd bookkeeping at all) is measurably faster than no_grad on
     # this op-heavy path; the result is cloned out of it so users can use it freely.
     with torch.inference_mode():
-        result = _greedy(gm, bu, masks, clamps, freeze_priors(priors), b, top_k, chunk_elements)
+        result = _greedy(
+            gm, bu=inputs.bu, masks=inputs.masks, clamps=inputs.clamps,
+            priors=freeze_priors(inputs.priors), batch=inputs.batch, top_k=top_k,
+            chunk_elements=chunk_elements,
+        )  # fmt: skip
     return MapResult(
         assignment={s: v.clone() for s, v in result.assignment.items()},
         td={n: v.clone() for n, v in result.td.items()},
@@ -332,16 +315,25 @@ def greedy_map(
     )
 
 
-def _greedy(gm, bu, masks, clamps, priors, b: int, top_k: int, chunk_elements: int) -> MapResult:
+def _greedy(
+    gm: GenerativeModel,
+    *,
+    bu: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    clamps: Mapping[str, torch.Tensor],
+    priors: Mapping[str, FrozenPrior],
+    batch: int,
+    top_k: int,
+    chunk_elements: int,
+) -> MapResult:
     """The body of :func:`greedy_map`, on validated inputs."""
+    b = batch
     top = gm.hidden_levels[-1]
     grid = ["category", f"gamma_{top}", f"delta_{top}"]
     # Each level's closed-form constants, made once for the whole pass.
-    consts = {
-        name: gm.observations[name].constants(gm.steps[name].scale_td) for name in gm.hidden_levels
-    }
+    consts = {name: gm.constants(name) for name in gm.hidden_levels}
     scores, top_shifted = top_level_scores(
-        gm, bu, masks, priors, b, chunk_elements=chunk_elements, constants=consts[top]
+        gm, bu, masks, priors, batch=b, chunk_elements=chunk_elements, constants=consts[top]
     )
     flat = apply_clamps(scores, grid, clamps).reshape(b, -1)  # (B, N*K*D)
     if top_k > flat.shape[1]:
@@ -358,8 +350,8 @@ def _greedy(gm, bu, masks, clamps, priors, b: int, top_k: int, chunk_elements: i
     rep_masks = {n: _repeat(m.expand(bu[n].shape), k, b) for n, m in masks.items()}
     rep_clamps = {s: _repeat(v, k, b) for s, v in clamps.items()}
     assignment, td, total = descend(
-        gm, top_values, rep_bu, rep_masks, priors, rep_clamps, chunk_elements=chunk_elements,
-        constants=consts, top_shifted=top_shifted,
+        gm, top_values, bu=rep_bu, masks=rep_masks, priors=priors, clamps=rep_clamps,
+        chunk_elements=chunk_elements, constants=consts, top_shifted=top_shifted,
     )  # fmt: skip
     feasible = torch.isfinite(flat.gather(1, chosen)).reshape(-1)
     total = torch.where(feasible, total, -torch.inf).reshape(b, k)
@@ -371,15 +363,8 @@ def _greedy(gm, bu, masks, clamps, priors, b: int, top_k: int, chunk_elements: i
     pick = torch.arange(b, device=gm.device) * k + order[:, 0]  # best of the k per image
     modes = None
     if top_k > 1:
-        modes = []
-        for i in range(b):
-            entries = []
-            for j in order[i].tolist():
-                lj = float(total[i, j])
-                if lj == -float("inf"):
-                    continue
-                entries.append(({s: int(v[i * k + j]) for s, v in assignment.items()}, lj))
-            modes.append(entries)
+        per_image = {s: v.reshape(b, k) for s, v in assignment.items()}  # (B, k) each
+        modes = ranked_modes(per_image, total, order)
     td_best = {n: v[pick] for n, v in td.items()}
     return MapResult(
         assignment={s: v[pick] for s, v in assignment.items()},

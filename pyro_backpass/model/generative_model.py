@@ -29,16 +29,17 @@ import torch.nn.functional as F
 from pyro.ops.indexing import Vindex
 from torch import nn
 
-from pyro_backpass._io import atomic_write
-from pyro_backpass._validate import check_bu, check_category, check_observed
+from pyro_backpass.files import atomic_write
 from pyro_backpass.levels import Cfg, LevelSpec, levels_from_cfg
-from pyro_backpass.observation import Observation
-from pyro_backpass.priors import CategoricalPrior, NGramPrior, SitePrior, UniformPrior
-from pyro_backpass.top_down import TopDownStep, offset_grid, shift_all
+from pyro_backpass.model.checks import category_indices, check_bu, check_observed
+from pyro_backpass.model.observation import ClosedFormConstants, Observation
+from pyro_backpass.model.priors import CategoricalPrior, NGramPrior, SitePrior, UniformPrior
+from pyro_backpass.model.top_down import TopDownStep, offset_grid, shift_all
 
-__all__ = ["GenerativeModel"]
+__all__ = ["ENUMERATE", "GenerativeModel", "default_offsets"]
 
-_ENUM = {"enumerate": "parallel"}
+# The infer= of every enumerated site (category, γ, δ): parallel enumeration.
+ENUMERATE = {"enumerate": "parallel"}
 _PRIOR_TYPES = {c.__name__: c for c in (CategoricalPrior, UniformPrior, NGramPrior)}
 _CONFIG_KEY = "pyro_backpass.GenerativeModel"
 
@@ -177,6 +178,11 @@ class GenerativeModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.observations["image"].threshold.dtype
 
+    def constants(self, name: str) -> ClosedFormConstants:
+        """Level ``name``'s closed-form constants (kept by its :class:`Observation` while the
+        parameters stay the same)."""
+        return self.observations[name].constants(self.steps[name].scale_td)
+
     def gamma_parents(self, level: str) -> tuple[str, ...]:
         """The n-gram prefix of ``γ_level``: the n nearest upper levels' γ (or ``category``)."""
         names = [s.name for s in self._levels]
@@ -263,7 +269,7 @@ class GenerativeModel(nn.Module):
         """
         bu, b = check_bu(self, bu, batch_size=batch_size)
         masks = check_observed(self, observed, bu, b)
-        cat_obs = check_category(self, category, b)
+        cat_obs = category_indices(self, category, b)
         priors = self.resolve_priors(priors)
         tables = {
             site: prior.table(sample=sample_tables, name=f"table_{site}")
@@ -273,7 +279,7 @@ class GenerativeModel(nn.Module):
         with pyro.plate("images", b, dim=-1):
             values = {
                 "category": pyro.sample(
-                    "category", dist.Categorical(tables["category"]), obs=cat_obs, infer=_ENUM
+                    "category", dist.Categorical(tables["category"]), obs=cat_obs, infer=ENUMERATE
                 )
             }
             self._observe("category", self.observation_td(values["category"]), bu, masks, sample_bu)
@@ -281,7 +287,7 @@ class GenerativeModel(nn.Module):
             for name in reversed(self.hidden_levels):
                 for site in (f"gamma_{name}", f"delta_{name}"):
                     probs = self._cpd(tables[site], priors[site].parents, values)
-                    values[site] = pyro.sample(site, dist.Categorical(probs), infer=_ENUM)
+                    values[site] = pyro.sample(site, dist.Categorical(probs), infer=ENUMERATE)
                 step = self.steps[name]
                 phi = step.phi(upper, values[f"gamma_{name}"], values[f"delta_{name}"])
                 td[name] = pyro.sample(f"td_{name}", dist.Normal(phi, step.scale_td).to_event(3))

@@ -21,8 +21,8 @@ Reference: Wang et al. 2016, eq. (6).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +156,28 @@ class TopDownStep(nn.Module):
     @property
     def num_offsets(self) -> int:
         return int(self.offsets.shape[0])
+
+    def derived(self, key: str, depends: tuple, make: Callable[[], Any]) -> Any:
+        """A value derived from this step's weights and offsets (e.g. inference's shifted
+        templates), kept between calls while they, and the objects ``depends`` (compared by
+        identity), stay the same; checked on every call, so in-place edits, ``.to(...)`` and
+        new parameters all give a fresh value. ``make`` runs outside inference mode and
+        autograd, so the value is a plain tensor usable in and out of both."""
+        memo = self.__dict__.setdefault("_derived", {})
+        kept = memo.get(key)
+        if (
+            kept is not None
+            and len(kept[0]) == len(depends)
+            and all(a is b for a, b in zip(kept[0], depends, strict=True))
+            and kept[1].device == self.weight.device
+            and torch.equal(kept[1], self.weight)
+            and torch.equal(kept[2], self.offsets)
+        ):
+            return kept[3]
+        with torch.inference_mode(False), torch.no_grad():
+            value = make()
+            memo[key] = (depends, self.weight.detach().clone(), self.offsets.clone(), value)
+        return value
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Kaiming-like random kernels (the scale is fixed later by the caller)."""

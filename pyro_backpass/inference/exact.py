@@ -1,6 +1,6 @@
 """Exact joint MAP of the backward pass's objective, by Pyro's ``infer_discrete``.
 
-The objective is the *profile* objective of :func:`~pyro_backpass.greedy_map`: each F̂^l_td is
+The objective is the *profile* objective of :func:`~pyro_backpass.inference.greedy`: each F̂^l_td is
 the closed-form maximiser (eq. 13) given the levels above, so the search is over the discrete
 sites (category, γ, δ) alone. This is **not** eq. (10) with F_td free: it is the exact optimum
 of the same function greedy approximates, which is what a comparison of the two needs.
@@ -29,18 +29,23 @@ from pyro import poutine
 from pyro.infer import infer_discrete
 from pyro.ops.indexing import Vindex
 
-from pyro_backpass._validate import check_bu, check_observed
-from pyro_backpass.greedy_map import merge_category
-from pyro_backpass.priors import SitePrior
-from pyro_backpass.results import MapResult
-from pyro_backpass.scoring import category_term, log_joint, object_mask, top_down
+from pyro_backpass.inference.closed_form import closed_form
+from pyro_backpass.inference.inputs import check_map_inputs
+from pyro_backpass.inference.objective import (
+    category_term,
+    log_joint,
+    object_mask,
+    top_down_pass,
+)
+from pyro_backpass.model.generative_model import ENUMERATE
+from pyro_backpass.model.priors import SitePrior
+from pyro_backpass.results import MapResult, ranked_modes
 
 if TYPE_CHECKING:
-    from pyro_backpass.generative_model import GenerativeModel
+    from pyro_backpass.model.generative_model import GenerativeModel
 
-__all__ = ["exact_map", "joint_states"]
+__all__ = ["DEFAULT_MAX_MEMORY", "chunk_bytes", "exact_map", "joint_states"]
 
-_ENUM = {"enumerate": "parallel"}
 DEFAULT_MAX_MEMORY = 4 * 2**30  # bytes per chunk
 _TEMPORARIES = 8  # closed-form temporaries alive at once, per enumerated element
 
@@ -53,7 +58,7 @@ def _profile_model(gm, bu, masks, priors, fixed: Mapping[str, torch.Tensor], b: 
         table, parents = priors[name].log_probs(), priors[name].parents
         logits = Vindex(table)[tuple(values[p] for p in parents) + (slice(None),)]
         values[name] = pyro.sample(
-            name, dist.Categorical(logits=logits), obs=fixed.get(name), infer=_ENUM
+            name, dist.Categorical(logits=logits), obs=fixed.get(name), infer=ENUMERATE
         )
         return values[name]
 
@@ -63,9 +68,8 @@ def _profile_model(gm, bu, masks, priors, fixed: Mapping[str, torch.Tensor], b: 
         for name in reversed(gm.hidden_levels):
             step = gm.steps[name]
             phi = step.phi(upper, site(f"gamma_{name}"), site(f"delta_{name}"))
-            upper, score = gm.observations[name].closed_form(
-                bu.get(name), phi, scale_td=step.scale_td, observed=masks.get(name)
-            )
+            upper, score = closed_form(gm.constants(name), bu.get(name), phi,
+                                       observed=masks.get(name))  # fmt: skip
             pyro.factor(f"score_{name}", score.sum(dim=(-3, -2, -1)))
 
 
@@ -74,7 +78,7 @@ def joint_states(gm: GenerativeModel, clamped: set[str] | frozenset[str] = froze
     return math.prod(n for s, n in gm.site_sizes.items() if s not in clamped)
 
 
-def _chunk_bytes(gm: GenerativeModel, clamped: set[str], b: int) -> int:
+def chunk_bytes(gm: GenerativeModel, clamped: set[str], b: int) -> int:
     """Peak memory of one chunk: every level's φ over all enumerated states down to it.
 
     A level's φ is built for every state of the levels above times its own (γ, δ), then the
@@ -104,19 +108,19 @@ def exact_map(
 ) -> MapResult:
     """The joint MAP over all (category,) γ, δ of greedy's (profile) objective.
 
-    Same options as :func:`~pyro_backpass.greedy_map`; ``top_k > 1`` lists the best completion
+    Same options as :func:`~pyro_backpass.inference.greedy`; ``top_k > 1`` lists the best completion
     of each of the k best top-level choices (by their exact completed log-joint).
     Raises ``MemoryError`` with the sizes involved when one chunk would need more than
     ``max_memory_bytes`` (the default, 4 GiB, admits well over 10⁶ joint states per image on
     the small models this is meant for).
     """
-    bu, b = check_bu(gm, bu)
-    masks = check_observed(gm, observed, bu, b)
-    clamps = merge_category(gm, category, clamp, b)
-    priors = gm.resolve_priors(priors)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-    need = _chunk_bytes(gm, set(clamps), b)
+    inputs = check_map_inputs(
+        gm, bu, category=category, clamp=clamp, priors=priors, observed=observed, top_k=top_k
+    )
+    bu, masks, clamps, priors, b = (
+        inputs.bu, inputs.masks, inputs.clamps, inputs.priors, inputs.batch
+    )  # fmt: skip
+    need = chunk_bytes(gm, set(clamps), b)
     if need > max_memory_bytes:
         raise MemoryError(
             f"exact_map: {joint_states(gm, set(clamps)):,} joint states per image; one chunk "
@@ -147,21 +151,12 @@ def exact_map(
         scores = torch.stack([s for _, s in found], dim=1)  # (B, chunks), in top flat order
         order = scores.sort(dim=1, descending=True, stable=True).indices
         best = order[:, 0]
-        assignment = {
-            s: torch.stack([a[s] for a, _ in found], dim=1).gather(1, best[:, None]).squeeze(1)
-            for s in gm.sites
-        }
-        td, _ = top_down(gm, assignment, bu, masks)
+        per_chunk = {s: torch.stack([a[s] for a, _ in found], dim=1) for s in gm.sites}
+        assignment = {s: v.gather(1, best[:, None]).squeeze(1) for s, v in per_chunk.items()}
+        td, _ = top_down_pass(gm, assignment, bu, masks)
         modes = None
         if top_k > 1:
-            modes = [
-                [
-                    ({s: int(v[i]) for s, v in found[j][0].items()}, float(scores[i, j]))
-                    for j in order[i, :top_k].tolist()
-                    if float(scores[i, j]) > -math.inf
-                ]
-                for i in range(b)
-            ]
+            modes = ranked_modes(per_chunk, scores, order[:, :top_k])  # (B, chunks) each
         return MapResult(
             assignment=assignment,
             td=td,

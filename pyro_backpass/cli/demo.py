@@ -19,11 +19,12 @@ matplotlib.use("Agg")  # the demo writes files; never opens a window
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from pyro_backpass._io import atomic_write  # noqa: E402
-from pyro_backpass.generative_model import GenerativeModel  # noqa: E402
-from pyro_backpass.greedy_map import greedy_map  # noqa: E402
-from pyro_backpass.plotting import plot_modes, plot_reconstruction, plot_samples  # noqa: E402
-from pyro_backpass.sampling import sample  # noqa: E402
+from pyro_backpass.cli.device import resolve_device  # noqa: E402
+from pyro_backpass.files import atomic_write  # noqa: E402
+from pyro_backpass.inference.greedy import greedy_map  # noqa: E402
+from pyro_backpass.inference.sampling import sample  # noqa: E402
+from pyro_backpass.model.generative_model import GenerativeModel  # noqa: E402
+from pyro_backpass.viz.plotting import plot_modes, plot_reconstruction, plot_samples  # noqa: E402
 
 __all__ = ["add_parser", "run"]
 
@@ -46,8 +47,6 @@ def _save(fig, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pyro_backpass.cli import resolve_device
-
     device = resolve_device(args.device)
     cfg, size, k = ([4, "M"], 8, 2) if args.smoke else ([8, "M", 16, "M"], 32, 4)
     gm = GenerativeModel.random(

@@ -4,17 +4,39 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from pyro_backpass.generative_model import GenerativeModel
+from pyro_backpass.levels import LevelSpec
 
-__all__ = ["check_bu", "check_category", "check_clamp", "check_observed"]
+__all__ = [
+    "ModelLike",
+    "category_indices",
+    "check_bu",
+    "check_clamp",
+    "check_observed",
+    "merge_category",
+]
 
 
-def _device_check(name: str, x: torch.Tensor, gm: GenerativeModel) -> None:
+class ModelLike(Protocol):
+    """What the checks read of a :class:`~pyro_backpass.GenerativeModel` (which imports this
+    module, so the checks name what they need instead of importing it)."""
+
+    @property
+    def levels(self) -> tuple[LevelSpec, ...]: ...
+    @property
+    def categories(self) -> tuple[str, ...]: ...
+    @property
+    def site_sizes(self) -> dict[str, int]: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+
+def _device_check(name: str, x: torch.Tensor, gm: ModelLike) -> None:
     if x.device != gm.device:
         raise ValueError(
             f"{name} is on {x.device} but the model is on {gm.device}; move one of them "
@@ -23,7 +45,7 @@ def _device_check(name: str, x: torch.Tensor, gm: GenerativeModel) -> None:
 
 
 def check_bu(
-    gm: GenerativeModel, bu: Mapping[str, torch.Tensor] | None, *, batch_size: int | None = None
+    gm: ModelLike, bu: Mapping[str, torch.Tensor] | None, *, batch_size: int | None = None
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Validate ``bu`` (level name → ``(B, C, H, W)``), return the model's levels and ``B``.
 
@@ -73,7 +95,7 @@ def check_bu(
 
 
 def check_observed(
-    gm: GenerativeModel, observed: Mapping[str, Any] | None, bu: Mapping[str, torch.Tensor], b: int
+    gm: ModelLike, observed: Mapping[str, Any] | None, bu: Mapping[str, torch.Tensor], b: int
 ) -> dict[str, torch.Tensor]:
     """``observed``: level name → bool mask broadcastable to ``(B, C, H, W)`` (or a bool)."""
     if observed is None:
@@ -106,8 +128,8 @@ def check_observed(
     return out
 
 
-def check_category(gm: GenerativeModel, category: Any, b: int) -> torch.Tensor | None:
-    """A name, an index, or one per image → ``(B,)`` long, or None."""
+def category_indices(gm: ModelLike, category: Any, b: int) -> torch.Tensor | None:
+    """``category=``: a name, an index, or one per image → ``(B,)`` long indices, or None."""
     if category is None:
         return None
     items: Sequence[Any]
@@ -144,9 +166,7 @@ def check_category(gm: GenerativeModel, category: Any, b: int) -> torch.Tensor |
     return torch.tensor(idx, dtype=torch.long, device=gm.device)
 
 
-def check_clamp(
-    gm: GenerativeModel, clamp: Mapping[str, Any] | None, b: int
-) -> dict[str, torch.Tensor]:
+def check_clamp(gm: ModelLike, clamp: Mapping[str, Any] | None, b: int) -> dict[str, torch.Tensor]:
     """Site name → int or ``(B,)`` indices, checked against the site's size → ``(B,)`` long."""
     if clamp is None:
         return {}
@@ -156,7 +176,7 @@ def check_clamp(
         if site not in sizes:
             raise ValueError(f"clamp: unknown site {site!r}; sites: {list(sizes)}")
         if site == "category":
-            out[site] = check_category(gm, value, b)
+            out[site] = category_indices(gm, value, b)
             continue
         v = torch.as_tensor(value, device=gm.device)
         if v.is_floating_point() or v.dtype == torch.bool:
@@ -170,3 +190,14 @@ def check_clamp(
             raise ValueError(f"clamp[{site!r}] out of range [0, {sizes[site]})")
         out[site] = v
     return out
+
+
+def merge_category(gm: ModelLike, category: Any, clamp: Any, b: int) -> dict[str, torch.Tensor]:
+    """``clamp`` checked, with ``category`` folded in as ``clamp['category']``."""
+    clamps = check_clamp(gm, clamp, b)
+    cat = category_indices(gm, category, b)
+    if cat is not None:
+        if "category" in clamps and not torch.equal(clamps["category"], cat):
+            raise ValueError("category= and clamp['category'] disagree")
+        clamps["category"] = cat
+    return clamps

@@ -1,0 +1,38 @@
+"""Inference in the generative model (paper §2.2): the closed form of eq. (13), the objective
+(:func:`log_joint`), the greedy backward pass, exact MAP by enumeration, and sampling.
+
+``greedy_map`` and ``exact_map`` share one signature, ``(model, bu, *, category=, clamp=,
+priors=, observed=, top_k=)``, and return a :class:`~pyro_backpass.MapResult`.
+"""
+
+from pyro_backpass.inference.closed_form import closed_form, closed_form_td, select
+from pyro_backpass.inference.exact import DEFAULT_MAX_MEMORY, chunk_bytes, exact_map, joint_states
+from pyro_backpass.inference.greedy import greedy_map
+from pyro_backpass.inference.hypotheses import (
+    DEFAULT_CHUNK_ELEMENTS,
+    hypothesis_scores,
+    template_planes,
+)
+from pyro_backpass.inference.inputs import MapInputs, check_map_inputs
+from pyro_backpass.inference.objective import log_joint, object_mask, top_down_pass
+from pyro_backpass.inference.sampling import sample
+
+__all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
+    "DEFAULT_MAX_MEMORY",
+    "MapInputs",
+    "check_map_inputs",
+    "chunk_bytes",
+    "closed_form",
+    "closed_form_td",
+    "exact_map",
+    "greedy_map",
+    "hypothesis_scores",
+    "joint_states",
+    "log_joint",
+    "object_mask",
+    "sample",
+    "select",
+    "template_planes",
+    "top_down_pass",
+]
