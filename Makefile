@@ -17,14 +17,17 @@ demo: install
 	$(PY) -m pyro_backpass demo --out figures/demo
 
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not slow" -q
 
 test-all: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: install
 	$(PY) -m ruff check pyro_backpass tests benchmarks
 	$(PY) -m ruff format --check pyro_backpass tests benchmarks
+	$(VENV)/bin/lint-imports
 
 notebooks: install
 	$(PY) -m pytest -q tests/test_notebooks.py

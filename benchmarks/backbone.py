@@ -35,16 +35,21 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine  # noqa: E402
 
-from pyro_backpass.backbone import Backbone  # noqa: E402
-from pyro_backpass.backbone.compositionality import (  # noqa: E402
+from pyro_backpass.backbone import (  # noqa: E402
+    HELD_OUT_SEED_OFFSET,
+    Backbone,
     compositionality_score,
     distractor_sweep,
 )
-from pyro_backpass.backbone.train import HELD_OUT_SEED_OFFSET  # noqa: E402
-from pyro_backpass.data import CATEGORIES, DEFAULT_SIZE, make_scene  # noqa: E402
-from pyro_backpass.data.rendered import render_objects, render_scene_pairs  # noqa: E402
+from pyro_backpass.data import (  # noqa: E402
+    CATEGORIES,
+    DEFAULT_SIZE,
+    make_scene,
+    render_objects,
+    render_scene_pairs,
+)
 from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
-from pyro_backpass.viz.plotting import plot_distractor_sweep  # noqa: E402
+from pyro_backpass.viz import plot_distractor_sweep  # noqa: E402
 
 # Seeds no training run uses (training: 0 and 0 + offset for its held-out set).
 OBJECT_SEED = 2 * HELD_OUT_SEED_OFFSET
@@ -169,7 +174,7 @@ def penalty_selection(path: Path, *, smoke: bool, names: Sequence[str] | None = 
     """
     from dataclasses import replace
 
-    from pyro_backpass.backbone.train import TrainConfig, train_backbone
+    from pyro_backpass.backbone import TrainConfig, train_backbone
 
     base = TrainConfig(n_train=800, n_test=100, epochs=6, n_scenes=600, compositional=True)
     n_scenes = 200

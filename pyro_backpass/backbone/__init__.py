@@ -19,19 +19,29 @@ from pyro_backpass.backbone.compositionality import (
     distractor_sweep,
 )
 from pyro_backpass.backbone.small_vgg import DEFAULT_CFG, SmallVGG, make_layers
+from pyro_backpass.backbone.train import (
+    HELD_OUT_SEED_OFFSET,
+    TrainConfig,
+    TrainResult,
+    train_backbone,
+)
 from pyro_backpass.results import DistractorSweep
 
 __all__ = [
-    "DEFAULT_CFG",
-    "VGG16_CFG",
     "Activations",
     "Backbone",
     "CompositionalityScore",
+    "DEFAULT_CFG",
     "DistractorSweep",
+    "HELD_OUT_SEED_OFFSET",
     "SmallVGG",
+    "TrainConfig",
+    "TrainResult",
+    "VGG16_CFG",
     "compositionality_score",
     "distractor_sweep",
     "downsample_mask",
     "make_layers",
     "read_levels",
+    "train_backbone",
 ]

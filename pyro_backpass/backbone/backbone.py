@@ -39,7 +39,13 @@ from pyro_backpass.backbone.small_vgg import SmallVGG, make_layers
 from pyro_backpass.files import atomic_write, atomic_write_json
 from pyro_backpass.levels import Cfg, LevelSpec, levels_from_cfg
 
-__all__ = ["FORMAT_VERSION", "IMAGENET_MEAN", "IMAGENET_STD", "VGG16_CFG", "Backbone"]
+__all__ = [
+    "Backbone",
+    "FORMAT_VERSION",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "VGG16_CFG",
+]
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "pyro_backpass.backbone"

@@ -1,4 +1,4 @@
-from pyro_backpass.cli.main import main
+from pyro_backpass.cli.commands import main
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pyro_backpass.data.primitives import Mesh, rotation
-from pyro_backpass.data.rasterize import rasterize
+from pyro_backpass.data.raster import rasterize
 
 __all__ = ["Layer", "render_mesh"]
 

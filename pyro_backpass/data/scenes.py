@@ -44,7 +44,13 @@ from pyro_backpass.data.objects import (
 )
 from pyro_backpass.data.render import Layer, render_mesh
 
-__all__ = ["SCENE_SCALE", "Instance", "Scene", "Scenes", "make_scene"]
+__all__ = [
+    "Instance",
+    "SCENE_SCALE",
+    "Scene",
+    "Scenes",
+    "make_scene",
+]
 
 #: Default range of an instance's bounding-sphere diameter, as a fraction of the scene side:
 #: small enough that 2-4 objects fit with modest occlusion.

@@ -5,7 +5,7 @@
 priors=, observed=, top_k=)``, and return a :class:`~pyro_backpass.MapResult`.
 """
 
-from pyro_backpass.inference.closed_form import closed_form, closed_form_td, select
+from pyro_backpass.inference.closed_form import closed_form_td, closed_form_with, select
 from pyro_backpass.inference.exact import DEFAULT_MAX_MEMORY, chunk_bytes, exact_map, joint_states
 from pyro_backpass.inference.greedy import greedy_map
 from pyro_backpass.inference.hypotheses import (
@@ -23,8 +23,8 @@ __all__ = [
     "MapInputs",
     "check_map_inputs",
     "chunk_bytes",
-    "closed_form",
     "closed_form_td",
+    "closed_form_with",
     "exact_map",
     "greedy_map",
     "hypothesis_scores",

@@ -6,7 +6,11 @@ import torch
 
 from pyro_backpass.model.observation import ClosedFormConstants, Scalar, closed_form_constants
 
-__all__ = ["closed_form", "closed_form_td", "select"]
+__all__ = [
+    "closed_form_td",
+    "closed_form_with",
+    "select",
+]
 
 
 def closed_form_td(
@@ -52,10 +56,10 @@ def closed_form_td(
         threshold=threshold, background=background, scale_td=scale_td, scale_on=scale_on,
         scale_off=scale_off, like=phi,
     )  # fmt: skip
-    return closed_form(c, bu, phi, observed=observed)
+    return closed_form_with(c, bu, phi, observed=observed)
 
 
-def closed_form(
+def closed_form_with(
     c: ClosedFormConstants,
     bu: torch.Tensor | None,
     phi: torch.Tensor,

@@ -29,7 +29,7 @@ from pyro import poutine
 from pyro.infer import infer_discrete
 from pyro.ops.indexing import Vindex
 
-from pyro_backpass.inference.closed_form import closed_form
+from pyro_backpass.inference.closed_form import closed_form_with
 from pyro_backpass.inference.inputs import check_map_inputs
 from pyro_backpass.inference.objective import (
     category_term,
@@ -68,7 +68,7 @@ def _profile_model(gm, bu, masks, priors, fixed: Mapping[str, torch.Tensor], b: 
         for name in reversed(gm.hidden_levels):
             step = gm.steps[name]
             phi = step.phi(upper, site(f"gamma_{name}"), site(f"delta_{name}"))
-            upper, score = closed_form(gm.constants(name), bu.get(name), phi,
+            upper, score = closed_form_with(gm.constants(name), bu.get(name), phi,
                                        observed=masks.get(name))  # fmt: skip
             pyro.factor(f"score_{name}", score.sum(dim=(-3, -2, -1)))
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from pyro_backpass.inference.closed_form import closed_form
+from pyro_backpass.inference.closed_form import closed_form_with
 from pyro_backpass.inference.hypotheses import (
     DEFAULT_CHUNK_ELEMENTS,
     hypothesis_scores,
@@ -33,10 +33,10 @@ from pyro_backpass.inference.objective import (
     FrozenPrior,
     category_term,
     freeze_priors,
+    joint_total,
     level_terms,
     object_mask,
     prior_grid,
-    site_log_prob,
 )
 from pyro_backpass.model.observation import ClosedFormConstants
 from pyro_backpass.model.priors import SitePrior
@@ -187,7 +187,9 @@ def descend(
         # level_terms would build (a ReLU, then a zero-filled shift), without building them.
         phi = top_shifted[values["category"] * step.num_components + values[f"gamma_{top}"],
                           values[f"delta_{top}"]]  # (B, C, H, W)  # fmt: skip
-        upper, top_score = closed_form(constants[top], bu.get(top), phi, observed=masks.get(top))
+        upper, top_score = closed_form_with(
+            constants[top], bu.get(top), phi, observed=masks.get(top)
+        )
         top_score = top_score.sum(dim=(-3, -2, -1))
     else:
         upper, top_score = level_terms(
@@ -210,7 +212,7 @@ def descend(
             if step.offset_list != ((0, 0),):  # the one offset is a real shift
                 phi = shift_all(phi, step.offsets)[:, :, 0]
             x, m = _bu_and_mask(bu, masks, name, extra_dims=1)  # (B, 1, C, H, W)
-            f_all, s_all = closed_form(constants[name], x, phi, observed=m)  # (B, K, C, H, W)
+            f_all, s_all = closed_form_with(constants[name], x, phi, observed=m)  # (B, K, C, H, W)
             scores = s_all.sum(dim=(-3, -2, -1))[:, :, None]  # (B, K, 1)
         else:
             scores, phi_all = level_scores(
@@ -242,12 +244,7 @@ def descend(
             )  # fmt: skip
         td[name] = upper
         data_scores.append(score)
-    # Summed in log_joint's order, so the two agree to the last bit.
-    total = category_term(gm, values["category"], bu, masks)
-    for site in gm.sites:
-        total = total + site_log_prob(priors[site], site, values)
-    for score in data_scores:
-        total = total + score
+    total = joint_total(gm, values, bu, masks, priors=priors, data_scores=data_scores)
     assignment = {site: values[site] for site in gm.sites}
     return assignment, td, total
 

@@ -93,7 +93,7 @@ def hypothesis_scores(
 
     Equal, up to float rounding, to::
 
-        closed_form(c, bu[:, None, None], shift_all(phi, offsets), ...)[1].sum((-3, -2, -1))
+        closed_form_with(c, bu[:, None, None], shift_all(phi, offsets), ...)[1].sum((-3, -2, -1))
 
     :param c: the level's closed-form constants (``Observation.constants``).
     :param bu: ``(B, C, H, W)`` bottom-up activations, or None (level unobserved).

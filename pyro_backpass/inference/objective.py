@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pyro_backpass.inference.closed_form import closed_form
+from pyro_backpass.inference.closed_form import closed_form_with
 from pyro_backpass.model.checks import check_bu, check_clamp, check_observed
 from pyro_backpass.model.observation import ClosedFormConstants
 from pyro_backpass.model.priors import SitePrior
@@ -30,6 +30,7 @@ __all__ = [
     "category_term",
     "freeze_priors",
     "full_res_level",
+    "joint_total",
     "level_terms",
     "log_joint",
     "object_mask",
@@ -135,7 +136,7 @@ def level_terms(
     step = gm.steps[name]
     phi = step.phi(upper, gamma, delta, all_k=all_k)  # (B, C, H, W)
     c = gm.constants(name) if constants is None else constants
-    f_td, score = closed_form(c, bu.get(name), phi, observed=masks.get(name))
+    f_td, score = closed_form_with(c, bu.get(name), phi, observed=masks.get(name))
     return f_td, score.sum(dim=(-3, -2, -1))
 
 
@@ -176,10 +177,25 @@ def log_joint(
         raise ValueError(f"assignment is missing sites {missing}")
     values = check_clamp(gm, {s: assignment[s] for s in gm.sites}, b)
     priors = gm.resolve_priors(priors)
+    _, data_scores = top_down_pass(gm, values, bu, masks)
+    return joint_total(gm, values, bu, masks, priors=priors, data_scores=data_scores)
+
+
+def joint_total(
+    gm: GenerativeModel,
+    values: Mapping[str, torch.Tensor],
+    bu: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    *,
+    priors: Mapping[str, SitePrior | FrozenPrior],
+    data_scores: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """The log-joint ``(B,)`` from each level's data score, always summed in the same order
+    (category term, every site's prior, then the levels top-down), so greedy's total and
+    :func:`log_joint` of its assignment agree to the last bit."""
     total = category_term(gm, values["category"], bu, masks)
     for site in gm.sites:
         total = total + site_log_prob(priors[site], site, values)
-    _, data_scores = top_down_pass(gm, values, bu, masks)
     for score in data_scores:
         total = total + score
     return total

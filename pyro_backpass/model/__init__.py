@@ -24,11 +24,11 @@ from pyro_backpass.model.thresholded_gaussian import HALF_LOG_2PI, ThresholdedGa
 from pyro_backpass.model.top_down import TopDownStep, offset_grid, shift_all, shift_select
 
 __all__ = [
-    "ENUMERATE",
-    "HALF_LOG_2PI",
     "CategoricalPrior",
     "ClosedFormConstants",
+    "ENUMERATE",
     "GenerativeModel",
+    "HALF_LOG_2PI",
     "ModelLike",
     "NGramPrior",
     "Observation",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _load(name):

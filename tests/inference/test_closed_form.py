@@ -82,7 +82,7 @@ def test_boundary_value_is_scored_on_the_branch_that_won():
 def test_observation_constants_give_the_closed_form_of_its_parameters():
     """``closed_form`` with an Observation's (cached) constants equals ``closed_form_td`` with
     its raw parameters, also after an in-place edit of a parameter."""
-    from pyro_backpass.inference.closed_form import closed_form
+    from pyro_backpass.inference.closed_form import closed_form_with
     from pyro_backpass.levels import LevelSpec
     from pyro_backpass.model.observation import Observation
 
@@ -99,7 +99,7 @@ def test_observation_constants_give_the_closed_form_of_its_parameters():
                   scale_on=obs.scale_on, scale_off=obs.scale_off)  # fmt: skip
         for observed in (None, mask, False):
             want = closed_form_td(bu, phi, observed=observed, **kw)
-            got = closed_form(obs.constants(scale_td), bu, phi, observed=observed)
+            got = closed_form_with(obs.constants(scale_td), bu, phi, observed=observed)
             for a, b in zip(got, want, strict=True):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pyro_backpass.data.rasterize import rasterize
+from pyro_backpass.data.raster import rasterize
 
 
 def brute_force(vertices, faces, height, width):

@@ -6,7 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "backbone.py"
+BENCH = Path(__file__).parents[2] / "benchmarks" / "backbone.py"
 
 
 def test_backbone_benchmark_smoke(tmp_path, capsys):

@@ -5,7 +5,7 @@ import runpy
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
+BENCH = Path(__file__).parents[2] / "benchmarks"
 
 
 def run_script(name, *args, monkeypatch):

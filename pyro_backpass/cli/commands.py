@@ -1,11 +1,12 @@
-"""``main()``: the ``pyro-backpass`` command line, one subcommand per module of this package."""
+"""``main()`` and its parser: the ``pyro-backpass`` command line, one subcommand per module of
+this package."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
 
-from pyro_backpass.cli import demo, train_backbone
+from pyro_backpass.cli import backbone_training, demo
 
 __all__ = ["build_parser", "main"]
 
@@ -16,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A backward pass through a CNN using a generative model of its activations.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (demo, train_backbone):  # each module registers its own subcommand
+    for command in (demo, backbone_training):  # each module registers its own subcommand
         command.add_parser(sub)
     return parser
 
