@@ -40,3 +40,22 @@ def median_time(fn: Callable[[], object], *, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def write_json_atomic(path: Path, obj: object) -> Path:
+    """Write ``obj`` as JSON so that a reader never sees a half-written file (a temporary file
+    in the same folder, renamed onto ``path``)."""
+    import json
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
