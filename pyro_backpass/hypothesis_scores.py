@@ -139,6 +139,17 @@ def hypothesis_scores_with(
         weight = obs.to(bu.dtype)
     k_on = c.const_on.expand(ch, h, w)
     shared_planes = planes is not None or (phi.shape[0] == 1 and 3 * t * d * j <= chunk_elements)
+    if not grad and not shared_planes and phi.shape[0] == 1 and d > 1:
+        # Shared templates too many to keep all planes: planes of one chunk of templates at a
+        # time (contiguous rows of J; windows of small maps would be short strided rows).
+        per = max(1, chunk_elements // (3 * d * j))
+        parts = [
+            hypothesis_scores_with(c, bu, phi[:, t0 : t0 + per], offsets, observed=observed,
+                                   chunk_elements=chunk_elements,
+                                   planes=template_planes(c, phi[0, t0 : t0 + per], offsets))
+            for t0 in range(0, t, per)
+        ]  # fmt: skip
+        return torch.cat(parts, dim=1)  # (B, T, D)
     if not grad and not shared_planes:
         block = min(chunk_elements, block_elements(bu.element_size()))
         return _blocked_per_image_scores(c, phi, offsets, bu, weight, k_on, block)

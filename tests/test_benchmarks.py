@@ -33,5 +33,5 @@ def test_backward_pass_smoke(tmp_path, monkeypatch):
     assert all(r["ratio"] > 0 for r in result["settings"].values())
     assert result["k_top_growth"]["time_ratio"] > 0
     for row in result["batches"].values():
-        assert row["peak_rss_mb"] >= row["rss_before_call_mb"] > 0
+        assert row["call_peak_rss_mb"] >= row["rss_before_call_mb"] > 0
     assert "CPUs" in result["machine"]
