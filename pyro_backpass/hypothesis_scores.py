@@ -162,8 +162,8 @@ def hypothesis_scores_with(
         if planes is None:
             planes = template_planes(c, phi[0], offsets)
         if not grad:
-            return _blocked_shared_scores(c, planes, x_quad, x_clip, x_off, weight, k_on,
-                                          min(chunk_elements, block_elements(bu.element_size())))  # fmt: skip
+            block = min(chunk_elements, block_elements(bu.element_size()))
+            return _blocked_shared_scores(c, planes, x_quad, x_clip, x_off, weight, k_on, block)
         const = (
             k_on.sum()
             if weight is None
@@ -279,7 +279,8 @@ def _image_side_into(c: ClosedFormConstants, bu: torch.Tensor, buf: torch.Tensor
     q, k, o = (buf[i * size : (i + 1) * size].view(bu.shape) for i in range(3))
     torch.mul(c.root_half_prec_c, bu, out=q)
     torch.mul(c.clip_on, torch.sub(bu, c.threshold, out=k).neg_(), out=k)
-    torch.sub(bu, c.background, out=o).square_().mul_(c.half_prec_off).add_(c.const_on - c.const_off)
+    torch.sub(bu, c.background, out=o).square_().mul_(c.half_prec_off)
+    o.add_(c.const_on - c.const_off)
     return q, k, o
 
 
