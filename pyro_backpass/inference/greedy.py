@@ -63,18 +63,6 @@ def apply_clamps(
     return scores
 
 
-def _bu_and_mask(bu, masks, name: str, extra_dims: int):
-    """``bu[name]`` and its mask with ``extra_dims`` unit dims after the batch dim."""
-    x = bu.get(name)
-    if x is None:
-        return None, None
-    m = masks.get(name)
-    if m is not None:
-        m = m.expand(x.shape)
-    unsqueeze = (slice(None),) + (None,) * extra_dims
-    return x[unsqueeze], None if m is None else m[unsqueeze]
-
-
 def top_level_scores(
     gm: GenerativeModel,
     bu: Mapping[str, torch.Tensor],
@@ -198,27 +186,16 @@ def descend(
         )  # fmt: skip
     td[top], data_scores = upper, [top_score]
     sizes = gm.site_sizes
-    rows = torch.arange(b, device=gm.device)
     for name in reversed(gm.hidden_levels[:-1]):
         grid = [f"gamma_{name}", f"delta_{name}"]
         step = gm.steps[name]
-        # One offset (conv levels, the image) and few components: the closed form of every
-        # component at once gives both the scores and the winner's F̂, with no second pass.
-        direct = step.num_offsets == 1 and b * step.num_components * step.out.numel <= (
-            chunk_elements
-        )
-        if direct:
-            phi = step.phi_all(upper)  # (B, K, C, H, W)
-            if step.offset_list != ((0, 0),):  # the one offset is a real shift
-                phi = shift_all(phi, step.offsets)[:, :, 0]
-            x, m = _bu_and_mask(bu, masks, name, extra_dims=1)  # (B, 1, C, H, W)
-            f_all, s_all = closed_form_with(constants[name], x, phi, observed=m)  # (B, K, C, H, W)
-            scores = s_all.sum(dim=(-3, -2, -1))[:, :, None]  # (B, K, 1)
-        else:
-            scores, phi_all = level_scores(
-                gm, name, upper, bu, masks, chunk_elements=chunk_elements,
-                constants=constants[name],
-            )  # fmt: skip
+        # Every (γ, δ) scored by the blocked kernels of hypothesis_scores (one-offset levels
+        # too: scores alone cost fewer passes than the full closed form of all K), then the
+        # closed form of the winner alone, with log_joint's own code (level_terms below).
+        scores, phi_all = level_scores(
+            gm, name, upper, bu, masks, chunk_elements=chunk_elements,
+            constants=constants[name],
+        )  # fmt: skip
         d = sizes[f"delta_{name}"]
         # With one offset, log P(δ) is 0 for every hypothesis: it cannot change the choice.
         for site in grid if d > 1 else grid[:1]:
@@ -231,17 +208,12 @@ def descend(
             values[grid[0]], values[grid[1]] = best, torch.zeros_like(best)
         else:
             values[grid[0]], values[grid[1]] = best // d, best % d
-        if direct:
-            # The same element-wise values log_joint computes, summed over the same shape, so
-            # greedy's log_joint equals log_joint(assignment) exactly.
-            upper = f_all[rows, values[grid[0]]]  # (B, C, H, W)
-            score = s_all[rows, values[grid[0]]].sum(dim=(-3, -2, -1))
-        else:
-            # F̂ and its score for the winner alone, with log_joint's own code.
-            upper, score = level_terms(
-                gm, name, upper, values[grid[0]], values[grid[1]], bu, masks, all_k=phi_all,
-                constants=constants[name],
-            )  # fmt: skip
+        # F̂ and its score for the winner alone, with log_joint's own code, so greedy's
+        # log_joint equals log_joint(assignment) exactly.
+        upper, score = level_terms(
+            gm, name, upper, values[grid[0]], values[grid[1]], bu, masks, all_k=phi_all,
+            constants=constants[name],
+        )  # fmt: skip
         td[name] = upper
         data_scores.append(score)
     total = joint_total(gm, values, bu, masks, priors=priors, data_scores=data_scores)

@@ -44,39 +44,21 @@ The oracle in the tests is the plain formula: :func:`~pyro_backpass.closed_form_
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 
+from pyro_backpass.inference.cache_blocks import block_elements
 from pyro_backpass.inference.closed_form import select
 from pyro_backpass.model.observation import ClosedFormConstants
 from pyro_backpass.model.top_down import shift_all
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "hypothesis_scores", "template_planes"]
 
-# Elements per chunk of (images × hypotheses × level); the scoring keeps a few temporaries of
-# that size, so 2**22 (16 MB of float32 per tensor) peaks near 150 MB.
-DEFAULT_CHUNK_ELEMENTS = 2**22
-
-
-_LOCAL = threading.local()
-
-
-def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
-    """A flat scratch buffer of ``numel`` elements, kept per thread and reused across calls.
-
-    On CPU a fresh multi-megabyte tensor is mapped from the OS on every call and page-faulted
-    in, which cost more than the arithmetic on it (measured: 0.7 ms vs 2 ms per top level).
-    Other devices have caching allocators, so they get a plain new tensor.
-    """
-    if like.device.type != "cpu":
-        return torch.empty(numel, dtype=like.dtype, device=like.device)
-    buffers = _LOCAL.__dict__.setdefault("buffers", {})
-    buf = buffers.get(like.dtype)
-    if buf is None or buf.numel() < numel:
-        with torch.inference_mode(False):  # a normal tensor: usable in and out of that mode
-            buf = buffers[like.dtype] = torch.empty(numel, dtype=like.dtype)
-    return buf[:numel]
+# Elements of φ per chunk of (images × hypotheses × level). The scoring itself runs in
+# cache-sized blocks (cache_blocks.py) and keeps no temporaries of this size, so the bound is
+# on φ (and the top level's template planes) alone: 2**25 (128 MB of float32) keeps φ of every
+# component in one piece at the default model's size, batch 32, so it is convolved once.
+DEFAULT_CHUNK_ELEMENTS = 2**25
 
 
 def hypothesis_scores(
@@ -117,15 +99,34 @@ def hypothesis_scores(
         obs = torch.broadcast_to(observed, bu.shape)
         bu = select(obs, bu, c.background)  # harmless values where nothing is observed
         weight = obs.to(bu.dtype)
+    k_on = c.const_on.expand(ch, h, w)
+    shared_planes = planes is not None or (phi.shape[0] == 1 and 3 * t * d * j <= chunk_elements)
+    if not grad and not shared_planes and phi.shape[0] == 1 and d > 1:
+        # Shared templates too many to keep all planes: planes of one chunk of templates at a
+        # time (contiguous rows of J; windows of small maps would be short strided rows).
+        per = max(1, chunk_elements // (3 * d * j))
+        parts = [
+            hypothesis_scores(c, bu, phi[:, t0 : t0 + per], offsets, observed=observed,
+                              chunk_elements=chunk_elements,
+                              planes=template_planes(c, phi[0, t0 : t0 + per], offsets))
+            for t0 in range(0, t, per)
+        ]  # fmt: skip
+        return torch.cat(parts, dim=1)  # (B, T, D)
+    if not grad and not shared_planes:
+        block = min(chunk_elements, block_elements(bu.element_size()))
+        return _blocked_per_image_scores(c, phi, offsets, bu, weight, k_on, block)
+    # From here on gradients flow (the blocked kernels above write in place): plain operations.
     # Image side, unshifted: (B, C, H, W) each.
     x_quad = c.root_half_prec_c * bu  # a f_bu
     x_clip = c.clip_on * (c.threshold - bu)
     x_off = c.half_prec_off * (bu - c.background).square() + (c.const_on - c.const_off)
     # Σ_i s_i = Σ_i [K_on − n_i] over observed elements, log N(φ; φ, σ0) over the others.
-    k_on = c.const_on.expand(ch, h, w)
-    if planes is not None or (phi.shape[0] == 1 and 3 * t * d * j <= chunk_elements):
+    if shared_planes:
         if planes is None:
             planes = template_planes(c, phi[0], offsets)
+        if not grad:
+            block = min(chunk_elements, block_elements(bu.element_size()))
+            return _blocked_shared_scores(c, planes, x_quad, x_clip, x_off, weight, k_on, block)
         const = (
             k_on.sum()
             if weight is None
@@ -134,19 +135,145 @@ def hypothesis_scores(
         x = [v.reshape(b, 1, 1, j) for v in (x_quad, x_clip, x_off)]
         wt = None if weight is None else weight.reshape(b, 1, 1, j)
         per = max(1, chunk_elements // max(1, b * d * j))
-        scratch = None if grad else _workspace(2 * b * min(per, t) * d * j, bu)
         parts = []
         for start in range(0, t, per):
             sides = planes[:, start : start + per].unsqueeze(1)  # 3 × (1, T', D, J)
-            n = _n(*x, *sides, scratch=scratch)  # (B, T', D, J)
-            parts.append((n if wt is None else _mul(n, wt, grad)).sum(dim=-1))  # (B, T', D)
+            n = _n(*x, *sides, scratch=None)  # (B, T', D, J)
+            parts.append((n if wt is None else n * wt).sum(dim=-1))  # (B, T', D)
         return const - (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])  # (B, T, D)
-    return _per_image_scores(c, phi, offsets, x_quad, x_clip, x_off, weight, k_on, chunk_elements,
-                             grad)  # fmt: skip
+    return _per_image_scores(c, phi, offsets, x_quad, x_clip, x_off, weight, k_on, chunk_elements)
 
 
-def _per_image_scores(c, phi, offsets, x_quad, x_clip, x_off, weight, k_on, chunk_elements, grad):
-    """Scores ``(B, T, D)`` of φ ``(B|1, T, C, H, W)``: the image shifted by −δ."""
+def _blocked_shared_scores(c, planes, x_quad, x_clip, x_off, weight, k_on, block):
+    """Scores ``(B, T, D)`` against template planes ``(3, T, D, J)`` shared by all images,
+    one cache-sized block of (images × template rows × J) at a time."""
+    b, (_, t, d, j) = x_quad.shape[0], planes.shape
+    const = (
+        k_on.sum()
+        if weight is None
+        else (weight * k_on + (1 - weight) * c.log_norm_td).sum(dim=(-3, -2, -1))[:, None]
+    )  # () or (B, 1)
+    x = [v.reshape(b, 1, j) for v in (x_quad, x_clip, x_off)]  # (B, 1, J) each
+    wt = None if weight is None else weight.reshape(b, 1, j)
+    sides = planes.reshape(3, 1, t * d, j)  # (3, 1, R, J), R = T*D rows
+    rows = max(1, min(t * d, block // j))
+    per = max(1, min(b, block // (rows * j)))
+    scratch = x_quad.new_empty(2 * per * rows * j)
+    out = x_quad.new_empty(b, t * d)
+    # Rows outside, images inside: a block of template planes stays in cache for every image.
+    for r0 in range(0, t * d, rows):
+        q, k, o = sides[:, :, r0 : r0 + rows]  # (1, R', J) each
+        for b0 in range(0, b, per):
+            xs = [v[b0 : b0 + per] for v in x]
+            n = _n(*xs, q, k, o, scratch=scratch)  # (B', R', J)
+            if wt is not None:
+                n.mul_(wt[b0 : b0 + per])
+            out[b0 : b0 + per, r0 : r0 + rows] = n.sum(dim=-1)
+    return (const - out).reshape(b, t, d)
+
+
+def _blocked_per_image_scores(c, phi, offsets, bu, weight, k_on, block):
+    """Scores ``(B, T, D)`` of per-image (or shared) φ ``(B|1, T, C, H, W)``, by offset.
+
+    For offset δ, φ's element j meets image element j + δ; the pairs that stay inside the map
+    form one rectangle, so each offset compares a window of φ with a window of the image (views,
+    no shifted copies, no zero-fill weights). Everything, the image side included, is made per
+    cache-sized block of (images × hypotheses), so no pass runs over a full-size temporary.
+    """
+    b, t, (ch, h, w) = bu.shape[0], phi.shape[1], phi.shape[-3:]
+    j = ch * h * w
+    windows = [_windows(dy, dx, h, w) for dy, dx in offsets.tolist()]
+    # One offset at (0, 0): every pair is inside, no tie across offsets to keep exact, so
+    # Σ_i s_i = Σ_i K_on − n_i directly (no n0).
+    plain = windows == [((slice(0, h), slice(0, w)),) * 2]
+    per_t = max(1, min(t, block // j))
+    per_b = max(1, min(b, block // (per_t * j)))
+    shared = phi.shape[0] == 1
+    scratch = bu.new_empty(2 * per_b * per_t * j)
+    image_buf = bu.new_empty((3 if plain else 4) * per_b * j)
+    side_buf = bu.new_empty(3 * (1 if shared else per_b) * per_t * j)
+    zero = phi.new_zeros(1, ch, h, w)
+    zero_side = _phi_side_into(c, zero, zero.new_empty(3 * j))  # φ = 0: (1, C, H, W) each
+    out = bu.new_empty(b, t, len(windows))
+    for b0 in range(0, b, per_b):
+        b1 = min(b, b0 + per_b)
+        x = _image_side_into(c, bu[b0:b1], image_buf)  # 3 × (B', C, H, W)
+        wb = None if weight is None else weight[b0:b1]
+        if plain:
+            base = k_on if wb is None else wb * k_on + (1 - wb) * c.log_norm_td
+            base = base.sum(dim=(-3, -2, -1)).reshape(-1, 1, 1)  # () or (B', 1, 1)
+        else:
+            # n at φ = 0 by the very kernels used for every hypothesis below, so an element
+            # whose φ is 0 contributes exactly 0 to (n − n0): a dead component ties at every δ.
+            n0 = image_buf[3 * (b1 - b0) * j : 4 * (b1 - b0) * j].view(b1 - b0, ch, h, w)
+            n0 = _n_into(x, zero_side, n0, scratch)
+            # Σ_i s0_i: observed elements score K_on − n0, the others log N(φ; φ, σ0).
+            s0 = k_on - n0 if wb is None else wb * (k_on - n0) + (1 - wb) * c.log_norm_td
+            base = s0.sum(dim=(-3, -2, -1)).reshape(-1, 1, 1)  # (B', 1, 1)
+            x = (*x, n0)
+        xs = [v[:, None] for v in x]  # (B', 1, C, H, W) each
+        wb = None if wb is None else wb[:, None]
+        for t0 in range(0, t, per_t):
+            t1 = min(t, t0 + per_t)
+            if not shared or b0 == 0 or per_t < t:  # shared φ fitting one block: made once
+                ph = phi[:, t0:t1] if shared else phi[b0:b1, t0:t1]  # (B'|1, T', C, H, W)
+                sides = _phi_side_into(c, ph, side_buf)
+            for di, win in enumerate(windows):
+                if win is None:  # shifted off the map: every pair is outside, Σ = 0
+                    out[b0:b1, t0:t1, di] = base.reshape(-1, 1)
+                    continue
+                (py, px), (iy, ix) = win
+                xw = [v[..., iy, ix] for v in xs]  # (B', 1, C, h', w')
+                n = _n(*xw[:3], *(v[..., py, px] for v in sides), scratch=scratch)
+                if not plain:
+                    n.sub_(xw[3])  # (B', T', C, h', w'): n − n0, 0 wherever φ = 0
+                if wb is not None:
+                    n.mul_(wb[..., iy, ix])
+                out[b0:b1, t0:t1, di] = (base - n.sum(dim=(-3, -2, -1))[..., None])[..., 0]
+    return out
+
+
+def _image_side_into(c: ClosedFormConstants, bu: torch.Tensor, buf: torch.Tensor):
+    """The image side of n for ``bu`` ``(B', C, H, W)``, written into ``buf``: a f_bu,
+    κ p1 (λ − f_bu), ½ p2 (f_bu − β)² + K_on − K_off; the kernels of the unblocked path."""
+    size = bu.numel()
+    q, k, o = (buf[i * size : (i + 1) * size].view(bu.shape) for i in range(3))
+    torch.mul(c.root_half_prec_c, bu, out=q)
+    torch.mul(c.clip_on, torch.sub(bu, c.threshold, out=k).neg_(), out=k)
+    torch.sub(bu, c.background, out=o).square_().mul_(c.half_prec_off)
+    o.add_(c.const_on - c.const_off)
+    return q, k, o
+
+
+def _n_into(x, sides, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """:func:`_n` of image side ``x`` and φ side ``sides``, copied into ``out``."""
+    return out.copy_(_n(*x[:3], *sides, scratch=scratch))
+
+
+def _windows(dy: int, dx: int, h: int, w: int):
+    """φ's window and the image's window that meet at offset (dy, dx), or None if empty."""
+    y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
+    if y0 >= y1 or x0 >= x1:
+        return None
+    phi_win = (slice(y0, y1), slice(x0, x1))
+    return phi_win, (slice(y0 + dy, y1 + dy), slice(x0 + dx, x1 + dx))
+
+
+def _phi_side_into(c: ClosedFormConstants, ph: torch.Tensor, buf: torch.Tensor):
+    """:func:`_phi_side` of ``ph`` ``(…, C, H, W)``, written into ``buf``: the same kernels in
+    the same order, so the values are the same to the bit."""
+    size = ph.numel()
+    q, k, o = (buf[i * size : (i + 1) * size].view(ph.shape) for i in range(3))
+    torch.mul(c.root_half_prec_c, ph, out=q)
+    # λ − φ as −(φ − λ): IEEE subtraction is antisymmetric, so the same value to the bit.
+    torch.mul(c.clip_td, torch.sub(ph, c.threshold, out=k).neg_(), out=k)
+    torch.sub(ph, c.below, out=o).clamp_min_(0).square_().mul_(c.half_prec_td)
+    return q, k, o
+
+
+def _per_image_scores(c, phi, offsets, x_quad, x_clip, x_off, weight, k_on, chunk_elements):
+    """Scores ``(B, T, D)`` of φ ``(B|1, T, C, H, W)``: the image shifted by −δ (the
+    differentiable path; :func:`_blocked_per_image_scores` is the fast one)."""
     b, t, (ch, h, w) = x_quad.shape[0], phi.shape[1], phi.shape[-3:]
     d, j = offsets.shape[0], ch * h * w
     ones = torch.ones_like(x_quad) if weight is None else weight
@@ -159,18 +286,14 @@ def _per_image_scores(c, phi, offsets, x_quad, x_clip, x_off, weight, k_on, chun
     base = (ones * (k_on - n0) + (1 - ones) * c.log_norm_td).sum(dim=(-3, -2, -1))  # (B,)
     # Shifted by −δ, all at once: x[b, δ, j] = f_bu[b, j + δ] (zero fill, weight 0 there).
     per = max(1, chunk_elements // max(1, b * d * j))
-    n_scratch = 2 * b * d * min(per, t) * j
-    scratch = None if grad else _workspace(n_scratch + 5 * b * d * j, phi)
-    stacked = None if grad else scratch[n_scratch:].view(5, b, d, ch, h, w)
-    stacked = shift_all(torch.stack([x_quad, x_clip, x_off, n0, ones]), -offsets, out=stacked)
+    stacked = shift_all(torch.stack([x_quad, x_clip, x_off, n0, ones]), -offsets)
     x_quad, x_clip, x_off, n0, ones = stacked.view(5, b, d, 1, j).unbind(0)  # (B, D, 1, J)
     phi_flat = phi.reshape(phi.shape[0], 1, t, j)  # (B|1, 1, T, J)
     parts = []
     for start in range(0, t, per):
         sides = _phi_side(c, phi_flat[:, :, start : start + per], ch, h, w)
-        n = _n(x_quad, x_clip, x_off, *sides, scratch=None if grad else scratch[:n_scratch])
-        n = n - n0 if grad else n.sub_(n0)  # (B, D, T', J): n − n0, 0 wherever φ = 0
-        parts.append(_mul(n, ones, grad).sum(dim=-1))  # (B, D, T')
+        n = _n(x_quad, x_clip, x_off, *sides, scratch=None) - n0  # (B, D, T', J): 0 where φ = 0
+        parts.append((n * ones).sum(dim=-1))  # (B, D, T')
     main = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (B, D, T): Σ w (n − n0)
     return (base[:, None, None] - main).transpose(1, 2)  # (B, T, D)
 
@@ -200,10 +323,6 @@ def _n(x_quad, x_clip, x_off, quad, clip, off, *, scratch: torch.Tensor | None) 
     torch.add(x_clip, clip, out=n_clip).clamp_min_(0).square_()
     n_on.add_(n_clip)
     return torch.minimum(n_on, torch.add(x_off, off, out=n_clip), out=n_on)
-
-
-def _mul(n: torch.Tensor, weight: torch.Tensor, grad: bool) -> torch.Tensor:
-    return n * weight if grad else n.mul_(weight)
 
 
 def template_planes(

@@ -22,3 +22,16 @@ def test_greedy_vs_exact_smoke(tmp_path, monkeypatch):
             "logjoint_gap_max", "time_greedy_s", "time_exact_s", "speedup"} <= set(row)  # fmt: skip
     assert row["logjoint_gap_median"] >= -1e-3 and 0 <= row["agreement"] <= 1
     assert "CPUs" in result["machine"]
+
+
+def test_backward_pass_smoke(tmp_path, monkeypatch):
+    out = tmp_path / "bp.json"
+    run_script("backward_pass.py", "--smoke", "--device", "cpu", "--out", str(out),
+               monkeypatch=monkeypatch)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert {"base", "threads2", "category_given", "top_k15"} <= set(result["settings"])
+    assert all(r["ratio"] > 0 for r in result["settings"].values())
+    assert result["k_top_growth"]["time_ratio"] > 0
+    for row in result["batches"].values():
+        assert row["call_peak_rss_mb"] >= row["rss_before_call_mb"] > 0
+    assert "CPUs" in result["machine"]

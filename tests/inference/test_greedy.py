@@ -335,3 +335,30 @@ def test_unobserved_levels_and_values_keep_log_joint_exact():
     for site in gm.sites:
         assert torch.equal(r.assignment[site], r2.assignment[site]), site
     torch.testing.assert_close(r2.log_joint, r.log_joint, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "cfg, size, chunk",
+    [([3, "M", 4], 8, 50), ([20, "M", 3, "M"], 12, 2**25), ([2, 3, "M", 4, "M"], 10, 300)],
+    ids=["unpool-phase-tiny-chunks", "unpool-transposed-two-pools", "two-convs-small-chunks"],
+)  # fmt: skip
+def test_every_level_shape_is_the_brute_force_argmax_in_blocks(cfg, size, chunk):
+    """Blocked scoring of every kind of level (conv and image levels with one offset, pools
+    with nine, the top with 25) picks the plain per-hypothesis argmax, and greedy's log_joint
+    is log_joint of its assignment."""
+    gm = GenerativeModel.random(cfg, num_components=3, num_categories=2, image_size=size, seed=5)
+    s = sample(gm, 3, observe=True, seed=6)
+    r = greedy_map(gm, s.bu, chunk_elements=chunk)
+    for i in range(3):
+        for j, name in enumerate(gm.hidden_levels[:-1]):
+            upper = r.td[gm.hidden_levels[j + 1]][i]
+            parent = r.assignment[gm.gamma_parents(name)[0]][i]
+            lg = gm.priors[f"gamma_{name}"].log_probs()[parent]
+            ld = gm.priors[f"delta_{name}"].log_probs()
+            (g, d), _ = brute_force_level(
+                gm, name, upper, s.bu[name][i], lambda g, d, lg=lg, ld=ld: lg[g] + ld[d]
+            )
+            got = (int(r.assignment[f"gamma_{name}"][i]), int(r.assignment[f"delta_{name}"][i]))
+            assert got == (g, d), name
+    torch.testing.assert_close(r.log_joint, log_joint(gm, s.bu, r.assignment).detach(),
+                               rtol=1e-5, atol=0)  # fmt: skip

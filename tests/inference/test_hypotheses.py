@@ -174,3 +174,37 @@ def test_values_under_unobserved_elements_do_not_matter():
         b = hypothesis_scores(huge, phi, offsets, observed=observed, chunk_elements=chunk, **kw)
         assert torch.isfinite(b).all()
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "offsets",
+    [[(0, 0)], [(1, -2)], [(0, 2), (-1, 1), (2, -2)], [(7, 0), (0, 0), (-3, -9)]],
+    ids=["origin", "one-shift", "sparse", "off-the-map"],
+)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-image"])
+@pytest.mark.parametrize("chunk", [7, 40, 2**22], ids=["tiny-blocks", "small-blocks", "one"])
+def test_any_offset_list_and_block_size_against_the_plain_formula(offsets, shared, chunk):
+    """Every shape of level greedy meets (one offset at the origin or elsewhere, offset lists
+    in any order, shifts that leave the map), in blocks of any size (cache-sized in use)."""
+    gen = torch.Generator().manual_seed(len(offsets) + 10 * shared + chunk)
+    b, t, c, h, w = 3, 4, 2, 5, 6
+    kw = _kw(c, gen)
+    bu = (1.5 * torch.randn(b, c, h, w, generator=gen)).relu().double()
+    phi = (1.5 * torch.randn(1 if shared else b, t, c, h, w, generator=gen)).relu().double()
+    offsets = torch.tensor(offsets)
+    for observed in (None, torch.rand(b, c, h, w, generator=gen) > 0.3):
+        got = hypothesis_scores(bu, phi, offsets, observed=observed, chunk_elements=chunk, **kw)
+        want = _oracle(bu, phi, offsets, observed, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-8)
+
+
+@pytest.mark.parametrize("chunk", [7, 2**22], ids=["tiny-blocks", "one-block"])
+def test_an_all_zero_phi_ties_exactly_in_blocks_of_any_size(chunk):
+    gen = torch.Generator().manual_seed(11)
+    kw = _kw(2, gen)
+    kw["scale_on"] = kw["scale_on"].float()
+    bu = (1.3 * torch.randn(3, 2, 6, 6, generator=gen)).relu()
+    phi = torch.rand(3, 4, 2, 6, 6, generator=gen)
+    phi[:, 1] = 0.0
+    got = hypothesis_scores(bu, phi, torch.tensor(offset_grid(2)), chunk_elements=chunk, **kw)
+    assert (got[:, 1] == got[:, 1, :1]).all()

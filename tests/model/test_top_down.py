@@ -81,3 +81,21 @@ def test_phi_broadcasts_enumeration_dims():
     out = step.phi(upper, gamma, delta)
     assert out.shape == (4, 1, 2, *step.out.shape)
     torch.testing.assert_close(out[2, 0, 1], phi_loop(step, upper[1], 2, 0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "cfg, size", [([20, "M", 3], 10), ([20, "M", 3], 11), ([3, "M", 4], 9)],
+    ids=["transposed-conv", "transposed-conv-odd", "phase-conv-odd"],
+)  # fmt: skip
+def test_unpool_both_forms_against_per_hypothesis_loop(cfg, size):
+    """φ of an unpool step, by the transposed convolution (many input channels) or the phase
+    convolution (few), odd output sizes included, equals a per-hypothesis transposed conv."""
+    gm = GenerativeModel.random(cfg, num_components=3, num_categories=1, image_size=size)
+    step = gm.steps["conv1_1"]
+    assert step.kind == "unpool"
+    upper = torch.randn(2, *step.upper.shape).relu()
+    all_phi = step.phi_all(upper)  # (2, K, C, H, W)
+    for b in range(2):
+        for g in range(step.num_components):
+            want = phi_loop(step, upper[b], g, 0)
+            torch.testing.assert_close(all_phi[b, g], want, atol=1e-5, rtol=1e-5)
