@@ -43,6 +43,7 @@ from pyro_backpass.inference import (
     log_joint,
     sample,
 )
+from pyro_backpass.learning import EMConfig, fit_hard_em, fit_observation_model
 from pyro_backpass.levels import LevelSpec, level_names, levels_from_cfg
 from pyro_backpass.model import (
     CategoricalPrior,
@@ -70,6 +71,7 @@ __all__ = [
     "CompositionalityScore",
     "DEFAULT_SIZE",
     "DistractorSweep",
+    "EMConfig",
     "GenerativeModel",
     "LevelSpec",
     "MapResult",
@@ -90,6 +92,8 @@ __all__ = [
     "compositionality_score",
     "distractor_sweep",
     "exact_map",
+    "fit_hard_em",
+    "fit_observation_model",
     "greedy_map",
     "joint_states",
     "level_names",

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from pyro.ops.indexing import Vindex
 from torch import nn
 
+from pyro_backpass.backbone import Backbone
 from pyro_backpass.files import atomic_write
 from pyro_backpass.levels import Cfg, LevelSpec, levels_from_cfg
 from pyro_backpass.model.checks import category_indices, check_bu, check_observed
@@ -319,6 +320,26 @@ class GenerativeModel(nn.Module):
         return trace.format_shapes()
 
     # ------------------------------------------------------------------ construction
+    @classmethod
+    def for_backbone(
+        cls,
+        backbone: Backbone,
+        *,
+        num_components: int | Mapping[str, int],
+        image_size: int | None = None,
+        **kwargs: Any,
+    ) -> GenerativeModel:
+        """An untrained model of ``backbone``'s activations: its levels and categories.
+
+        :param image_size: the input size the levels are taken at (default: the backbone's).
+        :param kwargs: any other ``GenerativeModel`` keyword (offsets, σ's, ...).
+        """
+        if not backbone.categories:
+            raise ValueError("the backbone has no classifier head, so no categories to model")
+        size = backbone.image_size if image_size is None else image_size
+        return cls(backbone.levels_for(size), categories=backbone.categories,
+                   num_components=num_components, cfg=backbone.cfg, **kwargs)  # fmt: skip
+
     @classmethod
     def random(
         cls,

@@ -253,6 +253,25 @@ class TopDownStep(nn.Module):
                                output_padding=extra)  # fmt: skip
         return F.relu_(y).reshape(batch + (k, c, h, w))
 
+    def phi_per_sample(self, upper: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """Unshifted φ of one component per sample, ``(S, C, H, W)``, convolving only that one.
+
+        :func:`phi_all` computes all K kernel sets for every sample; fitting the kernels given
+        hard assignments (hard EM's M-step) needs one per sample, so samples are grouped by γ
+        and each group convolved with its own kernel set. Differentiable in the kernels.
+        ``upper``: category indices ``(S,)`` (template) or ``(S, C_in, H_in, W_in)``.
+        """
+        if self.kind == "template":
+            return F.relu(self.weight[upper, gamma])
+        out = None
+        for k in torch.unique(gamma).tolist():
+            rows = (gamma == k).nonzero().squeeze(1)
+            part = self.phi_all(upper[rows], slice(k, k + 1))[:, 0]  # (S_k, C, H, W)
+            if out is None:
+                out = part.new_zeros((upper.shape[0], *part.shape[1:]))
+            out = out.index_copy(0, rows, part)
+        return out
+
     def phi(
         self,
         upper: torch.Tensor,
