@@ -111,9 +111,10 @@ def full_res_level(gm: GenerativeModel) -> str:
 
 
 def object_mask(gm: GenerativeModel, td: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``(B, H, W)`` bool: on-elements of F̂_td at :func:`full_res_level`, any channel."""
+    """``(B, H, W)`` bool: elements of F̂_td at :func:`full_res_level` at or above that level's
+    ``mask_threshold`` (λ unless tuned), any channel."""
     name = full_res_level(gm)
-    return td[name].amax(dim=-3) >= gm.observations[name].threshold  # some channel is on
+    return td[name].amax(dim=-3) >= gm.observations[name].mask_threshold  # some channel is on
 
 
 def level_terms(

@@ -3,6 +3,7 @@
 targets that are the backbone's activations of single objects masked to the object.
 """
 
+from pyro_backpass.learning.evaluation import mask_iou, object_passes, tune_mask_threshold
 from pyro_backpass.learning.hard_em import (
     EMConfig,
     EMIteration,
@@ -20,6 +21,7 @@ from pyro_backpass.learning.observation_fit import (
     scene_pairs,
 )
 from pyro_backpass.learning.targets import masked_activations, max_pool_mask
+from pyro_backpass.learning.train import PRESETS, TrainConfig, render_object_set, train_model
 
 __all__ = [
     "EMConfig",
@@ -27,13 +29,20 @@ __all__ = [
     "EMResult",
     "LevelFit",
     "ObservationFit",
+    "PRESETS",
+    "TrainConfig",
     "e_step_level",
     "fit_hard_em",
     "fit_level",
     "fit_observation_model",
+    "mask_iou",
     "masked_activations",
     "max_pool_mask",
+    "object_passes",
     "object_targets",
+    "render_object_set",
     "scene_pairs",
+    "train_model",
+    "tune_mask_threshold",
     "window_scores",
 ]

@@ -268,6 +268,7 @@ def fit_observation_model(
         obs = gm.observations[name]
         with torch.no_grad():
             obs.threshold.fill_(fit.threshold)
+            obs.mask_threshold.fill_(fit.threshold)  # λ until tuned (tune_mask_threshold)
             obs.background.fill_(fit.background)
             obs.scale_off.fill_(fit.scale_off)
             obs.scale_on.copy_(fit.scale_on.view(-1, 1, 1).to(obs.scale_on))

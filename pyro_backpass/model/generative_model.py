@@ -15,10 +15,12 @@ Reference: Wang et al. 2016, eqs. (1)–(9).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,23 @@ from pyro_backpass.model.observation import ClosedFormConstants, Observation
 from pyro_backpass.model.priors import CategoricalPrior, NGramPrior, SitePrior, UniformPrior
 from pyro_backpass.model.top_down import TopDownStep, offset_grid, shift_all
 
-__all__ = ["ENUMERATE", "GenerativeModel", "default_offsets"]
+__all__ = ["ENUMERATE", "GenerativeModel", "backbone_fingerprint", "default_offsets"]
 
 # The infer= of every enumerated site (category, γ, δ): parallel enumeration.
 ENUMERATE = {"enumerate": "parallel"}
 _PRIOR_TYPES = {c.__name__: c for c in (CategoricalPrior, UniformPrior, NGramPrior)}
 _CONFIG_KEY = "pyro_backpass.GenerativeModel"
+_SHIPPED_BACKBONES = ("default", "compositional")
+
+
+def backbone_fingerprint(backbone: nn.Module) -> str:
+    """SHA-256 of a backbone's parameters and buffers (names, shapes, values), in order."""
+    digest = hashlib.sha256()
+    for name, tensor in backbone.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def default_offsets(levels: Sequence[LevelSpec]) -> dict[str, list[tuple[int, int]]]:
@@ -69,7 +82,8 @@ class GenerativeModel(nn.Module):
     :param cfg: the backbone config the levels came from (kept for the record).
     """
 
-    FORMAT_VERSION = 1
+    # 2: the file names the backbone the model explains and that backbone's fingerprint.
+    FORMAT_VERSION = 2
 
     def __init__(
         self,
@@ -120,6 +134,10 @@ class GenerativeModel(nn.Module):
                 scale_off=scale_off,
             )  # fmt: skip
         self.priors = nn.ModuleDict(self.default_priors())
+        # The backbone whose activations this models: kept outside the module tree (its
+        # parameters are not the model's), named in saved files by name and fingerprint.
+        self.__dict__["_backbone"] = None
+        self.__dict__["_backbone_record"] = None
 
     @staticmethod
     def _per_level(value: Any, names: list[str], what: str) -> dict[str, Any]:
@@ -130,6 +148,27 @@ class GenerativeModel(nn.Module):
                 raise ValueError(f"{what}: missing levels {missing}, unknown levels {unknown}")
             return dict(value)
         return {n: value for n in names}
+
+    @property
+    def backbone(self) -> Backbone | None:
+        """The backbone whose activations this model explains (``gm.backbone(images)`` gives
+        the ``bu`` that :func:`~pyro_backpass.greedy_map` takes), if one is attached."""
+        return self.__dict__["_backbone"]
+
+    def attach_backbone(self, backbone: Backbone, *, name: str) -> GenerativeModel:
+        """Attach ``backbone`` (checked against the model's levels); ``name`` is recorded in
+        saved files (``"default"`` and ``"compositional"`` are reloaded automatically)."""
+        image = self._levels[0]
+        levels = {s.name: s.shape for s in backbone.levels_for((image.height, image.width))}
+        wrong = [s.name for s in self._levels[:-1] if levels.get(s.name) != s.shape]
+        if wrong or tuple(backbone.categories) != self._categories:
+            raise ValueError(
+                f"backbone {name!r} does not match the model: levels {wrong} differ or "
+                f"categories {list(backbone.categories)} != {list(self._categories)}"
+            )
+        self.__dict__["_backbone"] = backbone
+        self.__dict__["_backbone_record"] = {"name": name, "sha256": backbone_fingerprint(backbone)}
+        return self
 
     # ------------------------------------------------------------------ structure
     @property
@@ -327,18 +366,23 @@ class GenerativeModel(nn.Module):
         *,
         num_components: int | Mapping[str, int],
         image_size: int | None = None,
+        backbone_name: str = "custom",
         **kwargs: Any,
     ) -> GenerativeModel:
-        """An untrained model of ``backbone``'s activations: its levels and categories.
+        """An untrained model of ``backbone``'s activations (its levels and categories), with
+        the backbone attached.
 
         :param image_size: the input size the levels are taken at (default: the backbone's).
+        :param backbone_name: recorded in saved files; ``"default"`` / ``"compositional"`` (the
+            shipped backbones) are reloaded with the model.
         :param kwargs: any other ``GenerativeModel`` keyword (offsets, σ's, ...).
         """
         if not backbone.categories:
             raise ValueError("the backbone has no classifier head, so no categories to model")
         size = backbone.image_size if image_size is None else image_size
-        return cls(backbone.levels_for(size), categories=backbone.categories,
-                   num_components=num_components, cfg=backbone.cfg, **kwargs)  # fmt: skip
+        gm = cls(backbone.levels_for(size), categories=backbone.categories,
+                 num_components=num_components, cfg=backbone.cfg, **kwargs)  # fmt: skip
+        return gm.attach_backbone(backbone, name=backbone_name)
 
     @classmethod
     def random(
@@ -421,6 +465,7 @@ class GenerativeModel(nn.Module):
             "ngram_order": self.ngram_order,
             "cfg": self.cfg,
             "priors": priors,
+            "backbone": self._backbone_record,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -451,7 +496,8 @@ class GenerativeModel(nn.Module):
         if config.get("format_version") != cls.FORMAT_VERSION:
             raise ValueError(
                 f"{path} has format version {config.get('format_version')}; this version of "
-                f"pyro_backpass reads {cls.FORMAT_VERSION}"
+                f"pyro_backpass reads {cls.FORMAT_VERSION} (version 2 added the backbone record: "
+                "re-save the model with this version after gm.attach_backbone(...))"
             )
         levels = [LevelSpec(**s) for s in config["levels"]]
         gm = cls(
@@ -482,7 +528,32 @@ class GenerativeModel(nn.Module):
         if bad:
             raise ValueError(f"{path}: tensors do not match its own config: {bad[:5]}")
         gm.load_state_dict(state)
+        record = config.get("backbone")
+        if record is not None and record.get("name") in _SHIPPED_BACKBONES:
+            backbone = Backbone.default(compositional=record["name"] == "compositional")
+            if backbone_fingerprint(backbone) != record.get("sha256"):
+                raise ValueError(
+                    f"{path} was fitted to another version of the {record['name']!r} backbone "
+                    "(fingerprints differ); refit it with `pyro-backpass train`"
+                )
+            gm.attach_backbone(backbone, name=record["name"])
+        elif record is not None:
+            gm.__dict__["_backbone_record"] = dict(record)  # attach it with attach_backbone
         return gm.to(map_location) if map_location else gm
+
+    @classmethod
+    def default(cls) -> GenerativeModel:
+        """The shipped model of the shipped backbone (weights inside the package, no
+        download), trained by ``pyro-backpass train --preset default`` (README: the command and
+        seed); ``gm.backbone`` is its backbone."""
+        ref = resources.files("pyro_backpass").joinpath("weights", "generative_model.safetensors")
+        with resources.as_file(ref) as path:
+            if not path.exists():
+                raise FileNotFoundError(
+                    "the shipped generative model weights/generative_model.safetensors are "
+                    "missing from the package; train one with `pyro-backpass train`"
+                )
+            return cls.load(path)
 
     def extra_repr(self) -> str:
         ks = ", ".join(f"{k}={v}" for k, v in self.num_components.items())

@@ -112,6 +112,10 @@ class Observation(nn.Module):
     """λ, β, σ2 (scalars) and σ1 (one per channel) of one level, as buffers.
 
     :param spec: the level. Channel-specific σ1 is what the paper found robust to clutter.
+    :param mask_threshold: the value of F̂_td from which an element counts as the object's in
+        :attr:`MapResult.mask` (default: λ). It is a choice about masks, not part of the
+        probability model, and is tuned on its own (the learning issue measured a higher value
+        than the observation model's λ to give better masks).
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class Observation(nn.Module):
         background: float = 0.0,
         scale_on: float | torch.Tensor = 0.3,
         scale_off: float = 0.3,
+        mask_threshold: float | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -136,6 +141,8 @@ class Observation(nn.Module):
         self.register_buffer("background", torch.tensor(float(background)))
         self.register_buffer("scale_on", scale_on)  # (C, 1, 1)
         self.register_buffer("scale_off", torch.tensor(float(scale_off)))
+        mask = threshold if mask_threshold is None else mask_threshold
+        self.register_buffer("mask_threshold", torch.tensor(float(mask)))
 
     def distribution(self, td: torch.Tensor) -> ThresholdedGaussian:
         """``P(f_bu | f_td)`` element-wise, batch shape ``td.shape`` (``(..., C, H, W)``)."""
