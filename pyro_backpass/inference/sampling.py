@@ -27,6 +27,7 @@ def sample(
     priors: Mapping[str, SitePrior] | None = None,
     observe: bool = False,
     seed: int | None = None,
+    noise: float = 1.0,
 ) -> Sample:
     """Draw ``n`` ancestral samples: category, then per level γ, δ and F_td top-down.
 
@@ -40,6 +41,8 @@ def sample(
     :param priors: per-call prior overrides.
     :param observe: also sample the bottom-up observations ``bu`` of every level.
     :param seed: seeds torch's generator for this call only (same seed, same samples).
+    :param noise: multiplier of σ0 on the top-down path: 0 gives the mean path (each level
+        exactly φ of the one above), 1 the model's own samples.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
@@ -49,7 +52,9 @@ def sample(
     with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.no_grad():
         if seed is not None:
             torch.manual_seed(seed)
-        trace = poutine.trace(conditioned).get_trace(batch_size=n, priors=priors, sample_bu=observe)
+        trace = poutine.trace(conditioned).get_trace(
+            batch_size=n, priors=priors, sample_bu=observe, noise=noise
+        )
     nodes = trace.nodes
     assignment = {s: nodes[s]["value"].long() for s in gm.sites}
     td = {name: nodes[f"td_{name}"]["value"] for name in gm.hidden_levels}

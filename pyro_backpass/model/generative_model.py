@@ -287,6 +287,7 @@ class GenerativeModel(nn.Module):
         priors: Mapping[str, SitePrior] | None = None,
         sample_tables: bool = False,
         sample_bu: bool = False,
+        noise: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """The Bayes net as a Pyro model; returns the top-down activations by level.
 
@@ -306,7 +307,11 @@ class GenerativeModel(nn.Module):
         :param sample_tables: draw the n-gram tables from their Dirichlet priors (sites
             ``table_<site>``) instead of using the point estimates.
         :param sample_bu: also sample ``bu_<level>`` on every level not in ``bu``.
+        :param noise: multiplier of σ0 on the top-down path (1: the model; 0: the mean path,
+            ``td_<level>`` = φ through a ``Delta``; between: a temperature for samples).
         """
+        if not (isinstance(noise, (int, float)) and noise >= 0 and noise == noise):
+            raise ValueError(f"noise must be a number >= 0, got {noise!r}")
         bu, b = check_bu(self, bu, batch_size=batch_size)
         masks = check_observed(self, observed, bu, b)
         cat_obs = category_indices(self, category, b)
@@ -330,7 +335,11 @@ class GenerativeModel(nn.Module):
                     values[site] = pyro.sample(site, dist.Categorical(probs), infer=ENUMERATE)
                 step = self.steps[name]
                 phi = step.phi(upper, values[f"gamma_{name}"], values[f"delta_{name}"])
-                td[name] = pyro.sample(f"td_{name}", dist.Normal(phi, step.scale_td).to_event(3))
+                if noise > 0:
+                    path = dist.Normal(phi, noise * step.scale_td).to_event(3)
+                else:
+                    path = dist.Delta(phi, event_dim=3)
+                td[name] = pyro.sample(f"td_{name}", path)
                 self._observe(name, td[name], bu, masks, sample_bu)
                 upper = td[name]
         return td

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pyro_backpass import GenerativeModel, sample
@@ -52,3 +53,30 @@ def test_td_is_phi_plus_gaussian_noise():
             resid.append((s.td[name][i] - phi) / step.scale_td)
         z = torch.stack(resid)
         assert z.mean().abs() < 0.05 and (z.std() - 1).abs() < 0.05, name
+
+
+def test_noise_zero_is_the_mean_path_and_noise_scales_the_spread():
+    from pyro_backpass import GenerativeModel, sample
+
+    gm = GenerativeModel.random([3, "M"], num_components=2, num_categories=2, image_size=8)
+    s = sample(gm, 6, seed=0, noise=0.0)
+    top = gm.hidden_levels[-1]
+    phi = gm.steps[top].phi(s.assignment["category"], s.assignment[f"gamma_{top}"],
+                            s.assignment[f"delta_{top}"])  # fmt: skip
+    torch.testing.assert_close(s.td[top], phi)
+    below = gm.hidden_levels[-2]
+    phi = gm.steps[below].phi(s.td[top], s.assignment[f"gamma_{below}"],
+                              s.assignment[f"delta_{below}"])  # fmt: skip
+    torch.testing.assert_close(s.td[below], phi)
+    # The residual's spread follows the multiplier (same seed: the same standard normals).
+    big = sample(gm, 6, seed=0, noise=3.0)
+    one = sample(gm, 6, seed=0, noise=1.0)
+    resid = lambda r: (
+        r.td[top]
+        - gm.steps[top].phi(  # noqa: E731
+            r.assignment["category"], r.assignment[f"gamma_{top}"], r.assignment[f"delta_{top}"]
+        )
+    )
+    torch.testing.assert_close(resid(big), 3 * resid(one), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="noise"):
+        sample(gm, 2, noise=-1.0)

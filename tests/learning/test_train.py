@@ -1,0 +1,68 @@
+"""The training command: stages, checkpoints, resume, configuration checks, the shipped model."""
+
+import json
+
+import pytest
+import torch
+
+from pyro_backpass import GenerativeModel
+from pyro_backpass.cli import main
+from pyro_backpass.learning import PRESETS, mask_iou, train_model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "run"
+    torch.set_num_threads(1)
+    main(["train", "--preset", "smoke", "--out", str(out), "--no-progress", "--threads", "1"])
+    return out
+
+
+def test_the_command_writes_every_stage_and_a_loadable_model(trained):
+    for name in ("config.json", "log.json", "observation.safetensors", "model.safetensors"):
+        assert (trained / name).is_file(), name
+    assert not list(trained.glob(".*.tmp"))
+    log = json.loads((trained / "log.json").read_text())
+    assert set(log["seconds"]) == {"observation", "hard_em"}
+    assert len(log["em"]) == PRESETS["smoke"].em.iterations + 1
+    gm = GenerativeModel.load(trained / "model.safetensors")
+    assert gm.backbone is not None and gm.config()["backbone"]["name"] == "default"
+    lam = float(gm.observations["conv1_1"].threshold)
+    best = max(log["mask_threshold_iou"].items(), key=lambda kv: kv[1])[0]
+    assert float(gm.observations["conv1_1"].mask_threshold) == pytest.approx(float(best) * lam)
+
+
+def test_resume_after_the_first_stage_gives_the_uninterrupted_parameters(trained, tmp_path):
+    again = tmp_path / "again"
+    train_model(PRESETS["smoke"], out_dir=again, progress=False)
+    (again / "model.safetensors").unlink()  # as if killed during hard EM
+    resumed = train_model(PRESETS["smoke"], out_dir=again, resume=True, progress=False)
+    full = GenerativeModel.load(trained / "model.safetensors")
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(),
+                                 strict=True):  # fmt: skip
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_resume_with_another_configuration_is_refused(trained):
+    with pytest.raises(SystemExit, match="another configuration"):
+        main(["train", "--preset", "smoke", "--out", str(trained), "--resume", "--seed", "9",
+              "--no-progress"])  # fmt: skip
+    with pytest.raises(SystemExit, match="holds checkpoints"):
+        main(["train", "--preset", "smoke", "--out", str(trained), "--no-progress"])
+
+
+def test_a_model_of_another_backbone_version_is_refused(trained, tmp_path):
+    gm = GenerativeModel.load(trained / "model.safetensors")
+    gm.__dict__["_backbone_record"] = {"name": "default", "sha256": "0" * 64}
+    path = gm.save(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="another version of the 'default' backbone"):
+        GenerativeModel.load(path)
+
+
+def test_mask_iou_against_counts():
+    a = torch.zeros(2, 4, 4, dtype=torch.bool)
+    b = torch.zeros(2, 4, 4, dtype=torch.bool)
+    a[0, :2, :2], b[0, 1:3, 1:3] = True, True  # 1 shared of 7
+    torch.testing.assert_close(mask_iou(a, b), torch.tensor([1 / 7, 1.0]))
+    with pytest.raises(ValueError, match="bool"):
+        mask_iou(a.float(), b)
