@@ -71,12 +71,11 @@ def test_noise_zero_is_the_mean_path_and_noise_scales_the_spread():
     # The residual's spread follows the multiplier (same seed: the same standard normals).
     big = sample(gm, 6, seed=0, noise=3.0)
     one = sample(gm, 6, seed=0, noise=1.0)
-    resid = lambda r: (
-        r.td[top]
-        - gm.steps[top].phi(  # noqa: E731
-            r.assignment["category"], r.assignment[f"gamma_{top}"], r.assignment[f"delta_{top}"]
-        )
-    )
+
+    def resid(r):
+        a = r.assignment
+        return r.td[top] - gm.steps[top].phi(a["category"], a[f"gamma_{top}"], a[f"delta_{top}"])
+
     torch.testing.assert_close(resid(big), 3 * resid(one), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="noise"):
         sample(gm, 2, noise=-1.0)

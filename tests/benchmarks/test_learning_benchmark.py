@@ -1,0 +1,21 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[2] / "benchmarks" / "learning.py"
+
+
+def test_learning_benchmark_smoke(tmp_path):
+    out = tmp_path / "learning.json"
+    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())["results"]
+    for key in ("mask_iou_default_scale", "mask_iou_scene_scale", "category_accuracy"):
+        assert 0.0 <= result[key] <= 1.0
+    assert (tmp_path / "learning_samples.png").stat().st_size > 0
+    assert (tmp_path / "learning_reconstructions.png").stat().st_size > 0
+    table = subprocess.run([sys.executable, str(BENCH), "--table", "--out", str(out)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "mask IoU" in table.stdout
