@@ -11,7 +11,8 @@ model (``GenerativeModel.default()``) or ``--model PATH``:
   among 100 samples per category;
 * the fraction of samples (image level, clamped to [0, 1]) that the plain default backbone
   classifies as their category, per category and per ``noise`` (0: the mean path, 1: the model);
-* a figure of samples per category (paper Fig. 3) and of reconstructions beside the inputs.
+* a figure of samples per category (paper Fig. 3) and of reconstructions beside the inputs;
+* an ArviZ posterior-predictive check of the observation model on test-split scenes.
 
 One thread. Writes ``benchmarks/results/learning.json`` and ``learning_*.png``; ``--smoke``
 trains a tiny model in seconds instead (used by the tests); ``--table`` prints the README table.
@@ -37,13 +38,14 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine  # noqa: E402
 
-from pyro_backpass import GenerativeModel, RenderedObjects, greedy_map, sample  # noqa: E402
+from pyro_backpass import GenerativeModel, RenderedObjects, Scenes, greedy_map, sample  # noqa: E402
 from pyro_backpass.data import SCENE_SCALE, split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
 from pyro_backpass.learning import (  # noqa: E402
     PRESETS,
     mask_iou,
     object_passes,
+    observation_ppc,
     train_model,
 )
 
@@ -108,7 +110,27 @@ def evaluate(gm: GenerativeModel, *, n: int, n_samples: int) -> dict:
     out["distinct_top_gamma_delta_in_samples"] = distinct
     out["samples_classified_as_their_category"] = classified
     figure_samples(gm)
+    figure_ppc(gm)
     return out
+
+
+def figure_ppc(gm: GenerativeModel, n_scenes: int = 30) -> None:
+    """ArviZ posterior-predictive check of the observation model on test-split scenes."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ArviZ's notice of its 1.x on import
+        import arviz as az
+
+    scenes = list(Scenes(n_scenes, seed=split_seed("test")))
+    idata = observation_ppc(gm, gm.backbone, scenes, draws=50)
+    names = [f"{level}_frac_above" for level in gm.hidden_levels]
+    axes = az.plot_ppc(idata, var_names=names, num_pp_samples=50, textsize=7)
+    fig = axes.ravel()[0].figure
+    fig.suptitle(
+        "observation model: fraction of elements ≥ λ per object, scenes vs draws", fontsize=9
+    )
+    _save(fig, "learning_ppc.png")
 
 
 FIGURES = RESULTS  # figures go beside the results file (main() sets it from --out)

@@ -20,6 +20,7 @@ from pyro_backpass.learning.observation_fit import (
     fit_observation_model,
     scene_pairs,
 )
+from pyro_backpass.learning.ppc import observation_ppc, observation_statistics
 from pyro_backpass.learning.targets import masked_activations, max_pool_mask
 from pyro_backpass.learning.train import PRESETS, TrainConfig, render_object_set, train_model
 
@@ -40,6 +41,8 @@ __all__ = [
     "max_pool_mask",
     "object_passes",
     "object_targets",
+    "observation_ppc",
+    "observation_statistics",
     "render_object_set",
     "scene_pairs",
     "train_model",

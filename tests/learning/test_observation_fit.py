@@ -112,3 +112,24 @@ def test_fit_observation_model_writes_every_level_of_the_model():
         assert (level.scale_on.double() ** 2 + sigma0**2 <= bound).all()
     with pytest.raises(ValueError, match="unknown levels"):
         fit_observation_model(gm, bb, list(Scenes(1, seed=3)), levels=["pool9"], progress=False)
+
+
+def test_ppc_statistics_match_a_direct_count_and_have_arviz_shapes():
+    from pyro_backpass import Backbone, GenerativeModel, Scenes
+    from pyro_backpass.learning import observation_ppc, observation_statistics
+
+    g = torch.Generator().manual_seed(0)
+    bu = torch.randn(3, 2, 4, 4, generator=g)
+    used = torch.rand(3, 1, 4, 4, generator=g) > 0.3
+    stats_ = observation_statistics(bu, used, 0.5)
+    for o in range(3):
+        sel = bu[o][used[o].expand(2, 4, 4)]
+        above = sel[sel >= 0.5]
+        assert float(stats_["frac_above"][o]) == pytest.approx(above.numel() / sel.numel())
+        assert float(stats_["mean_above"][o]) == pytest.approx(float(above.mean()), rel=1e-6)
+    bb = Backbone.default()
+    gm = GenerativeModel.for_backbone(bb, num_components=1)
+    idata = observation_ppc(gm, bb, list(Scenes(1, seed=3)), levels=["pool4"], draws=7)
+    pp = idata.posterior_predictive["pool4_frac_above"]
+    obs = idata.observed_data["pool4_frac_above"]
+    assert pp.shape[:2] == (1, 7) and pp.shape[2] == obs.shape[0]
