@@ -147,6 +147,7 @@ def e_step_level(
     *,
     log_prior_gamma: torch.Tensor | None = None,
     log_prior_delta: torch.Tensor | None = None,
+    batch_size: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The E-step of one level: the best (γ, δ) of every object given its input and target.
 
@@ -154,15 +155,21 @@ def e_step_level(
     :param target: ``(B, C, H, W)`` F_td of the level.
     :param log_prior_gamma: ``(B, K)`` log P(γ | parents) (None: uniform).
     :param log_prior_delta: ``(D,)`` log P(δ) (None: uniform).
+    :param batch_size: objects per chunk (φ of all K components is made per chunk).
     :returns: ``(γ, δ, score)``, each ``(B,)``; ties go to the lowest flat index (γ, then δ).
     """
-    phi = step.phi_all(upper)  # (B, K, C, H, W)
-    scores = window_scores(target, phi, step.offsets, scale_td=float(step.scale_td))
-    if log_prior_gamma is not None:
-        scores = scores + log_prior_gamma[:, :, None]
-    if log_prior_delta is not None:
-        scores = scores + log_prior_delta[None, None, :]
-    best, flat = scores.reshape(scores.shape[0], -1).max(dim=-1)
+    bests, flats = [], []
+    for start in range(0, target.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        phi = step.phi_all(upper[sl])  # (B', K, C, H, W)
+        scores = window_scores(target[sl], phi, step.offsets, scale_td=float(step.scale_td))
+        if log_prior_gamma is not None:
+            scores = scores + log_prior_gamma[sl, :, None]
+        if log_prior_delta is not None:
+            scores = scores + log_prior_delta[None, None, :]
+        best, flat = scores.reshape(scores.shape[0], -1).max(dim=-1)  # first maximum
+        bests.append(best), flats.append(flat)
+    best, flat = torch.cat(bests), torch.cat(flats)
     d = step.num_offsets
     return flat // d, flat % d, best
 
