@@ -19,3 +19,15 @@ def test_learning_benchmark_smoke(tmp_path):
     table = subprocess.run([sys.executable, str(BENCH), "--table", "--out", str(out)],
                            capture_output=True, text=True, timeout=60)  # fmt: skip
     assert "mask IoU" in table.stdout
+
+
+def test_diagnose_benchmark_smoke(tmp_path):
+    out = tmp_path / "diagnose.json"
+    script = BENCH.parent / "diagnose.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    ladder = json.loads(out.read_text())["mask_iou"]
+    assert ladder["objects"] > 0
+    for key in ("free", "top_clamped", "alone_plain"):
+        assert 0.0 <= ladder[key] <= 1.0

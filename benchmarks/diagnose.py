@@ -1,0 +1,117 @@
+"""The oracle ladder: where does the backward pass fail on cluttered scenes?
+
+For every target object of held-out scenes (test split), the mask IoU of the backward pass, the
+category given, in four settings from hardest to easiest:
+
+(a) ``free``: the pass on the scene, every hidden variable free;
+(b) ``top_clamped``: the pass on the scene with the top level's (γ, δ) clamped to the object's
+    own E-step assignment (from its masked activations alone), so only the lower levels decide;
+(c) ``alone_on_scene_background``: not measured — the renderer has no "object alone on the
+    scene's clutter" image yet (the scenes keep the object alone on the *plain* background);
+(d) ``alone_plain``: the pass on the object alone on the plain background.
+
+IoU of (a)/(b) is against the object's visible mask, of (d) against its whole mask. A big gap
+(a) → (b) says the top decision fails; (b) → (d) says the lower levels or the observation model
+let clutter in.
+
+One thread. Writes ``benchmarks/results/diagnose.json``; ``--smoke`` trains a tiny model.
+
+Usage: ``python benchmarks/diagnose.py [--model PATH] [--scenes N] [--smoke]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, machine  # noqa: E402
+
+from pyro_backpass import GenerativeModel, Scenes, greedy_map  # noqa: E402
+from pyro_backpass.data import split_seed  # noqa: E402
+from pyro_backpass.files import atomic_write_json  # noqa: E402
+from pyro_backpass.learning import (  # noqa: E402
+    PRESETS,
+    e_step_level,
+    mask_iou,
+    masked_activations,
+    train_model,
+)
+
+
+@torch.no_grad()
+def ladder(gm: GenerativeModel, n_scenes: int) -> dict:
+    bb = gm.backbone
+    top = gm.hidden_levels[-1]
+    step = gm.steps[top]
+    level = "conv1_1" if "conv1_1" in gm.hidden_levels else gm.hidden_levels[0]
+    thr = gm.observations[level].mask_threshold
+    rows: dict[str, list[float]] = {"free": [], "top_clamped": [], "alone_plain": []}
+    for scene in Scenes(n_scenes, seed=split_seed("test")):
+        acts = bb(scene.image[None])
+        bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
+        for inst in scene.instances:
+            if not inst.is_target or inst.category not in gm.categories or not inst.mask.any():
+                continue
+            c = gm.categories.index(inst.category)
+            label = torch.tensor([c])
+            free = greedy_map(gm, bu, category=label)
+            rows["free"].append(float(mask_iou(free.mask, inst.mask[None])[0]))
+            target = masked_activations(bb, inst.image_alone[None], inst.amodal_mask[None])
+            prior = gm.priors[f"gamma_{top}"].log_probs()[label]  # (1, K)
+            gamma, delta, _ = e_step_level(
+                step, label, target[top], log_prior_gamma=prior,
+                log_prior_delta=gm.priors[f"delta_{top}"].log_probs(),
+            )  # fmt: skip
+            clamped = greedy_map(gm, bu, category=label,
+                                 clamp={f"gamma_{top}": gamma, f"delta_{top}": delta})  # fmt: skip
+            rows["top_clamped"].append(float(mask_iou(clamped.mask, inst.mask[None])[0]))
+            alone_acts = bb(inst.image_alone[None])
+            alone_bu = {k: v for k, v in alone_acts.items() if k in gm.hidden_levels}
+            alone = greedy_map(gm, alone_bu, category=label)
+            peak = alone.td[level].amax(dim=-3) >= thr
+            rows["alone_plain"].append(float(mask_iou(peak, inst.amodal_mask[None])[0]))
+    n = len(rows["free"])
+    out = {k: (sum(v) / n if n else float("nan")) for k, v in rows.items()}
+    out["alone_on_scene_background"] = None
+    out["objects"] = n
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
+    parser.add_argument("--scenes", type=int, default=60)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "diagnose.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            gm = train_model(PRESETS["smoke"], out_dir=tmp, progress=False)
+        n_scenes = 2
+    else:
+        gm = GenerativeModel.default() if args.model is None else GenerativeModel.load(args.model)
+        n_scenes = args.scenes
+    result = {
+        "machine": machine(),
+        "threads": 1,
+        "model": "smoke" if args.smoke else str(args.model or "GenerativeModel.default()"),
+        "split": "test",
+        "scenes": n_scenes,
+        "mask_iou": ladder(gm, n_scenes),
+    }
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    atomic_write_json(args.out, result)
+    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result["mask_iou"].items()})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
