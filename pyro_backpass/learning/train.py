@@ -4,9 +4,12 @@ drives it; see :mod:`pyro_backpass.cli.train`).
 Stages, each ending in an atomically written checkpoint in ``out_dir``:
 
 1. ``observation.safetensors``: the model after :func:`fit_observation_model` on rendered scenes;
-2. ``model.safetensors``: after :func:`fit_hard_em` on rendered single objects and the mask
-   threshold chosen on validation objects (:func:`tune_mask_threshold`), with ``log.json``
-   (per-round errors, component usage, the threshold's IoU per multiplier, seconds per stage).
+2. ``hard_em.safetensors``: after :func:`fit_hard_em` on rendered single objects;
+3. ``model.safetensors``: with the mask threshold chosen on validation objects
+   (:func:`tune_mask_threshold`).
+
+``log.json`` holds per-round errors and component usage, the validation IoU of every mask
+threshold tried, and the seconds of every stage.
 
 ``config.json`` records the configuration; ``resume=True`` checks it against the one given
 (a clear error when they differ) and skips every completed stage. Each stage depends only on
@@ -46,6 +49,7 @@ class TrainConfig:
     objects_per_category: int = 200  # single objects for hard EM (train split)
     scenes: int = 100  # cluttered scenes for the observation model (train split)
     validation_per_category: int = 20  # objects that choose the mask threshold (validation)
+    mask_multipliers: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)  # × λ
     components_top: int = 20  # K of the level just below the category (the paper: 500)
     components: int = 5  # K of every other level (the paper: 5)
     em: EMConfig = field(default_factory=EMConfig)  # hard EM options
@@ -54,6 +58,7 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["categories"] = list(self.categories)
+        d["mask_multipliers"] = list(self.mask_multipliers)
         return d
 
 
@@ -133,7 +138,10 @@ def train_model(
     if resume and log_path.exists():
         log = json.loads(log_path.read_text())
 
-    stage1, stage2 = out / "observation.safetensors", out / "model.safetensors"
+    stage1, stage2 = out / "observation.safetensors", out / "hard_em.safetensors"
+    stage3 = out / "model.safetensors"
+    if resume and stage3.exists():
+        return GenerativeModel.load(stage3)
     if resume and stage1.exists():
         gm = GenerativeModel.load(stage1)
     else:
@@ -149,21 +157,27 @@ def train_model(
         log["seconds"]["observation"] = round(time.perf_counter() - start, 1)
         atomic_write_json(log_path, log)
     if resume and stage2.exists():
-        return GenerativeModel.load(stage2)
+        gm = GenerativeModel.load(stage2)
+    else:
+        start = time.perf_counter()
+        objects = render_object_set(
+            config.categories, config.objects_per_category,
+            seed=split_seed("train", config.seed), backbone=backbone,
+        )  # fmt: skip
+        em = replace(config.em, seed=config.seed)
+        result = fit_hard_em(gm, backbone, objects, config=em, progress=progress)
+        gm.save(stage2)
+        log["seconds"]["hard_em"] = round(time.perf_counter() - start, 1)
+        log["em"] = result.to_dict()["log"]
+        atomic_write_json(log_path, log)
     start = time.perf_counter()
-    objects = render_object_set(
-        config.categories, config.objects_per_category,
-        seed=split_seed("train", config.seed), backbone=backbone,
-    )  # fmt: skip
-    em = replace(config.em, seed=config.seed)
-    result = fit_hard_em(gm, backbone, objects, config=em, progress=progress)
     validation = render_object_set(
         config.categories, config.validation_per_category,
         seed=split_seed("validation", config.seed), backbone=backbone,
     )  # fmt: skip
-    log["mask_threshold_iou"] = tune_mask_threshold(gm, backbone, validation)
-    gm.save(stage2)
-    log["seconds"]["hard_em"] = round(time.perf_counter() - start, 1)
-    log["em"] = result.to_dict()["log"]
+    scores = tune_mask_threshold(gm, backbone, validation, multipliers=config.mask_multipliers)
+    log["mask_threshold_iou"] = {str(m): v for m, v in scores.items()}
+    gm.save(stage3)
+    log["seconds"]["mask_threshold"] = round(time.perf_counter() - start, 1)
     atomic_write_json(log_path, log)
     return gm

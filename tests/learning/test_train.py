@@ -19,11 +19,12 @@ def trained(tmp_path_factory):
 
 
 def test_the_command_writes_every_stage_and_a_loadable_model(trained):
-    for name in ("config.json", "log.json", "observation.safetensors", "model.safetensors"):
+    for name in ("config.json", "log.json", "observation.safetensors", "hard_em.safetensors",
+                 "model.safetensors"):  # fmt: skip
         assert (trained / name).is_file(), name
     assert not list(trained.glob(".*.tmp"))
     log = json.loads((trained / "log.json").read_text())
-    assert set(log["seconds"]) == {"observation", "hard_em"}
+    assert set(log["seconds"]) == {"observation", "hard_em", "mask_threshold"}
     assert len(log["em"]) == PRESETS["smoke"].em.iterations + 1
     gm = GenerativeModel.load(trained / "model.safetensors")
     assert gm.backbone is not None and gm.config()["backbone"]["name"] == "default"
@@ -35,7 +36,8 @@ def test_the_command_writes_every_stage_and_a_loadable_model(trained):
 def test_resume_after_the_first_stage_gives_the_uninterrupted_parameters(trained, tmp_path):
     again = tmp_path / "again"
     train_model(PRESETS["smoke"], out_dir=again, progress=False)
-    (again / "model.safetensors").unlink()  # as if killed during hard EM
+    for stage in ("hard_em", "model"):  # as if killed during hard EM
+        (again / f"{stage}.safetensors").unlink()
     resumed = train_model(PRESETS["smoke"], out_dir=again, resume=True, progress=False)
     full = GenerativeModel.load(trained / "model.safetensors")
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(),
