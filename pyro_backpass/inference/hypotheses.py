@@ -49,6 +49,7 @@ import torch
 
 from pyro_backpass.inference.cache_blocks import block_elements
 from pyro_backpass.inference.closed_form import select
+from pyro_backpass.inference.fused_scores import compile_enabled, compiled_scores
 from pyro_backpass.model.observation import ClosedFormConstants
 from pyro_backpass.model.top_down import shift_all
 
@@ -100,6 +101,11 @@ def hypothesis_scores(
         bu = select(obs, bu, c.background)  # harmless values where nothing is observed
         weight = obs.to(bu.dtype)
     k_on = c.const_on.expand(ch, h, w)
+    if not grad and planes is None and compile_enabled():
+        # Opt-in fused kernel (fused_scores.py): every hypothesis in one compiled loop.
+        fused = compiled_scores(c, phi, offsets, bu, weight)
+        if fused is not None:
+            return fused
     shared_planes = planes is not None or (phi.shape[0] == 1 and 3 * t * d * j <= chunk_elements)
     if not grad and not shared_planes and phi.shape[0] == 1 and d > 1:
         # Shared templates too many to keep all planes: planes of one chunk of templates at a
