@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine  # noqa: E402
 
 from pyro_backpass import Backbone, GenerativeModel, greedy_map, make_scene  # noqa: E402
+from pyro_backpass.cli import resolve_device  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
 
 PRESETS = {
@@ -57,12 +58,6 @@ PRESETS = {
     ),
     "smoke": dict(k=2, batch=2, k_tops=(2, 4), batches=(1, 2), repeats=1, top_k=3, compiled=False),
 }
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def scenes(batch: int, device: torch.device) -> torch.Tensor:
