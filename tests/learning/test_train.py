@@ -68,3 +68,19 @@ def test_mask_iou_against_counts():
     torch.testing.assert_close(mask_iou(a, b), torch.tensor([1 / 7, 1.0]))
     with pytest.raises(ValueError, match="bool"):
         mask_iou(a.float(), b)
+
+
+def test_the_shipped_model_loads_with_its_backbone_and_runs_the_backward_pass():
+    from pyro_backpass import RenderedObjects, greedy_map
+    from pyro_backpass.learning import PRESETS
+
+    gm = GenerativeModel.default()
+    assert gm.backbone is not None and gm.config()["backbone"]["name"] == "default"
+    top = gm.hidden_levels[-1]
+    assert gm.num_components[top] == PRESETS["default"].components_top
+    image, mask = RenderedObjects("airplane", 1, seed=3)[0]
+    with torch.no_grad():
+        bu = {k: v for k, v in gm.backbone(image[None]).items() if k in gm.hidden_levels}
+    result = greedy_map(gm, bu, category="airplane")
+    assert result.mask.shape == (1, 64, 64) and torch.isfinite(result.log_joint).all()
+    assert float(mask_iou(result.mask, mask[None])[0]) > 0.2  # it finds the object's pixels
