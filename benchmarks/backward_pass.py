@@ -53,10 +53,27 @@ from pyro_backpass.files import atomic_write_json  # noqa: E402
 PRESETS = {
     # K on every level, batch, top-level Ks, batches, repeats, top_k of the top_k row, and
     # whether to measure the compiled scores (a minute of cold compile: not in the smoke run)
+    # and whether to also measure the shipped trained model (GenerativeModel.default()).
     "full": dict(
-        k=5, batch=32, k_tops=(5, 50, 500), batches=(8, 32, 128), repeats=5, top_k=15, compiled=True
+        k=5,
+        batch=32,
+        k_tops=(5, 50, 500),
+        batches=(8, 32, 128),
+        repeats=5,
+        top_k=15,
+        compiled=True,
+        shipped=True,
     ),
-    "smoke": dict(k=2, batch=2, k_tops=(2, 4), batches=(1, 2), repeats=1, top_k=3, compiled=False),
+    "smoke": dict(
+        k=2,
+        batch=2,
+        k_tops=(2, 4),
+        batches=(1, 2),
+        repeats=1,
+        top_k=3,
+        compiled=False,
+        shipped=False,
+    ),
 }
 
 
@@ -224,8 +241,12 @@ def run(preset: dict, device: torch.device) -> dict:
     rows["top_k15"] = measure(bb, gm, x, repeats=repeats, device=device, threads=1,
                               top_k=preset["top_k"])  # fmt: skip
     rows["top_k15"]["top_k"] = preset["top_k"]
-    for name in ("threads2", "category_given", "top_k15"):
-        print(f"{name:16s} ratio {rows[name]['ratio']:7.1f}x", flush=True)
+    if preset["shipped"]:  # learned kernels (K = 20 on the top level, 5 below), same batch
+        shipped = GenerativeModel.default().to(device)
+        rows["shipped_model"] = measure(bb, shipped, x, repeats=repeats, device=device, threads=1)
+    for name in ("threads2", "category_given", "top_k15", "shipped_model"):
+        if name in rows:
+            print(f"{name:16s} ratio {rows[name]['ratio']:7.1f}x", flush=True)
     k_top = {}
     for kt in preset["k_tops"]:
         bb_k, gm_k = (bb, gm) if kt == k else build(k, kt, device)
@@ -267,7 +288,8 @@ def markdown_table(result: dict) -> str:
     lines = ["| setting | greedy (s) | forward (s) | greedy / forward |", "|---|---|---|---|"]
     labels = {"base": "category unknown (target ≤ 10×)", "threads2": "2 threads",
               "compiled": "category unknown, `PYRO_BACKPASS_COMPILE=1`",
-              "category_given": "category given", "top_k15": "top_k = 15"}  # fmt: skip
+              "category_given": "category given", "top_k15": "top_k = 15",
+              "shipped_model": "shipped model `GenerativeModel.default()`, K 20 / 5"}  # fmt: skip
     for name, r in result["settings"].items():
         lines.append(f"| {labels.get(name, name)} | {r['greedy_s']:.3f} | {r['forward_s']:.4f} "
                      f"| {r['ratio']:.1f}× |")  # fmt: skip
