@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, machine, median_time  # noqa: E402
 
 from pyro_backpass import Backbone, GenerativeModel, greedy_map, make_scene  # noqa: E402
 from pyro_backpass.cli import resolve_device  # noqa: E402
@@ -98,23 +97,6 @@ def activations(bb, images: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.inference_mode():
         acts = bb(images)
     return {name: acts[name] for name in acts}
-
-
-def median_time(fn, *, repeats: int, device: torch.device) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up (CUDA synchronised)."""
-
-    def call():
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    call()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def measure(bb, gm, images, *, repeats: int, device, threads: int, **kw) -> dict:

@@ -31,12 +31,21 @@ def machine() -> str:
     return desc
 
 
-def median_time(fn: Callable[[], object], *, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls (after one warm-up call)."""
-    fn()
+def median_time(
+    fn: Callable[[], object], *, repeats: int, device: torch.device | None = None
+) -> float:
+    """Median wall time of ``repeats`` calls (after one warm-up call); on CUDA each call is
+    synchronised, so its time includes the kernels it queued."""
+
+    def call() -> None:
+        fn()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize()
+
+    call()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        fn()
+        call()
         times.append(time.perf_counter() - t)
     return statistics.median(times)

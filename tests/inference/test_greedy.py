@@ -69,23 +69,26 @@ def test_one_level_model_equals_brute_force():
         assert result.log_joint[i].item() == pytest.approx(best, rel=1e-5)
 
 
-def test_each_level_is_the_brute_force_argmax_given_the_levels_above():
-    gm = GenerativeModel.random([3, "M", 4], num_components=3, num_categories=2, image_size=8)
-    s = sample(gm, 3, observe=True, seed=1)
-    r = greedy_map(gm, s.bu)
-    for i in range(3):
+def _assert_each_level_is_the_brute_force_argmax(gm, bu, r, n):
+    """Below the top, each image's (γ, δ) is the per-hypothesis argmax given F̂ above."""
+    for i in range(n):
         for j, name in enumerate(gm.hidden_levels[:-1]):
             upper = r.td[gm.hidden_levels[j + 1]][i]
             parent = r.assignment[gm.gamma_parents(name)[0]][i]
             lg = gm.priors[f"gamma_{name}"].log_probs()[parent]
             ld = gm.priors[f"delta_{name}"].log_probs()
             (g, d), _ = brute_force_level(
-                gm, name, upper, s.bu[name][i], lambda g, d, lg=lg, ld=ld: lg[g] + ld[d]
+                gm, name, upper, bu[name][i], lambda g, d, lg=lg, ld=ld: lg[g] + ld[d]
             )
-            assert (g, d) == (
-                int(r.assignment[f"gamma_{name}"][i]),
-                int(r.assignment[f"delta_{name}"][i]),
-            )
+            got = (int(r.assignment[f"gamma_{name}"][i]), int(r.assignment[f"delta_{name}"][i]))
+            assert got == (g, d), name
+
+
+def test_each_level_is_the_brute_force_argmax_given_the_levels_above():
+    gm = GenerativeModel.random([3, "M", 4], num_components=3, num_categories=2, image_size=8)
+    s = sample(gm, 3, observe=True, seed=1)
+    r = greedy_map(gm, s.bu)
+    _assert_each_level_is_the_brute_force_argmax(gm, s.bu, r, 3)
 
 
 def test_recovers_the_truth_at_the_models_own_noise():
@@ -349,16 +352,6 @@ def test_every_level_shape_is_the_brute_force_argmax_in_blocks(cfg, size, chunk)
     gm = GenerativeModel.random(cfg, num_components=3, num_categories=2, image_size=size, seed=5)
     s = sample(gm, 3, observe=True, seed=6)
     r = greedy_map(gm, s.bu, chunk_elements=chunk)
-    for i in range(3):
-        for j, name in enumerate(gm.hidden_levels[:-1]):
-            upper = r.td[gm.hidden_levels[j + 1]][i]
-            parent = r.assignment[gm.gamma_parents(name)[0]][i]
-            lg = gm.priors[f"gamma_{name}"].log_probs()[parent]
-            ld = gm.priors[f"delta_{name}"].log_probs()
-            (g, d), _ = brute_force_level(
-                gm, name, upper, s.bu[name][i], lambda g, d, lg=lg, ld=ld: lg[g] + ld[d]
-            )
-            got = (int(r.assignment[f"gamma_{name}"][i]), int(r.assignment[f"delta_{name}"][i]))
-            assert got == (g, d), name
+    _assert_each_level_is_the_brute_force_argmax(gm, s.bu, r, 3)
     torch.testing.assert_close(r.log_joint, log_joint(gm, s.bu, r.assignment).detach(),
                                rtol=1e-5, atol=0)  # fmt: skip
