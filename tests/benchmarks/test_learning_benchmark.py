@@ -31,3 +31,15 @@ def test_diagnose_benchmark_smoke(tmp_path):
     assert ladder["objects"] > 0
     for key in ("free", "top_clamped", "alone_plain"):
         assert 0.0 <= ladder[key] <= 1.0
+
+
+def test_learning_levers_smoke(tmp_path):
+    script = BENCH.parent / "learning_levers.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "iterations_6.json").read_text())
+    assert 0.0 <= result["validation_mask_iou"] <= 1.0
+    table = subprocess.run([sys.executable, str(script), "--table", "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "iterations_6" in table.stdout
