@@ -39,6 +39,7 @@ def variants(base: TrainConfig) -> dict[str, TrainConfig]:
         "iterations_6": replace(base, em=replace(base.em, iterations=6)),
         "components_top_50": replace(base, components_top=50),
         "epochs_8": replace(base, em=replace(base.em, epochs=8)),
+        "epochs_2": replace(base, em=replace(base.em, epochs=2)),
     }
 
 
