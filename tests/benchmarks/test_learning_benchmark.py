@@ -43,3 +43,17 @@ def test_learning_levers_smoke(tmp_path):
     table = subprocess.run([sys.executable, str(script), "--table", "--out", str(tmp_path)],
                            capture_output=True, text=True, timeout=60)  # fmt: skip
     assert "iterations_6" in table.stdout
+
+
+def test_greedy_vs_exact_learned_smoke(tmp_path):
+    out = tmp_path / "gvel.json"
+    script = BENCH.parent / "greedy_vs_exact_learned.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    for r in rows.values():
+        assert 0.0 <= r["agreement"] <= 1.0
+        assert r["logjoint_gap_min"] >= -1e-3 * max(
+            1.0, abs(r["logjoint_gap_max"])
+        )  # exact ≥ greedy
