@@ -39,6 +39,7 @@ def compare(gm: GenerativeModel, images: torch.Tensor, labels: torch.Tensor) -> 
     free_levels = gm.hidden_levels[:3]
     free = {f"{kind}_{name}" for name in free_levels for kind in ("gamma", "delta")}
     agree, gaps, t_greedy, t_exact = [], [], 0.0, 0.0
+    differs = dict.fromkeys(sorted(free), 0)  # site → images where greedy and exact differ
     for i in range(images.shape[0]):
         acts = gm.backbone(images[i : i + 1])
         bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
@@ -50,13 +51,17 @@ def compare(gm: GenerativeModel, images: torch.Tensor, labels: torch.Tensor) -> 
         e = exact_map(gm, bu, category=labels[i : i + 1], clamp=clamp,
                       max_memory_bytes=8 * 2**30)  # fmt: skip
         t_exact += time.perf_counter() - t
-        agree.append(all(torch.equal(g.assignment[s], e.assignment[s]) for s in free))
+        same = {s: torch.equal(g.assignment[s], e.assignment[s]) for s in free}
+        for site, ok in same.items():
+            differs[site] += not ok
+        agree.append(all(same.values()))
         gaps.append(float(e.log_joint[0] - g.log_joint[0]))
     n = len(agree)
     return {
         "images": n,
         "free_levels": list(free_levels),
         "agreement": sum(agree) / n,
+        "site_disagreement": {site: k / n for site, k in differs.items()},
         "logjoint_gap_median": statistics.median(gaps),
         "logjoint_gap_max": max(gaps),
         "logjoint_gap_min": min(gaps),
