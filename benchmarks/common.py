@@ -49,3 +49,24 @@ def median_time(
         call()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def learned_model(*, smoke: bool, path: Path | None = None):
+    """The model a learning benchmark measures, and how to name it in the results: a tiny one
+    trained by the ``smoke`` preset (seconds, for tests), the file at ``path``, or the shipped
+    ``GenerativeModel.default()``. It must carry its backbone."""
+    import tempfile
+
+    from pyro_backpass import GenerativeModel
+    from pyro_backpass.learning import PRESETS, train_model
+
+    if smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            gm, name = train_model(PRESETS["smoke"], out_dir=tmp, progress=False), "smoke"
+    elif path is not None:
+        gm, name = GenerativeModel.load(path), str(path)
+    else:
+        gm, name = GenerativeModel.default(), "GenerativeModel.default()"
+    if gm.backbone is None:
+        raise SystemExit(f"{name}: the model has no backbone attached (its file names none)")
+    return gm, name

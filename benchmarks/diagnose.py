@@ -23,24 +23,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, learned_model, machine  # noqa: E402
 
 from pyro_backpass import GenerativeModel, Scenes, greedy_map  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.learning import (  # noqa: E402
-    PRESETS,
     e_step_level,
     mask_iou,
     masked_activations,
-    train_model,
 )
 
 
@@ -92,17 +89,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    if args.smoke:
-        with tempfile.TemporaryDirectory() as tmp:
-            gm = train_model(PRESETS["smoke"], out_dir=tmp, progress=False)
-        n_scenes = 2
-    else:
-        gm = GenerativeModel.default() if args.model is None else GenerativeModel.load(args.model)
-        n_scenes = args.scenes
+    gm, model_name = learned_model(smoke=args.smoke, path=args.model)
+    n_scenes = 2 if args.smoke else args.scenes
     result = {
         "machine": machine(),
         "threads": 1,
-        "model": "smoke" if args.smoke else str(args.model or "GenerativeModel.default()"),
+        "model": model_name,
         "split": "test",
         "scenes": n_scenes,
         "mask_iou": ladder(gm, n_scenes),

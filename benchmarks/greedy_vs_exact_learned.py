@@ -19,19 +19,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, learned_model, machine  # noqa: E402
 
 from pyro_backpass import GenerativeModel, RenderedObjects, Scenes, exact_map, greedy_map  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
-from pyro_backpass.learning import PRESETS, train_model  # noqa: E402
 
 
 @torch.no_grad()
@@ -91,17 +89,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, default=4, help="per category")
     parser.add_argument("--scenes", type=int, default=20)
+    parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "greedy_vs_exact_learned.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    if args.smoke:
-        with tempfile.TemporaryDirectory() as tmp:
-            gm = train_model(PRESETS["smoke"], out_dir=tmp, progress=False)
-        n_obj, n_scenes = 1, 1
-    else:
-        gm, n_obj, n_scenes = GenerativeModel.default(), args.objects, args.scenes
+    gm, model_name = learned_model(smoke=args.smoke, path=args.model)
+    n_obj, n_scenes = (1, 1) if args.smoke else (args.objects, args.scenes)
     if args.smoke:
         x, y = objects(gm, n_obj)
         rows = {"objects": compare(gm, x[:2], y[:2])}
@@ -111,7 +106,7 @@ def main() -> None:
     result = {
         "machine": machine(),
         "threads": 1,
-        "model": "smoke" if args.smoke else "GenerativeModel.default()",
+        "model": model_name,
         "split": "test",
         "results": rows,
         "seconds": round(time.perf_counter() - start, 1),

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,17 +35,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, learned_model, machine  # noqa: E402
 
 from pyro_backpass import GenerativeModel, RenderedObjects, Scenes, greedy_map, sample  # noqa: E402
 from pyro_backpass.data import SCENE_SCALE, split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
 from pyro_backpass.learning import (  # noqa: E402
-    PRESETS,
     mask_iou,
     object_passes,
     observation_ppc,
-    train_model,
 )
 
 
@@ -208,19 +205,12 @@ def main() -> None:
     global FIGURES
     FIGURES = args.out.parent
     start = time.perf_counter()
-    if args.smoke:
-        with tempfile.TemporaryDirectory() as tmp:
-            gm = train_model(PRESETS["smoke"], out_dir=tmp, progress=False)
-        n, n_samples = 2, 4
-    else:
-        gm = GenerativeModel.default() if args.model is None else GenerativeModel.load(args.model)
-        n, n_samples = 40, 100
-    if gm.backbone is None:
-        raise SystemExit("the model has no backbone attached (its file names none)")
+    gm, model_name = learned_model(smoke=args.smoke, path=args.model)
+    n, n_samples = (2, 4) if args.smoke else (40, 100)
     result = {
         "machine": machine(),
         "threads": 1,
-        "model": "smoke" if args.smoke else str(args.model or "GenerativeModel.default()"),
+        "model": model_name,
         "split": "test",
         "objects_per_category": n,
         "n_samples": n_samples,
