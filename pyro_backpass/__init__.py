@@ -53,6 +53,7 @@ from pyro_backpass.model import (
     ThresholdedGaussian,
     UniformPrior,
 )
+from pyro_backpass.parsing import ParsedInstance, Query, SceneParse, parse_record, parse_scene
 from pyro_backpass.results import DistractorSweep, MapResult, Sample
 from pyro_backpass.viz import (
     plot_distractor_sweep,
@@ -79,9 +80,12 @@ __all__ = [
     "ObjectDataset",
     "ObjectFolder",
     "ObjectParams",
+    "ParsedInstance",
+    "Query",
     "RenderedObjects",
     "Sample",
     "Scene",
+    "SceneParse",
     "SceneFolder",
     "Scenes",
     "SitePrior",
@@ -100,6 +104,8 @@ __all__ = [
     "levels_from_cfg",
     "log_joint",
     "make_scene",
+    "parse_record",
+    "parse_scene",
     "plot_distractor_sweep",
     "plot_modes",
     "plot_reconstruction",

@@ -6,7 +6,13 @@ occlusion completion, imagination, and images of any size through a scan over sc
 """
 
 from pyro_backpass.parsing.explain_away import EXPLAIN_AWAY, explain_away
-from pyro_backpass.parsing.parser import MAX_STEPS, parse_scene, run_parse
+from pyro_backpass.parsing.parser import (
+    BACKGROUNDS,
+    MAX_STEPS,
+    parse_activations,
+    parse_scene,
+    run_parse,
+)
 from pyro_backpass.parsing.query import (
     LOCATIONS,
     PREFERENCES,
@@ -26,6 +32,7 @@ from pyro_backpass.parsing.threshold import (
 from pyro_backpass.parsing.views import View, as_image, make_views
 
 __all__ = [
+    "BACKGROUNDS",
     "EXPLAIN_AWAY",
     "LOCATIONS",
     "LogLinearPrior",
@@ -45,6 +52,7 @@ __all__ = [
     "make_views",
     "mask_box",
     "model_fingerprint",
+    "parse_activations",
     "parse_record",
     "parse_scene",
     "run_parse",

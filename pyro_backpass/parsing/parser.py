@@ -24,7 +24,7 @@ Reference: Wang et al. 2016, §3.2 (scene parsing, multiple parsing paths) and �
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from pyro_backpass.backbone import Backbone
     from pyro_backpass.model.generative_model import GenerativeModel
 
-__all__ = ["BACKGROUNDS", "MAX_STEPS", "parse_scene", "run_parse"]
+__all__ = ["BACKGROUNDS", "MAX_STEPS", "parse_activations", "parse_scene", "run_parse"]
 
 #: A hard limit on steps when ``max_objects`` is None, so any input parses in bounded time.
 MAX_STEPS = 12
@@ -180,6 +180,64 @@ def run_parse(
     backbone = gm.backbone if backbone is None else backbone
     if backbone is None:
         raise ValueError("gm has no backbone attached; pass backbone=")
+    size = gm.levels[0].height
+    if (gm.levels[0].height, gm.levels[0].width) != tuple(backbone.image_size):
+        raise ValueError(f"model input {size} px != backbone input {backbone.image_size}")
+    img = as_image(image, dtype=gm.dtype)  # (3, H, W) on CPU
+    views = make_views(img, size=size, scales=tuple(scales))
+    with torch.no_grad():
+        acts = backbone(torch.stack([v.image for v in views]).to(gm.device))
+    bu0 = {k: v.detach() for k, v in acts.items() if k in gm.hidden_levels}  # (V, C, h, w)
+    return _parse(gm, img, views, bu0, max_objects=max_objects, query=query, beam=beam,
+                  threshold=threshold, explain=explain, background=background,
+                  top_k=top_k)  # fmt: skip
+
+
+def parse_activations(
+    gm: GenerativeModel,
+    bu: Mapping[str, torch.Tensor],
+    *,
+    image: torch.Tensor | None = None,
+    max_objects: int | None = None,
+    query: Query | None = None,
+    beam: int = 1,
+    threshold: float | None = None,
+    explain: str | None = None,
+    background: str | None = None,
+    top_k: int = DEFAULT_TOP_K,
+) -> SceneParse:
+    """:func:`run_parse` on given bottom-up activations of one model-sized input (level →
+    ``(1, C, H, W)``, e.g. built from the model's own top-down activations in tests), no scan.
+    ``image``: ``(3, S, S)`` for the preferences that read colours (default ``bu["image"]``
+    clipped to [0, 1])."""
+    bu0 = {k: v.detach() for k, v in bu.items() if k in gm.hidden_levels}
+    if not bu0 or any(v.dim() != 4 or v.shape[0] != 1 for v in bu0.values()):
+        raise ValueError("bu must map the model's levels to (1, C, H, W) activations")
+    size = gm.levels[0].height
+    if image is None:
+        image = bu0["image"][0].clamp(0, 1) if "image" in bu0 else torch.zeros(3, size, size)
+    img = image.detach().cpu().to(gm.dtype)
+    view = View(img, 1.0, 1.0, (0, 0), (size, size))
+    return _parse(gm, img, [view], bu0, max_objects=max_objects, query=query, beam=beam,
+                  threshold=threshold, explain=explain, background=background,
+                  top_k=top_k)  # fmt: skip
+
+
+def _parse(
+    gm: GenerativeModel,
+    img: torch.Tensor,
+    views: list[View],
+    bu0: dict[str, torch.Tensor],
+    *,
+    max_objects: int | None,
+    query: Query | None,
+    beam: int,
+    threshold: float | None,
+    explain: str | None,
+    background: str | None,
+    top_k: int,
+) -> SceneParse:
+    """The parse loop on the views' bottom-up maps ``bu0`` (level → ``(V, C, h, w)``)."""
     if max_objects is not None:
         _check_int("max_objects", max_objects, 0)
     _check_int("beam", beam, 1)
@@ -193,18 +251,8 @@ def run_parse(
     background = fitted["background"] if background is None else background
     if background not in BACKGROUNDS:
         raise ValueError(f"background={background!r}; choose one of {BACKGROUNDS}")
-    size = gm.levels[0].height
-    if (gm.levels[0].height, gm.levels[0].width) != tuple(backbone.image_size):
-        raise ValueError(f"model input {size} px != backbone input {backbone.image_size}")
-
-    img = as_image(image, dtype=gm.dtype)  # (3, H, W) on CPU
     height, width = img.shape[-2:]
-    views = make_views(img, size=size, scales=tuple(scales))
-    nv = len(views)
     device = gm.device
-    with torch.no_grad():
-        acts = backbone(torch.stack([v.image for v in views]).to(device))
-    bu0 = {k: v.detach() for k, v in acts.items() if k in gm.hidden_levels}  # (V, C, h, w)
     occluder = None
     if query.occluder is not None:
         occluder = torch.as_tensor(query.occluder, dtype=torch.bool).cpu()
