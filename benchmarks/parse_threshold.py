@@ -88,7 +88,9 @@ def fit_threshold(runs: list[tuple[list[float], list[bool], int]]) -> dict:
 
     ``runs``: per scene (step LLRs, step labels, number of true instances)."""
     all_scores = sorted({s for r in runs for s in r[0]})
-    cands = [-math.inf] + [(a + b) / 2 for a, b in zip(all_scores, all_scores[1:])]
+    cands = [-math.inf] + [
+        (a + b) / 2 for a, b in zip(all_scores[:-1], all_scores[1:], strict=True)
+    ]
     cands += [all_scores[-1] + 1.0] if all_scores else []
     best = None
     for t in cands:

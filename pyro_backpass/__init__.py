@@ -34,6 +34,7 @@ from pyro_backpass.data import (
     Scenes,
     make_scene,
     render_object,
+    split_seed,
 )
 from pyro_backpass.inference import (
     closed_form_td,
@@ -53,11 +54,24 @@ from pyro_backpass.model import (
     ThresholdedGaussian,
     UniformPrior,
 )
-from pyro_backpass.parsing import ParsedInstance, Query, SceneParse, parse_record, parse_scene
+from pyro_backpass.parsing import (
+    ParsedInstance,
+    Query,
+    SceneParse,
+    location_prior,
+    mode_label,
+    parse_activations,
+    parse_record,
+    parse_scene,
+    run_parse,
+)
 from pyro_backpass.results import DistractorSweep, MapResult, Sample
 from pyro_backpass.viz import (
     plot_distractor_sweep,
+    plot_instances,
+    plot_mode_bars,
     plot_modes,
+    plot_overlay,
     plot_reconstruction,
     plot_samples,
 )
@@ -85,8 +99,8 @@ __all__ = [
     "RenderedObjects",
     "Sample",
     "Scene",
-    "SceneParse",
     "SceneFolder",
+    "SceneParse",
     "Scenes",
     "SitePrior",
     "SmallVGG",
@@ -102,14 +116,22 @@ __all__ = [
     "joint_states",
     "level_names",
     "levels_from_cfg",
+    "location_prior",
     "log_joint",
     "make_scene",
+    "mode_label",
+    "parse_activations",
     "parse_record",
     "parse_scene",
     "plot_distractor_sweep",
+    "plot_instances",
+    "plot_mode_bars",
     "plot_modes",
+    "plot_overlay",
     "plot_reconstruction",
     "plot_samples",
     "render_object",
+    "run_parse",
     "sample",
+    "split_seed",
 ]

@@ -21,8 +21,8 @@ from pyro_backpass.inference.sampling import sample
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "DEFAULT_MAX_MEMORY",
-    "background_log_likelihood",
     "MapInputs",
+    "background_log_likelihood",
     "check_map_inputs",
     "chunk_bytes",
     "closed_form_td",

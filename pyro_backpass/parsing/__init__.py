@@ -5,7 +5,8 @@ occlusion completion, imagination, and images of any size through a scan over sc
 ``parse_scene`` is the entry point; ``parse_record`` is the one JSON schema of a parse.
 """
 
-from pyro_backpass.parsing.explain_away import EXPLAIN_AWAY, explain_away
+from pyro_backpass.parsing.explaining_away import EXPLAIN_AWAY, explain_away
+from pyro_backpass.parsing.labels import mode_label
 from pyro_backpass.parsing.parser import (
     BACKGROUNDS,
     MAX_STEPS,
@@ -51,6 +52,7 @@ __all__ = [
     "location_prior",
     "make_views",
     "mask_box",
+    "mode_label",
     "model_fingerprint",
     "parse_activations",
     "parse_record",

@@ -12,7 +12,7 @@ One step, on every view of the scan (scales and windows, see :mod:`.views`) at o
    views and scales, unlike a raw log-joint;
 3. the best mode (or, with a query's preference, the preferred one among those above the
    threshold) becomes an instance; it is explained away in its own view on every hidden level
-   (:func:`.explain_away.explain_away`) and its pixels are marked unobserved in the other views.
+   (:func:`.explaining_away.explain_away`) and its pixels are marked unobserved in the other views.
 
 With ``beam = B`` the B best parse paths are kept, each scored by ``Σ (LLR_i − threshold)``
 over its instances; a path ends when stopping beats every extension (at B = 1 this is the
@@ -34,7 +34,7 @@ from pyro_backpass.backbone.activations import downsample_mask
 from pyro_backpass.inference.background import background_log_likelihood
 from pyro_backpass.inference.greedy import greedy_map
 from pyro_backpass.inference.objective import object_mask, top_down_pass
-from pyro_backpass.parsing.explain_away import explain_away
+from pyro_backpass.parsing.explaining_away import explain_away
 from pyro_backpass.parsing.query import Query, location_prior
 from pyro_backpass.parsing.scene_parse import ParsedInstance, SceneParse
 from pyro_backpass.parsing.threshold import default_threshold
@@ -80,6 +80,7 @@ class _Candidate:
     obs: dict[str, torch.Tensor] | None = None  # level -> (1, C, H, W) bool
     td: dict[str, torch.Tensor] | None = None  # level -> (1, C, H, W), view space
     amodal: torch.Tensor | None = None  # (H, W) image space
+    mode_masks: list[torch.Tensor] | None = None  # amodal masks of its row's modes
 
 
 def parse_scene(
@@ -171,12 +172,15 @@ def run_parse(
     explain: str | None = None,
     background: str | None = None,
     top_k: int = DEFAULT_TOP_K,
+    mode_masks: bool = False,
 ) -> SceneParse:
     """:func:`parse_scene` with the criterion's knobs: ``threshold`` (log-likelihood ratio;
     None: the shipped fit), ``explain`` (``"subtract"`` or ``"unobserve"``, see
-    :func:`.explain_away.explain_away`; None: the shipped choice), ``background``
+    :func:`.explaining_away.explain_away`; None: the shipped choice), ``background``
     (``"profile"`` or ``"off"``, see :func:`~pyro_backpass.inference.background_log_likelihood`;
-    None: the shipped choice) and ``top_k`` (modes per step). ``threshold=-math.inf`` never stops before ``max_objects``."""
+    None: the shipped choice), ``top_k`` (modes per step) and ``mode_masks`` (also complete
+    every mode of each step down to the image, for :attr:`ParsedInstance.mode_masks`; costs a
+    top-down pass per mode). ``threshold=-math.inf`` never stops before ``max_objects``."""
     backbone = gm.backbone if backbone is None else backbone
     if backbone is None:
         raise ValueError("gm has no backbone attached; pass backbone=")
@@ -190,7 +194,7 @@ def run_parse(
     bu0 = {k: v.detach() for k, v in acts.items() if k in gm.hidden_levels}  # (V, C, h, w)
     return _parse(gm, img, views, bu0, max_objects=max_objects, query=query, beam=beam,
                   threshold=threshold, explain=explain, background=background,
-                  top_k=top_k)  # fmt: skip
+                  top_k=top_k, mode_masks=mode_masks)  # fmt: skip
 
 
 def parse_activations(
@@ -205,6 +209,7 @@ def parse_activations(
     explain: str | None = None,
     background: str | None = None,
     top_k: int = DEFAULT_TOP_K,
+    mode_masks: bool = False,
 ) -> SceneParse:
     """:func:`run_parse` on given bottom-up activations of one model-sized input (level →
     ``(1, C, H, W)``, e.g. built from the model's own top-down activations in tests), no scan.
@@ -220,7 +225,7 @@ def parse_activations(
     view = View(img, 1.0, 1.0, (0, 0), (size, size))
     return _parse(gm, img, [view], bu0, max_objects=max_objects, query=query, beam=beam,
                   threshold=threshold, explain=explain, background=background,
-                  top_k=top_k)  # fmt: skip
+                  top_k=top_k, mode_masks=mode_masks)  # fmt: skip
 
 
 def _parse(
@@ -236,6 +241,7 @@ def _parse(
     explain: str | None,
     background: str | None,
     top_k: int,
+    mode_masks: bool = False,
 ) -> SceneParse:
     """The parse loop on the views' bottom-up maps ``bu0`` (level → ``(V, C, h, w)``)."""
     if max_objects is not None:
@@ -308,6 +314,10 @@ def _parse(
             chosen = _choose(gm, p, eligible, views, query, beam=beam, height=height,
                              width=width, image=img)  # fmt: skip
             for c in chosen:
+                if mode_masks:  # the step's modes in the instance's view (Fig. 5's marks)
+                    row = [d for d in cands if d.row == c.row]
+                    _complete_all(gm, row, views, height, width)
+                    c.mode_masks = [d.amodal for d in row]
                 new_paths.append((p.score + (c.llr - threshold), p, c))
             if not force:  # stopping here is a path of its own (beam > 1)
                 new_paths.append((p.score, _stopped(p, mine[0].llr), None))
@@ -395,13 +405,30 @@ def _step_candidates(
 
 def _complete(gm: GenerativeModel, c: _Candidate, views: list[View], height: int, width: int):
     """F̂_td of a candidate (its full assignment) and its amodal mask in image space."""
-    if c.td is None:
-        values = {s: torch.tensor([v], device=gm.device) for s, v in c.assignment.items()}
-        with torch.no_grad():
-            td, _ = top_down_pass(gm, values, c.bu, c.obs)
-        c.td = td
-        c.amodal = views[c.view].to_image(object_mask(gm, td)[0].cpu(), height, width)
+    _complete_all(gm, [c], views, height, width)
     return c
+
+
+def _complete_all(
+    gm: GenerativeModel, cands: list[_Candidate], views: list[View], height: int, width: int
+) -> None:
+    """:func:`_complete` of many candidates, one batched top-down pass per view row."""
+    by_row: dict[int, list[_Candidate]] = {}
+    for c in cands:
+        if c.td is None:
+            by_row.setdefault(c.row, []).append(c)
+    for group in by_row.values():
+        n = len(group)
+        values = {s: torch.tensor([c.assignment[s] for c in group], device=gm.device)
+                  for s in group[0].assignment}  # fmt: skip
+        bu = {k: x.expand(n, *x.shape[1:]) for k, x in group[0].bu.items()}  # (n, C, H, W)
+        obs = {k: m.expand(n, *m.shape[1:]) for k, m in group[0].obs.items()}
+        with torch.no_grad():
+            td, _ = top_down_pass(gm, values, bu, obs)
+        masks = object_mask(gm, td).cpu()  # (n, S, S)
+        for j, c in enumerate(group):
+            c.td = {k: v[j : j + 1] for k, v in td.items()}
+            c.amodal = views[c.view].to_image(masks[j], height, width)
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -416,15 +443,14 @@ def _choose(
     """The candidates a path is extended with: the preferred one (a query's preference), else
     the ``beam`` best by LLR that are not the same object (amodal IoU < 0.5 with a better one)."""
     if query.prefer is not None:
-        for c in eligible:
-            _complete(gm, c, views, height, width)
+        _complete_all(gm, eligible, views, height, width)
         return [max(eligible, key=lambda c: (_preference_key(query.prefer, c.amodal, image),
                                              c.llr))]  # fmt: skip
     if beam == 1:
         return [_complete(gm, eligible[0], views, height, width)]
     chosen: list[_Candidate] = []
+    _complete_all(gm, eligible[: 4 * beam], views, height, width)
     for c in eligible[: 4 * beam]:
-        _complete(gm, c, views, height, width)
         if all(_iou(c.amodal, d.amodal) < 0.5 for d in chosen):
             chosen.append(c)
         if len(chosen) == beam:
@@ -464,6 +490,8 @@ def _extend(
         score=c.llr,
         reconstruction=view.to_image(c.td["image"][0].detach().cpu(), height, width),
         modes=c.modes,
+        mode_scores=[d_lj - (c.log_joint - c.llr) for _, d_lj in c.modes],
+        mode_masks=torch.stack(c.mode_masks) if c.mode_masks else None,
         log_joint=c.log_joint,
         assignment=dict(c.assignment),
         scale=view.scale,

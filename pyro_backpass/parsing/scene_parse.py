@@ -9,7 +9,7 @@ import torch
 
 from pyro_backpass.results import Mode
 
-__all__ = ["STOP_REASONS", "ParsedInstance", "SceneParse"]
+__all__ = ["ParsedInstance", "STOP_REASONS", "SceneParse"]
 
 #: Why a parse ended.
 STOP_REASONS: dict[str, str] = {
@@ -36,6 +36,9 @@ class ParsedInstance:
     :ivar reconstruction: ``(3, H, W)`` its image-level top-down activations in image space.
     :ivar modes: the step's top-k hypotheses ``(assignment, log_joint)``, best first (the
         paper's Fig. 5 bars) in the view where it was found.
+    :ivar mode_scores: the modes' log-likelihood ratios against background.
+    :ivar mode_masks: ``(k, H, W)`` bool: the modes' amodal masks in image space (mark the
+        true objects' modes with them when ground truth is known), or None.
     :ivar log_joint: the objective at its assignment.
     :ivar assignment: site → index (``category``, ``gamma_<level>``, ``delta_<level>``).
     :ivar scale: the scan scale of its view; ``view``: the view's index in the scan.
@@ -47,6 +50,8 @@ class ParsedInstance:
     score: float
     reconstruction: torch.Tensor
     modes: list[Mode]
+    mode_scores: list[float]
+    mode_masks: torch.Tensor | None
     log_joint: float
     assignment: dict[str, int]
     scale: float = 1.0

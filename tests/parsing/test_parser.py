@@ -53,8 +53,8 @@ def pair(gm):
     offs = gm.offsets[TOP]
     left, right = offs.index((0, -1)), offs.index((0, 1))
     for g in range(gm.num_components[TOP]):
-        s = sample(gm, 2, category="airplane", noise=0.0, seed=0,
-                   clamp={f"gamma_{TOP}": g, f"delta_{TOP}": torch.tensor([left, right])})  # fmt: skip
+        clamp = {f"gamma_{TOP}": g, f"delta_{TOP}": torch.tensor([left, right])}
+        s = sample(gm, 2, category="airplane", noise=0.0, seed=0, clamp=clamp)
         bu = {n: torch.maximum(s.td[n][:1], s.td[n][1:]) for n in gm.hidden_levels}
         masks = _masks(gm, s.td)
         if _iou(masks[0], masks[1]) > 0 or masks[0].sum() == masks[1].sum():
