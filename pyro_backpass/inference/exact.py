@@ -33,6 +33,7 @@ from pyro_backpass.inference.closed_form import closed_form_with
 from pyro_backpass.inference.inputs import check_map_inputs
 from pyro_backpass.inference.objective import (
     category_term,
+    finite_sum,
     log_joint,
     object_mask,
     top_down_pass,
@@ -70,7 +71,7 @@ def _profile_model(gm, bu, masks, priors, fixed: Mapping[str, torch.Tensor], b: 
             phi = step.phi(upper, site(f"gamma_{name}"), site(f"delta_{name}"))
             upper, score = closed_form_with(gm.constants(name), bu.get(name), phi,
                                        observed=masks.get(name))  # fmt: skip
-            pyro.factor(f"score_{name}", score.sum(dim=(-3, -2, -1)))
+            pyro.factor(f"score_{name}", finite_sum(name, score, bu.get(name)))
 
 
 def joint_states(gm: GenerativeModel, clamped: set[str] | frozenset[str] = frozenset()) -> int:
