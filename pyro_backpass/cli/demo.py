@@ -19,7 +19,14 @@ matplotlib.use("Agg")  # the demo writes files; never opens a window
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from pyro_backpass.cli.device import resolve_device  # noqa: E402
+from pyro_backpass.cli.arguments import (  # noqa: E402
+    DEVICE_HELP,
+    add_command,
+    device,
+    note,
+    output_dir,
+    positive_int,
+)
 from pyro_backpass.files import atomic_write  # noqa: E402
 from pyro_backpass.inference.greedy import greedy_map  # noqa: E402
 from pyro_backpass.inference.sampling import sample  # noqa: E402
@@ -30,11 +37,12 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="sample, run the backward pass and plot (writes figures)")
-    p.add_argument("--out", type=Path, default=Path("figures/demo"), help="output folder")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top-k", type=int, default=12, help="hypotheses in the bar plot")
+    p = add_command(sub, "demo", help="sample, run the backward pass and plot (writes figures)",
+                    doc=__doc__)  # fmt: skip
+    p.add_argument("--out", type=output_dir, default="figures/demo", help="output folder")
+    p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the model and samples")
+    p.add_argument("--top-k", type=positive_int, default=12, help="hypotheses in the bar plot")
     p.add_argument("--print-shapes", action="store_true", help="print the model's trace shapes")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for tests")
     p.set_defaults(func=run)
@@ -47,7 +55,7 @@ def _save(fig, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    device = resolve_device(args.device)
+    device = args.device
     cfg, size, k = ([4, "M"], 8, 2) if args.smoke else ([8, "M", 16, "M"], 32, 4)
     gm = GenerativeModel.random(
         cfg, num_components=k, num_categories=2, image_size=size, seed=args.seed
@@ -73,7 +81,10 @@ def run(args: argparse.Namespace) -> None:
 
     truth = sample(gm, 1, observe=True, seed=args.seed + 2)
     start = time.perf_counter()
-    result = greedy_map(gm, truth.bu, top_k=min(args.top_k, 2 * gm.site_sizes[f"delta_{top}"]))
+    top_k = min(args.top_k, 2 * gm.site_sizes[f"delta_{top}"])
+    if top_k < args.top_k:
+        note(f"--top-k {args.top_k} capped to {top_k} (the bars show at most that many)")
+    result = greedy_map(gm, truth.bu, top_k=top_k)
     elapsed = time.perf_counter() - start
     same = sum(int(result.assignment[s][0]) == int(truth.assignment[s][0]) for s in gm.sites)
     print(

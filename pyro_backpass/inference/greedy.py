@@ -271,7 +271,11 @@ def greedy_map(
     inputs = check_map_inputs(
         gm, bu, category=category, clamp=clamp, priors=priors, observed=observed, top_k=top_k
     )
-    if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
+    if (
+        isinstance(chunk_elements, bool)
+        or not isinstance(chunk_elements, int)
+        or chunk_elements < 1
+    ):
         raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
     # Inference mode (no autograd bookkeeping at all) is measurably faster than no_grad on
     # this op-heavy path; the result is cloned out of it so users can use it freely.

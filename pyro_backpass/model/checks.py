@@ -72,7 +72,9 @@ def check_bu(
     out: dict[str, torch.Tensor] = {}
     sizes: dict[str, int] = {}
     specs = {s.name: s for s in gm.levels}
-    unknown = [k for k in bu if k not in specs and not (isinstance(k, str) and _CANONICAL.fullmatch(k))]
+    unknown = [
+        k for k in bu if k not in specs and not (isinstance(k, str) and _CANONICAL.fullmatch(k))
+    ]
     if unknown:
         raise ValueError(
             f"bu has unknown level name(s) {unknown}; the model's levels are {list(specs)} "

@@ -190,13 +190,17 @@ class GenerativeModel(nn.Module):
                     raise ValueError(f"{source}: {level} {what} must be > 0, got {t.min().item()}")
         for level, step in self.steps.items():
             if not float(step.scale_td) > 0:
-                raise ValueError(f"{source}: {level} scale_td (σ0) must be > 0, got {step.scale_td}")
+                raise ValueError(
+                    f"{source}: {level} scale_td (σ0) must be > 0, got {step.scale_td}"
+                )
         for site, prior in self.priors.items():
             probs = getattr(prior, "probs", None)
             if probs is None:
                 continue  # a custom prior: its log_probs() is its own business
             sums = probs.sum(-1)
-            if bool((probs < 0).any()) or not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
+            if bool((probs < 0).any()) or not torch.allclose(
+                sums, torch.ones_like(sums), atol=1e-4
+            ):
                 raise ValueError(
                     f"{source}: the prior table of {site!r} is not on the simplex (entries in "
                     f"[{probs.min().item():.3g}, {probs.max().item():.3g}], rows summing to "
