@@ -24,7 +24,6 @@ References:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from importlib import resources
