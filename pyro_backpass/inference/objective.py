@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FrozenPrior",
+    "NonFiniteScoreError",
     "category_term",
     "finite_sum",
     "freeze_priors",
@@ -118,6 +119,10 @@ def object_mask(gm: GenerativeModel, td: Mapping[str, torch.Tensor]) -> torch.Te
     return td[name].amax(dim=-3) >= gm.observations[name].mask_threshold  # some channel is on
 
 
+class NonFiniteScoreError(ValueError):
+    """A term of the objective is NaN or infinite for finite inputs (an overflow)."""
+
+
 def finite_sum(name: str, score: torch.Tensor, bu: torch.Tensor | None) -> torch.Tensor:
     """``score`` ``(..., C, H, W)`` summed over the level's elements, or a ``ValueError`` naming
     the level and how many elements are not finite.
@@ -136,7 +141,7 @@ def finite_sum(name: str, score: torch.Tensor, bu: torch.Tensor | None) -> torch
             f"; bu[{name!r}] spans [{bu.min().item():.3g}, {bu.max().item():.3g}], too large "
             f"for the model's {str(score.dtype).removeprefix('torch.')} arithmetic — rescale it"
         )
-    raise ValueError(
+    raise NonFiniteScoreError(
         f"level {name!r}: the backward pass's score is not finite on {int(bad.sum()):,} of "
         f"{score.numel():,} elements{detail}"
     )
