@@ -6,7 +6,7 @@ A subcommand module uses it like this::
 
     p = add_command(sub, "demo", help="...", doc=__doc__)
     p.add_argument("--top-k", type=positive_int, default=12, help="...")
-    p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--device", type=any_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--out", type=output_dir, default=Path("figures/demo"), help="...")
 
 Values a command lowers on its own (a cap) are reported with :func:`note`, never silently.
@@ -31,7 +31,7 @@ __all__ = [
     "add_command",
     "checkpoint_stem",
     "cpu_device",
-    "device",
+    "any_device",
     "input_dir",
     "input_file",
     "non_negative_int",
@@ -141,7 +141,7 @@ def positive_float(text: str) -> float:
     return value
 
 
-def device(text: str) -> torch.device:
+def any_device(text: str) -> torch.device:
     """``auto``, ``cpu``, ``cuda[:n]``, ... resolved to a device this machine has
     (:func:`~pyro_backpass.cli.device.available_device`)."""
     try:
@@ -151,8 +151,8 @@ def device(text: str) -> torch.device:
 
 
 def cpu_device(text: str) -> torch.device:
-    """:func:`device`, for commands that run on the CPU only."""
-    dev = device(text)
+    """:func:`any_device`, for commands that run on the CPU only."""
+    dev = any_device(text)
     if dev.type != "cpu":
         raise argparse.ArgumentTypeError(f"{text}: this command runs on the CPU only")
     return dev

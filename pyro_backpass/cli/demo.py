@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from pyro_backpass.cli.arguments import (  # noqa: E402
     DEVICE_HELP,
     add_command,
-    device,
+    any_device,
     note,
     output_dir,
     positive_int,
@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "demo", help="sample, run the backward pass and plot (writes figures)",
                     doc=__doc__)  # fmt: skip
     p.add_argument("--out", type=output_dir, default="figures/demo", help="output folder")
-    p.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--device", type=any_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0, help="random seed of the model and samples")
     p.add_argument("--top-k", type=positive_int, default=12, help="hypotheses in the bar plot")
     p.add_argument("--print-shapes", action="store_true", help="print the model's trace shapes")

@@ -48,7 +48,9 @@ from pyro_backpass.results import MapResult, ranked_modes
 if TYPE_CHECKING:
     from pyro_backpass.model.generative_model import GenerativeModel
 
-__all__ = ["apply_clamps", "greedy_map"]
+__all__ = ["DESCENT_ELEMENTS", "apply_clamps", "greedy_map"]
+
+DESCENT_ELEMENTS = 2**20  # top_k > 1: one level's (rows × D × C·H·W) per group of completions
 
 
 def apply_clamps(
@@ -325,10 +327,12 @@ def _greedy(
     _, kk, dd = scores.shape[1:]
     feasible_all = torch.isfinite(flat.gather(1, chosen))  # (B, k)
     # The k hypotheses of every image are completed in groups of ranks, so the descent holds
-    # about as many rows as the plain pass (B) or as one chunk of φ allows, never B·k: peak
-    # memory stays that of top_k=1; only assignments and totals, O(B·k), are kept for all.
+    # the rows of the plain pass (B), or as many as DESCENT_ELEMENTS of one level's scores
+    # allow, never B·k: peak memory stays near that of top_k=1 (larger groups are not faster,
+    # their tensors leave the cache); only assignments and totals, O(B·k), are kept for all.
     per_row = max(gm.steps[n].num_offsets * gm.steps[n].out.numel for n in gm.hidden_levels)
-    ranks = max(1, max(b, chunk_elements // per_row) // b)  # ranks per group
+    budget = min(chunk_elements, DESCENT_ELEMENTS)
+    ranks = max(1, max(b, budget // per_row) // b)  # ranks per group
     assignments, totals = [], []
     best_total = best_td = None
     for r0 in range(0, k, ranks):

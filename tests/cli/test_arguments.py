@@ -37,7 +37,7 @@ def _bad_values(p: argparse.ArgumentParser, tmp_path) -> list[tuple[str, list[st
         arguments.positive_int: [["0"], ["-3"], ["x"]],
         arguments.non_negative_int: [["-1"], ["x"]],
         arguments.positive_float: [["0"], ["-1"], ["nan"], ["inf"]],
-        arguments.device: [[cuda_missing], ["tpu"]]
+        arguments.any_device: [[cuda_missing], ["tpu"]]
         + ([] if torch.cuda.is_available() else [["cuda"]]),
         arguments.cpu_device: [["cuda"], ["tpu"]],
         arguments.output_dir: [[str(existing)], [str(existing / "below")]],
