@@ -19,6 +19,7 @@ from pyro_backpass.cli.arguments import (
     add_command,
     checkpoint_stem,
     cpu_device,
+    note,
     positive_float,
     positive_int,
 )
@@ -130,6 +131,10 @@ def run(args: argparse.Namespace) -> None:
         n_scenes=args.n_scenes,
     )
     if args.smoke:
+        default = TrainConfig()
+        given = [k for k in SMOKE if getattr(config, k) != getattr(default, k)]
+        if given:
+            note(f"--smoke replaces the {', '.join(given)} given by its own tiny sizes")
         config = replace(config, **SMOKE)
     result = train_backbone(config, progress=not args.no_progress)
     path = result.backbone.save(args.out)

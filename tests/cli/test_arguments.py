@@ -124,3 +124,12 @@ def test_capped_top_k_is_reported(tmp_path, capsys):
     main(["demo", "--smoke", "--out", str(tmp_path), "--device", "cpu", "--top-k", "100000"])
     err = capsys.readouterr().err
     assert re.search(r"--top-k 100000 capped to \d+", err)
+
+
+def test_values_smoke_replaces_are_reported(tmp_path, capsys, monkeypatch):
+    from pyro_backpass.cli import backbone_training
+
+    monkeypatch.setattr(backbone_training, "train_backbone", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # stop before training: the note is under test
+        main(["train-backbone", "--smoke", "--epochs", "7", "--out", str(tmp_path / "x")])
+    assert "--smoke replaces the epochs given" in capsys.readouterr().err
