@@ -43,13 +43,15 @@ def library_cases(*, limit: int | None = None) -> list[dict]:
 
 def cli_cases(*, limit: int | None = None) -> list[dict]:
     from pyro_backpass.cli import main
-    from tests.cli.test_arguments import _bad_values, _required, _subparsers
+    from tests.cli.test_arguments import _bad_values, _name, _required, _subparsers
 
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="pb_cli_"))
     for command, parser in sorted(_subparsers().items())[:limit]:
-        for option, values in _bad_values(parser, tmp):
-            argv = [command] + _required(parser, tmp) + [option, *values]
+        for action, values in _bad_values(parser, tmp):
+            option = _name(action)
+            flag = [option] if action.option_strings else []
+            argv = [command] + _required(parser, tmp, skip=action.dest) + flag + values
             err, code = io.StringIO(), None
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                 try:

@@ -20,13 +20,24 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
     return dict(sub.choices)
 
 
-def _required(p: argparse.ArgumentParser, tmp_path) -> list[str]:
-    """Values for the required options (so the bad one is the only problem)."""
+def _required(p: argparse.ArgumentParser, tmp_path, *, skip: str = "") -> list[str]:
+    """Good values for the required options and positionals other than ``skip`` (so the bad
+    one is the only problem)."""
     argv = []
     for a in p._actions:
-        if a.required and a.option_strings:
+        if a.dest == skip or not a.required:
+            continue
+        if a.option_strings:
             argv += [a.option_strings[0], str(tmp_path / "fresh")]
+        elif a.type in (arguments.input_file, arguments.input_dir):
+            good = tmp_path / "input.png"
+            good.write_bytes(b"")
+            argv.append(str(good if a.type is arguments.input_file else tmp_path))
     return argv
+
+
+def _name(a: argparse.Action) -> str:
+    return a.option_strings[-1] if a.option_strings else a.dest
 
 
 def _bad_values(p: argparse.ArgumentParser, tmp_path) -> list[tuple[str, list[str]]]:
@@ -48,7 +59,7 @@ def _bad_values(p: argparse.ArgumentParser, tmp_path) -> list[tuple[str, list[st
     cases = []
     for a in p._actions:
         for values in table.get(a.type, []):
-            cases.append((a.option_strings[-1], values))
+            cases.append((a, values))
     return cases
 
 
@@ -64,8 +75,10 @@ def test_every_bad_value_is_one_error_line_and_exit_2(command, tmp_path, capsys)
     p = _subparsers()[command]
     cases = _bad_values(p, tmp_path)
     assert cases
-    for option, values in cases:
-        argv = [command] + _required(p, tmp_path) + [option, *values]
+    for action, values in cases:
+        option = _name(action)
+        flag = [option] if action.option_strings else []
+        argv = [command] + _required(p, tmp_path, skip=action.dest) + flag + values
         with pytest.raises(SystemExit) as exc:
             main(argv)
         err = capsys.readouterr().err
@@ -118,12 +131,6 @@ def test_plain_text_unwraps_rest():
     doc += "\n    x = 1\n\nReferences: Wang et al."
     text = arguments.plain_text(doc)
     assert text == "Run greedy_map on bu; see GenerativeModel:\n\n    x = 1\n"
-
-
-def test_capped_top_k_is_reported(tmp_path, capsys):
-    main(["demo", "--smoke", "--out", str(tmp_path), "--device", "cpu", "--top-k", "100000"])
-    err = capsys.readouterr().err
-    assert re.search(r"--top-k 100000 capped to \d+", err)
 
 
 def test_values_smoke_replaces_are_reported(tmp_path, capsys, monkeypatch):
