@@ -30,11 +30,11 @@ from pyro_backpass.parsing import (
 )
 
 TOP = "pool4"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def gm():
-    torch.set_num_threads(1)
     return GenerativeModel.default()
 
 
