@@ -85,6 +85,9 @@ def _parse_figures(gm, parse, truth_masks, out: Path, name: str, title: str) -> 
 def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     torch.manual_seed(0)
+    # Parsing is many small ops: on the shared 2-core machine one thread ran the smoke demo in
+    # 11 s where the default two took 108 s under load from other jobs.
+    torch.set_num_threads(1)
     device = resolve_device(args.device)
     gm = GenerativeModel.default().to(device)
     gm.backbone.to(device)
