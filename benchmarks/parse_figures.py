@@ -65,8 +65,11 @@ def main() -> None:
     fig.suptitle("real photographs, shipped model (trained on rendered objects only), "
                  "scales 1 and 2", fontsize=10)  # fmt: skip
     fig.tight_layout()
-    atomic_write(RESULTS / "parse_photos.png",
-                 lambda tmp: fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png"))  # fmt: skip
+
+    def save(tmp: Path) -> None:
+        fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
+
+    atomic_write(RESULTS / "parse_photos.png", save)
     atomic_write_json(RESULTS / "parse_photos.json", records)
     cli(["demo", "--out", str(RESULTS / "parse_demo"), "--device", "cpu"])
 

@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
                  title=f"occluder given: amodal mask\nIoU with whole object "
                        f"{_iou(done.instances[0].amodal_mask, mask):.2f}", ax=axes[2])  # fmt: skip
     plot_overlay(done.instances[0].reconstruction, None, title="completed reconstruction",
-                 ax=axes[3])  # fmt: skip
+                 normalize=True, ax=axes[3])  # fmt: skip
     fig.suptitle("occlusion completion (cyan: the true whole object)", fontsize=9)
     _save(fig, args.out / "occlusion.png")
     print(f"occlusion: amodal IoU {_iou(free.instances[0].amodal_mask, mask):.2f} without, "
@@ -168,7 +168,8 @@ def run(args: argparse.Namespace) -> None:
     for ax, cat in zip(axes[1:], ("airplane", "boat"), strict=True):
         p = run_parse(gm, cloud_img, query=Query(category=cat, imagine=True), top_k=top_k)
         plot_overlay(p.instances[0].reconstruction, None, outline=p.instances[0].amodal_mask,
-                     title=f"imagine a {cat}\n(LLR {p.instances[0].score:.0f})", ax=ax)  # fmt: skip
+                     normalize=True, title=f"imagine: {cat}\n(LLR {p.instances[0].score:.0f})",
+                     ax=ax)  # fmt: skip
     fig.suptitle("imagination: the category clamped on an ambiguous input", fontsize=9)
     _save(fig, args.out / "imagination.png")
 
