@@ -22,6 +22,7 @@ def _load(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_parse_threshold_smoke(tmp_path):
     shipped = tmp_path / "shipped.json"
     out = _load("parse_threshold").main(["--smoke", "--out", str(tmp_path / "t.json"),
