@@ -74,3 +74,16 @@ def test_clutter_levers_smoke(tmp_path):
             assert 0.0 <= r[key] <= 1.0
         assert 1 <= r["true_rank_median"] <= r["top_hypotheses"]
         assert r["hit@0.5"] <= r["bound@0.5"]  # the pass is one of the hypotheses bounded
+
+
+def test_clamped_samples_smoke(tmp_path):
+    out = tmp_path / "clamped.png"
+    script = BENCH.parent / "clamped_samples.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--n", "3", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert out.stat().st_size > 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    for row in rows.values():
+        # Every clamped site is the same in every sample of its row.
+        assert set(row["clamped"]) <= set(row["equal_in_all_samples"])
