@@ -29,7 +29,7 @@ def test_diagnose_benchmark_smoke(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     ladder = json.loads(out.read_text())["mask_iou"]
     assert ladder["objects"] > 0
-    for key in ("free", "top_clamped", "alone_plain"):
+    for key in ("free", "top_clamped", "alone_on_scene_background", "alone_plain"):
         assert 0.0 <= ladder[key] <= 1.0
 
 
