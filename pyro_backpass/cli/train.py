@@ -3,6 +3,11 @@
 Renders the data, fits the observation model on cluttered scenes, then the top-down model by
 hard EM on single objects, writing an atomic checkpoint after each stage; ``--resume`` continues
 from the last completed stage (:func:`pyro_backpass.learning.train.train_model`).
+
+Under ``torchrun --nproc_per_node=P -m pyro_backpass.cli train ...`` the work is shared by P
+processes (gloo; training runs on CPU): each renders and fits a shard of the data, the stages
+all-reduce their statistics and DistributedDataParallel the kernels' gradients; rank 0 alone
+writes the checkpoints and prints the summary. Same parameters as one process, up to rounding.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pyro_backpass.cli.device import resolve_device
+from pyro_backpass.cli.launch import launched_world
 from pyro_backpass.learning.train import PRESETS, train_model
 
 __all__ = ["add_parser", "run"]
@@ -29,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", choices=["default", "compositional"], default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the last stage")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (per process)")
     p.add_argument("--device", default="cpu", help="only cpu is supported for training")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -49,10 +55,13 @@ def run(args: argparse.Namespace) -> None:
     if "categories" in overrides:
         overrides["categories"] = tuple(overrides["categories"])
     config = replace(config, **overrides)
-    try:
-        gm = train_model(config, out_dir=args.out, resume=args.resume,
-                         progress=not args.no_progress)  # fmt: skip
-    except (ValueError, FileExistsError) as err:
-        raise SystemExit(f"train: {err}") from None
-    summary = {"model": str(args.out / "model.safetensors"), "levels": list(gm.hidden_levels)}
-    print(json.dumps(summary))
+    with launched_world(torch.device("cpu")) as world:
+        try:
+            gm = train_model(config, out_dir=args.out, resume=args.resume,
+                             progress=not args.no_progress, world=world)  # fmt: skip
+        except (ValueError, FileExistsError) as err:
+            raise SystemExit(f"train: {err}") from None
+        if world.is_main:
+            summary = {"model": str(args.out / "model.safetensors"),
+                       "levels": list(gm.hidden_levels), "processes": world.size}  # fmt: skip
+            print(json.dumps(summary))

@@ -15,6 +15,12 @@ threshold tried, and the seconds of every stage.
 (a clear error when they differ) and skips every completed stage. Each stage depends only on
 the configuration and the previous stage's checkpoint (every random draw is seeded from
 ``config.seed``), so a resumed run gives the parameters of an uninterrupted one.
+
+Under several processes (``world``; ``torchrun``, see :mod:`pyro_backpass.cli.train`) each rank
+renders and holds a contiguous shard of the scenes, objects and validation objects; the stages
+reduce across ranks (:mod:`.observation_fit`, :mod:`.hard_em`, :mod:`.evaluation`), so every rank
+ends a stage with the same parameters, equal to a single process's up to float rounding. Only
+rank 0 writes ``out_dir`` (every rank reads it on ``resume``: one machine, or a shared folder).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from tqdm import tqdm
 from pyro_backpass.backbone import Backbone
 from pyro_backpass.data import CATEGORIES, RenderedObjects, Scenes, split_seed
 from pyro_backpass.files import atomic_write_json
+from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
 from pyro_backpass.learning.evaluation import tune_mask_threshold
 from pyro_backpass.learning.hard_em import EMConfig, fit_hard_em
 from pyro_backpass.learning.observation_fit import fit_observation_model
@@ -77,16 +84,24 @@ PRESETS: dict[str, TrainConfig] = {
 
 
 def render_object_set(
-    categories: tuple[str, ...], n: int, *, seed: int, backbone: Backbone
+    categories: tuple[str, ...],
+    n: int,
+    *,
+    seed: int,
+    backbone: Backbone,
+    part: slice = slice(None),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` rendered objects per category: images, masks and label indices into the
-    backbone's categories (what :func:`fit_hard_em` takes)."""
+    backbone's categories (what :func:`fit_hard_em` takes).
+
+    :param part: the slice of the ``len(categories) · n`` objects (category-major) to render:
+        one rank's shard (``World.shard``); all of them by default.
+    """
+    sets = {cat: RenderedObjects(cat, n, seed=seed) for cat in categories}
     images, masks, labels = [], [], []
-    for cat in categories:
-        ds = RenderedObjects(cat, n, seed=seed)
-        for i in range(n):
-            image, mask = ds[i]
-            images.append(image), masks.append(mask), labels.append(backbone.category_index(cat))
+    for cat, i in [(cat, i) for cat in categories for i in range(n)][part]:
+        image, mask = sets[cat][i]
+        images.append(image), masks.append(mask), labels.append(backbone.category_index(cat))
     return torch.stack(images), torch.stack(masks), torch.tensor(labels)
 
 
@@ -113,12 +128,15 @@ def train_model(
     out_dir: str | os.PathLike,
     resume: bool = False,
     progress: bool = True,
+    world: World = SINGLE_PROCESS,
 ) -> GenerativeModel:
     """Fit a generative model of the shipped backbone's activations, stage by stage.
 
     :param out_dir: the folder of the checkpoints (created).
     :param resume: continue from the last completed stage in ``out_dir`` (same config only).
-    :returns: the trained model, with its backbone attached.
+    :param world: the processes sharing the work (``World.current()`` under ``torchrun``); one
+        by default. Every rank must call this with the same arguments.
+    :returns: the trained model, with its backbone attached (on every rank).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +145,11 @@ def train_model(
         _check_resume(config_path, config)
     elif not resume and any(out.glob("*.safetensors")):
         raise FileExistsError(f"{out} holds checkpoints already; pass --resume or a new --out")
-    atomic_write_json(config_path, config.to_json())
+    world.barrier()  # every rank has checked the folder before rank 0 writes to it
+    main = world.is_main
+    progress = progress and main
+    if main:
+        atomic_write_json(config_path, config.to_json())
     backbone = _backbone(config.backbone)
     unknown = [c for c in config.categories if c not in backbone.categories]
     if unknown:
@@ -150,12 +172,14 @@ def train_model(
         ks[backbone.levels[-2].name] = config.components_top
         gm = GenerativeModel.for_backbone(backbone, num_components=ks,
                                           backbone_name=config.backbone)  # fmt: skip
-        scenes = list(tqdm(Scenes(config.scenes, seed=split_seed("train", config.seed)),
-                           desc="render scenes", disable=not progress))  # fmt: skip
-        fit_observation_model(gm, backbone, scenes, progress=progress)
-        gm.save(stage1)
+        all_scenes = Scenes(config.scenes, seed=split_seed("train", config.seed))
+        mine = range(*world.bounds(config.scenes))
+        scenes = [all_scenes[i] for i in tqdm(mine, desc="render scenes", disable=not progress)]
+        fit_observation_model(gm, backbone, scenes, progress=progress, world=world)
         log["seconds"]["observation"] = round(time.perf_counter() - start, 1)
-        atomic_write_json(log_path, log)
+        if main:
+            gm.save(stage1)
+            atomic_write_json(log_path, log)
     if resume and stage2.exists():
         gm = GenerativeModel.load(stage2)
     else:
@@ -163,21 +187,28 @@ def train_model(
         objects = render_object_set(
             config.categories, config.objects_per_category,
             seed=split_seed("train", config.seed), backbone=backbone,
+            part=world.shard(len(config.categories) * config.objects_per_category),
         )  # fmt: skip
         em = replace(config.em, seed=config.seed)
-        result = fit_hard_em(gm, backbone, objects, config=em, progress=progress)
-        gm.save(stage2)
+        result = fit_hard_em(gm, backbone, objects, config=em, progress=progress, world=world)
         log["seconds"]["hard_em"] = round(time.perf_counter() - start, 1)
         log["em"] = result.to_dict()["log"]
-        atomic_write_json(log_path, log)
+        if main:
+            gm.save(stage2)
+            atomic_write_json(log_path, log)
     start = time.perf_counter()
     validation = render_object_set(
         config.categories, config.validation_per_category,
         seed=split_seed("validation", config.seed), backbone=backbone,
+        part=world.shard(len(config.categories) * config.validation_per_category),
     )  # fmt: skip
-    scores = tune_mask_threshold(gm, backbone, validation, multipliers=config.mask_multipliers)
+    scores = tune_mask_threshold(gm, backbone, validation, multipliers=config.mask_multipliers,
+                                 world=world)  # fmt: skip
     log["mask_threshold_iou"] = {str(m): v for m, v in scores.items()}
-    gm.save(stage3)
     log["seconds"]["mask_threshold"] = round(time.perf_counter() - start, 1)
-    atomic_write_json(log_path, log)
+    if main:
+        gm.save(stage3)
+        log["processes"] = world.size
+        atomic_write_json(log_path, log)
+    world.barrier()  # the checkpoint is on disk before any rank returns
     return gm
