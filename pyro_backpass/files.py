@@ -1,4 +1,6 @@
-"""Atomic file writes: a reader never sees a half-written checkpoint or result file."""
+"""Atomic file writes: a reader never sees a half-written checkpoint or result file; JSON lines
+appended one durable line at a time, so a killed writer leaves only whole lines (and at most
+one partial last line, which :func:`read_json_lines` drops)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_json"]
+__all__ = ["JsonLinesAppender", "atomic_write", "atomic_write_json", "read_json_lines"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -36,3 +38,44 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
     return atomic_write(path, write)
+
+
+def read_json_lines(path: str | os.PathLike, *, repair: bool = False) -> list[Any]:
+    """The objects of a JSON-lines file, in order; a trailing line without its newline (a writer
+    killed mid-line) is dropped, and with ``repair=True`` cut from the file too. A missing file
+    reads as empty."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]  # b"" when there is no complete line
+    if repair and len(whole) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(whole))
+            f.flush()
+            os.fsync(f.fileno())
+    return [json.loads(line) for line in whole.decode("utf-8").splitlines() if line.strip()]
+
+
+class JsonLinesAppender:
+    """Append JSON objects to a file one line at a time, each flushed and fsync'd before
+    :meth:`write` returns (a context manager)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, obj: Any) -> None:
+        self._file.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> JsonLinesAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
