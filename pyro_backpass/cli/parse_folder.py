@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from pyro_backpass.files import JsonLinesAppender, atomic_write, read_json_lines
 from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
 from pyro_backpass.model import GenerativeModel
 
-__all__ = ["ParseBatch", "add_parser", "merge_parts", "parse_folder", "parse_images", "run"]
+__all__ = ["ParseBatch", "add_parser", "merge_parts", "parse_image_folder", "parse_images", "run"]
 
 # (model, images [(3, H, W)] on the device, their ids) -> one record per image, in order.
 ParseBatch = Callable[[GenerativeModel, list[torch.Tensor], list[str]], list[dict[str, Any]]]
@@ -54,8 +55,8 @@ def parse_images(
 
 
 def _load_parser(spec: str) -> ParseBatch:
-    """``scene`` (the real one, :func:`parse_images`) or ``MODULE:FUNCTION`` (tests, benchmarks:
-    a stand-in of the same signature)."""
+    """``scene`` (the real one, :func:`parse_images`), or ``MODULE:FUNCTION`` or
+    ``PATH.py:FUNCTION`` (tests, benchmarks: a stand-in of the same signature)."""
     if spec == "scene":
         parsing = importlib.import_module("pyro_backpass.parsing")
         missing = [n for n in ("parse_scene", "parse_record") if not hasattr(parsing, n)]
@@ -65,10 +66,15 @@ def _load_parser(spec: str) -> ParseBatch:
                 "(issue #11); --parser MODULE:FUNCTION runs a stand-in"
             )
         return parse_images
-    module, _, name = spec.partition(":")
+    module, _, name = spec.rpartition(":")
     try:
+        if module.endswith(".py"):  # a script's function (benchmarks/ is not a package)
+            loader = importlib.util.spec_from_file_location(Path(module).stem, module)
+            loaded = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(loaded)
+            return getattr(loaded, name)
         return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
+    except (ImportError, AttributeError, ValueError, OSError) as err:
         raise SystemExit(f"--parser: cannot import {spec!r} ({err})") from None
 
 
@@ -122,7 +128,7 @@ def merge_parts(out: str | Path) -> int:
     return len(records)
 
 
-def parse_folder(
+def parse_image_folder(
     root: str | Path,
     out: str | Path,
     *,
@@ -195,8 +201,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="skip images already in the output")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--parser", default="scene",
-                   help="'scene' (parse_scene), or MODULE:FUNCTION, a stand-in of the same "
-                        "signature for tests and benchmarks")  # fmt: skip
+                   help="'scene' (parse_scene), or MODULE:FUNCTION or PATH.py:FUNCTION, a "
+                        "stand-in of the same signature for tests and benchmarks")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     m = sub.add_parser("merge-parts", help="merge parse-folder's part files into one")
@@ -218,9 +224,11 @@ def run(args: argparse.Namespace) -> None:
         gm = GenerativeModel.default() if args.model is None else GenerativeModel.load(args.model)
         gm = gm.to(device)
         try:
-            summary = parse_folder(args.folder, args.out, gm=gm, parse=parse, batch=args.batch,
-                                   workers=args.workers, device=device, resume=args.resume,
-                                   world=world, progress=not args.no_progress)  # fmt: skip
+            summary = parse_image_folder(
+                args.folder, args.out, gm=gm, parse=parse, batch=args.batch,
+                workers=args.workers, device=device, resume=args.resume, world=world,
+                progress=not args.no_progress,
+            )  # fmt: skip
         except (ValueError, FileExistsError) as err:
             raise SystemExit(f"parse-folder: {err}") from None
         if world.is_main:
