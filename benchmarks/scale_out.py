@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,14 +124,15 @@ def training_costs(gm, config) -> dict:
     levels = {}
     for name in gm.hidden_levels:
         step = gm.steps[name]
+        elements = math.prod(step.out.shape)  # C·H·W of the level
         params = step.weight.numel() + (step.bias.numel() if step.kind != "template" else 0)
         levels[name] = {
             "kind": step.kind,
             "allreduce_bytes_per_sgd_step": params * f32 if step.kind != "template" else 0,
             "allreduce_bytes_per_e_step": (params if step.kind == "template" else 0) * f32
             + gm.priors[f"gamma_{name}"].probs.numel() * f32,
-            "target_bytes_per_object": step.out.numel() * f32,
-            "phi_chunk_bytes": config.em.batch_size * step.num_components * step.out.numel() * f32,
+            "target_bytes_per_object": elements * f32,
+            "phi_chunk_bytes": config.em.batch_size * step.num_components * elements * f32,
         }  # fmt: skip
     n = len(config.categories) * config.objects_per_category
     per_object = sum(v["target_bytes_per_object"] for v in levels.values())
@@ -148,10 +151,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--parser", choices=["stand-in", "scene"], default="stand-in")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each setting (median)")
     ap.add_argument("--smoke", action="store_true", help="8 images, 1 process, batches 1 and 8")
     ap.add_argument("--out", type=Path, default=RESULTS / "scale_out.json")
     args = ap.parse_args(argv)
     n = 8 if args.smoke else args.images
+    repeats = 1 if args.smoke else args.repeats
     grid = [(1, 1), (1, 8)] if args.smoke else [(p, b) for p in (1, 2) for b in (1, 8, 32)]
     parser = f"{HERE}:greedy_stand_in" if args.parser == "stand-in" else "scene"
     rows = []
@@ -159,14 +164,25 @@ def main(argv: list[str] | None = None) -> dict:
         folder = Path(tmp) / "images"
         folder.mkdir()
         _write_images(folder, n)
-        for processes, batch in grid:
-            s = _run(folder, Path(tmp) / f"p{processes}b{batch}.jsonl", processes=processes,
-                     batch=batch, parser=parser)  # fmt: skip
-            if s["images"] != n or s["errors"]:
-                raise RuntimeError(f"expected {n} clean lines, got {s}")
-            rows.append({"processes": processes, "batch": batch, "images": n,
-                         "seconds": s["seconds"], "images_per_s": s["images_per_s"]})  # fmt: skip
-            print(f"| {processes} | {batch} | {s['images_per_s']:.2f} |", flush=True)
+        runs: dict[tuple[int, int], list[dict]] = {key: [] for key in grid}
+        load = [os.getloadavg()[0]]
+        for repeat in range(repeats):  # interleaved, so drifting load hits every setting
+            for processes, batch in grid:
+                out = Path(tmp) / f"p{processes}b{batch}r{repeat}.jsonl"
+                s = _run(folder, out, processes=processes, batch=batch, parser=parser)
+                if s["images"] != n or s["errors"]:
+                    raise RuntimeError(f"expected {n} clean lines, got {s}")
+                runs[(processes, batch)].append(s)
+                print(f"| {processes} | {batch} | {s['images_per_s']:.2f} |", flush=True)
+        load.append(os.getloadavg()[0])
+        for (processes, batch), got in runs.items():
+            rates = sorted(s["images_per_s"] for s in got)
+            rows.append({
+                "processes": processes, "batch": batch, "images": n, "runs": len(got),
+                "images_per_s": statistics.median(rates), "images_per_s_all": rates,
+                "cpu_ms_per_image": round(1000 * statistics.median(
+                    s["cpu_seconds"] for s in got) / n, 1),
+            })  # fmt: skip
         merge_lines_per_s = merge_rate(2_000 if args.smoke else 50_000, Path(tmp))
     base = {r["batch"]: r["images_per_s"] for r in rows if r["processes"] == 1}
     for r in rows:
@@ -176,8 +192,11 @@ def main(argv: list[str] | None = None) -> dict:
                    "(not parse_scene)") if args.parser == "stand-in" else "parse_scene",
         "machine": machine(), "threads_per_process": 1, "loader_workers_per_process": 1,
         "smoke": args.smoke, "rows": rows,
-        "note": "seconds: from the first batch to the last rank's barrier (no start-up, "
-                "no model load); the merge of parts is after it",
+        "note": "images_per_s: median over runs of images / seconds from the first batch to "
+                "the last rank's barrier (no start-up, no model load; the merge is after it). "
+                "cpu_ms_per_image: the parsing processes' CPU time per image (loader workers "
+                "aside), less sensitive than wall time to other jobs on the shared machine",
+        "load_average_1min_before_after": [round(x, 2) for x in load],
         "merge_lines_per_s": round(merge_lines_per_s),
         "training": training_costs(GenerativeModel.default(), PRESETS["default"]),
     }  # fmt: skip

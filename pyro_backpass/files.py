@@ -11,7 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JsonLinesAppender", "atomic_write", "atomic_write_json", "read_json_lines"]
+__all__ = [
+    "JsonLinesAppender",
+    "atomic_write",
+    "atomic_write_json",
+    "read_json_lines",
+    "whole_lines",
+]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -40,10 +46,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, write)
 
 
-def read_json_lines(path: str | os.PathLike, *, repair: bool = False) -> list[Any]:
-    """The objects of a JSON-lines file, in order; a trailing line without its newline (a writer
-    killed mid-line) is dropped, and with ``repair=True`` cut from the file too. A missing file
-    reads as empty."""
+def whole_lines(path: str | os.PathLike, *, repair: bool = False) -> list[str]:
+    """The complete lines of a text file (without their newlines); a trailing line without
+    its newline (a writer killed mid-line) is dropped, and with ``repair=True`` cut from the
+    file too. A missing file has none."""
     path = Path(path)
     if not path.exists():
         return []
@@ -54,7 +60,12 @@ def read_json_lines(path: str | os.PathLike, *, repair: bool = False) -> list[An
             f.truncate(len(whole))
             f.flush()
             os.fsync(f.fileno())
-    return [json.loads(line) for line in whole.decode("utf-8").splitlines() if line.strip()]
+    return [line for line in whole.decode("utf-8").splitlines() if line.strip()]
+
+
+def read_json_lines(path: str | os.PathLike, *, repair: bool = False) -> list[Any]:
+    """The objects of a JSON-lines file, in order (its :func:`whole_lines`)."""
+    return [json.loads(line) for line in whole_lines(path, repair=repair)]
 
 
 class JsonLinesAppender:

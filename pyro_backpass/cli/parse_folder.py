@@ -33,7 +33,7 @@ from tqdm import tqdm
 from pyro_backpass.cli.device import resolve_device
 from pyro_backpass.cli.launch import launched_world
 from pyro_backpass.data.image_files import ImageFiles, ImageItem, list_image_ids
-from pyro_backpass.files import JsonLinesAppender, atomic_write, read_json_lines
+from pyro_backpass.files import JsonLinesAppender, atomic_write, read_json_lines, whole_lines
 from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
 from pyro_backpass.model import GenerativeModel
 
@@ -113,19 +113,19 @@ def merge_parts(out: str | Path) -> int:
     first written wins), sorted by id; the parts are then removed. Returns the line count."""
     out = Path(out)
     parts = _parts(out)
-    records: dict[str, dict] = {}
+    lines: dict[str, str] = {}  # image id -> its line as written (no re-serialising)
     for path in [out, *parts]:
-        for record in read_json_lines(path):
-            records.setdefault(record["image_id"], record)
+        for line in whole_lines(path):
+            lines.setdefault(json.loads(line)["image_id"], line)
 
     def write(tmp: Path) -> None:
-        tmp.write_text("".join(json.dumps(records[k], separators=(",", ":")) + "\n"
-                               for k in sorted(records)))  # fmt: skip
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines[k] + "\n" for k in sorted(lines))
 
     atomic_write(out, write)
     for path in parts:
         path.unlink()
-    return len(records)
+    return len(lines)
 
 
 def parse_image_folder(
@@ -161,7 +161,7 @@ def parse_image_folder(
     mine = [i for i in ids[world.rank :: world.size] if i not in done]
     loader = DataLoader(ImageFiles(root, ids=mine), batch_size=batch, num_workers=workers,
                         collate_fn=list)  # fmt: skip
-    start, errors = time.perf_counter(), 0
+    start, cpu_start, errors = time.perf_counter(), time.process_time(), 0
     bar = tqdm(total=len(mine), unit="img", desc=f"parse (rank 0 of {world.size})",
                disable=not (progress and world.is_main))  # fmt: skip
     with JsonLinesAppender(target) as lines:
@@ -175,7 +175,8 @@ def parse_image_folder(
                 lines.write(record)
             bar.update(len(items))
     bar.close()
-    counts = world.all_reduce_sum(torch.tensor([len(mine), errors]))
+    cpu = time.process_time() - cpu_start  # this process's CPU time (loader workers aside)
+    counts = world.all_reduce_sum(torch.tensor([len(mine), errors, cpu], dtype=torch.float64))
     world.barrier()  # every part is complete
     seconds = time.perf_counter() - start
     if world.is_main and (world.distributed or _parts(out)):
@@ -184,7 +185,8 @@ def parse_image_folder(
     n = int(counts[0])
     return {"out": str(out), "images": n, "errors": int(counts[1]), "skipped": len(done),
             "processes": world.size, "seconds": round(seconds, 3),
-            "images_per_s": round(n / seconds, 3) if seconds > 0 else None}  # fmt: skip
+            "images_per_s": round(n / seconds, 3) if seconds > 0 else None,
+            "cpu_seconds": round(float(counts[2]), 3)}  # fmt: skip
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

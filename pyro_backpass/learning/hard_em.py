@@ -373,8 +373,9 @@ def fit_hard_em(
         raise ValueError(f"masks must be (N, H, W) bool for {n} images, got {tuple(masks.shape)}")
     if labels.shape != (n,) or labels.is_floating_point():
         raise ValueError(f"labels must be (N,) integer category indices, got {tuple(labels.shape)}")
-    if sum(world.sizes(n)) < 2 or (n and (int(labels.min()) < 0
-                                          or int(labels.max()) >= len(gm.categories))):  # fmt: skip
+    bad = bool(n) and (int(labels.min()) < 0 or int(labels.max()) >= len(gm.categories))
+    sizes = world.sizes(n)
+    if sum(sizes) < 2 or int(world.all_reduce_sum(torch.tensor([int(bad)]))) > 0:  # on every rank
         raise ValueError(f"need ≥ 2 objects with labels in [0, {len(gm.categories)})")
     missing = [s for s in gm.hidden_levels if s not in {v.name for v in backbone.levels}]
     if missing:
