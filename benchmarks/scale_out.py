@@ -69,10 +69,10 @@ def greedy_stand_in(gm, images, image_ids):
         counts = np.diff(np.concatenate([[0], edges])).tolist()
         records.append({
             "image_id": image_id, "size": list(image.shape[-2:]),
-            "stop_reason": "stand-in: one greedy pass",
+            "stop_reason": "stand-in: one greedy pass", "threshold": None,
             "instances": [{"category": gm.categories[int(cats[b])],
                            "score": round(float(result.log_joint[b]), 3), "box": box,
-                           "mask": {"size": list(size), "counts": counts}}],
+                           "segmentation": {"size": list(size), "counts": counts}}],
         })  # fmt: skip
     return records
 

@@ -29,8 +29,10 @@ def test_the_stand_in_parser_writes_the_parse_schema():
     for r in records:
         (inst,) = r["instances"]
         assert inst["category"] in gm.categories and len(inst["box"]) == 4
-        h, w = inst["mask"]["size"]
-        assert sum(inst["mask"]["counts"]) == h * w  # an uncompressed COCO RLE covers the image
+        h, w = inst["segmentation"]["size"]
+        assert (
+            sum(inst["segmentation"]["counts"]) == h * w
+        )  # an uncompressed COCO RLE covers the image
 
 
 @pytest.mark.slow  # parse-folder subprocesses: ~30 s

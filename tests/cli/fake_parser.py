@@ -14,8 +14,9 @@ def parse_batch(gm, images, image_ids):
         bright = image.mean(dim=0) > 0.5  # (H, W)
         counts = torch.bincount(bright.T.reshape(-1).long(), minlength=2).tolist()
         records.append({
-            "image_id": image_id, "size": [h, w], "stop_reason": "fake",
+            "image_id": image_id, "size": [h, w], "stop_reason": "fake", "threshold": 0.0,
             "instances": [{"category": "airplane", "score": round(float(image.mean()), 6),
-                           "box": [0, 0, w, h], "mask": {"size": [h, w], "counts": counts}}],
+                           "box": [0, 0, w, h],
+                           "segmentation": {"size": [h, w], "counts": counts}}],
         })  # fmt: skip
     return records

@@ -82,3 +82,15 @@ def test_two_processes_under_torchrun_write_the_single_process_lines(folder, tmp
     assert json.loads(done.stdout.strip().splitlines()[-1])["processes"] == 2
     assert sorted(two.read_text().splitlines()) == sorted(one.read_text().splitlines())
     assert not list(tmp_path.glob("two.jsonl.part*"))  # merged, parts removed
+
+
+def test_merging_parts_keeps_the_first_line_of_each_id_sorted_and_removes_the_parts(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"image_id":"c","n":0}\n')
+    (tmp_path / "out.jsonl.part0of2").write_text('{"image_id":"a","n":1}\n{"image_id":"c","n":2}\n')
+    (tmp_path / "out.jsonl.part1of2").write_text('{"image_id":"b","n":3}\n{"image_id":"d",')
+    main(["merge-parts", str(out)])
+    assert out.read_text().splitlines() == [
+        '{"image_id":"a","n":1}', '{"image_id":"b","n":3}', '{"image_id":"c","n":0}'
+    ]  # fmt: skip
+    assert not list(tmp_path.glob("out.jsonl.part*"))
