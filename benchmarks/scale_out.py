@@ -147,6 +147,36 @@ def training_costs(gm, config) -> dict:
     }  # fmt: skip
 
 
+def train_equality(tmp: Path) -> dict:
+    """``pyro-backpass train --preset smoke`` in one process and under ``torchrun`` with two
+    (gloo): the largest parameter difference relative to the parameter's largest magnitude,
+    per checkpoint, and each run's wall time (start-up included: smoke sizes measure
+    correctness, not speed)."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = ["-m", "pyro_backpass.cli", "train", "--preset", "smoke", "--threads", "1",
+           "--no-progress"]  # fmt: skip
+    seconds = {}
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run",
+                                    "--standalone", "--nproc_per_node=2"])):  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run(launcher + cli + ["--out", str(tmp / name)], env=env,
+                              capture_output=True, text=True, cwd=HERE.parents[1])  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-3000:])
+        seconds[name] = round(time.perf_counter() - start, 1)
+    worst = {}
+    for stage in ("observation", "hard_em", "model"):
+        a, b = (load_file(tmp / run / f"{stage}.safetensors") for run in ("one", "two"))
+        worst[stage] = max(
+            float((a[k] - b[k]).double().abs().max() / a[k].double().abs().max().clamp_min(1e-12))
+            for k in a if a[k].is_floating_point()
+        )  # fmt: skip
+    return {"preset": "smoke", "max_relative_difference": worst, "wall_seconds": seconds}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=96)
@@ -154,7 +184,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="runs of each setting (median)")
     ap.add_argument("--smoke", action="store_true", help="8 images, 1 process, batches 1 and 8")
     ap.add_argument("--out", type=Path, default=RESULTS / "scale_out.json")
+    ap.add_argument("--only-train", action="store_true",
+                    help="only the training comparison, into the --out file")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.only_train:
+        result = json.loads(args.out.read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            result["training_equality"] = train_equality(Path(tmp))
+        atomic_write_json(args.out, result)
+        return result
     n = 8 if args.smoke else args.images
     repeats = 1 if args.smoke else args.repeats
     grid = [(1, 1), (1, 8)] if args.smoke else [(p, b) for p in (1, 2) for b in (1, 8, 32)]
@@ -184,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
                     s["cpu_seconds"] for s in got) / n, 1),
             })  # fmt: skip
         merge_lines_per_s = merge_rate(2_000 if args.smoke else 50_000, Path(tmp))
+        equality = None if args.smoke else train_equality(Path(tmp))
     base = {r["batch"]: r["images_per_s"] for r in rows if r["processes"] == 1}
     for r in rows:
         r["speedup_vs_1_process"] = round(r["images_per_s"] / base[r["batch"]], 3)
@@ -199,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_1min_before_after": [round(x, 2) for x in load],
         "merge_lines_per_s": round(merge_lines_per_s),
         "training": training_costs(GenerativeModel.default(), PRESETS["default"]),
+        "training_equality": equality,
     }  # fmt: skip
     atomic_write_json(args.out, result)
     return result
