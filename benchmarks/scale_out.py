@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import RESULTS, machine  # noqa: E402
 
 from pyro_backpass import GenerativeModel, Scenes, greedy_map  # noqa: E402
-from pyro_backpass.cli.parse_folder import merge_parts  # noqa: E402
+from pyro_backpass.cli import merge_parts  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.learning import PRESETS  # noqa: E402

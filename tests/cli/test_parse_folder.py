@@ -94,3 +94,28 @@ def test_merging_parts_keeps_the_first_line_of_each_id_sorted_and_removes_the_pa
         '{"image_id":"a","n":1}', '{"image_id":"b","n":3}', '{"image_id":"c","n":0}'
     ]  # fmt: skip
     assert not list(tmp_path.glob("out.jsonl.part*"))
+
+
+def test_the_default_parser_is_parse_record_of_parse_scene(folder, tmp_path, monkeypatch):
+    """The real wiring (``--parser scene``) with issue #11's two names stood in for."""
+    import pyro_backpass.parsing as parsing
+
+    calls = []
+
+    def parse_scene(gm, image):
+        calls.append(tuple(image.shape))
+        return {"size": list(image.shape[-2:])}
+
+    def parse_record(parse, *, image_id):
+        return {"image_id": image_id, "size": parse["size"], "stop_reason": "stub",
+                "threshold": 0.0, "instances": []}  # fmt: skip
+
+    monkeypatch.setattr(parsing, "parse_scene", parse_scene, raising=False)
+    monkeypatch.setattr(parsing, "parse_record", parse_record, raising=False)
+    out = tmp_path / "out.jsonl"
+    main(["parse-folder", str(folder), "--out", str(out), "--workers", "0", "--no-progress",
+          "--device", "cpu"])  # fmt: skip
+    lines = _lines(out)
+    assert lines["rgba.png"] == {"image_id": "rgba.png", "size": [50, 20], "stop_reason": "stub",
+                                 "threshold": 0.0, "instances": []}  # fmt: skip
+    assert (3, 50, 20) in calls and len(calls) == 6  # every readable image, one call each
