@@ -5,15 +5,14 @@ takes ``world=`` (:class:`World`) to share its data among ``torchrun``'s process
 """
 
 from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
+from pyro_backpass.learning.e_step import e_step_level, window_scores
 from pyro_backpass.learning.evaluation import mask_iou, object_passes, tune_mask_threshold
 from pyro_backpass.learning.hard_em import (
     EMConfig,
     EMIteration,
     EMResult,
-    e_step_level,
     fit_hard_em,
     object_targets,
-    window_scores,
 )
 from pyro_backpass.learning.observation_fit import (
     LevelFit,
