@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from pyro_backpass.cli import backbone_training, demo, parse_folder, train
+from pyro_backpass.cli import backbone_training, demo, parse, parse_folder, train
 
 __all__ = ["build_parser", "main"]
 
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     # Each module registers its own subcommand(s).
-    for command in (demo, backbone_training, train, parse_folder):
+    for command in (demo, parse, backbone_training, train, parse_folder):
         command.add_parser(sub)
     return parser
 

@@ -4,6 +4,7 @@ targets that are the backbone's activations of single objects masked to the obje
 takes ``world=`` (:class:`World`) to share its data among ``torchrun``'s processes.
 """
 
+from pyro_backpass.learning.calibration import UPPER_LEVELS, calibrate_scale_td, top_clamped_iou
 from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
 from pyro_backpass.learning.e_step import e_step_level, window_scores
 from pyro_backpass.learning.evaluation import mask_iou, object_passes, tune_mask_threshold
@@ -17,6 +18,7 @@ from pyro_backpass.learning.hard_em import (
 from pyro_backpass.learning.observation_fit import (
     LevelFit,
     ObservationFit,
+    fit_background,
     fit_level,
     fit_observation_model,
     scene_pairs,
@@ -34,8 +36,11 @@ __all__ = [
     "PRESETS",
     "SINGLE_PROCESS",
     "TrainConfig",
+    "UPPER_LEVELS",
     "World",
+    "calibrate_scale_td",
     "e_step_level",
+    "fit_background",
     "fit_hard_em",
     "fit_level",
     "fit_observation_model",
@@ -48,6 +53,7 @@ __all__ = [
     "observation_statistics",
     "render_object_set",
     "scene_pairs",
+    "top_clamped_iou",
     "train_model",
     "tune_mask_threshold",
     "window_scores",

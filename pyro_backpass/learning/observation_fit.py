@@ -42,7 +42,14 @@ from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
 from pyro_backpass.learning.targets import masked_activations, max_pool_mask
 from pyro_backpass.model import GenerativeModel
 
-__all__ = ["LevelFit", "ObservationFit", "fit_level", "fit_observation_model", "scene_pairs"]
+__all__ = [
+    "LevelFit",
+    "ObservationFit",
+    "fit_background",
+    "fit_level",
+    "fit_observation_model",
+    "scene_pairs",
+]
 
 
 @dataclass(frozen=True)
@@ -294,3 +301,74 @@ def fit_observation_model(
         fits[name] = fit
     n_objects = sum(world.sizes(int(next(iter(bu.values())).shape[0])))
     return ObservationFit(levels=fits, n_objects=n_objects)
+
+
+@torch.no_grad()
+def fit_background(
+    gm: GenerativeModel,
+    backbone: Backbone,
+    scenes: Sequence[Scene],
+    *,
+    levels: Sequence[str] | None = None,
+    floor_factor: float = 1.0,
+    batch_size: int = 32,
+    world: World = SINGLE_PROCESS,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fit β and σ2 **per channel**, in place: the mean and standard deviation of each channel's
+    scene activations outside every instance (the plain background and the clutter), with σ2
+    floored at the level's pooled σ2 × ``floor_factor`` (default: never narrower than the
+    pooled fit of :func:`fit_observation_model`).
+
+    The pooled fit gives every channel one background; on our backbone a plain background of a
+    saturated colour drives a few low-level channels far above it, and clutter drives upper
+    channels, so those activations were explained "on" wherever φ allowed it. Issue #10's
+    lever table (``benchmarks/clutter_levers.py``) measures what the per-channel fit buys.
+
+    :param scenes: cluttered scenes (``make_scene``); instance masks, max-pooled to each level,
+        mark what is left out; under several processes, this rank's shard of them (the sums
+        are all-reduced).
+    :returns: level → ``(β, σ2)``, each ``(C,)``.
+    """
+    names = [n for n in gm.hidden_levels] if levels is None else list(levels)
+    unknown = [n for n in names if n not in gm.hidden_levels]
+    if unknown:
+        raise ValueError(f"unknown levels {unknown}; the model's levels: {list(gm.hidden_levels)}")
+    if not floor_factor > 0:
+        raise ValueError(f"floor_factor must be > 0, got {floor_factor}")
+    scenes = list(scenes)
+    if not sum(world.sizes(len(scenes))):
+        raise ValueError("fit_background needs at least one scene")
+    # Per level: Σ a, Σ a² per channel and the element count (every rank, scenes or not).
+    sums = {n: torch.zeros(2 * gm.steps[n].out.shape[0] + 1, dtype=torch.float64) for n in names}
+    for start in range(0, len(scenes), batch_size):
+        part = scenes[start : start + batch_size]
+        acts = backbone(torch.stack([s.image for s in part]))
+        objects = torch.stack(
+            [torch.stack([i.amodal_mask for i in s.instances]).any(0) if s.instances
+             else torch.zeros(s.image.shape[-2:], dtype=torch.bool) for s in part]
+        )  # (b, H, W)  # fmt: skip
+        for name in names:
+            a = acts[name].double()  # (b, C, h, w)
+            outside = ~max_pool_mask(objects, tuple(a.shape[-2:])).unsqueeze(1)  # (b, 1, h, w)
+            w = outside.to(a.dtype)
+            c = a.shape[1]
+            sums[name][:c] += (a * w).sum(dim=(0, 2, 3))
+            sums[name][c : 2 * c] += (a.square() * w).sum(dim=(0, 2, 3))
+            sums[name][-1] += w.sum()
+    fitted = {}
+    for name, total in sums.items():
+        total = world.all_reduce_sum(total)
+        c = (total.shape[0] - 1) // 2
+        s1, s2, n = total[:c], total[c : 2 * c], float(total[-1])
+        if n == 0:
+            raise ValueError(f"{name}: no element outside the instances to fit the background on")
+        obs = gm.observations[name]
+        mean = s1 / n
+        std = (s2 / n - mean.square()).clamp_min(0).sqrt()
+        floor = float(obs.scale_off.min()) * floor_factor
+        std = std.clamp_min(floor)
+        obs.per_channel_background()
+        obs.background.copy_(mean.view(-1, 1, 1).to(obs.background))
+        obs.scale_off.copy_(std.view(-1, 1, 1).to(obs.scale_off))
+        fitted[name] = (mean.float(), std.float())
+    return fitted

@@ -5,8 +5,11 @@ Stages, each ending in an atomically written checkpoint in ``out_dir``:
 
 1. ``observation.safetensors``: the model after :func:`fit_observation_model` on rendered scenes;
 2. ``hard_em.safetensors``: after :func:`fit_hard_em` on rendered single objects;
-3. ``model.safetensors``: with the mask threshold chosen on validation objects
-   (:func:`tune_mask_threshold`).
+3. ``model.safetensors``: with, when the configuration asks for them (the default does), β and
+   σ2 per channel fitted on the training scenes (:func:`fit_background`) and σ0 of the upper
+   levels calibrated on validation scenes (:func:`calibrate_scale_td`) — issue #10's levers —
+   and the mask threshold chosen on validation objects (:func:`tune_mask_threshold`, after the
+   calibration).
 
 ``log.json`` holds per-round errors and component usage, the validation IoU of every mask
 threshold tried, and the seconds of every stage.
@@ -36,12 +39,13 @@ import torch
 from tqdm import tqdm
 
 from pyro_backpass.backbone import Backbone
-from pyro_backpass.data import CATEGORIES, RenderedObjects, Scenes, split_seed
+from pyro_backpass.data import CATEGORIES, OBJECT_SCALE, RenderedObjects, Scenes, split_seed
 from pyro_backpass.files import atomic_write_json
+from pyro_backpass.learning.calibration import UPPER_LEVELS, calibrate_scale_td
 from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
 from pyro_backpass.learning.evaluation import tune_mask_threshold
 from pyro_backpass.learning.hard_em import EMConfig, fit_hard_em
-from pyro_backpass.learning.observation_fit import fit_observation_model
+from pyro_backpass.learning.observation_fit import fit_background, fit_observation_model
 from pyro_backpass.model import GenerativeModel
 
 __all__ = ["PRESETS", "TrainConfig", "render_object_set", "train_model"]
@@ -54,18 +58,29 @@ class TrainConfig:
     categories: tuple[str, ...] = CATEGORIES  # modelled categories (the backbone's by default)
     backbone: str = "default"  # "default" or "compositional" (the shipped backbones)
     objects_per_category: int = 200  # single objects for hard EM (train split)
+    # Render scales of those objects (bounding-sphere diameter / image size), split evenly;
+    # add data.SCENE_SCALE to train also on objects as small as in cluttered scenes.
+    object_scales: tuple[tuple[float, float], ...] = (OBJECT_SCALE,)
     scenes: int = 100  # cluttered scenes for the observation model (train split)
     validation_per_category: int = 20  # objects that choose the mask threshold (validation)
     mask_multipliers: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)  # × λ
     components_top: int = 20  # K of the level just below the category (the paper: 500)
     components: int = 5  # K of every other level (the paper: 5)
     em: EMConfig = field(default_factory=EMConfig)  # hard EM options
+    # Issue #10's levers (benchmarks/clutter_levers.py measured them on validation scenes):
+    background_per_channel: bool = True  # β, σ2 per channel from the training scenes
+    calibration_scenes: int = 20  # validation scenes that choose the σ0 multiplier (0: off)
+    calibration_levels: tuple[str, ...] = UPPER_LEVELS
+    calibration_multipliers: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
     seed: int = 0  # base seed of the data splits and of EM
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["categories"] = list(self.categories)
         d["mask_multipliers"] = list(self.mask_multipliers)
+        d["object_scales"] = [list(s) for s in self.object_scales]
+        d["calibration_levels"] = list(self.calibration_levels)
+        d["calibration_multipliers"] = list(self.calibration_multipliers)
         return d
 
 
@@ -76,6 +91,8 @@ PRESETS: dict[str, TrainConfig] = {
         scenes=2,
         components_top=2,
         components=2,
+        calibration_scenes=1,
+        calibration_multipliers=(1.0, 0.25),
         em=EMConfig(iterations=1, epochs=1, init_epochs=1, batch_size=8, top_init_iterations=1),
     ),  # fmt: skip
     # The shipped model: ≤ 30 min on 2 CPU cores.
@@ -89,18 +106,31 @@ def render_object_set(
     *,
     seed: int,
     backbone: Backbone,
+    scales: tuple[tuple[float, float], ...] = (OBJECT_SCALE,),
     part: slice = slice(None),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` rendered objects per category: images, masks and label indices into the
-    backbone's categories (what :func:`fit_hard_em` takes).
+    backbone's categories (what :func:`fit_hard_em` takes). With several ``scales`` the ``n``
+    are split evenly between them (the first scale takes the remainder); each scale draws
+    from its own seed, so the default single scale renders what it always did.
 
-    :param part: the slice of the ``len(categories) · n`` objects (category-major) to render:
-        one rank's shard (``World.shard``); all of them by default.
+    :param part: the slice of the ``len(categories) · n`` objects (category-major, then scale)
+        to render: one rank's shard (``World.shard``); all of them by default.
     """
-    sets = {cat: RenderedObjects(cat, n, seed=seed) for cat in categories}
+    if not scales:
+        raise ValueError("scales must name at least one (lo, hi) render scale")
+    counts = [n // len(scales) + (n % len(scales) if j == 0 else 0) for j in range(len(scales))]
+    sets = {
+        (cat, j): RenderedObjects(cat, count, seed=seed if j == 0 else (seed, j),
+                                  scale=tuple(scale))
+        for cat in categories
+        for j, (scale, count) in enumerate(zip(scales, counts, strict=True))
+    }  # fmt: skip
+    order = [(cat, j, i) for cat in categories for j in range(len(scales))
+             for i in range(counts[j])][part]  # fmt: skip
     images, masks, labels = [], [], []
-    for cat, i in [(cat, i) for cat in categories for i in range(n)][part]:
-        image, mask = sets[cat][i]
+    for cat, j, i in order:
+        image, mask = sets[(cat, j)][i]
         images.append(image), masks.append(mask), labels.append(backbone.category_index(cat))
     return torch.stack(images), torch.stack(masks), torch.tensor(labels)
 
@@ -109,6 +139,13 @@ def _backbone(name: str) -> Backbone:
     if name not in ("default", "compositional"):
         raise ValueError(f"backbone must be 'default' or 'compositional', got {name!r}")
     return Backbone.default(compositional=name == "compositional")
+
+
+def _training_scenes(config: TrainConfig, world: World, progress: bool) -> list:
+    """This rank's contiguous share of the training scenes, rendered."""
+    scenes = Scenes(config.scenes, seed=split_seed("train", config.seed))
+    mine = range(*world.bounds(config.scenes))
+    return [scenes[i] for i in tqdm(mine, desc="render scenes", disable=not progress)]
 
 
 def _check_resume(path: Path, config: TrainConfig) -> None:
@@ -172,9 +209,7 @@ def train_model(
         ks[backbone.levels[-2].name] = config.components_top
         gm = GenerativeModel.for_backbone(backbone, num_components=ks,
                                           backbone_name=config.backbone)  # fmt: skip
-        all_scenes = Scenes(config.scenes, seed=split_seed("train", config.seed))
-        mine = range(*world.bounds(config.scenes))
-        scenes = [all_scenes[i] for i in tqdm(mine, desc="render scenes", disable=not progress)]
+        scenes = _training_scenes(config, world, progress)
         fit_observation_model(gm, backbone, scenes, progress=progress, world=world)
         log["seconds"]["observation"] = round(time.perf_counter() - start, 1)
         if main:
@@ -187,6 +222,7 @@ def train_model(
         objects = render_object_set(
             config.categories, config.objects_per_category,
             seed=split_seed("train", config.seed), backbone=backbone,
+            scales=config.object_scales,
             part=world.shard(len(config.categories) * config.objects_per_category),
         )  # fmt: skip
         em = replace(config.em, seed=config.seed)
@@ -202,9 +238,24 @@ def train_model(
         seed=split_seed("validation", config.seed), backbone=backbone,
         part=world.shard(len(config.categories) * config.validation_per_category),
     )  # fmt: skip
+    if config.background_per_channel:
+        fit_background(gm, backbone, _training_scenes(config, world, progress), world=world)
     scores = tune_mask_threshold(gm, backbone, validation, multipliers=config.mask_multipliers,
                                  world=world)  # fmt: skip
     log["mask_threshold_iou"] = {str(m): v for m, v in scores.items()}
+    if config.calibration_scenes > 0:
+        # A few scenes: every rank calibrates on all of them (the same answer everywhere).
+        val_scenes = list(Scenes(config.calibration_scenes,
+                                 seed=split_seed("validation", config.seed)))  # fmt: skip
+        calib = calibrate_scale_td(
+            gm, backbone, val_scenes, levels=config.calibration_levels,
+            multipliers=config.calibration_multipliers, progress=progress,
+        )  # fmt: skip
+        log["scale_td_calibration_iou"] = {str(m): v for m, v in calib.items()}
+        # The masks changed with σ0: choose their threshold again.
+        scores = tune_mask_threshold(gm, backbone, validation, world=world,
+                                     multipliers=config.mask_multipliers)  # fmt: skip
+        log["mask_threshold_iou_after_calibration"] = {str(m): v for m, v in scores.items()}
     log["seconds"]["mask_threshold"] = round(time.perf_counter() - start, 1)
     if main:
         gm.save(stage3)

@@ -530,6 +530,10 @@ class GenerativeModel(nn.Module):
             else:
                 prior = CategoricalPrior(torch.ones(shape))
             gm.priors[site] = prior
+        for name, obs in gm.observations.items():
+            # β and σ2 are one number per level, or one per channel (fit_background).
+            if state.get(f"observations.{name}.background", torch.zeros(())).dim() == 3:
+                obs.per_channel_background()
         expected = gm.state_dict()
         bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape] + [
             k for k in state if k not in expected
