@@ -1,19 +1,20 @@
 """Throughput of ``pyro-backpass parse-folder`` for 1 and 2 processes (torchrun, gloo) and loader
 batches of 1, 8 and 32 images; writes ``benchmarks/results/scale_out.json``.
 
-The per-image work is a **stand-in** until the scene parser (issue #11) is in this version:
-:func:`greedy_stand_in` resizes each batch to the model's input, runs the backbone and ONE greedy
-backward pass (``greedy_map``, category free) on the shipped model for the whole batch, and
-writes a record of the parse schema (the MAP object's category, log-joint as score, box and an
-uncompressed COCO RLE of its mask). A full parse repeats such a pass per found object, so its
-per-image cost is a multiple of this one; the scaling (what the processes share: nothing but the
-file list, two barriers and the merge) does not depend on it. ``--parser scene`` measures the real
-parser once it exists.
+Two parsers: ``--parser scene``, the real ``parse_scene`` + ``parse_record`` (one image per
+call), and ``--parser stand-in`` (default), :func:`greedy_stand_in`: it resizes each loader batch
+to the model's input, runs the backbone and ONE greedy backward pass (``greedy_map``, category
+free) on the shipped model for the whole batch, and writes a record of the parse schema (the MAP
+object's category, log-joint as score, box and an uncompressed COCO RLE of its mask) — cheap,
+batched work that shows what batching buys and where the serial merge starts to show. The
+scaling (what the processes share: the file list, barriers and the merge) is the same for both.
 
 Images: held-out rendered scenes written as PNG files. The machine is shared (2 cores): ratios
 within one run are what to read.
 
-    python benchmarks/scale_out.py [--images 96] [--parser stand-in|scene] [--smoke]
+    python benchmarks/scale_out.py                      # stand-in -> results/scale_out.json
+    python benchmarks/scale_out.py --parser scene --images 32 --repeats 1 \
+        --out benchmarks/results/scale_out_scene.json
 """
 
 from __future__ import annotations
