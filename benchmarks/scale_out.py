@@ -13,7 +13,7 @@ Images: held-out rendered scenes written as PNG files. The machine is shared (2 
 within one run are what to read.
 
     python benchmarks/scale_out.py                      # stand-in -> results/scale_out.json
-    python benchmarks/scale_out.py --parser scene --images 32 --repeats 1 \
+    python benchmarks/scale_out.py --parser scene --images 24 --repeats 3 \
         --out benchmarks/results/scale_out_scene.json
 """
 

@@ -93,6 +93,10 @@ def _parse_safely(parse: ParseBatch, gm, items: list[ImageItem], device) -> list
         records = parse(gm, [it.image.to(device) for it in items], [it.image_id for it in items])
         if len(records) != len(items):
             raise ValueError(f"the parser returned {len(records)} records for {len(items)} images")
+        for record, it in zip(records, items, strict=True):
+            if record.get("image_id") != it.image_id:
+                raise ValueError(f"a record for {record.get('image_id')!r}, not {it.image_id!r}")
+            json.dumps(record)  # a record that cannot be written is this image's error
         return records
     except Exception as err:  # one bad image must not end a run of thousands
         if len(items) > 1:
