@@ -130,7 +130,9 @@ def report(name: str, row: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scenes", type=int, default=30, help="per regime")
-    p.add_argument("--smoke", action="store_true", help="2 scenes, 2 steps, nothing shipped")
+    p.add_argument(
+        "--smoke", action="store_true", help="1 scene a regime, 2 steps, nothing shipped"
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "parse_threshold.json")
     p.add_argument("--figure", type=Path, default=RESULTS / "parse_threshold_roc.png")
     p.add_argument("--package-file", type=Path, default=PACKAGE_FILE)
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pyro_backpass.parsing import model_fingerprint, run_parse
 
     gm = GenerativeModel.default()
-    n_scenes = 2 if args.smoke else args.scenes
+    n_scenes = 1 if args.smoke else args.scenes
     seed = split_seed("validation", SEED)
     rng = np.random.default_rng(seed)
     scenes = {

@@ -15,3 +15,13 @@ def _seed_and_validate():
     torch.set_default_dtype(torch.float32)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (many small ops, e.g. parsing: one thread is faster than
+    two on a shared machine); the count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

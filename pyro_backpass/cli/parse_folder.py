@@ -30,7 +30,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pyro_backpass.cli.device import resolve_device
+from pyro_backpass.cli.arguments import (
+    DEVICE_HELP,
+    add_command,
+    any_device,
+    input_dir,
+    input_file,
+    non_negative_int,
+    positive_int,
+)
 from pyro_backpass.cli.launch import launched_world
 from pyro_backpass.data.image_files import ImageFiles, ImageItem, list_image_ids
 from pyro_backpass.files import JsonLinesAppender, atomic_write, read_json_lines, whole_lines
@@ -194,49 +202,45 @@ def parse_image_folder(
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "parse-folder", help="parse every image under a folder into JSON lines",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    p.add_argument("folder", type=Path, help="images, searched recursively")
-    p.add_argument("--out", type=Path, required=True, help="the JSON-lines file (OUT.jsonl)")
-    p.add_argument("--batch", type=int, default=8, help="images per loader batch")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--model", type=Path, default=None, help="default: the shipped model")
+    p = add_command(sub, "parse-folder", help="parse every image under a folder into JSON lines",
+                    doc=__doc__)  # fmt: skip
+    p.add_argument("folder", type=input_dir, help="images, searched recursively")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the JSON-lines file; must not exist unless --resume")  # fmt: skip
+    p.add_argument("--batch", type=positive_int, default=8, help="images per loader batch")
+    p.add_argument("--workers", type=non_negative_int, default=2,
+                   help="DataLoader worker processes (0: read in the main process)")  # fmt: skip
+    p.add_argument("--device", type=any_device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--model", type=input_file, default=None, help="default: the shipped model")
     p.add_argument("--resume", action="store_true", help="skip images already in the output")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads per process (default: torch's)")  # fmt: skip
     p.add_argument("--parser", default="scene",
                    help="'scene' (parse_scene), or MODULE:FUNCTION or PATH.py:FUNCTION, a "
                         "stand-in of the same signature for tests and benchmarks")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-    m = sub.add_parser("merge-parts", help="merge parse-folder's part files into one")
+    m = add_command(sub, "merge-parts", help="merge parse-folder's part files into one")
     m.add_argument("out", type=Path, help="the OUT.jsonl given to parse-folder")
     m.set_defaults(func=run_merge)
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.batch < 1 or args.workers < 0:
-        raise SystemExit("parse-folder: --batch must be ≥ 1 and --workers ≥ 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     parse = _load_parser(args.parser)
-    device = resolve_device(args.device)
+    device = args.device
     # A barrier can wait for the slowest rank's whole share: a long timeout.
     with launched_world(device, timeout_s=7 * 24 * 3600) as world:
         if device.type == "cuda" and world.distributed:
             device = torch.device("cuda", torch.cuda.current_device())
         gm = GenerativeModel.default() if args.model is None else GenerativeModel.load(args.model)
         gm = gm.to(device)
-        try:
-            summary = parse_image_folder(
-                args.folder, args.out, gm=gm, parse=parse, batch=args.batch,
-                workers=args.workers, device=device, resume=args.resume, world=world,
-                progress=not args.no_progress,
-            )  # fmt: skip
-        except (ValueError, FileExistsError) as err:
-            raise SystemExit(f"parse-folder: {err}") from None
+        summary = parse_image_folder(
+            args.folder, args.out, gm=gm, parse=parse, batch=args.batch,
+            workers=args.workers, device=device, resume=args.resume, world=world,
+            progress=not args.no_progress,
+        )  # fmt: skip
         if world.is_main:
             print(json.dumps(summary))
 

@@ -56,7 +56,8 @@ def background_log_likelihood(
         else:
             score = c.const_off - c.half_prec_off * (x - c.background).square()
             if name in masks:
-                score = torch.where(masks[name], score, score.new_tensor(c.log_norm_td))
+                unobserved = torch.as_tensor(c.log_norm_td, dtype=score.dtype, device=score.device)
+                score = torch.where(masks[name], score, unobserved)
         part = score.sum(dim=(-3, -2, -1))
         total = part if total is None else total + part
     if total is None:

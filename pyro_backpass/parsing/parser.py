@@ -318,8 +318,10 @@ def _parse(
                     row = [d for d in cands if d.row == c.row]
                     _complete_all(gm, row, views, height, width)
                     c.mode_masks = [d.amodal for d in row]
-                new_paths.append((p.score + (c.llr - threshold), p, c))
-            if not force:  # stopping here is a path of its own (beam > 1)
+                # Σ (LLR − t); with t = −inf (never stop) the plain Σ LLR ranks the same paths.
+                gain = c.llr - threshold if math.isfinite(threshold) else c.llr
+                new_paths.append((p.score + gain, p, c))
+            if not force and math.isfinite(threshold):  # stopping is a path too (beam > 1)
                 new_paths.append((p.score, _stopped(p, mine[0].llr), None))
         new_paths.sort(key=lambda t: -t[0])
         kept: list[_Path] = []

@@ -22,15 +22,17 @@ def plot_overlay(
     *,
     title: str = "",
     outline: torch.Tensor | None = None,
+    normalize: bool = False,
     ax=None,
 ):
     """``image`` ``(3, H, W)`` with ``mask`` ``(H, W)`` filled in and ``outline`` (e.g. an
-    amodal mask) drawn as a contour."""
+    amodal mask) drawn as a contour; ``normalize`` min-max scales the image (for a model's
+    reconstruction, which is not confined to [0, 1])."""
     if ax is None:
         fig, ax = plt.subplots(figsize=(2.6, 2.6))
     else:
         fig = ax.figure
-    ax.imshow(to_rgb(image), interpolation="nearest")
+    ax.imshow(to_rgb(image, normalize=normalize), interpolation="nearest")
     if mask is not None:
         m = mask.detach().cpu().numpy().astype(bool)
         ax.imshow(np.ma.masked_where(~m, m.astype(float)), alpha=0.55, cmap="autumn",

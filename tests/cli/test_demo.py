@@ -2,13 +2,17 @@ import pytest
 
 from pyro_backpass.cli import main, resolve_device
 
+FIGURES = ("parse_cluttered", "parse_plain", "queries", "occlusion", "imagination", "samples",
+           "clamped_samples")  # fmt: skip
 
+
+@pytest.mark.usefixtures("one_thread")
 def test_demo_smoke_writes_figures(tmp_path, capsys):
     main(["demo", "--smoke", "--out", str(tmp_path), "--device", "cpu", "--print-shapes"])
-    for name in ("samples", "clamped_samples", "map_reconstruction", "topk"):
+    for name in FIGURES:
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     out = capsys.readouterr().out
-    assert "backward pass" in out and "Trace Shapes" in out
+    assert "cluttered scene" in out and "occlusion" in out and "Trace Shapes" in out
 
 
 def test_device_resolution():

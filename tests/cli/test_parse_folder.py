@@ -55,8 +55,9 @@ def test_every_image_gives_one_line_and_bad_files_say_why(folder, tmp_path, caps
     assert "poisoned" in lines["poison.png"]["error"]  # the parser raised for this image only
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["images"] == 8 and summary["errors"] == 3 and summary["processes"] == 1
-    with pytest.raises(SystemExit, match="exists"):
+    with pytest.raises(SystemExit) as exc:  # one "error:" line, exit 2
         main(["parse-folder", str(folder), "--out", str(out), *FAKE])
+    assert exc.value.code == 2 and "exists; pass --resume" in capsys.readouterr().err
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_lines(folder, tmp_path):

@@ -1,0 +1,52 @@
+"""benchmarks/parse_threshold.py and parse_beam.py --smoke: run in seconds, write their results
+(and ship nothing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[2] / "benchmarks"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_parse_threshold_smoke(tmp_path):
+    shipped = tmp_path / "shipped.json"
+    out = _load("parse_threshold").main(["--smoke", "--out", str(tmp_path / "t.json"),
+                                         "--figure", str(tmp_path / "roc.png"),
+                                         "--package-file", str(shipped)])  # fmt: skip
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["smoke"] is True and result["split"] == "validation"
+    assert set(result["settings"]) == {"subtract/profile", "subtract/off", "unobserve/profile",
+                                       "unobserve/off"}  # fmt: skip
+    assert result["chosen"] == out["chosen"] and not shipped.exists()
+    assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fit_threshold_keeps_the_steps_before_the_first_low_score():
+    fit = _load("parse_threshold").fit_threshold(
+        [([9.0, 8.0, 1.0], [True, True, False], 2), ([7.0, 0.5], [True, False], 1)]
+    )
+    assert 1.0 <= fit["threshold"] < 7.0 and fit["f1"] == 1.0 and fit["count_accuracy"] == 1.0
+
+
+def test_parse_beam_smoke(tmp_path):
+    _load("parse_beam").main(["--smoke", "--out", str(tmp_path / "b.json")])
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert set(result["beams"]) == {"1", "2"}
+    for row in result["beams"].values():
+        assert set(row) == {"cluttered", "plain"}
+        assert all(0 <= r["recall_iou50"] <= 1 for r in row.values())
