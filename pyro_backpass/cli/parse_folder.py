@@ -11,8 +11,9 @@ partial last one, which ``--resume`` cuts before skipping every image id already
 Under ``torchrun --nproc_per_node=P -m pyro_backpass.cli parse-folder ...`` rank ``r`` takes
 every P-th image of the sorted list from the r-th on and appends to its own part file
 (``OUT.jsonl.part<r>of<P>``); after a barrier rank 0 merges the parts into ``OUT.jsonl``, sorted
-by image id, so the file equals the single-process run's. ``merge-parts`` does that merge by hand
-(after a rank died, say). The backend follows ``--device``: NCCL for CUDA, gloo for CPU.
+by image id, so the file equals the single-process run's. ``merge-parts OUT.jsonl.part*`` does
+that merge by hand (after a rank died, say). The backend follows ``--device``: NCCL for CUDA,
+gloo for CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -220,8 +222,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "stand-in of the same signature for tests and benchmarks")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-    m = add_command(sub, "merge-parts", help="merge parse-folder's part files into one")
-    m.add_argument("out", type=Path, help="the OUT.jsonl given to parse-folder")
+    m = add_command(sub, "merge-parts", help="merge parse-folder's part files into one",
+                    doc="Merge OUT.jsonl.part<r>of<P> files (and OUT.jsonl if it exists) into "
+                        "OUT.jsonl, sorted by image id, and remove the parts.")  # fmt: skip
+    m.add_argument("parts", type=input_file, nargs="+",
+                   help="the part files, e.g. out.jsonl.part*")  # fmt: skip
     m.set_defaults(func=run_merge)
 
 
@@ -246,5 +251,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> None:
-    n = merge_parts(args.out)
-    print(json.dumps({"out": str(args.out), "images": n}))
+    outs = {re.sub(r"\.part\d+of\d+$", "", str(p)) for p in args.parts}
+    if len(outs) != 1 or any(str(p) in outs for p in args.parts):
+        raise ValueError(f"give the part files of one output (OUT.jsonl.part<r>of<P>), got "
+                         f"{[str(p) for p in args.parts]}")  # fmt: skip
+    out = Path(outs.pop())
+    print(json.dumps({"out": str(out), "images": merge_parts(out)}))

@@ -90,7 +90,7 @@ def test_merging_parts_keeps_the_first_line_of_each_id_sorted_and_removes_the_pa
     out.write_text('{"image_id":"c","n":0}\n')
     (tmp_path / "out.jsonl.part0of2").write_text('{"image_id":"a","n":1}\n{"image_id":"c","n":2}\n')
     (tmp_path / "out.jsonl.part1of2").write_text('{"image_id":"b","n":3}\n{"image_id":"d",')
-    main(["merge-parts", str(out)])
+    main(["merge-parts", *map(str, sorted(tmp_path.glob("out.jsonl.part*")))])
     assert out.read_text().splitlines() == [
         '{"image_id":"a","n":1}', '{"image_id":"b","n":3}', '{"image_id":"c","n":0}'
     ]  # fmt: skip
