@@ -25,6 +25,7 @@ from pyro_backpass.backbone import (
 from pyro_backpass.data import (
     CATEGORIES,
     DEFAULT_SIZE,
+    ImageFiles,
     ObjectDataset,
     ObjectFolder,
     ObjectParams,
@@ -44,7 +45,7 @@ from pyro_backpass.inference import (
     log_joint,
     sample,
 )
-from pyro_backpass.learning import EMConfig, fit_hard_em, fit_observation_model
+from pyro_backpass.learning import EMConfig, World, fit_hard_em, fit_observation_model
 from pyro_backpass.levels import LevelSpec, level_names, levels_from_cfg
 from pyro_backpass.model import (
     CategoricalPrior,
@@ -88,6 +89,7 @@ __all__ = [
     "DistractorSweep",
     "EMConfig",
     "GenerativeModel",
+    "ImageFiles",
     "LevelSpec",
     "MapResult",
     "NGramPrior",
@@ -106,6 +108,7 @@ __all__ = [
     "SmallVGG",
     "ThresholdedGaussian",
     "UniformPrior",
+    "World",
     "closed_form_td",
     "compositionality_score",
     "distractor_sweep",

@@ -6,6 +6,10 @@ renamed onto the target in one step; the folder is then flushed too, so the rena
 power cut where the platform allows it. A process killed mid-write leaves its temporary file
 behind; the next write of the same target removes it (its process is gone), so orphans do not
 accumulate.
+
+JSON lines (:class:`JsonLinesAppender`) are appended one durable line at a time instead, so a
+killed writer leaves only whole lines and at most one partial last line, which
+:func:`read_json_lines` drops.
 """
 
 from __future__ import annotations
@@ -17,7 +21,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_json", "check_keys", "read_json", "stale_temporaries"]
+__all__ = [
+    "JsonLinesAppender",
+    "atomic_write",
+    "atomic_write_json",
+    "check_keys",
+    "read_json",
+    "read_json_lines",
+    "stale_temporaries",
+    "whole_lines",
+]
 
 
 def _umask() -> int:
@@ -134,3 +147,49 @@ def read_json(path: str | os.PathLike, *, keys: Sequence[str] = ()) -> Any:
     if keys:
         check_keys(obj, keys, source=path)
     return obj
+
+
+def whole_lines(path: str | os.PathLike, *, repair: bool = False) -> list[str]:
+    """The complete lines of a text file (without their newlines); a trailing line without
+    its newline (a writer killed mid-line) is dropped, and with ``repair=True`` cut from the
+    file too. A missing file has none."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]  # b"" when there is no complete line
+    if repair and len(whole) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(whole))
+            f.flush()
+            os.fsync(f.fileno())
+    return [line for line in whole.decode("utf-8").splitlines() if line.strip()]
+
+
+def read_json_lines(path: str | os.PathLike, *, repair: bool = False) -> list[Any]:
+    """The objects of a JSON-lines file, in order (its :func:`whole_lines`)."""
+    return [json.loads(line) for line in whole_lines(path, repair=repair)]
+
+
+class JsonLinesAppender:
+    """Append JSON objects to a file one line at a time, each flushed and fsync'd before
+    :meth:`write` returns (a context manager)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, obj: Any) -> None:
+        self._file.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> JsonLinesAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

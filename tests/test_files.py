@@ -1,4 +1,5 @@
-"""Atomic writes: permissions, fsync, stale temporaries, and kills at random moments."""
+"""Atomic writes: permissions, fsync, stale temporaries, and kills at random moments; JSON lines
+written one durable line at a time (a partial last line is dropped on reading, cut on repair)."""
 
 import json
 import os
@@ -12,7 +13,14 @@ from pathlib import Path
 import pytest
 
 import pyro_backpass.files as files
-from pyro_backpass.files import atomic_write, atomic_write_json, stale_temporaries
+from pyro_backpass.files import (
+    JsonLinesAppender,
+    atomic_write,
+    atomic_write_json,
+    read_json_lines,
+    stale_temporaries,
+    whole_lines,
+)
 
 FILES_PY = Path(files.__file__)
 
@@ -160,3 +168,27 @@ def test_killed_model_saves_never_damage_the_checkpoint(tmp_path):
     cmd = [sys.executable, "-c", _MODEL_WRITER, str(target)]
     # The writer imports torch first (~2-4 s here), then saves in a loop.
     _kill_rounds(cmd, target, 20, (2.0, 5.0), Model())
+
+
+def test_a_partial_last_line_is_dropped_and_cut_on_repair(tmp_path):
+    path = tmp_path / "x.jsonl"
+    with JsonLinesAppender(path) as f:
+        f.write({"a": 1})
+        f.write({"b": [1, 2]})
+    with open(path, "a") as f:
+        f.write('{"c": ')  # killed mid-line
+    assert read_json_lines(path) == [{"a": 1}, {"b": [1, 2]}]
+    assert path.read_text().endswith('{"c": ')  # reading alone leaves the file be
+    read_json_lines(path, repair=True)
+    with JsonLinesAppender(path) as f:
+        f.write({"d": None})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"a": 1}, {"b": [1, 2]}, {"d": None}
+    ]  # fmt: skip
+
+
+def test_missing_and_lineless_files_read_as_empty(tmp_path):
+    assert whole_lines(tmp_path / "none.jsonl") == []
+    (tmp_path / "half.jsonl").write_text('{"half"')
+    assert whole_lines(tmp_path / "half.jsonl", repair=True) == []
+    assert (tmp_path / "half.jsonl").read_text() == ""

@@ -7,7 +7,7 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from pyro_backpass.cli import backbone_training, demo, parse, train
+from pyro_backpass.cli import backbone_training, demo, parse, parse_folder, train
 from pyro_backpass.cli.arguments import HelpFormatter, Parser
 
 __all__ = ["USER_ERRORS", "build_parser", "main"]
@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # Each module registers its own subcommand.
-    for command in (demo, parse, backbone_training, train):
+    # Each module registers its own subcommand(s).
+    for command in (demo, parse, backbone_training, train, parse_folder):
         command.add_parser(sub)
     return parser
 

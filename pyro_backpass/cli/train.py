@@ -3,6 +3,11 @@
 Renders the data, fits the observation model on cluttered scenes, then the top-down model by
 hard EM on single objects, writing an atomic checkpoint after each stage; ``--resume`` continues
 from the last completed stage (:func:`pyro_backpass.learning.train.train_model`).
+
+Under ``torchrun --nproc_per_node=P -m pyro_backpass.cli train ...`` the work is shared by P
+processes (gloo; training runs on CPU): each renders and fits a shard of the data, the stages
+all-reduce their statistics and DistributedDataParallel the kernels' gradients; rank 0 alone
+writes the checkpoints and prints the summary. Same parameters as one process, up to rounding.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import replace
 import torch
 
 from pyro_backpass.cli.arguments import add_command, cpu_device, output_dir, positive_int
+from pyro_backpass.cli.launch import launched_world
 from pyro_backpass.learning.train import PRESETS, train_model
 
 __all__ = ["add_parser", "run"]
@@ -48,7 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from the last completed stage in --out"
     )
-    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    p.add_argument(
+        "--threads", type=positive_int, default=2, help="torch CPU threads (per process)"
+    )
     p.add_argument(
         "--device", type=cpu_device, default="cpu", help="only cpu: the data live in CPU memory"
     )
@@ -70,6 +78,10 @@ def run(args: argparse.Namespace) -> None:
     if "categories" in overrides:
         overrides["categories"] = tuple(overrides["categories"])
     config = replace(config, **overrides)
-    gm = train_model(config, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
-    summary = {"model": str(args.out / "model.safetensors"), "levels": list(gm.hidden_levels)}
-    print(json.dumps(summary))
+    with launched_world(torch.device("cpu")) as world:
+        gm = train_model(config, out_dir=args.out, resume=args.resume,
+                         progress=not args.no_progress, world=world)  # fmt: skip
+        if world.is_main:
+            summary = {"model": str(args.out / "model.safetensors"),
+                       "levels": list(gm.hidden_levels), "processes": world.size}  # fmt: skip
+            print(json.dumps(summary))

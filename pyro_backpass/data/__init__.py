@@ -19,6 +19,7 @@ top level must resolve positions within an object.
 """
 
 from pyro_backpass.data.constants import CATEGORIES, DEFAULT_SIZE, SPLIT_SEED_OFFSETS, split_seed
+from pyro_backpass.data.image_files import ImageFiles, ImageItem
 from pyro_backpass.data.objects import (
     OBJECT_SCALE,
     ObjectDataset,
@@ -35,6 +36,8 @@ from pyro_backpass.data.user_data import ObjectFolder, SceneFolder, load_scene_i
 __all__ = [
     "CATEGORIES",
     "DEFAULT_SIZE",
+    "ImageFiles",
+    "ImageItem",
     "Instance",
     "OBJECT_SCALE",
     "ObjectDataset",

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from pyro_backpass.data.checks import check_size
 from pyro_backpass.data.constants import DEFAULT_SIZE
 
-__all__ = ["ObjectFolder", "SceneFolder", "load_scene_image"]
+__all__ = ["IMAGE_SUFFIXES", "ObjectFolder", "SceneFolder", "load_rgb", "load_scene_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -112,19 +112,24 @@ class ObjectFolder(Dataset):
         return _to_tensor(rgb), torch.from_numpy(alpha >= 0.5)
 
 
+def load_rgb(path: str | Path) -> Image.Image:
+    """An image file of any mode as RGB at its own size; transparent pixels show white, not
+    whatever colour they hold. Raises ``ValueError`` naming the file when it cannot be read."""
+    img = _open(Path(path))
+    if _has_alpha(img):
+        img = img.convert("RGBA")
+        flat = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(flat, img)
+    return img.convert("RGB")
+
+
 def load_scene_image(path: str | Path, *, size: int = DEFAULT_SIZE) -> torch.Tensor:
     """One image as a scene: centre-cropped to a square, resized, ``(3, size, size)`` in [0, 1]."""
     size = check_size(size)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"scene image {path} does not exist")
-    img = _open(path)
-    if _has_alpha(img):
-        # Transparent pixels of a scene image show white, not whatever colour they hold.
-        img = img.convert("RGBA")
-        flat = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(flat, img)
-    img = img.convert("RGB")
+    img = load_rgb(path)
     w, h = img.size
     side = min(w, h)
     box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)

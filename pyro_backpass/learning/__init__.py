@@ -1,18 +1,19 @@
 """Learning (paper §2.3): the observation model's parameters from scene/object pairs
 (:func:`fit_observation_model`) and the top-down model by hard EM (:func:`fit_hard_em`), on
-targets that are the backbone's activations of single objects masked to the object.
+targets that are the backbone's activations of single objects masked to the object. Every fit
+takes ``world=`` (:class:`World`) to share its data among ``torchrun``'s processes.
 """
 
 from pyro_backpass.learning.calibration import UPPER_LEVELS, calibrate_scale_td, top_clamped_iou
+from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
+from pyro_backpass.learning.e_step import e_step_level, window_scores
 from pyro_backpass.learning.evaluation import mask_iou, object_passes, tune_mask_threshold
 from pyro_backpass.learning.hard_em import (
     EMConfig,
     EMIteration,
     EMResult,
-    e_step_level,
     fit_hard_em,
     object_targets,
-    window_scores,
 )
 from pyro_backpass.learning.observation_fit import (
     LevelFit,
@@ -33,8 +34,10 @@ __all__ = [
     "LevelFit",
     "ObservationFit",
     "PRESETS",
+    "SINGLE_PROCESS",
     "TrainConfig",
     "UPPER_LEVELS",
+    "World",
     "calibrate_scale_td",
     "e_step_level",
     "fit_background",

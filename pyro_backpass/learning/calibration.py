@@ -21,8 +21,8 @@ from tqdm import tqdm
 from pyro_backpass.backbone import Backbone
 from pyro_backpass.data import Scene
 from pyro_backpass.inference import greedy_map
+from pyro_backpass.learning.e_step import e_step_level
 from pyro_backpass.learning.evaluation import mask_iou
-from pyro_backpass.learning.hard_em import e_step_level
 from pyro_backpass.learning.targets import masked_activations
 from pyro_backpass.model import GenerativeModel
 

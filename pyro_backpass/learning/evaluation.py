@@ -10,6 +10,7 @@ import torch
 from pyro_backpass.backbone import Backbone
 from pyro_backpass.inference import greedy_map
 from pyro_backpass.inference.objective import full_res_level
+from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
 from pyro_backpass.model import GenerativeModel
 
 __all__ = ["mask_iou", "object_passes", "tune_mask_threshold"]
@@ -54,15 +55,22 @@ def tune_mask_threshold(
     objects: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     *,
     multipliers: Sequence[float] = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0),
+    world: World = SINGLE_PROCESS,
 ) -> dict[float, float]:
     """Set the mask level's ``mask_threshold`` to the multiple of its λ with the best mean mask
-    IoU on ``objects`` (validation objects, category given); returns multiplier → IoU."""
+    IoU on ``objects`` (validation objects, category given); returns multiplier → IoU.
+
+    ``world``: under several processes ``objects`` is this rank's share; the IoU sums are
+    all-reduced, so every rank picks the same multiplier."""
     images, masks, labels = objects
     level = full_res_level(gm)
     obs = gm.observations[level]
     lam = float(obs.threshold)
     peak = object_passes(gm, backbone, images, labels)["td"].amax(dim=-3)  # (N, H, W)
-    scores = {float(m): float(mask_iou(peak >= m * lam, masks).mean()) for m in multipliers}
+    sums = torch.stack([mask_iou(peak >= m * lam, masks).double().sum() for m in multipliers])
+    sums = world.all_reduce_sum(torch.cat([sums, sums.new_tensor([images.shape[0]])]))  # (M+1,)
+    n = float(sums[-1])
+    scores = {float(m): float(sums[i]) / n for i, m in enumerate(multipliers)}
     best = max(scores, key=lambda m: (scores[m], -m))
     obs.mask_threshold.fill_(best * lam)
     return scores

@@ -11,6 +11,15 @@ probability is ever 0) and each level's kernels by a few epochs of SGD given the
 (the top level's templates in closed form: the mean of the aligned members). σ0 of a level is
 the RMS residual of the fit.
 
+Across processes (``world``, :class:`~pyro_backpass.learning.distributed.World`): each rank holds
+a contiguous shard of the objects. E-steps and the backward passes that feed the kernels are per
+object, so they run on the shard; the γ-table counts, the templates' sums, residual sums and
+component usage are all-reduced; each SGD step draws one global minibatch (the same permutation
+on every rank), every rank computes its members' share of the loss and
+:class:`~torch.nn.parallel.DistributedDataParallel` sums the gradients; the k-means
+initialisations run on rank 0 over gathered rows and their result (and the generator state) is
+broadcast. The parameters equal the single-process run's up to float rounding.
+
 What each level's kernels see as input U^{l+1} is an option (``inputs``): ``"targets"``, the
 clean F^{l+1}_td; or ``"greedy"``, the closed-form F̂^{l+1} that the backward pass produces from
 the level above (given the object's own activations as F_bu), which is what the kernels meet at
@@ -30,22 +39,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pyro_backpass.backbone import Backbone
 from pyro_backpass.inference import greedy_map
+from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
+from pyro_backpass.learning.e_step import e_step_level
 from pyro_backpass.learning.targets import masked_activations
 from pyro_backpass.model import GenerativeModel, NGramPrior, TopDownStep, shift_select
 
-__all__ = [
-    "EMConfig",
-    "EMIteration",
-    "EMResult",
-    "e_step_level",
-    "fit_hard_em",
-    "object_targets",
-    "window_scores",
-]
+__all__ = ["EMConfig", "EMIteration", "EMResult", "fit_hard_em", "object_targets"]
 
 InputKind = Literal["greedy", "targets"]
 
@@ -103,78 +108,23 @@ def object_targets(
     return {name: torch.cat(v) for name, v in parts.items()}
 
 
-# ------------------------------------------------------------------------------ E-step
-def _windows(dy: int, dx: int, h: int, w: int):
-    """φ's window and the target's window that meet at offset (dy, dx), or None if empty."""
-    y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
-    if y0 >= y1 or x0 >= x1:
-        return None
-    return (slice(y0, y1), slice(x0, x1)), (slice(y0 + dy, y1 + dy), slice(x0 + dx, x1 + dx))
-
-
-def window_scores(
-    target: torch.Tensor, phi: torch.Tensor, offsets: torch.Tensor, *, scale_td: float
-) -> torch.Tensor:
-    """``Σ_i log N(F_i; shift(φ_k, δ)_i, σ0)`` for every component and offset: ``(B, K, D)``.
-
-    ``‖F − shift(φ, δ)‖² = ‖F‖² − 2 ⟨F, shift(φ, δ)⟩ + ‖shift(φ, δ)‖²``; a zero-filled shift
-    keeps the window of φ that stays on the map, so both terms are sums over one window per
-    offset (no shifted copies).
-
-    :param target: ``(B, C, H, W)`` F_td of the level. :param phi: ``(B, K, C, H, W)``.
-    """
-    b, k, (c, h, w) = phi.shape[0], phi.shape[1], phi.shape[-3:]
-    sq_target = target.square().sum(dim=(-3, -2, -1))[:, None]  # (B, 1)
-    out = phi.new_empty(b, k, offsets.shape[0])
-    for d, (dy, dx) in enumerate(offsets.tolist()):
-        win = _windows(dy, dx, h, w)
-        if win is None:
-            out[:, :, d] = sq_target
-            continue
-        (py, px), (ty, tx) = win
-        pw = phi[..., py, px]  # (B, K, C, h', w')
-        cross = (pw * target[:, None, :, ty, tx]).sum(dim=(-3, -2, -1))  # (B, K)
-        out[:, :, d] = sq_target - 2 * cross + pw.square().sum(dim=(-3, -2, -1))
-    norm = c * h * w * (math.log(scale_td) + 0.5 * math.log(2 * math.pi))
-    return -0.5 * out.clamp_min(0) / scale_td**2 - norm
-
-
-@torch.no_grad()
-def e_step_level(
-    step: TopDownStep,
-    upper: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    log_prior_gamma: torch.Tensor | None = None,
-    log_prior_delta: torch.Tensor | None = None,
-    batch_size: int = 128,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The E-step of one level: the best (γ, δ) of every object given its input and target.
-
-    :param upper: the level's input (category indices ``(B,)`` for the top level's templates).
-    :param target: ``(B, C, H, W)`` F_td of the level.
-    :param log_prior_gamma: ``(B, K)`` log P(γ | parents) (None: uniform).
-    :param log_prior_delta: ``(D,)`` log P(δ) (None: uniform).
-    :param batch_size: objects per chunk (φ of all K components is made per chunk).
-    :returns: ``(γ, δ, score)``, each ``(B,)``; ties go to the lowest flat index (γ, then δ).
-    """
-    bests, flats = [], []
-    for start in range(0, target.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        phi = step.phi_all(upper[sl])  # (B', K, C, H, W)
-        scores = window_scores(target[sl], phi, step.offsets, scale_td=float(step.scale_td))
-        if log_prior_gamma is not None:
-            scores = scores + log_prior_gamma[sl, :, None]
-        if log_prior_delta is not None:
-            scores = scores + log_prior_delta[None, None, :]
-        best, flat = scores.reshape(scores.shape[0], -1).max(dim=-1)  # first maximum
-        bests.append(best), flats.append(flat)
-    best, flat = torch.cat(bests), torch.cat(flats)
-    d = step.num_offsets
-    return flat // d, flat % d, best
-
-
 # ------------------------------------------------------------------------------ M-step
+class _KernelLoss(nn.Module):
+    """``Σ_samples ‖F − shift(φ(U, γ), δ)‖²`` of the samples given: the module that
+    DistributedDataParallel wraps (its parameters are the step's kernels)."""
+
+    def __init__(self, step: TopDownStep) -> None:
+        super().__init__()
+        self.step = step
+
+    def forward(self, upper, target, gamma, delta) -> torch.Tensor:
+        step = self.step
+        if upper.shape[0] == 0:  # none of this minibatch on this rank: a zero that still
+            return (step.weight.sum() + step.bias.sum()) * 0.0  # reaches every parameter
+        pred = shift_select(step.phi_per_sample(upper, gamma), step.offsets, delta)
+        return (pred - target).square().sum()
+
+
 def _fit_kernels(
     step: TopDownStep,
     upper: torch.Tensor,
@@ -186,22 +136,32 @@ def _fit_kernels(
     lr: float,
     batch_size: int,
     generator: torch.Generator,
+    world: World,
 ) -> None:
-    """A few epochs of Adam on ``‖F − shift(φ(U, γ), δ)‖²`` given the assignments."""
+    """A few epochs of Adam on ``‖F − shift(φ(U, γ), δ)‖²`` given the assignments.
+
+    Minibatches are drawn from the global order (one permutation of all N objects, the same on
+    every rank); each rank computes the loss of the members it holds, scaled so that the
+    gradients DDP averages are those of the minibatch's mean loss.
+    """
     if step.kind == "template":
-        _fit_templates(step, upper, target, gamma, delta)
+        _fit_templates(step, upper, target, gamma, delta, world)
         return
-    params = [step.weight, step.bias]
-    opt = torch.optim.Adam(params, lr=lr)
-    n = upper.shape[0]
+    sizes = world.sizes(upper.shape[0])
+    n, lo = sum(sizes), sum(sizes[: world.rank])
+    hi = lo + upper.shape[0]
+    loss_of: nn.Module = _KernelLoss(step)
+    if world.distributed:
+        loss_of = DistributedDataParallel(loss_of)
+    opt = torch.optim.Adam([step.weight, step.bias], lr=lr)
     with torch.enable_grad():
         for _ in range(epochs):
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                pred = shift_select(step.phi_per_sample(upper[idx], gamma[idx]), step.offsets,
-                                    delta[idx])  # fmt: skip
-                loss = (pred - target[idx]).square().sum(dim=(-3, -2, -1)).mean()
+                idx = order[start : start + batch_size]  # global indices
+                mine = idx[(idx >= lo) & (idx < hi)] - lo  # this rank's members, local indices
+                total = loss_of(upper[mine], target[mine], gamma[mine], delta[mine])
+                loss = total * (world.size / idx.numel())  # DDP divides by world.size
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -213,25 +173,30 @@ def _align(target: torch.Tensor, offsets: torch.Tensor, delta: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def _fit_templates(step, upper, target, gamma, delta) -> None:
-    """Top level: each (category, γ) template = the mean of its members' aligned targets."""
+def _fit_templates(step, upper, target, gamma, delta, world: World) -> None:
+    """Top level: each (category, γ) template = the mean of its members' aligned targets
+    (sums and counts all-reduced)."""
     aligned = _align(target, step.offsets, delta)  # (B, C, H, W)
-    for c in range(step.weight.shape[0]):
-        for k in range(step.num_components):
-            members = (upper == c) & (gamma == k)
-            if bool(members.any()):
-                step.weight[c, k] = aligned[members].mean(dim=0)
+    n_cat, k = step.weight.shape[:2]
+    cell = upper * k + gamma  # (B,) flat (category, γ)
+    sums = aligned.new_zeros((n_cat * k, *aligned.shape[1:])).index_add_(0, cell, aligned)
+    counts = torch.bincount(cell, minlength=n_cat * k)  # (Ncat*K,)
+    sums, counts = world.all_reduce_sum(sums), world.all_reduce_sum(counts)
+    weight = step.weight.view(n_cat * k, *step.weight.shape[2:])  # (Ncat*K, C, H, W)
+    has = counts > 0
+    weight[has] = sums[has] / counts[has].to(sums.dtype)[:, None, None, None]
 
 
 @torch.no_grad()
-def _residual_rms(step, upper, target, gamma, delta, batch_size: int) -> float:
-    total, count = 0.0, 0
+def _residual_rms(step, upper, target, gamma, delta, batch_size: int, world: World) -> float:
+    total = torch.zeros(2, dtype=torch.float64)  # (Σ squared residual, element count)
     for start in range(0, upper.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         pred = shift_select(step.phi_per_sample(upper[sl], gamma[sl]), step.offsets, delta[sl])
-        total += float((pred - target[sl]).square().sum())
-        count += pred.numel()
-    return math.sqrt(total / max(count, 1))
+        total[0] += float((pred - target[sl]).square().sum())
+        total[1] += pred.numel()
+    total = world.all_reduce_sum(total)
+    return math.sqrt(float(total[0]) / max(float(total[1]), 1.0))
 
 
 def _kmeans(
@@ -285,8 +250,9 @@ def _log_prior_gamma(gm, name, assignment, n) -> torch.Tensor:
     )
 
 
-def _refit_tables(gm, assignment, concentration: float) -> None:
-    """γ tables: the Dirichlet posterior mode of the counts (α > 1: never a zero)."""
+def _refit_tables(gm, assignment, concentration: float, world: World) -> None:
+    """γ tables: the Dirichlet posterior mode of the counts (α > 1: never a zero); the counts
+    are all-reduced."""
     for name in gm.hidden_levels:
         prior = gm.priors[f"gamma_{name}"]
         if not isinstance(prior, NGramPrior):
@@ -294,6 +260,7 @@ def _refit_tables(gm, assignment, concentration: float) -> None:
         counts = torch.zeros_like(prior.probs)
         index = tuple(assignment[p] for p in prior.parents) + (assignment[f"gamma_{name}"],)
         counts.index_put_(index, torch.ones(index[0].shape[0]), accumulate=True)
+        counts = world.all_reduce_sum(counts)
         prior.concentration = concentration
         prior.probs.copy_(prior.map_estimate(counts))
 
@@ -305,13 +272,17 @@ def fit_hard_em(
     *,
     config: EMConfig = EMConfig(),
     progress: bool = True,
+    world: World = SINGLE_PROCESS,
 ) -> EMResult:
     """Fit ``gm``'s kernels, templates, γ tables and σ0 by hard EM, in place.
 
     :param objects: ``(images (N, 3, H, W), masks (N, H, W) bool, labels (N,))`` — single
-        objects on a plain background, their masks and category indices into ``gm.categories``.
+        objects on a plain background, their masks and category indices into ``gm.categories``;
+        under several processes, this rank's contiguous shard (``world.shard(N)``) of them.
     :param config: :class:`EMConfig`.
-    :returns: :class:`EMResult` with per-round RMS error and component usage per level.
+    :param world: the processes sharing the work (module docstring); one by default.
+    :returns: :class:`EMResult` with per-round RMS error and component usage per level, and
+        the assignment of all N objects (gathered from every rank).
 
     Example::
 
@@ -324,7 +295,9 @@ def fit_hard_em(
         raise ValueError(f"masks must be (N, H, W) bool for {n} images, got {tuple(masks.shape)}")
     if labels.shape != (n,) or labels.is_floating_point():
         raise ValueError(f"labels must be (N,) integer category indices, got {tuple(labels.shape)}")
-    if n < 2 or int(labels.min()) < 0 or int(labels.max()) >= len(gm.categories):
+    bad = bool(n) and (int(labels.min()) < 0 or int(labels.max()) >= len(gm.categories))
+    sizes = world.sizes(n)
+    if sum(sizes) < 2 or int(world.all_reduce_sum(torch.tensor([int(bad)]))) > 0:  # on every rank
         raise ValueError(f"need ≥ 2 objects with labels in [0, {len(gm.categories)})")
     missing = [s for s in gm.hidden_levels if s not in {v.name for v in backbone.levels}]
     if missing:
@@ -341,14 +314,14 @@ def fit_hard_em(
     for name in order:
         step = gm.steps[name]
         upper = _level_input(gm, name, labels, targets, targets)
-        _initialise(step, upper, targets[name], config, gen)
+        _initialise(step, upper, targets[name], config, gen, world)
         gamma, delta, _ = e_step_level(step, upper, targets[name])
         assignment[f"gamma_{name}"], assignment[f"delta_{name}"] = gamma, delta
         step.scale_td.fill_(max(_residual_rms(step, upper, targets[name], gamma, delta,
-                                              config.batch_size), 1e-3))  # fmt: skip
+                                              config.batch_size, world), 1e-3))  # fmt: skip
         bar.update()
-    _refit_tables(gm, assignment, config.concentration)
-    result.log.append(_diagnostics(gm, 0, targets, labels, targets, assignment, config))
+    _refit_tables(gm, assignment, config.concentration, world)
+    result.log.append(_diagnostics(gm, 0, targets, labels, targets, assignment, config, world))
 
     for it in range(1, config.iterations + 1):
         if config.inputs == "targets":
@@ -363,38 +336,62 @@ def fit_hard_em(
                 log_prior_gamma=_log_prior_gamma(gm, name, assignment, n),
                 log_prior_delta=gm.priors[f"delta_{name}"].log_probs(),
             )  # fmt: skip
-            gamma = _reseed(step, upper, targets[name], gamma, delta, config, gen)
+            gamma = _reseed(step, upper, targets[name], gamma, delta, config, gen, world)
             _fit_kernels(step, upper, targets[name], gamma, delta, epochs=config.epochs,
-                         lr=config.lr, batch_size=config.batch_size, generator=gen)  # fmt: skip
+                         lr=config.lr, batch_size=config.batch_size, generator=gen,
+                         world=world)  # fmt: skip
             assignment[f"gamma_{name}"], assignment[f"delta_{name}"] = gamma, delta
             step.scale_td.fill_(max(_residual_rms(step, upper, targets[name], gamma, delta,
-                                                  config.batch_size), 1e-3))  # fmt: skip
+                                                  config.batch_size, world), 1e-3))  # fmt: skip
             bar.update()
-        _refit_tables(gm, assignment, config.concentration)
-        result.log.append(_diagnostics(gm, it, targets, labels, fed, assignment, config))
+        _refit_tables(gm, assignment, config.concentration, world)
+        result.log.append(_diagnostics(gm, it, targets, labels, fed, assignment, config, world))
     bar.close()
-    result.assignment.update(assignment)
+    result.assignment.update({s: world.all_gather_rows(v) for s, v in assignment.items()})
     return result
 
 
-def _initialise(step, upper, target, config: EMConfig, gen) -> None:
+@torch.no_grad()
+def _kmeans_on_main(x: torch.Tensor, k: int, *, gen, world: World) -> torch.Tensor:
+    """:func:`_kmeans` of every rank's rows of ``x`` ``(n_r, F)``, run on rank 0 and broadcast
+    (with the generator state it leaves); returns this rank's labels ``(n_r,)``."""
+    sizes = world.sizes(x.shape[0])
+    full = world.gather_rows(x)
+    if full is not None:
+        labels = _kmeans(full, k, iterations=10, generator=gen)
+    else:
+        labels = torch.zeros(sum(sizes), dtype=torch.long)
+    labels = world.broadcast(labels)
+    world.sync_generator(gen)
+    lo = sum(sizes[: world.rank])
+    return labels[lo : lo + x.shape[0]]
+
+
+def _initialise(step, upper, target, config: EMConfig, gen, world: World) -> None:
     k, n = step.num_components, upper.shape[0]
     if step.kind == "template":
-        # Per category: k-means++ on the targets, then (template, shift) k-means rounds.
+        # Per category: k-means++ on the targets (rank 0, over every rank's objects), then
+        # (template, shift) k-means rounds (sharded).
         with torch.no_grad():
-            for c in range(step.weight.shape[0]):
-                members = (upper == c).nonzero().squeeze(1)
-                if members.numel() == 0:
-                    continue
-                x = target[members]
-                labels = _kmeans(x.reshape(x.shape[0], -1), min(k, x.shape[0]), iterations=10,
-                                 generator=gen)  # fmt: skip
-                for j in range(k):
-                    pick = x[labels == j] if bool((labels == j).any()) else x[j % x.shape[0]][None]
-                    step.weight[c, j] = pick.mean(dim=0)
+            every_upper = world.gather_rows(upper)
+            every_target = world.gather_rows(target)
+            if every_upper is not None:
+                for c in range(step.weight.shape[0]):
+                    members = (every_upper == c).nonzero().squeeze(1)
+                    if members.numel() == 0:
+                        continue
+                    x = every_target[members]
+                    labels = _kmeans(x.reshape(x.shape[0], -1), min(k, x.shape[0]),
+                                     iterations=10, generator=gen)  # fmt: skip
+                    for j in range(k):
+                        has = bool((labels == j).any())
+                        pick = x[labels == j] if has else x[j % x.shape[0]][None]
+                        step.weight[c, j] = pick.mean(dim=0)
+            world.broadcast_(step.weight)
+            world.sync_generator(gen)
         for _ in range(config.top_init_iterations):
             gamma, delta, _ = e_step_level(step, upper, target)
-            _fit_templates(step, upper, target, gamma, delta)
+            _fit_templates(step, upper, target, gamma, delta, world)
         return
     # Random kernels (zero kernels would sit at the ReLU's kink, where no gradient flows), then
     # one kernel set for every sample (component 0 at δ = the offset closest to (0, 0)).
@@ -403,7 +400,7 @@ def _initialise(step, upper, target, config: EMConfig, gen) -> None:
     zeros = torch.zeros(n, dtype=torch.long)
     delta = torch.full((n,), centre, dtype=torch.long)
     _fit_kernels(step, upper, target, zeros, delta, epochs=config.init_epochs, lr=config.lr,
-                 batch_size=config.batch_size, generator=gen)  # fmt: skip
+                 batch_size=config.batch_size, generator=gen, world=world)  # fmt: skip
     with torch.no_grad():
         for j in range(1, k):
             step.weight[j] = step.weight[0]
@@ -417,37 +414,47 @@ def _initialise(step, upper, target, config: EMConfig, gen) -> None:
             sl = slice(start, start + config.batch_size)
             pred = shift_select(step.phi_per_sample(upper[sl], zeros[sl]), step.offsets, delta[sl])
             resid.append((target[sl] - pred).reshape(pred.shape[0], -1))
-        resid = torch.cat(resid)
-        proj = torch.randn(resid.shape[1], min(128, resid.shape[1]), generator=gen)
-        groups = _kmeans(resid @ proj, k, iterations=10, generator=gen)
+        features = math.prod(target.shape[1:])
+        resid = torch.cat(resid) if resid else target.new_zeros(0, features)  # (n, C*H*W)
+        proj = torch.randn(features, min(128, features), generator=gen)
+        groups = _kmeans_on_main(resid @ proj, k, gen=gen, world=world)
     _fit_kernels(step, upper, target, groups, delta, epochs=config.init_epochs, lr=config.lr,
-                 batch_size=config.batch_size, generator=gen)  # fmt: skip
+                 batch_size=config.batch_size, generator=gen, world=world)  # fmt: skip
 
 
-def _reseed(step, upper, target, gamma, delta, config: EMConfig, gen) -> torch.Tensor:
-    """Give components with too few members half of the worst-fitted component's members."""
-    k, n = step.num_components, gamma.shape[0]
+def _reseed(step, upper, target, gamma, delta, config: EMConfig, gen, world: World):
+    """Give components with too few members half of the worst-fitted component's members.
+
+    Members are numbered globally (rank order), so every rank draws the same permutation and
+    moves the members of it that it holds.
+    """
+    k = step.num_components
     if k == 1:
         return gamma
-    counts = torch.bincount(gamma, minlength=k)
+    counts = world.all_reduce_sum(torch.bincount(gamma, minlength=k))
+    n = int(counts.sum())
     dead = (counts < config.reseed_fraction * n / k).nonzero().squeeze(1).tolist()
     if not dead or step.kind == "template":
         return gamma
     gamma = gamma.clone()
     with torch.no_grad():
         err = torch.zeros(k)
-        for start in range(0, n, config.batch_size):
+        for start in range(0, gamma.shape[0], config.batch_size):
             sl = slice(start, start + config.batch_size)
             pred = shift_select(step.phi_per_sample(upper[sl], gamma[sl]), step.offsets, delta[sl])
             e = (pred - target[sl]).square().sum(dim=(-3, -2, -1))
             err.index_add_(0, gamma[sl], e)
+        err = world.all_reduce_sum(err)
         for j in dead:
             worst = int(err.argmax())
-            members = (gamma == worst).nonzero().squeeze(1)
-            if members.numel() < 2:
+            members = (gamma == worst).nonzero().squeeze(1)  # this rank's, local indices
+            sizes = world.sizes(members.numel())
+            total, first = sum(sizes), sum(sizes[: world.rank])
+            if total < 2:
                 break
-            take = members[torch.randperm(members.numel(), generator=gen)[: members.numel() // 2]]
-            gamma[take] = j
+            take = torch.randperm(total, generator=gen)[: total // 2]  # global member numbers
+            mine = take[(take >= first) & (take < first + members.numel())] - first
+            gamma[members[mine]] = j
             step.weight[j] = step.weight[worst] * (
                 1 + 0.01 * torch.randn(step.weight[j].shape, generator=gen)
             )
@@ -457,12 +464,13 @@ def _reseed(step, upper, target, gamma, delta, config: EMConfig, gen) -> torch.T
 
 
 @torch.no_grad()
-def _diagnostics(gm, it, targets, labels, fed, assignment, config) -> EMIteration:
+def _diagnostics(gm, it, targets, labels, fed, assignment, config, world) -> EMIteration:
     rms, usage = {}, {}
     for name in gm.hidden_levels:
         step = gm.steps[name]
         upper = _level_input(gm, name, labels, targets, fed)
         g, d = assignment[f"gamma_{name}"], assignment[f"delta_{name}"]
-        rms[name] = _residual_rms(step, upper, targets[name], g, d, config.batch_size)
-        usage[name] = torch.bincount(g, minlength=step.num_components).tolist()
+        rms[name] = _residual_rms(step, upper, targets[name], g, d, config.batch_size, world)
+        usage[name] = world.all_reduce_sum(torch.bincount(g, minlength=step.num_components))
+        usage[name] = usage[name].tolist()
     return EMIteration(iteration=it, rms_error=rms, usage=usage)

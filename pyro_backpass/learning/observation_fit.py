@@ -20,6 +20,11 @@ Constraint (default on): σ0² + σ1² ≤ σ2². Fitted freely, σ1 exceeds σ2
 a large bottom-up activation is always better explained as "on" even where φ = 0, so clutter
 enters the object; capping σ1 keeps the background at least as broad as the on-branch. The
 unconstrained σ1 is reported beside the capped one.
+
+Across processes (``world``): each rank holds the objects of its shard of the scenes; every
+estimate above is a ratio of sums (counts, Σ F_bu, Σ (F_bu − F_td)² per channel, and the same
+per λ of the grid), all-reduced; the quantile of the rule is taken on rank 0 over a strided
+subsample gathered from every rank (the one a single process would take) and broadcast.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from tqdm import tqdm
 
 from pyro_backpass.backbone import Backbone
 from pyro_backpass.data import Scene
+from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
 from pyro_backpass.learning.targets import masked_activations, max_pool_mask
 from pyro_backpass.model import GenerativeModel
 
@@ -127,6 +133,7 @@ def fit_level(
     constrain: bool = True,
     min_on: int = 20,
     floor: float = 1e-3,
+    world: World = SINGLE_PROCESS,
 ) -> LevelFit:
     """Closed-form observation parameters of one level from paired ``(O, C, h, w)`` tensors.
 
@@ -135,26 +142,33 @@ def fit_level(
     :param threshold: λ to use; None applies the quantile rule.
     :param min_on: a channel with fewer "on" elements takes the level's pooled σ1.
     :param floor: smallest σ1, σ2.
+    :param world: the processes holding shares of the objects (one by default).
     """
     if bu.shape != td.shape or bu.dim() != 4:
         raise ValueError(
             f"bu and td must both be (O, C, h, w), got {tuple(bu.shape)}, {tuple(td.shape)}"
         )
-    if not (torch.isfinite(bu).all() and torch.isfinite(td).all()):
+    finite = torch.isfinite(bu).all() & torch.isfinite(td).all()
+    if int(world.all_reduce_sum(finite.long()[None])) < world.size:  # every rank raises
         raise ValueError("bu or td contains NaN or inf")
     used = torch.ones_like(bu, dtype=torch.bool) if used is None else used.expand(bu.shape)
     bu, td = bu.double(), td.double()
     positive = td[used & (td > 0)]
-    if positive.numel() == 0:
+    sizes = world.sizes(positive.numel())
+    if sum(sizes) == 0:
         raise ValueError("no positive target activation at this level: nothing is 'on'")
-    rule = factor * float(
-        torch.quantile(positive[:: max(1, positive.numel() // 1_000_000)], quantile)
-    )
-    top = float(torch.quantile(positive[:: max(1, positive.numel() // 1_000_000)], 0.99))
+    # Every stride-th positive element in the global order (≤ ~1M of them), on rank 0.
+    stride = max(1, sum(sizes) // 1_000_000)
+    sample = world.gather_rows(positive[(-sum(sizes[: world.rank])) % stride :: stride])
+    quantiles = torch.zeros(2, dtype=torch.float64)  # (the rule's quantile, the 99 % one)
+    if sample is not None:
+        quantiles = torch.quantile(sample, sample.new_tensor([quantile, 0.99]))
+    q, top = world.broadcast(quantiles).tolist()
+    rule = factor * q
     grid = torch.linspace(0.0, max(top, rule), grid_size, dtype=torch.float64)
-    lls = _log_lik_grid(bu, td, used, grid, floor)
+    lls = _log_lik_grid(bu, td, used, grid, floor, world)
     lam = rule if threshold is None else float(threshold)
-    beta, s2, s1_free, on_fraction, n = _params(bu, td, used, lam, min_on, floor)
+    beta, s2, s1_free, on_fraction, n = _params(bu, td, used, lam, min_on, floor, world)
     s1 = s1_free
     if constrain:
         cap = math.sqrt(max(s2**2 - scale_td**2, floor**2))
@@ -166,38 +180,42 @@ def fit_level(
     )  # fmt: skip
 
 
-def _params(bu, td, used, lam: float, min_on: int, floor: float):
-    """β, σ2, per-channel σ1, the on fraction and the element count at threshold ``lam``."""
+def _params(bu, td, used, lam: float, min_on: int, floor: float, world: World):
+    """β, σ2, per-channel σ1, the on fraction and the element count at threshold ``lam``
+    (each from all-reduced sums; σ2 in two passes, as a stable variance is computed)."""
     on = used & (td >= lam)
     off = used & ~on
-    n_off = int(off.sum())
+    off_bu = bu[off]
+    n_off, sum_off = world.all_reduce_sum(torch.stack([off_bu.new_tensor(off_bu.numel()),
+                                                       off_bu.sum()])).tolist()  # fmt: skip
     if n_off == 0:
         raise ValueError(f"λ = {lam:.4g}: every element is 'on'; no background to fit")
-    beta = float(bu[off].mean())
-    s2 = max(float(bu[off].std(correction=0)), floor)
-    sq = (bu - td).square() * on  # (O, C, h, w)
-    count = on.sum(dim=(0, 2, 3))  # (C,)
-    pooled = float(sq.sum() / on.sum().clamp_min(1)) if bool(on.any()) else s2**2
-    per_channel = sq.sum(dim=(0, 2, 3)) / count.clamp_min(1)
+    beta = sum_off / n_off
+    s2 = max(math.sqrt(float(world.all_reduce_sum((off_bu - beta).square().sum())) / n_off),
+             floor)  # fmt: skip
+    sq = world.all_reduce_sum(((bu - td).square() * on).sum(dim=(0, 2, 3)))  # (C,)
+    count = world.all_reduce_sum(on.sum(dim=(0, 2, 3)))  # (C,)
+    n_on, n_used = world.all_reduce_sum(torch.stack([on.sum(), used.sum()])).tolist()
+    pooled = float(sq.sum()) / n_on if n_on > 0 else s2**2
+    per_channel = sq / count.clamp_min(1)
     var = torch.where(count >= min_on, per_channel, torch.full_like(per_channel, pooled))
     s1 = var.sqrt().clamp_min(floor)  # (C,)
-    return beta, s2, s1, float(on.sum() / used.sum()), int(used.sum())
+    return beta, s2, s1, n_on / n_used, int(n_used)
 
 
-def _log_lik_grid(bu, td, used, grid: torch.Tensor, floor: float) -> torch.Tensor:
+def _log_lik_grid(bu, td, used, grid: torch.Tensor, floor: float, world: World) -> torch.Tensor:
     """Mean log-likelihood per used element of eq. (9), with the closed-form fit at every λ of
-    ``grid`` ``(G,)``: one sort per channel and suffix sums, not one pass over the data per λ."""
+    ``grid`` ``(G,)``: one sort per channel and suffix sums, not one pass over the data per λ.
+    The sums per channel and λ are the sufficient statistics that ranks all-reduce."""
     c = bu.shape[1]
     half_log_2pi = 0.5 * math.log(2 * math.pi)
     b_all, t_all, u_all = (
         v.transpose(0, 1).reshape(c, -1) for v in (bu, td, used.expand(bu.shape))
     )
-    n_used = int(u_all.sum())
     g = grid.shape[0]
-    on_n = torch.zeros(g, dtype=torch.float64)
-    on_b = torch.zeros(g, dtype=torch.float64)  # Σ bu over on elements (for the off stats)
-    on_b2 = torch.zeros(g, dtype=torch.float64)
-    ll_on = torch.zeros(g, dtype=torch.float64)
+    n_on = torch.zeros(c, g, dtype=torch.float64)  # per channel: elements with F_td ≥ λ
+    r2_on = torch.zeros(c, g, dtype=torch.float64)  # per channel: Σ (F_bu − F_td)² over them
+    b_on = torch.zeros(2, g, dtype=torch.float64)  # Σ F_bu, Σ F_bu² over on elements
     for ch in range(c):
         keep = u_all[ch]
         t, b = t_all[ch][keep], b_all[ch][keep]
@@ -209,21 +227,19 @@ def _log_lik_grid(bu, td, used, grid: torch.Tensor, floor: float) -> torch.Tenso
             return torch.cat([x.flip(0).cumsum(0).flip(0), x.new_zeros(1)])
 
         first = torch.searchsorted(t, grid)  # first index with t ≥ λ
-        n_c = (t.numel() - first).double()
-        s_r2 = suffix(r2)[first]
-        var = s_r2 / n_c.clamp_min(1)
-        s1 = var.sqrt().clamp_min(floor)
-        ll_c = -0.5 * s_r2 / s1.square() - n_c * (s1.log() + half_log_2pi)
-        ll_on += torch.where(n_c > 0, ll_c, torch.zeros_like(ll_c))
-        on_n += n_c
-        on_b += suffix(b)[first]
-        on_b2 += suffix(b.square())[first]
-    keep = u_all
-    tot_n, tot_b, tot_b2 = (
-        float(keep.sum()),
-        float(b_all[keep].sum()),
-        float(b_all[keep].square().sum()),
-    )
+        n_on[ch] = (t.numel() - first).double()
+        r2_on[ch] = suffix(r2)[first]
+        b_on[0] += suffix(b)[first]
+        b_on[1] += suffix(b.square())[first]
+    kept = b_all[u_all]
+    totals = torch.stack([kept.new_tensor(kept.numel()), kept.sum(), kept.square().sum()])
+    n_on, r2_on, b_on, totals = (world.all_reduce_sum(x) for x in (n_on, r2_on, b_on, totals))
+    s1 = (r2_on / n_on.clamp_min(1)).sqrt().clamp_min(floor)  # (C, G)
+    ll_c = -0.5 * r2_on / s1.square() - n_on * (s1.log() + half_log_2pi)
+    ll_on = torch.where(n_on > 0, ll_c, torch.zeros_like(ll_c)).sum(dim=0)  # (G,)
+    on_n, (on_b, on_b2) = n_on.sum(dim=0), b_on
+    tot_n, tot_b, tot_b2 = totals.tolist()
+    n_used = tot_n
     off_n = tot_n - on_n
     off_mean = (tot_b - on_b) / off_n.clamp_min(1)
     off_var = ((tot_b2 - on_b2) / off_n.clamp_min(1) - off_mean.square()).clamp_min(0)
@@ -244,6 +260,7 @@ def fit_observation_model(
     grid_size: int = 64,
     constrain: bool = True,
     progress: bool = True,
+    world: World = SINGLE_PROCESS,
 ) -> ObservationFit:
     """Fit λ, β, σ2 and per-channel σ1 of every level of ``gm`` from scenes, in place.
 
@@ -251,6 +268,7 @@ def fit_observation_model(
     :param levels: the levels to fit (default: every level of ``gm`` but ``category``).
     :param quantile, factor: the λ rule, ``λ = factor × quantile(positive F_td)``.
     :param constrain: cap σ1 so that σ0² + σ1² ≤ σ2² (σ0 from ``gm``'s top-down steps).
+    :param world: the processes sharing the scenes; ``scenes`` is this rank's shard of them.
     :returns: :class:`ObservationFit` with the maximum-likelihood λ and log-likelihood grid.
 
     Example::
@@ -271,6 +289,7 @@ def fit_observation_model(
         fit = fit_level(
             bu[name], td[name], used[name], scale_td=float(gm.steps[name].scale_td),
             quantile=quantile, factor=factor, grid_size=grid_size, constrain=constrain,
+            world=world,
         )  # fmt: skip
         obs = gm.observations[name]
         with torch.no_grad():
@@ -280,7 +299,8 @@ def fit_observation_model(
             obs.scale_off.fill_(fit.scale_off)
             obs.scale_on.copy_(fit.scale_on.view(-1, 1, 1).to(obs.scale_on))
         fits[name] = fit
-    return ObservationFit(levels=fits, n_objects=int(next(iter(bu.values())).shape[0]))
+    n_objects = sum(world.sizes(int(next(iter(bu.values())).shape[0])))
+    return ObservationFit(levels=fits, n_objects=n_objects)
 
 
 @torch.no_grad()
@@ -292,6 +312,7 @@ def fit_background(
     levels: Sequence[str] | None = None,
     floor_factor: float = 1.0,
     batch_size: int = 32,
+    world: World = SINGLE_PROCESS,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Fit β and σ2 **per channel**, in place: the mean and standard deviation of each channel's
     scene activations outside every instance (the plain background and the clutter), with σ2
@@ -304,7 +325,8 @@ def fit_background(
     lever table (``benchmarks/clutter_levers.py``) measures what the per-channel fit buys.
 
     :param scenes: cluttered scenes (``make_scene``); instance masks, max-pooled to each level,
-        mark what is left out.
+        mark what is left out; under several processes, this rank's shard of them (the sums
+        are all-reduced).
     :returns: level → ``(β, σ2)``, each ``(C,)``.
     """
     names = [n for n in gm.hidden_levels] if levels is None else list(levels)
@@ -314,9 +336,10 @@ def fit_background(
     if not floor_factor > 0:
         raise ValueError(f"floor_factor must be > 0, got {floor_factor}")
     scenes = list(scenes)
-    if not scenes:
+    if not sum(world.sizes(len(scenes))):
         raise ValueError("fit_background needs at least one scene")
-    sums: dict[str, list[torch.Tensor]] = {}
+    # Per level: Σ a, Σ a² per channel and the element count (every rank, scenes or not).
+    sums = {n: torch.zeros(2 * gm.steps[n].out.shape[0] + 1, dtype=torch.float64) for n in names}
     for start in range(0, len(scenes), batch_size):
         part = scenes[start : start + batch_size]
         acts = backbone(torch.stack([s.image for s in part]))
@@ -328,12 +351,15 @@ def fit_background(
             a = acts[name].double()  # (b, C, h, w)
             outside = ~max_pool_mask(objects, tuple(a.shape[-2:])).unsqueeze(1)  # (b, 1, h, w)
             w = outside.to(a.dtype)
-            acc = sums.setdefault(name, [a.new_zeros(a.shape[1]), a.new_zeros(a.shape[1]), 0.0])
-            acc[0] += (a * w).sum(dim=(0, 2, 3))
-            acc[1] += (a.square() * w).sum(dim=(0, 2, 3))
-            acc[2] += float(w.sum())
+            c = a.shape[1]
+            sums[name][:c] += (a * w).sum(dim=(0, 2, 3))
+            sums[name][c : 2 * c] += (a.square() * w).sum(dim=(0, 2, 3))
+            sums[name][-1] += w.sum()
     fitted = {}
-    for name, (s1, s2, n) in sums.items():
+    for name, total in sums.items():
+        total = world.all_reduce_sum(total)
+        c = (total.shape[0] - 1) // 2
+        s1, s2, n = total[:c], total[c : 2 * c], float(total[-1])
         if n == 0:
             raise ValueError(f"{name}: no element outside the instances to fit the background on")
         obs = gm.observations[name]

@@ -18,6 +18,12 @@ threshold tried, and the seconds of every stage.
 (a clear error when they differ) and skips every completed stage. Each stage depends only on
 the configuration and the previous stage's checkpoint (every random draw is seeded from
 ``config.seed``), so a resumed run gives the parameters of an uninterrupted one.
+
+Under several processes (``world``; ``torchrun``, see :mod:`pyro_backpass.cli.train`) each rank
+renders and holds a contiguous shard of the scenes, objects and validation objects; the stages
+reduce across ranks (:mod:`.observation_fit`, :mod:`.hard_em`, :mod:`.evaluation`), so every rank
+ends a stage with the same parameters, equal to a single process's up to float rounding. Only
+rank 0 writes ``out_dir`` (every rank reads it on ``resume``: one machine, or a shared folder).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from pyro_backpass.backbone import Backbone
 from pyro_backpass.data import CATEGORIES, OBJECT_SCALE, RenderedObjects, Scenes, split_seed
 from pyro_backpass.files import atomic_write_json, check_keys, read_json
 from pyro_backpass.learning.calibration import UPPER_LEVELS, calibrate_scale_td
+from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
 from pyro_backpass.learning.evaluation import tune_mask_threshold
 from pyro_backpass.learning.hard_em import EMConfig, fit_hard_em
 from pyro_backpass.learning.observation_fit import fit_background, fit_observation_model
@@ -100,23 +107,31 @@ def render_object_set(
     seed: int,
     backbone: Backbone,
     scales: tuple[tuple[float, float], ...] = (OBJECT_SCALE,),
+    part: slice = slice(None),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` rendered objects per category: images, masks and label indices into the
     backbone's categories (what :func:`fit_hard_em` takes). With several ``scales`` the ``n``
     are split evenly between them (the first scale takes the remainder); each scale draws
-    from its own seed, so the default single scale renders what it always did."""
+    from its own seed, so the default single scale renders what it always did.
+
+    :param part: the slice of the ``len(categories) · n`` objects (category-major, then scale)
+        to render: one rank's shard (``World.shard``); all of them by default.
+    """
     if not scales:
         raise ValueError("scales must name at least one (lo, hi) render scale")
-    images, masks, labels = [], [], []
     counts = [n // len(scales) + (n % len(scales) if j == 0 else 0) for j in range(len(scales))]
-    for cat in categories:
-        for j, (scale, count) in enumerate(zip(scales, counts, strict=True)):
-            ds = RenderedObjects(cat, count, seed=seed if j == 0 else (seed, j),
-                                 scale=tuple(scale))  # fmt: skip
-            for i in range(count):
-                image, mask = ds[i]
-                images.append(image), masks.append(mask)
-                labels.append(backbone.category_index(cat))
+    sets = {
+        (cat, j): RenderedObjects(cat, count, seed=seed if j == 0 else (seed, j),
+                                  scale=tuple(scale))
+        for cat in categories
+        for j, (scale, count) in enumerate(zip(scales, counts, strict=True))
+    }  # fmt: skip
+    order = [(cat, j, i) for cat in categories for j in range(len(scales))
+             for i in range(counts[j])][part]  # fmt: skip
+    images, masks, labels = [], [], []
+    for cat, j, i in order:
+        image, mask = sets[(cat, j)][i]
+        images.append(image), masks.append(mask), labels.append(backbone.category_index(cat))
     return torch.stack(images), torch.stack(masks), torch.tensor(labels)
 
 
@@ -124,6 +139,13 @@ def _backbone(name: str) -> Backbone:
     if name not in ("default", "compositional"):
         raise ValueError(f"backbone must be 'default' or 'compositional', got {name!r}")
     return Backbone.default(compositional=name == "compositional")
+
+
+def _training_scenes(config: TrainConfig, world: World, progress: bool) -> list:
+    """This rank's contiguous share of the training scenes, rendered."""
+    scenes = Scenes(config.scenes, seed=split_seed("train", config.seed))
+    mine = range(*world.bounds(config.scenes))
+    return [scenes[i] for i in tqdm(mine, desc="render scenes", disable=not progress)]
 
 
 def _check_resume(path: Path, config: TrainConfig) -> None:
@@ -144,12 +166,15 @@ def train_model(
     out_dir: str | os.PathLike,
     resume: bool = False,
     progress: bool = True,
+    world: World = SINGLE_PROCESS,
 ) -> GenerativeModel:
     """Fit a generative model of the shipped backbone's activations, stage by stage.
 
     :param out_dir: the folder of the checkpoints (created).
     :param resume: continue from the last completed stage in ``out_dir`` (same config only).
-    :returns: the trained model, with its backbone attached.
+    :param world: the processes sharing the work (``World.current()`` under ``torchrun``); one
+        by default. Every rank must call this with the same arguments.
+    :returns: the trained model, with its backbone attached (on every rank).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +183,11 @@ def train_model(
         _check_resume(config_path, config)
     elif not resume and any(out.glob("*.safetensors")):
         raise FileExistsError(f"{out} holds checkpoints already; pass --resume or a new --out")
-    atomic_write_json(config_path, config.to_json())
+    world.barrier()  # every rank has checked the folder before rank 0 writes to it
+    main = world.is_main
+    progress = progress and main
+    if main:
+        atomic_write_json(config_path, config.to_json())
     backbone = _backbone(config.backbone)
     unknown = [c for c in config.categories if c not in backbone.categories]
     if unknown:
@@ -181,12 +210,12 @@ def train_model(
         ks[backbone.levels[-2].name] = config.components_top
         gm = GenerativeModel.for_backbone(backbone, num_components=ks,
                                           backbone_name=config.backbone)  # fmt: skip
-        scenes = list(tqdm(Scenes(config.scenes, seed=split_seed("train", config.seed)),
-                           desc="render scenes", disable=not progress))  # fmt: skip
-        fit_observation_model(gm, backbone, scenes, progress=progress)
-        gm.save(stage1)
+        scenes = _training_scenes(config, world, progress)
+        fit_observation_model(gm, backbone, scenes, progress=progress, world=world)
         log["seconds"]["observation"] = round(time.perf_counter() - start, 1)
-        atomic_write_json(log_path, log)
+        if main:
+            gm.save(stage1)
+            atomic_write_json(log_path, log)
     if resume and stage2.exists():
         gm = GenerativeModel.load(stage2)
     else:
@@ -195,25 +224,28 @@ def train_model(
             config.categories, config.objects_per_category,
             seed=split_seed("train", config.seed), backbone=backbone,
             scales=config.object_scales,
+            part=world.shard(len(config.categories) * config.objects_per_category),
         )  # fmt: skip
         em = replace(config.em, seed=config.seed)
-        result = fit_hard_em(gm, backbone, objects, config=em, progress=progress)
-        gm.save(stage2)
+        result = fit_hard_em(gm, backbone, objects, config=em, progress=progress, world=world)
         log["seconds"]["hard_em"] = round(time.perf_counter() - start, 1)
         log["em"] = result.to_dict()["log"]
-        atomic_write_json(log_path, log)
+        if main:
+            gm.save(stage2)
+            atomic_write_json(log_path, log)
     start = time.perf_counter()
     validation = render_object_set(
         config.categories, config.validation_per_category,
         seed=split_seed("validation", config.seed), backbone=backbone,
+        part=world.shard(len(config.categories) * config.validation_per_category),
     )  # fmt: skip
     if config.background_per_channel:
-        scenes = Scenes(config.scenes, seed=split_seed("train", config.seed))
-        fit_background(gm, backbone, list(tqdm(scenes, desc="render scenes",
-                                               disable=not progress)))  # fmt: skip
-    scores = tune_mask_threshold(gm, backbone, validation, multipliers=config.mask_multipliers)
+        fit_background(gm, backbone, _training_scenes(config, world, progress), world=world)
+    scores = tune_mask_threshold(gm, backbone, validation, multipliers=config.mask_multipliers,
+                                 world=world)  # fmt: skip
     log["mask_threshold_iou"] = {str(m): v for m, v in scores.items()}
     if config.calibration_scenes > 0:
+        # A few scenes: every rank calibrates on all of them (the same answer everywhere).
         val_scenes = list(Scenes(config.calibration_scenes,
                                  seed=split_seed("validation", config.seed)))  # fmt: skip
         calib = calibrate_scale_td(
@@ -222,10 +254,13 @@ def train_model(
         )  # fmt: skip
         log["scale_td_calibration_iou"] = {str(m): v for m, v in calib.items()}
         # The masks changed with σ0: choose their threshold again.
-        scores = tune_mask_threshold(gm, backbone, validation,
+        scores = tune_mask_threshold(gm, backbone, validation, world=world,
                                      multipliers=config.mask_multipliers)  # fmt: skip
         log["mask_threshold_iou_after_calibration"] = {str(m): v for m, v in scores.items()}
-    gm.save(stage3)
     log["seconds"]["mask_threshold"] = round(time.perf_counter() - start, 1)
-    atomic_write_json(log_path, log)
+    if main:
+        gm.save(stage3)
+        log["processes"] = world.size
+        atomic_write_json(log_path, log)
+    world.barrier()  # the checkpoint is on disk before any rank returns
     return gm

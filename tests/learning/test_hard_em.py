@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pyro_backpass import Backbone, GenerativeModel, RenderedObjects, log_joint
-from pyro_backpass.learning.hard_em import EMConfig, e_step_level, fit_hard_em, window_scores
+from pyro_backpass.learning.e_step import e_step_level, window_scores
+from pyro_backpass.learning.hard_em import EMConfig, fit_hard_em
 from pyro_backpass.model import NGramPrior
 from tests.oracles import shift_loop
 

@@ -1,6 +1,9 @@
 """The training command: stages, checkpoints, resume, configuration checks, the shipped model."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -43,6 +46,35 @@ def test_resume_after_the_first_stage_gives_the_uninterrupted_parameters(trained
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(),
                                  strict=True):  # fmt: skip
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _torchrun_train(out, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "pyro_backpass.cli", "train", "--preset", "smoke", "--out", str(out),
+           "--no-progress", "--threads", "1", *extra]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _assert_same_parameters(a, b):
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow  # two processes of ~15 s on two cores, then a resume
+def test_torchrun_with_two_processes_gives_the_single_process_parameters(trained, tmp_path):
+    out = tmp_path / "two"
+    summary = _torchrun_train(out)
+    assert summary["processes"] == 2  # printed once, by rank 0
+    full = GenerativeModel.load(trained / "model.safetensors")
+    _assert_same_parameters(full, GenerativeModel.load(out / "model.safetensors"))
+    assert not list(out.glob(".*.tmp"))
+    for stage in ("hard_em", "model"):  # as if killed during hard EM
+        (out / f"{stage}.safetensors").unlink()
+    _torchrun_train(out, "--resume")
+    _assert_same_parameters(full, GenerativeModel.load(out / "model.safetensors"))
 
 
 def test_resume_with_another_configuration_is_refused(trained, capsys):
