@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,9 +38,9 @@ METHODS: tuple[str, ...] = ("guided_backprop", "deconvolution", "guided_gradcam"
 
 # Tuning grid (validation split): smoothing width (px), threshold (fraction of the map's
 # maximum) and the smallest component kept (px).
-SIGMAS: tuple[float, ...] = (0.0, 1.0, 2.0)
-THRESHOLDS: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
-MIN_AREAS: tuple[int, ...] = (0, 8, 16, 32, 64)
+SIGMAS: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0)
+THRESHOLDS: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+MIN_AREAS: tuple[int, ...] = (0, 16, 32, 64, 128, 256)
 
 
 class LogitModel(nn.Module):
@@ -84,7 +85,10 @@ def attribution_fn(method: str, backbone: Backbone) -> Callable[[torch.Tensor, i
 
     def fn(image: torch.Tensor, target: int) -> np.ndarray:
         x = image[None].clone().requires_grad_(True)  # (1, 3, H, W)
-        attr = algo.attribute(x, target=int(target))  # (1, 3, H, W)
+        with warnings.catch_warnings():
+            # Captum announces on every call that it hooks the ReLUs (that is the method).
+            warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+            attr = algo.attribute(x, target=int(target))  # (1, 3, H, W)
         return attr.detach()[0].abs().sum(0).cpu().numpy()  # (H, W)
 
     return fn
