@@ -1,9 +1,12 @@
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 BENCH = Path(__file__).parents[2] / "benchmarks" / "parsing.py"
 
@@ -29,3 +32,47 @@ def test_parsing_benchmark_smoke(tmp_path):
     table = subprocess.run([sys.executable, str(BENCH), "--table", "--out", str(out)],
                            capture_output=True, text=True, timeout=60)  # fmt: skip
     assert "recall_iou50" in table.stdout
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("parsing_benchmark", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ours_path_with_a_stand_in_parse(monkeypatch, tmp_path):
+    """The benchmark's path for ``parse_scene``, driven by a stand-in built from the truth
+    that misses each scene's last object and adds its clutter as a spurious instance: the
+    metrics, the diagnosis and the figure see exactly those failures."""
+    import pyro_backpass
+
+    bench = load_benchmark()
+    gm = pyro_backpass.GenerativeModel.default()
+    scenes = bench.parse_scenes("test", 2)
+
+    def stand_in(gm, image, *, max_objects=None, query=None, beam=1, scales=(1.0,),
+                 backbone=None):  # fmt: skip
+        scene = next(s for s in scenes if torch.equal(s.image, image))
+        found = [SimpleNamespace(category=i.category, mask=i.mask, amodal_mask=i.amodal_mask,
+                                 score=1.0, reconstruction=i.image_alone, modes=[])
+                 for i in scene.instances[:-1]]  # fmt: skip
+        found.append(SimpleNamespace(category="car", mask=scene.clutter_mask, amodal_mask=None,
+                                     score=0.1, reconstruction=image, modes=[]))  # fmt: skip
+        return SimpleNamespace(instances=found, stop_reason="stand-in")
+
+    monkeypatch.setattr(pyro_backpass, "parse_scene", stand_in, raising=False)
+    ev, records = bench.run_ours(gm, scenes)
+    n_true = sum(len(s.instances) for s in scenes)
+    summary = ev.summary()
+    assert summary["recall_iou50"] == pytest.approx((n_true - 2) / n_true)
+    assert summary["precision_iou50"] == pytest.approx((n_true - 2) / n_true)
+    assert summary["count_accuracy"] == 1.0  # one missed, one spurious: the count is right
+    diagnoses = [bench.diagnose(gm, scenes[r["scene"]], r) for r in records]
+    for d, scene in zip(diagnoses, scenes, strict=True):
+        assert [m["category"] for m in d["missed"]] == [scene.instances[-1].category]
+        assert set(d["missed"][0]["rungs"]) == {"free", "top_clamped", "alone_plain"}
+        assert len(d["spurious"]) == 1 and d["spurious"][0]["diagnosis"]
+    path = tmp_path / "failures.png"
+    bench.failure_figure(scenes, records, diagnoses, path)
+    assert path.stat().st_size > 0
