@@ -135,18 +135,35 @@ def as_numpy_mask(m: object) -> np.ndarray:
     return (m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m)).astype(bool)
 
 
-def run_ours(gm: GenerativeModel, scenes: list[Scene]) -> tuple[InstanceEvaluation, list[dict]]:
-    """Parse every scene; the evaluation and per-scene records (for the failure analysis)."""
+def parse_fn(gm: GenerativeModel, *, stop_of: GenerativeModel | None = None) -> Callable:
+    """``parse(image) -> SceneParse`` of ``gm`` by ``parse_scene``. With ``stop_of``, the stop
+    criterion (threshold, explain-away, background) fitted for that model is used instead of
+    ``gm``'s own (the sanity check keeps the shipped model's criterion)."""
     from pyro_backpass import parse_scene
 
+    if stop_of is None:
+        return lambda image: parse_scene(gm, image, max_objects=MAX_OBJECTS)
+    from pyro_backpass.parsing import default_threshold, run_parse
+
+    fit = default_threshold(stop_of)
+    return lambda image: run_parse(
+        gm, image, max_objects=MAX_OBJECTS, threshold=fit["threshold"],
+        explain=fit["explain_away"], background=fit["background"],
+    )  # fmt: skip
+
+
+def run_ours(
+    gm: GenerativeModel, scenes: list[Scene], parse: Callable
+) -> tuple[InstanceEvaluation, list[dict]]:
+    """Parse every scene; the evaluation and per-scene records (for the failure analysis)."""
     ev = InstanceEvaluation(gm.categories)
     records = []
     for k, scene in enumerate(scenes):
         t = time.perf_counter()
-        parse = parse_scene(gm, scene.image, max_objects=MAX_OBJECTS)
+        parse_result = parse(scene.image)
         seconds = time.perf_counter() - t
         h, w = scene.image.shape[-2:]
-        insts = list(parse.instances)
+        insts = list(parse_result.instances)
         if insts:
             pred = PredictedInstances(
                 np.stack([as_numpy_mask(i.mask) for i in insts]),
@@ -159,7 +176,7 @@ def run_ours(gm: GenerativeModel, scenes: list[Scene]) -> tuple[InstanceEvaluati
         truth, true_amodal = truth_of(scene, gm.categories)
         m = ev.add(pred, truth, pred_amodal=amodal, true_amodal=true_amodal)
         records.append({"scene": k, "seconds": seconds, "pred": pred, "truth": truth,
-                        "matching": m, "stop_reason": str(parse.stop_reason)})  # fmt: skip
+                        "matching": m, "stop_reason": str(parse_result.stop_reason)})  # fmt: skip
     return ev, records
 
 
@@ -413,7 +430,7 @@ def main() -> None:
     else:
         with torch.no_grad():
             t = time.perf_counter()
-            ev, records = run_ours(gm, test)
+            ev, records = run_ours(gm, test, parse_fn(gm))
             ours = ev.summary()
             ours["seconds"] = round(time.perf_counter() - t, 1)
             ours["median_seconds_per_parse"] = statistics.median(r["seconds"] for r in records)
@@ -422,7 +439,7 @@ def main() -> None:
             ours["class_sensitivity_mask"] = sens_result["ours_mask"]
             result["ours"] = ours
             t = time.perf_counter()
-            ev_r, _ = run_ours(random_gm, test)
+            ev_r, _ = run_ours(random_gm, test, parse_fn(random_gm, stop_of=gm))
             rand = ev_r.summary()
             rand["seconds"] = round(time.perf_counter() - t, 1)
             rand["class_sensitivity"] = sens_result["random"]
