@@ -381,6 +381,7 @@ def main() -> None:
         print(table(json.loads(args.out.read_text())))
         return
     torch.set_num_threads(1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     gm, model_name = learned_model(smoke=args.smoke, path=args.model)
     n_val, n_test, n_sens = (2, 2, 1) if args.smoke else (args.validation, args.test,
