@@ -260,13 +260,13 @@ def diagnose(gm: GenerativeModel, scene: Scene, record: dict) -> dict:
             continue
         rungs = object_rungs(gm, bu, inst)
         if rungs["alone_plain"] < HIT:
-            why = "the model does not reconstruct the object even alone"
+            why = "alone_fails"
         elif rungs["top_clamped"] < HIT:
-            why = "lower levels: fails with the top level clamped to the truth (clutter leaks in)"
+            why = "lower_levels"
         elif rungs["free"] < HIT:
-            why = "top-level decision: clamping the top level to the truth fixes it"
+            why = "top_level"
         else:
-            why = "parse order / subtraction / stop: one category-given pass finds it"
+            why = "parse"
         best = float(m.ious[:, t].max()) if len(pred.masks) else 0.0
         rungs = {k: round(v, 3) for k, v in rungs.items()}
         missed.append({"category": inst.category, "occlusion": round(inst.occlusion, 3),
@@ -280,16 +280,32 @@ def diagnose(gm: GenerativeModel, scene: Scene, record: dict) -> dict:
         area = max(int(mask.sum()), 1)
         overlap = float(m.ious[p].max()) if len(truth.masks) else 0.0
         if (mask & clutter).sum() / area >= 0.5:
-            why = "on clutter"
+            why = "clutter"
         elif overlap >= 0.2:
-            why = "a partial or duplicate explanation of a true object"
+            why = "partial"
         else:
-            why = "background or several objects merged"
+            why = "merged"
         spurious.append({"category": pred.categories[p], "best_iou": round(overlap, 3),
                          "diagnosis": why})  # fmt: skip
     return {"scene": record["scene"], "true": len(truth.masks), "predicted": len(pred.masks),
             "missed": missed, "spurious": spurious,
             "stop_reason": record["stop_reason"]}  # fmt: skip
+
+
+#: The diagnoses of failures, by the oracle ladder (missed objects) or by what the spurious
+#: instance covers.
+DIAGNOSES: dict[str, str] = {
+    "alone_fails": "missed: the pass fails on the object alone on the plain background (d)",
+    "lower_levels": "missed: the pass fails with the top level clamped to the truth (b), "
+    "alone it works: the lower levels let clutter and neighbours in",
+    "top_level": "missed: the free pass (a) fails, clamping the top level to the truth (b) "
+    "fixes it: the top-level decision is wrong",
+    "parse": "missed: one category-given pass on the scene finds it (a): the parse's order, "
+    "explaining-away or stop lost it",
+    "clutter": "spurious: at least half of it on clutter",
+    "partial": "spurious: a partial or second explanation of a true object (IoU ≥ 0.2)",
+    "merged": "spurious: background, or several objects merged",
+}
 
 
 def label_image(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -302,8 +318,17 @@ def label_image(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def failure_figure(scenes: list[Scene], records: list[dict], diagnoses: list[dict], path: Path):
-    rows = diagnoses[:6]
-    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.4 * len(rows)), squeeze=False)
+    # Up to six scenes, first those that show a kind of failure not shown yet.
+    rows, seen = [], set()
+    for d in diagnoses:
+        codes = {x["diagnosis"] for x in d["missed"] + d["spurious"]}
+        if codes - seen:
+            rows.append(d)
+            seen |= codes
+    rows += [d for d in diagnoses if d not in rows][: max(0, 6 - len(rows))]
+    rows = rows[:6]
+    fig, axes = plt.subplots(len(rows), 4, figsize=(9.0, 2.3 * len(rows)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1, 1, 1.3]})  # fmt: skip
     for r, d in enumerate(rows):
         scene, rec = scenes[d["scene"]], records[d["scene"]]
         image = scene.image.permute(1, 2, 0).numpy()
@@ -316,10 +341,13 @@ def failure_figure(scenes: list[Scene], records: list[dict], diagnoses: list[dic
         axes[r, 2].imshow(image * 0.4 + 0.6)
         axes[r, 2].imshow(label_image(rec["pred"].masks, shape))
         axes[r, 2].set_title(f"ours: {d['predicted']} instances", fontsize=8)
-        lines = [f"missed {x['category']}: {x['diagnosis']}" for x in d["missed"][:2]]
-        lines += [f"spurious {x['category']}: {x['diagnosis']}" for x in d["spurious"][:2]]
-        axes[r, 2].text(1.05, 0.5, "\n".join(lines), transform=axes[r, 2].transAxes,
-                        fontsize=7, va="center", wrap=True)  # fmt: skip
+        lines = [
+            f"missed {x['category']}: {x['diagnosis']}\n  IoU a/b/d "
+            + "/".join(f"{x['rungs'][k]:.2f}" for k in ("free", "top_clamped", "alone_plain"))
+            for x in d["missed"][:3]
+        ]
+        lines += [f"spurious {x['category']}: {x['diagnosis']}" for x in d["spurious"][:3]]
+        axes[r, 3].text(0.0, 0.5, "\n".join(lines), fontsize=7, va="center", family="monospace")
         for ax in axes[r]:
             ax.set_axis_off()
     fig.tight_layout()
@@ -463,6 +491,7 @@ def main() -> None:
             for x in d["missed"] + d["spurious"]:
                 counts[x["diagnosis"]] = counts.get(x["diagnosis"], 0) + 1
         result["failure_counts"] = counts
+        result["diagnosis_codes"] = DIAGNOSES
         if diagnoses:
             failure_figure(test, records, diagnoses, args.out.with_name("parsing_failures.png"))
         print("ours", {k: ours[k] for k in ("recall_iou50", "precision_iou50", "mask_ap")})
