@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from pyro_backpass.cli import backbone_training, demo, train
+from pyro_backpass.cli import backbone_training, demo, parse, train
 
 __all__ = ["build_parser", "main"]
 
@@ -17,7 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="A backward pass through a CNN using a generative model of its activations.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (demo, backbone_training, train):  # each module registers its own subcommand
+    for command in (
+        demo,
+        parse,
+        backbone_training,
+        train,
+    ):  # each module registers its own subcommand
         command.add_parser(sub)
     return parser
 

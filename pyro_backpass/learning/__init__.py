@@ -3,7 +3,16 @@
 targets that are the backbone's activations of single objects masked to the object.
 """
 
-from pyro_backpass.learning.evaluation import mask_iou, object_passes, tune_mask_threshold
+from pyro_backpass.learning.calibration import (
+    UPPER_LEVELS,
+    calibrate_scale_td,
+    top_clamped_iou,
+)
+from pyro_backpass.learning.evaluation import (
+    mask_iou,
+    object_passes,
+    tune_mask_threshold,
+)
 from pyro_backpass.learning.hard_em import (
     EMConfig,
     EMIteration,
@@ -16,13 +25,19 @@ from pyro_backpass.learning.hard_em import (
 from pyro_backpass.learning.observation_fit import (
     LevelFit,
     ObservationFit,
+    fit_background,
     fit_level,
     fit_observation_model,
     scene_pairs,
 )
 from pyro_backpass.learning.ppc import observation_ppc, observation_statistics
 from pyro_backpass.learning.targets import masked_activations, max_pool_mask
-from pyro_backpass.learning.train import PRESETS, TrainConfig, render_object_set, train_model
+from pyro_backpass.learning.train import (
+    PRESETS,
+    TrainConfig,
+    render_object_set,
+    train_model,
+)
 
 __all__ = [
     "EMConfig",
@@ -32,7 +47,10 @@ __all__ = [
     "ObservationFit",
     "PRESETS",
     "TrainConfig",
+    "UPPER_LEVELS",
+    "calibrate_scale_td",
     "e_step_level",
+    "fit_background",
     "fit_hard_em",
     "fit_level",
     "fit_observation_model",
@@ -45,6 +63,7 @@ __all__ = [
     "observation_statistics",
     "render_object_set",
     "scene_pairs",
+    "top_clamped_iou",
     "train_model",
     "tune_mask_threshold",
     "window_scores",

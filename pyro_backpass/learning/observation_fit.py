@@ -36,7 +36,14 @@ from pyro_backpass.data import Scene
 from pyro_backpass.learning.targets import masked_activations, max_pool_mask
 from pyro_backpass.model import GenerativeModel
 
-__all__ = ["LevelFit", "ObservationFit", "fit_level", "fit_observation_model", "scene_pairs"]
+__all__ = [
+    "LevelFit",
+    "ObservationFit",
+    "fit_background",
+    "fit_level",
+    "fit_observation_model",
+    "scene_pairs",
+]
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,9 @@ def scene_pairs(
             hidden.append(inst.amodal_mask & ~inst.mask)
             index.append(s)
     if not alone:
-        raise ValueError("the scenes hold no visible object to fit the observation model on")
+        raise ValueError(
+            "the scenes hold no visible object to fit the observation model on"
+        )
     idx = torch.tensor(index)
     bu_parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(scene_images), batch_size):
@@ -103,7 +112,9 @@ def scene_pairs(
             used_parts.setdefault(name, []).append(~occluded.unsqueeze(1))
     td_all = {name: torch.cat(v) for name, v in td_parts.items()}
     used = {name: torch.cat(v) for name, v in used_parts.items()}
-    bu = {name: x[idx] for name, x in bu_scenes.items()}  # (O, C, h, w): each object's scene
+    bu = {
+        name: x[idx] for name, x in bu_scenes.items()
+    }  # (O, C, h, w): each object's scene
     return bu, td_all, used
 
 
@@ -135,7 +146,9 @@ def fit_level(
         )
     if not (torch.isfinite(bu).all() and torch.isfinite(td).all()):
         raise ValueError("bu or td contains NaN or inf")
-    used = torch.ones_like(bu, dtype=torch.bool) if used is None else used.expand(bu.shape)
+    used = (
+        torch.ones_like(bu, dtype=torch.bool) if used is None else used.expand(bu.shape)
+    )
     bu, td = bu.double(), td.double()
     positive = td[used & (td > 0)]
     if positive.numel() == 0:
@@ -143,7 +156,9 @@ def fit_level(
     rule = factor * float(
         torch.quantile(positive[:: max(1, positive.numel() // 1_000_000)], quantile)
     )
-    top = float(torch.quantile(positive[:: max(1, positive.numel() // 1_000_000)], 0.99))
+    top = float(
+        torch.quantile(positive[:: max(1, positive.numel() // 1_000_000)], 0.99)
+    )
     grid = torch.linspace(0.0, max(top, rule), grid_size, dtype=torch.float64)
     lls = _log_lik_grid(bu, td, used, grid, floor)
     lam = rule if threshold is None else float(threshold)
@@ -172,7 +187,9 @@ def _params(bu, td, used, lam: float, min_on: int, floor: float):
     count = on.sum(dim=(0, 2, 3))  # (C,)
     pooled = float(sq.sum() / on.sum().clamp_min(1)) if bool(on.any()) else s2**2
     per_channel = sq.sum(dim=(0, 2, 3)) / count.clamp_min(1)
-    var = torch.where(count >= min_on, per_channel, torch.full_like(per_channel, pooled))
+    var = torch.where(
+        count >= min_on, per_channel, torch.full_like(per_channel, pooled)
+    )
     s1 = var.sqrt().clamp_min(floor)  # (C,)
     return beta, s2, s1, float(on.sum() / used.sum()), int(used.sum())
 
@@ -188,7 +205,9 @@ def _log_lik_grid(bu, td, used, grid: torch.Tensor, floor: float) -> torch.Tenso
     n_used = int(u_all.sum())
     g = grid.shape[0]
     on_n = torch.zeros(g, dtype=torch.float64)
-    on_b = torch.zeros(g, dtype=torch.float64)  # Σ bu over on elements (for the off stats)
+    on_b = torch.zeros(
+        g, dtype=torch.float64
+    )  # Σ bu over on elements (for the off stats)
     on_b2 = torch.zeros(g, dtype=torch.float64)
     ll_on = torch.zeros(g, dtype=torch.float64)
     for ch in range(c):
@@ -254,7 +273,9 @@ def fit_observation_model(
     names = [n for n in gm.hidden_levels] if levels is None else list(levels)
     unknown = [n for n in names if n not in gm.hidden_levels]
     if unknown:
-        raise ValueError(f"unknown levels {unknown}; the model's levels: {list(gm.hidden_levels)}")
+        raise ValueError(
+            f"unknown levels {unknown}; the model's levels: {list(gm.hidden_levels)}"
+        )
     missing = [n for n in names if n not in {s.name for s in backbone.levels}]
     if missing:
         raise ValueError(f"the backbone has no levels {missing}")
@@ -268,9 +289,84 @@ def fit_observation_model(
         obs = gm.observations[name]
         with torch.no_grad():
             obs.threshold.fill_(fit.threshold)
-            obs.mask_threshold.fill_(fit.threshold)  # λ until tuned (tune_mask_threshold)
+            obs.mask_threshold.fill_(
+                fit.threshold
+            )  # λ until tuned (tune_mask_threshold)
             obs.background.fill_(fit.background)
             obs.scale_off.fill_(fit.scale_off)
             obs.scale_on.copy_(fit.scale_on.view(-1, 1, 1).to(obs.scale_on))
         fits[name] = fit
     return ObservationFit(levels=fits, n_objects=int(next(iter(bu.values())).shape[0]))
+
+
+@torch.no_grad()
+def fit_background(
+    gm: GenerativeModel,
+    backbone: Backbone,
+    scenes: Sequence[Scene],
+    *,
+    levels: Sequence[str] | None = None,
+    floor_factor: float = 1.0,
+    batch_size: int = 32,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fit β and σ2 **per channel**, in place: the mean and standard deviation of each channel's
+    scene activations outside every instance (the plain background and the clutter), with σ2
+    floored at the level's pooled σ2 × ``floor_factor`` (default: never narrower than the
+    pooled fit of :func:`fit_observation_model`).
+
+    The pooled fit gives every channel one background; on our backbone a plain background of a
+    saturated colour drives a few low-level channels far above it, and clutter drives upper
+    channels, so those activations were explained "on" wherever φ allowed it. Issue #10's
+    lever table (``benchmarks/clutter_levers.py``) measures what the per-channel fit buys.
+
+    :param scenes: cluttered scenes (``make_scene``); instance masks, max-pooled to each level,
+        mark what is left out.
+    :returns: level → ``(β, σ2)``, each ``(C,)``.
+    """
+    names = [n for n in gm.hidden_levels] if levels is None else list(levels)
+    unknown = [n for n in names if n not in gm.hidden_levels]
+    if unknown:
+        raise ValueError(
+            f"unknown levels {unknown}; the model's levels: {list(gm.hidden_levels)}"
+        )
+    if not floor_factor > 0:
+        raise ValueError(f"floor_factor must be > 0, got {floor_factor}")
+    scenes = list(scenes)
+    if not scenes:
+        raise ValueError("fit_background needs at least one scene")
+    sums: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(scenes), batch_size):
+        part = scenes[start : start + batch_size]
+        acts = backbone(torch.stack([s.image for s in part]))
+        objects = torch.stack(
+            [torch.stack([i.amodal_mask for i in s.instances]).any(0) if s.instances
+             else torch.zeros(s.image.shape[-2:], dtype=torch.bool) for s in part]
+        )  # (b, H, W)  # fmt: skip
+        for name in names:
+            a = acts[name].double()  # (b, C, h, w)
+            outside = ~max_pool_mask(objects, tuple(a.shape[-2:])).unsqueeze(
+                1
+            )  # (b, 1, h, w)
+            w = outside.to(a.dtype)
+            acc = sums.setdefault(
+                name, [a.new_zeros(a.shape[1]), a.new_zeros(a.shape[1]), 0.0]
+            )
+            acc[0] += (a * w).sum(dim=(0, 2, 3))
+            acc[1] += (a.square() * w).sum(dim=(0, 2, 3))
+            acc[2] += float(w.sum())
+    fitted = {}
+    for name, (s1, s2, n) in sums.items():
+        if n == 0:
+            raise ValueError(
+                f"{name}: no element outside the instances to fit the background on"
+            )
+        obs = gm.observations[name]
+        mean = s1 / n
+        std = (s2 / n - mean.square()).clamp_min(0).sqrt()
+        floor = float(obs.scale_off.min()) * floor_factor
+        std = std.clamp_min(floor)
+        obs.per_channel_background()
+        obs.background.copy_(mean.view(-1, 1, 1).to(obs.background))
+        obs.scale_off.copy_(std.view(-1, 1, 1).to(obs.scale_off))
+        fitted[name] = (mean.float(), std.float())
+    return fitted

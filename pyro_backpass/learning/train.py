@@ -5,8 +5,11 @@ Stages, each ending in an atomically written checkpoint in ``out_dir``:
 
 1. ``observation.safetensors``: the model after :func:`fit_observation_model` on rendered scenes;
 2. ``hard_em.safetensors``: after :func:`fit_hard_em` on rendered single objects;
-3. ``model.safetensors``: with the mask threshold chosen on validation objects
-   (:func:`tune_mask_threshold`).
+3. ``model.safetensors``: with, when the configuration asks for them (the default does), β and
+   σ2 per channel fitted on the training scenes (:func:`fit_background`) and σ0 of the upper
+   levels calibrated on validation scenes (:func:`calibrate_scale_td`) — issue #10's levers —
+   and the mask threshold chosen on validation objects (:func:`tune_mask_threshold`, after the
+   calibration).
 
 ``log.json`` holds per-round errors and component usage, the validation IoU of every mask
 threshold tried, and the seconds of every stage.
@@ -30,11 +33,18 @@ import torch
 from tqdm import tqdm
 
 from pyro_backpass.backbone import Backbone
-from pyro_backpass.data import CATEGORIES, RenderedObjects, Scenes, split_seed
+from pyro_backpass.data import (
+    CATEGORIES,
+    OBJECT_SCALE,
+    RenderedObjects,
+    Scenes,
+    split_seed,
+)
 from pyro_backpass.files import atomic_write_json
+from pyro_backpass.learning.calibration import UPPER_LEVELS, calibrate_scale_td
 from pyro_backpass.learning.evaluation import tune_mask_threshold
 from pyro_backpass.learning.hard_em import EMConfig, fit_hard_em
-from pyro_backpass.learning.observation_fit import fit_observation_model
+from pyro_backpass.learning.observation_fit import fit_background, fit_observation_model
 from pyro_backpass.model import GenerativeModel
 
 __all__ = ["PRESETS", "TrainConfig", "render_object_set", "train_model"]
@@ -44,21 +54,48 @@ __all__ = ["PRESETS", "TrainConfig", "render_object_set", "train_model"]
 class TrainConfig:
     """Everything a training run depends on (stored in ``config.json``)."""
 
-    categories: tuple[str, ...] = CATEGORIES  # modelled categories (the backbone's by default)
+    categories: tuple[str, ...] = (
+        CATEGORIES  # modelled categories (the backbone's by default)
+    )
     backbone: str = "default"  # "default" or "compositional" (the shipped backbones)
     objects_per_category: int = 200  # single objects for hard EM (train split)
+    # Render scales of those objects (bounding-sphere diameter / image size), split evenly;
+    # add data.SCENE_SCALE to train also on objects as small as in cluttered scenes.
+    object_scales: tuple[tuple[float, float], ...] = (OBJECT_SCALE,)
     scenes: int = 100  # cluttered scenes for the observation model (train split)
-    validation_per_category: int = 20  # objects that choose the mask threshold (validation)
-    mask_multipliers: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)  # × λ
+    validation_per_category: int = (
+        20  # objects that choose the mask threshold (validation)
+    )
+    mask_multipliers: tuple[float, ...] = (
+        1.0,
+        2.0,
+        3.0,
+        4.0,
+        5.0,
+        6.0,
+        7.0,
+        8.0,
+        10.0,
+    )  # × λ
     components_top: int = 20  # K of the level just below the category (the paper: 500)
     components: int = 5  # K of every other level (the paper: 5)
     em: EMConfig = field(default_factory=EMConfig)  # hard EM options
+    # Issue #10's levers (benchmarks/clutter_levers.py measured them on validation scenes):
+    background_per_channel: bool = True  # β, σ2 per channel from the training scenes
+    calibration_scenes: int = (
+        20  # validation scenes that choose the σ0 multiplier (0: off)
+    )
+    calibration_levels: tuple[str, ...] = UPPER_LEVELS
+    calibration_multipliers: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
     seed: int = 0  # base seed of the data splits and of EM
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["categories"] = list(self.categories)
         d["mask_multipliers"] = list(self.mask_multipliers)
+        d["object_scales"] = [list(s) for s in self.object_scales]
+        d["calibration_levels"] = list(self.calibration_levels)
+        d["calibration_multipliers"] = list(self.calibration_multipliers)
         return d
 
 
@@ -69,7 +106,11 @@ PRESETS: dict[str, TrainConfig] = {
         scenes=2,
         components_top=2,
         components=2,
-        em=EMConfig(iterations=1, epochs=1, init_epochs=1, batch_size=8, top_init_iterations=1),
+        calibration_scenes=1,
+        calibration_multipliers=(1.0, 0.25),
+        em=EMConfig(
+            iterations=1, epochs=1, init_epochs=1, batch_size=8, top_init_iterations=1
+        ),
     ),  # fmt: skip
     # The shipped model: ≤ 30 min on 2 CPU cores.
     "default": TrainConfig(),
@@ -77,16 +118,32 @@ PRESETS: dict[str, TrainConfig] = {
 
 
 def render_object_set(
-    categories: tuple[str, ...], n: int, *, seed: int, backbone: Backbone
+    categories: tuple[str, ...],
+    n: int,
+    *,
+    seed: int,
+    backbone: Backbone,
+    scales: tuple[tuple[float, float], ...] = (OBJECT_SCALE,),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` rendered objects per category: images, masks and label indices into the
-    backbone's categories (what :func:`fit_hard_em` takes)."""
+    backbone's categories (what :func:`fit_hard_em` takes). With several ``scales`` the ``n``
+    are split evenly between them (the first scale takes the remainder); each scale draws
+    from its own seed, so the default single scale renders what it always did."""
+    if not scales:
+        raise ValueError("scales must name at least one (lo, hi) render scale")
     images, masks, labels = [], [], []
+    counts = [
+        n // len(scales) + (n % len(scales) if j == 0 else 0)
+        for j in range(len(scales))
+    ]
     for cat in categories:
-        ds = RenderedObjects(cat, n, seed=seed)
-        for i in range(n):
-            image, mask = ds[i]
-            images.append(image), masks.append(mask), labels.append(backbone.category_index(cat))
+        for j, (scale, count) in enumerate(zip(scales, counts, strict=True)):
+            ds = RenderedObjects(cat, count, seed=seed if j == 0 else (seed, j),
+                                 scale=tuple(scale))  # fmt: skip
+            for i in range(count):
+                image, mask = ds[i]
+                images.append(image), masks.append(mask)
+                labels.append(backbone.category_index(cat))
     return torch.stack(images), torch.stack(masks), torch.tensor(labels)
 
 
@@ -126,12 +183,16 @@ def train_model(
     if resume and config_path.exists():
         _check_resume(config_path, config)
     elif not resume and any(out.glob("*.safetensors")):
-        raise FileExistsError(f"{out} holds checkpoints already; pass --resume or a new --out")
+        raise FileExistsError(
+            f"{out} holds checkpoints already; pass --resume or a new --out"
+        )
     atomic_write_json(config_path, config.to_json())
     backbone = _backbone(config.backbone)
     unknown = [c for c in config.categories if c not in backbone.categories]
     if unknown:
-        raise ValueError(f"unknown categories {unknown}; the backbone knows {backbone.categories}")
+        raise ValueError(
+            f"unknown categories {unknown}; the backbone knows {backbone.categories}"
+        )
     torch.manual_seed(config.seed)
     log: dict[str, Any] = {"seconds": {}}
     log_path = out / "log.json"
@@ -163,6 +224,7 @@ def train_model(
         objects = render_object_set(
             config.categories, config.objects_per_category,
             seed=split_seed("train", config.seed), backbone=backbone,
+            scales=config.object_scales,
         )  # fmt: skip
         em = replace(config.em, seed=config.seed)
         result = fit_hard_em(gm, backbone, objects, config=em, progress=progress)
@@ -175,8 +237,28 @@ def train_model(
         config.categories, config.validation_per_category,
         seed=split_seed("validation", config.seed), backbone=backbone,
     )  # fmt: skip
-    scores = tune_mask_threshold(gm, backbone, validation, multipliers=config.mask_multipliers)
+    if config.background_per_channel:
+        scenes = Scenes(config.scenes, seed=split_seed("train", config.seed))
+        fit_background(gm, backbone, list(tqdm(scenes, desc="render scenes",
+                                               disable=not progress)))  # fmt: skip
+    scores = tune_mask_threshold(
+        gm, backbone, validation, multipliers=config.mask_multipliers
+    )
     log["mask_threshold_iou"] = {str(m): v for m, v in scores.items()}
+    if config.calibration_scenes > 0:
+        val_scenes = list(Scenes(config.calibration_scenes,
+                                 seed=split_seed("validation", config.seed)))  # fmt: skip
+        calib = calibrate_scale_td(
+            gm, backbone, val_scenes, levels=config.calibration_levels,
+            multipliers=config.calibration_multipliers, progress=progress,
+        )  # fmt: skip
+        log["scale_td_calibration_iou"] = {str(m): v for m, v in calib.items()}
+        # The masks changed with σ0: choose their threshold again.
+        scores = tune_mask_threshold(gm, backbone, validation,
+                                     multipliers=config.mask_multipliers)  # fmt: skip
+        log["mask_threshold_iou_after_calibration"] = {
+            str(m): v for m, v in scores.items()
+        }
     gm.save(stage3)
     log["seconds"]["mask_threshold"] = round(time.perf_counter() - start, 1)
     atomic_write_json(log_path, log)

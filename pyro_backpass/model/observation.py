@@ -14,7 +14,9 @@ from pyro_backpass.model.thresholded_gaussian import HALF_LOG_2PI, ThresholdedGa
 
 __all__ = ["ClosedFormConstants", "Observation", "Scalar", "closed_form_constants"]
 
-Scalar = float | torch.Tensor  # a Python float, or a 0-dim tensor where gradients are needed
+Scalar = (
+    float | torch.Tensor
+)  # a Python float, or a 0-dim tensor where gradients are needed
 
 
 class ClosedFormConstants(NamedTuple):
@@ -68,7 +70,10 @@ def closed_form_constants(
 
     s1 = as_t(scale_on)
     scalars = (threshold, background, scale_td, scale_off)
-    if any(_needs_grad(v) or (isinstance(v, torch.Tensor) and v.numel() != 1) for v in scalars):
+    if any(
+        _needs_grad(v) or (isinstance(v, torch.Tensor) and v.numel() != 1)
+        for v in scalars
+    ):
         # Gradients through the parameters, or element-wise parameters: tensors throughout.
         lam, beta, s0, s2 = (as_t(v) for v in scalars)
         below = torch.nextafter(lam, lam.new_tensor(-math.inf))
@@ -109,9 +114,13 @@ def closed_form_constants(
 
 
 class Observation(nn.Module):
-    """λ, β, σ2 (scalars) and σ1 (one per channel) of one level, as buffers.
+    """λ (a scalar), β and σ2 (a scalar each, or one per channel) and σ1 (one per channel) of
+    one level, as buffers.
 
     :param spec: the level. Channel-specific σ1 is what the paper found robust to clutter.
+    :param background, scale_off: β and σ2: one number for the level, or ``C`` values (stored
+        ``(C, 1, 1)``): a background per channel (:func:`~pyro_backpass.learning.fit_background`
+        fits them; issue #10 measured that it ranks the true object higher in clutter).
     :param mask_threshold: the value of F̂_td from which an element counts as the object's in
         :attr:`MapResult.mask` (default: λ). It is a choice about masks, not part of the
         probability model, and is tuned on its own (the learning issue measured a higher value
@@ -123,26 +132,44 @@ class Observation(nn.Module):
         spec: LevelSpec,
         *,
         threshold: float = 0.5,
-        background: float = 0.0,
+        background: float | torch.Tensor = 0.0,
         scale_on: float | torch.Tensor = 0.3,
-        scale_off: float = 0.3,
+        scale_off: float | torch.Tensor = 0.3,
         mask_threshold: float | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
-        scale_on = torch.as_tensor(scale_on, dtype=torch.get_default_dtype())
-        if scale_on.numel() not in (1, spec.channels):
-            raise ValueError(f"{spec.name}: scale_on needs 1 or {spec.channels} values")
-        scale_on = scale_on.reshape(-1).expand(spec.channels).reshape(spec.channels, 1, 1).clone()
+        scale_on = self._per_channel("scale_on", scale_on, always=True)
         for name, value in (("scale_on", scale_on), ("scale_off", scale_off)):
             if not (torch.as_tensor(value) > 0).all():
                 raise ValueError(f"{spec.name}: {name} must be > 0")
         self.register_buffer("threshold", torch.tensor(float(threshold)))
-        self.register_buffer("background", torch.tensor(float(background)))
+        self.register_buffer("background", self._per_channel("background", background))
         self.register_buffer("scale_on", scale_on)  # (C, 1, 1)
-        self.register_buffer("scale_off", torch.tensor(float(scale_off)))
+        self.register_buffer("scale_off", self._per_channel("scale_off", scale_off))
         mask = threshold if mask_threshold is None else mask_threshold
         self.register_buffer("mask_threshold", torch.tensor(float(mask)))
+
+    def _per_channel(self, name: str, value, *, always: bool = False) -> torch.Tensor:
+        """A parameter as a 0-dim tensor (one number, unless ``always``) or ``(C, 1, 1)``."""
+        c = self.spec.channels
+        t = torch.as_tensor(value, dtype=torch.get_default_dtype()).detach()
+        if t.numel() not in (1, c):
+            raise ValueError(
+                f"{self.spec.name}: {name} needs 1 or {c} values, got {t.numel()}"
+            )
+        if t.numel() == 1 and not always:
+            return t.reshape(()).clone()
+        return t.reshape(-1).expand(c).reshape(c, 1, 1).clone()
+
+    def per_channel_background(self) -> None:
+        """Make β and σ2 ``(C, 1, 1)`` buffers (same values), so that they can be fitted per
+        channel; a no-op if they are already."""
+        c = self.spec.channels
+        for name in ("background", "scale_off"):
+            value = getattr(self, name)
+            if value.dim() == 0:
+                setattr(self, name, value.reshape(1, 1, 1).expand(c, 1, 1).clone())
 
     def distribution(self, td: torch.Tensor) -> ThresholdedGaussian:
         """``P(f_bu | f_td)`` element-wise, batch shape ``td.shape`` (``(..., C, H, W)``)."""
@@ -186,5 +213,8 @@ class Observation(nn.Module):
             return cached[1]
         with torch.inference_mode(False), torch.no_grad():
             constants = make()
-            self.__dict__["_constants_cache"] = (tuple(t.clone() for t in raw), constants)
+            self.__dict__["_constants_cache"] = (
+                tuple(t.clone() for t in raw),
+                constants,
+            )
         return constants

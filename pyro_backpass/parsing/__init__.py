@@ -1,8 +1,12 @@
-"""Scene parsing (paper §3): repeated backward passes that subtract each found object from every
-level, posterior modes, top-down queries, completion and baselines; and the instance-mask
-metrics a parse is scored by (:mod:`.metrics`).
+"""Scene parsing (paper §3): repeated backward passes that explain each found object away on
+every level, posterior modes per step, top-down queries (category, location, preferences),
+occlusion completion, imagination, and images of any size through a scan over scales.
+
+``parse_scene`` is the entry point; :mod:`.metrics` scores parses against true instances; ``parse_record`` is the one JSON schema of a parse.
 """
 
+from pyro_backpass.parsing.explaining_away import EXPLAIN_AWAY, explain_away
+from pyro_backpass.parsing.labels import mode_label
 from pyro_backpass.parsing.metrics import (
     InstanceEvaluation,
     Matching,
@@ -15,16 +19,67 @@ from pyro_backpass.parsing.metrics import (
     match_instances,
     occluded_iou,
 )
+from pyro_backpass.parsing.parser import (
+    BACKGROUNDS,
+    MAX_STEPS,
+    parse_activations,
+    parse_scene,
+    run_parse,
+)
+from pyro_backpass.parsing.query import (
+    LOCATIONS,
+    PREFERENCES,
+    LogLinearPrior,
+    Query,
+    location_prior,
+    top_centre,
+)
+from pyro_backpass.parsing.record import encode_mask, mask_box, parse_record
+from pyro_backpass.parsing.scene_parse import STOP_REASONS, ParsedInstance, SceneParse
+from pyro_backpass.parsing.threshold import (
+    THRESHOLD_FILE,
+    default_threshold,
+    model_fingerprint,
+    threshold_record,
+)
+from pyro_backpass.parsing.views import View, as_image, make_views
 
 __all__ = [
+    "BACKGROUNDS",
+    "EXPLAIN_AWAY",
+    "LOCATIONS",
+    "MAX_STEPS",
+    "PREFERENCES",
+    "STOP_REASONS",
+    "THRESHOLD_FILE",
     "InstanceEvaluation",
+    "LogLinearPrior",
     "Matching",
+    "ParsedInstance",
     "PredictedInstances",
+    "Query",
+    "SceneParse",
+    "View",
     "adjusted_rand_index",
+    "as_image",
     "class_sensitivity",
     "coco_mask_ap",
+    "default_threshold",
+    "encode_mask",
+    "explain_away",
     "foreground_ari",
+    "location_prior",
+    "make_views",
+    "mask_box",
     "mask_ious",
     "match_instances",
+    "mode_label",
+    "model_fingerprint",
     "occluded_iou",
+    "parse_activations",
+    "parse_record",
+    "parse_scene",
+    "run_parse",
+    "threshold_record",
+    "top_centre",
 ]

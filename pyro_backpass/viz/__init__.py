@@ -2,6 +2,7 @@
 ``(fig, ax)``; nothing here runs a model or calls ``plt.show()``.
 """
 
+from pyro_backpass.viz.parse_plots import plot_instances, plot_mode_bars, plot_overlay
 from pyro_backpass.viz.plotting import (
     plot_distractor_sweep,
     plot_modes,
@@ -9,4 +10,12 @@ from pyro_backpass.viz.plotting import (
     plot_samples,
 )
 
-__all__ = ["plot_distractor_sweep", "plot_modes", "plot_reconstruction", "plot_samples"]
+__all__ = [
+    "plot_distractor_sweep",
+    "plot_instances",
+    "plot_mode_bars",
+    "plot_modes",
+    "plot_overlay",
+    "plot_reconstruction",
+    "plot_samples",
+]

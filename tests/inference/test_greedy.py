@@ -355,3 +355,21 @@ def test_every_level_shape_is_the_brute_force_argmax_in_blocks(cfg, size, chunk)
     _assert_each_level_is_the_brute_force_argmax(gm, s.bu, r, 3)
     torch.testing.assert_close(r.log_joint, log_joint(gm, s.bu, r.assignment).detach(),
                                rtol=1e-5, atol=0)  # fmt: skip
+
+
+def test_per_channel_background_is_the_brute_force_argmax_at_every_level():
+    """β and σ2 one per channel (fit_background): greedy still takes the per-hypothesis
+    argmax of every level, and its log-joint is log_joint of its assignment."""
+    gm = GenerativeModel.random([3, "M", 4], num_components=3, num_categories=2, image_size=8)
+    g = torch.Generator().manual_seed(5)
+    for obs in gm.observations.values():
+        if obs.spec.name == "category":
+            continue
+        obs.per_channel_background()
+        c = obs.spec.channels
+        obs.background.copy_(0.5 * torch.rand(c, 1, 1, generator=g))
+        obs.scale_off.copy_(0.2 + torch.rand(c, 1, 1, generator=g))
+    s = sample(gm, 3, observe=True, seed=4)
+    r = greedy_map(gm, s.bu)
+    _assert_each_level_is_the_brute_force_argmax(gm, s.bu, r, 3)
+    torch.testing.assert_close(r.log_joint, log_joint(gm, s.bu, r.assignment), rtol=1e-5, atol=0)

@@ -133,3 +133,54 @@ def test_ppc_statistics_match_a_direct_count_and_have_arviz_shapes():
     pp = idata.posterior_predictive["pool4_frac_above"]
     obs = idata.observed_data["pool4_frac_above"]
     assert pp.shape[:2] == (1, 7) and pp.shape[2] == obs.shape[0]
+
+
+def test_fit_background_is_the_per_channel_mean_and_std_outside_the_objects():
+    """fit_background against numpy over the cells no instance touches."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from pyro_backpass import GenerativeModel
+    from pyro_backpass.learning import fit_background
+
+    gm = GenerativeModel.random([3, "M"], num_components=2, num_categories=2, image_size=8)
+    g = torch.Generator().manual_seed(1)
+    acts = {"conv1_1": 2 * torch.rand(4, 3, 8, 8, generator=g),
+            "pool1": torch.rand(4, 3, 4, 4, generator=g)}  # fmt: skip
+    masks = torch.zeros(4, 8, 8, dtype=torch.bool)
+    masks[0, 1:3, 2:5] = True
+    masks[2, 5:, 5:] = True
+    scenes = [
+        SimpleNamespace(image=torch.full((3, 8, 8), float(i)),
+                        instances=[SimpleNamespace(amodal_mask=masks[i])] if masks[i].any() else [])
+        for i in range(4)
+    ]  # fmt: skip
+
+    def backbone(images):
+        idx = images[:, 0, 0, 0].long()
+        return {k: v[idx] for k, v in acts.items()}
+
+    gm.observations["pool1"].scale_off.fill_(10.0)  # the floor wins on pool1
+    fitted = fit_background(gm, backbone, scenes, levels=["conv1_1", "pool1"], batch_size=3)
+    for name, (beta, s2) in fitted.items():
+        a = acts[name].numpy()
+        h = a.shape[-1]
+        f = 8 // h
+        values = [[] for _ in range(3)]
+        for b in range(4):
+            for i in range(h):
+                for j in range(h):
+                    if not masks[b, i * f : (i + 1) * f, j * f : (j + 1) * f].any():
+                        for c in range(3):
+                            values[c].append(a[b, c, i, j])
+        want_beta = [np.mean(v) for v in values]
+        floor = 10.0 if name == "pool1" else float(GenerativeModel.random(
+            [3, "M"], num_components=2, num_categories=2, image_size=8
+        ).observations[name].scale_off)  # fmt: skip
+        want_s2 = [max(np.std(v), floor) for v in values]
+        assert beta.tolist() == pytest.approx(want_beta, rel=1e-5)
+        assert s2.tolist() == pytest.approx(want_s2, rel=1e-5)
+        obs = gm.observations[name]
+        assert obs.background.shape == (3, 1, 1)
+        assert obs.scale_off.flatten().tolist() == pytest.approx(want_s2, rel=1e-5)

@@ -113,3 +113,17 @@ def test_constructor_errors():
         GenerativeModel.random([3], num_components=2, image_size=8, offsets={"pool7": 1})
     with pytest.raises(ValueError, match="too small"):
         GenerativeModel.random([3, "M", 3, "M"], num_components=2, image_size=2)
+
+
+def test_per_channel_background_survives_save_and_load(tmp_path):
+    gm = GenerativeModel.random([3, "M"], num_components=2, num_categories=2, image_size=8)
+    obs = gm.observations["conv1_1"]
+    obs.per_channel_background()
+    obs.background.copy_(torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1))
+    obs.scale_off.copy_(torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1))
+    back = GenerativeModel.load(gm.save(tmp_path / "m.safetensors"))
+    assert back.observations["conv1_1"].background.flatten().tolist() == pytest.approx(
+        [0.1, 0.2, 0.3]
+    )
+    assert back.observations["conv1_1"].scale_off.shape == (3, 1, 1)
+    assert back.observations["pool1"].background.dim() == 0  # the other levels stay pooled

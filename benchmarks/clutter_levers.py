@@ -1,0 +1,240 @@
+"""Issue #10's levers, one at a time, on cluttered scenes: which change makes the backward pass
+land on an airplane instead of clutter?
+
+Every lever is a change of the shipped model's parameters or of the top-level choice, applied to
+a copy of ``GenerativeModel.default()`` (no retraining). For each, on scenes of one split:
+
+- ``hit@0.5`` / ``hit@0.3``: share of scenes whose first backward pass (category clamped to
+  airplane) has visible-mask IoU ≥ 0.5 / 0.3 with one of the scene's airplanes;
+- ``best_iou``: that pass's mean best IoU over the scene's airplanes;
+- ``top_clamped``: mean IoU of the pass with the top level clamped to each airplane's own
+  E-step assignment (the oracle ladder's rung (b): only the lower levels decide);
+- ``alone_plain``: mean IoU of each airplane alone on the plain background (rung (d));
+- ``true_rank``: median over scenes of the best rank, among all top-level hypotheses of the
+  airplane category, of an airplane's true top-level (γ, δ) by the score the choice uses (1 =
+  chosen);
+- ``bound@0.5``: share of scenes where *some* top-level hypothesis, completed greedily, hits
+  an airplane at IoU ≥ 0.5 (``--bound``; 500 descents per scene).
+
+Levers (``--levers``): ``base``; ``s0x<f>@<levels>``: σ0 × f on those levels (``upper`` =
+``pool4 conv4_1 pool3 conv3_1``, ``all``); ``lamx<f>@<levels>``: λ × f; ``s2x<f>@<levels>``:
+σ2 × f; ``maskx<f>@conv1_1``: the mask threshold × f; ``bgfit[<q>]``: β, σ2 per channel
+(:func:`~pyro_backpass.learning.fit_background`); several joined by commas; ``footprint``:
+the top level chosen by the log-likelihood ratio against the all-background explanation
+divided by the template's footprint (elements with φ > 0), the rest of the pass unchanged.
+
+Choose on ``--split validation``; report the chosen ones on ``--split test``. One thread.
+Writes ``benchmarks/results/clutter_levers_<split>.json``.
+
+Usage: ``python benchmarks/clutter_levers.py --split validation --levers base bgfit ...``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, learned_model, machine  # noqa: E402
+
+from pyro_backpass import GenerativeModel, Scenes, greedy_map  # noqa: E402
+from pyro_backpass.data import split_seed  # noqa: E402
+from pyro_backpass.files import atomic_write_json  # noqa: E402
+from pyro_backpass.inference.greedy import top_level_scores  # noqa: E402
+from pyro_backpass.inference.objective import freeze_priors  # noqa: E402
+from pyro_backpass.learning import (  # noqa: E402
+    e_step_level,
+    fit_background,
+    mask_iou,
+    masked_activations,
+)
+
+UPPER = ("pool4", "conv4_1", "pool3", "conv3_1")
+
+
+def _levels(gm: GenerativeModel, spec: str) -> tuple[str, ...]:
+    if spec == "upper":
+        return tuple(n for n in UPPER if n in gm.hidden_levels)
+    if spec == "all":
+        return tuple(gm.hidden_levels)
+    names = tuple(spec.split("+"))
+    unknown = [n for n in names if n not in gm.hidden_levels]
+    if unknown:
+        raise SystemExit(f"unknown levels {unknown}; the model has {gm.hidden_levels}")
+    return names
+
+
+def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool]:
+    """A copy of ``gm`` with the lever's parameter change, and whether the top level is chosen
+    by the footprint-normalised ratio."""
+    if lever in ("base", "footprint"):
+        return gm, lever == "footprint"
+    out = copy.deepcopy(gm)
+    for part in lever.split(","):
+        if part.startswith("bgfit"):
+            fit_background_per_channel(out, part)
+            continue
+        kind, _, rest = part.partition("x")
+        factor, _, where = rest.partition("@")
+        for name in _levels(out, where or "all"):
+            if kind == "s0":
+                out.steps[name].scale_td.mul_(float(factor))
+            elif kind == "lam":
+                out.observations[name].threshold.mul_(float(factor))
+            elif kind == "s2":
+                out.observations[name].scale_off.mul_(float(factor))
+            elif kind == "mask":
+                out.observations[name].mask_threshold.mul_(float(factor))
+            else:
+                raise SystemExit(f"unknown lever {part!r}")
+    return out, False
+
+
+def fit_background_per_channel(gm: GenerativeModel, part: str) -> None:
+    """``bgfit`` / ``bgfit<q>``: β and σ2 per channel of every hidden level from 40 train-split
+    scenes (:func:`~pyro_backpass.learning.fit_background`, σ2 floored at the level's pooled
+    σ2 × ``q``, default 1)."""
+    scenes = list(Scenes(40, seed=split_seed("train")))
+    fit_background(gm, gm.backbone, scenes, floor_factor=float(part[5:] or 1.0))
+
+
+@torch.no_grad()
+def top_scores(gm: GenerativeModel, bu: dict, category: int, *, footprint: bool) -> torch.Tensor:
+    """``(K*D,)`` the scores the top-level choice compares for one image and category."""
+    top = gm.hidden_levels[-1]
+    consts = gm.constants(top)
+    priors = freeze_priors(gm.resolve_priors(None))
+    scores, _ = top_level_scores(
+        gm, bu, {}, priors, batch=1, chunk_elements=2**25, constants=consts
+    )  # (1, N, K, D)
+    s = scores[0, category].reshape(-1)
+    if not footprint:
+        return s
+    step = gm.steps[top]
+    # Log-likelihood ratio against the all-background explanation (φ = 0 everywhere): the
+    # background's score is the same for every hypothesis, so the ratio is s − s_bg.
+    from pyro_backpass.inference.closed_form import closed_form_with
+    from pyro_backpass.model.top_down import shift_all
+
+    _, s_bg = closed_form_with(consts, bu[top], torch.zeros_like(bu[top]))
+    s_bg = s_bg.sum()
+    k = step.num_components
+    tmpl = torch.relu(step.weight).reshape(-1, k, *step.out.shape)[category]  # (K, C, H, W)
+    shifted = shift_all(tmpl, step.offsets)  # (K, D, C, H, W)
+    area = (shifted > 0).flatten(2).sum(-1).reshape(-1).clamp_min(1).to(s.dtype)  # (K*D,)
+    return (s - s_bg) / area
+
+
+@torch.no_grad()
+def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool) -> dict:
+    model, footprint = apply_lever(gm, lever)
+    bb = gm.backbone
+    top = model.hidden_levels[-1]
+    step = model.steps[top]
+    airplane = model.categories.index("airplane")
+    label = torch.tensor([airplane])
+    hits5, hits3, best, clamped_iou, alone_iou, ranks, bound5 = [], [], [], [], [], [], []
+    for scene in tqdm(scenes, desc=lever, leave=False):
+        acts = bb(scene.image[None])
+        bu = {k: v for k, v in acts.items() if k in model.hidden_levels}
+        planes = [i for i in scene.instances if i.category == "airplane" and i.mask.any()]
+        if not planes:
+            continue
+        s = top_scores(model, bu, airplane, footprint=footprint)
+        d = step.num_offsets
+        if footprint:
+            flat = int(s.argmax())
+            clamp = {f"gamma_{top}": flat // d, f"delta_{top}": flat % d}
+            free = greedy_map(model, bu, category=label, clamp=clamp)
+        else:
+            free = greedy_map(model, bu, category=label)
+        ious = [float(mask_iou(free.mask, i.mask[None])[0]) for i in planes]
+        hits5.append(max(ious) >= 0.5), hits3.append(max(ious) >= 0.3)
+        best.append(statistics.mean(ious))
+        order = s.argsort(descending=True, stable=True)
+        rank_of = torch.empty_like(order)
+        rank_of[order] = torch.arange(1, order.numel() + 1)
+        scene_ranks = []
+        for inst in planes:
+            target = masked_activations(bb, inst.image_alone[None], inst.amodal_mask[None])
+            prior = model.priors[f"gamma_{top}"].log_probs()[label]
+            gamma, delta, _ = e_step_level(
+                step, label, target[top], log_prior_gamma=prior,
+                log_prior_delta=model.priors[f"delta_{top}"].log_probs(),
+            )  # fmt: skip
+            scene_ranks.append(int(rank_of[int(gamma) * d + int(delta)]))
+            clamped = greedy_map(model, bu, category=label,
+                                 clamp={f"gamma_{top}": gamma, f"delta_{top}": delta})  # fmt: skip
+            clamped_iou.append(float(mask_iou(clamped.mask, inst.mask[None])[0]))
+            alone_acts = bb(inst.image_alone[None])
+            alone_bu = {k: v for k, v in alone_acts.items() if k in model.hidden_levels}
+            alone = greedy_map(model, alone_bu, category=label)
+            alone_iou.append(float(mask_iou(alone.mask, inst.amodal_mask[None])[0]))
+        ranks.append(min(scene_ranks))
+        if bound:
+            n = step.num_components * d
+            masks = []
+            for start in range(0, n, 100):
+                idx = torch.arange(start, min(n, start + 100))
+                rep = {k: v.expand(len(idx), *v.shape[1:]) for k, v in bu.items()}
+                clamp = {f"gamma_{top}": idx // d, f"delta_{top}": idx % d}
+                r = greedy_map(model, rep, category=airplane, clamp=clamp)
+                masks.append(r.mask)
+            all_masks = torch.cat(masks)
+            bound5.append(
+                max(
+                    float(mask_iou(all_masks, i.mask[None].expand_as(all_masks)).max())
+                    for i in planes
+                )
+                >= 0.5  # fmt: skip
+            )
+    mean = statistics.mean
+    return {
+        "scenes": len(hits5),
+        "hit@0.5": mean(hits5),
+        "hit@0.3": mean(hits3),
+        "best_iou": mean(best),
+        "top_clamped": mean(clamped_iou),
+        "alone_plain": mean(alone_iou),
+        "true_rank_median": statistics.median(ranks),
+        "top_hypotheses": step.num_components * step.num_offsets,
+        "bound@0.5": mean(bound5) if bound else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
+    parser.add_argument("--split", choices=("validation", "test"), default="validation")
+    parser.add_argument("--scenes", type=int, default=30)
+    parser.add_argument("--levers", nargs="+", default=["base"])
+    parser.add_argument("--bound", action="store_true", help="also the best-of-all bound")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    gm, model_name = learned_model(smoke=args.smoke, path=args.model)
+    n = 2 if args.smoke else args.scenes
+    scenes = list(Scenes(n, seed=split_seed(args.split)))
+    out = args.out or RESULTS / f"clutter_levers_{args.split}.json"
+    rows = {}
+    for lever in args.levers:
+        start = time.perf_counter()
+        rows[lever] = evaluate(gm, lever, scenes, bound=args.bound)
+        rows[lever]["seconds"] = round(time.perf_counter() - start, 1)
+        print(lever, {k: (round(v, 3) if isinstance(v, float) else v)
+                      for k, v in rows[lever].items()}, flush=True)  # fmt: skip
+    atomic_write_json(out, {"machine": machine(), "threads": 1, "model": model_name,
+                            "split": args.split, "levers": rows})  # fmt: skip
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
