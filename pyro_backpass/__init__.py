@@ -88,12 +88,12 @@ from pyro_backpass.viz import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "CATEGORIES",
-    "DEFAULT_SIZE",
     "Activations",
     "Backbone",
+    "CATEGORIES",
     "CategoricalPrior",
     "CompositionalityScore",
+    "DEFAULT_SIZE",
     "DistractorSweep",
     "EMConfig",
     "GenerativeModel",

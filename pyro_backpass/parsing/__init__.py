@@ -2,7 +2,8 @@
 every level, posterior modes per step, top-down queries (category, location, preferences),
 occlusion completion, imagination, and images of any size through a scan over scales.
 
-``parse_scene`` is the entry point; :mod:`.metrics` scores parses against true instances; ``parse_record`` is the one JSON schema of a parse.
+``parse_scene`` is the entry point; ``parse_record`` is the one JSON schema of a parse;
+:mod:`.metrics` scores parses against the true instances.
 """
 
 from pyro_backpass.parsing.explaining_away import EXPLAIN_AWAY, explain_away
@@ -47,18 +48,18 @@ from pyro_backpass.parsing.views import View, as_image, make_views
 __all__ = [
     "BACKGROUNDS",
     "EXPLAIN_AWAY",
-    "LOCATIONS",
-    "MAX_STEPS",
-    "PREFERENCES",
-    "STOP_REASONS",
-    "THRESHOLD_FILE",
     "InstanceEvaluation",
+    "LOCATIONS",
     "LogLinearPrior",
+    "MAX_STEPS",
     "Matching",
+    "PREFERENCES",
     "ParsedInstance",
     "PredictedInstances",
     "Query",
+    "STOP_REASONS",
     "SceneParse",
+    "THRESHOLD_FILE",
     "View",
     "adjusted_rand_index",
     "as_image",
