@@ -139,11 +139,14 @@ def tune(
     maps: Sequence[np.ndarray],
     truths: Sequence[PredictedInstances],
     categories: Sequence[str],
+    *,
+    grid: tuple[Sequence[float], Sequence[float], Sequence[int]] = (SIGMAS, THRESHOLDS, MIN_AREAS),
 ) -> tuple[Setting, float]:
-    """The grid's setting with the best F1 of recall and precision at IoU ≥ 0.5 on the given
-    (validation) scenes, ties to the higher mean matched IoU; returns it and its F1."""
+    """The setting of ``grid`` (sigmas, thresholds, smallest areas) with the best F1 of recall
+    and precision at IoU ≥ 0.5 on the given (validation) scenes, ties to the higher mean
+    matched IoU; returns it and its F1."""
     best, best_key = None, (-1.0, -1.0)
-    for sigma, thr, area in itertools.product(SIGMAS, THRESHOLDS, MIN_AREAS):
+    for sigma, thr, area in itertools.product(*grid):
         s = Setting(sigma, thr, area)
         ev = InstanceEvaluation(categories)
         for m, t in zip(maps, truths, strict=True):

@@ -152,6 +152,16 @@ def parse_fn(gm: GenerativeModel, *, stop_of: GenerativeModel | None = None) -> 
     )  # fmt: skip
 
 
+def stop_criterion(gm: GenerativeModel) -> dict:
+    """The stop criterion ``parse_scene`` uses for ``gm``, and whether it is a fit shipped for
+    this model (else the parser's unfitted fallback)."""
+    from pyro_backpass.parsing import default_threshold, model_fingerprint, threshold_record
+
+    record = threshold_record()
+    fitted = record is not None and record.get("model_sha256") == model_fingerprint(gm)
+    return {**default_threshold(gm), "fitted_for_this_model": fitted}
+
+
 def run_ours(
     gm: GenerativeModel, scenes: list[Scene], parse: Callable
 ) -> tuple[InstanceEvaluation, list[dict]]:
@@ -202,12 +212,15 @@ def run_baseline(
     gm: GenerativeModel,
     validation: list[Scene],
     test: list[Scene],
+    *,
+    grid: tuple | None = None,
 ) -> dict:
     """Tune a saliency method ``fn`` on validation, evaluate on test; its entry."""
     cats = gm.categories
     start = time.perf_counter()
     val_maps = [category_maps(fn, s.image, len(cats)) for s in validation]
-    setting, val_f1 = tune(val_maps, [truth_of(s, cats)[0] for s in validation], cats)
+    truths = [truth_of(s, cats)[0] for s in validation]
+    setting, val_f1 = tune(val_maps, truths, cats, **({} if grid is None else {"grid": grid}))
     test_maps = [category_maps(fn, s.image, len(cats)) for s in test]
     ev = InstanceEvaluation(cats)
     for s, maps in zip(test, test_maps, strict=True):
@@ -398,8 +411,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
     parser.add_argument("--validation", type=int, default=30, help="validation scenes")
-    parser.add_argument("--test", type=int, default=50, help="test scenes")
-    parser.add_argument("--sensitivity", type=int, default=20, help="class-sensitivity scenes")
+    parser.add_argument("--test", type=int, default=100, help="test scenes")
+    parser.add_argument("--sensitivity", type=int, default=30, help="class-sensitivity scenes")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--table", action="store_true", help="print the table of --out")
     parser.add_argument("--out", type=Path, default=RESULTS / "parsing.json")
@@ -428,7 +441,8 @@ def main() -> None:
     maps_of: dict[str, object] = {}
     for method in METHODS:
         maps_of[method] = fn = attribution_fn(method, gm.backbone)
-        result[method] = entry = run_baseline(fn, gm, validation, test)
+        grid = ((2.0,), (0.2, 0.4), (0, 64)) if args.smoke else None  # smoke: a tiny grid
+        result[method] = entry = run_baseline(fn, gm, validation, test, grid=grid)
         print(method, {k: entry[k] for k in ("recall_iou50", "precision_iou50", "mask_ap")})
 
     with torch.no_grad():
@@ -468,6 +482,7 @@ def main() -> None:
             ours["stop_reasons"] = sorted({r["stop_reason"] for r in records})
             ours["class_sensitivity"] = sens_result["ours"]
             ours["class_sensitivity_mask"] = sens_result["ours_mask"]
+            ours["stop_criterion"] = stop_criterion(gm)
             result["ours"] = ours
             t = time.perf_counter()
             ev_r, _ = run_ours(random_gm, test, parse_fn(random_gm, stop_of=gm))
