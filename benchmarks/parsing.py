@@ -411,7 +411,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
     parser.add_argument("--validation", type=int, default=30, help="validation scenes")
-    parser.add_argument("--test", type=int, default=100, help="test scenes")
+    parser.add_argument("--test", type=int, default=50, help="test scenes")
     parser.add_argument("--sensitivity", type=int, default=30, help="class-sensitivity scenes")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--table", action="store_true", help="print the table of --out")
