@@ -21,7 +21,8 @@ Levers (``--levers``): ``base``; ``s0x<f>@<levels>``: σ0 × f on those levels (
 σ2 × f; ``maskx<f>@conv1_1``: the mask threshold × f; ``bgfit[<q>]``: β, σ2 per channel
 (:func:`~pyro_backpass.learning.fit_background`); several joined by commas; ``footprint``:
 the top level chosen by the log-likelihood ratio against the all-background explanation
-divided by the template's footprint (elements with φ > 0), the rest of the pass unchanged.
+divided by the template's footprint (elements with φ > 0), the rest of the pass unchanged;
+``topk<k>``: the best of greedy's ``top_k=k`` completed descents by total log-joint.
 
 Choose on ``--split validation``; report the chosen ones on ``--split test``. One thread.
 Writes ``benchmarks/results/clutter_levers_<split>.json``.
@@ -71,11 +72,14 @@ def _levels(gm: GenerativeModel, spec: str) -> tuple[str, ...]:
     return names
 
 
-def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool]:
-    """A copy of ``gm`` with the lever's parameter change, and whether the top level is chosen
-    by the footprint-normalised ratio."""
+def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool | int]:
+    """A copy of ``gm`` with the lever's parameter change, and how the top level is chosen:
+    True for the footprint-normalised ratio, an int k > 1 for the best of greedy's ``top_k``
+    completed descents by total log-joint, False for the plain pass."""
     if lever in ("base", "footprint"):
         return gm, lever == "footprint"
+    if lever.startswith("topk"):
+        return gm, int(lever[4:])
     out = copy.deepcopy(gm)
     for part in lever.split(","):
         if part.startswith("bgfit"):
@@ -134,7 +138,7 @@ def top_scores(gm: GenerativeModel, bu: dict, category: int, *, footprint: bool)
 
 @torch.no_grad()
 def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool) -> dict:
-    model, footprint = apply_lever(gm, lever)
+    model, choice = apply_lever(gm, lever)
     bb = gm.backbone
     top = model.hidden_levels[-1]
     step = model.steps[top]
@@ -147,9 +151,11 @@ def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool) -> d
         planes = [i for i in scene.instances if i.category == "airplane" and i.mask.any()]
         if not planes:
             continue
-        s = top_scores(model, bu, airplane, footprint=footprint)
+        s = top_scores(model, bu, airplane, footprint=choice is True)
         d = step.num_offsets
-        if footprint:
+        if choice is not True and choice > 1:
+            free = greedy_map(model, bu, category=label, top_k=choice)
+        elif choice:
             flat = int(s.argmax())
             clamp = {f"gamma_{top}": flat // d, f"delta_{top}": flat % d}
             free = greedy_map(model, bu, category=label, clamp=clamp)
