@@ -13,6 +13,7 @@ from pyro_backpass import GenerativeModel
 BENCH = Path(__file__).parents[2] / "benchmarks" / "parsing.py"
 
 
+@pytest.mark.slow  # ~30-70 s: three parses of each scene, the Captum maps and their tuning
 def test_parsing_benchmark_smoke(tmp_path):
     pytest.importorskip("captum")
     out = tmp_path / "parsing.json"
