@@ -47,9 +47,7 @@ def _check_cfg(cfg: Cfg) -> None:
             if i == 0:
                 raise ValueError("cfg must start with a conv layer (an int), not 'M'")
             if cfg[i - 1] == "M":
-                raise ValueError(
-                    f"cfg has two pools in a row at position {i}: {list(cfg)}"
-                )
+                raise ValueError(f"cfg has two pools in a row at position {i}: {list(cfg)}")
         elif isinstance(item, bool) or not isinstance(item, int) or item <= 0:
             raise ValueError(
                 f"cfg entries must be positive ints (conv channels) or 'M' (max-pool); "
@@ -76,11 +74,7 @@ def level_names(cfg: Cfg) -> list[str]:
 
 
 def levels_from_cfg(
-    cfg: Cfg,
-    *,
-    image_size: int | tuple[int, int],
-    num_categories: int,
-    in_channels: int = 3,
+    cfg: Cfg, *, image_size: int | tuple[int, int], num_categories: int, in_channels: int = 3
 ) -> tuple[LevelSpec, ...]:
     """All levels, bottom to top: ``image``, the cfg's levels, then ``category``.
 
@@ -97,9 +91,7 @@ def levels_from_cfg(
         if item == "M":
             h, w = h // 2, w // 2
             if h < 1 or w < 1:
-                raise ValueError(
-                    f"image_size {image_size} is too small for cfg {list(cfg)}"
-                )
+                raise ValueError(f"image_size {image_size} is too small for cfg {list(cfg)}")
             specs.append(LevelSpec(name, "pool", channels, h, w))
         else:
             channels = int(item)

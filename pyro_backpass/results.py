@@ -90,8 +90,6 @@ def ranked_modes(
         for j in row:
             value = float(log_joint[i, j])
             if value > -float("inf"):
-                entries.append(
-                    ({s: int(v[i, j]) for s, v in assignment.items()}, value)
-                )
+                entries.append(({s: int(v[i, j]) for s, v in assignment.items()}, value))
         modes.append(entries)
     return modes

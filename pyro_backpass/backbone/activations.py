@@ -38,9 +38,7 @@ class Activations(Mapping[str, Tensor]):
 
     __slots__ = ("_tensors", "_levels")
 
-    def __init__(
-        self, tensors: Mapping[str, Tensor], levels: tuple[LevelSpec, ...]
-    ) -> None:
+    def __init__(self, tensors: Mapping[str, Tensor], levels: tuple[LevelSpec, ...]) -> None:
         names = list(tensors)
         if names != [spec.name for spec in levels]:
             raise ValueError(
@@ -69,9 +67,7 @@ class Activations(Mapping[str, Tensor]):
         try:
             return self._tensors[name]
         except KeyError:
-            raise KeyError(
-                f"no level {name!r}; levels are {list(self._tensors)}"
-            ) from None
+            raise KeyError(f"no level {name!r}; levels are {list(self._tensors)}") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -86,18 +82,14 @@ class Activations(Mapping[str, Tensor]):
         raise KeyError(f"no level {name!r}; levels are {list(self._tensors)}")
 
     def detach(self) -> Activations:
-        return Activations(
-            {k: v.detach() for k, v in self._tensors.items()}, self._levels
-        )
+        return Activations({k: v.detach() for k, v in self._tensors.items()}, self._levels)
 
     def __repr__(self) -> str:
         body = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self._tensors.items())
         return f"Activations({body})"
 
 
-def read_levels(
-    features: nn.Sequential, cfg: Cfg, x: Tensor
-) -> Iterator[tuple[str, Tensor]]:
+def read_levels(features: nn.Sequential, cfg: Cfg, x: Tensor) -> Iterator[tuple[str, Tensor]]:
     """Run ``features`` (torchvision ``make_layers`` layout) on ``x``; yield each level.
 
     A conv level is yielded after its ReLU, a pool level after the pool. ``features`` must be

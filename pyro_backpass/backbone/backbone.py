@@ -97,19 +97,13 @@ class Backbone(nn.Module):
         self.cfg: tuple[int | str, ...] = tuple(cfg)
         self.categories: tuple[str, ...] = tuple(categories)
         self.image_size: tuple[int, int] = (
-            (image_size, image_size)
-            if isinstance(image_size, int)
-            else tuple(image_size)
+            (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         )
         self.architecture = architecture
         self.info: dict[str, Any] = dict(info or {})
         # Buffers follow .to(device); not persistent because the JSON config holds them.
-        self.register_buffer(
-            "mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer(
-            "std", torch.tensor(std).view(1, 3, 1, 1), persistent=False
-        )
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     # ----------------------------------------------------------------------------- builders
 
@@ -126,9 +120,7 @@ class Backbone(nn.Module):
     ) -> Backbone:
         """Wrap a (trained) :class:`SmallVGG`; shares its parameters."""
         if len(categories) != net.num_classes:
-            raise ValueError(
-                f"{len(categories)} categories for a {net.num_classes}-class net"
-            )
+            raise ValueError(f"{len(categories)} categories for a {net.num_classes}-class net")
         return cls(
             net.features,
             net.cfg,
@@ -149,9 +141,7 @@ class Backbone(nn.Module):
         it applies to your use before relying on it.
         """
         name = _SHIPPED[bool(compositional)]
-        ref = resources.files("pyro_backpass").joinpath(
-            "weights", f"{name}.safetensors"
-        )
+        ref = resources.files("pyro_backpass").joinpath("weights", f"{name}.safetensors")
         with resources.as_file(ref) as path:
             if not path.exists():
                 raise FileNotFoundError(
@@ -205,9 +195,7 @@ class Backbone(nn.Module):
         specs = levels_from_cfg(self.cfg, image_size=image_size, num_categories=1)
         if self.head is None:
             return specs[:-1]
-        return specs[:-1] + (
-            LevelSpec("category", "category", len(self.categories), 1, 1),
-        )
+        return specs[:-1] + (LevelSpec("category", "category", len(self.categories), 1, 1),)
 
     def category_index(self, name: str) -> int:
         """Index of a category name in :attr:`categories`."""
@@ -250,22 +238,12 @@ class Backbone(nn.Module):
 
     def _check_images(self, images: Tensor) -> None:
         if not isinstance(images, Tensor):
-            raise TypeError(
-                f"images must be a torch.Tensor, got {type(images).__name__}"
-            )
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4:
-            hint = (
-                " (a single image? use images.unsqueeze(0))"
-                if images.dim() == 3
-                else ""
-            )
-            raise ValueError(
-                f"images must be (B, 3, H, W), got shape {tuple(images.shape)}{hint}"
-            )
+            hint = " (a single image? use images.unsqueeze(0))" if images.dim() == 3 else ""
+            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}{hint}")
         if images.shape[1] != 3:
-            raise ValueError(
-                f"images must have 3 (RGB) channels, got {images.shape[1]}"
-            )
+            raise ValueError(f"images must have 3 (RGB) channels, got {images.shape[1]}")
         if not images.is_floating_point():
             raise TypeError(
                 f"images must be floating point in [0, 1], got {images.dtype}"
@@ -300,14 +278,10 @@ class Backbone(nn.Module):
         from safetensors.torch import save_file
 
         if self.architecture != "small_vgg":
-            raise ValueError(
-                f"only small_vgg backbones are saved, not {self.architecture}"
-            )
+            raise ValueError(f"only small_vgg backbones are saved, not {self.architecture}")
         path = _tensors_path(path)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(
-            path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"})
-        )
+        atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
         config = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -363,9 +337,7 @@ class Backbone(nn.Module):
         try:
             state = load_bytes(data)
         except SafetensorError as err:
-            raise ValueError(
-                f"{path} is not a readable safetensors file: {err}"
-            ) from None
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
         categories = list(config["categories"])
         norm = config["normalisation"]
         backbone = cls.from_small_vgg(
@@ -430,9 +402,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         raise ValueError(
             f"could not read weights file {path} (corrupt, truncated or not a state_dict): {err}"
         ) from None
-    if not isinstance(state, Mapping) or not all(
-        isinstance(v, Tensor) for v in state.values()
-    ):
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"weights file {path} does not hold a state_dict of tensors")
     return dict(state)
 
@@ -440,17 +410,11 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 def _features_state(state: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
     """Accept a full vgg16 state_dict (``features.N.*``, ``classifier.*``) or features-only."""
     if any(k.startswith("features.") for k in state):
-        state = {
-            k[len("features.") :]: v
-            for k, v in state.items()
-            if k.startswith("features.")
-        }
+        state = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     return state
 
 
-def _load_checked(
-    module: nn.Module, state: Mapping[str, Tensor], path: Path, *, what: str
-) -> None:
+def _load_checked(module: nn.Module, state: Mapping[str, Tensor], path: Path, *, what: str) -> None:
     """``load_state_dict`` with an error that names the file and the first mismatch."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -470,7 +434,5 @@ def _load_checked(
             )
             if part
         )
-        raise ValueError(
-            f"weights file {path} is not for {what} (another architecture?): {detail}"
-        )
+        raise ValueError(f"weights file {path} is not for {what} (another architecture?): {detail}")
     module.load_state_dict(state)

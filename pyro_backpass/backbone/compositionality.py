@@ -44,9 +44,7 @@ __all__ = [
 ]
 
 
-def masked_change(
-    scene: Tensor, alone: Tensor, weight: Tensor
-) -> tuple[Tensor, Tensor]:
+def masked_change(scene: Tensor, alone: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Masked squared change and masked energy per object.
 
     :param scene: activations of each object's scene, ``(O, C, h, w)``.
@@ -92,10 +90,7 @@ def compositionality_score(
     :param scene_index: the scene of each object, long ``(O,)`` into ``scenes``.
     """
     n = objects.shape[0]
-    if (
-        not (masks.shape[0] == scene_index.shape[0] == n)
-        or masks.shape[-2:] != objects.shape[-2:]
-    ):
+    if not (masks.shape[0] == scene_index.shape[0] == n) or masks.shape[-2:] != objects.shape[-2:]:
         raise ValueError(
             f"objects {tuple(objects.shape)}, masks {tuple(masks.shape)} and scene_index "
             f"{tuple(scene_index.shape)} must agree on the number of objects and image size"
@@ -155,9 +150,7 @@ def distractor_sweep(
     H, W = object_image.shape[-2:]
     for m, what in ((object_mask, "object_mask"), (distractor_mask, "distractor_mask")):
         if m.shape != (H, W) or m.dtype != torch.bool:
-            raise ValueError(
-                f"{what} must be bool ({H}, {W}), got {m.dtype} {tuple(m.shape)}"
-            )
+            raise ValueError(f"{what} must be bool ({H}, {W}), got {m.dtype} {tuple(m.shape)}")
         if not m.any():
             raise ValueError(f"{what} is empty")
     if step < 1:

@@ -63,9 +63,7 @@ def compositional_penalty(
     for name in levels:
         spec = alone_acts.spec(name)
         if spec.kind in ("image", "category"):
-            raise ValueError(
-                f"cannot penalise level {name!r}: only conv and pool levels learn"
-            )
+            raise ValueError(f"cannot penalise level {name!r}: only conv and pool levels learn")
         alone = alone_acts[name]  # (O, C, h, w)
         w = downsample_mask(masks, (spec.height, spec.width)).to(alone)  # (O, h, w)
         err, energy = masked_change(scene_acts[name][scene_index], alone, w)

@@ -89,9 +89,7 @@ def _check_config(config: TrainConfig) -> None:
     if config.compositional and config.penalty_levels is not None:
         bad = [lv for lv in config.penalty_levels if lv not in names]
         if bad or not config.penalty_levels:
-            raise ValueError(
-                f"penalty levels {bad or '()'} are not levels of cfg: {names}"
-            )
+            raise ValueError(f"penalty levels {bad or '()'} are not levels of cfg: {names}")
     for key in ("n_train", "n_test", "epochs", "batch_size", "n_scenes", "scene_batch"):
         if getattr(config, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(config, key)}")
@@ -104,17 +102,10 @@ def _flip(x: Tensor, flip: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def accuracy(
-    backbone: Backbone, images: Tensor, labels: Tensor, *, batch_size: int = 256
-) -> float:
+def accuracy(backbone: Backbone, images: Tensor, labels: Tensor, *, batch_size: int = 256) -> float:
     """Fraction of ``images`` whose predicted category index equals ``labels``."""
     correct = sum(
-        int(
-            (
-                backbone.predict(images[i : i + batch_size])
-                == labels[i : i + batch_size]
-            ).sum()
-        )
+        int((backbone.predict(images[i : i + batch_size]) == labels[i : i + batch_size]).sum())
         for i in range(0, len(images), batch_size)
     )
     return correct / len(images)
@@ -128,11 +119,7 @@ def penalised_levels(config: TrainConfig) -> tuple[str, ...]:
 
 
 def _scene_loss(
-    backbone: Backbone,
-    pairs: ScenePairs,
-    idx: Tensor,
-    config: TrainConfig,
-    gen: torch.Generator,
+    backbone: Backbone, pairs: ScenePairs, idx: Tensor, config: TrainConfig, gen: torch.Generator
 ) -> tuple[Tensor, Tensor]:
     """Classification on scenes and objects alone, and the penalty, for scenes ``idx``."""
     sel = torch.isin(pairs.scene_index, idx)
@@ -163,19 +150,13 @@ def _scene_loss(
     return cls, pen
 
 
-def train_backbone(
-    config: TrainConfig = TrainConfig(), *, progress: bool = True
-) -> TrainResult:
+def train_backbone(config: TrainConfig = TrainConfig(), *, progress: bool = True) -> TrainResult:
     """Render the data, train a :class:`SmallVGG` on CPU threads torch already has, evaluate."""
     _check_config(config)
     t0 = time.perf_counter()
     cats = config.categories
     x_train, y_train = render_objects(
-        cats,
-        config.n_train,
-        size=config.image_size,
-        seed=config.seed,
-        progress=progress,
+        cats, config.n_train, size=config.image_size, seed=config.seed, progress=progress
     )
     x_test, y_test = render_objects(
         cats,
@@ -206,14 +187,9 @@ def train_backbone(
         net, categories=cats, image_size=config.image_size, mean=mean, std=std
     )
     steps_per_epoch = max(1, len(x_train) // config.batch_size)
-    opt = torch.optim.AdamW(
-        net.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt,
-        max_lr=config.lr,
-        total_steps=config.epochs * steps_per_epoch,
-        pct_start=0.2,
+        opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.2
     )
     history: list[dict[str, float]] = []
     bar = tqdm(
@@ -228,13 +204,9 @@ def train_backbone(
         for step in range(steps_per_epoch):
             idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
             flip = torch.rand(len(idx), generator=gen) < 0.5
-            loss = F.cross_entropy(
-                backbone.logits(_flip(x_train[idx], flip)), y_train[idx]
-            )
+            loss = F.cross_entropy(backbone.logits(_flip(x_train[idx], flip)), y_train[idx])
             if pairs is not None:
-                scene_idx = torch.randint(
-                    len(pairs.scenes), (config.scene_batch,), generator=gen
-                )
+                scene_idx = torch.randint(len(pairs.scenes), (config.scene_batch,), generator=gen)
                 cls, pen = _scene_loss(backbone, pairs, scene_idx.unique(), config, gen)
                 loss = loss + cls + config.penalty_weight * pen
                 sums["penalty"] += pen.item()
@@ -253,9 +225,7 @@ def train_backbone(
     train_seconds = time.perf_counter() - t1
     acc = history[-1]["held_out_accuracy"]
     backbone.info["training"] = {
-        "config": {
-            k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()
-        },
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
         "held_out_accuracy": acc,
         "n_held_out": len(x_test),
         "render_seconds": round(render_seconds, 2),

@@ -28,9 +28,7 @@ def parse_cfg(text: str) -> tuple[int | str, ...]:
     try:
         return tuple(s.strip("'\"") if s.strip("'\"") == "M" else int(s) for s in items)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--cfg: ints and M, e.g. 16,M,32,M; got {text}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"--cfg: ints and M, e.g. 16,M,32,M; got {text}") from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,21 +40,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--out",
-        default="checkpoints/small_vgg",
-        help="checkpoint stem (.safetensors + .json)",
+        "--out", default="checkpoints/small_vgg", help="checkpoint stem (.safetensors + .json)"
     )
-    p.add_argument(
-        "--cfg", type=parse_cfg, default=d.cfg, help="e.g. 16,M,32,M,64,M,64,M"
-    )
+    p.add_argument("--cfg", type=parse_cfg, default=d.cfg, help="e.g. 16,M,32,M,64,M,64,M")
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--categories", nargs="+", default=list(d.categories))
-    p.add_argument(
-        "--n-train", type=int, default=d.n_train, help="objects per category"
-    )
-    p.add_argument(
-        "--n-test", type=int, default=d.n_test, help="held-out objects per category"
-    )
+    p.add_argument("--n-train", type=int, default=d.n_train, help="objects per category")
+    p.add_argument("--n-test", type=int, default=d.n_test, help="held-out objects per category")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -67,10 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="add Stone et al. (2017)'s compositionality objective (US patent 11,216,727)",
     )
     p.add_argument(
-        "--penalty-levels",
-        nargs="+",
-        default=None,
-        help="default: every conv and pool level",
+        "--penalty-levels", nargs="+", default=None, help="default: every conv and pool level"
     )
     p.add_argument("--penalty", choices=["relative", "absolute"], default=d.penalty)
     p.add_argument("--penalty-weight", type=float, default=d.penalty_weight)
@@ -97,9 +84,7 @@ def run(args: argparse.Namespace) -> None:
         lr=args.lr,
         seed=args.seed,
         compositional=args.compositional,
-        penalty_levels=None
-        if args.penalty_levels is None
-        else tuple(args.penalty_levels),
+        penalty_levels=None if args.penalty_levels is None else tuple(args.penalty_levels),
         penalty=args.penalty,
         penalty_weight=args.penalty_weight,
         n_scenes=args.n_scenes,

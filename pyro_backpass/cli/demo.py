@@ -38,29 +38,17 @@ DEMO_SEED = 7  # the scenes are split_seed("test", DEMO_SEED): never seen in tra
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo", help="parse held-out scenes with the shipped model (figures)"
-    )
-    p.add_argument(
-        "--out", type=Path, default=Path("figures/demo"), help="output folder"
-    )
+    p = sub.add_parser("demo", help="parse held-out scenes with the shipped model (figures)")
+    p.add_argument("--out", type=Path, default=Path("figures/demo"), help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--seed", type=int, default=DEMO_SEED, help="base seed of the test scenes"
-    )
-    p.add_argument(
-        "--print-shapes", action="store_true", help="print the model's trace shapes"
-    )
-    p.add_argument(
-        "--smoke", action="store_true", help="fewer steps and modes, for tests"
-    )
+    p.add_argument("--seed", type=int, default=DEMO_SEED, help="base seed of the test scenes")
+    p.add_argument("--print-shapes", action="store_true", help="print the model's trace shapes")
+    p.add_argument("--smoke", action="store_true", help="fewer steps and modes, for tests")
     p.set_defaults(func=run)
 
 
 def _save(fig, path: Path) -> None:
-    atomic_write(
-        path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    )
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
     print(f"  wrote {path}")
 
@@ -81,9 +69,7 @@ def _parse_figures(gm, parse, truth_masks, out: Path, name: str, title: str) -> 
     steps = parse.instances
     if not steps:
         return
-    fig, axes = plt.subplots(
-        1, len(steps), figsize=(4.6 * len(steps), 3.6), squeeze=False
-    )
+    fig, axes = plt.subplots(1, len(steps), figsize=(4.6 * len(steps), 3.6), squeeze=False)
     for ax, (k, inst) in zip(axes[0], enumerate(steps), strict=True):
         red = []
         if inst.mode_masks is not None:
@@ -119,9 +105,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"cluttered scene ({', '.join(i.category for i in scene.instances)} + clutter): "
           f"{[i.category for i in parse.instances]}, stop: {parse.stop_reason} "
           f"({time.perf_counter() - t:.1f} s)")  # fmt: skip
-    _parse_figures(
-        gm, parse, truth, args.out, "parse_cluttered", "held-out cluttered scene"
-    )
+    _parse_figures(gm, parse, truth, args.out, "parse_cluttered", "held-out cluttered scene")
 
     # 2. Two airplanes on a plain background.
     plain = make_scene(targets=("airplane", "airplane"), distractors=0, clutter=False,
@@ -136,18 +120,12 @@ def run(args: argparse.Namespace) -> None:
     queries = [("leftmost", Query(prefer="leftmost")), ("object on the right",
                Query(location="right")), ("largest", Query(prefer="largest")),
                ("attend to 'car'", Query(category="car"))]  # fmt: skip
-    fig, axes = plt.subplots(
-        1, len(queries) + 1, figsize=(2.4 * (len(queries) + 1), 2.8)
-    )
+    fig, axes = plt.subplots(1, len(queries) + 1, figsize=(2.4 * (len(queries) + 1), 2.8))
     plot_overlay(plain.image, None, title="input", ax=axes[0])
     for ax, (words, q) in zip(axes[1:], queries, strict=True):
-        p = run_parse(
-            gm, plain.image, max_objects=1, query=q, top_k=top_k, threshold=-math.inf
-        )
+        p = run_parse(gm, plain.image, max_objects=1, query=q, top_k=top_k, threshold=-math.inf)
         inst = p.instances[0]
-        plot_overlay(
-            plain.image, inst.mask, title=f'"{words}"\n→ {inst.category}', ax=ax
-        )
+        plot_overlay(plain.image, inst.mask, title=f'"{words}"\n→ {inst.category}', ax=ax)
     fig.suptitle("top-down queries: the first instance of each", fontsize=9)
     _save(fig, args.out / "queries.png")
 
@@ -180,18 +158,12 @@ def run(args: argparse.Namespace) -> None:
     # 5. Imagination: a cloud, and the airplane (and boat) the model imagines in it.
     yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
     cloud = ((((yy - 30) / 11) ** 2 + ((xx - 32) / 24) ** 2) < 1).float()
-    cloud = torch.nn.functional.avg_pool2d(
-        cloud[None, None], 5, 1, 2, count_include_pad=False
-    )[0]
-    cloud_img = torch.cat(
-        [0.45 + 0.5 * cloud, 0.62 + 0.35 * cloud, 0.9 + 0.1 * cloud]
-    ).clamp(0, 1)
+    cloud = torch.nn.functional.avg_pool2d(cloud[None, None], 5, 1, 2, count_include_pad=False)[0]
+    cloud_img = torch.cat([0.45 + 0.5 * cloud, 0.62 + 0.35 * cloud, 0.9 + 0.1 * cloud]).clamp(0, 1)
     fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
     plot_overlay(cloud_img, None, title="a cloud", ax=axes[0])
     for ax, cat in zip(axes[1:], ("airplane", "boat"), strict=True):
-        p = run_parse(
-            gm, cloud_img, query=Query(category=cat, imagine=True), top_k=top_k
-        )
+        p = run_parse(gm, cloud_img, query=Query(category=cat, imagine=True), top_k=top_k)
         plot_overlay(p.instances[0].reconstruction, None, outline=p.instances[0].amodal_mask,
                      title=f"imagine a {cat}\n(LLR {p.instances[0].score:.0f})", ax=ax)  # fmt: skip
     fig.suptitle("imagination: the category clamped on an ambiguous input", fontsize=9)
@@ -199,13 +171,8 @@ def run(args: argparse.Namespace) -> None:
 
     # 6. Samples of the model (Fig. 3) and with the top level clamped (Fig. 4).
     top = gm.hidden_levels[-1]
-    s = sample(
-        gm, 10, category=torch.arange(10) % len(gm.categories), noise=0.0, seed=0
-    )
-    titles = [
-        mode_label(gm, {k: int(v[i]) for k, v in s.assignment.items()})
-        for i in range(10)
-    ]
+    s = sample(gm, 10, category=torch.arange(10) % len(gm.categories), noise=0.0, seed=0)
+    titles = [mode_label(gm, {k: int(v[i]) for k, v in s.assignment.items()}) for i in range(10)]
     fig, _ = plot_samples(s, titles=[t.replace(" γ", "\nγ") for t in titles])
     fig.suptitle("samples of the shipped model (mean path, image level)", fontsize=9)
     _save(fig, args.out / "samples.png")

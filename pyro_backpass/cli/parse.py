@@ -23,16 +23,10 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "parse", help="parse images into object instances (figures + JSON)"
-    )
-    p.add_argument(
-        "images", nargs="+", type=Path, help="image files (any size, PIL-readable)"
-    )
+    p = sub.add_parser("parse", help="parse images into object instances (figures + JSON)")
+    p.add_argument("images", nargs="+", type=Path, help="image files (any size, PIL-readable)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument(
-        "--model", type=Path, default=None, help="a saved model (default: shipped)"
-    )
+    p.add_argument("--model", type=Path, default=None, help="a saved model (default: shipped)")
     p.add_argument("--max-objects", type=int, default=None, help="a cap on instances")
     p.add_argument("--beam", type=int, default=1, help="parse paths kept (1: greedy)")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="scan scales")
@@ -45,11 +39,7 @@ def run(args: argparse.Namespace) -> None:
     from PIL import Image
 
     device = resolve_device(args.device)
-    gm = (
-        GenerativeModel.default()
-        if args.model is None
-        else GenerativeModel.load(args.model)
-    )
+    gm = GenerativeModel.default() if args.model is None else GenerativeModel.load(args.model)
     gm = gm.to(device)
     if gm.backbone is not None:
         gm.backbone.to(device)

@@ -25,9 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__)  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    p.add_argument(
-        "--categories", nargs="+", default=None, help="default: the preset's"
-    )
+    p.add_argument("--categories", nargs="+", default=None, help="default: the preset's")
     p.add_argument("--backbone", choices=["default", "compositional"], default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the last stage")
@@ -56,8 +54,5 @@ def run(args: argparse.Namespace) -> None:
                          progress=not args.no_progress)  # fmt: skip
     except (ValueError, FileExistsError) as err:
         raise SystemExit(f"train: {err}") from None
-    summary = {
-        "model": str(args.out / "model.safetensors"),
-        "levels": list(gm.hidden_levels),
-    }
+    summary = {"model": str(args.out / "model.safetensors"), "levels": list(gm.hidden_levels)}
     print(json.dumps(summary))

@@ -18,12 +18,7 @@ spans only about 1.6 cells of a stride-16 (pool4) map; pass ``size=96`` (2.3 cel
 top level must resolve positions within an object.
 """
 
-from pyro_backpass.data.constants import (
-    CATEGORIES,
-    DEFAULT_SIZE,
-    SPLIT_SEED_OFFSETS,
-    split_seed,
-)
+from pyro_backpass.data.constants import CATEGORIES, DEFAULT_SIZE, SPLIT_SEED_OFFSETS, split_seed
 from pyro_backpass.data.objects import (
     OBJECT_SCALE,
     ObjectDataset,

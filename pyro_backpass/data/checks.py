@@ -12,9 +12,7 @@ MIN_SIZE, MAX_SIZE = 16, 1024
 
 def check_category(category: object, known: Sequence[str]) -> str:
     if not isinstance(category, str) or category not in known:
-        raise ValueError(
-            f"unknown category {category!r}; known categories: {', '.join(known)}"
-        )
+        raise ValueError(f"unknown category {category!r}; known categories: {', '.join(known)}")
     return category
 
 
@@ -38,12 +36,8 @@ def check_size(size: object) -> int:
 def check_seed(seed: object) -> tuple[int, ...]:
     """A seed is a non-negative int or a tuple of them (as numpy's SeedSequence takes)."""
     parts = seed if isinstance(seed, tuple) else (seed,)
-    if not parts or any(
-        isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in parts
-    ):
-        raise ValueError(
-            f"seed must be a non-negative int or a tuple of them, got {seed!r}"
-        )
+    if not parts or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in parts):
+        raise ValueError(f"seed must be a non-negative int or a tuple of them, got {seed!r}")
     return parts
 
 
@@ -58,7 +52,5 @@ def check_range(
     top_ok = b < hi if strict_hi else b <= hi
     if not (math.isfinite(a) and math.isfinite(b) and lo <= a <= b and top_ok):
         rel = "<" if strict_hi else "<="
-        raise ValueError(
-            f"{name} must satisfy {lo} <= low <= high {rel} {hi}, got ({a}, {b})"
-        )
+        raise ValueError(f"{name} must satisfy {lo} <= low <= high {rel} {hi}, got ({a}, {b})")
     return a, b

@@ -34,9 +34,7 @@ def _piece(rng: np.random.Generator) -> Mesh:
     elif kind == 1:
         m = ellipsoid((0, 0, 0), dims / 2, n=10, slot=slot)
     elif kind == 2:
-        m = tube_between(
-            (-dims[0] / 2, 0, 0), (dims[0] / 2, 0, 0), dims[1] / 4, n=10, slot=slot
-        )
+        m = tube_between((-dims[0] / 2, 0, 0), (dims[0] / 2, 0, 0), dims[1] / 4, n=10, slot=slot)
     elif kind == 3:
         m = tube_between(
             (0, 0, -dims[0] / 2), (0, 0, dims[0] / 2), dims[1] / 3, 0.0, n=10, slot=slot
@@ -48,9 +46,7 @@ def _piece(rng: np.random.Generator) -> Mesh:
         poly = np.column_stack([dims[0] * np.cos(theta), dims[1] * np.sin(theta)]) / 2
         m = prism(poly, 0.03, plane="xy", slot=slot)
     rot = rotation("z", rng.uniform(0, 360)) @ rotation("y", rng.uniform(0, 360))
-    return m.transformed(
-        rot @ rotation("x", rng.uniform(0, 360)), rng.uniform(-0.3, 0.3, 3)
-    )
+    return m.transformed(rot @ rotation("x", rng.uniform(0, 360)), rng.uniform(-0.3, 0.3, 3))
 
 
 def random_clutter_mesh(rng: np.random.Generator) -> Mesh:

@@ -9,11 +9,7 @@ CATEGORIES: tuple[str, ...] = ("airplane", "bird", "boat", "car", "chair")
 # ``train`` data train models, every threshold and choice is tuned on ``validation``, and the
 # benchmarks report on ``test`` only. (The backbone's held-out set uses its own offset,
 # ``backbone.train.HELD_OUT_SEED_OFFSET``.)
-SPLIT_SEED_OFFSETS: dict[str, int] = {
-    "train": 0,
-    "validation": 2_000_003,
-    "test": 3_000_017,
-}
+SPLIT_SEED_OFFSETS: dict[str, int] = {"train": 0, "validation": 2_000_003, "test": 3_000_017}
 
 
 def split_seed(split: str, seed: int = 0) -> int:

@@ -39,14 +39,10 @@ def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(rng.uniform(lo, hi))
 
 
-def _half_wing(
-    x_le: float, root: float, tip: float, semispan: float, sweep: float
-) -> np.ndarray:
+def _half_wing(x_le: float, root: float, tip: float, semispan: float, sweep: float) -> np.ndarray:
     """A trapezoidal half-wing planform in the xy plane, root on the x axis, tip at +y."""
     tip_le = x_le - semispan * np.tan(np.deg2rad(sweep))
-    return np.array(
-        [[x_le, 0.0], [x_le - root, 0.0], [tip_le - tip, semispan], [tip_le, semispan]]
-    )
+    return np.array([[x_le, 0.0], [x_le - root, 0.0], [tip_le - tip, semispan], [tip_le, semispan]])
 
 
 def _pair(half: Mesh) -> Mesh:
@@ -99,9 +95,7 @@ def _airplane(s: Shape) -> Mesh:
     fin_h, fin_c = s["vfin_height"], s["vfin_chord"]
     x_fin = -0.5 + fin_c + 0.01
     fin = _half_wing(x_fin, fin_c, 0.55 * fin_c, fin_h, s["vfin_sweep"])
-    parts.append(
-        prism(fin, 0.018, plane="xz", slot=SECONDARY).transformed(None, (0, 0, up))
-    )
+    parts.append(prism(fin, 0.018, plane="xz", slot=SECONDARY).transformed(None, (0, 0, up)))
 
     hc = s["htail_chord"]
     if s["t_tail"]:
@@ -110,9 +104,7 @@ def _airplane(s: Shape) -> Mesh:
     else:
         x_h, z_h = -0.5 + hc + 0.02, up
     htail = _half_wing(x_h, hc, 0.6 * hc, s["htail_span"] / 2, s["htail_sweep"])
-    parts.append(
-        _pair(prism(htail, 0.016).transformed(rotation("x", 4.0), (0, 0, z_h)))
-    )
+    parts.append(_pair(prism(htail, 0.016).transformed(rotation("x", 4.0), (0, 0, z_h))))
 
     n_eng = int(s["engines"])
     re = s["engine_radius"]
@@ -122,12 +114,7 @@ def _airplane(s: Shape) -> Mesh:
         z = wz + y * np.tan(np.deg2rad(dihedral)) - 1.4 * re
         length = 4.5 * re
         eng = tube_between(
-            (x_le + 0.6 * length, y, z),
-            (x_le - 0.4 * length, y, z),
-            re,
-            0.8 * re,
-            n=8,
-            slot=ACCENT,
+            (x_le + 0.6 * length, y, z), (x_le - 0.4 * length, y, z), re, 0.8 * re, n=8, slot=ACCENT
         )
         parts.append(_pair(eng))
     return concat(parts)
@@ -180,11 +167,7 @@ def _car(s: Shape) -> Mesh:
     for x in (-s["wheelbase"] / 2, s["wheelbase"] / 2):
         y = w / 2 - ww / 2 + 0.012
         parts.append(
-            _pair(
-                tube_between(
-                    (x, y - ww / 2, rw), (x, y + ww / 2, rw), rw, n=12, slot=ACCENT
-                )
-            )
+            _pair(tube_between((x, y - ww / 2, rw), (x, y + ww / 2, rw), rw, n=12, slot=ACCENT))
         )
     return concat(parts)
 
@@ -235,9 +218,7 @@ def _boat(s: Shape) -> Mesh:
     half *= stern + (1 - stern) * np.minimum(1.0, t / 0.3)
     deck_z = s["sheer"] * t**2
     radii = np.column_stack([half, d * (1 - 0.3 * np.clip(t - (1 - bow), 0, 1) / bow)])
-    parts = [
-        loft(xs, radii, np.column_stack([np.zeros_like(xs), deck_z]), profile=_HULL)
-    ]
+    parts = [loft(xs, radii, np.column_stack([np.zeros_like(xs), deck_z]), profile=_HULL)]
 
     def deck(x: float) -> float:
         return float(np.interp(x, xs, deck_z))
@@ -245,9 +226,7 @@ def _boat(s: Shape) -> Mesh:
     if s["sail"]:
         mx, mh = s["mast_x"], s["mast_height"]
         z0 = deck(mx)
-        parts.append(
-            tube_between((mx, 0, z0), (mx, 0, z0 + mh), 0.012, n=6, slot=ACCENT)
-        )
+        parts.append(tube_between((mx, 0, z0), (mx, 0, z0 + mh), 0.012, n=6, slot=ACCENT))
         main = [
             (mx - 0.02, z0 + 0.08),
             (mx - s["boom_length"], z0 + 0.08),
@@ -255,11 +234,7 @@ def _boat(s: Shape) -> Mesh:
         ]
         parts.append(prism(main, 0.008, plane="xz", slot=SECONDARY))
         if s["jib"]:
-            jib = [
-                (mx + 0.02, z0 + 0.05),
-                (0.43, deck(0.43) + 0.04),
-                (mx + 0.02, z0 + 0.8 * mh),
-            ]
+            jib = [(mx + 0.02, z0 + 0.05), (0.43, deck(0.43) + 0.04), (mx + 0.02, z0 + 0.8 * mh)]
             parts.append(prism(jib, 0.008, plane="xz", slot=SECONDARY))
     else:
         cl, ch, cx = s["cabin_length"], s["cabin_height"], s["cabin_x"]
@@ -274,9 +249,7 @@ def _boat(s: Shape) -> Mesh:
         if s["upper_deck"]:
             parts.append(
                 box(
-                    (cx - 0.1 * cl, 0, z0 + 1.4 * ch),
-                    (0.5 * cl, 0.5 * b, 0.8 * ch),
-                    slot=SECONDARY,
+                    (cx - 0.1 * cl, 0, z0 + 1.4 * ch), (0.5 * cl, 0.5 * b, 0.8 * ch), slot=SECONDARY
                 )
             )
     return concat(parts)
@@ -303,12 +276,7 @@ def _sample_chair(rng: np.random.Generator) -> Shape:
 
 
 def _chair(s: Shape) -> Mesh:
-    w, dp, h, th = (
-        s["seat_width"],
-        s["seat_depth"],
-        s["seat_height"],
-        s["seat_thickness"],
-    )
+    w, dp, h, th = s["seat_width"], s["seat_depth"], s["seat_height"], s["seat_thickness"]
     lr, splay = s["leg_radius"], s["leg_splay"]
     parts = [box((0, 0, h - th / 2), (dp, w, th))]
     feet = {}
@@ -324,9 +292,7 @@ def _chair(s: Shape) -> Mesh:
     for sy in (-1, 1):
         top = (xb - bh * np.tan(tilt), sy * (w / 2 - lr), h + bh)
         post_tops.append(top)
-        parts.append(
-            tube_between((xb, sy * (w / 2 - lr), h), top, lr, n=6, slot=SECONDARY)
-        )
+        parts.append(tube_between((xb, sy * (w / 2 - lr), h), top, lr, n=6, slot=SECONDARY))
     # Back: a panel over the top part of the posts, or horizontal slats below it.
     lean = rotation("y", -s["back_tilt"])
     panel_h = s["back_panel"] * bh
@@ -343,11 +309,7 @@ def _chair(s: Shape) -> Mesh:
             parts.append(box((0, y, h + 0.2), (dp, 0.04, 0.025), slot=SECONDARY))
             parts.append(
                 tube_between(
-                    (dp / 2 - lr, y, h),
-                    (dp / 2 - lr, y, h + 0.2),
-                    lr,
-                    n=6,
-                    slot=SECONDARY,
+                    (dp / 2 - lr, y, h), (dp / 2 - lr, y, h + 0.2), lr, n=6, slot=SECONDARY
                 )
             )
     if s["stretchers"]:
@@ -399,9 +361,7 @@ def _bird(s: Shape) -> Mesh:
     tl, spread = s["tail_length"], s["tail_spread"]
     x_t = -0.35 * bl
     tail = [(x_t, -0.4 * br), (x_t, 0.4 * br), (x_t - tl, spread), (x_t - tl, -spread)]
-    parts.append(
-        prism(tail, 0.015, slot=SECONDARY).transformed(rotation("y", s["tail_tilt"]))
-    )
+    parts.append(prism(tail, 0.015, slot=SECONDARY).transformed(rotation("y", s["tail_tilt"])))
     if s["flying"]:
         semi, chord = s["wing_span"] / 2, s["wing_chord"]
         inner_b = 0.45 * semi
@@ -423,12 +383,8 @@ def _bird(s: Shape) -> Mesh:
         half = concat([inner.transformed(flap), outer.transformed(elbow, hinge)])
         parts.append(_pair(half.transformed(None, (0, 0.6 * br, 0.3 * br))))
     else:
-        wing = ellipsoid(
-            (-0.05 * bl, 0.0, 0.0), (0.42 * bl, 0.03, 0.6 * br), n=10, slot=SECONDARY
-        )
-        parts.append(
-            _pair(wing.transformed(rotation("y", 12.0), (0, 0.85 * br, 0.15 * br)))
-        )
+        wing = ellipsoid((-0.05 * bl, 0.0, 0.0), (0.42 * bl, 0.03, 0.6 * br), n=10, slot=SECONDARY)
+        parts.append(_pair(wing.transformed(rotation("y", 12.0), (0, 0.85 * br, 0.15 * br))))
         ll = s["leg_length"]
         leg = concat(
             [

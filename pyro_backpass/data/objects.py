@@ -65,16 +65,12 @@ class Appearance:
     background: RGB
 
 
-def _hsv(
-    rng: np.random.Generator, sat: tuple[float, float], val: tuple[float, float]
-) -> RGB:
+def _hsv(rng: np.random.Generator, sat: tuple[float, float], val: tuple[float, float]) -> RGB:
     h, s, v = rng.uniform(0, 1), rng.uniform(*sat), rng.uniform(*val)
     return tuple(float(c) for c in colorsys.hsv_to_rgb(h, s, v))  # type: ignore[return-value]
 
 
-def sample_appearance(
-    rng: np.random.Generator, *, background: RGB | None = None
-) -> Appearance:
+def sample_appearance(rng: np.random.Generator, *, background: RGB | None = None) -> Appearance:
     """Draw light, colours and (unless given) a plain background colour."""
     bg = background if background is not None else _hsv(rng, (0.0, 0.25), (0.35, 0.95))
     # Keep the primary colour away from the background so the object does not vanish.
@@ -222,9 +218,7 @@ class RenderedObjects(Dataset):
         self.supersample = check_count("supersample", supersample, lo=1, hi=8)
         self.cache_dir: Path | None = None
         if cache_dir is not None:
-            key = json.dumps(
-                [_RENDER_VERSION, self.size, self.seed, self.scale, supersample]
-            )
+            key = json.dumps([_RENDER_VERSION, self.size, self.seed, self.scale, supersample])
             digest = hashlib.sha1(key.encode()).hexdigest()[:10]
             self.cache_dir = Path(cache_dir) / f"{category}-{size}px-{digest}"
 
@@ -241,9 +235,7 @@ class RenderedObjects(Dataset):
     def params(self, i: int) -> ObjectParams:
         """The generating parameters of item ``i`` (cheap: nothing is rendered)."""
         rng = _rng(self.seed, self.category, self._index(i))
-        return sample_object_params(
-            self.category, rng, size=self.size, scale=self.scale
-        )
+        return sample_object_params(self.category, rng, size=self.size, scale=self.scale)
 
     def render(self, i: int) -> ObjectRender:
         """Item ``i`` with its soft coverage and parameters (never cached)."""
@@ -297,9 +289,7 @@ class ObjectDataset(Dataset):
         k = len(self.categories)
         per = -(-self.n // k)  # ceil
         self.parts = [
-            RenderedObjects(
-                c, per, size=size, seed=seed, scale=scale, cache_dir=cache_dir
-            )
+            RenderedObjects(c, per, size=size, seed=seed, scale=scale, cache_dir=cache_dir)
             for c in self.categories
         ]
 

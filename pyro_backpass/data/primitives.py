@@ -39,18 +39,14 @@ class Mesh:
     faces: np.ndarray
     slots: np.ndarray
 
-    def transformed(
-        self, rot: np.ndarray | None = None, shift: Sequence[float] = (0, 0, 0)
-    ):
+    def transformed(self, rot: np.ndarray | None = None, shift: Sequence[float] = (0, 0, 0)):
         """``rot @ v + shift`` for every vertex."""
         v = self.vertices if rot is None else self.vertices @ np.asarray(rot).T
         return Mesh(v + np.asarray(shift, dtype=np.float64), self.faces, self.slots)
 
     def mirrored_y(self) -> Mesh:
         """The mirror image across the xz plane (faces reversed to keep the winding)."""
-        return Mesh(
-            self.vertices * [1.0, -1.0, 1.0], self.faces[:, ::-1].copy(), self.slots
-        )
+        return Mesh(self.vertices * [1.0, -1.0, 1.0], self.faces[:, ::-1].copy(), self.slots)
 
 
 def concat(meshes: Sequence[Mesh]) -> Mesh:
@@ -93,29 +89,18 @@ def loft(
     ``(y, z) = centres[k] + radii[k] * (u, v)``. ``profile`` is an ``(n, 2)`` star-shaped
     polygon around the origin, or an int ``n`` for an ellipse with ``n`` points.
     """
-    prof = (
-        _ellipse(profile)
-        if isinstance(profile, int)
-        else np.asarray(profile, np.float64)
-    )
+    prof = _ellipse(profile) if isinstance(profile, int) else np.asarray(profile, np.float64)
     xs = np.asarray(xs, np.float64)  # (K,)
-    radii = np.asarray(radii, np.float64).reshape(len(xs), -1) * np.ones(
-        (1, 2)
-    )  # (K, 2)
+    radii = np.asarray(radii, np.float64).reshape(len(xs), -1) * np.ones((1, 2))  # (K, 2)
     cen = np.zeros((len(xs), 2)) if centres is None else np.asarray(centres, np.float64)
     k, n = len(xs), len(prof)
     yz = cen[:, None, :] + radii[:, None, :] * prof[None, :, :]  # (K, n, 2)
     ring = np.concatenate([np.broadcast_to(xs[:, None, None], (k, n, 1)), yz], axis=2)
-    verts = [
-        ring.reshape(k * n, 3),
-        np.column_stack([xs[[0, -1]], cen[[0, -1]]]),
-    ]  # + 2 caps
+    verts = [ring.reshape(k * n, 3), np.column_stack([xs[[0, -1]], cen[[0, -1]]])]  # + 2 caps
     idx = np.arange(k * n).reshape(k, n)
     a, b = idx[:-1], np.roll(idx[:-1], -1, axis=1)  # (K-1, n) this ring, next point
     c, d = idx[1:], np.roll(idx[1:], -1, axis=1)
-    quads = np.concatenate([np.stack([a, b, d], -1), np.stack([a, d, c], -1)]).reshape(
-        -1, 3
-    )
+    quads = np.concatenate([np.stack([a, b, d], -1), np.stack([a, d, c], -1)]).reshape(-1, 3)
     cap0, cap1 = k * n, k * n + 1
     fan0 = np.stack([np.full(n, cap0), np.roll(idx[0], -1), idx[0]], -1)
     fan1 = np.stack([np.full(n, cap1), idx[-1], np.roll(idx[-1], -1)], -1)
@@ -174,24 +159,14 @@ def prism(
     k = len(poly)
     axes = {"xy": (0, 1, 2), "xz": (0, 2, 1), "yz": (1, 2, 0)}[plane]
     verts = np.zeros((2 * k, 3))
-    verts[:k, axes[0]], verts[:k, axes[1]], verts[:k, axes[2]] = (
-        poly[:, 0],
-        poly[:, 1],
-        -0.5,
-    )
-    verts[k:, axes[0]], verts[k:, axes[1]], verts[k:, axes[2]] = (
-        poly[:, 0],
-        poly[:, 1],
-        0.5,
-    )
+    verts[:k, axes[0]], verts[:k, axes[1]], verts[:k, axes[2]] = poly[:, 0], poly[:, 1], -0.5
+    verts[k:, axes[0]], verts[k:, axes[1]], verts[k:, axes[2]] = poly[:, 0], poly[:, 1], 0.5
     verts[:, axes[2]] *= thickness
     i = np.arange(1, k - 1)
     bottom = np.stack([np.zeros(k - 2, np.int64), i + 1, i], -1)
     top = np.stack([np.full(k - 2, k), k + i, k + i + 1], -1)
     j, jn = np.arange(k), (np.arange(k) + 1) % k
-    sides = np.concatenate(
-        [np.stack([j, jn, k + jn], -1), np.stack([j, k + jn, k + j], -1)]
-    )
+    sides = np.concatenate([np.stack([j, jn, k + jn], -1), np.stack([j, k + jn, k + j], -1)])
     faces = np.concatenate([bottom, top, sides])
     return Mesh(verts, faces, np.full(len(faces), slot))
 

@@ -43,9 +43,7 @@ def rasterize(
     tri = vertices[faces]  # (M, 3 corners, 3 coords)
     x, y, z = tri[..., 0], tri[..., 1], tri[..., 2]  # each (M, 3)
     # Twice the signed area; its sign flips the edge functions so both windings work.
-    area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (x[:, 2] - x[:, 0]) * (
-        y[:, 1] - y[:, 0]
-    )
+    area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (x[:, 2] - x[:, 0]) * (y[:, 1] - y[:, 0])
     # Pixel columns whose centre c + 0.5 lies in [min x, max x] (likewise rows).
     c0 = np.maximum(np.ceil(x.min(1) - 0.5), 0).astype(np.int64)
     c1 = np.minimum(np.floor(x.max(1) - 0.5), width - 1).astype(np.int64)

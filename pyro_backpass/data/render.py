@@ -73,16 +73,13 @@ def render_mesh(
     right = np.array([0.0, 1.0, 0.0])
     up = np.array([-np.sin(el), 0.0, np.cos(el)])
     toward = np.array([np.cos(el), 0.0, np.sin(el)])
-    cam = np.stack([right, up, toward]) @ rotation(
-        "z", -azimuth
-    )  # (3, 3) object -> camera
+    cam = np.stack([right, up, toward]) @ rotation("z", -azimuth)  # (3, 3) object -> camera
     v = mesh.vertices @ cam.T  # (N, 3) camera coordinates
     px_per_unit = scale * hi / 2
     screen = np.column_stack(
         [
             centre[1] * ss + px_per_unit * v[:, 0],  # x = column
-            centre[0] * ss
-            - px_per_unit * v[:, 1],  # y = row (image rows grow downwards)
+            centre[0] * ss - px_per_unit * v[:, 1],  # y = row (image rows grow downwards)
             -v[:, 2],  # depth: smaller is nearer
         ]
     )
@@ -98,9 +95,7 @@ def render_mesh(
     face_colour = np.asarray(colours)[mesh.slots] * shade[:, None]  # (M, 3)
 
     covered = face >= 0  # (hi, hi)
-    premult = np.where(
-        covered[..., None], face_colour[np.maximum(face, 0)], 0.0
-    )  # (hi, hi, 3)
+    premult = np.where(covered[..., None], face_colour[np.maximum(face, 0)], 0.0)  # (hi, hi, 3)
     # Average each ss x ss block: (hi, hi) -> (size, ss, size, ss) -> (size, size).
     alpha = covered.reshape(size, ss, size, ss).mean(axis=(1, 3))
     premult = premult.reshape(size, ss, size, ss, 3).mean(axis=(1, 3))

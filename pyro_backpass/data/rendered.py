@@ -70,9 +70,7 @@ def render_scene_pairs(
     gen = torch.Generator().manual_seed(seed)
     scenes, objects, masks, labels, scene_index = [], [], [], [], []
     for s in tqdm(range(n), desc="render scenes", disable=not progress):
-        n_distractors = int(
-            torch.randint(distractors[0], distractors[1] + 1, (), generator=gen)
-        )
+        n_distractors = int(torch.randint(distractors[0], distractors[1] + 1, (), generator=gen))
         scene = make_scene(
             targets=(categories[s % len(categories)],),
             distractors=n_distractors,

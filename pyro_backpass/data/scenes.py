@@ -124,9 +124,7 @@ def _shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def _resolve_categories(
-    targets: str | Sequence[str],
-    distractors: int | Sequence[str],
-    rng: np.random.Generator,
+    targets: str | Sequence[str], distractors: int | Sequence[str], rng: np.random.Generator
 ) -> tuple[list[str], list[str]]:
     tgt = [targets] if isinstance(targets, str) else list(targets)
     if not 1 <= len(tgt) <= 4:
@@ -137,14 +135,8 @@ def _resolve_categories(
         check_count("distractors", distractors, lo=0, hi=4)
         others = [c for c in CATEGORIES if c not in tgt]
         if distractors and not others:
-            raise ValueError(
-                "no distractor categories left: the targets use every category"
-            )
-        dis = (
-            [str(c) for c in rng.choice(others, size=distractors)]
-            if distractors
-            else []
-        )
+            raise ValueError("no distractor categories left: the targets use every category")
+        dis = [str(c) for c in rng.choice(others, size=distractors)] if distractors else []
     else:
         dis = [distractors] if isinstance(distractors, str) else list(distractors)
         if len(dis) > 4:
@@ -172,9 +164,7 @@ def _check_options(
     scale = check_range("scale", scale, lo=1e-3, hi=1.0)
     if scale[0] <= 0.0:
         raise ValueError(f"scale must be positive, got {scale}")
-    n_clutter = (
-        None if isinstance(clutter, bool) else check_count("clutter", clutter, hi=50)
-    )
+    n_clutter = None if isinstance(clutter, bool) else check_count("clutter", clutter, hi=50)
     check_count("max_tries", max_tries, lo=1)
     return size, occ, scale, n_clutter
 
@@ -202,9 +192,7 @@ def make_scene(
     :param seed: a non-negative int or tuple of them; the scene depends on nothing else.
     :param max_tries: placements drawn before giving up with a ``ValueError``.
     """
-    size, (lo, hi), scale, n_clutter = _check_options(
-        size, occlusion, scale, clutter, max_tries
-    )
+    size, (lo, hi), scale, n_clutter = _check_options(size, occlusion, scale, clutter, max_tries)
     rng = np.random.default_rng(list(check_seed(seed)))
     tgt, dis = _resolve_categories(targets, distractors, rng)
     cats = tgt + dis
@@ -217,28 +205,19 @@ def make_scene(
     params, layers = [], []
     for c in cats:
         centre = (size / 2 + float(rng.uniform()), size / 2 + float(rng.uniform()))
-        p = sample_object_params(
-            c, rng, size=size, scale=scale, centre=centre, background=bg
-        )
+        p = sample_object_params(c, rng, size=size, scale=scale, centre=centre, background=bg)
         params.append(p)
         layers.append(render_layer(p))
     order = rng.permutation(len(cats))  # front to back
     amodal0 = [layer.alpha >= 0.5 for layer in layers]
-    support = [
-        _bbox(layer.alpha > 0) for layer in layers
-    ]  # keep all coverage in the frame
+    support = [_bbox(layer.alpha > 0) for layer in layers]  # keep all coverage in the frame
 
     for _ in range(max_tries):
         shifts = [
-            (
-                int(rng.integers(-y0, size - y1 + 1)),
-                int(rng.integers(-x0, size - x1 + 1)),
-            )
+            (int(rng.integers(-y0, size - y1 + 1)), int(rng.integers(-x0, size - x1 + 1)))
             for (y0, x0, y1, x1) in support
         ]
-        amodal = [
-            _shift(m, dy, dx) for m, (dy, dx) in zip(amodal0, shifts, strict=True)
-        ]
+        amodal = [_shift(m, dy, dx) for m, (dy, dx) in zip(amodal0, shifts, strict=True)]
         visible = _occlusions(amodal, order)
         occ = [1.0 - v.sum() / a.sum() for v, a in zip(visible, amodal, strict=True)]
         if max(occ) <= hi and max(occ) >= lo:
@@ -253,11 +232,7 @@ def make_scene(
     image = background.copy()
     any_amodal = np.logical_or.reduce(amodal)
     clutter_cover = np.zeros((size, size), dtype=bool)
-    count = (
-        int(rng.integers(3, 7))
-        if n_clutter is None and clutter
-        else int(n_clutter or 0)
-    )
+    count = int(rng.integers(3, 7)) if n_clutter is None and clutter else int(n_clutter or 0)
     for _ in range(count):
         cap = sample_appearance(rng, background=bg)
         layer = render_mesh(
@@ -326,9 +301,7 @@ class Scenes(Dataset):
     stack ``scene.image`` yourself).
     """
 
-    def __init__(
-        self, n: int, *, seed: int | tuple[int, ...] = 0, **options: object
-    ) -> None:
+    def __init__(self, n: int, *, seed: int | tuple[int, ...] = 0, **options: object) -> None:
         self.n = check_count("n", n)
         self.seed = check_seed(seed)
         self.options = options
@@ -338,16 +311,10 @@ class Scenes(Dataset):
         known = set(make_scene.__kwdefaults__) - {"seed"}
         unknown = set(options) - known
         if unknown:
-            raise TypeError(
-                f"unknown scene options {sorted(unknown)}; known: {sorted(known)}"
-            )
+            raise TypeError(f"unknown scene options {sorted(unknown)}; known: {sorted(known)}")
         o = {**make_scene.__kwdefaults__, **options}
-        _check_options(
-            o["size"], o["occlusion"], o["scale"], o["clutter"], o["max_tries"]
-        )
-        tgt, dis = _resolve_categories(
-            o["targets"], o["distractors"], np.random.default_rng(0)
-        )
+        _check_options(o["size"], o["occlusion"], o["scale"], o["clutter"], o["max_tries"])
+        tgt, dis = _resolve_categories(o["targets"], o["distractors"], np.random.default_rng(0))
         if o["occlusion"][0] > 0 and len(tgt) + len(dis) < 2:
             raise ValueError("an occlusion lower bound > 0 needs at least two objects")
 

@@ -33,13 +33,9 @@ def _list(root: str | Path, suffixes: Sequence[str], what: str) -> list[Path]:
         raise FileNotFoundError(f"{what} folder {root} does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"{what} folder {root} is not a directory")
-    paths = sorted(
-        p for p in root.iterdir() if p.is_file() and p.suffix.lower() in suffixes
-    )
+    paths = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
     if not paths:
-        raise ValueError(
-            f"{what} folder {root} holds no files ending in {', '.join(suffixes)}"
-        )
+        raise ValueError(f"{what} folder {root} holds no files ending in {', '.join(suffixes)}")
     return paths
 
 
@@ -58,9 +54,7 @@ def _has_alpha(img: Image.Image) -> bool:
 
 def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` float in [0, 1] -> ``(3, H, W)`` float32."""
-    return torch.from_numpy(
-        np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
-    )
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))
 
 
 class ObjectFolder(Dataset):
@@ -81,9 +75,7 @@ class ObjectFolder(Dataset):
         self.size = check_size(size)
         bg = np.asarray(background, dtype=np.float64)
         if bg.shape != (3,) or not np.all((bg >= 0) & (bg <= 1)):
-            raise ValueError(
-                f"background must be 3 numbers in [0, 1], got {background!r}"
-            )
+            raise ValueError(f"background must be 3 numbers in [0, 1], got {background!r}")
         self.background = bg
         self.paths = _list(root, (".png",), "object")
         for p in self.paths:
@@ -110,15 +102,11 @@ class ObjectFolder(Dataset):
         square = Image.new("RGBA", (side, side), (0, 0, 0, 0))
         square.paste(img, ((side - w) // 2, (side - h) // 2))
         # Resize premultiplied, so transparent pixels' colours do not bleed into the edge.
-        small = square.convert("RGBa").resize(
-            (self.size, self.size), Image.Resampling.BILINEAR
-        )
+        small = square.convert("RGBa").resize((self.size, self.size), Image.Resampling.BILINEAR)
         a = np.asarray(small, dtype=np.float64) / 255.0  # (H, W, 4) premultiplied
         alpha = a[..., 3]
         if not (alpha >= 0.5).any():
-            raise ValueError(
-                f"{path} has an empty mask (alpha < 0.5 everywhere at {self.size} px)"
-            )
+            raise ValueError(f"{path} has an empty mask (alpha < 0.5 everywhere at {self.size} px)")
         rgb = a[..., :3] + (1.0 - alpha[..., None]) * self.background
         rgb = np.round(np.clip(rgb, 0, 1) * 255) / 255
         return _to_tensor(rgb), torch.from_numpy(alpha >= 0.5)
@@ -139,12 +127,7 @@ def load_scene_image(path: str | Path, *, size: int = DEFAULT_SIZE) -> torch.Ten
     img = img.convert("RGB")
     w, h = img.size
     side = min(w, h)
-    box = (
-        (w - side) // 2,
-        (h - side) // 2,
-        (w - side) // 2 + side,
-        (h - side) // 2 + side,
-    )
+    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
     img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
     return _to_tensor(np.asarray(img, dtype=np.float64) / 255.0)
 

@@ -19,9 +19,7 @@ __all__ = ["block_elements", "cache_bytes_per_core"]
 # What a block may use of this core's cache share (buffers of the block's size that are live at
 # once: two scratch, three φ-side planes, the image side and the result; with headroom).
 _LIVE_BUFFERS = 16
-_FALLBACK_BYTES = (
-    8 * 2**20
-)  # when sysfs says nothing (non-Linux): a typical L2 + L3 share
+_FALLBACK_BYTES = 8 * 2**20  # when sysfs says nothing (non-Linux): a typical L2 + L3 share
 _MIN_BLOCK, _MAX_BLOCK = 2**14, 2**20
 
 

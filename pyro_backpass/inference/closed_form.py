@@ -7,11 +7,7 @@ import math
 import torch
 
 from pyro_backpass.inference.cache_blocks import block_elements
-from pyro_backpass.model.observation import (
-    ClosedFormConstants,
-    Scalar,
-    closed_form_constants,
-)
+from pyro_backpass.model.observation import ClosedFormConstants, Scalar, closed_form_constants
 
 __all__ = [
     "closed_form_td",
@@ -94,9 +90,7 @@ def closed_form_with(
     ):  # fmt: skip
         per = max(1, block // math.prod(shape[1:]))
         bu_e, phi_e = bu.expand(shape), phi.expand(shape)
-        obs_e = (
-            observed.expand(shape) if isinstance(observed, torch.Tensor) else observed
-        )
+        obs_e = observed.expand(shape) if isinstance(observed, torch.Tensor) else observed
         f_td = s = None
         for r0 in range(0, shape[0], per):
             part = slice(r0, r0 + per)
@@ -129,13 +123,10 @@ def _closed_form_core(c, bu, phi, *, observed):
         c.half_prec_on * (bu - f_on).square() + c.half_prec_td * (f_on - phi).square()
     )
     score_off = c.const_off - (
-        c.half_prec_off * (bu - c.background).square()
-        + c.half_prec_td * (f_off - phi).square()
+        c.half_prec_off * (bu - c.background).square() + c.half_prec_td * (f_off - phi).square()
     )
     take_on = score_on >= score_off
-    f_td = (
-        f_on * take_on + f_off * ~take_on
-    )  # exact selection of finite values (see select)
+    f_td = f_on * take_on + f_off * ~take_on  # exact selection of finite values (see select)
     log_score = torch.maximum(score_on, score_off)  # the same as selecting by take_on
     if masked:
         f_td = select(observed, f_td, phi)

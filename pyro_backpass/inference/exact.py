@@ -50,9 +50,7 @@ DEFAULT_MAX_MEMORY = 4 * 2**30  # bytes per chunk
 _TEMPORARIES = 8  # closed-form temporaries alive at once, per enumerated element
 
 
-def _profile_model(
-    gm, bu, masks, priors, fixed: Mapping[str, torch.Tensor], b: int
-) -> None:
+def _profile_model(gm, bu, masks, priors, fixed: Mapping[str, torch.Tensor], b: int) -> None:
     """The model with F̂_td deterministic and the per-level scores as factors."""
     values: dict[str, torch.Tensor] = {}
 
@@ -75,9 +73,7 @@ def _profile_model(
             pyro.factor(f"score_{name}", score.sum(dim=(-3, -2, -1)))
 
 
-def joint_states(
-    gm: GenerativeModel, clamped: set[str] | frozenset[str] = frozenset()
-) -> int:
+def joint_states(gm: GenerativeModel, clamped: set[str] | frozenset[str] = frozenset()) -> int:
     """The number of joint discrete states per image (clamped sites count once)."""
     return math.prod(n for s, n in gm.site_sizes.items() if s not in clamped)
 
@@ -119,13 +115,7 @@ def exact_map(
     the small models this is meant for).
     """
     inputs = check_map_inputs(
-        gm,
-        bu,
-        category=category,
-        clamp=clamp,
-        priors=priors,
-        observed=observed,
-        top_k=top_k,
+        gm, bu, category=category, clamp=clamp, priors=priors, observed=observed, top_k=top_k
     )
     bu, masks, clamps, priors, b = (
         inputs.bu, inputs.masks, inputs.clamps, inputs.priors, inputs.batch
@@ -145,43 +135,28 @@ def exact_map(
     if top_k > num_top:
         raise ValueError(f"top_k={top_k} exceeds the {num_top} top-level hypotheses")
     choices = [
-        [clamps[s]]
-        if s in clamps
-        else [torch.full((b,), v, device=gm.device) for v in range(n)]
+        [clamps[s]] if s in clamps else [torch.full((b,), v, device=gm.device) for v in range(n)]
         for s, n in ((s, sizes[s]) for s in top_sites)
     ]
     found: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
     with torch.no_grad():
         for combo in itertools.product(*choices):
-            fixed = {s: v for s, v in clamps.items()} | dict(
-                zip(top_sites, combo, strict=True)
-            )
-            decoder = infer_discrete(
-                _profile_model, first_available_dim=-2, temperature=0
-            )
+            fixed = {s: v for s, v in clamps.items()} | dict(zip(top_sites, combo, strict=True))
+            decoder = infer_discrete(_profile_model, first_available_dim=-2, temperature=0)
             trace = poutine.trace(decoder).get_trace(gm, bu, masks, priors, fixed, b)
             # A site that no image's data distinguishes comes back un-broadcast, e.g. (1,).
-            assignment = {
-                s: trace.nodes[s]["value"].reshape(-1).expand(b).long()
-                for s in gm.sites
-            }
+            assignment = {s: trace.nodes[s]["value"].reshape(-1).expand(b).long() for s in gm.sites}
             score = log_joint(gm, bu, assignment, observed=observed, priors=priors)
             found.append((assignment, score))
-        scores = torch.stack(
-            [s for _, s in found], dim=1
-        )  # (B, chunks), in top flat order
+        scores = torch.stack([s for _, s in found], dim=1)  # (B, chunks), in top flat order
         order = scores.sort(dim=1, descending=True, stable=True).indices
         best = order[:, 0]
         per_chunk = {s: torch.stack([a[s] for a, _ in found], dim=1) for s in gm.sites}
-        assignment = {
-            s: v.gather(1, best[:, None]).squeeze(1) for s, v in per_chunk.items()
-        }
+        assignment = {s: v.gather(1, best[:, None]).squeeze(1) for s, v in per_chunk.items()}
         td, _ = top_down_pass(gm, assignment, bu, masks)
         modes = None
         if top_k > 1:
-            modes = ranked_modes(
-                per_chunk, scores, order[:, :top_k]
-            )  # (B, chunks) each
+            modes = ranked_modes(per_chunk, scores, order[:, :top_k])  # (B, chunks) each
         return MapResult(
             assignment=assignment,
             td=td,

@@ -65,19 +65,14 @@ def _scores(bu, wt, phi, a, clip_on, thr, bg, half_off, k_diff, clip_td, below, 
     # Σ_i s0_i, (B,): observed elements score K_on − n0, the others log N(φ; φ, σ0).
     inner = (..., slice(pad, pad + h), slice(pad, pad + w))
     wi = ws[inner]
-    s0 = (
-        wi * (k_on - n0_of(x_quad[inner], x_clip[inner], x_off[inner]))
-        + (1 - wi) * log_norm_td
-    )
+    s0 = wi * (k_on - n0_of(x_quad[inner], x_clip[inner], x_off[inner])) + (1 - wi) * log_norm_td
     base = s0.sum(dim=(-3, -2, -1))  # (B, 1)
     sums = []
     live = phi != 0
     for dy, dx in offsets:
         win = (..., slice(pad + dy, pad + dy + h), slice(pad + dx, pad + dx + w))
         xq, xc, xo = x_quad[win], x_clip[win], x_off[win]
-        n = torch.minimum(
-            (xq - quad).square() + (xc + clip).clamp_min(0).square(), xo + off
-        )
+        n = torch.minimum((xq - quad).square() + (xc + clip).clamp_min(0).square(), xo + off)
         # An element whose φ is 0 contributes exactly 0: a dead component ties at every δ.
         diff = torch.where(live, ws[win] * (n - n0_of(xq, xc, xo)), 0)
         sums.append(base - diff.sum(dim=(-3, -2, -1)))  # (B, T)

@@ -58,9 +58,7 @@ def apply_clamps(
         if site in clamps:
             shape = [1] * scores.dim()
             shape[0], shape[axis] = -1, scores.shape[axis]
-            values = torch.arange(scores.shape[axis], device=scores.device).reshape(
-                shape
-            )
+            values = torch.arange(scores.shape[axis], device=scores.device).reshape(shape)
             allowed = values == clamps[site].reshape([-1] + [1] * (scores.dim() - 1))
             scores = scores.masked_fill(~allowed, -torch.inf)
     return scores
@@ -88,9 +86,7 @@ def top_level_scores(
     # The compiled kernel (fused_scores.py) reads the templates themselves, not their planes.
     if not compile_enabled() and 3 * ncat * k * d * step.out.numel <= chunk_elements:
         shifted, planes = step.derived(
-            "greedy_template_planes",
-            (constants,),
-            lambda: _template_planes(step, constants),
+            "greedy_template_planes", (constants,), lambda: _template_planes(step, constants)
         )
     # The templates (N*K of them, shared by all images); with ``planes`` only their shape is read.
     templates = (step.weight if planes is not None else F.relu(step.weight)).reshape(
@@ -118,12 +114,8 @@ def _template_planes(
     """The top level's templates shifted by every offset ``(N*K, D, C, H, W)`` and their
     :func:`~pyro_backpass.inference.hypotheses.template_planes` (kept by the step between calls
     while its templates, offsets and these constants stay the same)."""
-    templates = F.relu(step.weight.detach()).reshape(
-        -1, *step.out.shape
-    )  # (N*K, C, H, W)
-    return shift_all(templates, step.offsets), template_planes(
-        constants, templates, step.offsets
-    )
+    templates = F.relu(step.weight.detach()).reshape(-1, *step.out.shape)  # (N*K, C, H, W)
+    return shift_all(templates, step.offsets), template_planes(constants, templates, step.offsets)
 
 
 def level_scores(
@@ -275,13 +267,7 @@ def greedy_map(
         result.assignment["category"], result.log_joint, result.modes[0][:2]
     """
     inputs = check_map_inputs(
-        gm,
-        bu,
-        category=category,
-        clamp=clamp,
-        priors=priors,
-        observed=observed,
-        top_k=top_k,
+        gm, bu, category=category, clamp=clamp, priors=priors, observed=observed, top_k=top_k
     )
     # Inference mode (no autograd bookkeeping at all) is measurably faster than no_grad on
     # this op-heavy path; the result is cloned out of it so users can use it freely.
@@ -318,19 +304,11 @@ def _greedy(
     # Each level's closed-form constants, made once for the whole pass.
     consts = {name: gm.constants(name) for name in gm.hidden_levels}
     scores, top_shifted = top_level_scores(
-        gm,
-        bu,
-        masks,
-        priors,
-        batch=b,
-        chunk_elements=chunk_elements,
-        constants=consts[top],
+        gm, bu, masks, priors, batch=b, chunk_elements=chunk_elements, constants=consts[top]
     )
     flat = apply_clamps(scores, grid, clamps).reshape(b, -1)  # (B, N*K*D)
     if top_k > flat.shape[1]:
-        raise ValueError(
-            f"top_k={top_k} exceeds the {flat.shape[1]} top-level hypotheses"
-        )
+        raise ValueError(f"top_k={top_k} exceeds the {flat.shape[1]} top-level hypotheses")
     if top_k == 1:
         chosen = flat.argmax(dim=-1, keepdim=True)  # (B, 1), ties -> lowest index
     else:
@@ -338,11 +316,7 @@ def _greedy(
     k = chosen.shape[1]
     _, kk, dd = scores.shape[1:]
     idx = chosen.reshape(-1)  # (B*k,)
-    top_values = {
-        grid[0]: idx // (kk * dd),
-        grid[1]: (idx // dd) % kk,
-        grid[2]: idx % dd,
-    }
+    top_values = {grid[0]: idx // (kk * dd), grid[1]: (idx // dd) % kk, grid[2]: idx % dd}
     rep_bu = {n: _repeat(x, k, b) for n, x in bu.items()}
     rep_masks = {n: _repeat(m.expand(bu[n].shape), k, b) for n, m in masks.items()}
     rep_clamps = {s: _repeat(v, k, b) for s, v in clamps.items()}
@@ -357,9 +331,7 @@ def _greedy(
                          mask=object_mask(gm, td), modes=None)  # fmt: skip
     # A clamped-out or impossible hypothesis has -inf at the top: keep only real ones.
     order = total.sort(dim=-1, descending=True, stable=True).indices  # (B, k)
-    pick = (
-        torch.arange(b, device=gm.device) * k + order[:, 0]
-    )  # best of the k per image
+    pick = torch.arange(b, device=gm.device) * k + order[:, 0]  # best of the k per image
     modes = None
     if top_k > 1:
         per_image = {s: v.reshape(b, k) for s, v in assignment.items()}  # (B, k) each

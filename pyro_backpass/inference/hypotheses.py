@@ -106,9 +106,7 @@ def hypothesis_scores(
         fused = compiled_scores(c, phi, offsets, bu, weight)
         if fused is not None:
             return fused
-    shared_planes = planes is not None or (
-        phi.shape[0] == 1 and 3 * t * d * j <= chunk_elements
-    )
+    shared_planes = planes is not None or (phi.shape[0] == 1 and 3 * t * d * j <= chunk_elements)
     if not grad and not shared_planes and phi.shape[0] == 1 and d > 1:
         # Shared templates too many to keep all planes: planes of one chunk of templates at a
         # time (contiguous rows of J; windows of small maps would be short strided rows).
@@ -134,15 +132,11 @@ def hypothesis_scores(
             planes = template_planes(c, phi[0], offsets)
         if not grad:
             block = min(chunk_elements, block_elements(bu.element_size()))
-            return _blocked_shared_scores(
-                c, planes, x_quad, x_clip, x_off, weight, k_on, block
-            )
+            return _blocked_shared_scores(c, planes, x_quad, x_clip, x_off, weight, k_on, block)
         const = (
             k_on.sum()
             if weight is None
-            else (weight * k_on + (1 - weight) * c.log_norm_td).sum(dim=(-3, -2, -1))[
-                :, None, None
-            ]
+            else (weight * k_on + (1 - weight) * c.log_norm_td).sum(dim=(-3, -2, -1))[:, None, None]
         )
         x = [v.reshape(b, 1, 1, j) for v in (x_quad, x_clip, x_off)]
         wt = None if weight is None else weight.reshape(b, 1, 1, j)
@@ -152,12 +146,8 @@ def hypothesis_scores(
             sides = planes[:, start : start + per].unsqueeze(1)  # 3 × (1, T', D, J)
             n = _n(*x, *sides, scratch=None)  # (B, T', D, J)
             parts.append((n if wt is None else n * wt).sum(dim=-1))  # (B, T', D)
-        return const - (
-            torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        )  # (B, T, D)
-    return _per_image_scores(
-        c, phi, offsets, x_quad, x_clip, x_off, weight, k_on, chunk_elements
-    )
+        return const - (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])  # (B, T, D)
+    return _per_image_scores(c, phi, offsets, x_quad, x_clip, x_off, weight, k_on, chunk_elements)
 
 
 def _blocked_shared_scores(c, planes, x_quad, x_clip, x_off, weight, k_on, block):
@@ -167,9 +157,7 @@ def _blocked_shared_scores(c, planes, x_quad, x_clip, x_off, weight, k_on, block
     const = (
         k_on.sum()
         if weight is None
-        else (weight * k_on + (1 - weight) * c.log_norm_td).sum(dim=(-3, -2, -1))[
-            :, None
-        ]
+        else (weight * k_on + (1 - weight) * c.log_norm_td).sum(dim=(-3, -2, -1))[:, None]
     )  # () or (B, 1)
     x = [v.reshape(b, 1, j) for v in (x_quad, x_clip, x_off)]  # (B, 1, J) each
     wt = None if weight is None else weight.reshape(b, 1, j)
@@ -211,9 +199,7 @@ def _blocked_per_image_scores(c, phi, offsets, bu, weight, k_on, block):
     image_buf = bu.new_empty((3 if plain else 4) * per_b * j)
     side_buf = bu.new_empty(3 * (1 if shared else per_b) * per_t * j)
     zero = phi.new_zeros(1, ch, h, w)
-    zero_side = _phi_side_into(
-        c, zero, zero.new_empty(3 * j)
-    )  # φ = 0: (1, C, H, W) each
+    zero_side = _phi_side_into(c, zero, zero.new_empty(3 * j))  # φ = 0: (1, C, H, W) each
     out = bu.new_empty(b, t, len(windows))
     for b0 in range(0, b, per_b):
         b1 = min(b, b0 + per_b)
@@ -225,26 +211,18 @@ def _blocked_per_image_scores(c, phi, offsets, bu, weight, k_on, block):
         else:
             # n at φ = 0 by the very kernels used for every hypothesis below, so an element
             # whose φ is 0 contributes exactly 0 to (n − n0): a dead component ties at every δ.
-            n0 = image_buf[3 * (b1 - b0) * j : 4 * (b1 - b0) * j].view(
-                b1 - b0, ch, h, w
-            )
+            n0 = image_buf[3 * (b1 - b0) * j : 4 * (b1 - b0) * j].view(b1 - b0, ch, h, w)
             n0 = _n_into(x, zero_side, n0, scratch)
             # Σ_i s0_i: observed elements score K_on − n0, the others log N(φ; φ, σ0).
-            s0 = (
-                k_on - n0 if wb is None else wb * (k_on - n0) + (1 - wb) * c.log_norm_td
-            )
+            s0 = k_on - n0 if wb is None else wb * (k_on - n0) + (1 - wb) * c.log_norm_td
             base = s0.sum(dim=(-3, -2, -1)).reshape(-1, 1, 1)  # (B', 1, 1)
             x = (*x, n0)
         xs = [v[:, None] for v in x]  # (B', 1, C, H, W) each
         wb = None if wb is None else wb[:, None]
         for t0 in range(0, t, per_t):
             t1 = min(t, t0 + per_t)
-            if (
-                not shared or b0 == 0 or per_t < t
-            ):  # shared φ fitting one block: made once
-                ph = (
-                    phi[:, t0:t1] if shared else phi[b0:b1, t0:t1]
-                )  # (B'|1, T', C, H, W)
+            if not shared or b0 == 0 or per_t < t:  # shared φ fitting one block: made once
+                ph = phi[:, t0:t1] if shared else phi[b0:b1, t0:t1]  # (B'|1, T', C, H, W)
                 sides = _phi_side_into(c, ph, side_buf)
             for di, win in enumerate(windows):
                 if win is None:  # shifted off the map: every pair is outside, Σ = 0
@@ -257,9 +235,7 @@ def _blocked_per_image_scores(c, phi, offsets, bu, weight, k_on, block):
                     n.sub_(xw[3])  # (B', T', C, h', w'): n − n0, 0 wherever φ = 0
                 if wb is not None:
                     n.mul_(wb[..., iy, ix])
-                out[b0:b1, t0:t1, di] = (base - n.sum(dim=(-3, -2, -1))[..., None])[
-                    ..., 0
-                ]
+                out[b0:b1, t0:t1, di] = (base - n.sum(dim=(-3, -2, -1))[..., None])[..., 0]
     return out
 
 
@@ -301,9 +277,7 @@ def _phi_side_into(c: ClosedFormConstants, ph: torch.Tensor, buf: torch.Tensor):
     return q, k, o
 
 
-def _per_image_scores(
-    c, phi, offsets, x_quad, x_clip, x_off, weight, k_on, chunk_elements
-):
+def _per_image_scores(c, phi, offsets, x_quad, x_clip, x_off, weight, k_on, chunk_elements):
     """Scores ``(B, T, D)`` of φ ``(B|1, T, C, H, W)``: the image shifted by −δ (the
     differentiable path; :func:`_blocked_per_image_scores` is the fast one)."""
     b, t, (ch, h, w) = x_quad.shape[0], phi.shape[1], phi.shape[-3:]
@@ -315,26 +289,18 @@ def _per_image_scores(
             *_phi_side(c, phi.new_zeros(1, 1, 1, j), ch, h, w), scratch=None)  # fmt: skip
     n0 = n0.reshape(b, ch, h, w)
     # Σ_i s0_i: observed elements score K_on − n0, the others log N(φ; φ, σ0).
-    base = (ones * (k_on - n0) + (1 - ones) * c.log_norm_td).sum(
-        dim=(-3, -2, -1)
-    )  # (B,)
+    base = (ones * (k_on - n0) + (1 - ones) * c.log_norm_td).sum(dim=(-3, -2, -1))  # (B,)
     # Shifted by −δ, all at once: x[b, δ, j] = f_bu[b, j + δ] (zero fill, weight 0 there).
     per = max(1, chunk_elements // max(1, b * d * j))
     stacked = shift_all(torch.stack([x_quad, x_clip, x_off, n0, ones]), -offsets)
-    x_quad, x_clip, x_off, n0, ones = stacked.view(5, b, d, 1, j).unbind(
-        0
-    )  # (B, D, 1, J)
+    x_quad, x_clip, x_off, n0, ones = stacked.view(5, b, d, 1, j).unbind(0)  # (B, D, 1, J)
     phi_flat = phi.reshape(phi.shape[0], 1, t, j)  # (B|1, 1, T, J)
     parts = []
     for start in range(0, t, per):
         sides = _phi_side(c, phi_flat[:, :, start : start + per], ch, h, w)
-        n = (
-            _n(x_quad, x_clip, x_off, *sides, scratch=None) - n0
-        )  # (B, D, T', J): 0 where φ = 0
+        n = _n(x_quad, x_clip, x_off, *sides, scratch=None) - n0  # (B, D, T', J): 0 where φ = 0
         parts.append((n * ones).sum(dim=-1))  # (B, D, T')
-    main = (
-        torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-    )  # (B, D, T): Σ w (n − n0)
+    main = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (B, D, T): Σ w (n − n0)
     return (base[:, None, None] - main).transpose(1, 2)  # (B, T, D)
 
 
@@ -342,16 +308,10 @@ def _phi_side(c: ClosedFormConstants, ph: torch.Tensor, ch: int, h: int, w: int)
     """The φ side of n for unshifted φ ``(…, J)``: a φ, κ p0 (λ − φ), ½ p0 relu(φ − λ⁻)²."""
     a_j = c.root_half_prec_c.expand(ch, h, w).reshape(-1)
     k_j = c.clip_td.expand(ch, h, w).reshape(-1)
-    return (
-        a_j * ph,
-        k_j * (c.threshold - ph),
-        c.half_prec_td * (ph - c.below).clamp_min(0).square(),
-    )
+    return a_j * ph, k_j * (c.threshold - ph), c.half_prec_td * (ph - c.below).clamp_min(0).square()
 
 
-def _n(
-    x_quad, x_clip, x_off, quad, clip, off, *, scratch: torch.Tensor | None
-) -> torch.Tensor:
+def _n(x_quad, x_clip, x_off, quad, clip, off, *, scratch: torch.Tensor | None) -> torch.Tensor:
     """n = min((x_quad − quad)² + relu(x_clip + clip)², x_off + off), broadcast.
 
     With ``scratch`` the result lives in it (two buffers of the result's size, no fresh

@@ -21,9 +21,7 @@ __all__ = ["MapInputs", "check_map_inputs"]
 class MapInputs:
     """What :func:`~pyro_backpass.greedy_map` and :func:`~pyro_backpass.exact_map` work on."""
 
-    bu: dict[
-        str, torch.Tensor
-    ]  # level → (B, C, H, W), the model's levels only, its dtype
+    bu: dict[str, torch.Tensor]  # level → (B, C, H, W), the model's levels only, its dtype
     masks: dict[str, torch.Tensor]  # level → bool, broadcastable to bu[level]
     clamps: dict[str, torch.Tensor]  # site → (B,) long; ``category=`` folded in
     priors: dict[str, SitePrior]  # every site's prior, per-call overrides applied

@@ -76,9 +76,7 @@ def prior_grid(
     ndim = 1 + len(grid)
     for parent in prior.parents:
         if parent not in grid and parent not in fixed:
-            raise ValueError(
-                f"prior of {site!r} needs {parent!r}, which is not assigned yet"
-            )
+            raise ValueError(f"prior of {site!r} needs {parent!r}, which is not assigned yet")
     if not any(parent in grid for parent in prior.parents):
         # Every parent assigned already: one lookup gives (B, S) (or (S,) without parents).
         if prior.parents:
@@ -116,9 +114,7 @@ def object_mask(gm: GenerativeModel, td: Mapping[str, torch.Tensor]) -> torch.Te
     """``(B, H, W)`` bool: elements of F̂_td at :func:`full_res_level` at or above that level's
     ``mask_threshold`` (λ unless tuned), any channel."""
     name = full_res_level(gm)
-    return (
-        td[name].amax(dim=-3) >= gm.observations[name].mask_threshold
-    )  # some channel is on
+    return td[name].amax(dim=-3) >= gm.observations[name].mask_threshold  # some channel is on
 
 
 def level_terms(

@@ -49,10 +49,7 @@ def sample(
     data = merge_category(gm, category, clamp, n)
     conditioned = poutine.condition(gm.model, data=data)
     devices = [gm.device] if gm.device.type == "cuda" else []
-    with (
-        torch.random.fork_rng(devices=devices, enabled=seed is not None),
-        torch.no_grad(),
-    ):
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.no_grad():
         if seed is not None:
             torch.manual_seed(seed)
         trace = poutine.trace(conditioned).get_trace(

@@ -3,16 +3,8 @@
 targets that are the backbone's activations of single objects masked to the object.
 """
 
-from pyro_backpass.learning.calibration import (
-    UPPER_LEVELS,
-    calibrate_scale_td,
-    top_clamped_iou,
-)
-from pyro_backpass.learning.evaluation import (
-    mask_iou,
-    object_passes,
-    tune_mask_threshold,
-)
+from pyro_backpass.learning.calibration import UPPER_LEVELS, calibrate_scale_td, top_clamped_iou
+from pyro_backpass.learning.evaluation import mask_iou, object_passes, tune_mask_threshold
 from pyro_backpass.learning.hard_em import (
     EMConfig,
     EMIteration,
@@ -32,12 +24,7 @@ from pyro_backpass.learning.observation_fit import (
 )
 from pyro_backpass.learning.ppc import observation_ppc, observation_statistics
 from pyro_backpass.learning.targets import masked_activations, max_pool_mask
-from pyro_backpass.learning.train import (
-    PRESETS,
-    TrainConfig,
-    render_object_set,
-    train_model,
-)
+from pyro_backpass.learning.train import PRESETS, TrainConfig, render_object_set, train_model
 
 __all__ = [
     "EMConfig",

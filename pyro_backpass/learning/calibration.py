@@ -33,9 +33,7 @@ UPPER_LEVELS: tuple[str, ...] = ("pool4", "conv4_1", "pool3", "conv3_1")
 
 
 @torch.no_grad()
-def top_clamped_iou(
-    gm: GenerativeModel, backbone: Backbone, scenes: Sequence[Scene]
-) -> float:
+def top_clamped_iou(gm: GenerativeModel, backbone: Backbone, scenes: Sequence[Scene]) -> float:
     """Mean visible-mask IoU over the scenes' visible objects of ``gm``'s categories of the
     backward pass with the category given and the top level clamped to the object's own E-step
     assignment (from its masked activations alone)."""
@@ -49,9 +47,7 @@ def top_clamped_iou(
             if inst.category not in gm.categories or not bool(inst.mask.any()):
                 continue
             label = torch.tensor([gm.categories.index(inst.category)], device=gm.device)
-            target = masked_activations(
-                backbone, inst.image_alone[None], inst.amodal_mask[None]
-            )
+            target = masked_activations(backbone, inst.image_alone[None], inst.amodal_mask[None])
             gamma, delta, _ = e_step_level(
                 step, label, target[top].to(gm.device),
                 log_prior_gamma=gm.priors[f"gamma_{top}"].log_probs()[label],
@@ -82,13 +78,9 @@ def calibrate_scale_td(
     """
     names = [n for n in levels if n in gm.hidden_levels]
     if not names:
-        raise ValueError(
-            f"none of the levels {list(levels)} is in the model {gm.hidden_levels}"
-        )
+        raise ValueError(f"none of the levels {list(levels)} is in the model {gm.hidden_levels}")
     if not multipliers or any(not (m > 0) for m in multipliers):
-        raise ValueError(
-            f"multipliers must be positive numbers, got {list(multipliers)}"
-        )
+        raise ValueError(f"multipliers must be positive numbers, got {list(multipliers)}")
     scenes = list(scenes)
     base = {n: gm.steps[n].scale_td.clone() for n in names}
     scores: dict[float, float] = {}

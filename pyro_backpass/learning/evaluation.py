@@ -18,14 +18,8 @@ __all__ = ["mask_iou", "object_passes", "tune_mask_threshold"]
 def mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Intersection over union per image of two ``(B, H, W)`` bool masks, ``(B,)``; 1 where
     both are empty."""
-    if (
-        pred.shape != truth.shape
-        or pred.dtype != torch.bool
-        or truth.dtype != torch.bool
-    ):
-        raise ValueError(
-            f"need two bool masks of one shape, got {pred.shape}, {truth.shape}"
-        )
+    if pred.shape != truth.shape or pred.dtype != torch.bool or truth.dtype != torch.bool:
+        raise ValueError(f"need two bool masks of one shape, got {pred.shape}, {truth.shape}")
     inter = (pred & truth).sum(dim=(-2, -1)).float()
     union = (pred | truth).sum(dim=(-2, -1)).float()
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
@@ -50,16 +44,8 @@ def object_passes(
         acts = backbone(images[sl])
         bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
         r = greedy_map(gm, bu, category=None if labels is None else labels[sl])
-        (
-            td.append(r.td[level]),
-            cats.append(r.assignment["category"]),
-            lj.append(r.log_joint),
-        )
-    return {
-        "td": torch.cat(td),
-        "category": torch.cat(cats),
-        "log_joint": torch.cat(lj),
-    }
+        td.append(r.td[level]), cats.append(r.assignment["category"]), lj.append(r.log_joint)
+    return {"td": torch.cat(td), "category": torch.cat(cats), "log_joint": torch.cat(lj)}
 
 
 def tune_mask_threshold(
@@ -76,9 +62,7 @@ def tune_mask_threshold(
     obs = gm.observations[level]
     lam = float(obs.threshold)
     peak = object_passes(gm, backbone, images, labels)["td"].amax(dim=-3)  # (N, H, W)
-    scores = {
-        float(m): float(mask_iou(peak >= m * lam, masks).mean()) for m in multipliers
-    }
+    scores = {float(m): float(mask_iou(peak >= m * lam, masks).mean()) for m in multipliers}
     best = max(scores, key=lambda m: (scores[m], -m))
     obs.mask_threshold.fill_(best * lam)
     return scores

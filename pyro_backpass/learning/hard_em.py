@@ -55,24 +55,14 @@ class EMConfig:
     """Options of :func:`fit_hard_em` (every default commented)."""
 
     iterations: int = 3  # E/M rounds after the initialisation
-    epochs: int = (
-        4  # SGD epochs per level per M-step (not to convergence, as in the paper)
-    )
-    init_epochs: int = (
-        6  # SGD epochs of the initial single kernel set and of each group
-    )
+    epochs: int = 4  # SGD epochs per level per M-step (not to convergence, as in the paper)
+    init_epochs: int = 6  # SGD epochs of the initial single kernel set and of each group
     lr: float = 3e-3  # Adam step size of the kernel fits
     batch_size: int = 64  # objects per SGD step and per greedy/E-step chunk
-    inputs: InputKind = (
-        "greedy"  # what each level's kernels take as input (module docstring)
-    )
-    concentration: float = (
-        2.0  # Dirichlet α of the γ tables: α = 2 is add-one smoothing
-    )
+    inputs: InputKind = "greedy"  # what each level's kernels take as input (module docstring)
+    concentration: float = 2.0  # Dirichlet α of the γ tables: α = 2 is add-one smoothing
     reseed_fraction: float = 0.2  # reseed components with < this · N / K members
-    top_init_iterations: int = (
-        8  # k-means rounds over (template, shift) for the top level
-    )
+    top_init_iterations: int = 8  # k-means rounds over (template, shift) for the top level
     seed: int = 0  # k-means seeding, SGD order, reseeding noise
 
 
@@ -119,10 +109,7 @@ def _windows(dy: int, dx: int, h: int, w: int):
     y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
     if y0 >= y1 or x0 >= x1:
         return None
-    return (slice(y0, y1), slice(x0, x1)), (
-        slice(y0 + dy, y1 + dy),
-        slice(x0 + dx, x1 + dx),
-    )
+    return (slice(y0, y1), slice(x0, x1)), (slice(y0 + dy, y1 + dy), slice(x0 + dx, x1 + dx))
 
 
 def window_scores(
@@ -175,9 +162,7 @@ def e_step_level(
     for start in range(0, target.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         phi = step.phi_all(upper[sl])  # (B', K, C, H, W)
-        scores = window_scores(
-            target[sl], phi, step.offsets, scale_td=float(step.scale_td)
-        )
+        scores = window_scores(target[sl], phi, step.offsets, scale_td=float(step.scale_td))
         if log_prior_gamma is not None:
             scores = scores + log_prior_gamma[sl, :, None]
         if log_prior_delta is not None:
@@ -222,9 +207,7 @@ def _fit_kernels(
                 opt.step()
 
 
-def _align(
-    target: torch.Tensor, offsets: torch.Tensor, delta: torch.Tensor
-) -> torch.Tensor:
+def _align(target: torch.Tensor, offsets: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Each target shifted back by its δ (zero fill): what an unshifted template should match."""
     return shift_select(target, -offsets, delta)
 
@@ -245,9 +228,7 @@ def _residual_rms(step, upper, target, gamma, delta, batch_size: int) -> float:
     total, count = 0.0, 0
     for start in range(0, upper.shape[0], batch_size):
         sl = slice(start, start + batch_size)
-        pred = shift_select(
-            step.phi_per_sample(upper[sl], gamma[sl]), step.offsets, delta[sl]
-        )
+        pred = shift_select(step.phi_per_sample(upper[sl], gamma[sl]), step.offsets, delta[sl])
         total += float((pred - target[sl]).square().sum())
         count += pred.numel()
     return math.sqrt(total / max(count, 1))
@@ -300,9 +281,7 @@ def _log_prior_gamma(gm, name, assignment, n) -> torch.Tensor:
     prior = gm.priors[f"gamma_{name}"]
     table = prior.log_probs()
     return (
-        table[tuple(assignment[p] for p in prior.parents)]
-        if prior.parents
-        else table.expand(n, -1)
+        table[tuple(assignment[p] for p in prior.parents)] if prior.parents else table.expand(n, -1)
     )
 
 
@@ -313,9 +292,7 @@ def _refit_tables(gm, assignment, concentration: float) -> None:
         if not isinstance(prior, NGramPrior):
             continue
         counts = torch.zeros_like(prior.probs)
-        index = tuple(assignment[p] for p in prior.parents) + (
-            assignment[f"gamma_{name}"],
-        )
+        index = tuple(assignment[p] for p in prior.parents) + (assignment[f"gamma_{name}"],)
         counts.index_put_(index, torch.ones(index[0].shape[0]), accumulate=True)
         prior.concentration = concentration
         prior.probs.copy_(prior.map_estimate(counts))
@@ -344,18 +321,12 @@ def fit_hard_em(
     images, masks, labels = objects
     n = images.shape[0]
     if masks.shape != (n, *images.shape[-2:]) or masks.dtype != torch.bool:
-        raise ValueError(
-            f"masks must be (N, H, W) bool for {n} images, got {tuple(masks.shape)}"
-        )
+        raise ValueError(f"masks must be (N, H, W) bool for {n} images, got {tuple(masks.shape)}")
     if labels.shape != (n,) or labels.is_floating_point():
-        raise ValueError(
-            f"labels must be (N,) integer category indices, got {tuple(labels.shape)}"
-        )
+        raise ValueError(f"labels must be (N,) integer category indices, got {tuple(labels.shape)}")
     if n < 2 or int(labels.min()) < 0 or int(labels.max()) >= len(gm.categories):
         raise ValueError(f"need ≥ 2 objects with labels in [0, {len(gm.categories)})")
-    missing = [
-        s for s in gm.hidden_levels if s not in {v.name for v in backbone.levels}
-    ]
+    missing = [s for s in gm.hidden_levels if s not in {v.name for v in backbone.levels}]
     if missing:
         raise ValueError(f"the backbone has no levels {missing} of the model")
     gen = torch.Generator().manual_seed(config.seed)
@@ -363,9 +334,7 @@ def fit_hard_em(
     targets = object_targets(backbone, images, masks)
     order = list(reversed(gm.hidden_levels))  # top-down
     result = EMResult()
-    bar = tqdm(
-        total=len(order) * (1 + config.iterations), desc="hard EM", disable=not progress
-    )
+    bar = tqdm(total=len(order) * (1 + config.iterations), desc="hard EM", disable=not progress)
 
     # Initialisation on the clean targets (there is no model to run the backward pass yet).
     assignment: dict[str, torch.Tensor] = {"category": labels}
@@ -402,9 +371,7 @@ def fit_hard_em(
                                                   config.batch_size), 1e-3))  # fmt: skip
             bar.update()
         _refit_tables(gm, assignment, config.concentration)
-        result.log.append(
-            _diagnostics(gm, it, targets, labels, fed, assignment, config)
-        )
+        result.log.append(_diagnostics(gm, it, targets, labels, fed, assignment, config))
     bar.close()
     result.assignment.update(assignment)
     return result
@@ -423,11 +390,7 @@ def _initialise(step, upper, target, config: EMConfig, gen) -> None:
                 labels = _kmeans(x.reshape(x.shape[0], -1), min(k, x.shape[0]), iterations=10,
                                  generator=gen)  # fmt: skip
                 for j in range(k):
-                    pick = (
-                        x[labels == j]
-                        if bool((labels == j).any())
-                        else x[j % x.shape[0]][None]
-                    )
+                    pick = x[labels == j] if bool((labels == j).any()) else x[j % x.shape[0]][None]
                     step.weight[c, j] = pick.mean(dim=0)
         for _ in range(config.top_init_iterations):
             gamma, delta, _ = e_step_level(step, upper, target)
@@ -452,9 +415,7 @@ def _initialise(step, upper, target, config: EMConfig, gen) -> None:
         resid = []
         for start in range(0, n, config.batch_size):
             sl = slice(start, start + config.batch_size)
-            pred = shift_select(
-                step.phi_per_sample(upper[sl], zeros[sl]), step.offsets, delta[sl]
-            )
+            pred = shift_select(step.phi_per_sample(upper[sl], zeros[sl]), step.offsets, delta[sl])
             resid.append((target[sl] - pred).reshape(pred.shape[0], -1))
         resid = torch.cat(resid)
         proj = torch.randn(resid.shape[1], min(128, resid.shape[1]), generator=gen)
@@ -477,9 +438,7 @@ def _reseed(step, upper, target, gamma, delta, config: EMConfig, gen) -> torch.T
         err = torch.zeros(k)
         for start in range(0, n, config.batch_size):
             sl = slice(start, start + config.batch_size)
-            pred = shift_select(
-                step.phi_per_sample(upper[sl], gamma[sl]), step.offsets, delta[sl]
-            )
+            pred = shift_select(step.phi_per_sample(upper[sl], gamma[sl]), step.offsets, delta[sl])
             e = (pred - target[sl]).square().sum(dim=(-3, -2, -1))
             err.index_add_(0, gamma[sl], e)
         for j in dead:
@@ -487,9 +446,7 @@ def _reseed(step, upper, target, gamma, delta, config: EMConfig, gen) -> torch.T
             members = (gamma == worst).nonzero().squeeze(1)
             if members.numel() < 2:
                 break
-            take = members[
-                torch.randperm(members.numel(), generator=gen)[: members.numel() // 2]
-            ]
+            take = members[torch.randperm(members.numel(), generator=gen)[: members.numel() // 2]]
             gamma[take] = j
             step.weight[j] = step.weight[worst] * (
                 1 + 0.01 * torch.randn(step.weight[j].shape, generator=gen)

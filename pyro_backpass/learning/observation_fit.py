@@ -90,9 +90,7 @@ def scene_pairs(
             hidden.append(inst.amodal_mask & ~inst.mask)
             index.append(s)
     if not alone:
-        raise ValueError(
-            "the scenes hold no visible object to fit the observation model on"
-        )
+        raise ValueError("the scenes hold no visible object to fit the observation model on")
     idx = torch.tensor(index)
     bu_parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(scene_images), batch_size):
@@ -112,9 +110,7 @@ def scene_pairs(
             used_parts.setdefault(name, []).append(~occluded.unsqueeze(1))
     td_all = {name: torch.cat(v) for name, v in td_parts.items()}
     used = {name: torch.cat(v) for name, v in used_parts.items()}
-    bu = {
-        name: x[idx] for name, x in bu_scenes.items()
-    }  # (O, C, h, w): each object's scene
+    bu = {name: x[idx] for name, x in bu_scenes.items()}  # (O, C, h, w): each object's scene
     return bu, td_all, used
 
 
@@ -146,9 +142,7 @@ def fit_level(
         )
     if not (torch.isfinite(bu).all() and torch.isfinite(td).all()):
         raise ValueError("bu or td contains NaN or inf")
-    used = (
-        torch.ones_like(bu, dtype=torch.bool) if used is None else used.expand(bu.shape)
-    )
+    used = torch.ones_like(bu, dtype=torch.bool) if used is None else used.expand(bu.shape)
     bu, td = bu.double(), td.double()
     positive = td[used & (td > 0)]
     if positive.numel() == 0:
@@ -156,9 +150,7 @@ def fit_level(
     rule = factor * float(
         torch.quantile(positive[:: max(1, positive.numel() // 1_000_000)], quantile)
     )
-    top = float(
-        torch.quantile(positive[:: max(1, positive.numel() // 1_000_000)], 0.99)
-    )
+    top = float(torch.quantile(positive[:: max(1, positive.numel() // 1_000_000)], 0.99))
     grid = torch.linspace(0.0, max(top, rule), grid_size, dtype=torch.float64)
     lls = _log_lik_grid(bu, td, used, grid, floor)
     lam = rule if threshold is None else float(threshold)
@@ -187,9 +179,7 @@ def _params(bu, td, used, lam: float, min_on: int, floor: float):
     count = on.sum(dim=(0, 2, 3))  # (C,)
     pooled = float(sq.sum() / on.sum().clamp_min(1)) if bool(on.any()) else s2**2
     per_channel = sq.sum(dim=(0, 2, 3)) / count.clamp_min(1)
-    var = torch.where(
-        count >= min_on, per_channel, torch.full_like(per_channel, pooled)
-    )
+    var = torch.where(count >= min_on, per_channel, torch.full_like(per_channel, pooled))
     s1 = var.sqrt().clamp_min(floor)  # (C,)
     return beta, s2, s1, float(on.sum() / used.sum()), int(used.sum())
 
@@ -205,9 +195,7 @@ def _log_lik_grid(bu, td, used, grid: torch.Tensor, floor: float) -> torch.Tenso
     n_used = int(u_all.sum())
     g = grid.shape[0]
     on_n = torch.zeros(g, dtype=torch.float64)
-    on_b = torch.zeros(
-        g, dtype=torch.float64
-    )  # Σ bu over on elements (for the off stats)
+    on_b = torch.zeros(g, dtype=torch.float64)  # Σ bu over on elements (for the off stats)
     on_b2 = torch.zeros(g, dtype=torch.float64)
     ll_on = torch.zeros(g, dtype=torch.float64)
     for ch in range(c):
@@ -273,9 +261,7 @@ def fit_observation_model(
     names = [n for n in gm.hidden_levels] if levels is None else list(levels)
     unknown = [n for n in names if n not in gm.hidden_levels]
     if unknown:
-        raise ValueError(
-            f"unknown levels {unknown}; the model's levels: {list(gm.hidden_levels)}"
-        )
+        raise ValueError(f"unknown levels {unknown}; the model's levels: {list(gm.hidden_levels)}")
     missing = [n for n in names if n not in {s.name for s in backbone.levels}]
     if missing:
         raise ValueError(f"the backbone has no levels {missing}")
@@ -289,9 +275,7 @@ def fit_observation_model(
         obs = gm.observations[name]
         with torch.no_grad():
             obs.threshold.fill_(fit.threshold)
-            obs.mask_threshold.fill_(
-                fit.threshold
-            )  # λ until tuned (tune_mask_threshold)
+            obs.mask_threshold.fill_(fit.threshold)  # λ until tuned (tune_mask_threshold)
             obs.background.fill_(fit.background)
             obs.scale_off.fill_(fit.scale_off)
             obs.scale_on.copy_(fit.scale_on.view(-1, 1, 1).to(obs.scale_on))
@@ -326,9 +310,7 @@ def fit_background(
     names = [n for n in gm.hidden_levels] if levels is None else list(levels)
     unknown = [n for n in names if n not in gm.hidden_levels]
     if unknown:
-        raise ValueError(
-            f"unknown levels {unknown}; the model's levels: {list(gm.hidden_levels)}"
-        )
+        raise ValueError(f"unknown levels {unknown}; the model's levels: {list(gm.hidden_levels)}")
     if not floor_factor > 0:
         raise ValueError(f"floor_factor must be > 0, got {floor_factor}")
     scenes = list(scenes)
@@ -344,22 +326,16 @@ def fit_background(
         )  # (b, H, W)  # fmt: skip
         for name in names:
             a = acts[name].double()  # (b, C, h, w)
-            outside = ~max_pool_mask(objects, tuple(a.shape[-2:])).unsqueeze(
-                1
-            )  # (b, 1, h, w)
+            outside = ~max_pool_mask(objects, tuple(a.shape[-2:])).unsqueeze(1)  # (b, 1, h, w)
             w = outside.to(a.dtype)
-            acc = sums.setdefault(
-                name, [a.new_zeros(a.shape[1]), a.new_zeros(a.shape[1]), 0.0]
-            )
+            acc = sums.setdefault(name, [a.new_zeros(a.shape[1]), a.new_zeros(a.shape[1]), 0.0])
             acc[0] += (a * w).sum(dim=(0, 2, 3))
             acc[1] += (a.square() * w).sum(dim=(0, 2, 3))
             acc[2] += float(w.sum())
     fitted = {}
     for name, (s1, s2, n) in sums.items():
         if n == 0:
-            raise ValueError(
-                f"{name}: no element outside the instances to fit the background on"
-            )
+            raise ValueError(f"{name}: no element outside the instances to fit the background on")
         obs = gm.observations[name]
         mean = s1 / n
         std = (s2 / n - mean.square()).clamp_min(0).sqrt()

@@ -73,8 +73,5 @@ def observation_ppc(
     dims = {key: ["object"] for key in observed}
     coords = {"object": np.arange(next(iter(observed.values())).shape[0])}
     return az.from_dict(
-        posterior_predictive=predictive,
-        observed_data=observed,
-        dims=dims,
-        coords=coords,
+        posterior_predictive=predictive, observed_data=observed, dims=dims, coords=coords
     )

@@ -33,13 +33,7 @@ import torch
 from tqdm import tqdm
 
 from pyro_backpass.backbone import Backbone
-from pyro_backpass.data import (
-    CATEGORIES,
-    OBJECT_SCALE,
-    RenderedObjects,
-    Scenes,
-    split_seed,
-)
+from pyro_backpass.data import CATEGORIES, OBJECT_SCALE, RenderedObjects, Scenes, split_seed
 from pyro_backpass.files import atomic_write_json
 from pyro_backpass.learning.calibration import UPPER_LEVELS, calibrate_scale_td
 from pyro_backpass.learning.evaluation import tune_mask_threshold
@@ -54,37 +48,21 @@ __all__ = ["PRESETS", "TrainConfig", "render_object_set", "train_model"]
 class TrainConfig:
     """Everything a training run depends on (stored in ``config.json``)."""
 
-    categories: tuple[str, ...] = (
-        CATEGORIES  # modelled categories (the backbone's by default)
-    )
+    categories: tuple[str, ...] = CATEGORIES  # modelled categories (the backbone's by default)
     backbone: str = "default"  # "default" or "compositional" (the shipped backbones)
     objects_per_category: int = 200  # single objects for hard EM (train split)
     # Render scales of those objects (bounding-sphere diameter / image size), split evenly;
     # add data.SCENE_SCALE to train also on objects as small as in cluttered scenes.
     object_scales: tuple[tuple[float, float], ...] = (OBJECT_SCALE,)
     scenes: int = 100  # cluttered scenes for the observation model (train split)
-    validation_per_category: int = (
-        20  # objects that choose the mask threshold (validation)
-    )
-    mask_multipliers: tuple[float, ...] = (
-        1.0,
-        2.0,
-        3.0,
-        4.0,
-        5.0,
-        6.0,
-        7.0,
-        8.0,
-        10.0,
-    )  # × λ
+    validation_per_category: int = 20  # objects that choose the mask threshold (validation)
+    mask_multipliers: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)  # × λ
     components_top: int = 20  # K of the level just below the category (the paper: 500)
     components: int = 5  # K of every other level (the paper: 5)
     em: EMConfig = field(default_factory=EMConfig)  # hard EM options
     # Issue #10's levers (benchmarks/clutter_levers.py measured them on validation scenes):
     background_per_channel: bool = True  # β, σ2 per channel from the training scenes
-    calibration_scenes: int = (
-        20  # validation scenes that choose the σ0 multiplier (0: off)
-    )
+    calibration_scenes: int = 20  # validation scenes that choose the σ0 multiplier (0: off)
     calibration_levels: tuple[str, ...] = UPPER_LEVELS
     calibration_multipliers: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
     seed: int = 0  # base seed of the data splits and of EM
@@ -108,9 +86,7 @@ PRESETS: dict[str, TrainConfig] = {
         components=2,
         calibration_scenes=1,
         calibration_multipliers=(1.0, 0.25),
-        em=EMConfig(
-            iterations=1, epochs=1, init_epochs=1, batch_size=8, top_init_iterations=1
-        ),
+        em=EMConfig(iterations=1, epochs=1, init_epochs=1, batch_size=8, top_init_iterations=1),
     ),  # fmt: skip
     # The shipped model: ≤ 30 min on 2 CPU cores.
     "default": TrainConfig(),
@@ -132,10 +108,7 @@ def render_object_set(
     if not scales:
         raise ValueError("scales must name at least one (lo, hi) render scale")
     images, masks, labels = [], [], []
-    counts = [
-        n // len(scales) + (n % len(scales) if j == 0 else 0)
-        for j in range(len(scales))
-    ]
+    counts = [n // len(scales) + (n % len(scales) if j == 0 else 0) for j in range(len(scales))]
     for cat in categories:
         for j, (scale, count) in enumerate(zip(scales, counts, strict=True)):
             ds = RenderedObjects(cat, count, seed=seed if j == 0 else (seed, j),
@@ -183,16 +156,12 @@ def train_model(
     if resume and config_path.exists():
         _check_resume(config_path, config)
     elif not resume and any(out.glob("*.safetensors")):
-        raise FileExistsError(
-            f"{out} holds checkpoints already; pass --resume or a new --out"
-        )
+        raise FileExistsError(f"{out} holds checkpoints already; pass --resume or a new --out")
     atomic_write_json(config_path, config.to_json())
     backbone = _backbone(config.backbone)
     unknown = [c for c in config.categories if c not in backbone.categories]
     if unknown:
-        raise ValueError(
-            f"unknown categories {unknown}; the backbone knows {backbone.categories}"
-        )
+        raise ValueError(f"unknown categories {unknown}; the backbone knows {backbone.categories}")
     torch.manual_seed(config.seed)
     log: dict[str, Any] = {"seconds": {}}
     log_path = out / "log.json"
@@ -241,9 +210,7 @@ def train_model(
         scenes = Scenes(config.scenes, seed=split_seed("train", config.seed))
         fit_background(gm, backbone, list(tqdm(scenes, desc="render scenes",
                                                disable=not progress)))  # fmt: skip
-    scores = tune_mask_threshold(
-        gm, backbone, validation, multipliers=config.mask_multipliers
-    )
+    scores = tune_mask_threshold(gm, backbone, validation, multipliers=config.mask_multipliers)
     log["mask_threshold_iou"] = {str(m): v for m, v in scores.items()}
     if config.calibration_scenes > 0:
         val_scenes = list(Scenes(config.calibration_scenes,
@@ -256,9 +223,7 @@ def train_model(
         # The masks changed with σ0: choose their threshold again.
         scores = tune_mask_threshold(gm, backbone, validation,
                                      multipliers=config.mask_multipliers)  # fmt: skip
-        log["mask_threshold_iou_after_calibration"] = {
-            str(m): v for m, v in scores.items()
-        }
+        log["mask_threshold_iou_after_calibration"] = {str(m): v for m, v in scores.items()}
     gm.save(stage3)
     log["seconds"]["mask_threshold"] = round(time.perf_counter() - start, 1)
     atomic_write_json(log_path, log)

@@ -13,29 +13,15 @@ from pyro_backpass.model.checks import (
     check_observed,
     merge_category,
 )
-from pyro_backpass.model.generative_model import (
-    ENUMERATE,
-    GenerativeModel,
-    default_offsets,
-)
+from pyro_backpass.model.generative_model import ENUMERATE, GenerativeModel, default_offsets
 from pyro_backpass.model.observation import (
     ClosedFormConstants,
     Observation,
     closed_form_constants,
 )
-from pyro_backpass.model.priors import (
-    CategoricalPrior,
-    NGramPrior,
-    SitePrior,
-    UniformPrior,
-)
+from pyro_backpass.model.priors import CategoricalPrior, NGramPrior, SitePrior, UniformPrior
 from pyro_backpass.model.thresholded_gaussian import HALF_LOG_2PI, ThresholdedGaussian
-from pyro_backpass.model.top_down import (
-    TopDownStep,
-    offset_grid,
-    shift_all,
-    shift_select,
-)
+from pyro_backpass.model.top_down import TopDownStep, offset_grid, shift_all, shift_select
 
 __all__ = [
     "CategoricalPrior",

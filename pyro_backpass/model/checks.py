@@ -45,10 +45,7 @@ def _device_check(name: str, x: torch.Tensor, gm: ModelLike) -> None:
 
 
 def check_bu(
-    gm: ModelLike,
-    bu: Mapping[str, torch.Tensor] | None,
-    *,
-    batch_size: int | None = None,
+    gm: ModelLike, bu: Mapping[str, torch.Tensor] | None, *, batch_size: int | None = None
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Validate ``bu`` (level name → ``(B, C, H, W)``), return the model's levels and ``B``.
 
@@ -63,9 +60,7 @@ def check_bu(
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return {}, b
     if not isinstance(bu, Mapping):
-        raise TypeError(
-            f"bu must be a mapping level name -> tensor, got {type(bu).__name__}"
-        )
+        raise TypeError(f"bu must be a mapping level name -> tensor, got {type(bu).__name__}")
     out: dict[str, torch.Tensor] = {}
     sizes: dict[str, int] = {}
     specs = {s.name: s for s in gm.levels}
@@ -74,25 +69,15 @@ def check_bu(
             continue
         spec = specs[name]
         if not isinstance(x, torch.Tensor):
-            raise TypeError(
-                f"bu[{name!r}] must be a torch.Tensor, got {type(x).__name__}"
-            )
+            raise TypeError(f"bu[{name!r}] must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
-            raise TypeError(
-                f"bu[{name!r}] must be a floating-point tensor, got {x.dtype}"
-            )
+            raise TypeError(f"bu[{name!r}] must be a floating-point tensor, got {x.dtype}")
         if name == "category" and x.dim() == 2:
             x = x[..., None, None]
         if x.dim() != 4 or tuple(x.shape[1:]) != spec.shape:
-            want = (
-                f"(B, {spec.channels})"
-                if name == "category"
-                else f"(B, {spec.channels}, "
-            )
+            want = f"(B, {spec.channels})" if name == "category" else f"(B, {spec.channels}, "
             want += "" if name == "category" else f"{spec.height}, {spec.width})"
-            raise ValueError(
-                f"bu[{name!r}] has shape {tuple(x.shape)}; expected {want}"
-            )
+            raise ValueError(f"bu[{name!r}] has shape {tuple(x.shape)}; expected {want}")
         # A finite sum proves every element finite; only an overflowing sum needs the full check.
         if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
             raise ValueError(f"bu[{name!r}] contains NaN or inf")
@@ -103,29 +88,20 @@ def check_bu(
         raise ValueError(f"bu levels disagree on the batch size: {sizes}")
     if sizes and next(iter(sizes.values())) < 1:
         raise ValueError("bu has batch size 0: give at least one image")
-    b = (
-        next(iter(sizes.values()))
-        if sizes
-        else (1 if batch_size is None else int(batch_size))
-    )
+    b = next(iter(sizes.values())) if sizes else (1 if batch_size is None else int(batch_size))
     if batch_size is not None and sizes and b != batch_size:
         raise ValueError(f"batch_size={batch_size} but bu has batch size {b}")
     return out, b
 
 
 def check_observed(
-    gm: ModelLike,
-    observed: Mapping[str, Any] | None,
-    bu: Mapping[str, torch.Tensor],
-    b: int,
+    gm: ModelLike, observed: Mapping[str, Any] | None, bu: Mapping[str, torch.Tensor], b: int
 ) -> dict[str, torch.Tensor]:
     """``observed``: level name → bool mask broadcastable to ``(B, C, H, W)`` (or a bool)."""
     if observed is None:
         return {}
     if not isinstance(observed, Mapping):
-        raise TypeError(
-            "observed must be a mapping level name -> bool mask (B, C, H, W)"
-        )
+        raise TypeError("observed must be a mapping level name -> bool mask (B, C, H, W)")
     names = {s.name for s in gm.levels}
     out = {}
     for name, mask in observed.items():
@@ -140,9 +116,7 @@ def check_observed(
             mask = mask[..., None, None]  # (B, N) like bu['category']
         shape = tuple(bu[name].shape)
         try:
-            fits = (
-                mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, shape) == shape
-            )
+            fits = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, shape) == shape
         except RuntimeError:
             fits = False
         if not fits:
@@ -160,11 +134,7 @@ def category_indices(gm: ModelLike, category: Any, b: int) -> torch.Tensor | Non
         return None
     items: Sequence[Any]
     if isinstance(category, torch.Tensor):
-        if (
-            category.dim() > 1
-            or category.is_floating_point()
-            or category.dtype == torch.bool
-        ):
+        if category.dim() > 1 or category.is_floating_point() or category.dtype == torch.bool:
             raise ValueError(
                 f"category as a tensor must be 0-D or (B,) integer indices, got "
                 f"{category.dtype} of shape {tuple(category.shape)}"
@@ -184,27 +154,19 @@ def category_indices(gm: ModelLike, category: Any, b: int) -> torch.Tensor | Non
     for item in items:
         if isinstance(item, str):
             if item not in gm.categories:
-                raise ValueError(
-                    f"unknown category {item!r}; known: {list(gm.categories)}"
-                )
+                raise ValueError(f"unknown category {item!r}; known: {list(gm.categories)}")
             idx.append(gm.categories.index(item))
         else:
             if isinstance(item, bool) or not isinstance(item, numbers.Integral):
-                raise TypeError(
-                    f"category entries must be names or int indices, got {item!r}"
-                )
+                raise TypeError(f"category entries must be names or int indices, got {item!r}")
             i = int(item)
             if not 0 <= i < len(gm.categories):
-                raise ValueError(
-                    f"category index {i} out of range [0, {len(gm.categories)})"
-                )
+                raise ValueError(f"category index {i} out of range [0, {len(gm.categories)})")
             idx.append(i)
     return torch.tensor(idx, dtype=torch.long, device=gm.device)
 
 
-def check_clamp(
-    gm: ModelLike, clamp: Mapping[str, Any] | None, b: int
-) -> dict[str, torch.Tensor]:
+def check_clamp(gm: ModelLike, clamp: Mapping[str, Any] | None, b: int) -> dict[str, torch.Tensor]:
     """Site name → int or ``(B,)`` indices, checked against the site's size → ``(B,)`` long."""
     if clamp is None:
         return {}
@@ -230,9 +192,7 @@ def check_clamp(
     return out
 
 
-def merge_category(
-    gm: ModelLike, category: Any, clamp: Any, b: int
-) -> dict[str, torch.Tensor]:
+def merge_category(gm: ModelLike, category: Any, clamp: Any, b: int) -> dict[str, torch.Tensor]:
     """``clamp`` checked, with ``category`` folded in as ``clamp['category']``."""
     clamps = check_clamp(gm, clamp, b)
     cat = category_indices(gm, category, b)

@@ -36,12 +36,7 @@ from pyro_backpass.files import atomic_write
 from pyro_backpass.levels import Cfg, LevelSpec, levels_from_cfg
 from pyro_backpass.model.checks import category_indices, check_bu, check_observed
 from pyro_backpass.model.observation import ClosedFormConstants, Observation
-from pyro_backpass.model.priors import (
-    CategoricalPrior,
-    NGramPrior,
-    SitePrior,
-    UniformPrior,
-)
+from pyro_backpass.model.priors import CategoricalPrior, NGramPrior, SitePrior, UniformPrior
 from pyro_backpass.model.top_down import TopDownStep, offset_grid, shift_all
 
 __all__ = ["ENUMERATE", "GenerativeModel", "backbone_fingerprint", "default_offsets"]
@@ -107,36 +102,23 @@ class GenerativeModel(nn.Module):
     ) -> None:
         super().__init__()
         levels = tuple(levels)
-        if (
-            len(levels) < 2
-            or levels[0].kind != "image"
-            or levels[-1].kind != "category"
-        ):
-            raise ValueError(
-                "levels must run from an 'image' level up to a 'category' level"
-            )
-        if len(categories) != levels[-1].channels or len(set(categories)) != len(
-            categories
-        ):
+        if len(levels) < 2 or levels[0].kind != "image" or levels[-1].kind != "category":
+            raise ValueError("levels must run from an 'image' level up to a 'category' level")
+        if len(categories) != levels[-1].channels or len(set(categories)) != len(categories):
             raise ValueError(
                 f"need {levels[-1].channels} distinct category names, got {list(categories)}"
             )
         if ngram_order < 1:
             raise ValueError(f"ngram_order must be >= 1, got {ngram_order}")
         self._levels, self._categories = levels, tuple(categories)
-        self.ngram_order, self.cfg = (
-            int(ngram_order),
-            None if cfg is None else list(cfg),
-        )
+        self.ngram_order, self.cfg = int(ngram_order), None if cfg is None else list(cfg)
         hidden = [s.name for s in levels[:-1]]
         ks = self._per_level(num_components, hidden, "num_components")
         sigma0 = self._per_level(scale_td, hidden, "scale_td")
         offs = default_offsets(levels)
         for name, value in (offsets or {}).items():
             if name not in offs:
-                raise ValueError(
-                    f"offsets: unknown level {name!r}; hidden levels: {hidden}"
-                )
+                raise ValueError(f"offsets: unknown level {name!r}; hidden levels: {hidden}")
             offs[name] = offset_grid(value) if isinstance(value, int) else list(value)
 
         self.steps = nn.ModuleDict()
@@ -163,9 +145,7 @@ class GenerativeModel(nn.Module):
             missing = [n for n in names if n not in value]
             unknown = [n for n in value if n not in names]
             if missing or unknown:
-                raise ValueError(
-                    f"{what}: missing levels {missing}, unknown levels {unknown}"
-                )
+                raise ValueError(f"{what}: missing levels {missing}, unknown levels {unknown}")
             return dict(value)
         return {n: value for n in names}
 
@@ -179,9 +159,7 @@ class GenerativeModel(nn.Module):
         """Attach ``backbone`` (checked against the model's levels); ``name`` is recorded in
         saved files (``"default"`` and ``"compositional"`` are reloaded automatically)."""
         image = self._levels[0]
-        levels = {
-            s.name: s.shape for s in backbone.levels_for((image.height, image.width))
-        }
+        levels = {s.name: s.shape for s in backbone.levels_for((image.height, image.width))}
         wrong = [s.name for s in self._levels[:-1] if levels.get(s.name) != s.shape]
         if wrong or tuple(backbone.categories) != self._categories:
             raise ValueError(
@@ -189,10 +167,7 @@ class GenerativeModel(nn.Module):
                 f"categories {list(backbone.categories)} != {list(self._categories)}"
             )
         self.__dict__["_backbone"] = backbone
-        self.__dict__["_backbone_record"] = {
-            "name": name,
-            "sha256": backbone_fingerprint(backbone),
-        }
+        self.__dict__["_backbone_record"] = {"name": name, "sha256": backbone_fingerprint(backbone)}
         return self
 
     # ------------------------------------------------------------------ structure
@@ -213,9 +188,7 @@ class GenerativeModel(nn.Module):
     @property
     def offsets(self) -> dict[str, list[tuple[int, int]]]:
         """``{level: [(dy, dx), ...]}``; a δ value indexes this list."""
-        return {
-            n: [tuple(o) for o in s.offsets.tolist()] for n, s in self.steps.items()
-        }
+        return {n: [tuple(o) for o in s.offsets.tolist()] for n, s in self.steps.items()}
 
     @property
     def num_components(self) -> dict[str, int]:
@@ -268,9 +241,7 @@ class GenerativeModel(nn.Module):
             priors[f"delta_{name}"] = UniformPrior(sizes[f"delta_{name}"])
         return priors
 
-    def resolve_priors(
-        self, priors: Mapping[str, SitePrior] | None = None
-    ) -> dict[str, SitePrior]:
+    def resolve_priors(self, priors: Mapping[str, SitePrior] | None = None) -> dict[str, SitePrior]:
         """The model's priors with per-call overrides, checked against the sites."""
         out = dict(self.priors.items())
         sizes, order = self.site_sizes, self.sites
@@ -278,9 +249,7 @@ class GenerativeModel(nn.Module):
             if site not in sizes:
                 raise ValueError(f"priors: unknown site {site!r}; sites: {order}")
             if not isinstance(prior, SitePrior):
-                raise TypeError(
-                    f"priors[{site!r}] must be a SitePrior, got {type(prior).__name__}"
-                )
+                raise TypeError(f"priors[{site!r}] must be a SitePrior, got {type(prior).__name__}")
             table = prior.log_probs()
             want = tuple(sizes[p] for p in prior.parents if p in sizes) + (sizes[site],)
             bad_parent = [p for p in prior.parents if p not in sizes or p == site]
@@ -290,9 +259,7 @@ class GenerativeModel(nn.Module):
                     f"not fit the model (expected table {want}, parents among {order})"
                 )
             if any(order.index(p) >= order.index(site) for p in prior.parents):
-                raise ValueError(
-                    f"priors[{site!r}]: parents must be sites above it: {order}"
-                )
+                raise ValueError(f"priors[{site!r}]: parents must be sites above it: {order}")
             if self._level_of(site) is not None and any(
                 self._level_of(p) == self._level_of(site) for p in prior.parents
             ):
@@ -357,26 +324,15 @@ class GenerativeModel(nn.Module):
         with pyro.plate("images", b, dim=-1):
             values = {
                 "category": pyro.sample(
-                    "category",
-                    dist.Categorical(tables["category"]),
-                    obs=cat_obs,
-                    infer=ENUMERATE,
+                    "category", dist.Categorical(tables["category"]), obs=cat_obs, infer=ENUMERATE
                 )
             }
-            self._observe(
-                "category",
-                self.observation_td(values["category"]),
-                bu,
-                masks,
-                sample_bu,
-            )
+            self._observe("category", self.observation_td(values["category"]), bu, masks, sample_bu)
             upper = values["category"]
             for name in reversed(self.hidden_levels):
                 for site in (f"gamma_{name}", f"delta_{name}"):
                     probs = self._cpd(tables[site], priors[site].parents, values)
-                    values[site] = pyro.sample(
-                        site, dist.Categorical(probs), infer=ENUMERATE
-                    )
+                    values[site] = pyro.sample(site, dist.Categorical(probs), infer=ENUMERATE)
                 step = self.steps[name]
                 phi = step.phi(upper, values[f"gamma_{name}"], values[f"delta_{name}"])
                 if noise > 0:
@@ -389,9 +345,7 @@ class GenerativeModel(nn.Module):
         return td
 
     @staticmethod
-    def _cpd(
-        table: torch.Tensor, parents: Sequence[str], values: Mapping[str, torch.Tensor]
-    ):
+    def _cpd(table: torch.Tensor, parents: Sequence[str], values: Mapping[str, torch.Tensor]):
         if not parents:
             return table
         return Vindex(table)[tuple(values[p] for p in parents) + (slice(None),)]
@@ -404,9 +358,7 @@ class GenerativeModel(nn.Module):
             d = d.mask(masks[name])
         pyro.sample(f"bu_{name}", d.to_event(3), obs=bu.get(name))
 
-    def format_shapes(
-        self, bu: Mapping[str, torch.Tensor] | None = None, **kwargs: Any
-    ) -> str:
+    def format_shapes(self, bu: Mapping[str, torch.Tensor] | None = None, **kwargs: Any) -> str:
         """The trace's shapes (``trace.format_shapes()``) under parallel enumeration."""
         from pyro import poutine
 
@@ -435,9 +387,7 @@ class GenerativeModel(nn.Module):
         :param kwargs: any other ``GenerativeModel`` keyword (offsets, σ's, ...).
         """
         if not backbone.categories:
-            raise ValueError(
-                "the backbone has no classifier head, so no categories to model"
-            )
+            raise ValueError("the backbone has no classifier head, so no categories to model")
         size = backbone.image_size if image_size is None else image_size
         gm = cls(backbone.levels_for(size), categories=backbone.categories,
                  num_components=num_components, cfg=backbone.cfg, **kwargs)  # fmt: skip
@@ -463,9 +413,7 @@ class GenerativeModel(nn.Module):
         (and any other ``GenerativeModel`` keyword, e.g. ``offsets``) override the defaults
         λ = 0.5, β = 0, σ0 = 0.1, σ1 = σ2 = 0.3.
         """
-        levels = levels_from_cfg(
-            cfg, image_size=image_size, num_categories=num_categories
-        )
+        levels = levels_from_cfg(cfg, image_size=image_size, num_categories=num_categories)
         gm = cls(
             levels,
             categories=[f"c{i}" for i in range(num_categories)],
@@ -475,24 +423,18 @@ class GenerativeModel(nn.Module):
         )
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            upper: torch.Tensor = torch.arange(num_categories).repeat_interleave(
-                4
-            )  # (S,)
+            upper: torch.Tensor = torch.arange(num_categories).repeat_interleave(4)  # (S,)
             for name in reversed(gm.hidden_levels):
                 step = gm.steps[name]
                 for _attempt in range(20):
                     step.reset_parameters(gen)
                     # RMS over samples and all offsets (zero fill included): (K,)
-                    phi = shift_all(
-                        step.phi_all(upper), step.offsets
-                    )  # (S, K, D, C, H, W)
+                    phi = shift_all(step.phi_all(upper), step.offsets)  # (S, K, D, C, H, W)
                     rms = phi.pow(2).mean(dim=(0, 2, 3, 4, 5)).sqrt()
                     if bool((rms > 1e-3).all()):
                         break
                 else:
-                    raise RuntimeError(
-                        f"could not draw non-vanishing components for {name}"
-                    )
+                    raise RuntimeError(f"could not draw non-vanishing components for {name}")
                 scale = rms.reciprocal()
                 if step.kind == "template":
                     step.weight.mul_(scale.view(1, -1, 1, 1, 1))
@@ -518,15 +460,10 @@ class GenerativeModel(nn.Module):
         for site, prior in self.priors.items():
             kind = type(prior).__name__
             if kind not in _PRIOR_TYPES:
-                raise TypeError(
-                    f"cannot save prior of custom type {kind} for site {site!r}"
-                )
+                raise TypeError(f"cannot save prior of custom type {kind} for site {site!r}")
             entry: dict[str, Any] = {"type": kind}
             if isinstance(prior, NGramPrior):
-                entry |= {
-                    "parents": list(prior.parents),
-                    "concentration": prior.concentration,
-                }
+                entry |= {"parents": list(prior.parents), "concentration": prior.concentration}
             priors[site] = entry
         return {
             "format_version": self.FORMAT_VERSION,
@@ -549,9 +486,7 @@ class GenerativeModel(nn.Module):
         return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike, *, map_location: str | None = None
-    ) -> GenerativeModel:
+    def load(cls, path: str | os.PathLike, *, map_location: str | None = None) -> GenerativeModel:
         """Read a model written by :meth:`save`; clear errors for wrong or damaged files."""
         from safetensors import SafetensorError, safe_open
 
@@ -563,13 +498,9 @@ class GenerativeModel(nn.Module):
                 meta = f.metadata() or {}
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(
-                f"{path} is not a readable safetensors file ({err})"
-            ) from None
+            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
         if _CONFIG_KEY not in meta:
-            raise ValueError(
-                f"{path} is not a pyro_backpass GenerativeModel file (no config)"
-            )
+            raise ValueError(f"{path} is not a pyro_backpass GenerativeModel file (no config)")
         config = json.loads(meta[_CONFIG_KEY])
         if config.get("format_version") != cls.FORMAT_VERSION:
             raise ValueError(
@@ -604,9 +535,9 @@ class GenerativeModel(nn.Module):
             if state.get(f"observations.{name}.background", torch.zeros(())).dim() == 3:
                 obs.per_channel_background()
         expected = gm.state_dict()
-        bad = [
-            k for k in expected if k not in state or state[k].shape != expected[k].shape
-        ] + [k for k in state if k not in expected]
+        bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape] + [
+            k for k in state if k not in expected
+        ]
         if bad:
             raise ValueError(f"{path}: tensors do not match its own config: {bad[:5]}")
         gm.load_state_dict(state)
@@ -620,9 +551,7 @@ class GenerativeModel(nn.Module):
                 )
             gm.attach_backbone(backbone, name=record["name"])
         elif record is not None:
-            gm.__dict__["_backbone_record"] = dict(
-                record
-            )  # attach it with attach_backbone
+            gm.__dict__["_backbone_record"] = dict(record)  # attach it with attach_backbone
         return gm.to(map_location) if map_location else gm
 
     @classmethod
@@ -630,9 +559,7 @@ class GenerativeModel(nn.Module):
         """The shipped model of the shipped backbone (weights inside the package, no
         download), trained by ``pyro-backpass train --preset default`` (README: the command and
         seed); ``gm.backbone`` is its backbone."""
-        ref = resources.files("pyro_backpass").joinpath(
-            "weights", "generative_model.safetensors"
-        )
+        ref = resources.files("pyro_backpass").joinpath("weights", "generative_model.safetensors")
         with resources.as_file(ref) as path:
             if not path.exists():
                 raise FileNotFoundError(

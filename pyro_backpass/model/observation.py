@@ -14,9 +14,7 @@ from pyro_backpass.model.thresholded_gaussian import HALF_LOG_2PI, ThresholdedGa
 
 __all__ = ["ClosedFormConstants", "Observation", "Scalar", "closed_form_constants"]
 
-Scalar = (
-    float | torch.Tensor
-)  # a Python float, or a 0-dim tensor where gradients are needed
+Scalar = float | torch.Tensor  # a Python float, or a 0-dim tensor where gradients are needed
 
 
 class ClosedFormConstants(NamedTuple):
@@ -70,10 +68,7 @@ def closed_form_constants(
 
     s1 = as_t(scale_on)
     scalars = (threshold, background, scale_td, scale_off)
-    if any(
-        _needs_grad(v) or (isinstance(v, torch.Tensor) and v.numel() != 1)
-        for v in scalars
-    ):
+    if any(_needs_grad(v) or (isinstance(v, torch.Tensor) and v.numel() != 1) for v in scalars):
         # Gradients through the parameters, or element-wise parameters: tensors throughout.
         lam, beta, s0, s2 = (as_t(v) for v in scalars)
         below = torch.nextafter(lam, lam.new_tensor(-math.inf))
@@ -155,9 +150,7 @@ class Observation(nn.Module):
         c = self.spec.channels
         t = torch.as_tensor(value, dtype=torch.get_default_dtype()).detach()
         if t.numel() not in (1, c):
-            raise ValueError(
-                f"{self.spec.name}: {name} needs 1 or {c} values, got {t.numel()}"
-            )
+            raise ValueError(f"{self.spec.name}: {name} needs 1 or {c} values, got {t.numel()}")
         if t.numel() == 1 and not always:
             return t.reshape(()).clone()
         return t.reshape(-1).expand(c).reshape(c, 1, 1).clone()
@@ -213,8 +206,5 @@ class Observation(nn.Module):
             return cached[1]
         with torch.inference_mode(False), torch.no_grad():
             constants = make()
-            self.__dict__["_constants_cache"] = (
-                tuple(t.clone() for t in raw),
-                constants,
-            )
+            self.__dict__["_constants_cache"] = (tuple(t.clone() for t in raw), constants)
         return constants

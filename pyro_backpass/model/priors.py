@@ -68,9 +68,7 @@ class CategoricalPrior(SitePrior):
         super().__init__()
         probs = _check_table(torch.as_tensor(probs), "CategoricalPrior")
         if probs.dim() != 1:
-            raise ValueError(
-                f"CategoricalPrior takes a 1-D table, got shape {tuple(probs.shape)}"
-            )
+            raise ValueError(f"CategoricalPrior takes a 1-D table, got shape {tuple(probs.shape)}")
         self.register_buffer("probs", probs)
 
     def log_probs(self) -> torch.Tensor:
@@ -113,9 +111,7 @@ class NGramPrior(SitePrior):
                 f"parent {self.parents} plus one for the values"
             )
         if not concentration > 0:
-            raise ValueError(
-                f"NGramPrior: concentration must be > 0, got {concentration}"
-            )
+            raise ValueError(f"NGramPrior: concentration must be > 0, got {concentration}")
         self.concentration = float(concentration)
         self.register_buffer("probs", probs)
 
@@ -141,9 +137,7 @@ class NGramPrior(SitePrior):
         With α < 1 the mode can sit on the simplex's boundary; entries are clipped at 0 and a
         row with no positive entry falls back to uniform.
         """
-        counts = torch.as_tensor(
-            counts, dtype=self.probs.dtype, device=self.probs.device
-        )
+        counts = torch.as_tensor(counts, dtype=self.probs.dtype, device=self.probs.device)
         if counts.shape != self.probs.shape:
             raise ValueError(
                 f"counts shape {tuple(counts.shape)} != table shape {tuple(self.probs.shape)}"

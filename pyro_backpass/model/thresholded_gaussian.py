@@ -57,8 +57,8 @@ class ThresholdedGaussian(TorchDistribution):
         scale_off: torch.Tensor | float,
         validate_args: bool | None = None,
     ) -> None:
-        self.td, self.threshold, self.background, self.scale_on, self.scale_off = (
-            broadcast_all(td, threshold, background, scale_on, scale_off)
+        self.td, self.threshold, self.background, self.scale_on, self.scale_off = broadcast_all(
+            td, threshold, background, scale_on, scale_off
         )
         super().__init__(self.td.shape, torch.Size(), validate_args=validate_args)
 
@@ -84,9 +84,7 @@ class ThresholdedGaussian(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         for name in ("td", "threshold", "background", "scale_on", "scale_off"):
             setattr(new, name, getattr(self, name).expand(batch_shape))
-        super(ThresholdedGaussian, new).__init__(
-            batch_shape, torch.Size(), validate_args=False
-        )
+        super(ThresholdedGaussian, new).__init__(batch_shape, torch.Size(), validate_args=False)
         new._validate_args = self._validate_args
         return new
 

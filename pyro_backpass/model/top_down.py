@@ -31,14 +31,7 @@ from torch import nn
 
 from pyro_backpass.levels import LevelSpec
 
-__all__ = [
-    "StepKind",
-    "TopDownStep",
-    "offset_grid",
-    "shift_all",
-    "shift_select",
-    "step_kind",
-]
+__all__ = ["StepKind", "TopDownStep", "offset_grid", "shift_all", "shift_select", "step_kind"]
 
 StepKind = Literal["template", "conv", "unpool"]
 
@@ -50,11 +43,7 @@ def step_kind(upper: LevelSpec) -> StepKind:
 
 def offset_grid(radius: int) -> list[tuple[int, int]]:
     """All (dy, dx) in {−r..r}², row-major (dy, then dx)."""
-    return [
-        (dy, dx)
-        for dy in range(-radius, radius + 1)
-        for dx in range(-radius, radius + 1)
-    ]
+    return [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
 
 
 def _pad_of(offsets: torch.Tensor) -> int:
@@ -89,9 +78,7 @@ def shift_all(
     return shifted.contiguous() if out is None else out.copy_(shifted)
 
 
-def shift_select(
-    x: torch.Tensor, offsets: torch.Tensor, delta: torch.Tensor
-) -> torch.Tensor:
+def shift_select(x: torch.Tensor, offsets: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Shift each map by its own offset: ``x (S_x, C, H, W)``, ``delta (S_d)`` → ``(S, C, H, W)``.
 
     ``S`` is the broadcast of ``S_x`` and ``S_d`` (Pyro's enumeration dims included).
@@ -100,13 +87,9 @@ def shift_select(
     p = _pad_of(offsets)
     if p and x.dim() == 4 and delta.shape == x.shape[:1]:
         # One map per image (greedy, log_joint): pick each image's window of the padded map.
-        windows = (
-            F.pad(x, (p, p, p, p)).unfold(-2, h, 1).unfold(-2, w, 1)
-        )  # (S, C, R, R, H, W)
+        windows = F.pad(x, (p, p, p, p)).unfold(-2, h, 1).unfold(-2, w, 1)  # (S, C, R, R, H, W)
         rows = torch.arange(x.shape[0], device=x.device)
-        return windows[
-            rows, :, p - offsets[delta, 0], p - offsets[delta, 1]
-        ]  # (S, C, H, W)
+        return windows[rows, :, p - offsets[delta, 0], p - offsets[delta, 1]]  # (S, C, H, W)
     batch = torch.broadcast_shapes(x.shape[:-3], delta.shape)
     if p == 0:
         return x.expand(batch + x.shape[-3:])
@@ -130,9 +113,7 @@ _PHASE_TAPS = ((3, 1), (2, 0))
 _PHASE_CONV_MAX_IN = 16
 
 
-def _unpool(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, size
-) -> torch.Tensor:
+def _unpool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, size) -> torch.Tensor:
     """ReLU(conv_transpose2d(x, W_γ, stride=2, padding=1) + b_γ) for every γ: ``(N, K·C, H, W)``.
 
     The same values as the transposed convolution (up to float rounding), computed as **one**
@@ -150,9 +131,7 @@ def _unpool(
     w2 = weight[:, :, :, taps][..., taps].permute(3, 5, 0, 2, 1, 4, 6)
     w2 = w2.reshape(4 * k * c, c_in, 2, 2)
     z = F.conv2d(x, w2, bias.reshape(1, k * c).expand(4, -1).reshape(-1), padding=1)
-    z = F.relu_(z).view(
-        n, 2, 2, k * c, hi + 1, wi + 1
-    )  # (N, a, b, K*C, H_in+1, W_in+1)
+    z = F.relu_(z).view(n, 2, 2, k * c, hi + 1, wi + 1)  # (N, a, b, K*C, H_in+1, W_in+1)
     out = z.new_empty(n, k * c, h, w)
     for a in range(2):
         for b in range(2):
@@ -182,36 +161,26 @@ class TopDownStep(nn.Module):
     ) -> None:
         super().__init__()
         if num_components < 1:
-            raise ValueError(
-                f"{out.name}: num_components must be >= 1, got {num_components}"
-            )
+            raise ValueError(f"{out.name}: num_components must be >= 1, got {num_components}")
         if len(offsets) == 0:
             raise ValueError(f"{out.name}: needs at least one offset, e.g. [(0, 0)]")
         if not (math.isfinite(scale_td) and scale_td > 0):
-            raise ValueError(
-                f"{out.name}: scale_td (σ0) must be finite and > 0, got {scale_td}"
-            )
+            raise ValueError(f"{out.name}: scale_td (σ0) must be finite and > 0, got {scale_td}")
         self.kind: StepKind = step_kind(upper)
         self.upper, self.out, self.num_components = upper, out, int(num_components)
         k, c_in, c = self.num_components, upper.channels, out.channels
         if self.kind == "template":
-            self.weight = nn.Parameter(
-                torch.zeros(c_in, k, *out.shape)
-            )  # (Ncat, K, C, H, W)
+            self.weight = nn.Parameter(torch.zeros(c_in, k, *out.shape))  # (Ncat, K, C, H, W)
             self.bias = None
         elif self.kind == "conv":
             if (upper.height, upper.width) != (out.height, out.width):
-                raise ValueError(
-                    f"conv step {upper.name}->{out.name} must keep the spatial size"
-                )
+                raise ValueError(f"conv step {upper.name}->{out.name} must keep the spatial size")
             self.weight = nn.Parameter(torch.zeros(k, c, c_in, 3, 3))
             self.bias = nn.Parameter(torch.zeros(k, c))
         else:
             extra = (out.height - 2 * upper.height, out.width - 2 * upper.width)
             if not all(e in (0, 1) for e in extra):
-                raise ValueError(
-                    f"unpool step {upper.name}->{out.name} must double the size"
-                )
+                raise ValueError(f"unpool step {upper.name}->{out.name} must double the size")
             self.weight = nn.Parameter(torch.zeros(k, c_in, c, 4, 4))
             self.bias = nn.Parameter(torch.zeros(k, c))
         self.register_buffer("offsets", torch.tensor(list(offsets), dtype=torch.long))
@@ -245,12 +214,7 @@ class TopDownStep(nn.Module):
             return kept[3]
         with torch.inference_mode(False), torch.no_grad():
             value = make()
-            memo[key] = (
-                depends,
-                self.weight.detach().clone(),
-                self.offsets.clone(),
-                value,
-            )
+            memo[key] = (depends, self.weight.detach().clone(), self.offsets.clone(), value)
         return value
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -262,9 +226,7 @@ class TopDownStep(nn.Module):
             if self.bias is not None:
                 self.bias.copy_(0.1 * torch.randn(self.bias.shape, generator=generator))
 
-    def phi_all(
-        self, upper: torch.Tensor, components: slice | None = None
-    ) -> torch.Tensor:
+    def phi_all(self, upper: torch.Tensor, components: slice | None = None) -> torch.Tensor:
         """φ for every component (or a ``components`` slice of them), unshifted.
 
         ``template``: ``upper`` is a category index tensor ``(S,)`` → ``(S, K, C, H, W)``.
@@ -280,9 +242,7 @@ class TopDownStep(nn.Module):
         x = upper.reshape(-1, *upper.shape[-3:])  # (N, C_in, H_in, W_in)
         if self.kind == "conv":
             # The bias rides in the convolution and the ReLU is in place: no extra passes.
-            y = F.conv2d(
-                x, weight.reshape(k * c, *weight.shape[2:]), bias.reshape(-1), padding=1
-            )
+            y = F.conv2d(x, weight.reshape(k * c, *weight.shape[2:]), bias.reshape(-1), padding=1)
             return F.relu_(y).reshape(batch + (k, c, h, w))
         if x.shape[1] <= _PHASE_CONV_MAX_IN:
             return _unpool(x, weight, bias, (h, w)).reshape(batch + (k, c, h, w))

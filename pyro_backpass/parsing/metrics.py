@@ -56,10 +56,7 @@ def _as_masks(masks: torch.Tensor | np.ndarray | Sequence, name: str) -> np.ndar
     elif isinstance(masks, np.ndarray):
         arr = masks
     else:
-        items = [
-            m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else m
-            for m in masks
-        ]
+        items = [m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else m for m in masks]
         arr = np.stack(items) if items else np.zeros((0, 0, 0), dtype=bool)
     if arr.ndim != 3:
         raise ValueError(f"{name} must be (N, H, W) masks, got shape {arr.shape}")
@@ -68,9 +65,7 @@ def _as_masks(masks: torch.Tensor | np.ndarray | Sequence, name: str) -> np.ndar
     return arr
 
 
-def mask_ious(
-    pred: torch.Tensor | np.ndarray, true: torch.Tensor | np.ndarray
-) -> np.ndarray:
+def mask_ious(pred: torch.Tensor | np.ndarray, true: torch.Tensor | np.ndarray) -> np.ndarray:
     """IoU of every predicted mask with every true mask: ``(P, H, W), (T, H, W) -> (P, T)``.
     Two empty masks have IoU 0 (nothing was found)."""
     p, t = _as_masks(pred, "pred"), _as_masks(true, "true")
@@ -111,17 +106,13 @@ class Matching:
         return {t: p for p, t in self.pairs}
 
 
-def match_instances(
-    pred: torch.Tensor | np.ndarray, true: torch.Tensor | np.ndarray
-) -> Matching:
+def match_instances(pred: torch.Tensor | np.ndarray, true: torch.Tensor | np.ndarray) -> Matching:
     """Hungarian matching of predicted to true masks maximising the summed IoU."""
     ious = mask_ious(pred, true)
     if 0 in ious.shape:
         return Matching(ious, ())
     rows, cols = linear_sum_assignment(ious, maximize=True)
-    return Matching(
-        ious, tuple((int(r), int(c)) for r, c in zip(rows, cols, strict=True))
-    )
+    return Matching(ious, tuple((int(r), int(c)) for r, c in zip(rows, cols, strict=True)))
 
 
 def adjusted_rand_index(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
@@ -144,9 +135,7 @@ def adjusted_rand_index(labels_true: np.ndarray, labels_pred: np.ndarray) -> flo
         return 1.0
     _, ai = np.unique(a, return_inverse=True)
     _, bi = np.unique(b, return_inverse=True)
-    table = np.zeros(
-        (ai.max() + 1, bi.max() + 1), dtype=np.float64
-    )  # (classes, clusters)
+    table = np.zeros((ai.max() + 1, bi.max() + 1), dtype=np.float64)  # (classes, clusters)
     np.add.at(table, (ai, bi), 1.0)
 
     def comb2(x: np.ndarray) -> float:
@@ -169,9 +158,7 @@ def _label_map(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return labels
 
 
-def foreground_ari(
-    pred: torch.Tensor | np.ndarray, true: torch.Tensor | np.ndarray
-) -> float:
+def foreground_ari(pred: torch.Tensor | np.ndarray, true: torch.Tensor | np.ndarray) -> float:
     """Adjusted Rand index over the true foreground pixels (the union of ``true``'s masks).
 
     :param pred: ``(P, H, W)`` bool predicted masks in parse order (a pixel claimed by several
@@ -198,23 +185,13 @@ def class_sensitivity(
     :param mask: ``(H, W)`` bool, the queried instance's visible mask.
     0 when the map has no positive mass (it points nowhere).
     """
-    s = (
-        saliency.detach().cpu().numpy()
-        if isinstance(saliency, torch.Tensor)
-        else saliency
-    )
-    m = (
-        mask.detach().cpu().numpy()
-        if isinstance(mask, torch.Tensor)
-        else np.asarray(mask)
-    )
+    s = saliency.detach().cpu().numpy() if isinstance(saliency, torch.Tensor) else saliency
+    m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     s = np.clip(np.asarray(s, dtype=np.float64), 0.0, None)
     if s.ndim == 3:
         s = s.sum(0)
     if s.shape != m.shape or m.dtype != bool:
-        raise ValueError(
-            f"need an (H, W) map and bool mask of one size, got {s.shape}, {m.shape}"
-        )
+        raise ValueError(f"need an (H, W) map and bool mask of one size, got {s.shape}, {m.shape}")
     total = s.sum()
     return float(s[m].sum() / total) if total > 0 else 0.0
 
@@ -355,25 +332,14 @@ class InstanceEvaluation:
         if len(truth.masks):
             self.aris.append(foreground_ari(pred.masks, truth.masks))
         if true_amodal is not None:
-            pa = (
-                pred.masks
-                if pred_amodal is None
-                else _as_masks(pred_amodal, "pred_amodal")
-            )
+            pa = pred.masks if pred_amodal is None else _as_masks(pred_amodal, "pred_amodal")
             partner = m.partner_of_true()
-            for t, (visible, amodal) in enumerate(
-                zip(truth.masks, true_amodal, strict=True)
-            ):
-                if (
-                    amodal.sum() == 0
-                    or 1 - visible.sum() / amodal.sum() < self.min_occlusion
-                ):
+            for t, (visible, amodal) in enumerate(zip(truth.masks, true_amodal, strict=True)):
+                if amodal.sum() == 0 or 1 - visible.sum() / amodal.sum() < self.min_occlusion:
                     continue
                 p = partner.get(t)
                 guess = pa[p] if p is not None else np.zeros_like(amodal)
-                self.amodal_ious.append(
-                    float(mask_ious(guess[None], amodal[None])[0, 0])
-                )
+                self.amodal_ious.append(float(mask_ious(guess[None], amodal[None])[0, 0]))
                 self.hidden_ious.append(occluded_iou(guess, amodal, visible))
         return m
 
@@ -396,9 +362,7 @@ class InstanceEvaluation:
             "mask_ap": ap["ap"],
             "mask_ap50": ap["ap50"],
             "mask_ap_category": ap_cat["ap"],
-            "count_accuracy": self.count_correct / len(self.preds)
-            if self.preds
-            else None,
+            "count_accuracy": self.count_correct / len(self.preds) if self.preds else None,
             "foreground_ari": mean(self.aris),
             "occluded_instances": len(self.amodal_ious),
             "amodal_iou": mean(self.amodal_ious),

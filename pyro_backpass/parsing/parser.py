@@ -137,9 +137,7 @@ def _level_masks(gm: GenerativeModel, mask: torch.Tensor) -> dict[str, torch.Ten
         if (spec.height, spec.width) == tuple(mask.shape[-2:]):
             out[spec.name] = mask[:, None]
         else:
-            out[spec.name] = (downsample_mask(mask, (spec.height, spec.width)) >= 0.5)[
-                :, None
-            ]
+            out[spec.name] = (downsample_mask(mask, (spec.height, spec.width)) >= 0.5)[:, None]
     return out
 
 
@@ -188,16 +186,12 @@ def run_parse(
         raise ValueError("gm has no backbone attached; pass backbone=")
     size = gm.levels[0].height
     if (gm.levels[0].height, gm.levels[0].width) != tuple(backbone.image_size):
-        raise ValueError(
-            f"model input {size} px != backbone input {backbone.image_size}"
-        )
+        raise ValueError(f"model input {size} px != backbone input {backbone.image_size}")
     img = as_image(image, dtype=gm.dtype)  # (3, H, W) on CPU
     views = make_views(img, size=size, scales=tuple(scales))
     with torch.no_grad():
         acts = backbone(torch.stack([v.image for v in views]).to(gm.device))
-    bu0 = {
-        k: v.detach() for k, v in acts.items() if k in gm.hidden_levels
-    }  # (V, C, h, w)
+    bu0 = {k: v.detach() for k, v in acts.items() if k in gm.hidden_levels}  # (V, C, h, w)
     return _parse(gm, img, views, bu0, max_objects=max_objects, query=query, beam=beam,
                   threshold=threshold, explain=explain, background=background,
                   top_k=top_k, mode_masks=mode_masks)  # fmt: skip
@@ -226,11 +220,7 @@ def parse_activations(
         raise ValueError("bu must map the model's levels to (1, C, H, W) activations")
     size = gm.levels[0].height
     if image is None:
-        image = (
-            bu0["image"][0].clamp(0, 1)
-            if "image" in bu0
-            else torch.zeros(3, size, size)
-        )
+        image = bu0["image"][0].clamp(0, 1) if "image" in bu0 else torch.zeros(3, size, size)
     img = image.detach().cpu().to(gm.dtype)
     view = View(img, 1.0, 1.0, (0, 0), (size, size))
     return _parse(gm, img, [view], bu0, max_objects=max_objects, query=query, beam=beam,
@@ -260,9 +250,7 @@ def _parse(
     _check_int("top_k", top_k, 1)
     query = Query() if query is None else query
     if not isinstance(query, Query):
-        raise TypeError(
-            f"query must be a pyro_backpass.parsing.Query, got {type(query).__name__}"
-        )
+        raise TypeError(f"query must be a pyro_backpass.parsing.Query, got {type(query).__name__}")
     fitted = default_threshold(gm)
     threshold = fitted["threshold"] if threshold is None else float(threshold)
     how = fitted["explain_away"] if explain is None else explain
@@ -318,9 +306,7 @@ def _parse(
                 p.done, p.stop_score = "no_hypothesis", None
                 continue
             force = query.imagine and step == 0
-            eligible = [c for c in mine if c.llr > threshold] or (
-                mine[:1] if force else []
-            )
+            eligible = [c for c in mine if c.llr > threshold] or (mine[:1] if force else [])
             if not eligible:
                 p.done, p.stop_score = "below_threshold", mine[0].llr
                 new_paths.append((p.score, p, None))
@@ -328,9 +314,7 @@ def _parse(
             chosen = _choose(gm, p, eligible, views, query, beam=beam, height=height,
                              width=width, image=img)  # fmt: skip
             for c in chosen:
-                if (
-                    mode_masks
-                ):  # the step's modes in the instance's view (Fig. 5's marks)
+                if mode_masks:  # the step's modes in the instance's view (Fig. 5's marks)
                     row = [d for d in cands if d.row == c.row]
                     _complete_all(gm, row, views, height, width)
                     c.mode_masks = [d.amodal for d in row]
@@ -377,9 +361,7 @@ def _step_candidates(
 ) -> list[_Candidate]:
     """Every active path's top-k modes in every view, with their log-likelihood ratios."""
     nv = len(views)
-    bu = {
-        n: torch.cat([p.bu[n] for p in active]) for n in active[0].bu
-    }  # (P*V, C, h, w)
+    bu = {n: torch.cat([p.bu[n] for p in active]) for n in active[0].bu}  # (P*V, C, h, w)
     obs = {n: torch.cat([p.observed[n] for p in active]) for n in active[0].observed}
     base_priors = {}
     cat_prior = query.category_prior(gm)
@@ -406,9 +388,7 @@ def _step_candidates(
         sub_obs = {n: m[idx] for n, m in obs.items()}
         result = greedy_map(gm, sub_bu, category=query.category, priors=priors or None,
                             observed=sub_obs, top_k=k)  # fmt: skip
-        bg = background_log_likelihood(
-            gm, sub_bu, observed=sub_obs, profile=profile
-        )  # (R,)
+        bg = background_log_likelihood(gm, sub_bu, observed=sub_obs, profile=profile)  # (R,)
         for j, row in enumerate(rows):
             modes = result.modes[j]
             for assignment, lj in modes:
@@ -423,20 +403,14 @@ def _step_candidates(
     return out
 
 
-def _complete(
-    gm: GenerativeModel, c: _Candidate, views: list[View], height: int, width: int
-):
+def _complete(gm: GenerativeModel, c: _Candidate, views: list[View], height: int, width: int):
     """F̂_td of a candidate (its full assignment) and its amodal mask in image space."""
     _complete_all(gm, [c], views, height, width)
     return c
 
 
 def _complete_all(
-    gm: GenerativeModel,
-    cands: list[_Candidate],
-    views: list[View],
-    height: int,
-    width: int,
+    gm: GenerativeModel, cands: list[_Candidate], views: list[View], height: int, width: int
 ) -> None:
     """:func:`_complete` of many candidates, one batched top-down pass per view row."""
     by_row: dict[int, list[_Candidate]] = {}
@@ -447,9 +421,7 @@ def _complete_all(
         n = len(group)
         values = {s: torch.tensor([c.assignment[s] for c in group], device=gm.device)
                   for s in group[0].assignment}  # fmt: skip
-        bu = {
-            k: x.expand(n, *x.shape[1:]) for k, x in group[0].bu.items()
-        }  # (n, C, H, W)
+        bu = {k: x.expand(n, *x.shape[1:]) for k, x in group[0].bu.items()}  # (n, C, H, W)
         obs = {k: m.expand(n, *m.shape[1:]) for k, m in group[0].obs.items()}
         with torch.no_grad():
             td, _ = top_down_pass(gm, values, bu, obs)
@@ -500,13 +472,9 @@ def _extend(
     for n in bu:
         bu[n][v : v + 1] = new_bu[n]
         observed[n][v : v + 1] = new_obs[n]
-    if (
-        len(views) > 1
-    ):  # the object's pixels, seen from every other view: unobserved there
+    if len(views) > 1:  # the object's pixels, seen from every other view: unobserved there
         others = [u for u in range(len(views)) if u != v]
-        masks = torch.stack([views[u].from_image(c.amodal) for u in others]).to(
-            gm.device
-        )
+        masks = torch.stack([views[u].from_image(c.amodal) for u in others]).to(gm.device)
         for name, m in _level_masks(gm, masks).items():
             if name in observed:
                 observed[name][others] = observed[name][others] & ~m

@@ -21,14 +21,7 @@ from pyro_backpass.model.priors import CategoricalPrior, SitePrior
 if TYPE_CHECKING:
     from pyro_backpass.model.generative_model import GenerativeModel
 
-__all__ = [
-    "LOCATIONS",
-    "LogLinearPrior",
-    "PREFERENCES",
-    "Query",
-    "location_prior",
-    "top_centre",
-]
+__all__ = ["LOCATIONS", "LogLinearPrior", "PREFERENCES", "Query", "location_prior", "top_centre"]
 
 #: Named locations, as (y, x) fractions of the image.
 LOCATIONS: dict[str, tuple[float, float]] = {
@@ -40,15 +33,7 @@ LOCATIONS: dict[str, tuple[float, float]] = {
     "center": (0.5, 0.5),
 }
 #: Preferences over the posterior modes of a step.
-PREFERENCES = (
-    "largest",
-    "smallest",
-    "leftmost",
-    "rightmost",
-    "topmost",
-    "darkest",
-    "brightest",
-)
+PREFERENCES = ("largest", "smallest", "leftmost", "rightmost", "topmost", "darkest", "brightest")
 
 
 @dataclass(frozen=True)
@@ -87,27 +72,17 @@ class Query:
 
     def __post_init__(self) -> None:
         if self.prefer is not None and self.prefer not in PREFERENCES:
-            raise ValueError(
-                f"prefer={self.prefer!r}; choose one of {list(PREFERENCES)}"
-            )
+            raise ValueError(f"prefer={self.prefer!r}; choose one of {list(PREFERENCES)}")
         if isinstance(self.location, str) and self.location not in LOCATIONS:
-            raise ValueError(
-                f"location={self.location!r}; named places: {list(LOCATIONS)}"
-            )
+            raise ValueError(f"location={self.location!r}; named places: {list(LOCATIONS)}")
         if self.location is not None and not isinstance(self.location, str):
             loc = tuple(self.location)
             if len(loc) != 2 or not all(math.isfinite(float(v)) for v in loc):
-                raise ValueError(
-                    f"location must be (y, x) fractions, got {self.location!r}"
-                )
+                raise ValueError(f"location must be (y, x) fractions, got {self.location!r}")
         if not (math.isfinite(self.location_weight) and self.location_weight >= 0):
-            raise ValueError(
-                f"location_weight must be finite and >= 0, got {self.location_weight}"
-            )
+            raise ValueError(f"location_weight must be finite and >= 0, got {self.location_weight}")
         if self.category is not None and self.categories is not None:
-            raise ValueError(
-                "give category= (a clamp) or categories= (a prior), not both"
-            )
+            raise ValueError("give category= (a clamp) or categories= (a prior), not both")
 
     @property
     def place(self) -> tuple[float, float] | None:
@@ -124,9 +99,7 @@ class Query:
             return None
         unknown = [c for c in self.categories if c not in gm.categories]
         if unknown:
-            raise ValueError(
-                f"categories {unknown} unknown; the model knows {gm.categories}"
-            )
+            raise ValueError(f"categories {unknown} unknown; the model knows {gm.categories}")
         probs = [float(self.categories.get(c, 0.0)) for c in gm.categories]
         return CategoricalPrior(torch.tensor(probs, dtype=gm.dtype)).to(gm.device)
 

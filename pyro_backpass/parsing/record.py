@@ -17,10 +17,7 @@ def encode_mask(mask: Any) -> dict[str, Any]:
     """COCO RLE of a bool ``(H, W)`` mask, ``counts`` as str (JSON-serialisable)."""
     m = np.asfortranarray(np.asarray(mask, dtype=np.uint8))
     rle = mask_utils.encode(m)
-    return {
-        "size": [int(v) for v in rle["size"]],
-        "counts": rle["counts"].decode("ascii"),
-    }
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def mask_box(mask: Any) -> list[int]:

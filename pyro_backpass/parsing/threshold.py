@@ -13,12 +13,7 @@ from pyro_backpass.model.generative_model import backbone_fingerprint
 if TYPE_CHECKING:
     from pyro_backpass.model.generative_model import GenerativeModel
 
-__all__ = [
-    "THRESHOLD_FILE",
-    "default_threshold",
-    "model_fingerprint",
-    "threshold_record",
-]
+__all__ = ["THRESHOLD_FILE", "default_threshold", "model_fingerprint", "threshold_record"]
 
 THRESHOLD_FILE = "parse_threshold.json"
 #: For a model the shipped threshold was not fitted to: a hypothesis must explain its elements
@@ -46,8 +41,4 @@ def default_threshold(gm: GenerativeModel) -> dict[str, Any]:
     record = threshold_record()
     if record is not None and record.get("model_sha256") == model_fingerprint(gm):
         return {k: record[k] for k in ("threshold", "explain_away", "background")}
-    return {
-        "threshold": FALLBACK_THRESHOLD,
-        "explain_away": "unobserve",
-        "background": "profile",
-    }
+    return {"threshold": FALLBACK_THRESHOLD, "explain_away": "unobserve", "background": "profile"}

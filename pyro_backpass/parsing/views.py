@@ -48,14 +48,10 @@ def as_image(image: Any, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     elif isinstance(image, torch.Tensor):
         t = image.detach().cpu()
         if not t.is_floating_point():
-            t = t.double() / (
-                255.0 if t.dtype == torch.uint8 else float(max(int(t.max()), 1))
-            )
+            t = t.double() / (255.0 if t.dtype == torch.uint8 else float(max(int(t.max()), 1)))
         channels_last = False
     else:
-        raise TypeError(
-            f"image must be a PIL image, numpy array or tensor, got {type(image)}"
-        )
+        raise TypeError(f"image must be a PIL image, numpy array or tensor, got {type(image)}")
     if t.dim() == 2:
         t = t[None]
     elif t.dim() == 3:
@@ -64,9 +60,7 @@ def as_image(image: Any, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         elif t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4):
             t = t.permute(2, 0, 1)
     else:
-        raise ValueError(
-            f"image must be (H, W), (H, W, C) or (C, H, W), got {tuple(t.shape)}"
-        )
+        raise ValueError(f"image must be (H, W), (H, W, C) or (C, H, W), got {tuple(t.shape)}")
     if t.shape[0] not in (1, 3, 4):
         raise ValueError(f"image needs 1, 3 or 4 channels, got shape {tuple(t.shape)}")
     if min(t.shape[-2:]) < 1:
@@ -131,9 +125,7 @@ class View:
         if (h, w) != (height, width):
             mode = "nearest" if is_mask else "bilinear"
             kw = {} if is_mask else {"align_corners": False}
-            canvas = F.interpolate(canvas[None], size=(height, width), mode=mode, **kw)[
-                0
-            ]
+            canvas = F.interpolate(canvas[None], size=(height, width), mode=mode, **kw)[0]
         return canvas[0] >= 0.5 if is_mask else canvas
 
     def from_image(self, mask: torch.Tensor) -> torch.Tensor:
@@ -155,15 +147,11 @@ class View:
 def _fill_colour(image: torch.Tensor) -> torch.Tensor:
     """The median colour of the image's border ``(3, 1, 1)``: the padding (a plain background
     continues; on photos it is the least surprising colour)."""
-    border = torch.cat(
-        [image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1
-    )
+    border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)
     return border.median(dim=1).values[:, None, None]
 
 
-def make_views(
-    image: torch.Tensor, *, size: int, scales: Sequence[float]
-) -> list[View]:
+def make_views(image: torch.Tensor, *, size: int, scales: Sequence[float]) -> list[View]:
     """The views of a scan: at scale ``s`` the image is resized so its longer side is
     ``round(s * size)`` px; if it then fits it is padded (centred) to ``size``², else cut into
     ``size``² windows with a stride of half a window (the last ones flush with the edge).
@@ -184,11 +172,7 @@ def make_views(
         resized = image
         if (h, w) != (h0, w0):
             resized = F.interpolate(
-                image[None],
-                size=(h, w),
-                mode="bilinear",
-                align_corners=False,
-                antialias=True,
+                image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True
             )[0].clamp(0, 1)
 
         def starts(n: int) -> list[int]:

@@ -64,9 +64,7 @@ def plot_instances(
     for ax in axes[:, 0]:
         ax.axis("off")
     for i in range(n):
-        axes[0, i + 1].imshow(
-            to_rgb(reconstructions[i], normalize=True), interpolation="nearest"
-        )
+        axes[0, i + 1].imshow(to_rgb(reconstructions[i], normalize=True), interpolation="nearest")
         axes[0, i + 1].set_title(f"step {i + 1}: {titles[i]}", fontsize=7)
         axes[0, i + 1].axis("off")
         plot_overlay(image, masks[i], title="visible mask", ax=axes[1, i + 1])

@@ -30,9 +30,7 @@ def to_rgb(x: torch.Tensor, *, normalize: bool = False) -> np.ndarray:
     """
     x = x.detach().float().cpu()
     if x.shape[0] != 3:
-        x = (
-            x.abs().amax(0, keepdim=True).expand(3, -1, -1)
-        )  # other levels: max over channels
+        x = x.abs().amax(0, keepdim=True).expand(3, -1, -1)  # other levels: max over channels
         normalize = True
     if normalize:
         lo, hi = x.min(), x.max()
@@ -59,9 +57,7 @@ def plot_samples(
     n = x.shape[0] if n is None else min(n, x.shape[0])
     rows, cols = _grid(n)
     if axes is None:
-        fig, axes = plt.subplots(
-            rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False
-        )
+        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
     else:
         fig = axes.flat[0].figure
     for i, ax in enumerate(axes.flat):
@@ -74,12 +70,7 @@ def plot_samples(
 
 
 def plot_reconstruction(
-    image: torch.Tensor,
-    result: MapResult,
-    *,
-    index: int = 0,
-    normalize: bool = False,
-    axes=None,
+    image: torch.Tensor, result: MapResult, *, index: int = 0, normalize: bool = False, axes=None
 ):
     """Input, the MAP reconstruction F̂^0_td, and the object mask over the input."""
     if axes is None:
@@ -97,9 +88,7 @@ def plot_reconstruction(
         ax.axis("off")
     mask = result.mask[index].detach().cpu().numpy()
     overlay = np.ma.masked_where(~mask, mask.astype(float))  # False stays transparent
-    axes[2].imshow(
-        overlay, alpha=0.5, cmap="autumn", vmin=0, vmax=1, interpolation="nearest"
-    )
+    axes[2].imshow(overlay, alpha=0.5, cmap="autumn", vmin=0, vmax=1, interpolation="nearest")
     return fig, axes
 
 
@@ -124,29 +113,21 @@ def plot_modes(
     else:
         fig = ax.figure
     values = [lj for _, lj in modes]
-    colors = [
-        "tab:red" if i in set(highlight) else "tab:blue" for i in range(len(modes))
-    ]
+    colors = ["tab:red" if i in set(highlight) else "tab:blue" for i in range(len(modes))]
     ax.bar(range(len(modes)), values, color=colors)
     lo = min(values)
-    ax.set_ylim(
-        lo - 0.05 * (max(values) - lo + 1), max(values) + 0.05 * (max(values) - lo + 1)
-    )
+    ax.set_ylim(lo - 0.05 * (max(values) - lo + 1), max(values) + 0.05 * (max(values) - lo + 1))
     ax.set_xlabel("hypothesis (best first)")
     ax.set_ylabel("log-joint")
     if label_sites:
         ax.set_xticks(range(len(modes)))
         ax.set_xticklabels(
-            ["/".join(str(a[s]) for s in label_sites) for a, _ in modes],
-            rotation=90,
-            fontsize=7,
+            ["/".join(str(a[s]) for s in label_sites) for a, _ in modes], rotation=90, fontsize=7
         )
     return fig, ax
 
 
-def plot_distractor_sweep(
-    sweep: DistractorSweep, *, levels: Sequence[str] | None = None, ax=None
-):
+def plot_distractor_sweep(sweep: DistractorSweep, *, levels: Sequence[str] | None = None, ax=None):
     """Relative change per level against the distractor–object gap. Returns ``(fig, ax)``."""
     if ax is None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -156,13 +137,7 @@ def plot_distractor_sweep(
     cmap = plt.get_cmap("viridis")
     for i, name in enumerate(names):
         colour = cmap(i / max(len(names) - 1, 1))
-        ax.plot(
-            sweep.gap.numpy(),
-            sweep.change[name].numpy(),
-            color=colour,
-            label=name,
-            lw=1.2,
-        )
+        ax.plot(sweep.gap.numpy(), sweep.change[name].numpy(), color=colour, label=name, lw=1.2)
     ax.axvline(0, color="k", ls="--", lw=0.8)
     ax.invert_xaxis()  # the distractor approaches from the left: time runs left to right
     ax.set_xlabel("gap between distractor and object (px; < 0: overlapping)")
