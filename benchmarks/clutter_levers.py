@@ -48,14 +48,18 @@ from common import RESULTS, learned_model, machine  # noqa: E402
 from pyro_backpass import GenerativeModel, Scenes, greedy_map  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
-from pyro_backpass.inference.greedy import top_level_scores  # noqa: E402
-from pyro_backpass.inference.objective import freeze_priors  # noqa: E402
+from pyro_backpass.inference import (  # noqa: E402
+    closed_form_with,
+    freeze_priors,
+    top_level_scores,
+)
 from pyro_backpass.learning import (  # noqa: E402
     e_step_level,
     fit_background,
     mask_iou,
     masked_activations,
 )
+from pyro_backpass.model import shift_all  # noqa: E402
 
 UPPER = ("pool4", "conv4_1", "pool3", "conv3_1")
 
@@ -124,9 +128,6 @@ def top_scores(gm: GenerativeModel, bu: dict, category: int, *, footprint: bool)
     step = gm.steps[top]
     # Log-likelihood ratio against the all-background explanation (φ = 0 everywhere): the
     # background's score is the same for every hypothesis, so the ratio is s − s_bg.
-    from pyro_backpass.inference.closed_form import closed_form_with
-    from pyro_backpass.model.top_down import shift_all
-
     _, s_bg = closed_form_with(consts, bu[top], torch.zeros_like(bu[top]))
     s_bg = s_bg.sum()
     k = step.num_components

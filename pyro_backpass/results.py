@@ -8,6 +8,26 @@ import torch
 
 __all__ = ["DistractorSweep", "MapResult", "Mode", "Sample", "ranked_modes"]
 
+
+def _shapes(tensors: dict[str, torch.Tensor] | None) -> str:
+    if tensors is None:
+        return "None"
+    return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in tensors.items()) + "}"
+
+
+def _values(v: torch.Tensor, *, shown: int = 4, digits: int | None = None) -> str:
+    """The first ``shown`` values of ``v`` as ``[a, b, …]`` (not a tensor dump)."""
+    values = v.detach().reshape(-1).tolist()
+    if digits is not None:
+        values = [round(x, digits) for x in values]
+    text = ", ".join(str(x) for x in values[:shown])
+    return f"[{text}{', …' if len(values) > shown else ''}]"
+
+
+def _summary(assignment: dict[str, torch.Tensor]) -> str:
+    return "{" + ", ".join(f"{site}={_values(v)}" for site, v in assignment.items()) + "}"
+
+
 Mode = tuple[dict[str, int], float]
 """One posterior mode of one image: (assignment site → index, log-joint)."""
 
@@ -40,6 +60,15 @@ class MapResult:
         """The reconstruction in image space, ``(B, 3, H, W)``."""
         return self.td["image"]
 
+    def __repr__(self) -> str:
+        modes = "None" if self.modes is None else f"{[len(m) for m in self.modes][:4]} per image"
+        return (
+            f"MapResult(batch={self.log_joint.shape[0]}, "
+            f"log_joint={_values(self.log_joint, digits=2)}, "
+            f"assignment={_summary(self.assignment)}, td={_shapes(self.td)}, "
+            f"mask={tuple(self.mask.shape)}, modes={modes})"
+        )
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -58,6 +87,13 @@ class Sample:
     def image(self) -> torch.Tensor:
         return self.td["image"]
 
+    def __repr__(self) -> str:
+        n = next(iter(self.assignment.values())).shape[0] if self.assignment else 0
+        return (
+            f"Sample(n={n}, assignment={_summary(self.assignment)}, td={_shapes(self.td)}, "
+            f"bu={_shapes(self.bu)})"
+        )
+
 
 @dataclass(frozen=True)
 class DistractorSweep:
@@ -73,6 +109,13 @@ class DistractorSweep:
     frames: torch.Tensor
     change: dict[str, torch.Tensor]
     occluded: torch.Tensor
+
+    def __repr__(self) -> str:
+        return (
+            f"DistractorSweep(T={self.frames.shape[0]}, gap={_values(self.gap)}, "
+            f"frames={tuple(self.frames.shape)}, change={_shapes(self.change)}, "
+            f"occluded={_values(self.occluded, digits=3)})"
+        )
 
 
 def ranked_modes(

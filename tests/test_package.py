@@ -183,3 +183,12 @@ def test_benchmarks_import_public_names_only():
         for target, _, line in _imports(path, path.stem):
             if target.startswith("pyro_backpass") and target not in packages:
                 pytest.fail(f"{path.name}:{line} imports {target}, not a package")
+
+
+def test_licence_is_an_spdx_string_with_a_setuptools_that_reads_it():
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "MIT" and meta["project"]["license-files"] == ["LICENSE"]
+    (req,) = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
+    assert tuple(int(x) for x in req.split(">=")[1].split(".")[:2]) >= (77, 0)  # PEP 639 support

@@ -24,7 +24,6 @@ References:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 
 from pyro_backpass.backbone.activations import Activations, read_levels
 from pyro_backpass.backbone.small_vgg import SmallVGG, make_layers
-from pyro_backpass.files import atomic_write, atomic_write_json
+from pyro_backpass.files import atomic_write, atomic_write_json, check_keys, read_json
 from pyro_backpass.levels import Cfg, LevelSpec, levels_from_cfg
 
 __all__ = [
@@ -160,6 +159,11 @@ class Backbone(nn.Module):
             torchvision's ImageNet weights if they are already in the local torch hub cache.
             Nothing is ever downloaded.
         """
+        if weights is not None and not isinstance(weights, (str, os.PathLike)):
+            raise TypeError(
+                f"Backbone.vgg16(weights=...) takes None, 'cache' or a path (str or "
+                f"os.PathLike), got {type(weights).__name__} {weights!r}"
+            )
         features = make_layers(VGG16_CFG)
         if weights is not None:
             if isinstance(weights, str) and weights == "cache":
@@ -310,13 +314,9 @@ class Backbone(nn.Module):
         for p in (path, cfg_path):
             if not p.exists():
                 raise FileNotFoundError(f"backbone checkpoint file {p} does not exist")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(
-                f"{cfg_path} is not valid JSON (corrupt or truncated?): {err}"
-            ) from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        config = read_json(cfg_path)
+        check_keys(config, ["format"], source=cfg_path)
+        if config.get("format") != FORMAT_NAME:
             raise ValueError(f"{cfg_path} is not a pyro_backpass backbone config")
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(
@@ -328,6 +328,9 @@ class Backbone(nn.Module):
                 f"{cfg_path} is for architecture {config.get('architecture')!r}; "
                 "Backbone.load reads small_vgg checkpoints (use Backbone.vgg16 for VGG16)"
             )
+        check_keys(config, ["cfg", "categories", "image_size", "normalisation", "sha256"],
+                   source=cfg_path)  # fmt: skip
+        check_keys(config["normalisation"], ["mean", "std"], source=f"{cfg_path} normalisation")
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != config.get("sha256"):
             raise ValueError(

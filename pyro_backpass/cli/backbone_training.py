@@ -9,14 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from pyro_backpass.backbone import train as train_module
 from pyro_backpass.backbone.train import SMOKE, TrainConfig, train_backbone
-from pyro_backpass.cli.device import resolve_device
+from pyro_backpass.cli.arguments import (
+    add_command,
+    checkpoint_stem,
+    cpu_device,
+    note,
+    positive_float,
+    positive_int,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -28,50 +34,85 @@ def parse_cfg(text: str) -> tuple[int | str, ...]:
     try:
         return tuple(s.strip("'\"") if s.strip("'\"") == "M" else int(s) for s in items)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--cfg: ints and M, e.g. 16,M,32,M; got {text}") from None
+        raise argparse.ArgumentTypeError(f"ints and M, e.g. 16,M,32,M; got {text}") from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     d = TrainConfig()
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "train-backbone",
         help="train the built-in SmallVGG backbone on rendered objects (CPU, minutes)",
-        description=train_doc.split("References:")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        doc=train_doc.split("\n\n", 1)[-1],  # the library's account, less its first line
     )
     p.add_argument(
-        "--out", default="checkpoints/small_vgg", help="checkpoint stem (.safetensors + .json)"
+        "--out",
+        type=checkpoint_stem,
+        default="checkpoints/small_vgg",
+        help="checkpoint stem: STEM.safetensors + STEM.json (an existing checkpoint is replaced)",
     )
-    p.add_argument("--cfg", type=parse_cfg, default=d.cfg, help="e.g. 16,M,32,M,64,M,64,M")
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--categories", nargs="+", default=list(d.categories))
-    p.add_argument("--n-train", type=int, default=d.n_train, help="objects per category")
-    p.add_argument("--n-test", type=int, default=d.n_test, help="held-out objects per category")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--cfg",
+        type=parse_cfg,
+        default=",".join(str(v) for v in d.cfg),
+        help="conv channels and M (max-pool), comma-separated",
+    )
+    p.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=d.image_size,
+        help="training images are this many pixels square",
+    )
+    p.add_argument(
+        "--categories", nargs="+", default=list(d.categories), help="categories to classify"
+    )
+    p.add_argument("--n-train", type=positive_int, default=d.n_train, help="objects per category")
+    p.add_argument(
+        "--n-test", type=positive_int, default=d.n_test, help="held-out objects per category"
+    )
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the data")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per step")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="learning rate")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the data and the weights")
     p.add_argument(
         "--compositional",
         action="store_true",
         help="add Stone et al. (2017)'s compositionality objective (US patent 11,216,727)",
     )
     p.add_argument(
-        "--penalty-levels", nargs="+", default=None, help="default: every conv and pool level"
+        "--penalty-levels",
+        nargs="+",
+        default=None,
+        help="levels the compositionality objective penalises (default: every conv and pool)",
     )
-    p.add_argument("--penalty", choices=["relative", "absolute"], default=d.penalty)
-    p.add_argument("--penalty-weight", type=float, default=d.penalty_weight)
-    p.add_argument("--n-scenes", type=int, default=d.n_scenes)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", help="only cpu is supported for training")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--penalty",
+        choices=["relative", "absolute"],
+        default=d.penalty,
+        help="the compositionality penalty's form",
+    )
+    p.add_argument(
+        "--penalty-weight",
+        type=positive_float,
+        default=d.penalty_weight,
+        help="weight of the compositionality penalty",
+    )
+    p.add_argument(
+        "--n-scenes",
+        type=positive_int,
+        default=d.n_scenes,
+        help="cluttered scenes for the compositionality objective",
+    )
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    p.add_argument(
+        "--device", type=cpu_device, default="cpu", help="only cpu: the data live in CPU memory"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for tests")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    if resolve_device(args.device).type != "cpu":
-        raise SystemExit("train-backbone trains on CPU (the data live in CPU memory)")
     torch.set_num_threads(args.threads)
     config = TrainConfig(
         cfg=args.cfg,
@@ -90,12 +131,13 @@ def run(args: argparse.Namespace) -> None:
         n_scenes=args.n_scenes,
     )
     if args.smoke:
+        default = TrainConfig()
+        given = [k for k in SMOKE if getattr(config, k) != getattr(default, k)]
+        if given:
+            note(f"--smoke replaces the {', '.join(given)} given by its own tiny sizes")
         config = replace(config, **SMOKE)
-    try:
-        result = train_backbone(config, progress=not args.no_progress)
-    except ValueError as err:
-        raise SystemExit(f"train-backbone: {err}") from None
-    path = result.backbone.save(Path(args.out))
+    result = train_backbone(config, progress=not args.no_progress)
+    path = result.backbone.save(args.out)
     summary: dict[str, Any] = {
         "checkpoint": str(path),
         "held_out_accuracy": round(result.held_out_accuracy, 4),

@@ -23,7 +23,7 @@ matplotlib.use("Agg")  # the demo writes files; never opens a window
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from pyro_backpass.cli.device import resolve_device  # noqa: E402
+from pyro_backpass.cli.arguments import DEVICE_HELP, add_command, any_device, output_dir  # noqa: E402
 from pyro_backpass.data import RenderedObjects, make_scene, split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write  # noqa: E402
 from pyro_backpass.inference.sampling import sample  # noqa: E402
@@ -38,9 +38,10 @@ DEMO_SEED = 7  # the scenes are split_seed("test", DEMO_SEED): never seen in tra
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="parse held-out scenes with the shipped model (figures)")
-    p.add_argument("--out", type=Path, default=Path("figures/demo"), help="output folder")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p = add_command(sub, "demo", help="parse held-out scenes with the shipped model (figures)",
+                    doc=__doc__)  # fmt: skip
+    p.add_argument("--out", type=output_dir, default="figures/demo", help="output folder")
+    p.add_argument("--device", type=any_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=DEMO_SEED, help="base seed of the test scenes")
     p.add_argument("--print-shapes", action="store_true", help="print the model's trace shapes")
     p.add_argument("--smoke", action="store_true", help="fewer steps and modes, for tests")
@@ -85,7 +86,7 @@ def _parse_figures(gm, parse, truth_masks, out: Path, name: str, title: str) -> 
 def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     torch.manual_seed(0)
-    device = resolve_device(args.device)
+    device = args.device
     gm = GenerativeModel.default().to(device)
     gm.backbone.to(device)
     top_k = 4 if args.smoke else 10

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -13,7 +12,15 @@ matplotlib.use("Agg")  # writes files; never opens a window
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pyro_backpass.cli.device import resolve_device  # noqa: E402
+from pyro_backpass.cli.arguments import (  # noqa: E402
+    DEVICE_HELP,
+    add_command,
+    any_device,
+    input_file,
+    output_dir,
+    positive_float,
+    positive_int,
+)
 from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
 from pyro_backpass.model.generative_model import GenerativeModel  # noqa: E402
 from pyro_backpass.parsing import Query, parse_record, parse_scene  # noqa: E402
@@ -23,32 +30,38 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("parse", help="parse images into object instances (figures + JSON)")
-    p.add_argument("images", nargs="+", type=Path, help="image files (any size, PIL-readable)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--model", type=Path, default=None, help="a saved model (default: shipped)")
-    p.add_argument("--max-objects", type=int, default=None, help="a cap on instances")
-    p.add_argument("--beam", type=int, default=1, help="parse paths kept (1: greedy)")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="scan scales")
-    p.add_argument("--category", default=None, help="attend to one category")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p = add_command(sub, "parse", help="parse images into object instances (figures + JSON)",
+                    doc=__doc__)  # fmt: skip
+    p.add_argument("images", nargs="+", type=input_file,
+                   help="image files (any size, PIL-readable)")  # fmt: skip
+    p.add_argument("--out", type=output_dir, required=True, help="output folder")
+    p.add_argument("--model", type=input_file, default=None,
+                   help="a saved model (default: the shipped one)")  # fmt: skip
+    p.add_argument("--max-objects", type=positive_int, default=None,
+                   help="a cap on instances (default: until the stopping rule)")  # fmt: skip
+    p.add_argument("--beam", type=positive_int, default=1, help="parse paths kept (1: greedy)")
+    p.add_argument("--scales", type=positive_float, nargs="+", default=[1.0], help="scan scales")
+    p.add_argument("--category", default=None, help="attend to one category (default: all)")
+    p.add_argument("--device", type=any_device, default="auto", help=DEVICE_HELP)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    device = resolve_device(args.device)
+    device = args.device
     gm = GenerativeModel.default() if args.model is None else GenerativeModel.load(args.model)
     gm = gm.to(device)
     if gm.backbone is not None:
         gm.backbone.to(device)
     query = Query(category=args.category) if args.category else None
     for path in args.images:
-        if not path.is_file():
-            raise SystemExit(f"no such image file: {path}")
-        with Image.open(path) as im:
+        try:
+            im = Image.open(path)
             im.load()
+        except OSError as err:  # missing, unreadable, or not an image PIL knows
+            raise ValueError(f"{path}: not a readable image ({err})") from None
+        with im:
             start = time.perf_counter()
             parse = parse_scene(gm, im, max_objects=args.max_objects, query=query,
                                 beam=args.beam, scales=tuple(args.scales))  # fmt: skip

@@ -10,34 +10,55 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from pyro_backpass.cli.device import resolve_device
+from pyro_backpass.cli.arguments import add_command, cpu_device, output_dir, positive_int
 from pyro_backpass.learning.train import PRESETS, train_model
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="fit a generative model (observation model, then hard EM)",
-                       description=__doc__)  # fmt: skip
-    p.add_argument("--out", type=Path, required=True, help="checkpoint folder")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    p.add_argument("--categories", nargs="+", default=None, help="default: the preset's")
-    p.add_argument("--backbone", choices=["default", "compositional"], default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue from the last stage")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", help="only cpu is supported for training")
-    p.add_argument("--no-progress", action="store_true")
+    p = add_command(
+        sub, "train", help="fit a generative model (observation model, then hard EM)", doc=__doc__
+    )
+    p.add_argument(
+        "--out",
+        type=output_dir,
+        required=True,
+        help="checkpoint folder (created; must hold no checkpoints unless --resume)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="sizes of the run (smoke: seconds, for tests)",
+    )
+    p.add_argument(
+        "--categories", nargs="+", default=None, help="categories to model (default: the preset's)"
+    )
+    p.add_argument(
+        "--backbone",
+        choices=["default", "compositional"],
+        default=None,
+        help="the shipped backbone to model (default: the preset's)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed (default: the preset's)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last completed stage in --out"
+    )
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    p.add_argument(
+        "--device", type=cpu_device, default="cpu", help="only cpu: the data live in CPU memory"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    if resolve_device(args.device).type != "cpu":
-        raise SystemExit("train runs on CPU (the data live in CPU memory)")
+    if args.resume and not (args.out / "config.json").is_file():
+        args.command_parser.error(f"--resume: {args.out} holds no run to resume (no config.json)")
     torch.set_num_threads(args.threads)
     config = PRESETS[args.preset]
     overrides = {
@@ -49,10 +70,6 @@ def run(args: argparse.Namespace) -> None:
     if "categories" in overrides:
         overrides["categories"] = tuple(overrides["categories"])
     config = replace(config, **overrides)
-    try:
-        gm = train_model(config, out_dir=args.out, resume=args.resume,
-                         progress=not args.no_progress)  # fmt: skip
-    except (ValueError, FileExistsError) as err:
-        raise SystemExit(f"train: {err}") from None
+    gm = train_model(config, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
     summary = {"model": str(args.out / "model.safetensors"), "levels": list(gm.hidden_levels)}
     print(json.dumps(summary))

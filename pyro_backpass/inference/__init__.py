@@ -8,14 +8,19 @@ priors=, observed=, top_k=)``, and return a :class:`~pyro_backpass.MapResult`.
 from pyro_backpass.inference.background import background_log_likelihood
 from pyro_backpass.inference.closed_form import closed_form_td, closed_form_with, select
 from pyro_backpass.inference.exact import DEFAULT_MAX_MEMORY, chunk_bytes, exact_map, joint_states
-from pyro_backpass.inference.greedy import greedy_map
+from pyro_backpass.inference.greedy import greedy_map, top_level_scores
 from pyro_backpass.inference.hypotheses import (
     DEFAULT_CHUNK_ELEMENTS,
     hypothesis_scores,
     template_planes,
 )
 from pyro_backpass.inference.inputs import MapInputs, check_map_inputs
-from pyro_backpass.inference.objective import log_joint, object_mask, top_down_pass
+from pyro_backpass.inference.objective import (
+    freeze_priors,
+    log_joint,
+    object_mask,
+    top_down_pass,
+)
 from pyro_backpass.inference.sampling import sample
 
 __all__ = [
@@ -28,6 +33,7 @@ __all__ = [
     "closed_form_td",
     "closed_form_with",
     "exact_map",
+    "freeze_priors",
     "greedy_map",
     "hypothesis_scores",
     "joint_states",
@@ -37,4 +43,5 @@ __all__ = [
     "select",
     "template_planes",
     "top_down_pass",
+    "top_level_scores",
 ]

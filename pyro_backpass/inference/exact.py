@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +30,14 @@ import torch
 from pyro import poutine
 from pyro.infer import infer_discrete
 from pyro.ops.indexing import Vindex
+from tqdm.auto import tqdm
 
 from pyro_backpass.inference.closed_form import closed_form_with
 from pyro_backpass.inference.inputs import check_map_inputs
 from pyro_backpass.inference.objective import (
+    NonFiniteScoreError,
     category_term,
+    finite_sum,
     log_joint,
     object_mask,
     top_down_pass,
@@ -44,9 +49,11 @@ from pyro_backpass.results import MapResult, ranked_modes
 if TYPE_CHECKING:
     from pyro_backpass.model.generative_model import GenerativeModel
 
-__all__ = ["DEFAULT_MAX_MEMORY", "chunk_bytes", "exact_map", "joint_states"]
+__all__ = ["DEFAULT_MAX_MEMORY", "SLOW_SECONDS", "chunk_bytes", "exact_map", "joint_states"]
 
 DEFAULT_MAX_MEMORY = 4 * 2**30  # bytes per chunk
+SLOW_SECONDS = 30.0  # a call projected to take longer warns, with its estimate
+PROGRESS_STATES = 100_000  # from this many joint states per image, a progress bar by default
 _TEMPORARIES = 8  # closed-form temporaries alive at once, per enumerated element
 
 
@@ -70,7 +77,7 @@ def _profile_model(gm, bu, masks, priors, fixed: Mapping[str, torch.Tensor], b: 
             phi = step.phi(upper, site(f"gamma_{name}"), site(f"delta_{name}"))
             upper, score = closed_form_with(gm.constants(name), bu.get(name), phi,
                                        observed=masks.get(name))  # fmt: skip
-            pyro.factor(f"score_{name}", score.sum(dim=(-3, -2, -1)))
+            pyro.factor(f"score_{name}", finite_sum(name, score, bu.get(name)))
 
 
 def joint_states(gm: GenerativeModel, clamped: set[str] | frozenset[str] = frozenset()) -> int:
@@ -105,6 +112,7 @@ def exact_map(
     observed: Mapping[str, torch.Tensor] | None = None,
     top_k: int = 1,
     max_memory_bytes: int = DEFAULT_MAX_MEMORY,
+    progress: bool | None = None,
 ) -> MapResult:
     """The joint MAP over all (category,) γ, δ of greedy's (profile) objective.
 
@@ -112,7 +120,10 @@ def exact_map(
     of each of the k best top-level choices (by their exact completed log-joint).
     Raises ``MemoryError`` with the sizes involved when one chunk would need more than
     ``max_memory_bytes`` (the default, 4 GiB, admits well over 10⁶ joint states per image on
-    the small models this is meant for).
+    the small models this is meant for). The work runs one chunk per top-level choice: with
+    ``progress`` (default: from 10⁵ joint states per image) a tqdm bar counts them, and a call
+    whose first chunk projects more than :data:`SLOW_SECONDS` in all warns with the estimate
+    of time and memory.
     """
     inputs = check_map_inputs(
         gm, bu, category=category, clamp=clamp, priors=priors, observed=observed, top_k=top_k
@@ -120,18 +131,21 @@ def exact_map(
     bu, masks, clamps, priors, b = (
         inputs.bu, inputs.masks, inputs.clamps, inputs.priors, inputs.batch
     )  # fmt: skip
+    if type(max_memory_bytes) is not int or max_memory_bytes < 1:
+        raise ValueError(f"max_memory_bytes must be a positive int, got {max_memory_bytes!r}")
     need = chunk_bytes(gm, set(clamps), b)
-    if need > max_memory_bytes:
-        raise MemoryError(
-            f"exact_map: {joint_states(gm, set(clamps)):,} joint states per image; one chunk "
-            f"of {b} image(s) needs ~{need / 2**30:.2f} GiB, over the limit of "
-            f"{max_memory_bytes / 2**30:.2f} GiB. Pass fewer images, clamp sites, or raise "
-            f"max_memory_bytes."
-        )
+    states = joint_states(gm, set(clamps))
     top = gm.hidden_levels[-1]
     top_sites = ("category", f"gamma_{top}", f"delta_{top}")
     sizes = gm.site_sizes
     num_top = math.prod(1 if s in clamps else sizes[s] for s in top_sites)
+    if need > max_memory_bytes:
+        raise MemoryError(
+            f"exact_map: {states:,} joint states per image in {num_top:,} chunks; one chunk "
+            f"of {b} image(s) needs ~{need / 2**30:.2f} GiB, over the limit of "
+            f"{max_memory_bytes / 2**30:.2f} GiB. Pass fewer images, clamp sites, or raise "
+            f"max_memory_bytes."
+        )
     if top_k > num_top:
         raise ValueError(f"top_k={top_k} exceeds the {num_top} top-level hypotheses")
     choices = [
@@ -139,15 +153,33 @@ def exact_map(
         for s, n in ((s, sizes[s]) for s in top_sites)
     ]
     found: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
-    with torch.no_grad():
+    show = states >= PROGRESS_STATES if progress is None else bool(progress)
+    bar = tqdm(total=num_top, desc="exact_map", unit="chunk", disable=not show, leave=False)
+    start = time.perf_counter()
+    with torch.no_grad(), bar:
         for combo in itertools.product(*choices):
             fixed = {s: v for s, v in clamps.items()} | dict(zip(top_sites, combo, strict=True))
             decoder = infer_discrete(_profile_model, first_available_dim=-2, temperature=0)
-            trace = poutine.trace(decoder).get_trace(gm, bu, masks, priors, fixed, b)
+            try:
+                trace = poutine.trace(decoder).get_trace(gm, bu, masks, priors, fixed, b)
+            except NonFiniteScoreError as err:  # without the trace shapes Pyro appends
+                raise NonFiniteScoreError(str(err).split("\n")[0]) from None
             # A site that no image's data distinguishes comes back un-broadcast, e.g. (1,).
             assignment = {s: trace.nodes[s]["value"].reshape(-1).expand(b).long() for s in gm.sites}
             score = log_joint(gm, bu, assignment, observed=observed, priors=priors)
             found.append((assignment, score))
+            bar.update()
+            if len(found) == 1 and num_top > 1:
+                first = time.perf_counter() - start
+                if first * num_top > SLOW_SECONDS:
+                    warnings.warn(
+                        f"exact_map: {states:,} joint states per image in {num_top:,} chunks of "
+                        f"~{need / 2**30:.2f} GiB each; the first chunk took {first:.2f} s, so "
+                        f"about {first * num_top:.0f} s in all. Clamp sites or pass fewer "
+                        "images to shrink it (greedy_map takes milliseconds).",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
         scores = torch.stack([s for _, s in found], dim=1)  # (B, chunks), in top flat order
         order = scores.sort(dim=1, descending=True, stable=True).indices
         best = order[:, 0]

@@ -33,6 +33,7 @@ from pyro_backpass.inference.inputs import check_map_inputs
 from pyro_backpass.inference.objective import (
     FrozenPrior,
     category_term,
+    finite_sum,
     freeze_priors,
     joint_total,
     level_terms,
@@ -47,7 +48,9 @@ from pyro_backpass.results import MapResult, ranked_modes
 if TYPE_CHECKING:
     from pyro_backpass.model.generative_model import GenerativeModel
 
-__all__ = ["apply_clamps", "greedy_map"]
+__all__ = ["DESCENT_ELEMENTS", "apply_clamps", "greedy_map"]
+
+DESCENT_ELEMENTS = 2**20  # top_k > 1: one level's (rows × D × C·H·W) per group of completions
 
 
 def apply_clamps(
@@ -180,7 +183,7 @@ def descend(
         upper, top_score = closed_form_with(
             constants[top], bu.get(top), phi, observed=masks.get(top)
         )
-        top_score = top_score.sum(dim=(-3, -2, -1))
+        top_score = finite_sum(top, top_score, bu.get(top))
     else:
         upper, top_score = level_terms(
             gm, top, values["category"], values[f"gamma_{top}"], values[f"delta_{top}"], bu,
@@ -256,7 +259,8 @@ def greedy_map(
         as the MAP (the paper's Fig. 5 bars). That best can beat the plain pass, so compare
         greedy with :func:`~pyro_backpass.inference.exact` at ``top_k=1``.
     :param chunk_elements: bound on the elements of φ for one batch of hypotheses; peak memory
-        is about ten times that many floats.
+        is about ten times that many floats (or one level's hypotheses for B images, if more),
+        whatever ``top_k``: the k completions are made a group at a time.
     :returns: :class:`~pyro_backpass.MapResult`.
 
     Example::
@@ -269,6 +273,12 @@ def greedy_map(
     inputs = check_map_inputs(
         gm, bu, category=category, clamp=clamp, priors=priors, observed=observed, top_k=top_k
     )
+    if (
+        isinstance(chunk_elements, bool)
+        or not isinstance(chunk_elements, int)
+        or chunk_elements < 1
+    ):
+        raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
     # Inference mode (no autograd bookkeeping at all) is measurably faster than no_grad on
     # this op-heavy path; the result is cloned out of it so users can use it freely.
     with torch.inference_mode():
@@ -315,32 +325,59 @@ def _greedy(
         chosen = flat.sort(dim=-1, descending=True, stable=True).indices[:, :top_k]
     k = chosen.shape[1]
     _, kk, dd = scores.shape[1:]
-    idx = chosen.reshape(-1)  # (B*k,)
-    top_values = {grid[0]: idx // (kk * dd), grid[1]: (idx // dd) % kk, grid[2]: idx % dd}
-    rep_bu = {n: _repeat(x, k, b) for n, x in bu.items()}
-    rep_masks = {n: _repeat(m.expand(bu[n].shape), k, b) for n, m in masks.items()}
-    rep_clamps = {s: _repeat(v, k, b) for s, v in clamps.items()}
-    assignment, td, total = descend(
-        gm, top_values, bu=rep_bu, masks=rep_masks, priors=priors, clamps=rep_clamps,
-        chunk_elements=chunk_elements, constants=consts, top_shifted=top_shifted,
-    )  # fmt: skip
-    feasible = torch.isfinite(flat.gather(1, chosen)).reshape(-1)
-    total = torch.where(feasible, total, -torch.inf).reshape(b, k)
-    if k == 1:
-        return MapResult(assignment=assignment, td=td, log_joint=total[:, 0],
-                         mask=object_mask(gm, td), modes=None)  # fmt: skip
+    feasible_all = torch.isfinite(flat.gather(1, chosen))  # (B, k)
+    # The k hypotheses of every image are completed in groups of ranks, so the descent holds
+    # the rows of the plain pass (B), or as many as DESCENT_ELEMENTS of one level's scores
+    # allow, never B·k: peak memory stays near that of top_k=1 (larger groups are not faster,
+    # their tensors leave the cache); only assignments and totals, O(B·k), are kept for all.
+    per_row = max(gm.steps[n].num_offsets * gm.steps[n].out.numel for n in gm.hidden_levels)
+    budget = min(chunk_elements, DESCENT_ELEMENTS)
+    ranks = max(1, max(b, budget // per_row) // b)  # ranks per group
+    assignments, totals = [], []
+    best_total = best_td = None
+    for r0 in range(0, k, ranks):
+        r1 = min(k, r0 + ranks)
+        n = r1 - r0
+        idx = chosen[:, r0:r1].reshape(-1)  # (B*n,), row i*n + j: image i, rank r0 + j
+        top_values = {grid[0]: idx // (kk * dd), grid[1]: (idx // dd) % kk, grid[2]: idx % dd}
+        rep_bu = {name: _repeat(x, n, b) for name, x in bu.items()}
+        rep_masks = {name: _repeat(m.expand(bu[name].shape), n, b) for name, m in masks.items()}
+        rep_clamps = {s: _repeat(v, n, b) for s, v in clamps.items()}
+        assignment, td, total = descend(
+            gm, top_values, bu=rep_bu, masks=rep_masks, priors=priors, clamps=rep_clamps,
+            chunk_elements=chunk_elements, constants=consts, top_shifted=top_shifted,
+        )  # fmt: skip
+        total = torch.where(feasible_all[:, r0:r1], total.reshape(b, n), -torch.inf)  # (B, n)
+        if k == 1:
+            return MapResult(assignment=assignment, td=td, log_joint=total[:, 0],
+                             mask=object_mask(gm, td), modes=None)  # fmt: skip
+        assignments.append({s: v.reshape(b, n) for s, v in assignment.items()})
+        totals.append(total)
+        # The best of this group per image (first maximum: lowest rank), kept if it beats the
+        # best of the earlier groups strictly (ties: the lower rank, as a stable sort gives).
+        j = total.argmax(dim=1)  # (B,)
+        group_best = total.gather(1, j[:, None]).squeeze(1)
+        pick = torch.arange(b, device=gm.device) * n + j
+        group_td = {name: v[pick] for name, v in td.items()}
+        if best_total is None:
+            best_total, best_td, best_rank = group_best, group_td, j + r0
+        else:
+            better = group_best > best_total
+            best_total = torch.where(better, group_best, best_total)
+            best_rank = torch.where(better, j + r0, best_rank)
+            best_td = {
+                name: torch.where(better.reshape(-1, *[1] * (v.dim() - 1)), group_td[name], v)
+                for name, v in best_td.items()
+            }
+    total = torch.cat(totals, dim=1)  # (B, k)
+    per_image = {s: torch.cat([a[s] for a in assignments], dim=1) for s in assignments[0]}
     # A clamped-out or impossible hypothesis has -inf at the top: keep only real ones.
     order = total.sort(dim=-1, descending=True, stable=True).indices  # (B, k)
-    pick = torch.arange(b, device=gm.device) * k + order[:, 0]  # best of the k per image
-    modes = None
-    if top_k > 1:
-        per_image = {s: v.reshape(b, k) for s, v in assignment.items()}  # (B, k) each
-        modes = ranked_modes(per_image, total, order)
-    td_best = {n: v[pick] for n, v in td.items()}
+    rows = torch.arange(b, device=gm.device)
     return MapResult(
-        assignment={s: v[pick] for s, v in assignment.items()},
-        td=td_best,
-        log_joint=total.reshape(-1)[pick],
-        mask=object_mask(gm, td_best),
-        modes=modes,
+        assignment={s: v[rows, best_rank] for s, v in per_image.items()},
+        td=best_td,
+        log_joint=best_total,
+        mask=object_mask(gm, best_td),
+        modes=ranked_modes(per_image, total, order),
     )

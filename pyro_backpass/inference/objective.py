@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FrozenPrior",
+    "NonFiniteScoreError",
     "category_term",
+    "finite_sum",
     "freeze_priors",
     "full_res_level",
     "joint_total",
@@ -117,6 +119,34 @@ def object_mask(gm: GenerativeModel, td: Mapping[str, torch.Tensor]) -> torch.Te
     return td[name].amax(dim=-3) >= gm.observations[name].mask_threshold  # some channel is on
 
 
+class NonFiniteScoreError(ValueError):
+    """A term of the objective is NaN or infinite for finite inputs (an overflow)."""
+
+
+def finite_sum(name: str, score: torch.Tensor, bu: torch.Tensor | None) -> torch.Tensor:
+    """``score`` ``(..., C, H, W)`` summed over the level's elements, or a ``ValueError`` naming
+    the level and how many elements are not finite.
+
+    Every term of the objective is finite for finite inputs and parameters unless a value
+    overflows the dtype (e.g. bottom-up activations of 1e30 square to inf): that must be an
+    error, not a −inf log-joint with an arbitrary assignment.
+    """
+    total = score.sum(dim=(-3, -2, -1))
+    if bool(torch.isfinite(total).all()):
+        return total
+    bad = ~torch.isfinite(score)
+    detail = ""
+    if bu is not None:
+        detail = (
+            f"; bu[{name!r}] spans [{bu.min().item():.3g}, {bu.max().item():.3g}], too large "
+            f"for the model's {str(score.dtype).removeprefix('torch.')} arithmetic — rescale it"
+        )
+    raise NonFiniteScoreError(
+        f"level {name!r}: the backward pass's score is not finite on {int(bad.sum()):,} of "
+        f"{score.numel():,} elements{detail}"
+    )
+
+
 def level_terms(
     gm: GenerativeModel,
     name: str,
@@ -138,7 +168,7 @@ def level_terms(
     phi = step.phi(upper, gamma, delta, all_k=all_k)  # (B, C, H, W)
     c = gm.constants(name) if constants is None else constants
     f_td, score = closed_form_with(c, bu.get(name), phi, observed=masks.get(name))
-    return f_td, score.sum(dim=(-3, -2, -1))
+    return f_td, finite_sum(name, score, bu.get(name))
 
 
 def category_term(
@@ -155,7 +185,7 @@ def category_term(
     lp = d.log_prob(bu["category"])  # (..., B, N, 1, 1)
     if "category" in masks:
         lp = lp * masks["category"]
-    return lp.sum(dim=(-3, -2, -1))
+    return finite_sum("category", lp, bu["category"])
 
 
 def log_joint(

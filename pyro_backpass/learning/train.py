@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from pyro_backpass.backbone import Backbone
 from pyro_backpass.data import CATEGORIES, OBJECT_SCALE, RenderedObjects, Scenes, split_seed
-from pyro_backpass.files import atomic_write_json
+from pyro_backpass.files import atomic_write_json, check_keys, read_json
 from pyro_backpass.learning.calibration import UPPER_LEVELS, calibrate_scale_td
 from pyro_backpass.learning.evaluation import tune_mask_threshold
 from pyro_backpass.learning.hard_em import EMConfig, fit_hard_em
@@ -127,7 +127,8 @@ def _backbone(name: str) -> Backbone:
 
 
 def _check_resume(path: Path, config: TrainConfig) -> None:
-    saved = json.loads(path.read_text())
+    saved = read_json(path)
+    check_keys(saved, [], source=path)
     want = json.loads(json.dumps(config.to_json()))
     if saved != want:
         diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
@@ -166,7 +167,7 @@ def train_model(
     log: dict[str, Any] = {"seconds": {}}
     log_path = out / "log.json"
     if resume and log_path.exists():
-        log = json.loads(log_path.read_text())
+        log = read_json(log_path, keys=["seconds"])
 
     stage1, stage2 = out / "observation.safetensors", out / "hard_em.safetensors"
     stage3 = out / "model.safetensors"

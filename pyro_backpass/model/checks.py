@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -36,6 +37,11 @@ class ModelLike(Protocol):
     def dtype(self) -> torch.dtype: ...
 
 
+# Canonical level names (levels.py): a key of this form that the model lacks is a level of the
+# backbone the model does not use, and is ignored; any other key is a mistake.
+_CANONICAL = re.compile(r"image|category|conv[1-9][0-9]*_[1-9][0-9]*|pool[1-9][0-9]*")
+
+
 def _device_check(name: str, x: torch.Tensor, gm: ModelLike) -> None:
     if x.device != gm.device:
         raise ValueError(
@@ -49,7 +55,9 @@ def check_bu(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Validate ``bu`` (level name → ``(B, C, H, W)``), return the model's levels and ``B``.
 
-    Levels the model does not have are ignored. The ``image`` entry is raw RGB in [0, 1] by
+    Canonical level names the model does not use are ignored (a backbone's
+    :class:`~pyro_backpass.Activations` holds every level); any other key (a typo such as
+    ``"pool_1"``) is an error. The ``image`` entry is raw RGB in [0, 1] by
     convention (a backbone's input) but is not range-checked here: the model's image level is
     Gaussian, and its own samples leave [0, 1]. ``category`` may be ``(B, N)`` or
     ``(B, N, 1, 1)`` and comes back as ``(B, N, 1, 1)``.
@@ -64,6 +72,15 @@ def check_bu(
     out: dict[str, torch.Tensor] = {}
     sizes: dict[str, int] = {}
     specs = {s.name: s for s in gm.levels}
+    unknown = [
+        k for k in bu if k not in specs and not (isinstance(k, str) and _CANONICAL.fullmatch(k))
+    ]
+    if unknown:
+        raise ValueError(
+            f"bu has unknown level name(s) {unknown}; the model's levels are {list(specs)} "
+            "(canonical names such as 'conv1_1', 'pool2' of levels it does not use are ignored)"
+        )
+    image = gm.levels[0]
     for name, x in bu.items():
         if name not in specs:
             continue
@@ -77,7 +94,13 @@ def check_bu(
         if x.dim() != 4 or tuple(x.shape[1:]) != spec.shape:
             want = f"(B, {spec.channels})" if name == "category" else f"(B, {spec.channels}, "
             want += "" if name == "category" else f"{spec.height}, {spec.width})"
-            raise ValueError(f"bu[{name!r}] has shape {tuple(x.shape)}; expected {want}")
+            hint = ""
+            if x.dim() == 4 and x.shape[1] == spec.channels and name != "category":
+                hint = (
+                    f" — the model's levels are for {image.height}×{image.width}-pixel images; "
+                    f"resize images to {image.height}×{image.width} before the backbone"
+                )
+            raise ValueError(f"bu[{name!r}] has shape {tuple(x.shape)}; expected {want}{hint}")
         # A finite sum proves every element finite; only an overflowing sum needs the full check.
         if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
             raise ValueError(f"bu[{name!r}] contains NaN or inf")

@@ -16,6 +16,7 @@ Reference: Wang et al. 2016, eqs. (1)–(9).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -32,7 +33,7 @@ from pyro.ops.indexing import Vindex
 from torch import nn
 
 from pyro_backpass.backbone import Backbone
-from pyro_backpass.files import atomic_write
+from pyro_backpass.files import atomic_write, check_keys
 from pyro_backpass.levels import Cfg, LevelSpec, levels_from_cfg
 from pyro_backpass.model.checks import category_indices, check_bu, check_observed
 from pyro_backpass.model.observation import ClosedFormConstants, Observation
@@ -67,6 +68,26 @@ def default_offsets(levels: Sequence[LevelSpec]) -> dict[str, list[tuple[int, in
     return out
 
 
+def _checked_device(name: str | torch.device | None, path: Path) -> torch.device | None:
+    """``map_location`` as a device this machine has, or a clear error."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"load({path}): map_location={name!r} is not a device ({err})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(
+                f"load({path}): map_location={name!r} but this machine has "
+                f"{count} CUDA device(s); load with map_location='cpu'"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"load({path}): map_location={name!r} but MPS is not available")
+    return device
+
+
 class GenerativeModel(nn.Module):
     """A generative model of a CNN's activations on chosen levels.
 
@@ -83,7 +104,10 @@ class GenerativeModel(nn.Module):
     """
 
     # 2: the file names the backbone the model explains and that backbone's fingerprint.
-    FORMAT_VERSION = 2
+    # 3: the config records the parameters' dtype (version 2 files still load: their dtype is
+    #    read from the tensors).
+    FORMAT_VERSION = 3
+    READS_VERSIONS = (2, 3)
 
     def __init__(
         self,
@@ -138,6 +162,7 @@ class GenerativeModel(nn.Module):
         # parameters are not the model's), named in saved files by name and fingerprint.
         self.__dict__["_backbone"] = None
         self.__dict__["_backbone_record"] = None
+        self.check_parameters()
 
     @staticmethod
     def _per_level(value: Any, names: list[str], what: str) -> dict[str, Any]:
@@ -148,6 +173,39 @@ class GenerativeModel(nn.Module):
                 raise ValueError(f"{what}: missing levels {missing}, unknown levels {unknown}")
             return dict(value)
         return {n: value for n in names}
+
+    def check_parameters(self, *, source: str = "GenerativeModel") -> None:
+        """Raise a ``ValueError`` naming the first bad parameter: every weight finite, every
+        σ finite and > 0, every prior table non-negative with rows summing to 1.
+
+        Run on construction and by :meth:`load`; run it after editing parameters by hand.
+        """
+        for name, t in itertools.chain(self.named_parameters(), self.named_buffers()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ValueError(f"{source}: {name} has {bad:,} NaN/inf entries of {t.numel():,}")
+        for level, obs in self.observations.items():
+            for what, t in (("scale_on (σ1)", obs.scale_on), ("scale_off (σ2)", obs.scale_off)):
+                if not bool((t > 0).all()):
+                    raise ValueError(f"{source}: {level} {what} must be > 0, got {t.min().item()}")
+        for level, step in self.steps.items():
+            if not float(step.scale_td) > 0:
+                raise ValueError(
+                    f"{source}: {level} scale_td (σ0) must be > 0, got {step.scale_td}"
+                )
+        for site, prior in self.priors.items():
+            probs = getattr(prior, "probs", None)
+            if probs is None:
+                continue  # a custom prior: its log_probs() is its own business
+            sums = probs.sum(-1)
+            if bool((probs < 0).any()) or not torch.allclose(
+                sums, torch.ones_like(sums), atol=1e-4
+            ):
+                raise ValueError(
+                    f"{source}: the prior table of {site!r} is not on the simplex (entries in "
+                    f"[{probs.min().item():.3g}, {probs.max().item():.3g}], rows summing to "
+                    f"[{sums.min().item():.4g}, {sums.max().item():.4g}])"
+                )
 
     @property
     def backbone(self) -> Backbone | None:
@@ -242,29 +300,45 @@ class GenerativeModel(nn.Module):
         return priors
 
     def resolve_priors(self, priors: Mapping[str, SitePrior] | None = None) -> dict[str, SitePrior]:
-        """The model's priors with per-call overrides, checked against the sites."""
-        out = dict(self.priors.items())
+        """The model's priors with per-call overrides, all checked against the sites and on
+        the model's device and dtype.
+
+        Priors assigned after ``gm.to(device)`` (``gm.priors[site] = ...``) are moved here, the
+        one place every inference call and the Pyro model read them from.
+        """
+        device, dtype = self.device, self.dtype
         sizes, order = self.site_sizes, self.sites
-        for site, prior in (priors or {}).items():
+        out = {}
+        model_priors = [(f"gm.priors[{s!r}]", s, p) for s, p in self.priors.items()]
+        call_priors = [(f"priors[{s!r}]", s, p) for s, p in (priors or {}).items()]
+        for label, site, prior in model_priors + call_priors:
             if site not in sizes:
-                raise ValueError(f"priors: unknown site {site!r}; sites: {order}")
+                raise ValueError(f"{label}: unknown site {site!r}; sites: {order}")
             if not isinstance(prior, SitePrior):
-                raise TypeError(f"priors[{site!r}] must be a SitePrior, got {type(prior).__name__}")
+                raise TypeError(f"{label} must be a SitePrior, got {type(prior).__name__}")
+            probs = getattr(prior, "probs", None)
+            if isinstance(probs, torch.Tensor) and (probs.device, probs.dtype) != (device, dtype):
+                prior.to(device=device, dtype=dtype)
             table = prior.log_probs()
             want = tuple(sizes[p] for p in prior.parents if p in sizes) + (sizes[site],)
             bad_parent = [p for p in prior.parents if p not in sizes or p == site]
             if bad_parent or tuple(table.shape) != want:
                 raise ValueError(
-                    f"priors[{site!r}]: parents {prior.parents} / table {tuple(table.shape)} do "
+                    f"{label}: parents {prior.parents} / table {tuple(table.shape)} do "
                     f"not fit the model (expected table {want}, parents among {order})"
                 )
             if any(order.index(p) >= order.index(site) for p in prior.parents):
-                raise ValueError(f"priors[{site!r}]: parents must be sites above it: {order}")
+                raise ValueError(f"{label}: parents must be sites above it: {order}")
             if self._level_of(site) is not None and any(
                 self._level_of(p) == self._level_of(site) for p in prior.parents
             ):
-                raise ValueError(f"priors[{site!r}]: parents must be on higher levels")
-            out[site] = prior.to(self.device)
+                raise ValueError(f"{label}: parents must be on higher levels")
+            if table.device != device:
+                raise ValueError(f"{label} is on {table.device}, the model on {device}")
+            out[site] = prior
+        missing = [s for s in order if s not in out]
+        if missing:
+            raise ValueError(f"gm.priors lacks sites {missing}")
         return out
 
     @staticmethod
@@ -475,6 +549,7 @@ class GenerativeModel(nn.Module):
             "cfg": self.cfg,
             "priors": priors,
             "backbone": self._backbone_record,
+            "dtype": str(self.dtype).removeprefix("torch."),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -501,14 +576,26 @@ class GenerativeModel(nn.Module):
             raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
         if _CONFIG_KEY not in meta:
             raise ValueError(f"{path} is not a pyro_backpass GenerativeModel file (no config)")
-        config = json.loads(meta[_CONFIG_KEY])
-        if config.get("format_version") != cls.FORMAT_VERSION:
+        try:
+            config = json.loads(meta[_CONFIG_KEY])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: its config is not valid JSON ({err})") from None
+        check_keys(config, ["format_version"], source=f"{path} config")
+        version = config["format_version"]
+        if version not in cls.READS_VERSIONS:
             raise ValueError(
-                f"{path} has format version {config.get('format_version')}; this version of "
-                f"pyro_backpass reads {cls.FORMAT_VERSION} (version 2 added the backbone record: "
-                "re-save the model with this version after gm.attach_backbone(...))"
+                f"{path} has format version {version}; this version of pyro_backpass reads "
+                f"{list(cls.READS_VERSIONS)} (version 2 added the backbone record: re-save the "
+                "model with this version after gm.attach_backbone(...))"
             )
-        levels = [LevelSpec(**s) for s in config["levels"]]
+        keys = ["levels", "categories", "num_components", "offsets", "ngram_order", "cfg"]
+        check_keys(config, keys + ["priors"] + (["dtype"] if version >= 3 else []),
+                   source=f"{path} config")  # fmt: skip
+        device = _checked_device(map_location, path)
+        try:
+            levels = [LevelSpec(**s) for s in config["levels"]]
+        except TypeError as err:
+            raise ValueError(f"{path} config: a level entry is malformed ({err})") from None
         gm = cls(
             levels,
             categories=config["categories"],
@@ -518,8 +605,13 @@ class GenerativeModel(nn.Module):
             cfg=config["cfg"],
         )
         for site, entry in config["priors"].items():
+            check_keys(entry, ["type"], source=f"{path} config, priors[{site!r}]")
+            if f"priors.{site}.probs" not in state:
+                raise ValueError(f"{path}: no tensor priors.{site}.probs for the prior of {site!r}")
             shape = state[f"priors.{site}.probs"].shape
             if entry["type"] == "NGramPrior":
+                check_keys(entry, ["parents", "concentration"],
+                           source=f"{path} config, priors[{site!r}]")  # fmt: skip
                 prior = NGramPrior(
                     torch.ones(shape),
                     parents=entry["parents"],
@@ -540,7 +632,15 @@ class GenerativeModel(nn.Module):
         ]
         if bad:
             raise ValueError(f"{path}: tensors do not match its own config: {bad[:5]}")
+        if version >= 3:
+            dtype = getattr(torch, str(config["dtype"]), None)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"{path} config: unknown dtype {config['dtype']!r}")
+        else:  # version 2 recorded no dtype: the tensors carry it
+            dtype = state["observations.image.threshold"].dtype
+        gm.to(dtype=dtype)
         gm.load_state_dict(state)
+        gm.check_parameters(source=str(path))
         record = config.get("backbone")
         if record is not None and record.get("name") in _SHIPPED_BACKBONES:
             backbone = Backbone.default(compositional=record["name"] == "compositional")
@@ -552,7 +652,7 @@ class GenerativeModel(nn.Module):
             gm.attach_backbone(backbone, name=record["name"])
         elif record is not None:
             gm.__dict__["_backbone_record"] = dict(record)  # attach it with attach_backbone
-        return gm.to(map_location) if map_location else gm
+        return gm.to(device) if device is not None else gm
 
     @classmethod
     def default(cls) -> GenerativeModel:

@@ -35,3 +35,19 @@ def test_backward_pass_smoke(tmp_path, monkeypatch):
     for row in result["batches"].values():
         assert row["call_peak_rss_mb"] >= row["rss_before_call_mb"] > 0
     assert "CPUs" in result["machine"]
+
+
+def test_reliability_smoke(tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    run_script("reliability.py", "--smoke", "--out", str(out), monkeypatch=monkeypatch)
+    result = json.loads(out.read_text())
+    assert result["inputs_tried"] > 3
+    assert result["counts"]["silent_wrong_or_unclear"] == 0, result["wrong"]
+
+
+def test_top_k_memory_smoke(tmp_path, monkeypatch):
+    out = tmp_path / "m.json"
+    run_script("top_k_memory.py", "--smoke", "--out", str(out), monkeypatch=monkeypatch)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["top_k"] for r in rows] == [1, 10]
+    assert all(r["call_peak_bytes"] >= 0 and r["seconds"] > 0 for r in rows), rows

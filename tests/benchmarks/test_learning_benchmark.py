@@ -57,3 +57,20 @@ def test_greedy_vs_exact_learned_smoke(tmp_path):
         assert r["logjoint_gap_min"] >= -1e-3 * max(
             1.0, abs(r["logjoint_gap_max"])
         )  # exact ≥ greedy
+
+
+def test_clutter_levers_smoke(tmp_path):
+    out = tmp_path / "levers.json"
+    script = BENCH.parent / "clutter_levers.py"
+    levers = ["base", "footprint", "topk2", "bgfit,s0x0.5@upper,lamx1.5@all,s2x2@all"]
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--bound", "--out", str(out),
+                          "--levers", *levers],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["levers"]
+    assert set(rows) == set(levers)
+    for r in rows.values():
+        for key in ("hit@0.5", "hit@0.3", "best_iou", "top_clamped", "alone_plain", "bound@0.5"):
+            assert 0.0 <= r[key] <= 1.0
+        assert 1 <= r["true_rank_median"] <= r["top_hypotheses"]
+        assert r["hit@0.5"] <= r["bound@0.5"]  # the pass is one of the hypotheses bounded

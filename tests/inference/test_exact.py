@@ -108,3 +108,14 @@ def test_second_order_ngram_prior_per_call_matches_brute_force():
     gm.priors["gamma_image"] = priors["gamma_image"]  # brute force scores with the model's own
     for i, (_, score) in enumerate(brute_force(gm, bu, 2)):
         assert exact.log_joint[i].item() == pytest.approx(score, rel=1e-5, abs=1e-3)
+
+
+def test_progress_bar_counts_the_chunks(capsys):
+    gm = GenerativeModel.random([2, "M"], num_components=2, num_categories=2, image_size=4)
+    s = sample(gm, 1, observe=True, seed=0)
+    clamp = {"category": 0, "gamma_pool1": 1}
+    exact_map(gm, s.bu, clamp=clamp, progress=True)
+    err = capsys.readouterr().err
+    assert "exact_map:" in err and "/25 " in err  # one chunk per δ_pool1 (25)
+    exact_map(gm, s.bu, clamp=clamp)  # few states: no bar by default
+    assert "exact_map" not in capsys.readouterr().err
