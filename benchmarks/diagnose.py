@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, learned_model, machine  # noqa: E402
 
 from pyro_backpass import GenerativeModel, Scenes, greedy_map  # noqa: E402
-from pyro_backpass.data import split_seed  # noqa: E402
+from pyro_backpass.data import Instance, split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.learning import (  # noqa: E402
     e_step_level,
@@ -54,46 +54,56 @@ def alone_on_clutter(scene, inst) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ladder(gm: GenerativeModel, n_scenes: int) -> dict:
+def object_rungs(
+    gm: GenerativeModel, bu: dict[str, torch.Tensor], inst: Instance, *, scene=None
+) -> dict:
+    """Mask IoU of the pass for one target object of a scene with activations ``bu``, in
+    rungs (a), (b) and (d) of the ladder (keys ``free``, ``top_clamped``, ``alone_plain``),
+    and (c) (``alone_on_scene_background``) when the ``scene`` is given."""
     bb = gm.backbone
     top = gm.hidden_levels[-1]
-    step = gm.steps[top]
     level = "conv1_1" if "conv1_1" in gm.hidden_levels else gm.hidden_levels[0]
     thr = gm.observations[level].mask_threshold
+    label = torch.tensor([gm.categories.index(inst.category)])
+    free = greedy_map(gm, bu, category=label)
+    target = masked_activations(bb, inst.image_alone[None], inst.amodal_mask[None])
+    prior = gm.priors[f"gamma_{top}"].log_probs()[label]  # (1, K)
+    gamma, delta, _ = e_step_level(
+        gm.steps[top], label, target[top], log_prior_gamma=prior,
+        log_prior_delta=gm.priors[f"delta_{top}"].log_probs(),
+    )  # fmt: skip
+    clamped = greedy_map(gm, bu, category=label,
+                         clamp={f"gamma_{top}": gamma, f"delta_{top}": delta})  # fmt: skip
+    alone_acts = bb(inst.image_alone[None])
+    alone = greedy_map(gm, {k: v for k, v in alone_acts.items() if k in gm.hidden_levels},
+                       category=label)  # fmt: skip
+    peak = alone.td[level].amax(dim=-3) >= thr
+    rungs = {
+        "free": float(mask_iou(free.mask, inst.mask[None])[0]),
+        "top_clamped": float(mask_iou(clamped.mask, inst.mask[None])[0]),
+        "alone_plain": float(mask_iou(peak, inst.amodal_mask[None])[0]),
+    }
+    if scene is not None:
+        c_acts = bb(alone_on_clutter(scene, inst)[None])
+        c_pass = greedy_map(gm, {k: v for k, v in c_acts.items() if k in gm.hidden_levels},
+                            category=label)  # fmt: skip
+        rungs["alone_on_scene_background"] = float(mask_iou(c_pass.mask, inst.amodal_mask[None])[0])
+    return rungs
+
+
+@torch.no_grad()
+def ladder(gm: GenerativeModel, n_scenes: int) -> dict:
     rows: dict[str, list[float]] = {
         "free": [], "top_clamped": [], "alone_on_scene_background": [], "alone_plain": []
     }  # fmt: skip
     for scene in Scenes(n_scenes, seed=split_seed("test")):
-        acts = bb(scene.image[None])
+        acts = gm.backbone(scene.image[None])
         bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
         for inst in scene.instances:
             if not inst.is_target or inst.category not in gm.categories or not inst.mask.any():
                 continue
-            c = gm.categories.index(inst.category)
-            label = torch.tensor([c])
-            free = greedy_map(gm, bu, category=label)
-            rows["free"].append(float(mask_iou(free.mask, inst.mask[None])[0]))
-            target = masked_activations(bb, inst.image_alone[None], inst.amodal_mask[None])
-            prior = gm.priors[f"gamma_{top}"].log_probs()[label]  # (1, K)
-            gamma, delta, _ = e_step_level(
-                step, label, target[top], log_prior_gamma=prior,
-                log_prior_delta=gm.priors[f"delta_{top}"].log_probs(),
-            )  # fmt: skip
-            clamped = greedy_map(gm, bu, category=label,
-                                 clamp={f"gamma_{top}": gamma, f"delta_{top}": delta})  # fmt: skip
-            rows["top_clamped"].append(float(mask_iou(clamped.mask, inst.mask[None])[0]))
-            on_clutter = alone_on_clutter(scene, inst)
-            c_acts = bb(on_clutter[None])
-            c_bu = {k: v for k, v in c_acts.items() if k in gm.hidden_levels}
-            c_pass = greedy_map(gm, c_bu, category=label)
-            rows["alone_on_scene_background"].append(
-                float(mask_iou(c_pass.mask, inst.amodal_mask[None])[0])
-            )
-            alone_acts = bb(inst.image_alone[None])
-            alone_bu = {k: v for k, v in alone_acts.items() if k in gm.hidden_levels}
-            alone = greedy_map(gm, alone_bu, category=label)
-            peak = alone.td[level].amax(dim=-3) >= thr
-            rows["alone_plain"].append(float(mask_iou(peak, inst.amodal_mask[None])[0]))
+            for key, value in object_rungs(gm, bu, inst, scene=scene).items():
+                rows[key].append(value)
     n = len(rows["free"])
     out = {k: (sum(v) / n if n else float("nan")) for k, v in rows.items()}
     out["objects"] = n

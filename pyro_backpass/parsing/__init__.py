@@ -2,11 +2,24 @@
 every level, posterior modes per step, top-down queries (category, location, preferences),
 occlusion completion, imagination, and images of any size through a scan over scales.
 
-``parse_scene`` is the entry point; ``parse_record`` is the one JSON schema of a parse.
+``parse_scene`` is the entry point; ``parse_record`` is the one JSON schema of a parse;
+:mod:`.metrics` scores parses against the true instances.
 """
 
 from pyro_backpass.parsing.explaining_away import EXPLAIN_AWAY, explain_away
 from pyro_backpass.parsing.labels import mode_label
+from pyro_backpass.parsing.metrics import (
+    InstanceEvaluation,
+    Matching,
+    PredictedInstances,
+    adjusted_rand_index,
+    class_sensitivity,
+    coco_mask_ap,
+    foreground_ari,
+    mask_ious,
+    match_instances,
+    occluded_iou,
+)
 from pyro_backpass.parsing.parser import (
     BACKGROUNDS,
     MAX_STEPS,
@@ -35,25 +48,35 @@ from pyro_backpass.parsing.views import View, as_image, make_views
 __all__ = [
     "BACKGROUNDS",
     "EXPLAIN_AWAY",
+    "InstanceEvaluation",
     "LOCATIONS",
     "LogLinearPrior",
     "MAX_STEPS",
+    "Matching",
     "PREFERENCES",
     "ParsedInstance",
+    "PredictedInstances",
     "Query",
     "STOP_REASONS",
     "SceneParse",
     "THRESHOLD_FILE",
     "View",
+    "adjusted_rand_index",
     "as_image",
+    "class_sensitivity",
+    "coco_mask_ap",
     "default_threshold",
     "encode_mask",
     "explain_away",
+    "foreground_ari",
     "location_prior",
     "make_views",
     "mask_box",
+    "mask_ious",
+    "match_instances",
     "mode_label",
     "model_fingerprint",
+    "occluded_iou",
     "parse_activations",
     "parse_record",
     "parse_scene",

@@ -1,0 +1,77 @@
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pyro_backpass import GenerativeModel
+
+BENCH = Path(__file__).parents[2] / "benchmarks" / "parsing.py"
+
+
+@pytest.mark.slow  # ~30-70 s: three parses of each scene, the Captum maps and their tuning
+def test_parsing_benchmark_smoke(tmp_path):
+    pytest.importorskip("captum")
+    out = tmp_path / "parsing.json"
+    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for method in ("guided_backprop", "deconvolution", "guided_gradcam"):
+        entry = result[method]
+        for key in ("recall_iou50", "mean_matched_iou", "mask_ap", "count_accuracy",
+                    "foreground_ari", "class_sensitivity"):  # fmt: skip
+            assert 0.0 <= entry[key] <= 1.0, (method, key)
+        assert entry["setting"]["threshold"] > 0
+    ours = result["ours"]
+    assert 0.0 <= ours["class_sensitivity"] <= 1.0
+    if "not_run" not in ours:  # parse_scene present: the full set of metrics, and the sanity run
+        assert 0.0 <= ours["recall_iou50"] <= 1.0 and 0.0 <= ours["mask_ap"] <= 1.0
+        assert "recall_iou50" in result["sanity_check"]["ours_randomised"]
+    table = subprocess.run([sys.executable, str(BENCH), "--table", "--out", str(out)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "recall_iou50" in table.stdout
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("parsing_benchmark", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ours_path_with_a_stand_in_parse(tmp_path):
+    """The benchmark's path for ``parse_scene``, driven by a stand-in built from the truth
+    that misses each scene's last object and adds its clutter as a spurious instance: the
+    metrics, the diagnosis and the figure see exactly those failures."""
+    bench = load_benchmark()
+    gm = GenerativeModel.default()
+    scenes = bench.parse_scenes("test", 2)
+
+    def stand_in(image):
+        scene = next(s for s in scenes if torch.equal(s.image, image))
+        found = [SimpleNamespace(category=i.category, mask=i.mask, amodal_mask=i.amodal_mask,
+                                 score=1.0, reconstruction=i.image_alone, modes=[])
+                 for i in scene.instances[:-1]]  # fmt: skip
+        found.append(SimpleNamespace(category="car", mask=scene.clutter_mask, amodal_mask=None,
+                                     score=0.1, reconstruction=image, modes=[]))  # fmt: skip
+        return SimpleNamespace(instances=found, stop_reason="stand-in")
+
+    ev, records = bench.run_ours(gm, scenes, stand_in)
+    n_true = sum(len(s.instances) for s in scenes)
+    summary = ev.summary()
+    assert summary["recall_iou50"] == pytest.approx((n_true - 2) / n_true)
+    assert summary["precision_iou50"] == pytest.approx((n_true - 2) / n_true)
+    assert summary["count_accuracy"] == 1.0  # one missed, one spurious: the count is right
+    diagnoses = [bench.diagnose(gm, scenes[r["scene"]], r) for r in records]
+    for d, scene in zip(diagnoses, scenes, strict=True):
+        assert [m["category"] for m in d["missed"]] == [scene.instances[-1].category]
+        assert set(d["missed"][0]["rungs"]) == {"free", "top_clamped", "alone_plain"}
+        assert len(d["spurious"]) == 1 and d["spurious"][0]["diagnosis"]
+    path = tmp_path / "failures.png"
+    bench.failure_figure(scenes, records, diagnoses, path)
+    assert path.stat().st_size > 0
