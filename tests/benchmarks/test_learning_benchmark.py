@@ -87,3 +87,13 @@ def test_clamped_samples_smoke(tmp_path):
     for row in rows.values():
         # Every clamped site is the same in every sample of its row.
         assert set(row["clamped"]) <= set(row["equal_in_all_samples"])
+
+
+def test_clutter_figure_smoke(tmp_path):
+    out = tmp_path / "figure.png"
+    script = BENCH.parent / "clutter_figure.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--scenes", "1", "--out",
+                          str(out), "--levers", "base", "s0x0.5@upper"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert out.stat().st_size > 0
