@@ -43,7 +43,7 @@ from common import RESULTS, learned_model, machine  # noqa: E402
 from pyro_backpass import GenerativeModel, Scenes, greedy_map  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
-from pyro_backpass.inference.objective import full_res_level  # noqa: E402
+from pyro_backpass.inference import full_res_level  # noqa: E402
 from pyro_backpass.learning import mask_iou, masked_activations  # noqa: E402
 
 THRESHOLD_GRID = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, float("inf"))
