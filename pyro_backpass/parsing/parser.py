@@ -403,7 +403,9 @@ def _parse(
         for s, _ in live:
             ranked = sorted(new_paths[id(s)], key=lambda t: -t[0])
             s.paths = [
-                _extend(gm, p, c, s, score=score, how=how, thresholds=thresholds) if c else p
+                p
+                if c is None
+                else _extend(gm, p, c, s, score=score, how=how, thresholds=thresholds)
                 for score, p, c in ranked[:beam]
             ]
         step += 1
