@@ -19,7 +19,13 @@ a copy of ``GenerativeModel.default()`` (no retraining). For each, on scenes of 
 Levers (``--levers``): ``base``; ``s0x<f>@<levels>``: σ0 × f on those levels (``upper`` =
 ``pool4 conv4_1 pool3 conv3_1``, ``all``); ``lamx<f>@<levels>``: λ × f; ``s2x<f>@<levels>``:
 σ2 × f; ``maskx<f>@conv1_1``: the mask threshold × f; ``bgfit[<q>]``: β, σ2 per channel
-(:func:`~pyro_backpass.learning.fit_background`); several joined by commas; ``footprint``:
+(:func:`~pyro_backpass.learning.fit_background`); ``onoff[<n>]``: lever 1 at the element
+level — λ, σ0 and per-channel β, σ1, σ2 of every level refitted, top level first, so that the
+closed form's on/off decision under the oracle assignment (every level clamped to the object's
+own, from its pass alone) classifies the object's on-elements (its masked activations ≥ λ)
+against the rest of its scene (logistic loss on score_on − score_off, ``n`` train scenes,
+default 15; the mask threshold becomes the new λ of its level); several joined by commas;
+``footprint``:
 the top level chosen by the log-likelihood ratio against the all-background explanation
 divided by the template's footprint (elements with φ > 0), the rest of the pass unchanged;
 ``topk<k>``: the best of greedy's ``top_k=k`` completed descents by total log-joint.
@@ -60,6 +66,7 @@ from pyro_backpass.learning import (  # noqa: E402
     masked_activations,
 )
 from pyro_backpass.model import shift_all  # noqa: E402
+from pyro_backpass.model.observation import closed_form_constants  # noqa: E402
 
 UPPER = ("pool4", "conv4_1", "pool3", "conv3_1")
 
@@ -89,6 +96,9 @@ def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool 
         if part.startswith("bgfit"):
             fit_background_per_channel(out, part)
             continue
+        if part.startswith("onoff"):
+            fit_on_off(out, list(Scenes(int(part[5:] or 15), seed=split_seed("train"))))
+            continue
         kind, _, rest = part.partition("x")
         factor, _, where = rest.partition("@")
         for name in _levels(out, where or "all"):
@@ -111,6 +121,82 @@ def fit_background_per_channel(gm: GenerativeModel, part: str) -> None:
     σ2 × ``q``, default 1)."""
     scenes = list(Scenes(40, seed=split_seed("train")))
     fit_background(gm, gm.backbone, scenes, floor_factor=float(part[5:] or 1.0))
+
+
+def fit_on_off(gm: GenerativeModel, scenes: list, *, steps: int = 150) -> None:
+    """The ``onoff`` lever, in place (see the module docstring): per level, top first, Adam on
+    the logistic loss of the closed form's on-minus-off score margin for "this element is one of
+    the object's own on-elements", with φ from the oracle assignment under the parameters fitted
+    so far."""
+    hidden = gm.hidden_levels
+    items = []
+    with torch.no_grad():
+        for scene in scenes:
+            bu = _hidden_bu(gm, scene.image)
+            for inst in scene.instances:
+                if not inst.mask.any():
+                    continue
+                label = torch.tensor([gm.categories.index(inst.category)])
+                alone = greedy_map(gm, _hidden_bu(gm, inst.image_alone), category=label)
+                target = masked_activations(gm.backbone, inst.image_alone[None], inst.mask[None])
+                items.append((bu, label, dict(alone.assignment), target))
+    for i in range(len(hidden) - 1, -1, -1):
+        name, parent = hidden[i], (hidden[i + 1] if i + 1 < len(hidden) else None)
+        obs, step = gm.observations[name], gm.steps[name]
+        with torch.no_grad():
+            phis = []
+            for bu, label, a, _ in items:
+                upper = greedy_map(gm, bu, category=label, clamp=a).td[parent] if parent else label
+                phis.append(step.phi(upper, a[f"gamma_{name}"], a[f"delta_{name}"]))
+            phi = torch.cat(phis)  # (n, C, H, W)
+            bu = torch.cat([it[0][name] for it in items])
+            on = (torch.cat([it[3][name] for it in items]) >= obs.threshold).to(phi.dtype)
+        channels, dtype = phi.shape[1], phi.dtype
+
+        def per_channel(v: torch.Tensor, channels=channels, dtype=dtype) -> torch.Tensor:
+            return torch.as_tensor(v, dtype=dtype).expand(channels, 1, 1).clone()
+
+        params = {
+            "log_lam": obs.threshold.detach().to(phi.dtype).log().clone(),
+            "beta": per_channel(obs.background),
+            "log_s1": per_channel(obs.scale_on).log(),
+            "log_s2": per_channel(obs.scale_off).log(),
+            "log_s0": step.scale_td.detach().to(phi.dtype).log().clone(),
+        }
+        for v in params.values():
+            v.requires_grad_(True)
+        opt = torch.optim.Adam(params.values(), lr=0.03)
+        for _ in range(steps):
+            with torch.enable_grad():  # apply_lever runs inside evaluate's no_grad
+                c = closed_form_constants(
+                    threshold=params["log_lam"].exp(), background=params["beta"],
+                    scale_td=params["log_s0"].exp(), scale_on=params["log_s1"].exp(),
+                    scale_off=params["log_s2"].exp(), like=phi,
+                )  # fmt: skip
+                f_on = (c.weight_on * bu + c.weight_td * phi).clamp_min(c.threshold)
+                f_off = phi.clamp_max(c.threshold)
+                s_on = c.const_on - (c.half_prec_on * (bu - f_on).square()
+                                     + c.half_prec_td * (f_on - phi).square())  # fmt: skip
+                s_off = c.const_off - (c.half_prec_off * (bu - c.background).square()
+                                       + c.half_prec_td * (f_off - phi).square())  # fmt: skip
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(s_on - s_off, on)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            dtype = obs.background.dtype
+            obs.threshold.copy_(params["log_lam"].exp())
+            obs.background.data = params["beta"].detach().to(dtype)
+            obs.scale_on.data = params["log_s1"].exp().detach().to(dtype)
+            obs.scale_off.data = params["log_s2"].exp().detach().to(dtype)
+            step.scale_td.copy_(params["log_s0"].exp())
+            obs.mask_threshold.copy_(obs.threshold)
+    gm.check_parameters()
+
+
+def _hidden_bu(gm: GenerativeModel, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    acts = gm.backbone(image[None])
+    return {k: v for k, v in acts.items() if k in gm.hidden_levels}
 
 
 @torch.no_grad()
