@@ -1,4 +1,5 @@
-"""An opt-in fused kernel for the hypothesis scores: ``torch.compile`` of the per-element sum.
+"""Opt-in fused kernels for the backward pass: ``torch.compile`` of the hypothesis scores'
+per-element sum, and of the winner's closed form.
 
 The eager kernels of :mod:`~pyro_backpass.inference.hypotheses` make about ten passes over each
 cache-sized block of (images × hypotheses × elements), one per operation. Compiled, the same
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from pyro_backpass.model.observation import ClosedFormConstants
 
-__all__ = ["compile_enabled", "compiled_scores"]
+__all__ = ["compile_enabled", "compiled_closed_form", "compiled_scores"]
 
 _ENV = "PYRO_BACKPASS_COMPILE"
 _failed = False
@@ -127,5 +128,59 @@ def compiled_scores(
     except Exception as err:  # no C++ compiler, an unsupported device: the eager path
         _failed = True
         warnings.warn(f"{_ENV}: compiling the scores failed, eager from now on ({err!r})",
+                      RuntimeWarning, stacklevel=2)  # fmt: skip
+        return None
+
+
+def _closed_form(bu, phi, obs, threshold, below, background, log_norm_td, half_prec_td,
+                 half_prec_off, const_off, weight_on, weight_td, half_prec_on,
+                 const_on):  # fmt: skip
+    """:func:`~pyro_backpass.inference.closed_form.closed_form_with`'s body as one loop: the same
+    operations in the same order (selections by ``where``: exact either way)."""
+    if obs is not None:
+        bu = torch.where(obs, bu, background)
+    f_on = torch.maximum(weight_on * bu + weight_td * phi, threshold)
+    f_off = torch.minimum(phi, below)
+    score_on = const_on - (
+        half_prec_on * (bu - f_on).square() + half_prec_td * (f_on - phi).square()
+    )
+    score_off = const_off - (
+        half_prec_off * (bu - background).square() + half_prec_td * (f_off - phi).square()
+    )
+    f_td = torch.where(score_on >= score_off, f_on, f_off)
+    log_score = torch.maximum(score_on, score_off)
+    if obs is not None:
+        f_td = torch.where(obs, f_td, phi)
+        log_score = torch.where(obs, log_score, log_norm_td)
+    return f_td, log_score
+
+
+@functools.cache
+def _compiled_closed_form():
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, _MAX_LEVEL_SHAPES)
+    return torch.compile(_closed_form, dynamic=False)
+
+
+def compiled_closed_form(
+    c: ClosedFormConstants, bu: torch.Tensor, phi: torch.Tensor, observed: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(f_td, log_score)`` of the closed form for ``bu`` and ``phi`` of one shape, as
+    :func:`~pyro_backpass.inference.closed_form.closed_form_with`, in one compiled loop (up to
+    float rounding; the selections are exact); None when compiling is unavailable.
+
+    :param observed: None or a bool mask broadcastable to ``phi``.
+    """
+    global _failed
+    consts = [bu.new_tensor(v) if not isinstance(v, torch.Tensor) else v.to(bu.dtype)
+              for v in (c.threshold, c.below, c.background, c.log_norm_td, c.half_prec_td,
+                        c.half_prec_off, c.const_off, c.weight_on, c.weight_td, c.half_prec_on,
+                        c.const_on)]  # fmt: skip
+    try:
+        obs = None if observed is None else observed.to(torch.bool)
+        return _compiled_closed_form()(bu, phi, obs, *consts)
+    except Exception as err:  # no C++ compiler, an unsupported device: the eager path
+        _failed = True
+        warnings.warn(f"{_ENV}: compiling the closed form failed, eager from now on ({err!r})",
                       RuntimeWarning, stacklevel=2)  # fmt: skip
         return None
