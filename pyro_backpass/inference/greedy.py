@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from pyro_backpass.inference.closed_form import closed_form_with
-from pyro_backpass.inference.fused_scores import compile_enabled
 from pyro_backpass.inference.hypotheses import (
     DEFAULT_CHUNK_ELEMENTS,
     hypothesis_scores,
@@ -91,8 +90,7 @@ def top_level_scores(
     step = gm.steps[top]
     ncat, k, d = len(gm.categories), step.num_components, step.num_offsets
     planes = shifted = None
-    # The compiled kernel (fused_scores.py) reads the templates themselves, not their planes.
-    if not compile_enabled() and 3 * ncat * k * d * step.out.numel <= chunk_elements:
+    if 3 * ncat * k * d * step.out.numel <= chunk_elements:
         shifted, planes = step.derived(
             "greedy_template_planes", (constants,), lambda: _template_planes(step, constants)
         )
