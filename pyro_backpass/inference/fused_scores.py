@@ -7,9 +7,10 @@ closed form becomes one loop per offset that reads φ and a window of the image 
 every intermediate in registers (measured ~5× faster on the default model's levels, one CPU
 thread); the top level's shared templates are compared as contiguous planes (one offset per
 row: 56 → 15 ms on the default top level, batch 32), and the winner's closed form
-(:func:`~pyro_backpass.inference.closed_form.closed_form_with`) is one loop too. Opt in with ``PYRO_BACKPASS_COMPILE=1``: the first call for each kind of level
-(per-image φ, shared templates; one offset or many) compiles, which costs seconds
-(``benchmarks/backward_pass.py`` reports it); without a working compiler the eager path runs.
+(:func:`~pyro_backpass.inference.closed_form.closed_form_with`) is one loop too. Opt in with
+``PYRO_BACKPASS_COMPILE=1``: the first call for each kind of level (per-image φ, shared
+templates; one offset or many) compiles, which costs seconds (``benchmarks/backward_pass.py``
+reports it); without a working compiler the eager path runs.
 
 The values are those of the eager path up to float rounding (the compiler may contract
 multiply-adds and sums in another order). One property is kept exactly: an element whose φ is 0
@@ -139,6 +140,10 @@ def compiled_scores(
     consts = _tensors(bu, (c.root_half_prec_c, c.clip_on, c.threshold, c.background,
                            c.half_prec_off, c.const_on - c.const_off, c.clip_td, c.below,
                            c.half_prec_td, c.const_on, c.log_norm_td))  # fmt: skip
+    # Strided views (an unpool's phase maps) copied first: read in place by the compiled loop
+    # they were measured 5× slower than the copy and the loop together.
+    phi, bu = phi.contiguous(), bu.contiguous()
+    weight = None if weight is None else weight.contiguous()
     # Padded here, not in the compiled code: masked loads there were measured 5× slower.
     wt = bu.new_ones(1, 1, 1, 1) if weight is None and pad == 0 else weight
     if pad:
