@@ -19,7 +19,16 @@ a copy of ``GenerativeModel.default()`` (no retraining). For each, on scenes of 
 Levers (``--levers``): ``base``; ``s0x<f>@<levels>``: σ0 × f on those levels (``upper`` =
 ``pool4 conv4_1 pool3 conv3_1``, ``all``); ``lamx<f>@<levels>``: λ × f; ``s2x<f>@<levels>``:
 σ2 × f; ``maskx<f>@conv1_1``: the mask threshold × f; ``bgfit[<q>]``: β, σ2 per channel
-(:func:`~pyro_backpass.learning.fit_background`); several joined by commas; ``footprint``:
+(:func:`~pyro_backpass.learning.fit_background`); ``onoff[<n>]``: lever 1 at the element
+level — λ, σ0 and per-channel β, σ1, σ2 of every level refitted, top level first, so that the
+closed form's on/off decision under the oracle assignment (every level clamped to the object's
+own, from its pass alone) classifies the object's on-elements (its masked activations ≥ λ)
+against the rest of its scene (logistic loss on score_on − score_off, ``n`` train scenes,
+default 15; the mask threshold becomes the new λ of its level); ``rank[<n>]``: lever 1 at the
+top level — λ, σ0 and per-channel β, σ1, σ2 of the top level refitted to maximise the
+posterior probability, among all top-level hypotheses of the object's category, of the scene's
+true ones (:func:`fit_top_ranking`, ``n`` train scenes, default 60); several joined by commas;
+``footprint``:
 the top level chosen by the log-likelihood ratio against the all-background explanation
 divided by the template's footprint (elements with φ > 0), the rest of the pass unchanged;
 ``topk<k>``: the best of greedy's ``top_k=k`` completed descents by total log-joint.
@@ -59,7 +68,7 @@ from pyro_backpass.learning import (  # noqa: E402
     mask_iou,
     masked_activations,
 )
-from pyro_backpass.model import shift_all  # noqa: E402
+from pyro_backpass.model import closed_form_constants, shift_all  # noqa: E402
 
 UPPER = ("pool4", "conv4_1", "pool3", "conv3_1")
 
@@ -89,6 +98,12 @@ def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool 
         if part.startswith("bgfit"):
             fit_background_per_channel(out, part)
             continue
+        if part.startswith("rank"):
+            fit_top_ranking(out, list(Scenes(int(part[4:] or 60), seed=split_seed("train"))))
+            continue
+        if part.startswith("onoff"):
+            fit_on_off(out, list(Scenes(int(part[5:] or 15), seed=split_seed("train"))))
+            continue
         kind, _, rest = part.partition("x")
         factor, _, where = rest.partition("@")
         for name in _levels(out, where or "all"):
@@ -111,6 +126,208 @@ def fit_background_per_channel(gm: GenerativeModel, part: str) -> None:
     σ2 × ``q``, default 1)."""
     scenes = list(Scenes(40, seed=split_seed("train")))
     fit_background(gm, gm.backbone, scenes, floor_factor=float(part[5:] or 1.0))
+
+
+def fit_on_off(gm: GenerativeModel, scenes: list, *, steps: int = 150) -> None:
+    """The ``onoff`` lever, in place (see the module docstring): per level, top first, Adam on
+    the logistic loss of the closed form's on-minus-off score margin for "this element is one of
+    the object's own on-elements", with φ from the oracle assignment under the parameters fitted
+    so far."""
+    hidden = gm.hidden_levels
+    items = []
+    with torch.no_grad():
+        for scene in scenes:
+            bu = _hidden_bu(gm, scene.image)
+            for inst in scene.instances:
+                if not inst.mask.any():
+                    continue
+                label = torch.tensor([gm.categories.index(inst.category)])
+                alone = greedy_map(gm, _hidden_bu(gm, inst.image_alone), category=label)
+                target = masked_activations(gm.backbone, inst.image_alone[None], inst.mask[None])
+                items.append((bu, label, dict(alone.assignment), target))
+    for i in range(len(hidden) - 1, -1, -1):
+        name, parent = hidden[i], (hidden[i + 1] if i + 1 < len(hidden) else None)
+        obs, step = gm.observations[name], gm.steps[name]
+        with torch.no_grad():
+            phis = []
+            for bu, label, a, _ in items:
+                upper = greedy_map(gm, bu, category=label, clamp=a).td[parent] if parent else label
+                phis.append(step.phi(upper, a[f"gamma_{name}"], a[f"delta_{name}"]))
+            phi = torch.cat(phis)  # (n, C, H, W)
+            bu = torch.cat([it[0][name] for it in items])
+            on = (torch.cat([it[3][name] for it in items]) >= obs.threshold).to(phi.dtype)
+        channels, dtype = phi.shape[1], phi.dtype
+
+        def per_channel(v: torch.Tensor, channels=channels, dtype=dtype) -> torch.Tensor:
+            return torch.as_tensor(v, dtype=dtype).expand(channels, 1, 1).clone()
+
+        params = {
+            "log_lam": obs.threshold.detach().to(phi.dtype).log().clone(),
+            "beta": per_channel(obs.background),
+            "log_s1": per_channel(obs.scale_on).log(),
+            "log_s2": per_channel(obs.scale_off).log(),
+            "log_s0": step.scale_td.detach().to(phi.dtype).log().clone(),
+        }
+        for v in params.values():
+            v.requires_grad_(True)
+        opt = torch.optim.Adam(params.values(), lr=0.03)
+        for _ in range(steps):
+            with torch.enable_grad():  # apply_lever runs inside evaluate's no_grad
+                c = closed_form_constants(
+                    threshold=params["log_lam"].exp(), background=params["beta"],
+                    scale_td=params["log_s0"].exp(), scale_on=params["log_s1"].exp(),
+                    scale_off=params["log_s2"].exp(), like=phi,
+                )  # fmt: skip
+                f_on = (c.weight_on * bu + c.weight_td * phi).clamp_min(c.threshold)
+                f_off = phi.clamp_max(c.threshold)
+                s_on = c.const_on - (c.half_prec_on * (bu - f_on).square()
+                                     + c.half_prec_td * (f_on - phi).square())  # fmt: skip
+                s_off = c.const_off - (c.half_prec_off * (bu - c.background).square()
+                                       + c.half_prec_td * (f_off - phi).square())  # fmt: skip
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(s_on - s_off, on)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            dtype = obs.background.dtype
+            obs.threshold.copy_(params["log_lam"].exp())
+            obs.background.data = params["beta"].detach().to(dtype)
+            obs.scale_on.data = params["log_s1"].exp().detach().to(dtype)
+            obs.scale_off.data = params["log_s2"].exp().detach().to(dtype)
+            step.scale_td.copy_(params["log_s0"].exp())
+            obs.mask_threshold.copy_(obs.threshold)
+    gm.check_parameters()
+
+
+def _top_scores_differentiable(gm, bu_top, category: int, params) -> torch.Tensor:
+    """``(n, K*D)`` top-level scores of ``n`` images ``bu_top`` ``(n, C, H, W)`` for one
+    category as a function of ``params`` (the closed form summed over the level, plus
+    log P(γ | c) and log P(δ))."""
+    top = gm.hidden_levels[-1]
+    step = gm.steps[top]
+    tmpl = torch.relu(step.weight[category])  # (K, C, H, W)
+    phi = shift_all(tmpl, step.offsets).to(bu_top.dtype)  # (K, D, C, H, W)
+    c = closed_form_constants(
+        threshold=params["log_lam"].exp(), background=params["beta"],
+        scale_td=params["log_s0"].exp(), scale_on=params["log_s1"].exp(),
+        scale_off=params["log_s2"].exp(), like=phi,
+    )  # fmt: skip
+    x = bu_top[:, None, None]  # (n, 1, 1, C, H, W)
+    f_on = (c.weight_on * x + c.weight_td * phi).clamp_min(c.threshold)
+    f_off = phi.clamp_max(c.threshold)
+    s_on = c.const_on - (c.half_prec_on * (x - f_on).square()
+                         + c.half_prec_td * (f_on - phi).square())  # fmt: skip
+    s_off = c.const_off - (c.half_prec_off * (x - c.background).square()
+                           + c.half_prec_td * (f_off - phi).square())  # fmt: skip
+    data = torch.maximum(s_on, s_off).sum(dim=(-3, -2, -1))  # (n, K, D)
+    prior_g = gm.priors[f"gamma_{top}"].log_probs()[category].to(data.dtype)  # (K,)
+    prior_d = gm.priors[f"delta_{top}"].log_probs().to(data.dtype)  # (D,)
+    return (data + prior_g[:, None] + prior_d[None, :]).reshape(data.shape[0], -1)
+
+
+def fit_top_ranking(gm: GenerativeModel, scenes: list, *, steps: int = 200) -> None:
+    """The ``rank`` lever, in place: the top level's observation parameters that maximise
+    Σ_scenes log Σ_{true h} P(h | scene, c) over the top-level hypotheses h = (γ, δ) of each
+    scene's categories (its instances' own top-level assignments, from their masked activations
+    alone, as the oracle ladder takes them). Checks first that the differentiable scores equal
+    :func:`~pyro_backpass.inference.top_level_scores` up to a constant (the category's term)."""
+    top = gm.hidden_levels[-1]
+    step, obs = gm.steps[top], gm.observations[top]
+    d = step.num_offsets
+    priors = {k: v for k, v in gm.priors.items()}
+    items = []  # (bu_top (1, C, H, W), category, true flat indices)
+    with torch.no_grad():
+        for scene in scenes:
+            bu = _hidden_bu(gm, scene.image)
+            truth: dict[int, list[int]] = {}
+            for inst in scene.instances:
+                if not inst.mask.any():
+                    continue
+                cat = gm.categories.index(inst.category)
+                label = torch.tensor([cat])
+                target = masked_activations(gm.backbone, inst.image_alone[None],
+                                            inst.amodal_mask[None])  # fmt: skip
+                gamma, delta, _ = e_step_level(
+                    step, label, target[top],
+                    log_prior_gamma=priors[f"gamma_{top}"].log_probs()[label],
+                    log_prior_delta=priors[f"delta_{top}"].log_probs(),
+                )  # fmt: skip
+                truth.setdefault(cat, []).append(int(gamma) * d + int(delta))
+            items += [(bu[top], cat, sorted(set(h))) for cat, h in truth.items()]
+    # Per category: the images stacked and a (n, K*D) bool of their true hypotheses.
+    groups = []
+    for cat in sorted({it[1] for it in items}):
+        mine = [it for it in items if it[1] == cat]
+        true = torch.zeros(len(mine), step.num_components * d, dtype=torch.bool)
+        for row, it in enumerate(mine):
+            true[row, it[2]] = True
+        groups.append((torch.cat([it[0] for it in mine]), cat, true))
+    dtype = items[0][0].dtype
+    channels = items[0][0].shape[1]
+
+    def per_channel(v: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(v, dtype=dtype).expand(channels, 1, 1).clone()
+
+    params = {
+        "log_lam": obs.threshold.detach().to(dtype).log().clone(),
+        "beta": per_channel(obs.background),
+        "log_s1": per_channel(obs.scale_on).log(),
+        "log_s2": per_channel(obs.scale_off).log(),
+        "log_s0": step.scale_td.detach().to(dtype).log().clone(),
+    }
+    with torch.no_grad():  # the oracle check: same ranking scores as the library's
+        bu0, cat0, _ = items[0]
+        ours = _top_scores_differentiable(gm, bu0, cat0, params)[0]
+        frozen = freeze_priors(gm.resolve_priors(None))
+        lib, _ = top_level_scores(gm, {top: bu0}, {}, frozen, batch=1, chunk_elements=2**25,
+                                  constants=gm.constants(top))  # fmt: skip
+        diff = ours - lib[0, cat0].reshape(-1).to(ours.dtype)
+        if float(diff.max() - diff.min()) > 1e-3 + 1e-5 * float(ours.abs().max()):
+            raise AssertionError(f"rank lever: scores differ from top_level_scores by {diff}")
+
+    def nll() -> torch.Tensor:
+        total = 0.0
+        for bu_top, cat, true in groups:
+            s = _top_scores_differentiable(gm, bu_top, cat, params)  # (n, K*D)
+            hit = s.masked_fill(~true, -torch.inf)
+            total = total + (torch.logsumexp(s, 1) - torch.logsumexp(hit, 1)).sum()
+        return total / len(items)
+
+    def mean_rank() -> float:
+        ranks = []
+        for bu_top, cat, true in groups:
+            s = _top_scores_differentiable(gm, bu_top, cat, params)
+            best_true = s.masked_fill(~true, -torch.inf).amax(1, keepdim=True)
+            ranks += ((s > best_true).sum(1) + 1).tolist()
+        return statistics.median(ranks)
+
+    with torch.no_grad():
+        before, rank_before = float(nll()), mean_rank()
+    for v in params.values():
+        v.requires_grad_(True)
+    opt = torch.optim.Adam(params.values(), lr=0.02)
+    with torch.enable_grad():  # apply_lever runs inside evaluate's no_grad
+        for _ in range(steps):
+            loss = nll()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        after = float(nll())
+        print(f"rank lever ({len(items)} scene-categories): NLL {before:.2f} -> {after:.2f}, "
+              f"median train rank {rank_before} -> {mean_rank()}", flush=True)  # fmt: skip
+        dt = obs.background.dtype
+        obs.threshold.copy_(params["log_lam"].exp())
+        obs.background.data = params["beta"].detach().to(dt)
+        obs.scale_on.data = params["log_s1"].exp().detach().to(dt)
+        obs.scale_off.data = params["log_s2"].exp().detach().to(dt)
+        step.scale_td.copy_(params["log_s0"].exp())
+    gm.check_parameters()
+
+
+def _hidden_bu(gm: GenerativeModel, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    acts = gm.backbone(image[None])
+    return {k: v for k, v in acts.items() if k in gm.hidden_levels}
 
 
 @torch.no_grad()

@@ -73,6 +73,7 @@ from pyro_backpass.parsing import (
     parse_activations,
     parse_record,
     parse_scene,
+    parse_scenes,
     run_parse,
 )
 from pyro_backpass.results import DistractorSweep, MapResult, Sample
@@ -144,6 +145,7 @@ __all__ = [
     "parse_activations",
     "parse_record",
     "parse_scene",
+    "parse_scenes",
     "plot_distractor_sweep",
     "plot_instances",
     "plot_mode_bars",

@@ -4,9 +4,12 @@ line per image (the schema of :func:`pyro_backpass.parsing.parse_record`); and
 
 Images are read by a ``DataLoader`` with worker processes (:class:`~pyro_backpass.data.ImageFiles`:
 any size and mode; a file that cannot be read becomes a line with ``"stop_reason": "error"`` and
-the reason, as does an image whose parse raises; the run goes on). Each line is appended,
-flushed and fsync'd before the next, so a killed run leaves whole lines only (and at most a
-partial last one, which ``--resume`` cuts before skipping every image id already written).
+the reason, as does an image whose parse raises; the run goes on). The images of a loader
+batch are parsed together (:func:`~pyro_backpass.parsing.parse_scenes`: each step's backward
+pass runs once for all the images still parsing); a batch that raises is parsed again image by
+image, so only the bad image gets an error line. Each line is appended, flushed and fsync'd
+before the next, so a killed run leaves whole lines only (and at most a partial last one,
+which ``--resume`` cuts before skipping every image id already written).
 
 Under ``torchrun --nproc_per_node=P -m pyro_backpass.cli parse-folder ...`` rank ``r`` takes
 every P-th image of the sorted list from the r-th on and appends to its own part file
@@ -56,12 +59,13 @@ ParseBatch = Callable[[GenerativeModel, list[torch.Tensor], list[str]], list[dic
 def parse_images(
     gm: GenerativeModel, images: list[torch.Tensor], image_ids: list[str]
 ) -> list[dict[str, Any]]:
-    """The parser of ``parse-folder``: ``parse_record(parse_scene(gm, image), image_id=...)``
-    for each image (``parse_scene`` takes one image of any size)."""
-    from pyro_backpass.parsing import parse_record, parse_scene  # issue #11's pinned names
+    """The parser of ``parse-folder``: ``parse_record(parse, image_id=...)`` of
+    ``parse_scenes(gm, images)``, each image's parse what ``parse_scene`` gives for it alone,
+    with every step's backward pass batched across the images still parsing."""
+    from pyro_backpass.parsing import parse_record, parse_scenes
 
-    pairs = zip(images, image_ids, strict=True)
-    return [parse_record(parse_scene(gm, image), image_id=i) for image, i in pairs]
+    parses = parse_scenes(gm, images)
+    return [parse_record(p, image_id=i) for p, i in zip(parses, image_ids, strict=True)]
 
 
 def _load_parser(spec: str) -> ParseBatch:
@@ -69,7 +73,7 @@ def _load_parser(spec: str) -> ParseBatch:
     ``PATH.py:FUNCTION`` (tests, benchmarks: a stand-in of the same signature)."""
     if spec == "scene":
         parsing = importlib.import_module("pyro_backpass.parsing")
-        missing = [n for n in ("parse_scene", "parse_record") if not hasattr(parsing, n)]
+        missing = [n for n in ("parse_scenes", "parse_record") if not hasattr(parsing, n)]
         if missing:
             raise SystemExit(
                 f"parse-folder: pyro_backpass.parsing has no {missing} in this version "
@@ -209,7 +213,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("folder", type=input_dir, help="images, searched recursively")
     p.add_argument("--out", type=Path, required=True,
                    help="the JSON-lines file; must not exist unless --resume")  # fmt: skip
-    p.add_argument("--batch", type=positive_int, default=8, help="images per loader batch")
+    p.add_argument("--batch", type=positive_int, default=8,
+                   help="images per loader batch, parsed together (batched passes)")  # fmt: skip
     p.add_argument("--workers", type=non_negative_int, default=2,
                    help="DataLoader worker processes (0: read in the main process)")  # fmt: skip
     p.add_argument("--device", type=any_device, default="auto", help=DEVICE_HELP)
@@ -218,7 +223,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads per process (default: torch's)")  # fmt: skip
     p.add_argument("--parser", default="scene",
-                   help="'scene' (parse_scene), or MODULE:FUNCTION or PATH.py:FUNCTION, a "
+                   help="'scene' (parse_scenes), or MODULE:FUNCTION or PATH.py:FUNCTION, a "
                         "stand-in of the same signature for tests and benchmarks")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -17,6 +17,7 @@ from pyro_backpass.inference.hypotheses import (
 from pyro_backpass.inference.inputs import MapInputs, check_map_inputs
 from pyro_backpass.inference.objective import (
     freeze_priors,
+    full_res_level,
     log_joint,
     object_mask,
     top_down_pass,
@@ -34,6 +35,7 @@ __all__ = [
     "closed_form_with",
     "exact_map",
     "freeze_priors",
+    "full_res_level",
     "greedy_map",
     "hypothesis_scores",
     "joint_states",

@@ -2,8 +2,9 @@
 every level, posterior modes per step, top-down queries (category, location, preferences),
 occlusion completion, imagination, and images of any size through a scan over scales.
 
-``parse_scene`` is the entry point; ``parse_record`` is the one JSON schema of a parse;
-:mod:`.metrics` scores parses against the true instances.
+``parse_scene`` is the entry point (``parse_scenes``: many images, their backward passes batched);
+``parse_record`` is the one JSON schema of a parse; :mod:`.metrics` scores parses against the
+true instances.
 """
 
 from pyro_backpass.parsing.explaining_away import EXPLAIN_AWAY, explain_away
@@ -25,6 +26,7 @@ from pyro_backpass.parsing.parser import (
     MAX_STEPS,
     parse_activations,
     parse_scene,
+    parse_scenes,
     run_parse,
 )
 from pyro_backpass.parsing.query import (
@@ -80,6 +82,7 @@ __all__ = [
     "parse_activations",
     "parse_record",
     "parse_scene",
+    "parse_scenes",
     "run_parse",
     "threshold_record",
     "top_centre",

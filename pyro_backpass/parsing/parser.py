@@ -31,11 +31,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pyro_backpass.backbone.activations import downsample_mask
-from pyro_backpass.inference.background import background_log_likelihood
-from pyro_backpass.inference.greedy import greedy_map
-from pyro_backpass.inference.objective import object_mask, top_down_pass
+from pyro_backpass.parsing.candidates import (
+    Candidate,
+    StepRow,
+    complete_candidates,
+    step_candidates,
+)
 from pyro_backpass.parsing.explaining_away import explain_away
-from pyro_backpass.parsing.query import Query, location_prior
+from pyro_backpass.parsing.query import Query
 from pyro_backpass.parsing.scene_parse import ParsedInstance, SceneParse
 from pyro_backpass.parsing.threshold import default_threshold
 from pyro_backpass.parsing.views import View, as_image, make_views
@@ -44,7 +47,14 @@ if TYPE_CHECKING:
     from pyro_backpass.backbone import Backbone
     from pyro_backpass.model.generative_model import GenerativeModel
 
-__all__ = ["BACKGROUNDS", "MAX_STEPS", "parse_activations", "parse_scene", "run_parse"]
+__all__ = [
+    "BACKGROUNDS",
+    "MAX_STEPS",
+    "parse_activations",
+    "parse_scene",
+    "parse_scenes",
+    "run_parse",
+]
 
 #: A hard limit on steps when ``max_objects`` is None, so any input parses in bounded time.
 MAX_STEPS = 12
@@ -65,22 +75,6 @@ class _Path:
     score: float = 0.0
     done: str | None = None
     stop_score: float | None = None
-
-
-@dataclass
-class _Candidate:
-    path: int
-    view: int
-    row: int  # row of the stacked batch it came from
-    llr: float
-    log_joint: float
-    assignment: dict[str, int]
-    modes: list
-    bu: dict[str, torch.Tensor] | None = None  # level -> (1, C, H, W): its view's maps
-    obs: dict[str, torch.Tensor] | None = None  # level -> (1, C, H, W) bool
-    td: dict[str, torch.Tensor] | None = None  # level -> (1, C, H, W), view space
-    amodal: torch.Tensor | None = None  # (H, W) image space
-    mode_masks: list[torch.Tensor] | None = None  # amodal masks of its row's modes
 
 
 def parse_scene(
@@ -181,18 +175,76 @@ def run_parse(
     None: the shipped choice), ``top_k`` (modes per step) and ``mode_masks`` (also complete
     every mode of each step down to the image, for :attr:`ParsedInstance.mode_masks`; costs a
     top-down pass per mode). ``threshold=-math.inf`` never stops before ``max_objects``."""
+    return parse_scenes(
+        gm, [image], max_objects=max_objects, query=query, beam=beam, scales=scales,
+        backbone=backbone, threshold=threshold, explain=explain, background=background,
+        top_k=top_k, mode_masks=mode_masks,
+    )[0]  # fmt: skip
+
+
+def parse_scenes(
+    gm: GenerativeModel,
+    images: Sequence[Any],
+    *,
+    max_objects: int | None = None,
+    query: Query | None = None,
+    beam: int = 1,
+    scales: Sequence[float] = (1.0,),
+    backbone: Backbone | None = None,
+    threshold: float | None = None,
+    explain: str | None = None,
+    background: str | None = None,
+    top_k: int = DEFAULT_TOP_K,
+    mode_masks: bool = False,
+) -> list[SceneParse]:
+    """:func:`run_parse` of many images at once: one :class:`SceneParse` per image, each what
+    :func:`parse_scene` gives for that image alone (up to floating-point rounding of batched
+    kernels), with the work batched across images.
+
+    The backbone runs once on every view of every image; each step's backward pass
+    (:func:`~pyro_backpass.greedy_map` with ``top_k``) runs once for every view of every active
+    parse path of every image still parsing, as rows of one batch, and the chosen hypotheses
+    are completed to the image in one batched top-down pass; an image leaves the batch when
+    its parse stops. Images may differ in size and mode (see :func:`.views.as_image`); the
+    options apply to all of them (an occluder's mask must fit every image). An image that
+    cannot be read raises ``ValueError`` / ``TypeError`` naming its index.
+
+    Example::
+
+        gm = GenerativeModel.default()
+        scenes = [make_scene(seed=split_seed("test", i)).image for i in range(8)]
+        parses = parse_scenes(gm, scenes, max_objects=4)
+        [(len(p.instances), p.stop_reason) for p in parses]
+    """
     backbone = gm.backbone if backbone is None else backbone
     if backbone is None:
         raise ValueError("gm has no backbone attached; pass backbone=")
     size = gm.levels[0].height
     if (gm.levels[0].height, gm.levels[0].width) != tuple(backbone.image_size):
         raise ValueError(f"model input {size} px != backbone input {backbone.image_size}")
-    img = as_image(image, dtype=gm.dtype)  # (3, H, W) on CPU
-    views = make_views(img, size=size, scales=tuple(scales))
-    with torch.no_grad():
-        acts = backbone(torch.stack([v.image for v in views]).to(gm.device))
-    bu0 = {k: v.detach() for k, v in acts.items() if k in gm.hidden_levels}  # (V, C, h, w)
-    return _parse(gm, img, views, bu0, max_objects=max_objects, query=query, beam=beam,
+    if isinstance(images, torch.Tensor) and images.dim() == 3:
+        raise TypeError("images must be a sequence of images; for one image use parse_scene")
+    imgs, all_views = [], []
+    for i, image in enumerate(images):
+        try:
+            img = as_image(image, dtype=gm.dtype)  # (3, H, W) on CPU
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"images[{i}]: {err}") from err
+        imgs.append(img)
+        all_views.append(make_views(img, size=size, scales=tuple(scales)))
+    if not imgs:
+        return []
+    with torch.no_grad():  # one backbone call for every view of every image
+        acts = backbone(torch.stack([v.image for vs in all_views for v in vs]).to(gm.device))
+    bu_all = {k: v.detach() for k, v in acts.items() if k in gm.hidden_levels}  # (ΣV, C, h, w)
+    firsts = [0]
+    for vs in all_views:
+        firsts.append(firsts[-1] + len(vs))
+    scenes = [
+        (img, views, {k: v[a:b] for k, v in bu_all.items()})  # level -> (V, C, h, w)
+        for img, views, a, b in zip(imgs, all_views, firsts[:-1], firsts[1:], strict=True)
+    ]
+    return _parse(gm, scenes, max_objects=max_objects, query=query, beam=beam,
                   threshold=threshold, explain=explain, background=background,
                   top_k=top_k, mode_masks=mode_masks)  # fmt: skip
 
@@ -223,16 +275,29 @@ def parse_activations(
         image = bu0["image"][0].clamp(0, 1) if "image" in bu0 else torch.zeros(3, size, size)
     img = image.detach().cpu().to(gm.dtype)
     view = View(img, 1.0, 1.0, (0, 0), (size, size))
-    return _parse(gm, img, [view], bu0, max_objects=max_objects, query=query, beam=beam,
+    return _parse(gm, [(img, [view], bu0)], max_objects=max_objects, query=query, beam=beam,
                   threshold=threshold, explain=explain, background=background,
-                  top_k=top_k, mode_masks=mode_masks)  # fmt: skip
+                  top_k=top_k, mode_masks=mode_masks)[0]  # fmt: skip
+
+
+@dataclass
+class _Scene:
+    """One image of a batch being parsed: its scan, its paths, and its parse once stopped."""
+
+    img: torch.Tensor  # (3, H, W)
+    views: list[View]
+    occluder: torch.Tensor | None  # (H, W) bool
+    paths: list[_Path]
+    result: SceneParse | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.img.shape[-2]), int(self.img.shape[-1])
 
 
 def _parse(
     gm: GenerativeModel,
-    img: torch.Tensor,
-    views: list[View],
-    bu0: dict[str, torch.Tensor],
+    scenes: list[tuple[torch.Tensor, list[View], dict[str, torch.Tensor]]],
     *,
     max_objects: int | None,
     query: Query | None,
@@ -242,8 +307,9 @@ def _parse(
     background: str | None,
     top_k: int,
     mode_masks: bool = False,
-) -> SceneParse:
-    """The parse loop on the views' bottom-up maps ``bu0`` (level → ``(V, C, h, w)``)."""
+) -> list[SceneParse]:
+    """The parse loop of a batch of images ``(image (3, H, W), views, bottom-up maps level →
+    (V, C, h, w))``, one step of every image still parsing per iteration."""
     if max_objects is not None:
         _check_int("max_objects", max_objects, 0)
     _check_int("beam", beam, 1)
@@ -257,88 +323,124 @@ def _parse(
     background = fitted["background"] if background is None else background
     if background not in BACKGROUNDS:
         raise ValueError(f"background={background!r}; choose one of {BACKGROUNDS}")
+    thresholds = {n: float(gm.observations[n].threshold) for n in gm.hidden_levels}
+    batch = [_start(gm, img, views, bu0, query) for img, views, bu0 in scenes]
+
+    cap = MAX_STEPS if max_objects is None else max_objects
+    if query.imagine:
+        cap = min(cap, 1)
+    step = 0
+    while True:
+        live = []
+        for s in batch:
+            if s.result is not None:
+                continue
+            active = [p for p in s.paths if p.done is None]
+            if active and step >= cap:
+                if query.imagine:
+                    reason = "imagined"
+                elif max_objects is not None and step >= max_objects:
+                    reason = "max_objects"
+                else:
+                    reason = "step_limit"
+                for p in active:
+                    p.done = reason
+                active = []
+            if not active:
+                s.result = _result(s, threshold=threshold, beam=beam)
+            else:
+                live.append((s, active))
+        if not live:
+            break
+        # One batch: every view of every active path of every image still parsing.
+        units = [(si, s, p) for si, (s, active) in enumerate(live) for p in active]
+        rows = [StepRow(path=u, scene=si, view=v, frame=frame, size=s.size)
+                for u, (si, s, _) in enumerate(units)
+                for v, frame in enumerate(s.views)]  # fmt: skip
+        bu = {n: torch.cat([p.bu[n] for _, _, p in units]) for n in units[0][2].bu}  # (R, C, h, w)
+        obs = {n: torch.cat([p.observed[n] for _, _, p in units]) for n in units[0][2].observed}
+        cands = step_candidates(gm, bu, obs, rows, query, top_k=top_k,
+                                profile=background == "profile")  # fmt: skip
+        by_path: dict[int, list[Candidate]] = {}
+        for c in cands:
+            by_path.setdefault(c.path, []).append(c)
+        # Decide per path what stops and what needs completing, then complete all at once.
+        plans = []  # (scene, path, its candidates best first, the eligible ones)
+        force = query.imagine and step == 0
+        for u, (_, s, p) in enumerate(units):
+            mine = sorted(by_path.get(u, []), key=lambda c: -c.llr)
+            eligible = [c for c in mine if c.llr > threshold] or (mine[:1] if force else [])
+            plans.append((s, p, mine, eligible))
+        complete_candidates(gm, [c for *_, eligible in plans
+                                 for c in _to_complete(eligible, query, beam=beam)])  # fmt: skip
+        new_paths: dict[int, list[tuple[float, _Path, Candidate | None]]] = {
+            id(s): [(p.score, p, None) for p in s.paths if p.done is not None] for s, _ in live
+        }
+        chosen_all = []
+        for s, p, mine, eligible in plans:
+            out = new_paths[id(s)]
+            if not mine:
+                out.append((p.score, p, None))
+                p.done, p.stop_score = "no_hypothesis", None
+                continue
+            if not eligible:
+                p.done, p.stop_score = "below_threshold", mine[0].llr
+                out.append((p.score, p, None))
+                continue
+            chosen = _choose(gm, eligible, query, beam=beam, image=s.img)
+            chosen_all += chosen
+            for c in chosen:
+                # Σ (LLR − t); with t = −inf (never stop) the plain Σ LLR ranks the same paths.
+                gain = c.llr - threshold if math.isfinite(threshold) else c.llr
+                out.append((p.score + gain, p, c))
+            if not force and math.isfinite(threshold):  # stopping is a path too (beam > 1)
+                out.append((p.score, _stopped(p, mine[0].llr), None))
+        if mode_masks:  # the step's modes in each instance's view (Fig. 5's marks)
+            rows_of = {c.row: [d for d in cands if d.row == c.row] for c in chosen_all}
+            complete_candidates(gm, [d for row in rows_of.values() for d in row])
+            for c in chosen_all:
+                c.mode_masks = [d.amodal for d in rows_of[c.row]]
+        for s, _ in live:
+            ranked = sorted(new_paths[id(s)], key=lambda t: -t[0])
+            s.paths = [
+                p
+                if c is None
+                else _extend(gm, p, c, s, score=score, how=how, thresholds=thresholds)
+                for score, p, c in ranked[:beam]
+            ]
+        step += 1
+    return [s.result for s in batch]
+
+
+def _start(
+    gm: GenerativeModel, img: torch.Tensor, views: list[View], bu0: dict[str, torch.Tensor],
+    query: Query,
+) -> _Scene:  # fmt: skip
+    """One image's state before the first step: one empty path, an occluder's elements
+    unobserved in every view."""
     height, width = img.shape[-2:]
-    device = gm.device
     occluder = None
+    observed0 = {n: torch.ones_like(x, dtype=torch.bool) for n, x in bu0.items()}
     if query.occluder is not None:
         occluder = torch.as_tensor(query.occluder, dtype=torch.bool).cpu()
         if tuple(occluder.shape) != (height, width):
             raise ValueError(
                 f"occluder mask is {tuple(occluder.shape)}; the image is {(height, width)}"
             )
-    observed0 = {n: torch.ones_like(x, dtype=torch.bool) for n, x in bu0.items()}
-    if occluder is not None:
-        view_occ = torch.stack([v.from_image(occluder) for v in views]).to(device)
+        view_occ = torch.stack([v.from_image(occluder) for v in views]).to(gm.device)
         for name, m in _level_masks(gm, view_occ).items():
             if name in observed0:
                 observed0[name] = observed0[name] & ~m
-    thresholds = {n: float(gm.observations[n].threshold) for n in gm.hidden_levels}
+    path = _Path(bu0, observed0, torch.zeros(height, width, dtype=torch.bool))
+    return _Scene(img, views, occluder, [path])
 
-    cap = MAX_STEPS if max_objects is None else max_objects
-    if query.imagine:
-        cap = min(cap, 1)
-    paths = [_Path(bu0, observed0, torch.zeros(height, width, dtype=torch.bool))]
-    step = 0
-    while True:
-        active = [p for p in paths if p.done is None]
-        if not active:
-            break
-        if step >= cap:
-            if query.imagine:
-                reason = "imagined"
-            elif max_objects is not None and step >= max_objects:
-                reason = "max_objects"
-            else:
-                reason = "step_limit"
-            for p in active:
-                p.done = reason
-            break
-        cands = _step_candidates(gm, active, views, query, top_k=top_k,
-                                 profile=background == "profile", height=height,
-                                 width=width)  # fmt: skip
-        new_paths: list[tuple[float, _Path, _Candidate | None]] = [
-            (p.score, p, None) for p in paths if p.done is not None
-        ]
-        for pi, p in enumerate(active):
-            mine = sorted((c for c in cands if c.path == pi), key=lambda c: -c.llr)
-            if not mine:
-                new_paths.append((p.score, p, None))
-                p.done, p.stop_score = "no_hypothesis", None
-                continue
-            force = query.imagine and step == 0
-            eligible = [c for c in mine if c.llr > threshold] or (mine[:1] if force else [])
-            if not eligible:
-                p.done, p.stop_score = "below_threshold", mine[0].llr
-                new_paths.append((p.score, p, None))
-                continue
-            chosen = _choose(gm, p, eligible, views, query, beam=beam, height=height,
-                             width=width, image=img)  # fmt: skip
-            for c in chosen:
-                if mode_masks:  # the step's modes in the instance's view (Fig. 5's marks)
-                    row = [d for d in cands if d.row == c.row]
-                    _complete_all(gm, row, views, height, width)
-                    c.mode_masks = [d.amodal for d in row]
-                # Σ (LLR − t); with t = −inf (never stop) the plain Σ LLR ranks the same paths.
-                gain = c.llr - threshold if math.isfinite(threshold) else c.llr
-                new_paths.append((p.score + gain, p, c))
-            if not force and math.isfinite(threshold):  # stopping is a path too (beam > 1)
-                new_paths.append((p.score, _stopped(p, mine[0].llr), None))
-        new_paths.sort(key=lambda t: -t[0])
-        kept: list[_Path] = []
-        for score, p, c in new_paths[:beam]:
-            if c is None:
-                kept.append(p)
-            else:
-                kept.append(_extend(gm, p, c, views, query, score=score, how=how,
-                                    thresholds=thresholds, occluder=occluder, height=height,
-                                    width=width))  # fmt: skip
-        paths = kept
-        step += 1
-    best = max(paths, key=lambda p: p.score)
+
+def _result(s: _Scene, *, threshold: float, beam: int) -> SceneParse:
+    best = max(s.paths, key=lambda p: p.score)
     return SceneParse(
         instances=list(best.instances),
         stop_reason=best.done or "step_limit",
-        image=img,
+        image=s.img,
         threshold=threshold,
         stop_score=best.stop_score,
         beam=beam,
@@ -350,109 +452,31 @@ def _stopped(p: _Path, stop_score: float) -> _Path:
                  stop_score)  # fmt: skip
 
 
-def _step_candidates(
-    gm: GenerativeModel,
-    active: list[_Path],
-    views: list[View],
-    query: Query,
-    *,
-    top_k: int,
-    profile: bool,
-    height: int,
-    width: int,
-) -> list[_Candidate]:
-    """Every active path's top-k modes in every view, with their log-likelihood ratios."""
-    nv = len(views)
-    bu = {n: torch.cat([p.bu[n] for p in active]) for n in active[0].bu}  # (P*V, C, h, w)
-    obs = {n: torch.cat([p.observed[n] for p in active]) for n in active[0].observed}
-    base_priors = {}
-    cat_prior = query.category_prior(gm)
-    if cat_prior is not None:
-        base_priors["category"] = cat_prior
-    top = gm.hidden_levels[-1]
-    place = query.place
-    # A location prior depends on the view (where the place falls in it): one call per view.
-    groups = [list(range(len(active) * nv))] if place is None or nv == 1 else [
-        [pi * nv + v for pi in range(len(active))] for v in range(nv)]  # fmt: skip
-    k = min(top_k, gm.site_sizes["category"] * gm.site_sizes[f"gamma_{top}"]
-            * gm.site_sizes[f"delta_{top}"])  # fmt: skip
-    k = max(k, 2)  # top_k > 1 so that modes are listed
-    out = []
-    for rows in groups:
-        priors = dict(base_priors)
-        if place is not None:
-            box = views[rows[0] % nv].box(height, width)
-            priors[f"delta_{top}"] = location_prior(
-                gm, place, weight=query.location_weight, view_box=box
-            )
-        idx = torch.tensor(rows, device=gm.device)
-        sub_bu = {n: x[idx] for n, x in bu.items()}
-        sub_obs = {n: m[idx] for n, m in obs.items()}
-        result = greedy_map(gm, sub_bu, category=query.category, priors=priors or None,
-                            observed=sub_obs, top_k=k)  # fmt: skip
-        bg = background_log_likelihood(gm, sub_bu, observed=sub_obs, profile=profile)  # (R,)
-        for j, row in enumerate(rows):
-            modes = result.modes[j]
-            for assignment, lj in modes:
-                if not math.isfinite(lj):
-                    continue
-                out.append(_Candidate(path=row // nv, view=row % nv, row=row,
-                                      llr=lj - float(bg[j]), log_joint=lj,
-                                      assignment=assignment, modes=modes))  # fmt: skip
-    for c in out:
-        c.bu = {n: x[c.row : c.row + 1] for n, x in bu.items()}
-        c.obs = {n: m[c.row : c.row + 1] for n, m in obs.items()}
-    return out
-
-
-def _complete(gm: GenerativeModel, c: _Candidate, views: list[View], height: int, width: int):
-    """F̂_td of a candidate (its full assignment) and its amodal mask in image space."""
-    _complete_all(gm, [c], views, height, width)
-    return c
-
-
-def _complete_all(
-    gm: GenerativeModel, cands: list[_Candidate], views: list[View], height: int, width: int
-) -> None:
-    """:func:`_complete` of many candidates, one batched top-down pass per view row."""
-    by_row: dict[int, list[_Candidate]] = {}
-    for c in cands:
-        if c.td is None:
-            by_row.setdefault(c.row, []).append(c)
-    for group in by_row.values():
-        n = len(group)
-        values = {s: torch.tensor([c.assignment[s] for c in group], device=gm.device)
-                  for s in group[0].assignment}  # fmt: skip
-        bu = {k: x.expand(n, *x.shape[1:]) for k, x in group[0].bu.items()}  # (n, C, H, W)
-        obs = {k: m.expand(n, *m.shape[1:]) for k, m in group[0].obs.items()}
-        with torch.no_grad():
-            td, _ = top_down_pass(gm, values, bu, obs)
-        masks = object_mask(gm, td).cpu()  # (n, S, S)
-        for j, c in enumerate(group):
-            c.td = {k: v[j : j + 1] for k, v in td.items()}
-            c.amodal = views[c.view].to_image(masks[j], height, width)
-
-
 def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
     union = int((a | b).sum())
     return int((a & b).sum()) / union if union else 1.0
 
 
+def _to_complete(eligible: list[Candidate], query: Query, *, beam: int) -> list[Candidate]:
+    """The candidates :func:`_choose` reads the completions of."""
+    if query.prefer is not None:
+        return eligible
+    return eligible[:1] if beam == 1 else eligible[: 4 * beam]
+
+
 def _choose(
-    gm, p: _Path, eligible: list[_Candidate], views, query: Query, *, beam: int, height: int,
-    width: int, image: torch.Tensor,
-) -> list[_Candidate]:  # fmt: skip
+    gm: GenerativeModel, eligible: list[Candidate], query: Query, *, beam: int,
+    image: torch.Tensor,
+) -> list[Candidate]:  # fmt: skip
     """The candidates a path is extended with: the preferred one (a query's preference), else
     the ``beam`` best by LLR that are not the same object (amodal IoU < 0.5 with a better one)."""
+    pool = _to_complete(eligible, query, beam=beam)
+    complete_candidates(gm, pool)  # nothing to do where the step completed them in its batch
     if query.prefer is not None:
-        _complete_all(gm, eligible, views, height, width)
-        return [max(eligible, key=lambda c: (_preference_key(query.prefer, c.amodal, image),
-                                             c.llr))]  # fmt: skip
-    if beam == 1:
-        return [_complete(gm, eligible[0], views, height, width)]
-    chosen: list[_Candidate] = []
-    _complete_all(gm, eligible[: 4 * beam], views, height, width)
-    for c in eligible[: 4 * beam]:
+        return [max(pool, key=lambda c: (_preference_key(query.prefer, c.amodal, image),
+                                         c.llr))]  # fmt: skip
+    chosen: list[Candidate] = []
+    for c in pool:
         if all(_iou(c.amodal, d.amodal) < 0.5 for d in chosen):
             chosen.append(c)
         if len(chosen) == beam:
@@ -461,11 +485,11 @@ def _choose(
 
 
 def _extend(
-    gm, p: _Path, c: _Candidate, views: list[View], query: Query, *, score: float, how: str,
-    thresholds, occluder, height: int, width: int,
+    gm: GenerativeModel, p: _Path, c: Candidate, s: _Scene, *, score: float, how: str,
+    thresholds: dict[str, float],
 ) -> _Path:  # fmt: skip
     """A new path: ``p`` with candidate ``c`` as its next instance, explained away."""
-    v = c.view
+    v, views, (height, width) = c.view, s.views, s.size
     bu = {n: x.clone() for n, x in p.bu.items()}
     observed = {n: m.clone() for n, m in p.observed.items()}
     one_bu = {n: x[v : v + 1] for n, x in p.bu.items()}
@@ -482,8 +506,8 @@ def _extend(
                 observed[name][others] = observed[name][others] & ~m
     amodal = c.amodal
     visible = amodal & ~p.claimed
-    if occluder is not None:
-        visible = visible & ~occluder
+    if s.occluder is not None:
+        visible = visible & ~s.occluder
     view = views[v]
     instance = ParsedInstance(
         category=gm.categories[c.assignment["category"]],

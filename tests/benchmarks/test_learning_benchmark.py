@@ -97,3 +97,37 @@ def test_clutter_figure_smoke(tmp_path):
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert out.stat().st_size > 0
+
+
+def test_veto_diagnosis_smoke(tmp_path):
+    out = tmp_path / "veto.json"
+    script = BENCH.parent / "veto_diagnosis.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for row in result["element_auc"].values():
+        assert 0.0 <= row["on_share"] <= 1.0
+        for key in ("auc_phi", "auc_phi_alone", "auc_fhat", "auc_bu"):
+            assert row[key] != row[key] or 0.0 <= row[key] <= 1.0  # NaN only without positives
+    assert result["clamp_ladder"]["objects"] > 0
+    for key in ("bu_global_threshold", "bu_channel_thresholds", "fhat_global_threshold"):
+        assert 0.0 <= result["readout"][key] <= 1.0
+    assert len(result["readout"]["channel_thresholds_bu"]) > 0  # one per channel of the level
+
+
+def test_roc_auc_matches_brute_force():
+    """The benchmark's AUC (scipy's U) equals the pairwise count, ties half."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("veto", BENCH.parent / "veto_diagnosis.py")
+    veto = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(veto)
+    g = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 5, (40,), generator=g).float()  # many ties
+    pos = torch.rand(40, generator=g) < 0.3
+    p, n = score[pos], score[~pos]
+    brute = ((p[:, None] > n[None]).double() + 0.5 * (p[:, None] == n[None]).double()).mean()
+    assert abs(veto.roc_auc(score, pos) - float(brute)) < 1e-12

@@ -97,26 +97,35 @@ def test_merging_parts_keeps_the_first_line_of_each_id_sorted_and_removes_the_pa
     assert not list(tmp_path.glob("out.jsonl.part*"))
 
 
-def test_the_default_parser_is_parse_record_of_parse_scene(folder, tmp_path, monkeypatch):
-    """The real wiring (``--parser scene``) with issue #11's two names stood in for."""
+def test_the_default_parser_is_parse_record_of_parse_scenes(folder, tmp_path, monkeypatch):
+    """The real wiring (``--parser scene``): each loader batch goes to ``parse_scenes`` in one
+    call; a batch holding a bad image is retried image by image (the two names stood in for)."""
     import pyro_backpass.parsing as parsing
 
     calls = []
 
-    def parse_scene(gm, image):
-        calls.append(tuple(image.shape))
-        return {"size": list(image.shape[-2:])}
+    def parse_scenes(gm, images):
+        calls.append([tuple(image.shape) for image in images])
+        if any(tuple(image.shape) == (3, 8, 8) for image in images):  # poison.png
+            raise ValueError("poisoned")
+        return [{"size": list(image.shape[-2:])} for image in images]
 
     def parse_record(parse, *, image_id):
         return {"image_id": image_id, "size": parse["size"], "stop_reason": "stub",
                 "threshold": 0.0, "instances": []}  # fmt: skip
 
-    monkeypatch.setattr(parsing, "parse_scene", parse_scene, raising=False)
-    monkeypatch.setattr(parsing, "parse_record", parse_record, raising=False)
+    monkeypatch.setattr(parsing, "parse_scenes", parse_scenes)
+    monkeypatch.setattr(parsing, "parse_record", parse_record)
     out = tmp_path / "out.jsonl"
     main(["parse-folder", str(folder), "--out", str(out), "--workers", "0", "--no-progress",
-          "--device", "cpu"])  # fmt: skip
+          "--batch", "3", "--device", "cpu"])  # fmt: skip
     lines = _lines(out)
     assert lines["rgba.png"] == {"image_id": "rgba.png", "size": [50, 20], "stop_reason": "stub",
                                  "threshold": 0.0, "instances": []}  # fmt: skip
-    assert (3, 50, 20) in calls and len(calls) == 6  # every readable image, one call each
+    assert (
+        lines["poison.png"]["stop_reason"] == "error" and "poisoned" in lines["poison.png"]["error"]
+    )
+    assert lines["rgb.png"]["stop_reason"] == "stub" and lines["deep.tif"]["size"] == [12, 7]
+    assert max(len(c) for c in calls) == 3  # a loader batch of readable images, one call
+    bad = next(i for i, c in enumerate(calls) if (3, 8, 8) in c and len(c) > 1)
+    assert calls[bad + 1 : bad + 1 + len(calls[bad])] == [[s] for s in calls[bad]]  # retried

@@ -46,6 +46,8 @@ def test_exact_equals_brute_force_and_is_never_below_greedy(cfg, size, k, ncat):
     torch.testing.assert_close(exact.log_joint, log_joint(gm, bu, exact.assignment).detach())
 
 
+# The time-based "this will be slow" warning can fire on a loaded machine; it is tested on its own.
+@pytest.mark.filterwarnings("ignore:exact_map.*joint states per image:RuntimeWarning")
 def test_options_and_modes_against_brute_force():
     """Each mode is the best completion of one top-level choice, found by brute force."""
     gm = GenerativeModel.random([2, "M"], num_components=2, num_categories=2, image_size=6)
