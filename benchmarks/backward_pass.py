@@ -5,8 +5,8 @@ The generative model has the default backbone's levels (``Backbone.default()``: 
 kernels (``GenerativeModel.random`` on the backbone's config); ``bu`` is the backbone's own
 activations of rendered scenes (``make_scene``), and the forward pass that made them is the
 yardstick. Every time is the median of ``--repeats`` calls after a warm-up, and every ratio is
-``greedy_map`` / forward pass measured in the same process, one after the other (the machine is
-shared while measuring: compare ratios, not absolute times).
+``greedy_map`` / forward pass measured in the same process, their calls interleaved (the
+machine is shared while measuring and its load drifts: compare ratios, not absolute times).
 
 Settings (K = 5 components on every level unless said otherwise, batch 32, one thread):
 
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine, median_time  # noqa: E402
+from common import RESULTS, interleaved_median_times, machine  # noqa: E402
 
 from pyro_backpass import Backbone, GenerativeModel, greedy_map, make_scene  # noqa: E402
 from pyro_backpass.cli import resolve_device  # noqa: E402
@@ -108,8 +108,10 @@ def measure(bb, gm, images, *, repeats: int, device, threads: int, **kw) -> dict
         with torch.inference_mode():
             bb(images)
 
-    t_fwd = median_time(forward, repeats=repeats, device=device)
-    t_greedy = median_time(lambda: greedy_map(gm, bu, **kw), repeats=repeats, device=device)
+    # Interleaved (forward, greedy, forward, …): the machine is shared, its load drifts.
+    t = interleaved_median_times({"forward": forward, "greedy": lambda: greedy_map(gm, bu, **kw)},
+                                 repeats=repeats, device=device)  # fmt: skip
+    t_fwd, t_greedy = t["forward"], t["greedy"]
     b = images.shape[0]
     return {"batch": b, "threads": threads, "forward_s": t_fwd, "greedy_s": t_greedy,
             "ratio": t_greedy / t_fwd, "greedy_ms_per_image": 1000 * t_greedy / b}  # fmt: skip

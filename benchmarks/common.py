@@ -51,6 +51,29 @@ def median_time(
     return statistics.median(times)
 
 
+def interleaved_median_times(
+    fns: dict[str, Callable[[], object]], *, repeats: int, device: torch.device | None = None
+) -> dict[str, float]:
+    """:func:`median_time` of several functions, their calls interleaved (one warm-up call of
+    each, then ``repeats`` rounds of one call each): on a shared machine whose load drifts
+    from minute to minute, both sides of a ratio then see the same load."""
+
+    def call(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    for fn in fns.values():
+        call(fn)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(call(fn))
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def learned_model(*, smoke: bool, path: Path | None = None):
     """The model a learning benchmark measures, and how to name it in the results: a tiny one
     trained by the ``smoke`` preset (seconds, for tests), the file at ``path``, or the shipped

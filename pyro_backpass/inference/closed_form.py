@@ -7,6 +7,7 @@ import math
 import torch
 
 from pyro_backpass.inference.cache_blocks import block_elements
+from pyro_backpass.inference.fused_scores import compile_enabled, compiled_closed_form
 from pyro_backpass.model.observation import ClosedFormConstants, Scalar, closed_form_constants
 
 __all__ = [
@@ -88,6 +89,11 @@ def closed_form_with(
         and not (torch.is_grad_enabled() and any(v.requires_grad for v in (*tensors, *c)
                                                  if isinstance(v, torch.Tensor)))
     ):  # fmt: skip
+        if compile_enabled() and bu.shape == phi.shape and observed is not True:
+            # Opt-in (fused_scores.py): one compiled loop, e.g. greedy's winner per level.
+            fused = compiled_closed_form(c, bu, phi, observed)
+            if fused is not None:
+                return fused
         per = max(1, block // math.prod(shape[1:]))
         bu_e, phi_e = bu.expand(shape), phi.expand(shape)
         obs_e = observed.expand(shape) if isinstance(observed, torch.Tensor) else observed

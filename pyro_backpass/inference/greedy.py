@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from pyro_backpass.inference.closed_form import closed_form_with
-from pyro_backpass.inference.fused_scores import compile_enabled
 from pyro_backpass.inference.hypotheses import (
     DEFAULT_CHUNK_ELEMENTS,
     hypothesis_scores,
@@ -42,7 +41,12 @@ from pyro_backpass.inference.objective import (
 )
 from pyro_backpass.model.observation import ClosedFormConstants
 from pyro_backpass.model.priors import SitePrior
-from pyro_backpass.model.top_down import TopDownStep, shift_all
+from pyro_backpass.model.top_down import (
+    TopDownStep,
+    interleave_phases,
+    phase_windows,
+    shift_all,
+)
 from pyro_backpass.results import MapResult, ranked_modes
 
 if TYPE_CHECKING:
@@ -86,8 +90,7 @@ def top_level_scores(
     step = gm.steps[top]
     ncat, k, d = len(gm.categories), step.num_components, step.num_offsets
     planes = shifted = None
-    # The compiled kernel (fused_scores.py) reads the templates themselves, not their planes.
-    if not compile_enabled() and 3 * ncat * k * d * step.out.numel <= chunk_elements:
+    if 3 * ncat * k * d * step.out.numel <= chunk_elements:
         shifted, planes = step.derived(
             "greedy_template_planes", (constants,), lambda: _template_planes(step, constants)
         )
@@ -139,6 +142,9 @@ def level_scores(
     step = gm.steps[name]
     b, k, d = upper.shape[0], step.num_components, step.num_offsets
     chunk = max(1, chunk_elements // (b * d * step.out.numel))
+    if step.by_phases and step.offset_list == ((0, 0),) and chunk >= k:
+        return _phase_scores(step, upper, bu.get(name), masks.get(name), constants=constants,
+                             chunk_elements=chunk_elements)  # fmt: skip
     parts = []
     for start in range(0, k, chunk):
         phi = step.phi_all(upper, slice(start, start + chunk))  # (B, n, C, H, W)
@@ -149,6 +155,44 @@ def level_scores(
             )  # (B, n, D)
         )  # fmt: skip
     return torch.cat(parts, dim=1), (phi if chunk >= k else None)
+
+
+def _phase_scores(
+    step: TopDownStep,
+    upper: torch.Tensor,
+    bu: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    *,
+    constants: ClosedFormConstants,
+    chunk_elements: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`level_scores` of an unpool level with the one offset (0, 0), scored phase by
+    phase against the matching quarter of the image, so φ of all K is never interleaved: its
+    score is a sum over elements, whatever their order. Returns ``(B, K, 1)`` and the phase maps
+    ``(B, 2, 2, K, C, H_in + 1, W_in + 1)`` (the winner's φ: :func:`winner_phi`)."""
+    z = step.phi_phases(upper)
+    size = step.out.shape[1:]
+    if bu is not None and mask is not None:
+        mask = torch.broadcast_to(mask, bu.shape)  # (B, C, H, W): slices by phase below
+    scores = None
+    for a, b, rows, cols in phase_windows(size):
+        part = hypothesis_scores(
+            constants, None if bu is None else bu[..., a::2, b::2], z[:, a, b, ..., rows, cols],
+            step.offsets, observed=None if mask is None else mask[..., a::2, b::2],
+            chunk_elements=chunk_elements,
+        )  # (B, K, 1)  # fmt: skip
+        scores = part if scores is None else scores + part
+    return scores, z
+
+
+def winner_phi(step: TopDownStep, phi: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """The unshifted φ ``(B, C, H, W)`` of component ``gamma`` ``(B,)`` per image, from
+    :func:`level_scores`' second result (φ of all K, or an unpool's phase maps)."""
+    rows = torch.arange(phi.shape[0], device=phi.device)
+    if phi.dim() == 5:  # (B, K, C, H, W)
+        return phi[rows, gamma]
+    # (B, 2, 2, K, C, H_in+1, W_in+1): the winner's phases, interleaved as phi_all does.
+    return interleave_phases(phi[rows, :, :, gamma], step.out.shape[1:])
 
 
 def descend(
@@ -216,7 +260,8 @@ def descend(
         # F̂ and its score for the winner alone, with log_joint's own code, so greedy's
         # log_joint equals log_joint(assignment) exactly.
         upper, score = level_terms(
-            gm, name, upper, values[grid[0]], values[grid[1]], bu, masks, all_k=phi_all,
+            gm, name, upper, values[grid[0]], values[grid[1]], bu, masks,
+            phi=None if phi_all is None else winner_phi(step, phi_all, values[grid[0]]),
             constants=constants[name],
         )  # fmt: skip
         td[name] = upper

@@ -49,7 +49,11 @@ import torch
 
 from pyro_backpass.inference.cache_blocks import block_elements
 from pyro_backpass.inference.closed_form import select
-from pyro_backpass.inference.fused_scores import compile_enabled, compiled_scores
+from pyro_backpass.inference.fused_scores import (
+    compile_enabled,
+    compiled_scores,
+    compiled_shared_scores,
+)
 from pyro_backpass.model.observation import ClosedFormConstants
 from pyro_backpass.model.top_down import shift_all
 
@@ -101,7 +105,7 @@ def hypothesis_scores(
         bu = select(obs, bu, c.background)  # harmless values where nothing is observed
         weight = obs.to(bu.dtype)
     k_on = c.const_on.expand(ch, h, w)
-    if not grad and planes is None and compile_enabled():
+    if not grad and planes is None and phi.shape[0] > 1 and compile_enabled():
         # Opt-in fused kernel (fused_scores.py): every hypothesis in one compiled loop.
         fused = compiled_scores(c, phi, offsets, bu, weight)
         if fused is not None:
@@ -131,6 +135,12 @@ def hypothesis_scores(
         if planes is None:
             planes = template_planes(c, phi[0], offsets)
         if not grad:
+            if compile_enabled():  # opt-in (fused_scores.py): one compiled loop
+                fused = compiled_shared_scores(
+                    planes, (x_quad, x_clip, x_off), weight, _shared_const(c, weight, k_on)
+                )
+                if fused is not None:
+                    return fused
             block = min(chunk_elements, block_elements(bu.element_size()))
             return _blocked_shared_scores(c, planes, x_quad, x_clip, x_off, weight, k_on, block)
         const = (
@@ -150,15 +160,19 @@ def hypothesis_scores(
     return _per_image_scores(c, phi, offsets, x_quad, x_clip, x_off, weight, k_on, chunk_elements)
 
 
+def _shared_const(c: ClosedFormConstants, weight, k_on) -> torch.Tensor:
+    """Σ_i of the scores at n = 0: K_on where observed, log N(φ; φ, σ0) elsewhere; ``()`` or
+    ``(B, 1)``."""
+    if weight is None:
+        return k_on.sum()
+    return (weight * k_on + (1 - weight) * c.log_norm_td).sum(dim=(-3, -2, -1))[:, None]
+
+
 def _blocked_shared_scores(c, planes, x_quad, x_clip, x_off, weight, k_on, block):
     """Scores ``(B, T, D)`` against template planes ``(3, T, D, J)`` shared by all images,
     one cache-sized block of (images × template rows × J) at a time."""
     b, (_, t, d, j) = x_quad.shape[0], planes.shape
-    const = (
-        k_on.sum()
-        if weight is None
-        else (weight * k_on + (1 - weight) * c.log_norm_td).sum(dim=(-3, -2, -1))[:, None]
-    )  # () or (B, 1)
+    const = _shared_const(c, weight, k_on)
     x = [v.reshape(b, 1, j) for v in (x_quad, x_clip, x_off)]  # (B, 1, J) each
     wt = None if weight is None else weight.reshape(b, 1, j)
     sides = planes.reshape(3, 1, t * d, j)  # (3, 1, R, J), R = T*D rows

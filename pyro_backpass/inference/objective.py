@@ -21,6 +21,7 @@ from pyro_backpass.inference.closed_form import closed_form_with
 from pyro_backpass.model.checks import check_bu, check_clamp, check_observed
 from pyro_backpass.model.observation import ClosedFormConstants
 from pyro_backpass.model.priors import SitePrior
+from pyro_backpass.model.top_down import shift_select
 
 if TYPE_CHECKING:
     from pyro_backpass.model.generative_model import GenerativeModel
@@ -156,16 +157,20 @@ def level_terms(
     bu: Mapping[str, torch.Tensor],
     masks: Mapping[str, torch.Tensor],
     *,
-    all_k: torch.Tensor | None = None,
+    phi: torch.Tensor | None = None,
     constants: ClosedFormConstants | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """F̂^l_td ``(B, C, H, W)`` and the level's data score ``(B,)`` for given (γ, δ).
 
-    ``all_k``: ``step.phi_all(upper)`` if the caller has it already (same values, no new conv);
-    ``constants``: the level's closed-form constants, if made already.
+    ``phi``: the unshifted φ of ``gamma`` ``(B, C, H, W)`` if the caller has it already (the
+    values ``step.phi_all(upper)`` gives; no new conv); ``constants``: the level's closed-form
+    constants, if made already.
     """
     step = gm.steps[name]
-    phi = step.phi(upper, gamma, delta, all_k=all_k)  # (B, C, H, W)
+    if phi is None:
+        phi = step.phi(upper, gamma, delta)  # (B, C, H, W)
+    else:
+        phi = shift_select(phi, step.offsets, delta)
     c = gm.constants(name) if constants is None else constants
     f_td, score = closed_form_with(c, bu.get(name), phi, observed=masks.get(name))
     return f_td, finite_sum(name, score, bu.get(name))

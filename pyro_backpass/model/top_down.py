@@ -31,7 +31,17 @@ from torch import nn
 
 from pyro_backpass.levels import LevelSpec
 
-__all__ = ["StepKind", "TopDownStep", "offset_grid", "shift_all", "shift_select", "step_kind"]
+__all__ = [
+    "StepKind",
+    "TopDownStep",
+    "interleave_phases",
+    "offset_grid",
+    "phase_windows",
+    "shift_all",
+    "shift_select",
+    "step_kind",
+    "unpool_phases",
+]
 
 StepKind = Literal["template", "conv", "unpool"]
 
@@ -107,37 +117,51 @@ def shift_select(x: torch.Tensor, offsets: torch.Tensor, delta: torch.Tensor) ->
 # output phase a (output row 2m + a) from input rows (m − 1 + a, m + a): taps 3, 1 for a = 0 and
 # 2, 0 for a = 1 (the transposed convolution's index rule y = 2i + k − 1 solved for k).
 _PHASE_TAPS = ((3, 1), (2, 0))
-# Input channels up to which the phase form (:func:`_unpool`) beats the CPU's transposed
+# Input channels up to which the phase form (:func:`unpool_phases`) beats the CPU's transposed
 # convolution; measured on the default model's steps, batch 32, one thread: 2.4× faster at
 # 16 input channels (pool1 → conv1_1, 64 px), 1.5–2× slower at 32 and 64 (smaller maps).
 _PHASE_CONV_MAX_IN = 16
 
 
-def _unpool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, size) -> torch.Tensor:
-    """ReLU(conv_transpose2d(x, W_γ, stride=2, padding=1) + b_γ) for every γ: ``(N, K·C, H, W)``.
+def unpool_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """ReLU(conv_transpose2d(x, W_γ, stride=2, padding=1) + b_γ) for every γ, by output phase:
+    ``(N, 2, 2, K, C, H_in + 1, W_in + 1)``.
 
     The same values as the transposed convolution (up to float rounding), computed as **one**
     ordinary 2×2 convolution (padding 1) with the four output phases (a, b) as extra output
-    channels, then interleaved: each output element depends on a 2×2 window of the input, so no
-    multiply is wasted, and the CPU's ordinary convolution kernels are several times faster
-    than its transposed ones (measured 3× on the default model's ``pool1 → conv1_1`` step).
-    ``weight``: ``(K, C_in, C, 4, 4)``; ``bias``: ``(K, C)``; ``size``: the output ``(H, W)``.
+    channels: each output element depends on a 2×2 window of the input, so no multiply is
+    wasted, and the CPU's ordinary convolution kernels beat its transposed ones at few input
+    channels (measured 3× on the default model's ``pool1 → conv1_1`` step). Output element
+    ``(2m + a, 2n + b)`` is element ``(m + a, n + b)`` of phase ``(a, b)`` (:func:`phase_windows`).
+    ``weight``: ``(K, C_in, C, 4, 4)``; ``bias``: ``(K, C)``; ``x``: ``(N, C_in, H_in, W_in)``.
     """
     k, c_in, c = weight.shape[:3]
-    h, w = size
     n, _, hi, wi = x.shape
     taps = torch.tensor(_PHASE_TAPS, device=weight.device)  # (a, u)
     # (K, C_in, C, a, u, b, v) -> (a, b, K, C, C_in, u, v): phase-major output channels.
     w2 = weight[:, :, :, taps][..., taps].permute(3, 5, 0, 2, 1, 4, 6)
     w2 = w2.reshape(4 * k * c, c_in, 2, 2)
     z = F.conv2d(x, w2, bias.reshape(1, k * c).expand(4, -1).reshape(-1), padding=1)
-    z = F.relu_(z).view(n, 2, 2, k * c, hi + 1, wi + 1)  # (N, a, b, K*C, H_in+1, W_in+1)
-    out = z.new_empty(n, k * c, h, w)
-    for a in range(2):
-        for b in range(2):
-            # Phase (a, b): output (2m + a, 2n + b) is window (m + a, n + b) of z.
-            rows, cols = (h - a + 1) // 2, (w - b + 1) // 2
-            out[:, :, a::2, b::2] = z[:, a, b, :, a : a + rows, b : b + cols]
+    return F.relu_(z).view(n, 2, 2, k, c, hi + 1, wi + 1)
+
+
+def phase_windows(size: tuple[int, int]) -> list[tuple[int, int, slice, slice]]:
+    """For each output phase ``(a, b)`` of an unpool to ``size`` ``(H, W)``: ``(a, b, rows,
+    cols)``, the window of :func:`unpool_phases`'s maps that holds output ``[a::2, b::2]``."""
+    h, w = size
+    return [
+        (a, b, slice(a, a + (h - a + 1) // 2), slice(b, b + (w - b + 1) // 2))
+        for a in range(2)
+        for b in range(2)
+    ]
+
+
+def interleave_phases(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The output maps ``(N, C', H, W)`` from phase maps ``z`` ``(N, 2, 2, C', H_in+1, W_in+1)``
+    (a copy: the values are the phases' own)."""
+    out = z.new_empty(z.shape[0], z.shape[3], *size)
+    for a, b, rows, cols in phase_windows(size):
+        out[:, :, a::2, b::2] = z[:, a, b, :, rows, cols]
     return out
 
 
@@ -244,14 +268,30 @@ class TopDownStep(nn.Module):
             # The bias rides in the convolution and the ReLU is in place: no extra passes.
             y = F.conv2d(x, weight.reshape(k * c, *weight.shape[2:]), bias.reshape(-1), padding=1)
             return F.relu_(y).reshape(batch + (k, c, h, w))
-        if x.shape[1] <= _PHASE_CONV_MAX_IN:
-            return _unpool(x, weight, bias, (h, w)).reshape(batch + (k, c, h, w))
+        if self.by_phases:
+            z = unpool_phases(x, weight, bias).flatten(3, 4)  # (N, 2, 2, K*C, H_in+1, W_in+1)
+            return interleave_phases(z, (h, w)).reshape(batch + (k, c, h, w))
         extra = (h - 2 * x.shape[-2], w - 2 * x.shape[-1])
         # (C_in, K*C, 4, 4): one transposed conv for all K kernel sets, bias included.
         weight = weight.permute(1, 0, 2, 3, 4).reshape(x.shape[1], k * c, 4, 4)
         y = F.conv_transpose2d(x, weight, bias.reshape(-1), stride=2, padding=1,
                                output_padding=extra)  # fmt: skip
         return F.relu_(y).reshape(batch + (k, c, h, w))
+
+    @property
+    def by_phases(self) -> bool:
+        """Whether :meth:`phi_all` computes this unpool step by its output phases
+        (:meth:`phi_phases`, few input channels) rather than a transposed convolution."""
+        return self.kind == "unpool" and self.upper.channels <= _PHASE_CONV_MAX_IN
+
+    def phi_phases(self, upper: torch.Tensor) -> torch.Tensor:
+        """An unpool step's φ for every component, by output phase (:func:`unpool_phases`):
+        ``(N, 2, 2, K, C, H_in + 1, W_in + 1)``, the very values :meth:`phi_all` interleaves.
+        ``upper``: ``(N, C_in, H_in, W_in)``."""
+        if not self.by_phases:
+            raise ValueError(f"{self.out.name}: phi_phases needs an unpool step with at most "
+                             f"{_PHASE_CONV_MAX_IN} input channels")  # fmt: skip
+        return unpool_phases(upper, self.weight, self.bias)
 
     def phi_per_sample(self, upper: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         """Unshifted φ of one component per sample, ``(S, C, H, W)``, convolving only that one.

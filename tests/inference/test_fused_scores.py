@@ -6,8 +6,9 @@ Each distinct level shape compiles once (seconds), so the shapes here are few an
 import pytest
 import torch
 
-from pyro_backpass import GenerativeModel, greedy_map, sample
+from pyro_backpass import GenerativeModel, closed_form_td, greedy_map, sample
 from pyro_backpass.inference import fused_scores as fused
+from pyro_backpass.model.observation import closed_form_constants
 from pyro_backpass.model.top_down import offset_grid
 from tests.inference.test_hypotheses import _kw, _oracle, hypothesis_scores
 
@@ -37,6 +38,23 @@ def test_compiled_scores_match_the_plain_formula(compiled, offsets, shared):
         torch.testing.assert_close(got, _oracle(bu, phi, offsets, observed, **kw),
                                    rtol=1e-9, atol=1e-8)  # fmt: skip
         assert (got[:, 1] == got[:, 1, :1]).all()  # the dead component ties to the bit
+    assert not fused._failed
+
+
+def test_compiled_closed_form_matches_the_eager_one(compiled):
+    """The winner's closed form in one compiled loop: the same maximiser (the branch choice
+    included) and the same score up to rounding, with and without an occlusion mask."""
+    gen = torch.Generator().manual_seed(3)
+    b, c, h, w = 3, 2, 5, 6
+    kw = _kw(c, gen)
+    bu = (1.5 * torch.randn(b, c, h, w, generator=gen)).relu().double()
+    phi = (1.5 * torch.randn(b, c, h, w, generator=gen)).relu().double()
+    consts = closed_form_constants(like=phi, **kw)
+    for observed in (None, torch.rand(b, c, h, w, generator=gen) > 0.3):
+        want_f, want_s = closed_form_td(bu, phi, observed=observed, **kw)
+        got_f, got_s = fused.compiled_closed_form(consts, bu, phi, observed)
+        torch.testing.assert_close(got_f, want_f, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got_s, want_s, rtol=1e-12, atol=1e-12)
     assert not fused._failed
 
 

@@ -12,6 +12,7 @@ from pyro_backpass import (
     log_joint,
     sample,
 )
+from pyro_backpass.inference.greedy import level_scores
 from tests.oracles import phi_loop
 
 
@@ -403,3 +404,32 @@ def test_per_channel_background_is_the_brute_force_argmax_at_every_level():
     r = greedy_map(gm, s.bu)
     _assert_each_level_is_the_brute_force_argmax(gm, s.bu, r, 3)
     torch.testing.assert_close(r.log_joint, log_joint(gm, s.bu, r.assignment), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("size", [8, 9], ids=["even", "odd"])
+def test_unpool_level_scored_by_phases_equals_the_per_hypothesis_sum(size):
+    """An unpool level with few input channels is scored phase by phase, without interleaving
+    φ of every component: each γ's score is still the plain closed form's sum over the level
+    (odd sizes and an occlusion mask on that level included), and greedy's log_joint is still
+    log_joint of its assignment to the bit."""
+    gm = GenerativeModel.random([3, "M"], num_components=3, num_categories=2, image_size=size)
+    step, name = gm.steps["conv1_1"], "conv1_1"
+    assert step.by_phases and step.num_offsets == 1
+    s = sample(gm, 3, observe=True, seed=7)
+    g = torch.Generator().manual_seed(2)
+    observed = {name: torch.rand(3, 1, size, size, generator=g) > 0.3}
+    upper = torch.rand(3, *step.upper.shape, generator=g)
+    with torch.no_grad():
+        scores, _ = level_scores(gm, name, upper, s.bu, observed, chunk_elements=2**25,
+                                 constants=gm.constants(name))  # fmt: skip
+    obs = gm.observations[name]
+    for i in range(3):
+        for k in range(step.num_components):
+            _, want = closed_form_td(
+                s.bu[name][i], phi_loop(step, upper[i], k, 0), threshold=obs.threshold,
+                background=obs.background, scale_td=step.scale_td, scale_on=obs.scale_on,
+                scale_off=obs.scale_off, observed=observed[name][i],
+            )  # fmt: skip
+            torch.testing.assert_close(scores[i, k, 0], want.sum(), rtol=1e-5, atol=1e-3)
+    r = greedy_map(gm, s.bu, observed=observed)
+    assert torch.equal(r.log_joint, log_joint(gm, s.bu, r.assignment, observed=observed).detach())
