@@ -128,6 +128,52 @@ def fit_background_per_channel(gm: GenerativeModel, part: str) -> None:
     fit_background(gm, gm.backbone, scenes, floor_factor=float(part[5:] or 1.0))
 
 
+def _branch_scores(params: dict, bu: torch.Tensor, phi: torch.Tensor):
+    """The closed form's two branch maxima (on, off) per element as differentiable functions
+    of ``params`` (``log_lam``, ``beta``, ``log_s0``, ``log_s1``, ``log_s2``) — the same
+    arithmetic as :func:`~pyro_backpass.inference.closed_form_with`, kept here with gradients."""
+    c = closed_form_constants(
+        threshold=params["log_lam"].exp(), background=params["beta"],
+        scale_td=params["log_s0"].exp(), scale_on=params["log_s1"].exp(),
+        scale_off=params["log_s2"].exp(), like=phi,
+    )  # fmt: skip
+    f_on = (c.weight_on * bu + c.weight_td * phi).clamp_min(c.threshold)
+    f_off = phi.clamp_max(c.threshold)
+    s_on = c.const_on - (c.half_prec_on * (bu - f_on).square()
+                         + c.half_prec_td * (f_on - phi).square())  # fmt: skip
+    s_off = c.const_off - (c.half_prec_off * (bu - c.background).square()
+                           + c.half_prec_td * (f_off - phi).square())  # fmt: skip
+    return s_on, s_off
+
+
+def _observation_params(gm: GenerativeModel, name: str, dtype: torch.dtype) -> dict:
+    """Level ``name``'s λ, σ0 (log, scalars) and β, σ1, σ2 (per channel) as fresh leaves."""
+    obs, step = gm.observations[name], gm.steps[name]
+    channels = gm.steps[name].out.channels
+
+    def per_channel(v: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(v, dtype=dtype).expand(channels, 1, 1).clone()
+
+    return {
+        "log_lam": obs.threshold.detach().to(dtype).log().clone(),
+        "beta": per_channel(obs.background),
+        "log_s1": per_channel(obs.scale_on).log(),
+        "log_s2": per_channel(obs.scale_off).log(),
+        "log_s0": step.scale_td.detach().to(dtype).log().clone(),
+    }
+
+
+@torch.no_grad()
+def _write_params(gm: GenerativeModel, name: str, params: dict) -> None:
+    obs, step = gm.observations[name], gm.steps[name]
+    dtype = obs.background.dtype
+    obs.threshold.copy_(params["log_lam"].exp())
+    obs.background.data = params["beta"].detach().to(dtype)
+    obs.scale_on.data = params["log_s1"].exp().detach().to(dtype)
+    obs.scale_off.data = params["log_s2"].exp().detach().to(dtype)
+    step.scale_td.copy_(params["log_s0"].exp())
+
+
 def fit_on_off(gm: GenerativeModel, scenes: list, *, steps: int = 150) -> None:
     """The ``onoff`` lever, in place (see the module docstring): per level, top first, Adam on
     the logistic loss of the closed form's on-minus-off score margin for "this element is one of
@@ -156,45 +202,19 @@ def fit_on_off(gm: GenerativeModel, scenes: list, *, steps: int = 150) -> None:
             phi = torch.cat(phis)  # (n, C, H, W)
             bu = torch.cat([it[0][name] for it in items])
             on = (torch.cat([it[3][name] for it in items]) >= obs.threshold).to(phi.dtype)
-        channels, dtype = phi.shape[1], phi.dtype
-
-        def per_channel(v: torch.Tensor, channels=channels, dtype=dtype) -> torch.Tensor:
-            return torch.as_tensor(v, dtype=dtype).expand(channels, 1, 1).clone()
-
-        params = {
-            "log_lam": obs.threshold.detach().to(phi.dtype).log().clone(),
-            "beta": per_channel(obs.background),
-            "log_s1": per_channel(obs.scale_on).log(),
-            "log_s2": per_channel(obs.scale_off).log(),
-            "log_s0": step.scale_td.detach().to(phi.dtype).log().clone(),
-        }
+        params = _observation_params(gm, name, phi.dtype)
         for v in params.values():
             v.requires_grad_(True)
         opt = torch.optim.Adam(params.values(), lr=0.03)
         for _ in range(steps):
             with torch.enable_grad():  # apply_lever runs inside evaluate's no_grad
-                c = closed_form_constants(
-                    threshold=params["log_lam"].exp(), background=params["beta"],
-                    scale_td=params["log_s0"].exp(), scale_on=params["log_s1"].exp(),
-                    scale_off=params["log_s2"].exp(), like=phi,
-                )  # fmt: skip
-                f_on = (c.weight_on * bu + c.weight_td * phi).clamp_min(c.threshold)
-                f_off = phi.clamp_max(c.threshold)
-                s_on = c.const_on - (c.half_prec_on * (bu - f_on).square()
-                                     + c.half_prec_td * (f_on - phi).square())  # fmt: skip
-                s_off = c.const_off - (c.half_prec_off * (bu - c.background).square()
-                                       + c.half_prec_td * (f_off - phi).square())  # fmt: skip
+                s_on, s_off = _branch_scores(params, bu, phi)
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(s_on - s_off, on)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+        _write_params(gm, name, params)
         with torch.no_grad():
-            dtype = obs.background.dtype
-            obs.threshold.copy_(params["log_lam"].exp())
-            obs.background.data = params["beta"].detach().to(dtype)
-            obs.scale_on.data = params["log_s1"].exp().detach().to(dtype)
-            obs.scale_off.data = params["log_s2"].exp().detach().to(dtype)
-            step.scale_td.copy_(params["log_s0"].exp())
             obs.mask_threshold.copy_(obs.threshold)
     gm.check_parameters()
 
@@ -207,18 +227,7 @@ def _top_scores_differentiable(gm, bu_top, category: int, params) -> torch.Tenso
     step = gm.steps[top]
     tmpl = torch.relu(step.weight[category])  # (K, C, H, W)
     phi = shift_all(tmpl, step.offsets).to(bu_top.dtype)  # (K, D, C, H, W)
-    c = closed_form_constants(
-        threshold=params["log_lam"].exp(), background=params["beta"],
-        scale_td=params["log_s0"].exp(), scale_on=params["log_s1"].exp(),
-        scale_off=params["log_s2"].exp(), like=phi,
-    )  # fmt: skip
-    x = bu_top[:, None, None]  # (n, 1, 1, C, H, W)
-    f_on = (c.weight_on * x + c.weight_td * phi).clamp_min(c.threshold)
-    f_off = phi.clamp_max(c.threshold)
-    s_on = c.const_on - (c.half_prec_on * (x - f_on).square()
-                         + c.half_prec_td * (f_on - phi).square())  # fmt: skip
-    s_off = c.const_off - (c.half_prec_off * (x - c.background).square()
-                           + c.half_prec_td * (f_off - phi).square())  # fmt: skip
+    s_on, s_off = _branch_scores(params, bu_top[:, None, None], phi)  # (n, K, D, C, H, W)
     data = torch.maximum(s_on, s_off).sum(dim=(-3, -2, -1))  # (n, K, D)
     prior_g = gm.priors[f"gamma_{top}"].log_probs()[category].to(data.dtype)  # (K,)
     prior_d = gm.priors[f"delta_{top}"].log_probs().to(data.dtype)  # (D,)
@@ -232,7 +241,7 @@ def fit_top_ranking(gm: GenerativeModel, scenes: list, *, steps: int = 200) -> N
     alone, as the oracle ladder takes them). Checks first that the differentiable scores equal
     :func:`~pyro_backpass.inference.top_level_scores` up to a constant (the category's term)."""
     top = gm.hidden_levels[-1]
-    step, obs = gm.steps[top], gm.observations[top]
+    step = gm.steps[top]
     d = step.num_offsets
     priors = {k: v for k, v in gm.priors.items()}
     items = []  # (bu_top (1, C, H, W), category, true flat indices)
@@ -262,19 +271,7 @@ def fit_top_ranking(gm: GenerativeModel, scenes: list, *, steps: int = 200) -> N
         for row, it in enumerate(mine):
             true[row, it[2]] = True
         groups.append((torch.cat([it[0] for it in mine]), cat, true))
-    dtype = items[0][0].dtype
-    channels = items[0][0].shape[1]
-
-    def per_channel(v: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(v, dtype=dtype).expand(channels, 1, 1).clone()
-
-    params = {
-        "log_lam": obs.threshold.detach().to(dtype).log().clone(),
-        "beta": per_channel(obs.background),
-        "log_s1": per_channel(obs.scale_on).log(),
-        "log_s2": per_channel(obs.scale_off).log(),
-        "log_s0": step.scale_td.detach().to(dtype).log().clone(),
-    }
+    params = _observation_params(gm, top, items[0][0].dtype)
     with torch.no_grad():  # the oracle check: same ranking scores as the library's
         bu0, cat0, _ = items[0]
         ours = _top_scores_differentiable(gm, bu0, cat0, params)[0]
@@ -316,12 +313,7 @@ def fit_top_ranking(gm: GenerativeModel, scenes: list, *, steps: int = 200) -> N
         after = float(nll())
         print(f"rank lever ({len(items)} scene-categories): NLL {before:.2f} -> {after:.2f}, "
               f"median train rank {rank_before} -> {mean_rank()}", flush=True)  # fmt: skip
-        dt = obs.background.dtype
-        obs.threshold.copy_(params["log_lam"].exp())
-        obs.background.data = params["beta"].detach().to(dt)
-        obs.scale_on.data = params["log_s1"].exp().detach().to(dt)
-        obs.scale_off.data = params["log_s2"].exp().detach().to(dt)
-        step.scale_td.copy_(params["log_s0"].exp())
+    _write_params(gm, top, params)
     gm.check_parameters()
 
 
