@@ -65,7 +65,7 @@ def test_clutter_levers_smoke(tmp_path):
     levers = ["base", "footprint", "topk2", "bgfit,s0x0.5@upper,lamx1.5@all,s2x2@all", "rank1",
               "onoff1"]  # fmt: skip
     run = subprocess.run([sys.executable, str(script), "--smoke", "--bound", "--out", str(out),
-                          "--levers", *levers],
+                          "--category-unknown", "--levers", *levers],
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["levers"]
@@ -75,6 +75,10 @@ def test_clutter_levers_smoke(tmp_path):
             assert 0.0 <= r[key] <= 1.0
         assert 1 <= r["true_rank_median"] <= r["top_hypotheses"]
         assert r["hit@0.5"] <= r["bound@0.5"]  # the pass is one of the hypotheses bounded
+        unknown = r["category_unknown"]
+        for key in ("hit@0.5", "hit@0.3", "chose_airplane", "best_iou"):
+            assert 0.0 <= unknown[key] <= 1.0
+        assert unknown["hit@0.5"] <= unknown["hit@0.3"]
 
 
 def test_clamped_samples_smoke(tmp_path):
