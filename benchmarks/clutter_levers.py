@@ -55,7 +55,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, learned_model, machine  # noqa: E402
+from common import RESULTS, hidden_bu, learned_model, machine  # noqa: E402
 
 from pyro_backpass import GenerativeModel, Scenes, greedy_map  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
@@ -186,12 +186,12 @@ def fit_on_off(gm: GenerativeModel, scenes: list, *, steps: int = 150) -> None:
     items = []
     with torch.no_grad():
         for scene in scenes:
-            bu = _hidden_bu(gm, scene.image)
+            bu = hidden_bu(gm, scene.image)
             for inst in scene.instances:
                 if not inst.mask.any():
                     continue
                 label = torch.tensor([gm.categories.index(inst.category)])
-                alone = greedy_map(gm, _hidden_bu(gm, inst.image_alone), category=label)
+                alone = greedy_map(gm, hidden_bu(gm, inst.image_alone), category=label)
                 target = masked_activations(gm.backbone, inst.image_alone[None], inst.mask[None])
                 items.append((bu, label, dict(alone.assignment), target))
     for i in range(len(hidden) - 1, -1, -1):
@@ -250,7 +250,7 @@ def fit_top_ranking(gm: GenerativeModel, scenes: list, *, steps: int = 200) -> N
     items = []  # (bu_top (1, C, H, W), category, true flat indices)
     with torch.no_grad():
         for scene in scenes:
-            bu = _hidden_bu(gm, scene.image)
+            bu = hidden_bu(gm, scene.image)
             truth: dict[int, list[int]] = {}
             for inst in scene.instances:
                 if not inst.mask.any():
@@ -318,11 +318,6 @@ def fit_top_ranking(gm: GenerativeModel, scenes: list, *, steps: int = 200) -> N
               f"median train rank {rank_before} -> {mean_rank()}", flush=True)  # fmt: skip
     _write_params(gm, top, params)
     gm.check_parameters()
-
-
-def _hidden_bu(gm: GenerativeModel, image: torch.Tensor) -> dict[str, torch.Tensor]:
-    acts = gm.backbone(image[None])
-    return {k: v for k, v in acts.items() if k in gm.hidden_levels}
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: the machine's description, timing."""
+"""Shared helpers of the benchmark scripts: the machine's description, timing, the model's
+bottom-up activations of one image."""
 
 from __future__ import annotations
 
@@ -93,3 +94,10 @@ def learned_model(*, smoke: bool, path: Path | None = None):
     if gm.backbone is None:
         raise SystemExit(f"{name}: the model has no backbone attached (its file names none)")
     return gm, name
+
+
+def hidden_bu(gm, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The backbone's activations of one ``(3, H, W)`` image at the model's hidden levels,
+    each ``(1, C, h, w)``: the ``bu`` a backward pass of that image takes."""
+    acts = gm.backbone(image[None])
+    return {k: v for k, v in acts.items() if k in gm.hidden_levels}

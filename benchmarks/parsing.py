@@ -63,7 +63,7 @@ from baselines import (  # noqa: E402
     instances_from_maps,
     tune,
 )
-from common import RESULTS, learned_model, machine  # noqa: E402
+from common import RESULTS, hidden_bu, learned_model, machine  # noqa: E402
 from diagnose import object_rungs  # noqa: E402
 
 from pyro_backpass import (  # noqa: E402
@@ -127,11 +127,6 @@ def truth_of(scene: Scene, categories: tuple[str, ...]) -> tuple[PredictedInstan
         tuple(i.category for i in known),
     )  # fmt: skip
     return truth, np.stack([i.amodal_mask.numpy() for i in known])
-
-
-def hidden_bu(gm: GenerativeModel, image: torch.Tensor) -> dict[str, torch.Tensor]:
-    acts = gm.backbone(image[None])
-    return {k: v for k, v in acts.items() if k in gm.hidden_levels}
 
 
 # -------------------------------------------------------------------------------------- ours

@@ -38,7 +38,7 @@ from scipy.stats import mannwhitneyu
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, learned_model, machine  # noqa: E402
+from common import RESULTS, hidden_bu, learned_model, machine  # noqa: E402
 
 from pyro_backpass import GenerativeModel, Scenes, greedy_map  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
@@ -57,11 +57,6 @@ def roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float:
     return float(mannwhitneyu(s[pos], s[~pos]).statistic / (pos.sum() * (~pos).sum()))
 
 
-def _bu(gm: GenerativeModel, image: torch.Tensor) -> dict[str, torch.Tensor]:
-    acts = gm.backbone(image[None])
-    return {k: v for k, v in acts.items() if k in gm.hidden_levels}
-
-
 def _label(gm: GenerativeModel, category: str) -> torch.Tensor:
     return torch.tensor([gm.categories.index(category)])
 
@@ -73,12 +68,12 @@ def element_rows(gm: GenerativeModel, scenes: list) -> tuple[dict, dict]:
     pooled = {n: {k: [] for k in ("phi", "phi_alone", "fhat", "bu", "on")} for n in hidden}
     ladder: dict[str, list[float]] = {}
     for scene in tqdm(scenes, desc="elements", leave=False):
-        bu = _bu(gm, scene.image)
+        bu = hidden_bu(gm, scene.image)
         for inst in scene.instances:
             if not inst.mask.any():
                 continue
             label = _label(gm, inst.category)
-            alone = greedy_map(gm, _bu(gm, inst.image_alone), category=label)
+            alone = greedy_map(gm, hidden_bu(gm, inst.image_alone), category=label)
             ladder.setdefault("alone_plain", []).append(
                 float(mask_iou(alone.mask, inst.amodal_mask[None])[0])
             )
@@ -149,7 +144,7 @@ def _alone_objects(gm: GenerativeModel, scenes: list) -> tuple[torch.Tensor, ...
         for inst in scene.instances:
             if not inst.amodal_mask.any():
                 continue
-            bu = _bu(gm, inst.image_alone)
+            bu = hidden_bu(gm, inst.image_alone)
             r = greedy_map(gm, bu, category=_label(gm, inst.category))
             bus.append(bu[level][0]), fhats.append(r.td[level][0]), masks.append(inst.amodal_mask)
     return torch.stack(bus), torch.stack(fhats), torch.stack(masks)
