@@ -115,6 +115,8 @@ def test_veto_diagnosis_smoke(tmp_path):
         assert 0.0 <= row["on_share"] <= 1.0
         for key in ("auc_phi", "auc_phi_alone", "auc_fhat", "auc_bu"):
             assert row[key] != row[key] or 0.0 <= row[key] <= 1.0  # NaN only without positives
+        assert 0.0 <= row["clutter_on_phi_zero"] + row["clutter_on_phi_positive"] <= 1.0
+        assert 0.0 <= row["phi_zero_share"] <= 1.0
     assert result["clamp_ladder"]["objects"] > 0
     for key in ("bu_global_threshold", "bu_channel_thresholds", "fhat_global_threshold"):
         assert 0.0 <= result["readout"][key] <= 1.0
