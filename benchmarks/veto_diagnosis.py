@@ -103,9 +103,11 @@ def element_rows(gm: GenerativeModel, scenes: list) -> tuple[dict, dict]:
     auc = {}
     for name in hidden:
         p = {k: torch.cat(v) for k, v in pooled[name].items()}
-        auc[name] = {"on_share": float(p["on"].float().mean())} | {
-            f"auc_{k}": roc_auc(p[k], p["on"]) for k in ("phi", "phi_alone", "fhat", "bu")
-        } | _veto_shares(p["phi"], p["fhat"], p["on"], gm.observations[name].threshold)
+        auc[name] = (
+            {"on_share": float(p["on"].float().mean())}
+            | {f"auc_{k}": roc_auc(p[k], p["on"]) for k in ("phi", "phi_alone", "fhat", "bu")}
+            | _veto_shares(p["phi"], p["fhat"], p["on"], gm.observations[name].threshold)
+        )
     return auc, {k: statistics.mean(v) for k, v in ladder.items()} | {
         "objects": len(ladder.get("alone_plain", []))
     }
