@@ -162,8 +162,9 @@ def test_decoder_capacity_decoders_have_the_model_steps_shapes_and_best_componen
         step = gm.steps[name]
         x = torch.rand(2, *step.upper.shape)
         for layers, k, kernel in dcap.DECODERS.values():
-            dec = dcap.Decoder(step.upper.channels, step.out.channels,
-                               unpool=step.kind == "unpool", layers=layers, k=k, kernel=kernel)  # fmt: skip
+            unpool = step.kind == "unpool"
+            dec = dcap.Decoder(step.upper.channels, step.out.channels, unpool=unpool,
+                               layers=layers, k=k, kernel=kernel)  # fmt: skip
             assert dec(x).shape == (2, k, *step.out.shape)
         assert step.phi_all(x).shape == (2, step.num_components, *step.out.shape)
     g = torch.Generator().manual_seed(0)
