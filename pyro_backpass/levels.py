@@ -113,6 +113,8 @@ def levels_up_to(levels: Sequence[LevelSpec], top_level: str) -> tuple[LevelSpec
         raise ValueError("levels must run from an 'image' level up to a 'category' level")
     names = [s.name for s in levels[1:-1]]
     if top_level not in names:
-        raise ValueError(f"top_level {top_level!r} is not a level of this network; choose one of {names}")
+        raise ValueError(
+            f"top_level {top_level!r} is not a level of this network; choose one of {names}"
+        )
     cut = names.index(top_level) + 2  # image, then the levels up to and including top_level
     return levels[:cut] + levels[-1:]

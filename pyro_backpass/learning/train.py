@@ -85,7 +85,9 @@ class TrainConfig:
         if isinstance(self.top_offset_radius, bool) or not (
             isinstance(self.top_offset_radius, int) and self.top_offset_radius >= 0
         ):
-            raise ValueError(f"top_offset_radius must be an int >= 0, got {self.top_offset_radius!r}")
+            raise ValueError(
+                f"top_offset_radius must be an int >= 0, got {self.top_offset_radius!r}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
