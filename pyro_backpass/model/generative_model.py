@@ -372,7 +372,8 @@ class GenerativeModel(nn.Module):
         ``plate("images", B)``.
 
         :param bu: level name → ``(B, C, H, W)`` bottom-up activations (levels absent are
-            unobserved; unknown names are ignored).
+            unobserved; canonical names of levels the model lacks, e.g. a backbone's levels
+            above the model's top, are ignored; other names are an error).
         :param batch_size: B when ``bu`` is None.
         :param category: a name, an index or one per image: observes the ``category`` site.
         :param observed: level → bool mask ``(B, C, H, W)``-broadcastable; False elements have
