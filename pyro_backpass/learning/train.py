@@ -171,7 +171,7 @@ def _check_resume(path: Path, config: TrainConfig) -> None:
     saved = read_json(path)
     check_keys(saved, [], source=path)
     # Options added after a run was written take their defaults (which that run used).
-    saved = {k: v for k, v in _ADDED_OPTIONS.items()} | saved
+    saved = dict(_ADDED_OPTIONS) | saved
     want = json.loads(json.dumps(config.to_json()))
     if saved != want:
         diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
