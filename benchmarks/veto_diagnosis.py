@@ -10,7 +10,10 @@ in the scene, so every choice is the oracle's and only the per-element closed fo
    ROC AUC (Mann–Whitney U from scipy, ties counted half) of φ (the top-down prediction under the
    oracle assignment in the scene), φ of the same assignment on the object alone, F̂ in the scene,
    and the scene's bottom-up activations themselves. φ can veto clutter only where its AUC is
-   above the bottom-up activations'.
+   above the bottom-up activations'. Beside them, the share of the scene's other elements
+   that F̂ turns on (≥ λ) where φ = 0 and where φ > 0 (``clutter_on_phi_zero`` /
+   ``_positive``): lever 4's "σ0 small where the model predicts nothing" can act only on the
+   first.
 2. ``clamp_ladder``: mean visible-mask IoU in the scene with every level from the top down to L
    clamped to the alone assignment (the rest greedy), and the pass on the object alone (amodal
    mask): what the choices cost versus what the closed form costs.
@@ -100,11 +103,26 @@ def element_rows(gm: GenerativeModel, scenes: list) -> tuple[dict, dict]:
     auc = {}
     for name in hidden:
         p = {k: torch.cat(v) for k, v in pooled[name].items()}
-        auc[name] = {"on_share": float(p["on"].float().mean())} | {
-            f"auc_{k}": roc_auc(p[k], p["on"]) for k in ("phi", "phi_alone", "fhat", "bu")
-        }
+        auc[name] = (
+            {"on_share": float(p["on"].float().mean())}
+            | {f"auc_{k}": roc_auc(p[k], p["on"]) for k in ("phi", "phi_alone", "fhat", "bu")}
+            | _veto_shares(p["phi"], p["fhat"], p["on"], gm.observations[name].threshold)
+        )
     return auc, {k: statistics.mean(v) for k, v in ladder.items()} | {
         "objects": len(ladder.get("alone_plain", []))
+    }
+
+
+def _veto_shares(phi, fhat, on, threshold) -> dict[str, float]:
+    """Where does clutter get in? Shares of the scene's elements that are not the object's
+    on-elements (``off``) with F̂ ≥ λ, split by whether φ predicts nothing there (φ = 0: a σ0
+    that is small where φ = 0 could only act on these) or something (φ > 0)."""
+    off, fhat_on, phi_zero = ~on, fhat >= threshold, phi <= 0
+    n_off = max(int(off.sum()), 1)
+    return {
+        "phi_zero_share": float(phi_zero.float().mean()),
+        "clutter_on_phi_zero": int((off & fhat_on & phi_zero).sum()) / n_off,
+        "clutter_on_phi_positive": int((off & fhat_on & ~phi_zero).sum()) / n_off,
     }
 
 

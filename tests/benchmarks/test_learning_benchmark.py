@@ -117,6 +117,8 @@ def test_veto_diagnosis_smoke(tmp_path):
         assert 0.0 <= row["on_share"] <= 1.0
         for key in ("auc_phi", "auc_phi_alone", "auc_fhat", "auc_bu"):
             assert row[key] != row[key] or 0.0 <= row[key] <= 1.0  # NaN only without positives
+        assert 0.0 <= row["clutter_on_phi_zero"] + row["clutter_on_phi_positive"] <= 1.0
+        assert 0.0 <= row["phi_zero_share"] <= 1.0
     assert result["clamp_ladder"]["objects"] > 0
     for key in ("bu_global_threshold", "bu_channel_thresholds", "fhat_global_threshold"):
         assert 0.0 <= result["readout"][key] <= 1.0
@@ -150,3 +152,56 @@ def test_top_level_time_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["models"]["GenerativeModel.default()"]["top_hypotheses"] == 500
     assert len(result["seconds_per_image"]) == 2 and min(result["seconds_per_image"].values()) > 0
+
+
+def _decoder_capacity():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dcap", BENCH.parent / "decoder_capacity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decoder_capacity_decoders_have_the_model_steps_shapes_and_best_component_is_brute():
+    """The probe's decoders map a level's input to the shape the model's own step produces
+    (conv: same size; unpool: twice), and the best component is the brute-force argmin."""
+    import torch
+
+    from pyro_backpass import GenerativeModel
+
+    dcap = _decoder_capacity()
+    gm = GenerativeModel.default()
+    for name in ("conv4_1", "pool3", "conv1_1"):
+        step = gm.steps[name]
+        x = torch.rand(2, *step.upper.shape)
+        for layers, k, kernel in dcap.DECODERS.values():
+            unpool = step.kind == "unpool"
+            dec = dcap.Decoder(step.upper.channels, step.out.channels, unpool=unpool,
+                               layers=layers, k=k, kernel=kernel)  # fmt: skip
+            assert dec(x).shape == (2, k, *step.out.shape)
+        assert step.phi_all(x).shape == (2, step.num_components, *step.out.shape)
+    g = torch.Generator().manual_seed(0)
+    phi, target = torch.rand(4, 3, 2, 5, 5, generator=g), torch.rand(4, 2, 5, 5, generator=g)
+    best, err = dcap.best_component(phi, target)
+    for i in range(4):
+        errs = [float(((phi[i, j] - target[i]) ** 2).sum()) for j in range(3)]
+        j = min(range(3), key=errs.__getitem__)
+        assert torch.equal(best[i], phi[i, j]) and abs(float(err[i]) - errs[j]) < 1e-4
+
+
+def test_decoder_capacity_runs_on_the_shipped_model(tmp_path):
+    from importlib import resources
+
+    dcap = _decoder_capacity()
+    out = tmp_path / "dcap.json"
+    ref = resources.files("pyro_backpass").joinpath("weights", "generative_model.safetensors")
+    with resources.as_file(ref) as path:
+        dcap.main(["--model", str(path), "--train-scenes", "1", "--scenes", "1", "--steps", "2",
+                   "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["objects"] > 0 and len(result["steps_auc"]) == 7
+    for row in result["steps_auc"].values():
+        for key, value in row.items():
+            if key.startswith("auc_"):
+                assert value != value or 0.0 <= value <= 1.0  # NaN only without positives
