@@ -26,7 +26,7 @@ from common import RESULTS, hidden_bu, interleaved_median_times, machine  # noqa
 from pyro_backpass import GenerativeModel, Scenes, greedy_map  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
-from pyro_backpass.inference.hypotheses import DEFAULT_CHUNK_ELEMENTS  # noqa: E402
+from pyro_backpass.inference import DEFAULT_CHUNK_ELEMENTS  # noqa: E402
 
 CHUNKS = (DEFAULT_CHUNK_ELEMENTS, 4 * DEFAULT_CHUNK_ELEMENTS)
 
