@@ -46,7 +46,7 @@ from pyro_backpass.inference import (
     sample,
 )
 from pyro_backpass.learning import EMConfig, World, fit_hard_em, fit_observation_model
-from pyro_backpass.levels import LevelSpec, level_names, levels_from_cfg
+from pyro_backpass.levels import LevelSpec, level_names, levels_from_cfg, levels_up_to
 from pyro_backpass.model import (
     CategoricalPrior,
     GenerativeModel,
@@ -135,6 +135,7 @@ __all__ = [
     "joint_states",
     "level_names",
     "levels_from_cfg",
+    "levels_up_to",
     "location_prior",
     "log_joint",
     "make_scene",

@@ -17,7 +17,7 @@ from typing import Literal
 LevelKind = Literal["image", "conv", "pool", "category"]
 Cfg = Sequence[int | str]
 
-__all__ = ["Cfg", "LevelKind", "LevelSpec", "level_names", "levels_from_cfg"]
+__all__ = ["Cfg", "LevelKind", "LevelSpec", "level_names", "levels_from_cfg", "levels_up_to"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +98,23 @@ def levels_from_cfg(
             specs.append(LevelSpec(name, "conv", channels, h, w))
     specs.append(LevelSpec("category", "category", num_categories, 1, 1))
     return tuple(specs)
+
+
+def levels_up_to(levels: Sequence[LevelSpec], top_level: str) -> tuple[LevelSpec, ...]:
+    """``levels`` (``image`` … ``category``) cut so that ``top_level`` is the last level below
+    ``category``: a hierarchy whose top hidden level is finer than the network's last one.
+
+    >>> specs = levels_from_cfg([4, "M", 8, "M"], image_size=16, num_categories=2)
+    >>> [s.name for s in levels_up_to(specs, "pool1")]
+    ['image', 'conv1_1', 'pool1', 'category']
+    """
+    levels = tuple(levels)
+    if len(levels) < 2 or levels[0].kind != "image" or levels[-1].kind != "category":
+        raise ValueError("levels must run from an 'image' level up to a 'category' level")
+    names = [s.name for s in levels[1:-1]]
+    if top_level not in names:
+        raise ValueError(
+            f"top_level {top_level!r} is not a level of this network; choose one of {names}"
+        )
+    cut = names.index(top_level) + 2  # image, then the levels up to and including top_level
+    return levels[:cut] + levels[-1:]

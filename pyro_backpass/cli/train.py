@@ -18,7 +18,13 @@ from dataclasses import replace
 
 import torch
 
-from pyro_backpass.cli.arguments import add_command, cpu_device, output_dir, positive_int
+from pyro_backpass.cli.arguments import (
+    add_command,
+    cpu_device,
+    non_negative_int,
+    output_dir,
+    positive_int,
+)
 from pyro_backpass.cli.launch import launched_world
 from pyro_backpass.learning.train import PRESETS, train_model
 
@@ -52,6 +58,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=None, help="seed (default: the preset's)")
     p.add_argument(
+        "--top-level",
+        default=None,
+        help="the top hidden level, just below the category, e.g. pool3 (default: the "
+        "preset's, pool4); the backbone's levels above it are not modelled",
+    )
+    p.add_argument(
+        "--top-offset-radius",
+        type=non_negative_int,
+        default=None,
+        help="δ of the top level: {-r..r}^2 cells (default: the preset's, 2)",
+    )
+    p.add_argument(
+        "--components-top",
+        type=positive_int,
+        default=None,
+        help="K of the top level (default: the preset's, 20)",
+    )
+    p.add_argument(
         "--resume", action="store_true", help="continue from the last completed stage in --out"
     )
     p.add_argument(
@@ -72,7 +96,9 @@ def run(args: argparse.Namespace) -> None:
     overrides = {
         key: value
         for key, value in (("categories", args.categories), ("backbone", args.backbone),
-                           ("seed", args.seed))
+                           ("seed", args.seed), ("top_level", args.top_level),
+                           ("top_offset_radius", args.top_offset_radius),
+                           ("components_top", args.components_top))
         if value is not None
     }  # fmt: skip
     if "categories" in overrides:

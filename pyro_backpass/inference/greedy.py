@@ -292,7 +292,8 @@ def greedy_map(
 
     :param gm: the generative model.
     :param bu: level name → ``(B, C, H, W)`` bottom-up activations (``image`` raw RGB in
-        [0, 1]); levels absent are unobserved, unknown names ignored.
+        [0, 1]); levels absent are unobserved; canonical names of levels the model lacks
+        (a backbone's levels above the model's top) are ignored, other names are an error.
     :param category: a name, an index or one per image; None enumerates it jointly with the
         top level's (γ, δ).
     :param clamp: site name → int or ``(B,)`` indices that the pass must take.

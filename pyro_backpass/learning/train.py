@@ -46,6 +46,7 @@ from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
 from pyro_backpass.learning.evaluation import tune_mask_threshold
 from pyro_backpass.learning.hard_em import EMConfig, fit_hard_em
 from pyro_backpass.learning.observation_fit import fit_background, fit_observation_model
+from pyro_backpass.levels import levels_up_to
 from pyro_backpass.model import GenerativeModel
 
 __all__ = ["PRESETS", "TrainConfig", "render_object_set", "train_model"]
@@ -66,6 +67,12 @@ class TrainConfig:
     mask_multipliers: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)  # × λ
     components_top: int = 20  # K of the level just below the category (the paper: 500)
     components: int = 5  # K of every other level (the paper: 5)
+    # The top hidden level, just below the category (issue #10, lever 3: "pool3" is finer);
+    # the backbone's levels above it are not modelled.
+    top_level: str = "pool4"
+    # δ of the top level: {−r..r}² cells (2 on pool4's 4×4 map reaches ±32 px on 64 px images;
+    # pool3's 8×8 map needs 4 to reach as far).
+    top_offset_radius: int = 2
     em: EMConfig = field(default_factory=EMConfig)  # hard EM options
     # Issue #10's levers (benchmarks/clutter_levers.py measured them on validation scenes):
     background_per_channel: bool = True  # β, σ2 per channel from the training scenes
@@ -73,6 +80,14 @@ class TrainConfig:
     calibration_levels: tuple[str, ...] = UPPER_LEVELS
     calibration_multipliers: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
     seed: int = 0  # base seed of the data splits and of EM
+
+    def __post_init__(self) -> None:
+        if isinstance(self.top_offset_radius, bool) or not (
+            isinstance(self.top_offset_radius, int) and self.top_offset_radius >= 0
+        ):
+            raise ValueError(
+                f"top_offset_radius must be an int >= 0, got {self.top_offset_radius!r}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -148,9 +163,15 @@ def _training_scenes(config: TrainConfig, world: World, progress: bool) -> list:
     return [scenes[i] for i in tqdm(mine, desc="render scenes", disable=not progress)]
 
 
+# Options added to TrainConfig after runs were written, with the value those runs used.
+_ADDED_OPTIONS: dict[str, Any] = {"top_level": "pool4", "top_offset_radius": 2}
+
+
 def _check_resume(path: Path, config: TrainConfig) -> None:
     saved = read_json(path)
     check_keys(saved, [], source=path)
+    # Options added after a run was written take their defaults (which that run used).
+    saved = dict(_ADDED_OPTIONS) | saved
     want = json.loads(json.dumps(config.to_json()))
     if saved != want:
         diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
@@ -176,6 +197,12 @@ def train_model(
         by default. Every rank must call this with the same arguments.
     :returns: the trained model, with its backbone attached (on every rank).
     """
+    backbone = _backbone(config.backbone)
+    unknown = [c for c in config.categories if c not in backbone.categories]
+    if unknown:
+        raise ValueError(f"unknown categories {unknown}; the backbone knows {backbone.categories}")
+    # image … the top level, category (a clear error for an unknown top level)
+    levels = levels_up_to(backbone.levels, config.top_level)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.json"
@@ -188,10 +215,6 @@ def train_model(
     progress = progress and main
     if main:
         atomic_write_json(config_path, config.to_json())
-    backbone = _backbone(config.backbone)
-    unknown = [c for c in config.categories if c not in backbone.categories]
-    if unknown:
-        raise ValueError(f"unknown categories {unknown}; the backbone knows {backbone.categories}")
     torch.manual_seed(config.seed)
     log: dict[str, Any] = {"seconds": {}}
     log_path = out / "log.json"
@@ -206,10 +229,12 @@ def train_model(
         gm = GenerativeModel.load(stage1)
     else:
         start = time.perf_counter()
-        ks = {s.name: config.components for s in backbone.levels[:-1]}
-        ks[backbone.levels[-2].name] = config.components_top
-        gm = GenerativeModel.for_backbone(backbone, num_components=ks,
-                                          backbone_name=config.backbone)  # fmt: skip
+        ks = {s.name: config.components for s in levels[:-1]}
+        ks[config.top_level] = config.components_top
+        gm = GenerativeModel.for_backbone(
+            backbone, num_components=ks, top_level=config.top_level,
+            offsets={config.top_level: config.top_offset_radius}, backbone_name=config.backbone,
+        )  # fmt: skip
         scenes = _training_scenes(config, world, progress)
         fit_observation_model(gm, backbone, scenes, progress=progress, world=world)
         log["seconds"]["observation"] = round(time.perf_counter() - start, 1)

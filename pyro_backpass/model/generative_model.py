@@ -34,7 +34,7 @@ from torch import nn
 
 from pyro_backpass.backbone import Backbone
 from pyro_backpass.files import atomic_write, check_keys
-from pyro_backpass.levels import Cfg, LevelSpec, levels_from_cfg
+from pyro_backpass.levels import Cfg, LevelSpec, levels_from_cfg, levels_up_to
 from pyro_backpass.model.checks import category_indices, check_bu, check_observed
 from pyro_backpass.model.observation import ClosedFormConstants, Observation
 from pyro_backpass.model.priors import CategoricalPrior, NGramPrior, SitePrior, UniformPrior
@@ -372,7 +372,8 @@ class GenerativeModel(nn.Module):
         ``plate("images", B)``.
 
         :param bu: level name → ``(B, C, H, W)`` bottom-up activations (levels absent are
-            unobserved; unknown names are ignored).
+            unobserved; canonical names of levels the model lacks, e.g. a backbone's levels
+            above the model's top, are ignored; other names are an error).
         :param batch_size: B when ``bu`` is None.
         :param category: a name, an index or one per image: observes the ``category`` site.
         :param observed: level → bool mask ``(B, C, H, W)``-broadcastable; False elements have
@@ -449,6 +450,7 @@ class GenerativeModel(nn.Module):
         *,
         num_components: int | Mapping[str, int],
         image_size: int | None = None,
+        top_level: str | None = None,
         backbone_name: str = "custom",
         **kwargs: Any,
     ) -> GenerativeModel:
@@ -456,6 +458,11 @@ class GenerativeModel(nn.Module):
         the backbone attached.
 
         :param image_size: the input size the levels are taken at (default: the backbone's).
+        :param top_level: the top hidden level, just below ``category`` (default: the
+            backbone's last level). With a lower one, e.g. ``"pool3"``, the hierarchy is cut
+            there (:func:`~pyro_backpass.levels_up_to`): the category generates that level's
+            templates directly, and the backbone's levels above it are not modelled — their
+            activations, like those of any level the model lacks, are ignored in ``bu``.
         :param backbone_name: recorded in saved files; ``"default"`` / ``"compositional"`` (the
             shipped backbones) are reloaded with the model.
         :param kwargs: any other ``GenerativeModel`` keyword (offsets, σ's, ...).
@@ -463,7 +470,10 @@ class GenerativeModel(nn.Module):
         if not backbone.categories:
             raise ValueError("the backbone has no classifier head, so no categories to model")
         size = backbone.image_size if image_size is None else image_size
-        gm = cls(backbone.levels_for(size), categories=backbone.categories,
+        levels = backbone.levels_for(size)
+        if top_level is not None:
+            levels = levels_up_to(levels, top_level)
+        gm = cls(levels, categories=backbone.categories,
                  num_components=num_components, cfg=backbone.cfg, **kwargs)  # fmt: skip
         return gm.attach_backbone(backbone, name=backbone_name)
 

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).parents[2] / "benchmarks" / "learning.py"
 
 
@@ -138,6 +140,18 @@ def test_roc_auc_matches_brute_force():
     p, n = score[pos], score[~pos]
     brute = ((p[:, None] > n[None]).double() + 0.5 * (p[:, None] == n[None]).double()).mean()
     assert abs(veto.roc_auc(score, pos) - float(brute)) < 1e-12
+
+
+@pytest.mark.slow  # a subprocess that loads the shipped model: ~5-12 s
+def test_top_level_time_smoke(tmp_path):
+    out = tmp_path / "time.json"
+    script = BENCH.parent / "top_level_time.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["models"]["GenerativeModel.default()"]["top_hypotheses"] == 500
+    assert len(result["seconds_per_image"]) == 2 and min(result["seconds_per_image"].values()) > 0
 
 
 def _decoder_capacity():

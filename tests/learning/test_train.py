@@ -4,11 +4,12 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
-from pyro_backpass import GenerativeModel
+from pyro_backpass import GenerativeModel, greedy_map
 from pyro_backpass.cli import main
 from pyro_backpass.learning import PRESETS, mask_iou, train_model
 
@@ -85,6 +86,44 @@ def test_resume_with_another_configuration_is_refused(trained, capsys):
         with pytest.raises(SystemExit) as exc:
             main(["train", "--preset", "smoke", "--out", str(trained), "--no-progress", *argv])
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_run_written_before_the_top_level_options_still_resumes(trained, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    config = json.loads((trained / "config.json").read_text())
+    assert (config["top_level"], config["top_offset_radius"]) == ("pool4", 2)
+    del config["top_level"], config["top_offset_radius"]
+    (old / "config.json").write_text(json.dumps(config))
+    (old / "model.safetensors").write_bytes((trained / "model.safetensors").read_bytes())
+    gm = train_model(PRESETS["smoke"], out_dir=old, resume=True, progress=False)
+    assert gm.hidden_levels[-1] == "pool4"
+    with pytest.raises(ValueError, match="differs in \\['top_level'\\]"):
+        train_model(replace(PRESETS["smoke"], top_level="pool3"), out_dir=old, resume=True)
+
+
+def test_an_unknown_top_level_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "bad"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--preset", "smoke", "--out", str(out), "--top-level", "fc7"])
+    assert exc.value.code == 2
+    assert "choose one of ['conv1_1', 'pool1'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow  # a second smoke training (~15 s)
+def test_a_model_cut_at_pool3_trains_saves_and_runs_the_backward_pass(tmp_path):
+    from pyro_backpass import Scenes
+
+    out = tmp_path / "pool3"
+    main(["train", "--preset", "smoke", "--out", str(out), "--no-progress", "--threads", "1",
+          "--top-level", "pool3", "--top-offset-radius", "4"])  # fmt: skip
+    gm = GenerativeModel.load(out / "model.safetensors")
+    assert gm.hidden_levels[-1] == "pool3" and len(gm.offsets["pool3"]) == 81
+    assert json.loads((out / "config.json").read_text())["top_level"] == "pool3"
+    scene = Scenes(1, seed=0)[0]
+    result = greedy_map(gm, gm.backbone(scene.image[None]), category="airplane")  # every level
+    assert result.mask.shape == (1, 64, 64) and "pool4" not in result.td
 
 
 def test_a_model_of_another_backbone_version_is_refused(trained, tmp_path):

@@ -5,7 +5,15 @@ import torch
 from pyro import poutine
 from safetensors.torch import save_file
 
-from pyro_backpass import GenerativeModel, greedy_map, sample
+from pyro_backpass import (
+    Backbone,
+    GenerativeModel,
+    SmallVGG,
+    exact_map,
+    greedy_map,
+    log_joint,
+    sample,
+)
 
 
 def small(**kw):
@@ -127,3 +135,51 @@ def test_per_channel_background_survives_save_and_load(tmp_path):
     )
     assert back.observations["conv1_1"].scale_off.shape == (3, 1, 1)
     assert back.observations["pool1"].background.dim() == 0  # the other levels stay pooled
+
+
+def _two_pool_backbone():
+    net = SmallVGG([2, "M", 2, "M"], num_classes=2)
+    return Backbone.from_small_vgg(net, categories=["c0", "c1"], image_size=8,
+                                   mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])  # fmt: skip
+
+
+def test_a_model_cut_at_a_top_level_has_the_backbones_shapes_up_to_it(tmp_path):
+    bb = _two_pool_backbone()
+    gm = GenerativeModel.for_backbone(bb, num_components=2, top_level="pool1")
+    assert [s.name for s in gm.levels] == ["image", "conv1_1", "pool1", "category"]
+    acts = bb(torch.rand(3, 3, 8, 8))  # every level of the backbone, pool2 included
+    for spec in gm.levels[:-1]:
+        assert spec.shape == tuple(acts[spec.name].shape[1:]), spec.name
+    assert gm.steps["pool1"].kind == "template"
+    assert tuple(gm.steps["pool1"].weight.shape[-3:]) == tuple(acts["pool1"].shape[1:])
+    # Saved and loaded, the cut model keeps its levels and parameters.
+    gm2 = GenerativeModel.load(gm.save(tmp_path / "cut.safetensors"))
+    assert gm2.levels == gm.levels and gm2.offsets == gm.offsets
+    for k, v in gm.state_dict().items():
+        assert torch.equal(v, gm2.state_dict()[k]), k
+    gm2.attach_backbone(bb, name="custom")  # the backbone still matches the cut model
+    with pytest.raises(ValueError, match=r"'pool3' is not a level.*\['conv1_1', 'pool1'"):
+        GenerativeModel.for_backbone(bb, num_components=2, top_level="pool3")
+
+
+def test_a_cut_model_is_the_model_of_the_shorter_network_and_ignores_the_levels_above():
+    """Cut at pool1, the model of a two-pool backbone takes the parameters of a random model of
+    the one-pool network (same state-dict shapes), and with the backbone's pool2 and conv2_1 in
+    ``bu`` it finds what that model finds on its own levels — the joint MAP, by enumeration."""
+    bb = _two_pool_backbone()
+    cut = GenerativeModel.for_backbone(bb, num_components=2, top_level="pool1")
+    ref = GenerativeModel.random([2, "M"], num_components=2, num_categories=2, image_size=8,
+                                 seed=3)  # fmt: skip
+    cut.load_state_dict(ref.state_dict())
+    s = sample(ref, 2, observe=True, seed=1)
+    extra = {k: v for k, v in bb(torch.rand(2, 3, 8, 8)).items() if k in ("conv2_1", "pool2")}
+    full_bu = {**s.bu, **extra}
+    greedy = greedy_map(cut, full_bu)
+    exact = exact_map(ref, s.bu)  # Pyro's infer_discrete over all 400 joint states
+    for site in ref.sites:
+        assert torch.equal(greedy.assignment[site], exact.assignment[site]), site
+    torch.testing.assert_close(greedy.log_joint, exact.log_joint, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(log_joint(cut, full_bu, greedy.assignment), greedy.log_joint,
+                               rtol=1e-5, atol=1e-3)  # fmt: skip
+    with pytest.raises(ValueError, match="unknown level name"):
+        greedy_map(cut, {**full_bu, "pool_2": extra["pool2"]})  # a typo is still an error
