@@ -16,7 +16,10 @@ in the scene, so every choice is the oracle's and only the per-element closed fo
    first.
 2. ``clamp_ladder``: mean visible-mask IoU in the scene with every level from the top down to L
    clamped to the alone assignment (the rest greedy), and the pass on the object alone (amodal
-   mask): what the choices cost versus what the closed form costs.
+   mask): what the choices cost versus what the closed form costs. ``clean_state_at_L``: the
+   same, but with F̂ at L set to the object's own activations (its masked activations as
+   ``bu[L]`` and σ0 × 1000 at L, :func:`clean_state_model`): how far the levels below get from
+   a state that has not lost the object's shape (``decoder_capacity.py``'s clean input).
 3. ``readout``: the mask readout (``conv1_1`` elements ≥ the mask threshold, any channel) on
    objects alone: applied to the object's own bottom-up activations (a perfect reconstruction)
    and to F̂ of its backward pass, with the shipped global threshold and with per-channel
@@ -31,6 +34,7 @@ Usage: ``python benchmarks/veto_diagnosis.py [--scenes 10] [--train-scenes 40] [
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -64,12 +68,23 @@ def _label(gm: GenerativeModel, category: str) -> torch.Tensor:
     return torch.tensor([gm.categories.index(category)])
 
 
+def clean_state_model(gm: GenerativeModel, level: str) -> GenerativeModel:
+    """A copy of ``gm`` whose σ0 at ``level`` is × 1000: with the object's own activations
+    as ``bu[level]``, the closed form then sets F̂ there to them (the on-branch's mid-point is
+    the bottom-up value; elements below λ stay off), so the levels below start from the
+    object's own state instead of the blunt F̂ a pass has."""
+    out = copy.deepcopy(gm)
+    out.steps[level].scale_td.mul_(1000.0)
+    return out
+
+
 @torch.no_grad()
 def element_rows(gm: GenerativeModel, scenes: list) -> tuple[dict, dict]:
     """Per level AUCs of φ / φ alone / F̂ / bu, and the clamp ladder's IoUs."""
     hidden = gm.hidden_levels
     pooled = {n: {k: [] for k in ("phi", "phi_alone", "fhat", "bu", "on")} for n in hidden}
     ladder: dict[str, list[float]] = {}
+    clean = {name: clean_state_model(gm, name) for name in hidden[1:]}
     for scene in tqdm(scenes, desc="elements", leave=False):
         bu = hidden_bu(gm, scene.image)
         for inst in scene.instances:
@@ -81,15 +96,21 @@ def element_rows(gm: GenerativeModel, scenes: list) -> tuple[dict, dict]:
                 float(mask_iou(alone.mask, inst.amodal_mask[None])[0])
             )
             a = alone.assignment
+            target = masked_activations(gm.backbone, inst.image_alone[None], inst.mask[None])
             for cut in range(len(hidden) - 1, -1, -1):
                 sites = [f"{s}_{n}" for n in hidden[cut:] for s in ("gamma", "delta")]
                 clamp = {site: a[site] for site in sites}
+                if hidden[cut] in clean:  # the same choices, the object's own state at the cut
+                    r = greedy_map(clean[hidden[cut]], bu | {hidden[cut]: target[hidden[cut]]},
+                                   category=label, clamp=clamp)  # fmt: skip
+                    ladder.setdefault(f"clean_state_at_{hidden[cut]}", []).append(
+                        float(mask_iou(r.mask, inst.mask[None])[0])
+                    )
                 r = greedy_map(gm, bu, category=label, clamp=clamp)
                 ladder.setdefault(f"clamped_from_top_to_{hidden[cut]}", []).append(
                     float(mask_iou(r.mask, inst.mask[None])[0])
                 )
             # r: every level clamped (the last cut) — the oracle's choices in the scene.
-            target = masked_activations(gm.backbone, inst.image_alone[None], inst.mask[None])
             for i, name in enumerate(hidden):
                 parent = hidden[i + 1] if i + 1 < len(hidden) else None
                 gamma, delta = a[f"gamma_{name}"], a[f"delta_{name}"]
