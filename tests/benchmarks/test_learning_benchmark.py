@@ -120,6 +120,9 @@ def test_veto_diagnosis_smoke(tmp_path):
         assert 0.0 <= row["clutter_on_phi_zero"] + row["clutter_on_phi_positive"] <= 1.0
         assert 0.0 <= row["phi_zero_share"] <= 1.0
     assert result["clamp_ladder"]["objects"] > 0
+    clean = [k for k in result["clamp_ladder"] if k.startswith("clean_state_at_")]
+    assert len(clean) == len(result["element_auc"]) - 1  # every level but the image
+    assert all(0.0 <= result["clamp_ladder"][k] <= 1.0 for k in clean)
     for key in ("bu_global_threshold", "bu_channel_thresholds", "fhat_global_threshold"):
         assert 0.0 <= result["readout"][key] <= 1.0
     assert len(result["readout"]["channel_thresholds_bu"]) > 0  # one per channel of the level
