@@ -8,27 +8,43 @@ import pytest
 BENCH = Path(__file__).parents[2] / "benchmarks" / "learning.py"
 
 
+def _run(script: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args],
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def _smoke(script: Path, *args: str) -> None:
+    """Run a benchmark script; it must exit 0 (its stderr's tail otherwise)."""
+    run = _run(script, *args)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def _module(name: str):
+    """A benchmark script imported as a module (its functions, without running main)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_learning_benchmark_smoke(tmp_path):
     out = tmp_path / "learning.json"
-    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    _smoke(BENCH, "--smoke", "--out", str(out))
     result = json.loads(out.read_text())["results"]
     for key in ("mask_iou_default_scale", "mask_iou_scene_scale", "category_accuracy"):
         assert 0.0 <= result[key] <= 1.0
     assert (tmp_path / "learning_samples.png").stat().st_size > 0
     assert (tmp_path / "learning_reconstructions.png").stat().st_size > 0
-    table = subprocess.run([sys.executable, str(BENCH), "--table", "--out", str(out)],
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    table = _run(BENCH, "--table", "--out", str(out), timeout=60)
     assert "mask IoU" in table.stdout
 
 
 def test_diagnose_benchmark_smoke(tmp_path):
     out = tmp_path / "diagnose.json"
     script = BENCH.parent / "diagnose.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    _smoke(script, "--smoke", "--out", str(out))
     ladder = json.loads(out.read_text())["mask_iou"]
     assert ladder["objects"] > 0
     for key in ("free", "top_clamped", "alone_on_scene_background", "alone_plain"):
@@ -37,22 +53,17 @@ def test_diagnose_benchmark_smoke(tmp_path):
 
 def test_learning_levers_smoke(tmp_path):
     script = BENCH.parent / "learning_levers.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    _smoke(script, "--smoke", "--out", str(tmp_path))
     result = json.loads((tmp_path / "iterations_6.json").read_text())
     assert 0.0 <= result["validation_mask_iou"] <= 1.0
-    table = subprocess.run([sys.executable, str(script), "--table", "--out", str(tmp_path)],
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    table = _run(script, "--table", "--out", str(tmp_path), timeout=60)
     assert "iterations_6" in table.stdout
 
 
 def test_greedy_vs_exact_learned_smoke(tmp_path):
     out = tmp_path / "gvel.json"
     script = BENCH.parent / "greedy_vs_exact_learned.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    _smoke(script, "--smoke", "--out", str(out))
     rows = json.loads(out.read_text())["results"]
     for r in rows.values():
         assert 0.0 <= r["agreement"] <= 1.0
@@ -66,10 +77,9 @@ def test_clutter_levers_smoke(tmp_path):
     script = BENCH.parent / "clutter_levers.py"
     levers = ["base", "footprint", "topk2", "bgfit,s0x0.5@upper,lamx1.5@all,s2x2@all", "rank1",
               "onoff1"]  # fmt: skip
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--bound", "--out", str(out),
-                          "--category-unknown", "--levers", *levers],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    _smoke(
+        script, "--smoke", "--bound", "--out", str(out), "--category-unknown", "--levers", *levers
+    )
     rows = json.loads(out.read_text())["levers"]
     assert set(rows) == set(levers)
     for r in rows.values():
@@ -86,9 +96,7 @@ def test_clutter_levers_smoke(tmp_path):
 def test_clamped_samples_smoke(tmp_path):
     out = tmp_path / "clamped.png"
     script = BENCH.parent / "clamped_samples.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--n", "3", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    _smoke(script, "--smoke", "--n", "3", "--out", str(out))
     assert out.stat().st_size > 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     for row in rows.values():
@@ -99,19 +107,16 @@ def test_clamped_samples_smoke(tmp_path):
 def test_clutter_figure_smoke(tmp_path):
     out = tmp_path / "figure.png"
     script = BENCH.parent / "clutter_figure.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--scenes", "1", "--out",
-                          str(out), "--levers", "base", "s0x0.5@upper"],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    _smoke(
+        script, "--smoke", "--scenes", "1", "--out", str(out), "--levers", "base", "s0x0.5@upper"
+    )
     assert out.stat().st_size > 0
 
 
 def test_veto_diagnosis_smoke(tmp_path):
     out = tmp_path / "veto.json"
     script = BENCH.parent / "veto_diagnosis.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    _smoke(script, "--smoke", "--out", str(out))
     result = json.loads(out.read_text())
     for row in result["element_auc"].values():
         assert 0.0 <= row["on_share"] <= 1.0
@@ -130,13 +135,9 @@ def test_veto_diagnosis_smoke(tmp_path):
 
 def test_roc_auc_matches_brute_force():
     """The benchmark's AUC (scipy's U) equals the pairwise count, ties half."""
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("veto", BENCH.parent / "veto_diagnosis.py")
-    veto = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(veto)
+    veto = _module("veto_diagnosis")
     g = torch.Generator().manual_seed(0)
     score = torch.randint(0, 5, (40,), generator=g).float()  # many ties
     pos = torch.rand(40, generator=g) < 0.3
@@ -149,21 +150,10 @@ def test_roc_auc_matches_brute_force():
 def test_top_level_time_smoke(tmp_path):
     out = tmp_path / "time.json"
     script = BENCH.parent / "top_level_time.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    _smoke(script, "--smoke", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["models"]["GenerativeModel.default()"]["top_hypotheses"] == 500
     assert len(result["seconds_per_image"]) == 2 and min(result["seconds_per_image"].values()) > 0
-
-
-def _decoder_capacity():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("dcap", BENCH.parent / "decoder_capacity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_decoder_capacity_decoders_have_the_model_steps_shapes_and_best_component_is_brute():
@@ -173,7 +163,7 @@ def test_decoder_capacity_decoders_have_the_model_steps_shapes_and_best_componen
 
     from pyro_backpass import GenerativeModel
 
-    dcap = _decoder_capacity()
+    dcap = _module("decoder_capacity")
     gm = GenerativeModel.default()
     for name in ("conv4_1", "pool3", "conv1_1"):
         step = gm.steps[name]
@@ -196,7 +186,7 @@ def test_decoder_capacity_decoders_have_the_model_steps_shapes_and_best_componen
 def test_decoder_capacity_runs_on_the_shipped_model(tmp_path):
     from importlib import resources
 
-    dcap = _decoder_capacity()
+    dcap = _module("decoder_capacity")
     out = tmp_path / "dcap.json"
     ref = resources.files("pyro_backpass").joinpath("weights", "generative_model.safetensors")
     with resources.as_file(ref) as path:
