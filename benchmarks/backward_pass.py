@@ -48,6 +48,7 @@ from common import RESULTS, interleaved_median_times, machine  # noqa: E402
 from pyro_backpass import Backbone, GenerativeModel, greedy_map, make_scene  # noqa: E402
 from pyro_backpass.cli import resolve_device  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
+from pyro_backpass.huge_pages import huge_pages_requested, kernel_huge_pages  # noqa: E402
 
 PRESETS = {
     # K on every level, batch, top-level Ks, batches, repeats, top_k of the top_k row, and
@@ -193,6 +194,41 @@ def compiled_child(model: str, data: str, device: torch.device, repeats: int) ->
     print(json.dumps(row))
 
 
+def no_huge_pages_row(gm, images, device: torch.device, *, repeats: int) -> dict:
+    """``base`` in a fresh process with ``THP_MEM_ALLOC_ENABLE=0`` (PyTorch's default, 4 kB pages
+    for large tensors; ``pyro_backpass.huge_pages``), and the page faults of one call in each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, data = Path(tmp) / "gm.safetensors", Path(tmp) / "images.pt"
+        gm.save(model)
+        torch.save(images.cpu(), data)
+        rows = {}
+        for name, value in (("no_huge_pages", "0"), ("huge_pages", "1")):
+            cmd = [sys.executable, __file__, "--plain-child", str(model), str(data),
+                   "--device", device.type, "--repeats", str(repeats)]  # fmt: skip
+            env = dict(os.environ, THP_MEM_ALLOC_ENABLE=value)
+            run_ = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+            rows[name] = json.loads(run_.stdout.strip().splitlines()[-1])
+    return rows
+
+
+def plain_child(model: str, data: str, device: torch.device, repeats: int) -> None:
+    """The fresh process of :func:`no_huge_pages_row`: one JSON row, with the minor page faults
+    of one ``greedy_map`` call after the warm-up (the kernel's counter)."""
+    import resource
+
+    torch.set_num_threads(1)
+    bb = Backbone.default().eval().to(device)
+    gm = GenerativeModel.load(model).to(device)
+    images = torch.load(data).to(device)
+    row = measure(bb, gm, images, repeats=repeats, device=device, threads=1)
+    bu = activations(bb, images)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    greedy_map(gm, bu)
+    row["page_faults_per_call"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    row["huge_pages_requested"] = huge_pages_requested()
+    print(json.dumps(row))
+
+
 def _status_mb(field: str) -> float:
     """A memory field of /proc/self/status in MB (0 where there is none)."""
     try:
@@ -219,6 +255,15 @@ def run(preset: dict, device: torch.device) -> dict:
         print(f"compiled         ratio {rows['compiled']['ratio']:7.1f}x, cold compile "
               f"{compiled['cold']['compile_s']:.0f} s, cached "
               f"{compiled['cached']['compile_s']:.0f} s", flush=True)  # fmt: skip
+    if device.type == "cpu":
+        pages = no_huge_pages_row(gm, x, device, repeats=repeats)
+        rows["fresh_process"], rows["no_huge_pages"] = pages["huge_pages"], pages["no_huge_pages"]
+        print(
+            f"no huge pages    ratio {rows['no_huge_pages']['ratio']:7.1f}x "
+            f"({rows['no_huge_pages']['page_faults_per_call']} page faults per call, "
+            f"{rows['fresh_process']['page_faults_per_call']} with them)",
+            flush=True,
+        )
     rows["threads2"] = measure(bb, gm, x, repeats=repeats, device=device, threads=2)
     rows["category_given"] = measure(bb, gm, x, repeats=repeats, device=device, threads=1,
                                      category=0)  # fmt: skip
@@ -254,6 +299,7 @@ def run(preset: dict, device: torch.device) -> dict:
     return {
         "machine": machine(),
         "device": str(device),
+        "huge_pages": {"requested": huge_pages_requested(), "kernel": kernel_huge_pages()},
         "model": f"Backbone.default() levels, random kernels, K={k} per level, "
         f"{len(gm.categories)} categories, bu = backbone activations of rendered scenes",
         "settings": rows,
@@ -272,6 +318,8 @@ def markdown_table(result: dict) -> str:
     lines = ["| setting | greedy (s) | forward (s) | greedy / forward |", "|---|---|---|---|"]
     labels = {"base": "category unknown (target ≤ 10×)", "threads2": "2 threads",
               "compiled": "category unknown, `PYRO_BACKPASS_COMPILE=1`",
+              "fresh_process": "category unknown, a fresh process (huge pages on, the default)",
+              "no_huge_pages": "category unknown, a fresh process, `THP_MEM_ALLOC_ENABLE=0`",
               "category_given": "category given", "top_k15": "top_k = 15",
               "shipped_model": "shipped model `GenerativeModel.default()`, K 20 / 5"}  # fmt: skip
     for name, r in result["settings"].items():
@@ -304,6 +352,7 @@ def main(argv=None) -> None:
     p.add_argument("--table", action="store_true", help="print --out's results as markdown")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "BU"), help=argparse.SUPPRESS)
     p.add_argument("--compiled-child", nargs=2, metavar=("MODEL", "IMAGES"), help=argparse.SUPPRESS)
+    p.add_argument("--plain-child", nargs=2, metavar=("MODEL", "IMAGES"), help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = resolve_device(args.device)
@@ -312,6 +361,9 @@ def main(argv=None) -> None:
         return
     if args.compiled_child:
         compiled_child(*args.compiled_child, device, args.repeats)
+        return
+    if args.plain_child:
+        plain_child(*args.plain_child, device, args.repeats)
         return
     suffix = "" if device.type == "cpu" else f"_{device.type}"
     out = args.out or RESULTS / f"backward_pass{suffix}.json"
