@@ -80,11 +80,14 @@ def top_level_scores(
     batch: int,
     chunk_elements: int,
     constants: ClosedFormConstants,
+    categories: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scores of all (category, γ, δ) of the top level: ``(B, N, K, D)``.
 
-    Also returns the templates shifted by every offset ``(N*K, D, C, H, W)`` when they were
-    at hand (small enough to keep), else None.
+    ``categories``: sorted distinct category indices ``(N',)`` that may be chosen (a clamp); the
+    templates of the others are not scored, and their hypotheses score −inf (as a clamp would
+    set them). Also returns the templates shifted by every offset ``(N*K, D, C, H, W)`` when they
+    were at hand (small enough to keep), else None.
     """
     top = gm.hidden_levels[-1]
     step = gm.steps[top]
@@ -98,10 +101,18 @@ def top_level_scores(
     templates = (step.weight if planes is not None else F.relu(step.weight)).reshape(
         1, ncat * k, *step.out.shape
     )  # (1, N*K, C, H, W)
+    rows = None  # template rows (category-major) to score; None: all of them
+    if categories is not None and categories.numel() < ncat:
+        rows = (categories[:, None] * k + torch.arange(k, device=categories.device)).reshape(-1)
+        templates = templates.index_select(1, rows)  # (1, N'*K, C, H, W)
+        planes = None if planes is None else planes.index_select(1, rows)  # (3, N'*K, D, J)
     scores = hypothesis_scores(
         constants, bu.get(top), templates, step.offsets, observed=masks.get(top),
         chunk_elements=chunk_elements, planes=planes,
-    )  # fmt: skip
+    )  # (B|1, N'*K, D)  # fmt: skip
+    if rows is not None:
+        full = scores.new_full((scores.shape[0], ncat * k, d), -torch.inf)
+        scores = full.index_copy_(1, rows, scores)
     scores = scores.expand(batch, -1, -1).reshape(batch, ncat, k, d)
     grid, sizes = ["category", f"gamma_{top}", f"delta_{top}"], gm.site_sizes
     for site in grid:
@@ -359,9 +370,12 @@ def _greedy(
     grid = ["category", f"gamma_{top}", f"delta_{top}"]
     # Each level's closed-form constants, made once for the whole pass.
     consts = {name: gm.constants(name) for name in gm.hidden_levels}
+    # A clamped category: only its templates are scored (the others' hypotheses are −inf).
+    categories = torch.unique(clamps["category"]) if "category" in clamps else None
     scores, top_shifted = top_level_scores(
-        gm, bu, masks, priors, batch=b, chunk_elements=chunk_elements, constants=consts[top]
-    )
+        gm, bu, masks, priors, batch=b, chunk_elements=chunk_elements, constants=consts[top],
+        categories=categories,
+    )  # fmt: skip
     flat = apply_clamps(scores, grid, clamps).reshape(b, -1)  # (B, N*K*D)
     if top_k > flat.shape[1]:
         raise ValueError(f"top_k={top_k} exceeds the {flat.shape[1]} top-level hypotheses")

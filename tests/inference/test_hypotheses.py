@@ -106,19 +106,23 @@ def test_repeated_calls_do_not_share_results():
     torch.testing.assert_close(first, kept, rtol=0, atol=0)
 
 
-def test_greedy_top_level_scores_are_prior_plus_plain_data_score():
-    """greedy_map's top-level scores over every (category, γ, δ), against a loop."""
+@pytest.mark.parametrize("categories", [None, [0, 2], [1]], ids=["all", "two-of-three", "one"])
+def test_greedy_top_level_scores_are_prior_plus_plain_data_score(categories):
+    """greedy_map's top-level scores over every (category, γ, δ), against a loop; with
+    ``categories`` (a clamp), the others are not scored and are −inf."""
     from pyro_backpass import GenerativeModel, sample
     from pyro_backpass.inference.greedy import top_level_scores
 
-    gm = GenerativeModel.random([3, "M"], num_components=2, num_categories=2, image_size=8)
+    gm = GenerativeModel.random([3, "M"], num_components=2, num_categories=3, image_size=8)
     s = sample(gm, 2, observe=True, seed=1)
     top = gm.hidden_levels[-1]
     step, obs = gm.steps[top], gm.observations[top]
     priors = gm.resolve_priors(None)
+    chosen = None if categories is None else torch.tensor(categories)
     got, _ = top_level_scores(
-        gm, dict(s.bu), {}, priors, batch=2, chunk_elements=2**22, constants=gm.constants(top)
-    )  # (B, N, K, D)
+        gm, dict(s.bu), {}, priors, batch=2, chunk_elements=2**22, constants=gm.constants(top),
+        categories=chosen,
+    )  # (B, N, K, D)  # fmt: skip
     templates = step.weight.relu().reshape(1, -1, *step.out.shape)
     kw = dict(threshold=obs.threshold, background=obs.background, scale_td=step.scale_td,
               scale_on=obs.scale_on, scale_off=obs.scale_off)  # fmt: skip
@@ -128,6 +132,10 @@ def test_greedy_top_level_scores_are_prior_plus_plain_data_score():
     lp_d = priors[f"delta_{top}"].log_probs()
     for c, g, d in torch.cartesian_prod(*(torch.arange(n) for n in got.shape[1:])).tolist():
         want[:, c, g, d] += float(lp_c[c] + lp_g[c, g] + lp_d[d])
+    if categories is not None:
+        others = [c for c in range(3) if c not in categories]
+        want[:, others] = -torch.inf
+        assert torch.isneginf(got[:, others]).all()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
 
 
