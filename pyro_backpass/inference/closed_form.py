@@ -11,6 +11,7 @@ from pyro_backpass.inference.fused_scores import compile_enabled, compiled_close
 from pyro_backpass.model.observation import ClosedFormConstants, Scalar, closed_form_constants
 
 __all__ = [
+    "as_mask",
     "closed_form_td",
     "closed_form_with",
     "select",
@@ -113,7 +114,8 @@ def _closed_form_core(c, bu, phi, *, observed):
     """The body of :func:`closed_form_with`, on one block."""
     masked = observed is not None and observed is not True
     if masked:
-        observed = torch.as_tensor(observed, dtype=torch.bool, device=phi.device)
+        # One 0/1 float mask for the three selections below (see select).
+        observed = as_mask(observed, like=phi)
         # Unobserved elements are scored as φ alone below; give them a harmless f_bu first, so
         # no huge value there can overflow into a NaN.
         bu = select(observed, bu, c.background)
@@ -131,8 +133,11 @@ def _closed_form_core(c, bu, phi, *, observed):
     score_off = c.const_off - (
         c.half_prec_off * (bu - c.background).square() + c.half_prec_td * (f_off - phi).square()
     )
-    take_on = score_on >= score_off
-    f_td = f_on * take_on + f_off * ~take_on  # exact selection of finite values (see select)
+    # The on-branch wins where score_on ≥ score_off: for finite floats a − b ≥ 0 exactly when
+    # a ≥ b, so sign(score_on − score_off) + 1, clipped to 1, is that test as a 0/1 float mask,
+    # made by float kernels alone (see select for why not a bool).
+    take_on = (score_on - score_off).sign_().add_(1).clamp_max_(1)
+    f_td = select(take_on, f_on, f_off)  # exact selection of finite values
     log_score = torch.maximum(score_on, score_off)  # the same as selecting by take_on
     if masked:
         f_td = select(observed, f_td, phi)
@@ -146,11 +151,21 @@ def _full_like(x: torch.Tensor, value: Scalar) -> torch.Tensor:
     return x.new_zeros(()).add(value).expand_as(x).contiguous()
 
 
+def as_mask(cond: torch.Tensor | bool, *, like: torch.Tensor) -> torch.Tensor:
+    """``cond`` as a 0/1 mask of ``like``'s dtype and device, for :func:`select` (convert a
+    bool mask once, not at every selection)."""
+    cond = torch.as_tensor(cond, device=like.device)
+    return cond if cond.dtype == like.dtype else cond.to(like.dtype)
+
+
 def select(cond: torch.Tensor, a: torch.Tensor, b) -> torch.Tensor:
     """``torch.where(cond, a, b)`` for finite values, bit for bit (a·1 + b·0 = a exactly).
 
-    Arithmetic, because the CPU kernel of ``torch.where`` is not vectorised (measured ~20×
-    slower than ``torch.maximum`` on the same tensors) and this is the hot path.
+    ``cond``: a bool mask or, cheaper, a 0/1 mask of ``a``'s dtype (:func:`as_mask`).
+    Arithmetic on floats, because on CPU every kernel that touches a bool tensor is slow: on
+    262,144 float32 elements, one thread, ``torch.where`` took ~25×, a bool → float conversion
+    ~8× and float × bool ~20× the time of a float multiply (``benchmarks/bool_kernels.py``),
+    and this is the hot path.
     """
-    on = cond.to(a.dtype)
+    on = cond if cond.dtype == a.dtype else cond.to(a.dtype)
     return a * on + b * (1 - on)

@@ -48,7 +48,7 @@ import math
 import torch
 
 from pyro_backpass.inference.cache_blocks import block_elements
-from pyro_backpass.inference.closed_form import select
+from pyro_backpass.inference.closed_form import as_mask, select
 from pyro_backpass.inference.fused_scores import (
     compile_enabled,
     compiled_scores,
@@ -101,9 +101,8 @@ def hypothesis_scores(
     )
     weight = None
     if observed is not None:
-        obs = torch.broadcast_to(observed, bu.shape)
-        bu = select(obs, bu, c.background)  # harmless values where nothing is observed
-        weight = obs.to(bu.dtype)
+        weight = as_mask(torch.broadcast_to(observed, bu.shape), like=bu)  # (B, C, H, W) 0/1
+        bu = select(weight, bu, c.background)  # harmless values where nothing is observed
     k_on = c.const_on.expand(ch, h, w)
     if not grad and planes is None and phi.shape[0] > 1 and compile_enabled():
         # Opt-in fused kernel (fused_scores.py): every hypothesis in one compiled loop.

@@ -35,6 +35,17 @@ def test_backward_pass_smoke(tmp_path, monkeypatch):
     for row in result["batches"].values():
         assert row["call_peak_rss_mb"] >= row["rss_before_call_mb"] > 0
     assert "CPUs" in result["machine"]
+    assert {"no_huge_pages", "fresh_process"} <= set(result["settings"])
+    assert result["settings"]["no_huge_pages"]["huge_pages_requested"] is False
+    assert result["settings"]["fresh_process"]["page_faults_per_call"] >= 0
+
+
+def test_bool_kernels_smoke(tmp_path, monkeypatch):
+    out = tmp_path / "bk.json"
+    run_script("bool_kernels.py", "--smoke", "--out", str(out), monkeypatch=monkeypatch)
+    result = json.loads(out.read_text())
+    assert result["float_selection_equals_bool_selection"] is True
+    assert result["ratio_to_float_multiply"]["float multiply a * b"] == 1.0
 
 
 def test_reliability_smoke(tmp_path, monkeypatch):
