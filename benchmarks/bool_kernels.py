@@ -6,7 +6,8 @@ multiply, a float comparison giving a bool, a bool → float conversion, ``torch
 float × bool, and the two ways of selecting the closed form's branch — the bool one the code
 used (``f_on * take + f_off * ~take`` with ``take = score_on >= score_off``) and the float one
 it uses now (``take = clamp(sign(score_on − score_off) + 1, max=1)``, then ``f_on * take +
-f_off * (1 − take)``), checked to give the same values bit for bit. Each time is the median of
+f_off * (1 − take)``), checked to give the same values bit for bit. Every kernel writes into
+preallocated outputs, so the rows time kernels, not the allocator. Each time is the median of
 ``--repeats`` rounds of 50 calls; the ratios to the float multiply are what to read.
 
 Writes ``benchmarks/results/bool_kernels.json``; ``--smoke`` runs a tiny preset.
@@ -49,24 +50,32 @@ def run(*, elements: int, calls: int, repeats: int) -> dict:
     a, b = torch.randn(elements, generator=gen), torch.randn(elements, generator=gen)
     cond = a >= b
     mask = cond.to(a.dtype)
+    # Every kernel writes into preallocated outputs: the rows time the kernels, not the
+    # allocator (fresh 1 MB temporaries can cost page faults when glibc trims its heap).
+    out, t1, t2 = (torch.empty_like(a) for _ in range(3))
+    flag = torch.empty_like(cond)
 
     def bool_select():
-        take = a >= b
-        return a * take + b * ~take
+        torch.ge(a, b, out=flag)
+        torch.mul(a, flag, out=t1)
+        torch.mul(b, torch.logical_not(flag, out=flag), out=t2)
+        return torch.add(t1, t2, out=out)
 
     def float_select():
-        take = (a - b).sign_().add_(1).clamp_max_(1)
-        return a * take + b * (1 - take)
+        take = torch.sub(a, b, out=t2).sign_().add_(1).clamp_max_(1)
+        torch.mul(a, take, out=t1)
+        torch.mul(b, take.neg_().add_(1), out=t2)
+        return torch.add(t1, t2, out=out)
 
-    same = torch.equal(bool_select(), float_select())
+    same = torch.equal(bool_select().clone(), float_select().clone())
     kernels = {
-        "float multiply a * b": lambda: a * b,
-        "float maximum": lambda: torch.maximum(a, b),
-        "comparison a >= b (bool out)": lambda: a >= b,
-        "bool -> float conversion": lambda: cond.to(a.dtype),
-        "torch.where(bool, a, b)": lambda: torch.where(cond, a, b),
-        "float * bool": lambda: a * cond,
-        "float * 0/1 float mask": lambda: a * mask,
+        "float multiply a * b": lambda: torch.mul(a, b, out=out),
+        "float maximum": lambda: torch.maximum(a, b, out=out),
+        "comparison a >= b (bool out)": lambda: torch.ge(a, b, out=flag),
+        "bool -> float conversion": lambda: out.copy_(cond),
+        "torch.where(bool, a, b)": lambda: torch.where(cond, a, b, out=out),
+        "float * bool": lambda: torch.mul(a, cond, out=out),
+        "float * 0/1 float mask": lambda: torch.mul(a, mask, out=out),
         "branch selection, bool (before)": bool_select,
         "branch selection, float mask (now)": float_select,
     }
