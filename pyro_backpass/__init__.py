@@ -56,11 +56,24 @@ from pyro_backpass.inference import (
     log_joint,
     sample,
 )
-from pyro_backpass.learning import EMConfig, World, fit_hard_em, fit_observation_model
-from pyro_backpass.levels import LevelSpec, level_names, levels_from_cfg, levels_up_to
+from pyro_backpass.learning import (
+    EMConfig,
+    World,
+    fit_hard_em,
+    fit_mask_readout,
+    fit_observation_model,
+)
+from pyro_backpass.levels import (
+    LevelSpec,
+    full_resolution_level,
+    level_names,
+    levels_from_cfg,
+    levels_up_to,
+)
 from pyro_backpass.model import (
     CategoricalPrior,
     GenerativeModel,
+    MaskReadout,
     NGramPrior,
     SitePrior,
     ThresholdedGaussian,
@@ -110,6 +123,7 @@ __all__ = [
     "DistractorSweep",
     "EMConfig",
     "GenerativeModel",
+    "MaskReadout",
     "ImageFiles",
     "InstanceEvaluation",
     "LevelSpec",
@@ -140,12 +154,14 @@ __all__ = [
     "distractor_sweep",
     "exact_map",
     "fit_hard_em",
+    "fit_mask_readout",
     "fit_observation_model",
     "foreground_ari",
     "greedy_map",
     "joint_states",
     "level_names",
     "levels_from_cfg",
+    "full_resolution_level",
     "levels_up_to",
     "location_prior",
     "log_joint",

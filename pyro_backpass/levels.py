@@ -17,7 +17,15 @@ from typing import Literal
 LevelKind = Literal["image", "conv", "pool", "category"]
 Cfg = Sequence[int | str]
 
-__all__ = ["Cfg", "LevelKind", "LevelSpec", "level_names", "levels_from_cfg", "levels_up_to"]
+__all__ = [
+    "Cfg",
+    "LevelKind",
+    "LevelSpec",
+    "full_resolution_level",
+    "level_names",
+    "levels_from_cfg",
+    "levels_up_to",
+]
 
 
 @dataclass(frozen=True)
@@ -118,3 +126,18 @@ def levels_up_to(levels: Sequence[LevelSpec], top_level: str) -> tuple[LevelSpec
         )
     cut = names.index(top_level) + 2  # image, then the levels up to and including top_level
     return levels[:cut] + levels[-1:]
+
+
+def full_resolution_level(levels: Sequence[LevelSpec]) -> str:
+    """The level whose on-elements define an object's mask: the lowest hidden level with the
+    image's resolution (``image`` itself if there is none).
+
+    >>> specs = levels_from_cfg([4, "M", 8, "M"], image_size=16, num_categories=2)
+    >>> full_resolution_level(specs)
+    'conv1_1'
+    """
+    image = levels[0]
+    for spec in levels[1:-1]:
+        if (spec.height, spec.width) == (image.height, image.width):
+            return spec.name
+    return image.name

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pyro_backpass.inference.closed_form import closed_form_with
+from pyro_backpass.levels import full_resolution_level
 from pyro_backpass.model.checks import check_bu, check_clamp, check_observed
 from pyro_backpass.model.observation import ClosedFormConstants
 from pyro_backpass.model.priors import SitePrior
@@ -106,16 +107,17 @@ def prior_grid(
 
 def full_res_level(gm: GenerativeModel) -> str:
     """The level whose on-elements define an object's mask (see :class:`MapResult`)."""
-    image = gm.levels[0]
-    for spec in gm.levels[1:-1]:
-        if (spec.height, spec.width) == (image.height, image.width):
-            return spec.name
-    return image.name
+    return full_resolution_level(gm.levels)
 
 
 def object_mask(gm: GenerativeModel, td: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``(B, H, W)`` bool: elements of F̂_td at :func:`full_res_level` at or above that level's
-    ``mask_threshold`` (λ unless tuned), any channel."""
+    """``(B, H, W)`` bool: the model's learned readout of F̂ if it has one
+    (:class:`~pyro_backpass.model.MaskReadout`), else the elements of F̂_td at
+    :func:`full_res_level` at or above that level's ``mask_threshold`` (λ unless tuned), any
+    channel."""
+    readout = getattr(gm, "mask_readout", None)
+    if readout is not None:
+        return readout(td)
     name = full_res_level(gm)
     return td[name].amax(dim=-3) >= gm.observations[name].mask_threshold  # some channel is on
 

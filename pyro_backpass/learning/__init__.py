@@ -15,6 +15,11 @@ from pyro_backpass.learning.hard_em import (
     fit_hard_em,
     object_targets,
 )
+from pyro_backpass.learning.mask_fit import (
+    DEFAULT_READOUT_LEVELS,
+    fit_mask_readout,
+    object_reconstructions,
+)
 from pyro_backpass.learning.observation_fit import (
     LevelFit,
     ObservationFit,
@@ -28,6 +33,9 @@ from pyro_backpass.learning.targets import masked_activations, max_pool_mask
 from pyro_backpass.learning.train import PRESETS, TrainConfig, render_object_set, train_model
 
 __all__ = [
+    "DEFAULT_READOUT_LEVELS",
+    "fit_mask_readout",
+    "object_reconstructions",
     "EMConfig",
     "EMIteration",
     "EMResult",

@@ -14,6 +14,7 @@ from pyro_backpass.model.checks import (
     merge_category,
 )
 from pyro_backpass.model.generative_model import ENUMERATE, GenerativeModel, default_offsets
+from pyro_backpass.model.mask_readout import MaskReadout
 from pyro_backpass.model.observation import (
     ClosedFormConstants,
     Observation,
@@ -29,6 +30,7 @@ __all__ = [
     "ENUMERATE",
     "GenerativeModel",
     "HALF_LOG_2PI",
+    "MaskReadout",
     "ModelLike",
     "NGramPrior",
     "Observation",

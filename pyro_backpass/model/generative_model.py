@@ -34,8 +34,15 @@ from torch import nn
 
 from pyro_backpass.backbone import Backbone
 from pyro_backpass.files import atomic_write, check_keys
-from pyro_backpass.levels import Cfg, LevelSpec, levels_from_cfg, levels_up_to
+from pyro_backpass.levels import (
+    Cfg,
+    LevelSpec,
+    full_resolution_level,
+    levels_from_cfg,
+    levels_up_to,
+)
 from pyro_backpass.model.checks import category_indices, check_bu, check_observed
+from pyro_backpass.model.mask_readout import MaskReadout
 from pyro_backpass.model.observation import ClosedFormConstants, Observation
 from pyro_backpass.model.priors import CategoricalPrior, NGramPrior, SitePrior, UniformPrior
 from pyro_backpass.model.top_down import TopDownStep, offset_grid, shift_all
@@ -106,8 +113,9 @@ class GenerativeModel(nn.Module):
     # 2: the file names the backbone the model explains and that backbone's fingerprint.
     # 3: the config records the parameters' dtype (version 2 files still load: their dtype is
     #    read from the tensors).
-    FORMAT_VERSION = 3
-    READS_VERSIONS = (2, 3)
+    # 4: the config may hold a learned mask readout (``mask_readout``; None without one).
+    FORMAT_VERSION = 4
+    READS_VERSIONS = (2, 3, 4)
 
     def __init__(
         self,
@@ -158,6 +166,8 @@ class GenerativeModel(nn.Module):
                 scale_off=scale_off,
             )  # fmt: skip
         self.priors = nn.ModuleDict(self.default_priors())
+        # An optional learned readout of the object mask from F̂ (attach_mask_readout).
+        self.register_module("mask_readout", None)
         # The backbone whose activations this models: kept outside the module tree (its
         # parameters are not the model's), named in saved files by name and fingerprint.
         self.__dict__["_backbone"] = None
@@ -226,6 +236,24 @@ class GenerativeModel(nn.Module):
             )
         self.__dict__["_backbone"] = backbone
         self.__dict__["_backbone_record"] = {"name": name, "sha256": backbone_fingerprint(backbone)}
+        return self
+
+    def attach_mask_readout(self, readout: MaskReadout | None) -> GenerativeModel:
+        """Read object masks with ``readout`` (None: back to the ``mask_threshold`` rule of the
+        full-resolution level). Its levels must be hidden levels of this model, with the same
+        shapes, and its size that of the model's full-resolution level."""
+        if readout is not None:
+            specs = {s.name: s for s in self._levels[:-1]}
+            wrong = [s.name for s in readout.levels if specs.get(s.name) != s]
+            if wrong:
+                raise ValueError(f"mask readout: levels {wrong} are not hidden levels of the "
+                                 f"model with these shapes; hidden: {list(specs)}")  # fmt: skip
+            full = specs[full_resolution_level(self._levels)]
+            if readout.size != (full.height, full.width):
+                raise ValueError(f"mask readout: size {readout.size} is not the full-resolution "
+                                 f"level {full.name!r}'s {(full.height, full.width)}")  # fmt: skip
+            readout = readout.to(device=self.device, dtype=self.dtype)
+        self.mask_readout = readout
         return self
 
     # ------------------------------------------------------------------ structure
@@ -560,6 +588,7 @@ class GenerativeModel(nn.Module):
             "priors": priors,
             "backbone": self._backbone_record,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "mask_readout": None if self.mask_readout is None else self.mask_readout.config(),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -632,6 +661,18 @@ class GenerativeModel(nn.Module):
             else:
                 prior = CategoricalPrior(torch.ones(shape))
             gm.priors[site] = prior
+        readout = config.get("mask_readout")
+        if readout is not None:
+            check_keys(readout, ["levels", "kernel_size", "size"],
+                       source=f"{path} config, mask_readout")  # fmt: skip
+            specs = {s.name: s for s in levels}
+            unknown = [n for n in readout["levels"] if n not in specs]
+            if unknown:
+                raise ValueError(f"{path} config: the mask readout reads unknown levels {unknown}")
+            gm.attach_mask_readout(MaskReadout(
+                [specs[n] for n in readout["levels"]], size=tuple(readout["size"]),
+                kernel_size=readout["kernel_size"],
+            ))  # fmt: skip
         for name, obs in gm.observations.items():
             # β and σ2 are one number per level, or one per channel (fit_background).
             if state.get(f"observations.{name}.background", torch.zeros(())).dim() == 3:

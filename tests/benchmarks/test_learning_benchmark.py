@@ -198,3 +198,13 @@ def test_decoder_capacity_runs_on_the_shipped_model(tmp_path):
         for key, value in row.items():
             if key.startswith("auc_"):
                 assert value != value or 0.0 <= value <= 1.0  # NaN only without positives
+
+
+@pytest.mark.slow
+def test_mask_readout_smoke(tmp_path):
+    out = tmp_path / "mask_readout.json"
+    _smoke(BENCH.parent / "mask_readout.py", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["readout"]["levels"] and result["fit"]["threshold"] is not None
+    for scale in ("test_default_scale", "test_scene_scale"):
+        assert 0 <= result[scale]["readout"] <= 1 and 0 <= result[scale]["rule"] <= 1

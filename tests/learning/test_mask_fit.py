@@ -1,0 +1,60 @@
+"""fit_mask_readout recovers a mask rule it was not told (the oracle that made the masks)."""
+
+import pytest
+import torch
+
+from pyro_backpass import GenerativeModel, fit_mask_readout
+from pyro_backpass.learning import mask_fit
+
+
+def _model():
+    return GenerativeModel.random([3, "M", 4, "M"], num_components=2, num_categories=2,
+                                  image_size=8, seed=0)  # fmt: skip
+
+
+def _objects(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, 8, 8, generator=gen)
+    return images, torch.zeros(n, 8, 8, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
+
+
+def test_the_fit_recovers_the_rule_that_made_the_masks(monkeypatch):
+    """F̂ is replaced by random maps; the masks are "pool1's channel 2, repeated up, above 0.6"
+    — the readout must find that rule (it reads conv1_1 and pool1)."""
+    gm = _model()
+    td_by_seed = {}
+
+    def fake(gm_, backbone, images, labels, *, levels, batch_size=64):
+        key = float(images.sum())
+        if key not in td_by_seed:
+            gen = torch.Generator().manual_seed(int(key * 1000) % 2**31)
+            n = images.shape[0]
+            td_by_seed[key] = {
+                "conv1_1": torch.rand(n, 3, 8, 8, generator=gen),
+                "pool1": torch.rand(n, 3, 4, 4, generator=gen),
+            }
+        return {n: td_by_seed[key][n] for n in levels}
+
+    monkeypatch.setattr(mask_fit, "object_reconstructions", fake)
+    train, val = _objects(40, 1), _objects(20, 2)
+    for images, masks, _ in (train, val):
+        pool = fake(gm, None, images, None, levels=["pool1"])["pool1"][:, 2] > 0.6
+        masks.copy_(pool.repeat_interleave(2, 1).repeat_interleave(2, 2))
+    readout, report = fit_mask_readout(gm, None, train, val, levels=["conv1_1", "pool1"],
+                                       kernel_size=1, max_iter=200)  # fmt: skip
+    assert report["validation_iou"] > 0.95 and report["train_iou"] > 0.95
+    assert gm.mask_readout is readout
+    assert set(report) == {"validation_iou", "validation_iou_threshold_rule", "train_iou",
+                           "threshold"}  # fmt: skip
+
+
+def test_bad_inputs_are_refused():
+    gm = _model()
+    train = _objects(4, 1)
+    with pytest.raises(ValueError, match="unknown levels"):
+        fit_mask_readout(gm, None, train, train, levels=["conv9_9"])
+    bad = (train[0], train[1].float(), train[2])
+    with pytest.raises(ValueError, match="bool"):
+        fit_mask_readout(gm, None, bad, train)
+    with pytest.raises(ValueError, match="one label per image"):
+        fit_mask_readout(gm, None, train, (train[0], train[1], train[2][:2]))
