@@ -36,17 +36,20 @@ def object_passes(
     batch_size: int = 64,
 ) -> dict[str, torch.Tensor]:
     """The backward pass on each image's own activations: F̂ of the mask level ``(N, C, H, W)``
-    (key ``td``), the chosen category ``(N,)`` and the log-joint ``(N,)``; ``labels`` given
-    means the category is given."""
+    (key ``td``), the model's mask ``(N, H, W)`` (``mask``: its readout if it has one, else
+    the threshold rule), the chosen category ``(N,)`` and the log-joint ``(N,)``; ``labels``
+    given means the category is given."""
     level = full_res_level(gm)
-    td, cats, lj = [], [], []
+    td, cats, lj, masks = [], [], [], []
     for start in range(0, images.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         acts = backbone(images[sl])
         bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
         r = greedy_map(gm, bu, category=None if labels is None else labels[sl])
         td.append(r.td[level]), cats.append(r.assignment["category"]), lj.append(r.log_joint)
-    return {"td": torch.cat(td), "category": torch.cat(cats), "log_joint": torch.cat(lj)}
+        masks.append(r.mask)
+    return {"td": torch.cat(td), "mask": torch.cat(masks), "category": torch.cat(cats),
+            "log_joint": torch.cat(lj)}  # fmt: skip
 
 
 def tune_mask_threshold(

@@ -58,3 +58,18 @@ def test_bad_inputs_are_refused():
         fit_mask_readout(gm, None, bad, train)
     with pytest.raises(ValueError, match="one label per image"):
         fit_mask_readout(gm, None, train, (train[0], train[1], train[2][:2]))
+
+
+def test_object_passes_report_the_shipped_models_readout_mask():
+    from pyro_backpass import RenderedObjects, greedy_map
+    from pyro_backpass.learning import object_passes
+
+    gm = GenerativeModel.default()
+    assert gm.mask_readout is not None  # the shipped model reads its masks with one
+    ds = RenderedObjects("airplane", 3, seed=5)
+    images = torch.stack([ds[i][0] for i in range(3)])
+    labels = torch.zeros(3, dtype=torch.long)
+    got = object_passes(gm, gm.backbone, images, labels)
+    bu = {k: v for k, v in gm.backbone(images).items() if k in gm.hidden_levels}
+    direct = greedy_map(gm, bu, category=labels)
+    assert torch.equal(got["mask"], gm.mask_readout(direct.td))
