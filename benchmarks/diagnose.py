@@ -62,8 +62,6 @@ def object_rungs(
     and (c) (``alone_on_scene_background``) when the ``scene`` is given."""
     bb = gm.backbone
     top = gm.hidden_levels[-1]
-    level = "conv1_1" if "conv1_1" in gm.hidden_levels else gm.hidden_levels[0]
-    thr = gm.observations[level].mask_threshold
     label = torch.tensor([gm.categories.index(inst.category)])
     free = greedy_map(gm, bu, category=label)
     target = masked_activations(bb, inst.image_alone[None], inst.amodal_mask[None])
@@ -77,11 +75,11 @@ def object_rungs(
     alone_acts = bb(inst.image_alone[None])
     alone = greedy_map(gm, {k: v for k, v in alone_acts.items() if k in gm.hidden_levels},
                        category=label)  # fmt: skip
-    peak = alone.td[level].amax(dim=-3) >= thr
     rungs = {
         "free": float(mask_iou(free.mask, inst.mask[None])[0]),
         "top_clamped": float(mask_iou(clamped.mask, inst.mask[None])[0]),
-        "alone_plain": float(mask_iou(peak, inst.amodal_mask[None])[0]),
+        # The model's own mask (its readout if it has one), as on the other rungs.
+        "alone_plain": float(mask_iou(alone.mask, inst.amodal_mask[None])[0]),
     }
     if scene is not None:
         c_acts = bb(alone_on_clutter(scene, inst)[None])
