@@ -34,8 +34,6 @@ from pyro_backpass.learning.train import PRESETS, TrainConfig, render_object_set
 
 __all__ = [
     "DEFAULT_READOUT_LEVELS",
-    "fit_mask_readout",
-    "object_reconstructions",
     "EMConfig",
     "EMIteration",
     "EMResult",
@@ -51,11 +49,13 @@ __all__ = [
     "fit_background",
     "fit_hard_em",
     "fit_level",
+    "fit_mask_readout",
     "fit_observation_model",
     "mask_iou",
     "masked_activations",
     "max_pool_mask",
     "object_passes",
+    "object_reconstructions",
     "object_targets",
     "observation_ppc",
     "observation_statistics",
