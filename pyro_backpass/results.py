@@ -43,10 +43,11 @@ class MapResult:
     :ivar log_joint: ``(B,)``: the objective at the assignment (see :func:`log_joint`).
     :ivar modes: for ``top_k > 1``: per image a list of ``(assignment, log_joint)``, best first
         (the first is the MAP); else None.
-    :ivar mask: ``(B, H, W)`` bool: the image-space support of the reconstructed object, the
-        on-elements (F̂_td ≥ λ in any channel) of the first full-resolution level above the
-        image (``conv1_1`` for VGG), which fires on dark objects too; the image level itself
-        when the model has no such level.
+    :ivar mask: ``(B, H, W)`` bool: the image-space support of the reconstructed object: the
+        model's learned :class:`~pyro_backpass.model.MaskReadout` of F̂ if it has one (the
+        shipped model does), else the on-elements (F̂_td ≥ ``mask_threshold`` in any channel)
+        of the first full-resolution level above the image (``conv1_1`` for VGG), which fires
+        on dark objects too; the image level itself when the model has no such level.
     """
 
     assignment: dict[str, torch.Tensor]
