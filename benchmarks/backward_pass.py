@@ -153,31 +153,49 @@ def child(model: str, data: str, device: torch.device) -> None:
     print(json.dumps(row))
 
 
-def compiled_rows(gm, images, device: torch.device, *, repeats: int) -> dict:
-    """``PYRO_BACKPASS_COMPILE=1`` (the opt-in compiled scores) in fresh processes sharing an
-    empty inductor cache: the first process pays the cold compile, the second finds it cached.
-    Each reports its first call (compile included), the median after it and the forward pass."""
+def fresh_process_rows(gm, images, device: torch.device, *, repeats: int, child: str,
+                       envs) -> dict:  # fmt: skip
+    """One JSON row per fresh process running ``--<child>`` on ``gm`` and ``images`` (written
+    to a temporary folder): ``envs(tmp)`` maps each row's name to the environment variables it
+    sets, in order."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         model, data = Path(tmp) / "gm.safetensors", Path(tmp) / "images.pt"
         gm.save(model)
         torch.save(images.cpu(), data)
-        env = dict(os.environ, PYRO_BACKPASS_COMPILE="1",
-                   TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor"))  # fmt: skip
-        for name in ("cold", "cached"):
-            cmd = [sys.executable, __file__, "--compiled-child", str(model), str(data),
+        for name, extra in envs(Path(tmp)).items():
+            cmd = [sys.executable, __file__, f"--{child}", str(model), str(data),
                    "--device", device.type, "--repeats", str(repeats)]  # fmt: skip
+            env = dict(os.environ, **extra)
             run_ = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
             out[name] = json.loads(run_.stdout.strip().splitlines()[-1])
     return out
 
 
-def compiled_child(model: str, data: str, device: torch.device, repeats: int) -> None:
-    """The fresh process of :func:`compiled_rows`: prints one JSON row."""
+def _child_inputs(model: str, data: str, device: torch.device):
+    """A fresh process's backbone, model and images (one thread)."""
     torch.set_num_threads(1)
     bb = Backbone.default().eval().to(device)
     gm = GenerativeModel.load(model).to(device)
-    images = torch.load(data).to(device)
+    return bb, gm, torch.load(data).to(device)
+
+
+def compiled_rows(gm, images, device: torch.device, *, repeats: int) -> dict:
+    """``PYRO_BACKPASS_COMPILE=1`` (the opt-in compiled scores) in fresh processes sharing an
+    empty inductor cache: the first process pays the cold compile, the second finds it cached.
+    Each reports its first call (compile included), the median after it and the forward pass."""
+
+    def envs(tmp: Path) -> dict:
+        env = {"PYRO_BACKPASS_COMPILE": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor")}
+        return {"cold": env, "cached": env}
+
+    return fresh_process_rows(gm, images, device, repeats=repeats, child="compiled-child",
+                              envs=envs)  # fmt: skip
+
+
+def compiled_child(model: str, data: str, device: torch.device, repeats: int) -> None:
+    """The fresh process of :func:`compiled_rows`: prints one JSON row."""
+    bb, gm, images = _child_inputs(model, data, device)
     bu = activations(bb, images)
     t = time.perf_counter()
     first = greedy_map(gm, bu)
@@ -197,18 +215,10 @@ def compiled_child(model: str, data: str, device: torch.device, repeats: int) ->
 def no_huge_pages_row(gm, images, device: torch.device, *, repeats: int) -> dict:
     """``base`` in a fresh process with ``THP_MEM_ALLOC_ENABLE=0`` (PyTorch's default, 4 kB pages
     for large tensors; ``pyro_backpass.huge_pages``), and the page faults of one call in each."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model, data = Path(tmp) / "gm.safetensors", Path(tmp) / "images.pt"
-        gm.save(model)
-        torch.save(images.cpu(), data)
-        rows = {}
-        for name, value in (("no_huge_pages", "0"), ("huge_pages", "1")):
-            cmd = [sys.executable, __file__, "--plain-child", str(model), str(data),
-                   "--device", device.type, "--repeats", str(repeats)]  # fmt: skip
-            env = dict(os.environ, THP_MEM_ALLOC_ENABLE=value)
-            run_ = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-            rows[name] = json.loads(run_.stdout.strip().splitlines()[-1])
-    return rows
+    envs = {"no_huge_pages": {"THP_MEM_ALLOC_ENABLE": "0"},
+            "huge_pages": {"THP_MEM_ALLOC_ENABLE": "1"}}  # fmt: skip
+    return fresh_process_rows(gm, images, device, repeats=repeats, child="plain-child",
+                              envs=lambda tmp: envs)  # fmt: skip
 
 
 def plain_child(model: str, data: str, device: torch.device, repeats: int) -> None:
@@ -216,10 +226,7 @@ def plain_child(model: str, data: str, device: torch.device, repeats: int) -> No
     of one ``greedy_map`` call after the warm-up (the kernel's counter)."""
     import resource
 
-    torch.set_num_threads(1)
-    bb = Backbone.default().eval().to(device)
-    gm = GenerativeModel.load(model).to(device)
-    images = torch.load(data).to(device)
+    bb, gm, images = _child_inputs(model, data, device)
     row = measure(bb, gm, images, repeats=repeats, device=device, threads=1)
     bu = activations(bb, images)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -45,6 +45,7 @@ from pyro_backpass.learning import (  # noqa: E402
     object_passes,
     observation_ppc,
 )
+from pyro_backpass.levels import full_resolution_level  # noqa: E402
 
 
 def test_objects(gm, n: int, *, scale: tuple[float, float] | None = None):
@@ -62,7 +63,7 @@ def test_objects(gm, n: int, *, scale: tuple[float, float] | None = None):
 def evaluate(gm: GenerativeModel, *, n: int, n_samples: int) -> dict:
     bb = gm.backbone
     out: dict = {}
-    level = "conv1_1" if "conv1_1" in gm.hidden_levels else gm.hidden_levels[0]
+    level = full_resolution_level(gm.levels)  # the threshold rule's level
     thr = float(gm.observations[level].mask_threshold)
     for name, scale in (("default_scale", None), ("scene_scale", SCENE_SCALE)):
         images, masks, labels = test_objects(gm, n, scale=scale)

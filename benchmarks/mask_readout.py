@@ -46,17 +46,19 @@ def objects(gm, split: str, n: int, *, scale=None):
 
 @torch.no_grad()
 def test_ious(gm, images, masks, labels, *, batch: int = 64) -> dict[str, float]:
-    """Mean mask IoU of the readout and of the rule on the same passes (category given)."""
+    """Mean mask IoU of the readout and of the rule on the same passes (category given): the
+    pass runs with the readout detached (its mask is the rule's), the readout reads its F̂."""
     readout, got = gm.mask_readout, {"readout": [], "rule": []}
-    for start in range(0, images.shape[0], batch):
-        sl = slice(start, start + batch)
-        bu = {k: v for k, v in gm.backbone(images[sl]).items() if k in gm.hidden_levels}
+    gm.attach_mask_readout(None)
+    try:
+        for start in range(0, images.shape[0], batch):
+            sl = slice(start, start + batch)
+            bu = {k: v for k, v in gm.backbone(images[sl]).items() if k in gm.hidden_levels}
+            r = greedy_map(gm, bu, category=labels[sl])
+            got["readout"].append(mask_iou(readout(r.td), masks[sl]))
+            got["rule"].append(mask_iou(r.mask, masks[sl]))
+    finally:
         gm.attach_mask_readout(readout)
-        r = greedy_map(gm, bu, category=labels[sl])
-        got["readout"].append(mask_iou(r.mask, masks[sl]))
-        gm.attach_mask_readout(None)
-        got["rule"].append(mask_iou(greedy_map(gm, bu, category=labels[sl]).mask, masks[sl]))
-    gm.attach_mask_readout(readout)
     out = {k: torch.cat(v) for k, v in got.items()}
     return {k: float(v.mean()) for k, v in out.items()} | {
         f"{k}_per_category": {c: float(v[labels == i].mean()) for i, c in enumerate(gm.categories)}

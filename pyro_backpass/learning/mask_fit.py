@@ -84,7 +84,9 @@ def fit_mask_readout(
     readout = MaskReadout([specs[n] for n in levels], size=(full.height, full.width),
                           kernel_size=kernel_size).to(dtype=gm.dtype)  # fmt: skip
     td_train = object_reconstructions(gm, backbone, train[0], train[2], levels=levels)
-    td_val = object_reconstructions(gm, backbone, validation[0], validation[2], levels=levels)
+    # Validation passes keep the rule's level too, for the rule's IoU beside the readout's.
+    val_levels = list(dict.fromkeys([*levels, full.name]))
+    td_val = object_reconstructions(gm, backbone, validation[0], validation[2], levels=val_levels)
     raw = readout.features(td_train)  # standardised with mean 0, scale 1: the raw features
     readout.mean.copy_(raw.mean(dim=(0, 2, 3)))
     readout.scale.copy_(raw.std(dim=(0, 2, 3)).clamp_min(1e-6))
@@ -108,12 +110,7 @@ def fit_mask_readout(
         best = max(ious, key=lambda t: (ious[t], -abs(t)))
         readout.threshold.fill_(best)
         train_iou = float(mask_iou(readout(td_train), train[1]).mean())
-        rule = td_val[full.name].amax(dim=-3) >= gm.observations[full.name].mask_threshold \
-            if full.name in td_val else None  # fmt: skip
-    if rule is None:  # the rule's level is not read: one more pass for it
-        rule_td = object_reconstructions(gm, backbone, validation[0], validation[2],
-                                         levels=[full.name])  # fmt: skip
-        rule = rule_td[full.name].amax(dim=-3) >= gm.observations[full.name].mask_threshold
+        rule = td_val[full.name].amax(dim=-3) >= gm.observations[full.name].mask_threshold
     report = {
         "validation_iou": ious[best],
         "validation_iou_threshold_rule": float(mask_iou(rule, validation[1]).mean()),
