@@ -76,6 +76,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="K of the top level (default: the preset's, 20)",
     )
     p.add_argument(
+        "--readout-objects",
+        type=non_negative_int,
+        default=None,
+        help="training objects per category for the mask readout (default: the preset's, 200; "
+        "0: no readout, masks by the threshold rule — what runs written before it used)",
+    )
+    p.add_argument(
+        "--readout-hidden",
+        type=non_negative_int,
+        default=None,
+        help="hidden channels of the mask readout (default: the preset's, 16; 0: one logistic "
+        "filter)",
+    )
+    p.add_argument(
         "--resume", action="store_true", help="continue from the last completed stage in --out"
     )
     p.add_argument(
@@ -98,7 +112,9 @@ def run(args: argparse.Namespace) -> None:
         for key, value in (("categories", args.categories), ("backbone", args.backbone),
                            ("seed", args.seed), ("top_level", args.top_level),
                            ("top_offset_radius", args.top_offset_radius),
-                           ("components_top", args.components_top))
+                           ("components_top", args.components_top),
+                           ("readout_objects_per_category", args.readout_objects),
+                           ("readout_hidden", args.readout_hidden))
         if value is not None
     }  # fmt: skip
     if "categories" in overrides:

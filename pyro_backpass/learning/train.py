@@ -9,7 +9,9 @@ Stages, each ending in an atomically written checkpoint in ``out_dir``:
    σ2 per channel fitted on the training scenes (:func:`fit_background`) and σ0 of the upper
    levels calibrated on validation scenes (:func:`calibrate_scale_td`) — issue #10's levers —
    and the mask threshold chosen on validation objects (:func:`tune_mask_threshold`, after the
-   calibration).
+   calibration), then — unless ``readout_objects_per_category`` is 0 — a learned mask readout
+   of F̂ (:func:`fit_mask_readout`) fitted on training objects, its threshold on the validation
+   objects, attached as the model's mask.
 
 ``log.json`` holds per-round errors and component usage, the validation IoU of every mask
 threshold tried, and the seconds of every stage.
@@ -45,6 +47,7 @@ from pyro_backpass.learning.calibration import UPPER_LEVELS, calibrate_scale_td
 from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
 from pyro_backpass.learning.evaluation import tune_mask_threshold
 from pyro_backpass.learning.hard_em import EMConfig, fit_hard_em
+from pyro_backpass.learning.mask_fit import fit_mask_readout
 from pyro_backpass.learning.observation_fit import fit_background, fit_observation_model
 from pyro_backpass.levels import levels_up_to
 from pyro_backpass.model import GenerativeModel
@@ -79,6 +82,12 @@ class TrainConfig:
     calibration_scenes: int = 20  # validation scenes that choose the σ0 multiplier (0: off)
     calibration_levels: tuple[str, ...] = UPPER_LEVELS
     calibration_multipliers: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
+    # The mask readout (issue #9): training objects per category (the first of hard EM's; 0: no
+    # readout, masks by the mask_threshold rule), hidden channels (0: one logistic filter),
+    # Adam epochs.
+    readout_objects_per_category: int = 200
+    readout_hidden: int = 16
+    readout_epochs: int = 30
     seed: int = 0  # base seed of the data splits and of EM
 
     def __post_init__(self) -> None:
@@ -108,6 +117,9 @@ PRESETS: dict[str, TrainConfig] = {
         components=2,
         calibration_scenes=1,
         calibration_multipliers=(1.0, 0.25),
+        readout_objects_per_category=3,
+        readout_hidden=2,
+        readout_epochs=2,
         em=EMConfig(iterations=1, epochs=1, init_epochs=1, batch_size=8, top_init_iterations=1),
     ),  # fmt: skip
     # The shipped model: ≤ 30 min on 2 CPU cores.
@@ -164,7 +176,13 @@ def _training_scenes(config: TrainConfig, world: World, progress: bool) -> list:
 
 
 # Options added to TrainConfig after runs were written, with the value those runs used.
-_ADDED_OPTIONS: dict[str, Any] = {"top_level": "pool4", "top_offset_radius": 2}
+_ADDED_OPTIONS: dict[str, Any] = {
+    "top_level": "pool4",
+    "top_offset_radius": 2,
+    "readout_objects_per_category": 0,
+    "readout_hidden": 16,
+    "readout_epochs": 30,
+}
 
 
 def _check_resume(path: Path, config: TrainConfig) -> None:
@@ -173,6 +191,9 @@ def _check_resume(path: Path, config: TrainConfig) -> None:
     # Options added after a run was written take their defaults (which that run used).
     saved = dict(_ADDED_OPTIONS) | saved
     want = json.loads(json.dumps(config.to_json()))
+    if 0 in (saved.get("readout_objects_per_category"), want["readout_objects_per_category"]):
+        for c in (saved, want):  # without a readout its other options do not matter
+            c.pop("readout_hidden", None), c.pop("readout_epochs", None)
     if saved != want:
         diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
         raise ValueError(
@@ -283,6 +304,19 @@ def train_model(
                                      multipliers=config.mask_multipliers)  # fmt: skip
         log["mask_threshold_iou_after_calibration"] = {str(m): v for m, v in scores.items()}
     log["seconds"]["mask_threshold"] = round(time.perf_counter() - start, 1)
+    if config.readout_objects_per_category > 0:
+        start = time.perf_counter()
+        readout_objects = render_object_set(
+            config.categories, config.readout_objects_per_category,
+            seed=split_seed("train", config.seed), backbone=backbone,
+            part=world.shard(len(config.categories) * config.readout_objects_per_category),
+        )  # fmt: skip
+        _, report = fit_mask_readout(
+            gm, backbone, readout_objects, validation, hidden=config.readout_hidden,
+            epochs=config.readout_epochs, seed=config.seed, progress=progress, world=world,
+        )  # fmt: skip
+        log["mask_readout"] = report
+        log["seconds"]["mask_readout"] = round(time.perf_counter() - start, 1)
     if main:
         gm.save(stage3)
         log["processes"] = world.size

@@ -113,7 +113,8 @@ class GenerativeModel(nn.Module):
     # 2: the file names the backbone the model explains and that backbone's fingerprint.
     # 3: the config records the parameters' dtype (version 2 files still load: their dtype is
     #    read from the tensors).
-    # 4: the config may hold a learned mask readout (``mask_readout``; None without one).
+    # 4: the config may hold a learned mask readout (``mask_readout``; None without one; its
+    #    ``hidden`` is 0, a logistic filter, when absent).
     FORMAT_VERSION = 4
     READS_VERSIONS = (2, 3, 4)
 
@@ -671,7 +672,7 @@ class GenerativeModel(nn.Module):
                 raise ValueError(f"{path} config: the mask readout reads unknown levels {unknown}")
             gm.attach_mask_readout(MaskReadout(
                 [specs[n] for n in readout["levels"]], size=tuple(readout["size"]),
-                kernel_size=readout["kernel_size"],
+                kernel_size=readout["kernel_size"], hidden=readout.get("hidden", 0),
             ))  # fmt: skip
         for name, obs in gm.observations.items():
             # β and σ2 are one number per level, or one per channel (fit_background).

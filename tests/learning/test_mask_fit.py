@@ -18,10 +18,8 @@ def _objects(n, seed):
     return images, torch.zeros(n, 8, 8, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
 
 
-def test_the_fit_recovers_the_rule_that_made_the_masks(monkeypatch):
-    """F̂ is replaced by random maps; the masks are "pool1's channel 2, repeated up, above 0.6"
-    — the readout must find that rule (it reads conv1_1 and pool1)."""
-    gm = _model()
+def _fake_reconstructions(monkeypatch):
+    """Replace F̂ by random maps, fixed per image set; returns the replacement."""
     td_by_seed = {}
 
     def fake(gm_, backbone, images, labels, *, levels, batch_size=64):
@@ -36,16 +34,46 @@ def test_the_fit_recovers_the_rule_that_made_the_masks(monkeypatch):
         return {n: td_by_seed[key][n] for n in levels}
 
     monkeypatch.setattr(mask_fit, "object_reconstructions", fake)
+    return fake
+
+
+def test_the_fit_recovers_the_rule_that_made_the_masks(monkeypatch):
+    """F̂ is replaced by random maps; the masks are "pool1's channel 2, repeated up, above 0.6"
+    — the logistic readout must find that rule (it reads conv1_1 and pool1)."""
+    gm = _model()
+    fake = _fake_reconstructions(monkeypatch)
     train, val = _objects(40, 1), _objects(20, 2)
     for images, masks, _ in (train, val):
         pool = fake(gm, None, images, None, levels=["pool1"])["pool1"][:, 2] > 0.6
         masks.copy_(pool.repeat_interleave(2, 1).repeat_interleave(2, 2))
     readout, report = fit_mask_readout(gm, None, train, val, levels=["conv1_1", "pool1"],
-                                       kernel_size=1, max_iter=200)  # fmt: skip
+                                       kernel_size=1, hidden=0, max_iter=200)  # fmt: skip
     assert report["validation_iou"] > 0.95 and report["train_iou"] > 0.95
-    assert gm.mask_readout is readout
+    assert gm.mask_readout is readout and readout.hidden == 0
     assert set(report) == {"validation_iou", "validation_iou_threshold_rule", "train_iou",
                            "threshold"}  # fmt: skip
+
+
+def _band_masks(fake, gm, objects):
+    """The oracle: "conv1_1's channel 0 within 0.2 of 0.5" — no linear filter separates it."""
+    for images, masks, _ in objects:
+        x = fake(gm, None, images, None, levels=["conv1_1"])["conv1_1"][:, 0]
+        masks.copy_((x - 0.5).abs() < 0.2)
+
+
+def test_the_net_learns_a_rule_no_logistic_filter_can(monkeypatch):
+    gm = _model()
+    fake = _fake_reconstructions(monkeypatch)
+    train, val = _objects(60, 1), _objects(20, 2)
+    _band_masks(fake, gm, (train, val))
+    kw = {"levels": ["conv1_1", "pool1"], "kernel_size": 1}
+    _, linear = fit_mask_readout(gm, None, train, val, hidden=0, **kw)
+    net, report = fit_mask_readout(gm, None, train, val, hidden=8, epochs=150, lr=1e-2, **kw)
+    assert report["validation_iou"] > 0.9 > 0.6 > linear["validation_iou"]
+    assert net.hidden == 8 and gm.mask_readout is net
+    again, _ = fit_mask_readout(gm, None, train, val, hidden=8, epochs=150, lr=1e-2, **kw)
+    for a, b in zip(net.parameters(), again.parameters(), strict=True):  # seeded: reproducible
+        assert torch.equal(a, b)
 
 
 def test_bad_inputs_are_refused():
@@ -58,6 +86,10 @@ def test_bad_inputs_are_refused():
         fit_mask_readout(gm, None, bad, train)
     with pytest.raises(ValueError, match="one label per image"):
         fit_mask_readout(gm, None, train, (train[0], train[1], train[2][:2]))
+    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
+        fit_mask_readout(gm, None, train, train, epochs=0)
+    with pytest.raises(ValueError, match="hidden must be an int >= 0"):
+        fit_mask_readout(gm, None, train, train, hidden=-1)
 
 
 def test_object_passes_report_the_shipped_models_readout_mask():

@@ -28,10 +28,13 @@ def test_the_command_writes_every_stage_and_a_loadable_model(trained):
         assert (trained / name).is_file(), name
     assert not list(trained.glob(".*.tmp"))
     log = json.loads((trained / "log.json").read_text())
-    assert set(log["seconds"]) == {"observation", "hard_em", "mask_threshold"}
+    assert set(log["seconds"]) == {"observation", "hard_em", "mask_threshold", "mask_readout"}
     assert len(log["em"]) == PRESETS["smoke"].em.iterations + 1
     gm = GenerativeModel.load(trained / "model.safetensors")
     assert gm.backbone is not None and gm.config()["backbone"]["name"] == "default"
+    # The last stage fits the mask readout and saves it with the model.
+    assert gm.mask_readout is not None and gm.mask_readout.hidden == PRESETS["smoke"].readout_hidden
+    assert float(gm.mask_readout.threshold) == log["mask_readout"]["threshold"]
     lam = float(gm.observations["conv1_1"].threshold)
     best = max(log["mask_threshold_iou"].items(), key=lambda kv: kv[1])[0]
     assert float(gm.observations["conv1_1"].mask_threshold) == pytest.approx(float(best) * lam)
@@ -100,6 +103,26 @@ def test_a_run_written_before_the_top_level_options_still_resumes(trained, tmp_p
     assert gm.hidden_levels[-1] == "pool4"
     with pytest.raises(ValueError, match="differs in \\['top_level'\\]"):
         train_model(replace(PRESETS["smoke"], top_level="pool3"), out_dir=old, resume=True)
+
+
+def test_a_run_written_before_the_mask_readout_resumes_without_one(trained, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    config = json.loads((trained / "config.json").read_text())
+    for key in ("readout_objects_per_category", "readout_hidden", "readout_epochs"):
+        del config[key]
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="differs in \\['readout_objects_per_category'\\]"):
+        train_model(PRESETS["smoke"], out_dir=old, resume=True, progress=False)
+    # What such a run used: no readout (`--readout-objects 0`).
+    without = replace(PRESETS["smoke"], readout_objects_per_category=0)
+    (old / "hard_em.safetensors").write_bytes((trained / "hard_em.safetensors").read_bytes())
+    (old / "observation.safetensors").write_bytes(
+        (trained / "observation.safetensors").read_bytes()
+    )
+    gm = train_model(without, out_dir=old, resume=True, progress=False)
+    assert gm.mask_readout is None
+    assert "mask_readout" not in json.loads((old / "log.json").read_text())["seconds"]
 
 
 def test_an_unknown_top_level_is_refused_before_anything_is_written(tmp_path, capsys):
