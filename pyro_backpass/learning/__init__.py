@@ -30,7 +30,13 @@ from pyro_backpass.learning.observation_fit import (
 )
 from pyro_backpass.learning.ppc import observation_ppc, observation_statistics
 from pyro_backpass.learning.targets import masked_activations, max_pool_mask
-from pyro_backpass.learning.train import PRESETS, TrainConfig, render_object_set, train_model
+from pyro_backpass.learning.train import (
+    PRESETS,
+    TrainConfig,
+    render_object_set,
+    train_mask_readout,
+    train_model,
+)
 
 __all__ = [
     "DEFAULT_READOUT_LEVELS",
@@ -62,6 +68,7 @@ __all__ = [
     "render_object_set",
     "scene_pairs",
     "top_clamped_iou",
+    "train_mask_readout",
     "train_model",
     "tune_mask_threshold",
     "window_scores",

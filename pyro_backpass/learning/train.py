@@ -52,7 +52,7 @@ from pyro_backpass.learning.observation_fit import fit_background, fit_observati
 from pyro_backpass.levels import levels_up_to
 from pyro_backpass.model import GenerativeModel
 
-__all__ = ["PRESETS", "TrainConfig", "render_object_set", "train_model"]
+__all__ = ["PRESETS", "TrainConfig", "render_object_set", "train_mask_readout", "train_model"]
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,43 @@ def render_object_set(
         image, mask = sets[(cat, j)][i]
         images.append(image), masks.append(mask), labels.append(backbone.category_index(cat))
     return torch.stack(images), torch.stack(masks), torch.tensor(labels)
+
+
+def train_mask_readout(
+    gm: GenerativeModel,
+    backbone: Backbone,
+    config: TrainConfig = TrainConfig(),
+    *,
+    validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    progress: bool = False,
+    world: World = SINGLE_PROCESS,
+) -> dict[str, float]:
+    """The last step of :func:`train_model`: fit ``config``'s mask readout of ``gm`` (on the
+    first ``readout_objects_per_category`` training objects, its threshold on the
+    ``validation_per_category`` validation objects) and attach it; returns the fit's report.
+
+    ``validation``: those validation objects when already rendered (this rank's share).
+    Applied to a trained model without a readout, it gives the readout that ``train_model``
+    with ``config`` fits at the end of its last stage."""
+    if config.readout_objects_per_category < 1:
+        raise ValueError("config.readout_objects_per_category is 0: the config fits no readout")
+    shard = world.shard  # this rank's share of every object set
+    if validation is None:
+        validation = render_object_set(
+            config.categories, config.validation_per_category,
+            seed=split_seed("validation", config.seed), backbone=backbone,
+            part=shard(len(config.categories) * config.validation_per_category),
+        )  # fmt: skip
+    objects = render_object_set(
+        config.categories, config.readout_objects_per_category,
+        seed=split_seed("train", config.seed), backbone=backbone,
+        part=shard(len(config.categories) * config.readout_objects_per_category),
+    )  # fmt: skip
+    _, report = fit_mask_readout(
+        gm, backbone, objects, validation, hidden=config.readout_hidden,
+        epochs=config.readout_epochs, seed=config.seed, progress=progress, world=world,
+    )  # fmt: skip
+    return report
 
 
 def _backbone(name: str) -> Backbone:
@@ -306,16 +343,8 @@ def train_model(
     log["seconds"]["mask_threshold"] = round(time.perf_counter() - start, 1)
     if config.readout_objects_per_category > 0:
         start = time.perf_counter()
-        readout_objects = render_object_set(
-            config.categories, config.readout_objects_per_category,
-            seed=split_seed("train", config.seed), backbone=backbone,
-            part=world.shard(len(config.categories) * config.readout_objects_per_category),
-        )  # fmt: skip
-        _, report = fit_mask_readout(
-            gm, backbone, readout_objects, validation, hidden=config.readout_hidden,
-            epochs=config.readout_epochs, seed=config.seed, progress=progress, world=world,
-        )  # fmt: skip
-        log["mask_readout"] = report
+        log["mask_readout"] = train_mask_readout(gm, backbone, config, validation=validation,
+                                                 progress=progress, world=world)  # fmt: skip
         log["seconds"]["mask_readout"] = round(time.perf_counter() - start, 1)
     if main:
         gm.save(stage3)

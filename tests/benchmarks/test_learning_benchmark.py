@@ -203,8 +203,11 @@ def test_decoder_capacity_runs_on_the_shipped_model(tmp_path):
 @pytest.mark.slow
 def test_mask_readout_smoke(tmp_path):
     out = tmp_path / "mask_readout.json"
-    _smoke(BENCH.parent / "mask_readout.py", "--smoke", "--out", str(out))
+    _smoke(BENCH.parent / "mask_readout.py", "--smoke", "--compare", "--out", str(out))
     result = json.loads(out.read_text())
-    assert result["readout"]["levels"] and result["fit"]["threshold"] is not None
+    assert result["readout"]["levels"] and result["readout"]["hidden"] == 2  # the smoke preset's
+    assert len(result["validation_compare"]) == 6
+    for row in result["validation_compare"].values():
+        assert 0 <= row["validation_iou"] <= 1 and row["threshold"] is not None
     for scale in ("test_default_scale", "test_scene_scale"):
         assert 0 <= result[scale]["readout"] <= 1 and 0 <= result[scale]["rule"] <= 1

@@ -11,7 +11,7 @@ import torch
 
 from pyro_backpass import GenerativeModel, greedy_map
 from pyro_backpass.cli import main
-from pyro_backpass.learning import PRESETS, mask_iou, train_model
+from pyro_backpass.learning import PRESETS, mask_iou, train_mask_readout, train_model
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,23 @@ def test_the_command_writes_every_stage_and_a_loadable_model(trained):
     lam = float(gm.observations["conv1_1"].threshold)
     best = max(log["mask_threshold_iou"].items(), key=lambda kv: kv[1])[0]
     assert float(gm.observations["conv1_1"].mask_threshold) == pytest.approx(float(best) * lam)
+
+
+def test_train_mask_readout_gives_the_readout_the_last_stage_fitted(trained):
+    """A trained model without its readout, refitted by the training step alone: the same readout
+    (the oracle: the uninterrupted training run)."""
+    gm = GenerativeModel.load(trained / "model.safetensors")
+    want = gm.mask_readout
+    gm.attach_mask_readout(None)
+    report = train_mask_readout(gm, gm.backbone, PRESETS["smoke"])
+    log = json.loads((trained / "log.json").read_text())
+    assert report == log["mask_readout"]
+    for (name, a), (_, b) in zip(want.state_dict().items(), gm.mask_readout.state_dict().items(),
+                                 strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="fits no readout"):
+        off = replace(PRESETS["smoke"], readout_objects_per_category=0)
+        train_mask_readout(gm, gm.backbone, off)
 
 
 def test_resume_after_the_first_stage_gives_the_uninterrupted_parameters(trained, tmp_path):
