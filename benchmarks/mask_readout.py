@@ -4,13 +4,16 @@ IoU), and the readouts compared on validation objects.
 The rule reads one level (``conv1_1``'s F̂, largest channel at or above ``mask_threshold``); a
 :class:`~pyro_backpass.model.MaskReadout` reads F̂ of ``conv1_1``, ``pool1`` and ``conv2_1``
 (never the input's activations). ``pyro-backpass train`` fits one as its last step (a small
-net, 16 hidden channels, on 200 training objects per category). Both masks are measured on the
+net, 16 hidden channels, on 200 training objects per category and the objects of 150 training
+scenes). Both masks are measured on the
 test objects of ``benchmarks/learning.py`` (same seeds, category given, default and scene render
 scales): the same passes, only the mask differs.
 
 ``--compare`` also refits readouts of the model's F̂ — the logistic 5×5 filter and the net, on
-40 / 100 / 200 training objects per category — and reports each one's IoU on the validation
-objects (where the choice of the shipped one was made; the test objects are not used for it).
+training objects alone or with the objects of 150 training scenes (each read from the pass with
+the top level clamped to it) — and reports each one's IoU on validation objects and on the
+objects of 30 validation scenes (where the choice of the shipped one was made; the test objects
+are not used for it).
 
 ``--refit`` first fits the model's readout again as ``pyro-backpass train``'s last step does
 (:func:`~pyro_backpass.learning.train_mask_readout`, the default preset's settings) and, with
@@ -36,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, learned_model, machine  # noqa: E402
 
-from pyro_backpass import RenderedObjects, fit_mask_readout, greedy_map  # noqa: E402
+from pyro_backpass import RenderedObjects, Scenes, fit_mask_readout, greedy_map  # noqa: E402
 from pyro_backpass.data import SCENE_SCALE, split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.learning import PRESETS, mask_iou, train_mask_readout  # noqa: E402
@@ -76,32 +79,37 @@ def test_ious(gm, images, masks, labels, *, batch: int = 64) -> dict[str, float]
     }
 
 
-#: --compare: (name, hidden, training objects per category); the last is the shipped recipe.
+#: --compare: (name, hidden, training objects per category, training scenes); the last is the
+#: shipped recipe (TrainConfig's defaults).
 VARIANTS = (
-    ("logistic 5x5, 40 per category", 0, 40),
-    ("logistic 5x5, 100 per category", 0, 100),
-    ("net 16, 40 per category", 16, 40),
-    ("net 16, 100 per category", 16, 100),
-    ("net 32, 100 per category", 32, 100),
-    ("net 16, 200 per category", 16, 200),
+    ("logistic 5x5, 40 objects per category", 0, 40, 0),
+    ("logistic 5x5, 40 objects per category + 150 scenes", 0, 40, 150),
+    ("net 16, 200 objects per category", 16, 200, 0),
+    ("net 16, 200 objects per category + 150 scenes", 16, 200, 150),
 )
 
 
 def compare(gm, *, smoke: bool) -> dict[str, dict]:
-    """Refit readouts of ``gm``'s F̂ (a copy; the model keeps its own) on training objects and
-    report their validation IoU."""
+    """Refit readouts of ``gm``'s F̂ (a copy; the model keeps its own) on training objects (and
+    the objects of training scenes, top level clamped) and report their IoU on validation
+    objects and on the objects of 30 validation scenes (top level clamped; these choose the
+    threshold together with the objects)."""
     import copy
 
     val = objects(gm, "validation", 2 if smoke else 20)
+    val_scenes = list(Scenes(1 if smoke else 30, seed=split_seed("validation")))
     out = {}
-    for name, hidden, n in VARIANTS:
-        n = min(n, 3) if smoke else n
+    for name, hidden, n, n_scenes in VARIANTS:
+        n, n_scenes = (min(n, 3), min(n_scenes, 1)) if smoke else (n, n_scenes)
         work = copy.deepcopy(gm)
         t = time.perf_counter()
-        _, report = fit_mask_readout(work, work.backbone, objects(gm, "train", n), val,
-                                     hidden=min(hidden, 2) if smoke else hidden,
-                                     epochs=2 if smoke else 30)  # fmt: skip
-        out[name] = report | {"hidden": hidden, "train_per_category": n,
+        scenes = list(Scenes(n_scenes, seed=split_seed("train"))) if n_scenes else []
+        _, report = fit_mask_readout(
+            work, work.backbone, objects(gm, "train", n), val, scenes=scenes,
+            validation_scenes=val_scenes, hidden=min(hidden, 2) if smoke else hidden,
+            epochs=2 if smoke else 30,
+        )  # fmt: skip
+        out[name] = report | {"hidden": hidden, "train_per_category": n, "train_scenes": n_scenes,
                               "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
         print(name, json.dumps(out[name]), flush=True)
     return out

@@ -4,7 +4,12 @@ targets that are the backbone's activations of single objects masked to the obje
 takes ``world=`` (:class:`World`) to share its data among ``torchrun``'s processes.
 """
 
-from pyro_backpass.learning.calibration import UPPER_LEVELS, calibrate_scale_td, top_clamped_iou
+from pyro_backpass.learning.calibration import (
+    UPPER_LEVELS,
+    calibrate_scale_td,
+    top_clamped_iou,
+    top_clamped_passes,
+)
 from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
 from pyro_backpass.learning.e_step import e_step_level, window_scores
 from pyro_backpass.learning.evaluation import mask_iou, object_passes, tune_mask_threshold
@@ -19,6 +24,7 @@ from pyro_backpass.learning.mask_fit import (
     DEFAULT_READOUT_LEVELS,
     fit_mask_readout,
     object_reconstructions,
+    scene_object_reconstructions,
 )
 from pyro_backpass.learning.observation_fit import (
     LevelFit,
@@ -66,8 +72,10 @@ __all__ = [
     "observation_ppc",
     "observation_statistics",
     "render_object_set",
+    "scene_object_reconstructions",
     "scene_pairs",
     "top_clamped_iou",
+    "top_clamped_passes",
     "train_mask_readout",
     "train_model",
     "tune_mask_threshold",

@@ -13,33 +13,36 @@ top decide, which is what σ0 of those levels controls).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from tqdm import tqdm
 
 from pyro_backpass.backbone import Backbone
-from pyro_backpass.data import Scene
+from pyro_backpass.data import Instance, Scene
 from pyro_backpass.inference import greedy_map
 from pyro_backpass.learning.e_step import e_step_level
 from pyro_backpass.learning.evaluation import mask_iou
 from pyro_backpass.learning.targets import masked_activations
 from pyro_backpass.model import GenerativeModel
+from pyro_backpass.results import MapResult
 
-__all__ = ["UPPER_LEVELS", "calibrate_scale_td", "top_clamped_iou"]
+__all__ = ["UPPER_LEVELS", "calibrate_scale_td", "top_clamped_iou", "top_clamped_passes"]
 
 # The levels where the oracle ladder saw clutter enter (issue #10): pool4 … conv3_1.
 UPPER_LEVELS: tuple[str, ...] = ("pool4", "conv4_1", "pool3", "conv3_1")
 
 
 @torch.no_grad()
-def top_clamped_iou(gm: GenerativeModel, backbone: Backbone, scenes: Sequence[Scene]) -> float:
-    """Mean visible-mask IoU over the scenes' visible objects of ``gm``'s categories of the
-    backward pass with the category given and the top level clamped to the object's own E-step
-    assignment (from its masked activations alone)."""
+def top_clamped_passes(
+    gm: GenerativeModel, backbone: Backbone, scenes: Sequence[Scene]
+) -> Iterator[tuple[Instance, MapResult]]:
+    """For every visible object of ``gm``'s categories in ``scenes``: the object and the
+    backward pass on its scene with the category given and the top level clamped to the
+    object's own E-step assignment (from its masked activations alone) — the oracle ladder's
+    rung (b), where only the levels below the top decide."""
     top = gm.hidden_levels[-1]
     step = gm.steps[top]
-    ious = []
     for scene in scenes:
         acts = backbone(scene.image[None])
         bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
@@ -54,8 +57,16 @@ def top_clamped_iou(gm: GenerativeModel, backbone: Backbone, scenes: Sequence[Sc
                 log_prior_delta=gm.priors[f"delta_{top}"].log_probs(),
             )  # fmt: skip
             clamp = {f"gamma_{top}": gamma, f"delta_{top}": delta}
-            result = greedy_map(gm, bu, category=label, clamp=clamp)
-            ious.append(float(mask_iou(result.mask.cpu(), inst.mask[None])[0]))
+            yield inst, greedy_map(gm, bu, category=label, clamp=clamp)
+
+
+@torch.no_grad()
+def top_clamped_iou(gm: GenerativeModel, backbone: Backbone, scenes: Sequence[Scene]) -> float:
+    """Mean visible-mask IoU over the scenes' visible objects of ``gm``'s categories of the
+    backward pass with the category given and the top level clamped to the object's own E-step
+    assignment (:func:`top_clamped_passes`)."""
+    ious = [float(mask_iou(result.mask.cpu(), inst.mask[None])[0])
+            for inst, result in top_clamped_passes(gm, backbone, scenes)]  # fmt: skip
     if not ious:
         raise ValueError("the scenes hold no visible object of the model's categories")
     return sum(ious) / len(ious)

@@ -11,13 +11,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pyro_backpass.backbone import Backbone
+from pyro_backpass.data import Scene
 from pyro_backpass.inference import greedy_map
+from pyro_backpass.learning.calibration import top_clamped_passes
 from pyro_backpass.learning.distributed import SINGLE_PROCESS, World
 from pyro_backpass.learning.evaluation import mask_iou
 from pyro_backpass.levels import full_resolution_level
 from pyro_backpass.model import GenerativeModel, MaskReadout
 
-__all__ = ["DEFAULT_READOUT_LEVELS", "fit_mask_readout", "object_reconstructions"]
+__all__ = [
+    "DEFAULT_READOUT_LEVELS",
+    "fit_mask_readout",
+    "object_reconstructions",
+    "scene_object_reconstructions",
+]
 
 #: The levels read by default (those present in the model): the full-resolution level and the
 #: two above it (on the default backbone's validation objects, adding ``pool2`` and ``conv3_1``
@@ -48,12 +55,36 @@ def object_reconstructions(
     return {n: torch.cat(v) for n, v in out.items()}
 
 
+@torch.no_grad()
+def scene_object_reconstructions(
+    gm: GenerativeModel, backbone: Backbone, scenes: Sequence[Scene], *, levels: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """F̂ of ``levels`` for every visible object of ``gm``'s categories in ``scenes``, from the
+    pass on its scene with the top level clamped to the object's own E-step assignment
+    (:func:`~pyro_backpass.learning.top_clamped_passes`), and the objects' visible masks:
+    ``({level: (M, C, H, W)}, (M, H, W) bool)``."""
+    specs = {s.name: s for s in gm.levels}
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in levels}
+    masks = []
+    for inst, result in top_clamped_passes(gm, backbone, scenes):
+        for n in levels:
+            out[n].append(result.td[n].cpu())
+        masks.append(inst.mask[None])
+    if not masks:  # still the right shapes: gathered across ranks
+        h, w = gm.levels[0].height, gm.levels[0].width  # the image's: the masks' size
+        empty = {n: torch.zeros(0, *specs[n].shape, dtype=gm.dtype) for n in levels}
+        return empty, torch.zeros(0, h, w, dtype=torch.bool)
+    return {n: torch.cat(v) for n, v in out.items()}, torch.cat(masks)
+
+
 def fit_mask_readout(
     gm: GenerativeModel,
     backbone: Backbone,
     train: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     *,
+    scenes: Sequence[Scene] = (),
+    validation_scenes: Sequence[Scene] = (),
     levels: Sequence[str] | None = None,
     kernel_size: int = 5,
     hidden: int = 16,
@@ -71,6 +102,12 @@ def fit_mask_readout(
     :param train, validation: ``(images (N, 3, H, W), masks (N, H, W) bool, labels (N,))``
         rendered objects alone; the readout is fitted on ``train`` (logistic loss), its
         threshold on the logits chosen on ``validation`` (best mean mask IoU).
+    :param scenes: training scenes whose visible objects join the training set, each read from
+        the pass on its scene with the top level clamped to its own E-step assignment
+        (:func:`~pyro_backpass.learning.top_clamped_passes`): a readout fitted on objects alone
+        learns that every "on" element of F̂ is the object's and lets clutter in.
+    :param validation_scenes: their objects (read the same way) join the threshold's choice:
+        the threshold maximises the mean of the single-object and the scene-object IoU.
     :param levels: hidden levels to read (default: those of :data:`DEFAULT_READOUT_LEVELS` the
         model has, else its full-resolution level).
     :param hidden: 0: one logistic ``kernel_size``² filter, fitted by L-BFGS (``max_iter``,
@@ -82,7 +119,9 @@ def fit_mask_readout(
     :param world: under several processes ``train`` and ``validation`` are this rank's shares;
         their reconstructions are gathered, and every rank fits the same readout.
     :returns: the readout and ``{"validation_iou", "validation_iou_threshold_rule",
-        "train_iou", "threshold"}`` (the rule: the model's ``mask_threshold`` on one level).
+        "train_iou", "threshold"}`` (the rule: the model's ``mask_threshold`` on one level),
+        with ``validation_scenes`` also ``"validation_scene_iou"`` and
+        ``"validation_scene_iou_threshold_rule"``, with ``scenes`` ``"train_scene_objects"``.
     """
     if levels is None:
         levels = [n for n in DEFAULT_READOUT_LEVELS if n in gm.hidden_levels]
@@ -107,14 +146,36 @@ def fit_mask_readout(
             [specs[n] for n in levels], size=(full.height, full.width), kernel_size=kernel_size,
             hidden=hidden,
         ).to(dtype=gm.dtype)  # fmt: skip
-    td_train = object_reconstructions(gm, backbone, train[0], train[2], levels=levels)
     # Validation passes keep the rule's level too, for the rule's IoU beside the readout's.
     val_levels = list(dict.fromkeys([*levels, full.name]))
-    td_val = object_reconstructions(gm, backbone, validation[0], validation[2], levels=val_levels)
-    # Every rank fits on all objects (F̂ at the levels' own sizes: small beside the features).
-    td_train = {n: world.all_gather_rows(v) for n, v in td_train.items()}
-    td_val = {n: world.all_gather_rows(v) for n, v in td_val.items()}
-    train_masks, val_masks = world.all_gather_rows(train[1]), world.all_gather_rows(validation[1])
+
+    def gathered(td: dict[str, torch.Tensor], masks: torch.Tensor):
+        # Every rank fits on all objects (F̂ at the levels' own sizes: small beside features).
+        return {n: world.all_gather_rows(v) for n, v in td.items()}, world.all_gather_rows(masks)
+
+    td_train, train_masks = gathered(
+        object_reconstructions(gm, backbone, train[0], train[2], levels=levels), train[1]
+    )
+    td_val, val_masks = gathered(
+        object_reconstructions(gm, backbone, validation[0], validation[2], levels=val_levels),
+        validation[1],
+    )
+    # Whether any rank holds scenes (a rank's share may be empty; all must gather alike).
+    use_scenes = sum(world.sizes(len(scenes))) > 0
+    use_validation_scenes = sum(world.sizes(len(validation_scenes))) > 0
+    n_scene_objects = 0
+    if use_scenes:
+        td_scene, scene_masks = gathered(*scene_object_reconstructions(gm, backbone, scenes,
+                                                                       levels=levels))  # fmt: skip
+        n_scene_objects = scene_masks.shape[0]
+        td_train = {n: torch.cat([v, td_scene[n]]) for n, v in td_train.items()}
+        train_masks = torch.cat([train_masks, scene_masks])
+    if use_validation_scenes:
+        td_val_scene, val_scene_masks = gathered(
+            *scene_object_reconstructions(gm, backbone, validation_scenes, levels=val_levels)
+        )
+        if val_scene_masks.shape[0] == 0:
+            raise ValueError("validation_scenes hold no visible object of the model's categories")
     n_train = train_masks.shape[0]
     _standardise(readout, td_train, batch_size=64)
 
@@ -156,18 +217,33 @@ def fit_mask_readout(
             return torch.cat([readout.logits_of_features(features(td, rows))
                               for rows in torch.arange(n).split(64)])  # fmt: skip
 
-        val_logits = logits(td_val, val_masks.shape[0])
-        ious = {t: float(mask_iou(val_logits > t, val_masks).mean()) for t in _LOGIT_GRID}
-        best = max(ious, key=lambda t: (ious[t], -abs(t)))
+        def ious_over_grid(td: dict[str, torch.Tensor], masks: torch.Tensor) -> dict:
+            lg = logits(td, masks.shape[0])
+            return {t: float(mask_iou(lg > t, masks).mean()) for t in _LOGIT_GRID}
+
+        def rule_iou(td: dict[str, torch.Tensor], masks: torch.Tensor) -> float:
+            rule = td[full.name].amax(dim=-3) >= gm.observations[full.name].mask_threshold
+            return float(mask_iou(rule, masks).mean())
+
+        ious = ious_over_grid(td_val, val_masks)
+        score = dict(ious)
+        if use_validation_scenes:
+            scene_ious = ious_over_grid(td_val_scene, val_scene_masks)
+            score = {t: (ious[t] + scene_ious[t]) / 2 for t in _LOGIT_GRID}
+        best = max(score, key=lambda t: (score[t], -abs(t)))
         readout.threshold.fill_(best)
         train_iou = float(mask_iou(logits(td_train, n_train) > best, train_masks).mean())
-        rule = td_val[full.name].amax(dim=-3) >= gm.observations[full.name].mask_threshold
-    report = {
-        "validation_iou": ious[best],
-        "validation_iou_threshold_rule": float(mask_iou(rule, val_masks).mean()),
-        "train_iou": train_iou,
-        "threshold": float(best),
-    }
+        report = {
+            "validation_iou": ious[best],
+            "validation_iou_threshold_rule": rule_iou(td_val, val_masks),
+            "train_iou": train_iou,
+            "threshold": float(best),
+        }
+        if use_validation_scenes:
+            report["validation_scene_iou"] = scene_ious[best]
+            report["validation_scene_iou_threshold_rule"] = rule_iou(td_val_scene, val_scene_masks)
+        if use_scenes:
+            report["train_scene_objects"] = n_scene_objects
     if attach:
         gm.attach_mask_readout(readout)
     return readout, report

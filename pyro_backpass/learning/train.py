@@ -84,10 +84,13 @@ class TrainConfig:
     calibration_multipliers: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
     # The mask readout (issue #9): training objects per category (the first of hard EM's; 0: no
     # readout, masks by the mask_threshold rule), hidden channels (0: one logistic filter),
-    # Adam epochs.
+    # Adam epochs; training scenes whose objects (top level clamped) join its training set, and
+    # validation scenes whose objects join the choice of its threshold.
     readout_objects_per_category: int = 200
     readout_hidden: int = 16
     readout_epochs: int = 30
+    readout_scenes: int = 150
+    readout_validation_scenes: int = 30
     seed: int = 0  # base seed of the data splits and of EM
 
     def __post_init__(self) -> None:
@@ -120,6 +123,8 @@ PRESETS: dict[str, TrainConfig] = {
         readout_objects_per_category=3,
         readout_hidden=2,
         readout_epochs=2,
+        readout_scenes=1,
+        readout_validation_scenes=1,
         em=EMConfig(iterations=1, epochs=1, init_epochs=1, batch_size=8, top_init_iterations=1),
     ),  # fmt: skip
     # The shipped model: ≤ 30 min on 2 CPU cores.
@@ -172,8 +177,10 @@ def train_mask_readout(
     world: World = SINGLE_PROCESS,
 ) -> dict[str, float]:
     """The last step of :func:`train_model`: fit ``config``'s mask readout of ``gm`` (on the
-    first ``readout_objects_per_category`` training objects, its threshold on the
-    ``validation_per_category`` validation objects) and attach it; returns the fit's report.
+    first ``readout_objects_per_category`` training objects per category and the objects of
+    ``readout_scenes`` training scenes; its threshold on the ``validation_per_category``
+    validation objects and the objects of ``readout_validation_scenes`` validation scenes) and
+    attach it; returns the fit's report.
 
     ``validation``: those validation objects when already rendered (this rank's share).
     Applied to a trained model without a readout, it gives the readout that ``train_model``
@@ -192,9 +199,19 @@ def train_mask_readout(
         seed=split_seed("train", config.seed), backbone=backbone,
         part=shard(len(config.categories) * config.readout_objects_per_category),
     )  # fmt: skip
+
+    def scenes(split: str, n: int) -> list:  # this rank's share, rendered
+        if n == 0:
+            return []
+        every = Scenes(n, seed=split_seed(split, config.seed))
+        return [every[i] for i in range(*world.bounds(n))]
+
     _, report = fit_mask_readout(
-        gm, backbone, objects, validation, hidden=config.readout_hidden,
-        epochs=config.readout_epochs, seed=config.seed, progress=progress, world=world,
+        gm, backbone, objects, validation,
+        scenes=scenes("train", config.readout_scenes),
+        validation_scenes=scenes("validation", config.readout_validation_scenes),
+        hidden=config.readout_hidden, epochs=config.readout_epochs, seed=config.seed,
+        progress=progress, world=world,
     )  # fmt: skip
     return report
 
@@ -219,7 +236,15 @@ _ADDED_OPTIONS: dict[str, Any] = {
     "readout_objects_per_category": 0,
     "readout_hidden": 16,
     "readout_epochs": 30,
+    "readout_scenes": 150,
+    "readout_validation_scenes": 30,
 }
+_READOUT_OPTIONS = (
+    "readout_hidden",
+    "readout_epochs",
+    "readout_scenes",
+    "readout_validation_scenes",
+)
 
 
 def _check_resume(path: Path, config: TrainConfig) -> None:
@@ -230,7 +255,8 @@ def _check_resume(path: Path, config: TrainConfig) -> None:
     want = json.loads(json.dumps(config.to_json()))
     if 0 in (saved.get("readout_objects_per_category"), want["readout_objects_per_category"]):
         for c in (saved, want):  # without a readout its other options do not matter
-            c.pop("readout_hidden", None), c.pop("readout_epochs", None)
+            for key in _READOUT_OPTIONS:
+                c.pop(key, None)
     if saved != want:
         diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
         raise ValueError(

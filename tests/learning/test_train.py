@@ -9,9 +9,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pyro_backpass import GenerativeModel, greedy_map
+from pyro_backpass import GenerativeModel, Scenes, fit_mask_readout, greedy_map
 from pyro_backpass.cli import main
-from pyro_backpass.learning import PRESETS, mask_iou, train_mask_readout, train_model
+from pyro_backpass.data import split_seed
+from pyro_backpass.learning import (
+    PRESETS,
+    mask_iou,
+    render_object_set,
+    top_clamped_passes,
+    train_mask_readout,
+    train_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +63,30 @@ def test_train_mask_readout_gives_the_readout_the_last_stage_fitted(trained):
     with pytest.raises(ValueError, match="fits no readout"):
         off = replace(PRESETS["smoke"], readout_objects_per_category=0)
         train_mask_readout(gm, gm.backbone, off)
+
+
+def test_the_readout_learns_from_scene_objects_and_reports_their_iou(trained):
+    """Scene objects enter the fit through the top-clamped passes: their count is the scenes'
+    visible objects of the model's categories, and the reported validation-scene IoU is the
+    fitted readout's on those passes (recomputed here from the passes themselves)."""
+    gm = GenerativeModel.load(trained / "model.safetensors")
+    gm.attach_mask_readout(None)
+    val = render_object_set(gm.categories, 1, seed=split_seed("validation"), backbone=gm.backbone)
+    train = render_object_set(gm.categories, 1, seed=split_seed("train"), backbone=gm.backbone)
+    scenes, val_scenes = list(Scenes(2, seed=5)), list(Scenes(2, seed=6))
+    readout, report = fit_mask_readout(
+        gm, gm.backbone, train, val, scenes=scenes, validation_scenes=val_scenes, hidden=2,
+        epochs=1,
+    )  # fmt: skip
+    visible = sum(1 for sc in scenes for i in sc.instances
+                  if i.category in gm.categories and i.mask.any())  # fmt: skip
+    assert visible > 0 and report["train_scene_objects"] == visible
+    ious = [float(mask_iou(readout(r.td), inst.mask[None])[0])
+            for inst, r in top_clamped_passes(gm, gm.backbone, val_scenes)]  # fmt: skip
+    assert report["validation_scene_iou"] == pytest.approx(sum(ious) / len(ious), abs=1e-6)
+    with pytest.raises(ValueError, match="no visible object"):
+        empty = replace(Scenes(1, seed=6)[0], instances=())
+        fit_mask_readout(gm, gm.backbone, train, val, validation_scenes=[empty], hidden=0)
 
 
 def test_resume_after_the_first_stage_gives_the_uninterrupted_parameters(trained, tmp_path):
