@@ -8,7 +8,7 @@ bottom-up map of every level their element-wise maximum. Their masks are known, 
 Masks here are the threshold rule's (the model's learned mask readout detached): the readout was
 fitted on the backbone's activations of rendered objects, and these inputs are the model's own
 mean-path activations, outside what it was fitted on (with it, the "leftmost" object's mask
-covered 58 of its 98 pixels: IoU 0.49, nothing of the other object). What these tests check is
+reached IoU 0.49 against > 0.5 asked, missing part of the object). What these tests check is
 the parser's logic, on masks whose answer follows from the model.
 """
 
