@@ -39,22 +39,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, learned_model, machine  # noqa: E402
 
-from pyro_backpass import RenderedObjects, Scenes, fit_mask_readout, greedy_map  # noqa: E402
-from pyro_backpass.data import SCENE_SCALE, split_seed  # noqa: E402
+from pyro_backpass import Scenes, fit_mask_readout, greedy_map  # noqa: E402
+from pyro_backpass.data import OBJECT_SCALE, SCENE_SCALE, split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
-from pyro_backpass.learning import PRESETS, mask_iou, train_mask_readout  # noqa: E402
+from pyro_backpass.learning import (  # noqa: E402
+    PRESETS,
+    mask_iou,
+    render_object_set,
+    train_mask_readout,
+)
 
 
 def objects(gm, split: str, n: int, *, scale=None):
-    """``n`` rendered objects per category of ``split``: images, masks, labels."""
-    images, masks, labels = [], [], []
-    for c, cat in enumerate(gm.categories):
-        kw = {} if scale is None else {"scale": scale}
-        ds = RenderedObjects(cat, n, seed=split_seed(split), **kw)
-        for i in range(n):
-            image, mask = ds[i]
-            images.append(image), masks.append(mask), labels.append(c)
-    return torch.stack(images), torch.stack(masks), torch.tensor(labels)
+    """``n`` rendered objects per category of ``split``: images, masks, labels (the training
+    command's own renderer, so ``train`` objects are the ones its readout step uses)."""
+    scales = (OBJECT_SCALE if scale is None else scale,)
+    return render_object_set(tuple(gm.categories), n, seed=split_seed(split),
+                             backbone=gm.backbone, scales=scales)  # fmt: skip
 
 
 @torch.no_grad()
