@@ -66,10 +66,10 @@ from pyro_backpass.inference import (  # noqa: E402
     top_level_scores,
 )
 from pyro_backpass.learning import (  # noqa: E402
-    e_step_level,
     fit_background,
     mask_iou,
     masked_activations,
+    own_top_assignment,
 )
 from pyro_backpass.model import closed_form_constants, shift_all  # noqa: E402
 
@@ -246,7 +246,6 @@ def fit_top_ranking(gm: GenerativeModel, scenes: list, *, steps: int = 200) -> N
     top = gm.hidden_levels[-1]
     step = gm.steps[top]
     d = step.num_offsets
-    priors = {k: v for k, v in gm.priors.items()}
     items = []  # (bu_top (1, C, H, W), category, true flat indices)
     with torch.no_grad():
         for scene in scenes:
@@ -256,14 +255,7 @@ def fit_top_ranking(gm: GenerativeModel, scenes: list, *, steps: int = 200) -> N
                 if not inst.mask.any():
                     continue
                 cat = gm.categories.index(inst.category)
-                label = torch.tensor([cat])
-                target = masked_activations(gm.backbone, inst.image_alone[None],
-                                            inst.amodal_mask[None])  # fmt: skip
-                gamma, delta, _ = e_step_level(
-                    step, label, target[top],
-                    log_prior_gamma=priors[f"gamma_{top}"].log_probs()[label],
-                    log_prior_delta=priors[f"delta_{top}"].log_probs(),
-                )  # fmt: skip
+                gamma, delta = own_top_assignment(gm, gm.backbone, inst)
                 truth.setdefault(cat, []).append(int(gamma) * d + int(delta))
             items += [(bu[top], cat, sorted(set(h))) for cat, h in truth.items()]
     # Per category: the images stacked and a (n, K*D) bool of their true hypotheses.
@@ -401,12 +393,7 @@ def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool) -> d
         rank_of[order] = torch.arange(1, order.numel() + 1)
         scene_ranks = []
         for inst in planes:
-            target = masked_activations(bb, inst.image_alone[None], inst.amodal_mask[None])
-            prior = model.priors[f"gamma_{top}"].log_probs()[label]
-            gamma, delta, _ = e_step_level(
-                step, label, target[top], log_prior_gamma=prior,
-                log_prior_delta=model.priors[f"delta_{top}"].log_probs(),
-            )  # fmt: skip
+            gamma, delta = own_top_assignment(model, bb, inst)
             scene_ranks.append(int(rank_of[int(gamma) * d + int(delta)]))
             clamped = greedy_map(model, bu, category=label,
                                  clamp={f"gamma_{top}": gamma, f"delta_{top}": delta})  # fmt: skip

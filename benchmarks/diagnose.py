@@ -37,9 +37,8 @@ from pyro_backpass import GenerativeModel, Scenes, greedy_map  # noqa: E402
 from pyro_backpass.data import Instance, split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.learning import (  # noqa: E402
-    e_step_level,
     mask_iou,
-    masked_activations,
+    own_top_assignment,
 )
 
 
@@ -64,12 +63,7 @@ def object_rungs(
     top = gm.hidden_levels[-1]
     label = torch.tensor([gm.categories.index(inst.category)])
     free = greedy_map(gm, bu, category=label)
-    target = masked_activations(bb, inst.image_alone[None], inst.amodal_mask[None])
-    prior = gm.priors[f"gamma_{top}"].log_probs()[label]  # (1, K)
-    gamma, delta, _ = e_step_level(
-        gm.steps[top], label, target[top], log_prior_gamma=prior,
-        log_prior_delta=gm.priors[f"delta_{top}"].log_probs(),
-    )  # fmt: skip
+    gamma, delta = own_top_assignment(gm, bb, inst)
     clamped = greedy_map(gm, bu, category=label,
                          clamp={f"gamma_{top}": gamma, f"delta_{top}": delta})  # fmt: skip
     alone_acts = bb(inst.image_alone[None])

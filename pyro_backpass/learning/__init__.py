@@ -7,6 +7,7 @@ takes ``world=`` (:class:`World`) to share its data among ``torchrun``'s process
 from pyro_backpass.learning.calibration import (
     UPPER_LEVELS,
     calibrate_scale_td,
+    own_top_assignment,
     top_clamped_iou,
     top_clamped_passes,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "object_targets",
     "observation_ppc",
     "observation_statistics",
+    "own_top_assignment",
     "render_object_set",
     "scene_object_reconstructions",
     "scene_pairs",

@@ -27,10 +27,34 @@ from pyro_backpass.learning.targets import masked_activations
 from pyro_backpass.model import GenerativeModel
 from pyro_backpass.results import MapResult
 
-__all__ = ["UPPER_LEVELS", "calibrate_scale_td", "top_clamped_iou", "top_clamped_passes"]
+__all__ = [
+    "UPPER_LEVELS",
+    "calibrate_scale_td",
+    "own_top_assignment",
+    "top_clamped_iou",
+    "top_clamped_passes",
+]
 
 # The levels where the oracle ladder saw clutter enter (issue #10): pool4 … conv3_1.
 UPPER_LEVELS: tuple[str, ...] = ("pool4", "conv4_1", "pool3", "conv3_1")
+
+
+@torch.no_grad()
+def own_top_assignment(
+    gm: GenerativeModel, backbone: Backbone, inst: Instance
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top level's ``(γ, δ)`` (each ``(1,)``) of a scene's object from its own masked
+    activations alone (the E-step, category given, the model's priors): the truth the oracle
+    ladder clamps to."""
+    top = gm.hidden_levels[-1]
+    label = torch.tensor([gm.categories.index(inst.category)], device=gm.device)
+    target = masked_activations(backbone, inst.image_alone[None], inst.amodal_mask[None])
+    gamma, delta, _ = e_step_level(
+        gm.steps[top], label, target[top].to(gm.device),
+        log_prior_gamma=gm.priors[f"gamma_{top}"].log_probs()[label],
+        log_prior_delta=gm.priors[f"delta_{top}"].log_probs(),
+    )  # fmt: skip
+    return gamma, delta
 
 
 @torch.no_grad()
@@ -39,10 +63,9 @@ def top_clamped_passes(
 ) -> Iterator[tuple[Instance, MapResult]]:
     """For every visible object of ``gm``'s categories in ``scenes``: the object and the
     backward pass on its scene with the category given and the top level clamped to the
-    object's own E-step assignment (from its masked activations alone) — the oracle ladder's
-    rung (b), where only the levels below the top decide."""
+    object's own E-step assignment (:func:`own_top_assignment`) — the oracle ladder's rung
+    (b), where only the levels below the top decide."""
     top = gm.hidden_levels[-1]
-    step = gm.steps[top]
     for scene in scenes:
         acts = backbone(scene.image[None])
         bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
@@ -50,12 +73,7 @@ def top_clamped_passes(
             if inst.category not in gm.categories or not bool(inst.mask.any()):
                 continue
             label = torch.tensor([gm.categories.index(inst.category)], device=gm.device)
-            target = masked_activations(backbone, inst.image_alone[None], inst.amodal_mask[None])
-            gamma, delta, _ = e_step_level(
-                step, label, target[top].to(gm.device),
-                log_prior_gamma=gm.priors[f"gamma_{top}"].log_probs()[label],
-                log_prior_delta=gm.priors[f"delta_{top}"].log_probs(),
-            )  # fmt: skip
+            gamma, delta = own_top_assignment(gm, backbone, inst)
             clamp = {f"gamma_{top}": gamma, f"delta_{top}": delta}
             yield inst, greedy_map(gm, bu, category=label, clamp=clamp)
 
