@@ -9,6 +9,7 @@ from pyro_backpass.inference.background import background_log_likelihood
 from pyro_backpass.inference.closed_form import closed_form_td, closed_form_with, select
 from pyro_backpass.inference.exact import DEFAULT_MAX_MEMORY, chunk_bytes, exact_map, joint_states
 from pyro_backpass.inference.greedy import greedy_map, top_level_scores
+from pyro_backpass.inference.grid_map import potts_energy, potts_grid_map
 from pyro_backpass.inference.hypotheses import (
     DEFAULT_CHUNK_ELEMENTS,
     hypothesis_scores,
@@ -41,6 +42,8 @@ __all__ = [
     "joint_states",
     "log_joint",
     "object_mask",
+    "potts_energy",
+    "potts_grid_map",
     "sample",
     "select",
     "template_planes",

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).parents[2] / "benchmarks" / "learning.py"
 
@@ -211,3 +212,48 @@ def test_mask_readout_smoke(tmp_path):
         assert 0 <= row["validation_iou"] <= 1 and 0 <= row["validation_scene_iou"] <= 1
     for scale in ("test_default_scale", "test_scene_scale"):
         assert 0 <= result[scale]["readout"] <= 1 and 0 <= result[scale]["rule"] <= 1
+
+
+def test_per_location_pass_without_map_levels_is_greedy_map():
+    """Lever 5's pass with no γ map (and the n-gram link once) is the plain backward pass:
+    the same choices on every level and the same mask as ``greedy_map`` (the oracle)."""
+    from pyro_backpass import GenerativeModel, Scenes, greedy_map
+    from pyro_backpass.data import split_seed
+
+    pl = _module("per_location")
+    gm = GenerativeModel.default()
+    scene = next(iter(Scenes(1, seed=split_seed("validation"))))
+    acts = gm.backbone(scene.image[None])
+    bu = {n: v for n, v in acts.items() if n in gm.hidden_levels}
+    label = torch.tensor([gm.categories.index("airplane")])
+    plain = greedy_map(gm, bu, category=label)
+    top = gm.hidden_levels[-1]
+    top_values = {s: plain.assignment[s] for s in ("category", f"gamma_{top}", f"delta_{top}")}
+    td, values = pl.per_location_pass(gm, bu, top_values, levels=(), coupling=0.0)
+    for site, value in plain.assignment.items():
+        assert torch.equal(values[site], value), site
+    from pyro_backpass.inference import object_mask
+
+    assert torch.equal(object_mask(gm, td), plain.mask)
+    # With γ maps on two levels: one label per location of each level's own grid.
+    _, maps = pl.per_location_pass(gm, bu, top_values, levels=("pool3", "conv3_1"), coupling=2.0)
+    for name in ("pool3", "conv3_1"):
+        assert maps[f"gamma_{name}"].shape == (1, *gm.steps[name].out.shape[1:])
+        assert int(maps[f"gamma_{name}"].max()) < gm.steps[name].num_components
+
+
+def test_per_location_benchmark_runs(tmp_path):
+    pl = _module("per_location")
+    out = tmp_path / "pl.json"
+    result = pl.main(["--scenes", "1", "--levels", "none", "pool3", "--couplings", "0", "inf",
+                      "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["variants"]
+    assert (
+        set(rows)
+        == {"none link=1", "pool3 w=0 link=1", "pool3 w=inf link=1"}
+        == set(result["variants"])
+    )
+    assert rows["none link=1"]["base_matches_greedy"] is True
+    for r in rows.values():
+        for key in ("hit@0.5", "hit@0.3", "best_iou", "top_clamped", "alone_plain"):
+            assert 0.0 <= r[key] <= 1.0
