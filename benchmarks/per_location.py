@@ -25,7 +25,8 @@ For each variant, on scenes of one split (category airplane), the ladder's rungs
 ``greedy_map`` (``base_matches_greedy``).
 
 Usage: ``python benchmarks/per_location.py --split validation --levels upper --couplings 0 4 inf``
-(one thread; writes ``benchmarks/results/clutter_levers/<split>_per_location.json``).
+(one thread; writes ``benchmarks/results/clutter_levers/<split>_per_location.json``); the
+figure alone: ``--scenes 0 --figure PATH --figure-variants none:0:1 upper:4:1``.
 """
 
 from __future__ import annotations
@@ -83,17 +84,17 @@ def per_location_pass(
     levels: tuple[str, ...],
     coupling: float,
     link: float = 1.0,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The backward pass below a given top-level choice (``category``, ``gamma_<top>``,
-    ``delta_<top>``, each ``(B,)``), with a γ map on ``levels``. Returns F̂ by level and the
-    choices (``(B,)`` or ``(B, H, W)`` for γ maps)."""
+    ``delta_<top>``, each ``(B,)``), with a γ map on ``levels``. Returns F̂ by level, the
+    choices (``(B,)`` or ``(B, H, W)`` for γ maps) and φ by level below the top."""
     top_name = gm.hidden_levels[-1]
     values: dict[str, torch.Tensor] = dict(top)
     phi_top = gm.steps[top_name].phi(
         top["category"], top[f"gamma_{top_name}"], top[f"delta_{top_name}"]
     )  # (B, C, H, W)
     upper, _ = closed_form_with(gm.constants(top_name), bu[top_name], phi_top)
-    td = {top_name: upper}
+    td, phis = {top_name: upper}, {}
     for name in reversed(gm.hidden_levels[:-1]):
         step = gm.steps[name]
         consts = gm.constants(name)
@@ -133,8 +134,8 @@ def per_location_pass(
             values[f"gamma_{name}"], values[f"delta_{name}"] = best // d, best % d
             phi_hat = phi[rows, best // d, best % d]  # (B, C, H, W)
         upper, _ = closed_form_with(consts, bu[name], phi_hat)
-        td[name] = upper
-    return td, values
+        td[name], phis[name] = upper, phi_hat
+    return td, values, phis
 
 
 def _top_values(gm: GenerativeModel, gamma, delta, label) -> dict[str, torch.Tensor]:
@@ -143,7 +144,7 @@ def _top_values(gm: GenerativeModel, gamma, delta, label) -> dict[str, torch.Ten
 
 
 def _pass_mask(gm, bu, top_values, *, levels, coupling, link) -> torch.Tensor:
-    td, _ = per_location_pass(gm, bu, top_values, levels=levels, coupling=coupling, link=link)
+    td, _, _ = per_location_pass(gm, bu, top_values, levels=levels, coupling=coupling, link=link)
     return object_mask(gm, td)  # (1, H, W)
 
 
@@ -168,7 +169,7 @@ def evaluate(
         plain = greedy_map(gm, bu, category=label)
         choice = plain.assignment
         top_values = _top_values(gm, choice[f"gamma_{top}"], choice[f"delta_{top}"], label)
-        td, values = per_location_pass(
+        td, values, _ = per_location_pass(
             gm, bu, top_values, levels=levels, coupling=coupling, link=link
         )
         mask = object_mask(gm, td)
@@ -208,6 +209,56 @@ def evaluate(
     }
 
 
+PHI_LEVELS = ("pool3", "pool1", "conv1_1")
+
+
+@torch.no_grad()
+def figure(gm: GenerativeModel, variants: list[tuple[str, float, float]], path: Path) -> None:
+    """The issue's figure per lever (as ``clutter_figure.py``): for the same three test scenes,
+    the input, φ at ``pool3``, ``pool1``, ``conv1_1``, F̂ at ``conv1_1`` and the mask of the first
+    pass (category airplane), one block of rows per variant ``(level spec, w, link)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pyro_backpass.files import atomic_write
+
+    scenes = list(Scenes(3, seed=split_seed("test")))
+    top = gm.hidden_levels[-1]
+    label = torch.tensor([gm.categories.index("airplane")])
+    titles = ["input"] + [f"φ {n}" for n in PHI_LEVELS] + ["F̂ conv1_1", "mask"]
+    rows = len(variants) * len(scenes)
+    fig, axes = plt.subplots(rows, len(titles), figsize=(1.7 * len(titles), 1.8 * rows),
+                             squeeze=False)  # fmt: skip
+    for vi, (spec, coupling, link) in enumerate(variants):
+        for si, scene in enumerate(scenes):
+            r = vi * len(scenes) + si
+            acts = gm.backbone(scene.image[None])
+            bu = {n: v for n, v in acts.items() if n in gm.hidden_levels}
+            a = greedy_map(gm, bu, category=label).assignment
+            td, _, phis = per_location_pass(
+                gm, bu, _top_values(gm, a[f"gamma_{top}"], a[f"delta_{top}"], label),
+                levels=_levels(gm, spec), coupling=coupling, link=link,
+            )  # fmt: skip
+            panels = [scene.image.permute(1, 2, 0)] + [phis[n][0].amax(0) for n in PHI_LEVELS]
+            panels += [td["conv1_1"][0].amax(0), object_mask(gm, td)[0].float()]
+            for c, (panel, title) in enumerate(zip(panels, titles, strict=True)):
+                ax = axes[r, c]
+                ax.imshow(panel.numpy(), cmap=None if c == 0 else "magma")
+                ax.set_xticks([]), ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(title, fontsize=8)
+            axes[r, 0].set_ylabel(f"{spec} w={coupling:g}\nlink={link:g}, scene {si}", fontsize=7)
+    fig.suptitle("Lever 5: first backward pass, category airplane, γ maps with a Potts prior",
+                 fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def _levels(gm: GenerativeModel, spec: str) -> tuple[str, ...]:
     if spec == "none":
         return ()
@@ -233,6 +284,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--couplings", nargs="+", type=float, default=[0.0, 4.0, math.inf])
     parser.add_argument("--links", nargs="+", type=float, default=[1.0],
                         help="multipliers of the n-gram link log P(γ | parent)")  # fmt: skip
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        default=None,
+        help="also the figure of --figure-variants on three test scenes",
+    )
+    parser.add_argument("--figure-variants", nargs="+", default=["none:0:1", "upper:4:1"],
+                        help="LEVELS:W:LINK, e.g. upper:4:1")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -242,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     scenes = list(Scenes(n, seed=split_seed(args.split)))
     out = args.out or RESULTS / "clutter_levers" / f"{args.split}_per_location.json"
     rows = {}
-    for spec in args.levels:
+    for spec in args.levels if n else []:
         levels = _levels(gm, spec)
         for coupling, link in itertools.product(args.couplings if levels else [0.0], args.links):
             start = time.perf_counter()
@@ -254,6 +313,10 @@ def main(argv: list[str] | None = None) -> dict:
             rows[key]["seconds"] = round(time.perf_counter() - start, 1)
             print(key, {k: (round(v, 3) if isinstance(v, float) else v)
                         for k, v in rows[key].items()}, flush=True)  # fmt: skip
+    if args.figure is not None:
+        variants = [(v.split(":")[0], float(v.split(":")[1]), float(v.split(":")[2]))
+                    for v in args.figure_variants]  # fmt: skip
+        figure(gm, variants, args.figure)
     result = {"machine": machine(), "threads": 1, "model": model_name, "split": args.split,
               "scenes": n, "variants": rows}  # fmt: skip
     atomic_write_json(out, result)

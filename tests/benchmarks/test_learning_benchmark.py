@@ -229,14 +229,14 @@ def test_per_location_pass_without_map_levels_is_greedy_map():
     plain = greedy_map(gm, bu, category=label)
     top = gm.hidden_levels[-1]
     top_values = {s: plain.assignment[s] for s in ("category", f"gamma_{top}", f"delta_{top}")}
-    td, values = pl.per_location_pass(gm, bu, top_values, levels=(), coupling=0.0)
+    td, values, _ = pl.per_location_pass(gm, bu, top_values, levels=(), coupling=0.0)
     for site, value in plain.assignment.items():
         assert torch.equal(values[site], value), site
     from pyro_backpass.inference import object_mask
 
     assert torch.equal(object_mask(gm, td), plain.mask)
     # With γ maps on two levels: one label per location of each level's own grid.
-    _, maps = pl.per_location_pass(gm, bu, top_values, levels=("pool3", "conv3_1"), coupling=2.0)
+    _, maps, _ = pl.per_location_pass(gm, bu, top_values, levels=("pool3", "conv3_1"), coupling=2.0)
     for name in ("pool3", "conv3_1"):
         assert maps[f"gamma_{name}"].shape == (1, *gm.steps[name].out.shape[1:])
         assert int(maps[f"gamma_{name}"].max()) < gm.steps[name].num_components
@@ -246,7 +246,8 @@ def test_per_location_benchmark_runs(tmp_path):
     pl = _module("per_location")
     out = tmp_path / "pl.json"
     result = pl.main(["--scenes", "1", "--levels", "none", "pool3", "--couplings", "0", "inf",
-                      "--out", str(out)])  # fmt: skip
+                      "--out", str(out), "--figure", str(tmp_path / "pl.png")])  # fmt: skip
+    assert (tmp_path / "pl.png").stat().st_size > 0
     rows = json.loads(out.read_text())["variants"]
     assert (
         set(rows)
