@@ -58,7 +58,7 @@ def main() -> None:
                 inst = p.instances[k]
                 plot_overlay(p.image, inst.mask, outline=inst.amodal_mask, ax=ax,
                              title=f"step {k + 1}: {inst.category}, scale {inst.scale}\n"
-                                   f"LLR {inst.score:.0f}")  # fmt: skip
+                                   f"LLR {inst.llr:.0f}")  # fmt: skip
             else:
                 ax.axis("off")
         print(f"{name}: {[i.category for i in p.instances]} ({secs:.1f} s)", flush=True)

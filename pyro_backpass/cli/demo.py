@@ -63,7 +63,7 @@ def _parse_figures(gm, parse, truth_masks, out: Path, name: str, title: str) -> 
     fig, _ = plot_instances(
         parse.image, [i.reconstruction for i in parse.instances],
         [i.mask for i in parse.instances],
-        [f"{i.category}, LLR {i.score:.0f}" for i in parse.instances],
+        [f"{i.category}, score {i.score:.2f}, LLR {i.llr:.0f}" for i in parse.instances],
         suptitle=f"{title}: {len(parse.instances)} instances, stop: {parse.stop_reason}",
     )  # fmt: skip
     _save(fig, out / f"{name}.png")
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> None:
     for ax, cat in zip(axes[1:], ("airplane", "boat"), strict=True):
         p = run_parse(gm, cloud_img, query=Query(category=cat, imagine=True), top_k=top_k)
         plot_overlay(p.instances[0].reconstruction, None, outline=p.instances[0].amodal_mask,
-                     normalize=True, title=f"imagine: {cat}\n(LLR {p.instances[0].score:.0f})",
+                     normalize=True, title=f"imagine: {cat}\n(LLR {p.instances[0].llr:.0f})",
                      ax=ax)  # fmt: skip
     fig.suptitle("imagination: the category clamped on an ambiguous input", fontsize=9)
     _save(fig, args.out / "imagination.png")

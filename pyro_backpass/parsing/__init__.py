@@ -39,6 +39,12 @@ from pyro_backpass.parsing.query import (
 )
 from pyro_backpass.parsing.record import encode_mask, mask_box, parse_record
 from pyro_backpass.parsing.scene_parse import STOP_REASONS, ParsedInstance, SceneParse
+from pyro_backpass.parsing.stop import (
+    STOP_FEATURES,
+    StopCriterion,
+    fit_stop_criterion,
+    stop_features,
+)
 from pyro_backpass.parsing.threshold import (
     THRESHOLD_FILE,
     default_threshold,
@@ -59,8 +65,10 @@ __all__ = [
     "ParsedInstance",
     "PredictedInstances",
     "Query",
+    "STOP_FEATURES",
     "STOP_REASONS",
     "SceneParse",
+    "StopCriterion",
     "THRESHOLD_FILE",
     "View",
     "adjusted_rand_index",
@@ -70,6 +78,7 @@ __all__ = [
     "default_threshold",
     "encode_mask",
     "explain_away",
+    "fit_stop_criterion",
     "foreground_ari",
     "location_prior",
     "make_views",
@@ -84,6 +93,7 @@ __all__ = [
     "parse_scene",
     "parse_scenes",
     "run_parse",
+    "stop_features",
     "threshold_record",
     "top_centre",
 ]

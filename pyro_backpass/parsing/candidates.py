@@ -58,6 +58,7 @@ class Candidate:
     td: dict[str, torch.Tensor] | None = None  # level -> (1, C, H, W), view space
     amodal: torch.Tensor | None = None  # (H, W) image space
     mode_masks: list[torch.Tensor] | None = None  # amodal masks of its row's modes
+    stat: float | None = None  # the stop statistic on its path (StopCriterion), once completed
 
 
 def step_candidates(

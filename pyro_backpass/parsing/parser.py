@@ -1,7 +1,7 @@
 """Scene parsing by repeated backward passes (paper §3.2): each step finds the best object
 hypothesis, explains it away on every level, and the parse stops when the best remaining
-hypothesis no longer beats an all-background explanation by a threshold fitted on validation
-scenes.
+hypothesis's stop statistic (:class:`~pyro_backpass.parsing.StopCriterion`) is no longer above
+a threshold fitted on validation scenes.
 
 One step, on every view of the scan (scales and windows, see :mod:`.views`) at once:
 
@@ -10,11 +10,16 @@ One step, on every view of the scan (scales and windows, see :mod:`.views`) at o
 2. each mode is scored by its log-likelihood ratio against background,
    ``LLR = log_joint − background_log_likelihood`` on the same elements — comparable across
    views and scales, unlike a raw log-joint;
-3. the best mode (or, with a query's preference, the preferred one among those above the
-   threshold) becomes an instance; it is explained away in its own view on every hidden level
-   (:func:`.explaining_away.explain_away`) and its pixels are marked unobserved in the other views.
+3. the best mode by LLR is completed and its stop statistic computed: the LLR itself
+   (the paper's criterion, the fallback), or for the shipped model a log-odds of "new object"
+   fitted on validation parses from its LLR, its visible and amodal pixels and the step
+   (:mod:`.stop`: the LLR alone is inverted on the shipped model). At or below the threshold
+   the path stops; else the mode (or, with a query's preference, the preferred one among the
+   completed modes above the threshold) becomes an instance; it is explained away in its own
+   view on every hidden level (:func:`.explaining_away.explain_away`) and its pixels are
+   marked unobserved in the other views.
 
-With ``beam = B`` the B best parse paths are kept, each scored by ``Σ (LLR_i − threshold)``
+With ``beam = B`` the B best parse paths are kept, each scored by ``Σ (statistic_i − threshold)``
 over its instances; a path ends when stopping beats every extension (at B = 1 this is the
 greedy parse). Scale is not a hidden variable of the model: the scan compares views.
 
@@ -40,6 +45,7 @@ from pyro_backpass.parsing.candidates import (
 from pyro_backpass.parsing.explaining_away import explain_away
 from pyro_backpass.parsing.query import Query
 from pyro_backpass.parsing.scene_parse import ParsedInstance, SceneParse
+from pyro_backpass.parsing.stop import StopCriterion
 from pyro_backpass.parsing.threshold import default_threshold
 from pyro_backpass.parsing.views import View, as_image, make_views
 
@@ -163,22 +169,29 @@ def run_parse(
     scales: Sequence[float] = (1.0,),
     backbone: Backbone | None = None,
     threshold: float | None = None,
+    criterion: StopCriterion | None = None,
     explain: str | None = None,
     background: str | None = None,
     top_k: int = DEFAULT_TOP_K,
     mode_masks: bool = False,
 ) -> SceneParse:
-    """:func:`parse_scene` with the criterion's knobs: ``threshold`` (log-likelihood ratio;
-    None: the shipped fit), ``explain`` (``"subtract"`` or ``"unobserve"``, see
-    :func:`.explaining_away.explain_away`; None: the shipped choice), ``background``
-    (``"profile"`` or ``"off"``, see :func:`~pyro_backpass.inference.background_log_likelihood`;
-    None: the shipped choice), ``top_k`` (modes per step) and ``mode_masks`` (also complete
-    every mode of each step down to the image, for :attr:`ParsedInstance.mode_masks`; costs a
-    top-down pass per mode). ``threshold=-math.inf`` never stops before ``max_objects``."""
+    """:func:`parse_scene` with the criterion's knobs:
+
+    - ``criterion``: the stop statistic, a :class:`~pyro_backpass.parsing.StopCriterion`
+      (None: the shipped fit);
+    - ``threshold``: on that statistic (None: the shipped fit); ``-math.inf`` never stops
+      before ``max_objects``;
+    - ``explain``: ``"subtract"`` or ``"unobserve"``, see
+      :func:`.explaining_away.explain_away` (None: the shipped choice);
+    - ``background``: ``"profile"`` or ``"off"``, see
+      :func:`~pyro_backpass.inference.background_log_likelihood` (None: the shipped choice);
+    - ``top_k``: modes per step; ``mode_masks``: also complete every mode of each step down
+      to the image, for :attr:`ParsedInstance.mode_masks` (a top-down pass per mode).
+    """
     return parse_scenes(
         gm, [image], max_objects=max_objects, query=query, beam=beam, scales=scales,
-        backbone=backbone, threshold=threshold, explain=explain, background=background,
-        top_k=top_k, mode_masks=mode_masks,
+        backbone=backbone, threshold=threshold, criterion=criterion, explain=explain,
+        background=background, top_k=top_k, mode_masks=mode_masks,
     )[0]  # fmt: skip
 
 
@@ -192,6 +205,7 @@ def parse_scenes(
     scales: Sequence[float] = (1.0,),
     backbone: Backbone | None = None,
     threshold: float | None = None,
+    criterion: StopCriterion | None = None,
     explain: str | None = None,
     background: str | None = None,
     top_k: int = DEFAULT_TOP_K,
@@ -245,7 +259,7 @@ def parse_scenes(
         for img, views, a, b in zip(imgs, all_views, firsts[:-1], firsts[1:], strict=True)
     ]
     return _parse(gm, scenes, max_objects=max_objects, query=query, beam=beam,
-                  threshold=threshold, explain=explain, background=background,
+                  threshold=threshold, criterion=criterion, explain=explain, background=background,
                   top_k=top_k, mode_masks=mode_masks)  # fmt: skip
 
 
@@ -258,6 +272,7 @@ def parse_activations(
     query: Query | None = None,
     beam: int = 1,
     threshold: float | None = None,
+    criterion: StopCriterion | None = None,
     explain: str | None = None,
     background: str | None = None,
     top_k: int = DEFAULT_TOP_K,
@@ -276,7 +291,7 @@ def parse_activations(
     img = image.detach().cpu().to(gm.dtype)
     view = View(img, 1.0, 1.0, (0, 0), (size, size))
     return _parse(gm, [(img, [view], bu0)], max_objects=max_objects, query=query, beam=beam,
-                  threshold=threshold, explain=explain, background=background,
+                  threshold=threshold, criterion=criterion, explain=explain, background=background,
                   top_k=top_k, mode_masks=mode_masks)[0]  # fmt: skip
 
 
@@ -303,6 +318,7 @@ def _parse(
     query: Query | None,
     beam: int,
     threshold: float | None,
+    criterion: StopCriterion | None,
     explain: str | None,
     background: str | None,
     top_k: int,
@@ -319,6 +335,9 @@ def _parse(
         raise TypeError(f"query must be a pyro_backpass.parsing.Query, got {type(query).__name__}")
     fitted = default_threshold(gm)
     threshold = fitted["threshold"] if threshold is None else float(threshold)
+    criterion = fitted["criterion"] if criterion is None else criterion
+    if not isinstance(criterion, StopCriterion):
+        raise TypeError(f"criterion must be a StopCriterion, got {type(criterion).__name__}")
     how = fitted["explain_away"] if explain is None else explain
     background = fitted["background"] if background is None else background
     if background not in BACKGROUNDS:
@@ -365,36 +384,42 @@ def _parse(
         for c in cands:
             by_path.setdefault(c.path, []).append(c)
         # Decide per path what stops and what needs completing, then complete all at once.
-        plans = []  # (scene, path, its candidates best first, the eligible ones)
+        plans = []  # (scene, path, its candidates best first by LLR, the ones to complete)
         force = query.imagine and step == 0
         for u, (_, s, p) in enumerate(units):
             mine = sorted(by_path.get(u, []), key=lambda c: -c.llr)
-            eligible = [c for c in mine if c.llr > threshold] or (mine[:1] if force else [])
-            plans.append((s, p, mine, eligible))
-        complete_candidates(gm, [c for *_, eligible in plans
-                                 for c in _to_complete(eligible, query, beam=beam)])  # fmt: skip
+            plans.append((s, p, mine, _to_complete(mine, query, beam=beam)))
+        complete_candidates(gm, [c for *_, pool in plans for c in pool])
         new_paths: dict[int, list[tuple[float, _Path, Candidate | None]]] = {
             id(s): [(p.score, p, None) for p in s.paths if p.done is not None] for s, _ in live
         }
         chosen_all = []
-        for s, p, mine, eligible in plans:
+        for s, p, mine, pool in plans:
             out = new_paths[id(s)]
             if not mine:
                 out.append((p.score, p, None))
                 p.done, p.stop_score = "no_hypothesis", None
                 continue
+            for c in pool:  # the stop statistic of each completed candidate, on this path
+                visible = c.amodal & ~p.claimed
+                if s.occluder is not None:
+                    visible = visible & ~s.occluder
+                c.stat = criterion.statistic(llr=c.llr, visible=int(visible.sum()),
+                                             amodal=int(c.amodal.sum()),
+                                             step=len(p.instances))  # fmt: skip
+            eligible = [c for c in pool if c.stat > threshold] or (pool[:1] if force else [])
             if not eligible:
-                p.done, p.stop_score = "below_threshold", mine[0].llr
+                p.done, p.stop_score = "below_threshold", pool[0].stat
                 out.append((p.score, p, None))
                 continue
             chosen = _choose(gm, eligible, query, beam=beam, image=s.img)
             chosen_all += chosen
             for c in chosen:
-                # Σ (LLR − t); with t = −inf (never stop) the plain Σ LLR ranks the same paths.
-                gain = c.llr - threshold if math.isfinite(threshold) else c.llr
+                # Σ (statistic − t); with t = −inf (never stop) the plain Σ statistic.
+                gain = c.stat - threshold if math.isfinite(threshold) else c.stat
                 out.append((p.score + gain, p, c))
             if not force and math.isfinite(threshold):  # stopping is a path too (beam > 1)
-                out.append((p.score, _stopped(p, mine[0].llr), None))
+                out.append((p.score, _stopped(p, pool[0].stat), None))
         if mode_masks:  # the step's modes in each instance's view (Fig. 5's marks)
             rows_of = {c.row: [d for d in cands if d.row == c.row] for c in chosen_all}
             complete_candidates(gm, [d for row in rows_of.values() for d in row])
@@ -513,7 +538,7 @@ def _extend(
         category=gm.categories[c.assignment["category"]],
         mask=visible,
         amodal_mask=amodal,
-        score=c.llr,
+        score=c.stat,
         reconstruction=view.to_image(c.td["image"][0].detach().cpu(), height, width),
         modes=c.modes,
         mode_scores=[d_lj - (c.log_joint - c.llr) for _, d_lj in c.modes],
@@ -522,5 +547,6 @@ def _extend(
         assignment=dict(c.assignment),
         scale=view.scale,
         view=v,
+        llr=c.llr,
     )
     return _Path(bu, observed, p.claimed | visible, [*p.instances, instance], score)

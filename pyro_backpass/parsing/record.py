@@ -3,6 +3,7 @@ in COCO run-length encoding (``pycocotools``), so parses can be evaluated with C
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -34,11 +35,12 @@ def parse_record(parse: SceneParse, *, image_id: str) -> dict[str, Any]:
     """A parse as a JSON-serialisable dict::
 
         {"image_id": str, "size": [H, W], "stop_reason": str, "threshold": float,
-         "instances": [{"category": str, "score": float, "box": [x, y, w, h],
+         "instances": [{"category": str, "score": float, "llr": float, "box": [x, y, w, h],
                         "segmentation": {"size": [H, W], "counts": str}}, ...]}
 
-    ``box`` and ``segmentation`` describe the visible mask; ``score`` is the instance's
-    log-likelihood ratio against background. ``segmentation`` decodes with
+    ``box`` and ``segmentation`` describe the visible mask; ``score`` is the instance's stop
+    statistic (for the shipped model the fitted log-odds that it is a new object) and ``llr``
+    its log-likelihood ratio against background (null if unknown). ``segmentation`` decodes with
     ``pycocotools.mask.decode`` (after ``counts.encode()``).
     """
     if not isinstance(parse, SceneParse):
@@ -52,6 +54,7 @@ def parse_record(parse: SceneParse, *, image_id: str) -> dict[str, Any]:
             {
                 "category": inst.category,
                 "score": float(inst.score),
+                "llr": float(inst.llr) if math.isfinite(inst.llr) else None,
                 "box": mask_box(m),
                 "segmentation": encode_mask(m),
             }

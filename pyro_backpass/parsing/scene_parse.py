@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -13,8 +14,9 @@ __all__ = ["ParsedInstance", "STOP_REASONS", "SceneParse"]
 
 #: Why a parse ended.
 STOP_REASONS: dict[str, str] = {
-    "below_threshold": "the best remaining hypothesis did not beat the all-background "
-    "explanation by the threshold (log-likelihood ratio below it)",
+    "below_threshold": "the best remaining hypothesis's stop statistic (StopCriterion: the "
+    "fitted log-odds of a new object, or its log-likelihood ratio against background) was not "
+    "above the threshold",
     "max_objects": "max_objects instances were found (the cap, not the criterion)",
     "no_hypothesis": "the query ruled out every hypothesis",
     "imagined": "an imagination query: the best instance is returned whatever its score",
@@ -31,8 +33,9 @@ class ParsedInstance:
         occluder and less the instances found before it).
     :ivar amodal_mask: ``(H, W)`` bool: the whole reconstructed object (completed where it is
         occluded), the on-elements of the mask level of its top-down activations.
-    :ivar score: its log-likelihood ratio against the all-background explanation of what was
-        left of the scene at its step (the stop criterion's statistic; comparable across scales).
+    :ivar score: its stop statistic (:class:`~pyro_backpass.parsing.StopCriterion`): for the
+        shipped model the fitted log-odds that it is a new object, for other models its
+        log-likelihood ratio against background (``llr``); comparable across scales.
     :ivar reconstruction: ``(3, H, W)`` its image-level top-down activations in image space.
     :ivar modes: the step's top-k hypotheses ``(assignment, log_joint)``, best first (the
         paper's Fig. 5 bars) in the view where it was found.
@@ -42,6 +45,8 @@ class ParsedInstance:
     :ivar log_joint: the objective at its assignment.
     :ivar assignment: site → index (``category``, ``gamma_<level>``, ``delta_<level>``).
     :ivar scale: the scan scale of its view; ``view``: the view's index in the scan.
+    :ivar llr: its log-likelihood ratio against the all-background explanation of what was
+        left of the scene at its step (the paper's statistic).
     """
 
     category: str
@@ -56,10 +61,11 @@ class ParsedInstance:
     assignment: dict[str, int]
     scale: float = 1.0
     view: int = 0
+    llr: float = math.nan
 
     def __repr__(self) -> str:
         return (
-            f"ParsedInstance(category={self.category!r}, score={self.score:.1f}, "
+            f"ParsedInstance(category={self.category!r}, score={self.score:.2f}, "
             f"pixels={int(self.mask.sum())}, scale={self.scale})"
         )
 
@@ -72,8 +78,8 @@ class SceneParse:
     :ivar stop_reason: a key of :data:`STOP_REASONS`.
     :ivar image: ``(3, H, W)`` the input as parsed.
     :ivar threshold: the stop criterion's threshold used.
-    :ivar stop_score: the log-likelihood ratio of the best hypothesis the parse did not take
-        (None if it stopped for another reason).
+    :ivar stop_score: the stop statistic of the best hypothesis the parse did not take (None
+        if it stopped for another reason).
     :ivar beam: the number of parse paths kept.
     """
 

@@ -33,6 +33,8 @@ def test_parse_threshold_smoke(tmp_path):
     assert set(result["settings"]) == {"subtract/profile", "subtract/off", "unobserve/profile",
                                        "unobserve/off"}  # fmt: skip
     assert result["chosen"] == out["chosen"] and not shipped.exists()
+    for row in result["settings"].values():
+        assert {"llr", "fitted", "criterion", "cross_validated"} <= set(row)
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
 
 
