@@ -4,7 +4,8 @@ Each scene (plain: 2-3 airplanes alone; cluttered: plus 0-3 distractors and clut
 with ``beam=1`` and ``beam=4`` for as many steps as it has objects (``max_objects``, the stop
 criterion off), so both return the same number of instances. Reported per beam: instance
 recall at mask IoU >= 0.5 (greedy one-to-one matching, better of visible and amodal IoU), the
-summed log-likelihood ratio of the parse (the beam's objective) and seconds per scene.
+summed stop statistic of the parse (the beam's objective, ``ParsedInstance.score``), its summed
+log-likelihood ratio against background and seconds per scene.
 
 One thread. Writes ``benchmarks/results/parse_beam.json``.
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         row: dict = {}
         for regime, items in scenes.items():
             hits = truth = 0
-            llr, secs = [], []
+            llr, stat, secs = [], [], []
             for scene in items:
                 steps = 1 if args.smoke else len(scene.instances)
                 start = time.perf_counter()
@@ -63,11 +64,14 @@ def main(argv: list[str] | None = None) -> dict:
                 secs.append(time.perf_counter() - start)
                 hits += sum(label_steps(parse, scene))
                 truth += len(scene.instances)
-                llr.append(sum(i.score for i in parse.instances))
-            row[regime] = {"recall_iou50": hits / truth, "mean_summed_llr": float(np.mean(llr)),
+                llr.append(sum(i.llr for i in parse.instances))
+                stat.append(sum(i.score for i in parse.instances))
+            row[regime] = {"recall_iou50": hits / truth, "mean_summed_score": float(np.mean(stat)),
+                           "mean_summed_llr": float(np.mean(llr)),
                            "seconds_per_scene": float(np.mean(secs))}  # fmt: skip
-            print(f"beam {beam} {regime:9s} recall {hits / truth:.3f}  summed LLR "
-                  f"{np.mean(llr):10.1f}  {np.mean(secs):.1f} s/scene", flush=True)  # fmt: skip
+            print(f"beam {beam} {regime:9s} recall {hits / truth:.3f}  summed score "
+                  f"{np.mean(stat):8.2f}  summed LLR {np.mean(llr):10.1f}  "
+                  f"{np.mean(secs):.1f} s/scene", flush=True)  # fmt: skip
         out["beams"][str(beam)] = row
     atomic_write_json(args.out, out)
     print(f"wrote {args.out}")

@@ -140,8 +140,8 @@ def parse_fn(
     gm: GenerativeModel, *, stop_of: GenerativeModel | None = None, cap: int | None = MAX_OBJECTS
 ) -> Callable:
     """``parse(image) -> SceneParse`` of ``gm`` by ``parse_scene``. With ``stop_of``, the stop
-    criterion (threshold, explain-away, background) fitted for that model is used instead of
-    ``gm``'s own (the sanity check keeps the shipped model's criterion)."""
+    criterion (statistic, threshold, explain-away, background) fitted for that model is used
+    instead of ``gm``'s own (the sanity check keeps the shipped model's criterion)."""
     from pyro_backpass import parse_scene
 
     if stop_of is None:
@@ -150,9 +150,16 @@ def parse_fn(
 
     fit = default_threshold(stop_of)
     return lambda image: run_parse(
-        gm, image, max_objects=cap, threshold=fit["threshold"],
+        gm, image, max_objects=cap, threshold=fit["threshold"], criterion=fit["criterion"],
         explain=fit["explain_away"], background=fit["background"],
     )  # fmt: skip
+
+
+def default_threshold_of(gm: GenerativeModel) -> dict:
+    """The stop criterion ``parse_scene`` uses for ``gm`` (``StopCriterion`` object included)."""
+    from pyro_backpass.parsing import default_threshold
+
+    return default_threshold(gm)
 
 
 def stop_criterion(gm: GenerativeModel) -> dict:
@@ -162,7 +169,8 @@ def stop_criterion(gm: GenerativeModel) -> dict:
 
     record = threshold_record()
     fitted = record is not None and record.get("model_sha256") == model_fingerprint(gm)
-    return {**default_threshold(gm), "fitted_for_this_model": fitted}
+    fit = default_threshold(gm)
+    return {**fit, "criterion": fit["criterion"].to_dict(), "fitted_for_this_model": fitted}
 
 
 def predicted(insts: list, shape: tuple[int, int]) -> tuple[PredictedInstances, np.ndarray]:
@@ -181,8 +189,9 @@ def predicted(insts: list, shape: tuple[int, int]) -> tuple[PredictedInstances, 
 def tune_stop(
     gm: GenerativeModel, validation: list[Scene], *, max_steps: int | None = None
 ) -> tuple[float, float]:
-    """The stop threshold (log-likelihood ratio) with the best validation F1 at IoU ≥ 0.5,
-    for ``gm`` with the shipped explain-away and background, and that F1.
+    """The stop threshold (on the stop statistic ``parse_scene`` uses for ``gm``) with the best
+    validation F1 at IoU ≥ 0.5, for ``gm`` with the shipped explain-away and background, and
+    that F1.
 
     Each validation scene is parsed once without a stop (``threshold=-inf``) up to
     ``max_steps`` (default ``MAX_STEPS``) instances. With one parse path and no query, a
@@ -190,13 +199,14 @@ def tune_stop(
     step takes the best hypothesis whatever ``t`` is), so every candidate ``t`` is scored on
     the prefixes."""
     from pyro_backpass import run_parse
-    from pyro_backpass.parsing import MAX_STEPS
+    from pyro_backpass.parsing import MAX_STEPS, default_threshold
 
-    fit = stop_criterion(gm)
+    fit = default_threshold(gm)
     runs = []
     for scene in validation:
         p = run_parse(gm, scene.image, threshold=-math.inf, max_objects=max_steps or MAX_STEPS,
-                      explain=fit["explain_away"], background=fit["background"])  # fmt: skip
+                      criterion=fit["criterion"], explain=fit["explain_away"],
+                      background=fit["background"])  # fmt: skip
         runs.append((list(p.instances), truth_of(scene, gm.categories)[0]))
     scores = sorted({float(i.score) for insts, _ in runs for i in insts})
     best = (-1.0, -math.inf)
@@ -532,10 +542,10 @@ def main() -> None:
             result["ours"] = ours
             t = time.perf_counter()
             threshold, val_f1 = tune_stop(gm, validation, max_steps=cap)
-            fit = stop_criterion(gm)
+            fit = default_threshold_of(gm)
             ev_t, _ = run_ours(gm, test, lambda image: run_parse(
-                gm, image, max_objects=cap, threshold=threshold, explain=fit["explain_away"],
-                background=fit["background"]))  # fmt: skip
+                gm, image, max_objects=cap, threshold=threshold, criterion=fit["criterion"],
+                explain=fit["explain_away"], background=fit["background"]))  # fmt: skip
             tuned = ev_t.summary()
             tuned["seconds"] = round(time.perf_counter() - t, 1)
             tuned["stop_threshold"] = threshold

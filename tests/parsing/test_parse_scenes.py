@@ -14,6 +14,7 @@ from PIL import Image
 
 from pyro_backpass import GenerativeModel, parse_scene, parse_scenes, run_parse
 from pyro_backpass.data import make_scene, split_seed
+from pyro_backpass.parsing import StopCriterion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,9 +64,9 @@ def mixed():
 
 
 def test_each_image_parses_as_it_does_alone(gm, mixed):
-    # threshold 0 (a hypothesis must beat background), so parses end by the criterion;
-    # top_k=5 modes per step keeps it quick
-    opts = {"threshold": 0.0, "top_k": 5, "max_objects": 3}
+    # the LLR with threshold 0 (a hypothesis must beat background), so parses end by the
+    # criterion; top_k=5 modes per step keeps it quick
+    opts = {"threshold": 0.0, "criterion": StopCriterion.llr(), "top_k": 5, "max_objects": 3}
     want = [run_parse(gm, image, **opts) for image in mixed]
     counts = [len(p.instances) for p in want]
     assert 0 in counts and max(counts) >= 2  # precondition: a mixed batch, checked
