@@ -38,6 +38,16 @@ def phi_at(gm, result, name: str) -> torch.Tensor:
     return phi[0].amax(dim=0)
 
 
+def draw_row(axes, row: int, panels: list[torch.Tensor], titles: list[str]) -> None:
+    """One row of a lever figure: the input in colour, the maps in magma, titles on row 0."""
+    for c, (panel, title) in enumerate(zip(panels, titles, strict=True)):
+        ax = axes[row, c]
+        ax.imshow(panel.numpy(), cmap=None if c == 0 else "magma")
+        ax.set_xticks([]), ax.set_yticks([])
+        if row == 0:
+            ax.set_title(title, fontsize=8)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
@@ -67,12 +77,7 @@ def main() -> None:
                 panels += [phi_at(model, result, n) for n in levels]
                 panels += [result.td[mask_level][0].amax(dim=0), result.mask[0].float()]
                 titles = ["input"] + [f"φ {n}" for n in levels] + [f"F̂ {mask_level}", "mask"]
-                for c, (panel, title) in enumerate(zip(panels, titles, strict=True)):
-                    ax = axes[r, c]
-                    ax.imshow(panel.numpy(), cmap=None if c == 0 else "magma")
-                    ax.set_xticks([]), ax.set_yticks([])
-                    if r == 0:
-                        ax.set_title(title, fontsize=8)
+                draw_row(axes, r, panels, titles)
                 axes[r, 0].set_ylabel(f"{lever}\nscene {si}", fontsize=7)
     fig.suptitle(f"First backward pass, category airplane; {args.name or model_name}", fontsize=9)
     fig.tight_layout()

@@ -21,7 +21,9 @@ location.
 
 For each variant, on scenes of one split (category airplane), the ladder's rungs as in
 ``clutter_levers.py``: ``hit@0.5`` / ``hit@0.3`` / ``best_iou`` of the free pass, ``top_clamped``
-(rung (b)) and ``alone_plain`` (rung (d)). ``w = inf`` is the one-γ pass, checked against
+(rung (b)) and ``alone_plain`` (rung (d)). ``w = inf`` on a level is one γ for it with the
+n-gram link counted at every location (the per-location model's prior); the paper's one-γ pass
+(the link counted once) is the level set ``none`` with ``link = 1``, checked against
 ``greedy_map`` (``base_matches_greedy``).
 
 Usage: ``python benchmarks/per_location.py --split validation --levels upper --couplings 0 4 inf``
@@ -112,7 +114,7 @@ def per_location_pass(
         if name in levels:
             pgrid = _parent_on_grid(parent, step.kind, (h, w))  # (B, H, W)
             unary = s.permute(0, 2, 3, 4, 1) + link_lp[pgrid][:, None]  # (B, D, H, W, K)
-            if math.isinf(coupling):  # one γ for the level: the paper's model
+            if math.isinf(coupling):  # one γ for the level (the link counted per location)
                 total = unary.sum(dim=(2, 3))  # (B, D, K)
                 flat = (total + log_p_delta[:, None]).permute(0, 2, 1).reshape(b, -1)
                 best = flat.argmax(-1)  # (B,), K-major as greedy's flat index
@@ -217,10 +219,8 @@ def figure(gm: GenerativeModel, variants: list[tuple[str, float, float]], path: 
     """The issue's figure per lever (as ``clutter_figure.py``): for the same three test scenes,
     the input, φ at ``pool3``, ``pool1``, ``conv1_1``, F̂ at ``conv1_1`` and the mask of the first
     pass (category airplane), one block of rows per variant ``(level spec, w, link)``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from clutter_figure import draw_row  # sets the Agg backend
 
     from pyro_backpass.files import atomic_write
 
@@ -243,12 +243,7 @@ def figure(gm: GenerativeModel, variants: list[tuple[str, float, float]], path: 
             )  # fmt: skip
             panels = [scene.image.permute(1, 2, 0)] + [phis[n][0].amax(0) for n in PHI_LEVELS]
             panels += [td["conv1_1"][0].amax(0), object_mask(gm, td)[0].float()]
-            for c, (panel, title) in enumerate(zip(panels, titles, strict=True)):
-                ax = axes[r, c]
-                ax.imshow(panel.numpy(), cmap=None if c == 0 else "magma")
-                ax.set_xticks([]), ax.set_yticks([])
-                if r == 0:
-                    ax.set_title(title, fontsize=8)
+            draw_row(axes, r, panels, titles)
             axes[r, 0].set_ylabel(f"{spec} w={coupling:g}\nlink={link:g}, scene {si}", fontsize=7)
     fig.suptitle("Lever 5: first backward pass, category airplane, γ maps with a Potts prior",
                  fontsize=9)  # fmt: skip

@@ -95,7 +95,7 @@ def _load_parser(spec: str) -> ParseBatch:
 def error_record(image_id: str, reason: str) -> dict[str, Any]:
     """The line of an image with no parse: the schema's keys, no instances, and the reason."""
     return {"image_id": image_id, "size": None, "stop_reason": "error", "threshold": None,
-            "instances": [], "error": reason}  # fmt: skip
+            "criterion": None, "instances": [], "error": reason}  # fmt: skip
 
 
 def _parse_safely(parse: ParseBatch, gm, items: list[ImageItem], device) -> list[dict]:

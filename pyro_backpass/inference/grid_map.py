@@ -106,7 +106,6 @@ def _loopy_bp(unary: torch.Tensor, coupling: float, iterations: int, damping: fl
     for _ in range(iterations):
         belief = unary + inc.sum(0)
         new = torch.zeros_like(inc)
-        # Potts max-sum message: m(k) = max(h(k) + w, max_l h(l)), normalised to max 0.
         # What a location sends down excludes what it received from below, and so on.
         # Potts max-sum message: m(k) = max(h(k) + w, max_l h(l)), normalised to max 0.
         for into, exclude in enumerate((1, 0, 3, 2)):

@@ -366,7 +366,7 @@ def _parse(
                     p.done = reason
                 active = []
             if not active:
-                s.result = _result(s, threshold=threshold, beam=beam)
+                s.result = _result(s, threshold=threshold, beam=beam, criterion=criterion)
             else:
                 live.append((s, active))
         if not live:
@@ -401,17 +401,14 @@ def _parse(
                 p.done, p.stop_score = "no_hypothesis", None
                 continue
             for c in pool:  # the stop statistic of each completed candidate, on this path
-                visible = c.amodal & ~p.claimed
-                if s.occluder is not None:
-                    visible = visible & ~s.occluder
-                c.stat = criterion.statistic(llr=c.llr, visible=int(visible.sum()),
-                                             amodal=int(c.amodal.sum()),
-                                             step=len(p.instances))  # fmt: skip
-            eligible = [c for c in pool if c.stat > threshold] or (pool[:1] if force else [])
-            if not eligible:
+                c.stat = _statistic(criterion, c, p, s)
+            # The stop is decided on the best mode by LLR, as the criterion was fitted; a query's
+            # preference or a beam then picks among the completed modes above the threshold.
+            if pool[0].stat <= threshold and not force:
                 p.done, p.stop_score = "below_threshold", pool[0].stat
                 out.append((p.score, p, None))
                 continue
+            eligible = [pool[0]] + [c for c in pool[1:] if c.stat > threshold]
             chosen = _choose(gm, eligible, query, beam=beam, image=s.img)
             chosen_all += chosen
             for c in chosen:
@@ -460,7 +457,7 @@ def _start(
     return _Scene(img, views, occluder, [path])
 
 
-def _result(s: _Scene, *, threshold: float, beam: int) -> SceneParse:
+def _result(s: _Scene, *, threshold: float, beam: int, criterion: StopCriterion) -> SceneParse:
     best = max(s.paths, key=lambda p: p.score)
     return SceneParse(
         instances=list(best.instances),
@@ -469,7 +466,23 @@ def _result(s: _Scene, *, threshold: float, beam: int) -> SceneParse:
         threshold=threshold,
         stop_score=best.stop_score,
         beam=beam,
+        criterion=criterion.to_dict(),
     )
+
+
+def _statistic(criterion: StopCriterion, c: Candidate, p: _Path, s: _Scene) -> float:
+    """The stop statistic of candidate ``c`` on path ``p``. Pixels are counted in its view's
+    frame (the model's input, where the criterion was fitted), so the statistic is comparable
+    across image sizes and scales; the occluder's pixels count neither as visible nor in the
+    amodal mask, so an occluded object is not read as "already claimed"."""
+    amodal = c.amodal
+    if s.occluder is not None:
+        amodal = amodal & ~s.occluder
+    visible = amodal & ~p.claimed
+    per_pixel = s.views[c.view].factor ** 2  # view pixels per image pixel
+    return criterion.statistic(llr=c.llr, visible=float(visible.sum()) * per_pixel,
+                               amodal=float(amodal.sum()) * per_pixel,
+                               step=len(p.instances))  # fmt: skip
 
 
 def _stopped(p: _Path, stop_score: float) -> _Path:
@@ -494,14 +507,15 @@ def _choose(
     image: torch.Tensor,
 ) -> list[Candidate]:  # fmt: skip
     """The candidates a path is extended with: the preferred one (a query's preference), else
-    the ``beam`` best by LLR that are not the same object (amodal IoU < 0.5 with a better one)."""
+    the ``beam`` best by stop statistic (the paths' score) that are not the same object (amodal
+    IoU < 0.5 with a better one); with ``beam=1``, the best mode by LLR."""
     pool = _to_complete(eligible, query, beam=beam)
     complete_candidates(gm, pool)  # nothing to do where the step completed them in its batch
     if query.prefer is not None:
         return [max(pool, key=lambda c: (_preference_key(query.prefer, c.amodal, image),
                                          c.llr))]  # fmt: skip
     chosen: list[Candidate] = []
-    for c in pool:
+    for c in sorted(pool, key=lambda c: -c.stat) if beam > 1 else pool:
         if all(_iou(c.amodal, d.amodal) < 0.5 for d in chosen):
             chosen.append(c)
         if len(chosen) == beam:

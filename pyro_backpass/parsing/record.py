@@ -35,6 +35,7 @@ def parse_record(parse: SceneParse, *, image_id: str) -> dict[str, Any]:
     """A parse as a JSON-serialisable dict::
 
         {"image_id": str, "size": [H, W], "stop_reason": str, "threshold": float,
+         "criterion": {"weights": {...}, "bias": float, "mean": {...}, "scale": {...}} | null,
          "instances": [{"category": str, "score": float, "llr": float, "box": [x, y, w, h],
                         "segmentation": {"size": [H, W], "counts": str}}, ...]}
 
@@ -65,5 +66,6 @@ def parse_record(parse: SceneParse, *, image_id: str) -> dict[str, Any]:
         "size": [h, w],
         "stop_reason": parse.stop_reason,
         "threshold": float(parse.threshold),
+        "criterion": parse.criterion,
         "instances": instances,
     }

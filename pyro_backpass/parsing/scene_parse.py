@@ -81,6 +81,7 @@ class SceneParse:
     :ivar stop_score: the stop statistic of the best hypothesis the parse did not take (None
         if it stopped for another reason).
     :ivar beam: the number of parse paths kept.
+    :ivar criterion: the stop statistic used (``StopCriterion.to_dict()``), or None.
     """
 
     instances: list[ParsedInstance]
@@ -90,6 +91,7 @@ class SceneParse:
     stop_score: float | None = None
     beam: int = 1
     scores: list[float] = field(default_factory=list)
+    criterion: dict | None = None
 
     @property
     def size(self) -> tuple[int, int]:

@@ -32,13 +32,14 @@ __all__ = ["STOP_FEATURES", "StopCriterion", "fit_stop_criterion", "stop_feature
 STOP_FEATURES = ("llr", "log_visible", "visible_fraction", "step")
 
 
-def stop_features(*, llr: float, visible: int, amodal: int, step: int) -> dict[str, float]:
+def stop_features(*, llr: float, visible: float, amodal: float, step: int) -> dict[str, float]:
     """The features of one step's instance: its LLR against background, its visible and amodal
-    pixel counts (image space) and how many instances the parse had before it."""
+    pixel counts (in the model's input frame: the parser scales a view's counts to it) and how
+    many instances the parse had before it."""
     return {
         "llr": float(llr),
-        "log_visible": math.log1p(max(int(visible), 0)),
-        "visible_fraction": int(visible) / int(amodal) if int(amodal) > 0 else 0.0,
+        "log_visible": math.log1p(max(float(visible), 0.0)),
+        "visible_fraction": float(visible) / float(amodal) if float(amodal) > 0 else 0.0,
         "step": float(step),
     }
 
@@ -48,9 +49,13 @@ def _finite_map(name: str, values: Mapping[str, Any]) -> dict[str, float]:
     for key, value in dict(values).items():
         if key not in STOP_FEATURES:
             raise ValueError(f"StopCriterion {name}: unknown feature {key!r}; use {STOP_FEATURES}")
-        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, (bool, str)) or not math.isfinite(number):
             raise ValueError(f"StopCriterion {name}[{key!r}] must be finite, got {value!r}")
-        out[key] = float(value)
+        out[key] = number
     return out
 
 
@@ -73,11 +78,20 @@ class StopCriterion:
         object.__setattr__(self, "weights", _finite_map("weights", self.weights))
         object.__setattr__(self, "mean", _finite_map("mean", self.mean))
         object.__setattr__(self, "scale", _finite_map("scale", self.scale))
-        if not (isinstance(self.bias, (int, float)) and math.isfinite(self.bias)):
+        try:
+            bias = float(self.bias)
+        except (TypeError, ValueError):
+            bias = math.nan
+        if isinstance(self.bias, (bool, str)) or not math.isfinite(bias):
             raise ValueError(f"StopCriterion bias must be a finite number, got {self.bias!r}")
+        object.__setattr__(self, "bias", bias)
         bad = {k: v for k, v in self.scale.items() if v <= 0}
         if bad:
             raise ValueError(f"StopCriterion scales must be > 0, got {bad}")
+
+    def __hash__(self) -> int:
+        items = [tuple(sorted(m.items())) for m in (self.weights, self.mean, self.scale)]
+        return hash((*items, self.bias))
 
     @classmethod
     def llr(cls) -> StopCriterion:
@@ -89,7 +103,7 @@ class StopCriterion:
         """Whether the statistic is the LLR itself."""
         return self == StopCriterion.llr()
 
-    def statistic(self, *, llr: float, visible: int, amodal: int, step: int) -> float:
+    def statistic(self, *, llr: float, visible: float, amodal: float, step: int) -> float:
         """The stop statistic of one step's instance (see :func:`stop_features`)."""
         x = stop_features(llr=llr, visible=visible, amodal=amodal, step=step)
         return self.bias + sum(

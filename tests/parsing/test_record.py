@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,13 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from pyro_backpass.parsing import ParsedInstance, SceneParse, mask_box, parse_record
+from pyro_backpass.parsing import (
+    ParsedInstance,
+    SceneParse,
+    StopCriterion,
+    mask_box,
+    parse_record,
+)
 
 
 def _instance(mask: torch.Tensor) -> ParsedInstance:
@@ -32,6 +39,12 @@ def test_record_round_trips_through_json_and_pycocotools():
         assert np.array_equal(mask_utils.decode(rle).astype(bool), m.numpy())
         assert inst["box"] == [int(v) for v in mask_utils.toBbox(rle)]
         assert inst["category"] == "airplane" and inst["score"] == 12.5
+        assert inst["llr"] is None  # unknown: the instance was made without one
+    assert record["criterion"] is None
+    crit = StopCriterion({"step": -1.0}, bias=0.5)
+    with_crit = dataclasses.replace(parse, criterion=crit.to_dict())
+    back = json.loads(json.dumps(parse_record(with_crit, image_id="a.png")))["criterion"]
+    assert StopCriterion.from_dict(back) == crit
 
 
 def test_box_of_a_mask_is_x_y_w_h():

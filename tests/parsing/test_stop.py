@@ -93,3 +93,18 @@ def test_parser_stops_where_the_statistic_says():
     assert q.instances[0].score == pytest.approx(q.instances[0].llr)
     with pytest.raises(TypeError, match="StopCriterion"):
         run_parse(gm, image, criterion={"llr": 1.0})
+
+
+def test_statistic_counts_pixels_in_the_models_frame():
+    """The same scene at twice the size (each pixel repeated, so the view is the same 64 px
+    input): the first step's statistic is about the same, not shifted by the 4× pixel count
+    (0.67 · log 4 / 2.03 ≈ 0.46 with the shipped weights, were pixels counted in the image)."""
+    from pyro_backpass import make_scene, split_seed
+
+    gm = GenerativeModel.default()
+    image = make_scene(seed=split_seed("test", 3)).image
+    big = image.repeat_interleave(2, 1).repeat_interleave(2, 2)  # (3, 128, 128)
+    a = run_parse(gm, image, max_objects=1, threshold=-math.inf).instances[0]
+    b = run_parse(gm, big, max_objects=1, threshold=-math.inf).instances[0]
+    assert int(b.mask.sum()) > 2 * int(a.mask.sum())  # image-space pixels do differ
+    assert abs(a.score - b.score) < 0.1
