@@ -63,7 +63,7 @@ def _parse_figures(gm, parse, truth_masks, out: Path, name: str, title: str) -> 
     fig, _ = plot_instances(
         parse.image, [i.reconstruction for i in parse.instances],
         [i.mask for i in parse.instances],
-        [f"{i.category}, score {i.score:.2f}, LLR {i.llr:.0f}" for i in parse.instances],
+        [f"{i.category}\nscore {i.score:.2f}, LLR {i.llr:.0f}" for i in parse.instances],
         suptitle=f"{title}: {len(parse.instances)} instances, stop: {parse.stop_reason}",
     )  # fmt: skip
     _save(fig, out / f"{name}.png")

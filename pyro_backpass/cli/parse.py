@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
         fig, _ = plot_instances(
             parse.image, [i.reconstruction for i in parse.instances],
             [i.mask for i in parse.instances],
-            [f"{i.category} (score {i.score:.2f}, LLR {i.llr:.0f})" for i in parse.instances],
+            [f"{i.category}\n(score {i.score:.2f}, LLR {i.llr:.0f})" for i in parse.instances],
             suptitle=f"{path.name}: {len(parse.instances)} instances, stop: {parse.stop_reason}",
         )  # fmt: skip
         target = args.out / f"{path.stem}.png"
