@@ -31,7 +31,10 @@ true ones (:func:`fit_top_ranking`, ``n`` train scenes, default 60); several joi
 ``footprint``:
 the top level chosen by the log-likelihood ratio against the all-background explanation
 divided by the template's footprint (elements with φ > 0), the rest of the pass unchanged;
-``topk<k>``: the best of greedy's ``top_k=k`` completed descents by total log-joint.
+``topk<k>``: the best of greedy's ``top_k=k`` completed descents by total log-joint;
+``stat<k>``: the best of the same descents by the shipped parser's stop statistic (the fitted
+log-odds of "new object" from the descent's log-likelihood ratio against background and its
+mask's pixels, at the first step: :func:`~pyro_backpass.parsing.default_threshold`).
 
 ``--category-unknown`` adds, per lever, the first pass with the category left to the model
 (hit rates against the airplanes, and how often it chose airplane).
@@ -96,6 +99,8 @@ def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool 
         return gm, lever == "footprint"
     if lever.startswith("topk"):
         return gm, int(lever[4:])
+    if lever.startswith("stat"):
+        return gm, ("stat", int(lever[4:]))
     out = copy.deepcopy(gm)
     for part in lever.split(","):
         if part.startswith("bgfit"):
@@ -337,6 +342,29 @@ def top_scores(gm: GenerativeModel, bu: dict, category: int, *, footprint: bool)
 
 
 @torch.no_grad()
+def best_by_statistic(gm: GenerativeModel, bu: dict, label: torch.Tensor, *, top_k: int):
+    """Of greedy's ``top_k`` completed descents (category ``label``), the one with the largest
+    stop statistic of the parser's criterion for ``gm`` at a parse's first step (nothing
+    claimed yet: visible = amodal mask). Returns an object with ``.mask`` ``(1, H, W)``."""
+    from types import SimpleNamespace
+
+    from pyro_backpass.inference import background_log_likelihood, object_mask, top_down_pass
+    from pyro_backpass.parsing import default_threshold
+
+    crit = default_threshold(gm)["criterion"]
+    result = greedy_map(gm, bu, category=label, top_k=top_k)
+    modes = result.modes[0]
+    values = {s: torch.tensor([a[s] for a, _ in modes]) for s in modes[0][0]}
+    rep = {k: v.expand(len(modes), *v.shape[1:]) for k, v in bu.items()}
+    td, _ = top_down_pass(gm, values, rep, {})
+    masks = object_mask(gm, td)  # (k, H, W)
+    bg = float(background_log_likelihood(gm, bu)[0])
+    stats = [crit.statistic(llr=lj - bg, visible=float(m.sum()), amodal=float(m.sum()), step=0)
+             for (_, lj), m in zip(modes, masks, strict=True)]  # fmt: skip
+    best = max(range(len(stats)), key=lambda i: (stats[i], -i))
+    return SimpleNamespace(mask=masks[best : best + 1])
+
+
 @torch.no_grad()
 def category_unknown(gm: GenerativeModel, lever: str, scenes: list) -> dict:
     """The first backward pass with the category left to the model (the plain pass of the
@@ -377,7 +405,9 @@ def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool) -> d
             continue
         s = top_scores(model, bu, airplane, footprint=choice is True)
         d = step.num_offsets
-        if choice is not True and choice > 1:
+        if isinstance(choice, tuple):
+            free = best_by_statistic(model, bu, label, top_k=choice[1])
+        elif choice is not True and choice > 1:
             free = greedy_map(model, bu, category=label, top_k=choice)
         elif choice:
             flat = int(s.argmax())

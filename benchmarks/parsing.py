@@ -449,17 +449,46 @@ def table(result: dict) -> str:
             return "not run" if entry is None or entry.get("not_run") else "—"
         return f"{v:.3f}"
 
-    entries = {c: result.get(c) for c in COLUMNS}
+    beams = sorted(k for k in result if k.startswith("ours_beam"))  # --beam-row's rows
+    columns = (COLUMNS[0], *beams, *COLUMNS[1:])
+    entries = {c: result.get(c) for c in columns}
     entries["ours_randomised_kernels"] = result.get("sanity_check", {}).get("ours_randomised")
-    head = "| metric (JSON key) | " + " | ".join(COLUMNS) + " | target |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    head = "| metric (JSON key) | " + " | ".join(columns) + " | target |"
+    lines = [head, "|" + "---|" * (len(columns) + 2)]
     for key, name, target in ROWS:
-        cells = " | ".join(cell(entries[c], key) for c in COLUMNS)
+        cells = " | ".join(cell(entries[c], key) for c in columns)
         lines.append(f"| {name} (`{key}`) | {cells} | {target} |")
     return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------- main
+
+
+def add_beam_row(out: Path, *, beam: int, n_test: int, model: Path | None) -> dict:
+    """``ours_beam<B>``: ``parse_scene(gm, image, beam=B)`` on the same test scenes, the stop
+    criterion as shipped, added to an existing results file."""
+    import json
+
+    from pyro_backpass import parse_scene
+
+    if not out.is_file():
+        raise SystemExit(f"{out}: run the benchmark first; --beam-row adds a row to its results")
+    result = json.loads(out.read_text())
+    torch.set_num_threads(1)
+    gm, _ = learned_model(smoke=False, path=model)
+    test = parse_scenes("test", n_test)
+    t = time.perf_counter()
+    with torch.no_grad():
+        ev, records = run_ours(gm, test, lambda image: parse_scene(gm, image, beam=beam))
+    row = ev.summary()
+    row["beam"] = beam
+    row["seconds"] = round(time.perf_counter() - t, 1)
+    row["median_seconds_per_parse"] = statistics.median(r["seconds"] for r in records)
+    result[f"ours_beam{beam}"] = row
+    atomic_write_json(out, result)
+    print(f"ours_beam{beam}", {k: row[k] for k in ("recall_iou50", "precision_iou50",
+                                                  "count_accuracy", "seconds")})  # fmt: skip
+    return row
 
 
 def main() -> None:
@@ -471,11 +500,18 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--table", action="store_true", help="print the table of --out")
     parser.add_argument("--out", type=Path, default=RESULTS / "parsing.json")
+    parser.add_argument("--beam-row", type=int, default=None, metavar="B",
+                        help="only add the row of parse_scene(..., beam=B) on the test scenes "
+                             "to --out (which must exist)")  # fmt: skip
     args = parser.parse_args()
     if args.table:
         import json
 
         print(table(json.loads(args.out.read_text())))
+        return
+    if args.beam_row is not None:
+        add_beam_row(args.out, beam=args.beam_row, n_test=2 if args.smoke else args.test,
+                     model=args.model)  # fmt: skip
         return
     torch.set_num_threads(1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,9 +32,14 @@ def test_parsing_benchmark_smoke(tmp_path):
     if "not_run" not in ours:  # parse_scene present: the full set of metrics, and the sanity run
         assert 0.0 <= ours["recall_iou50"] <= 1.0 and 0.0 <= ours["mask_ap"] <= 1.0
         assert "recall_iou50" in result["sanity_check"]["ours_randomised"]
+    beam = subprocess.run([sys.executable, str(BENCH), "--smoke", "--beam-row", "2", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert beam.returncode == 0, beam.stderr[-2000:]
+    row = json.loads(out.read_text())["ours_beam2"]
+    assert row["beam"] == 2 and 0.0 <= row["recall_iou50"] <= 1.0
     table = subprocess.run([sys.executable, str(BENCH), "--table", "--out", str(out)],
                            capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert "recall_iou50" in table.stdout
+    assert "recall_iou50" in table.stdout and "ours_beam2" in table.stdout
 
 
 def load_benchmark():
