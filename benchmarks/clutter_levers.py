@@ -32,9 +32,14 @@ true ones (:func:`fit_top_ranking`, ``n`` train scenes, default 60); several joi
 the top level chosen by the log-likelihood ratio against the all-background explanation
 divided by the template's footprint (elements with φ > 0), the rest of the pass unchanged;
 ``topk<k>``: the best of greedy's ``top_k=k`` completed descents by total log-joint;
-``stat<k>``: the best of the same descents by the shipped parser's stop statistic (the fitted
-log-odds of "new object" from the descent's log-likelihood ratio against background and its
-mask's pixels, at the first step: :func:`~pyro_backpass.parsing.default_threshold`).
+``rerank<k>[x<n>]``: the best of the same descents by a per-level weighted log-likelihood ratio
+— weights on each level's LLR against background, the prior terms and the mask's log area,
+fitted on ``n`` train scenes (default 60) so that, among each scene's ``k`` descents, the ones
+that hit an airplane (IoU ≥ 0.5) get the most posterior mass (listwise softmax, L2;
+:func:`fit_reranker`); ``stat<k>``: the best of the same descents by the shipped parser's
+stop statistic (the fitted log-odds of "new object" from the descent's log-likelihood ratio
+against background and its mask's pixels, at the first step; the criterion of
+:func:`~pyro_backpass.parsing.default_threshold`).
 
 ``--category-unknown`` adds, per lever, the first pass with the category left to the model
 (hit rates against the airplanes, and how often it chose airplane).
@@ -101,6 +106,10 @@ def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool 
         return gm, int(lever[4:])
     if lever.startswith("stat"):
         return gm, ("stat", int(lever[4:]))
+    if lever.startswith("rerank"):
+        k, _, n = lever[6:].partition("x")
+        scenes = list(Scenes(int(n or 60), seed=split_seed("train")))
+        return gm, ("rerank", int(k or 32), fit_reranker(gm, scenes, top_k=int(k or 32)))
     out = copy.deepcopy(gm)
     for part in lever.split(","):
         if part.startswith("bgfit"):
@@ -342,6 +351,84 @@ def top_scores(gm: GenerativeModel, bu: dict, category: int, *, footprint: bool)
 
 
 @torch.no_grad()
+def descent_features(gm: GenerativeModel, bu: dict, label: torch.Tensor, *, top_k: int):
+    """Greedy's ``top_k`` completed descents (category ``label``): their features ``(k, F)`` —
+    each hidden level's log-likelihood ratio against the all-background explanation (its data
+    score minus the level's background score), the prior terms (log-joint minus the data), the
+    log of 1 + the mask's pixels — and their masks ``(k, H, W)``."""
+    from pyro_backpass.inference import object_mask, top_down_pass
+
+    result = greedy_map(gm, bu, category=label, top_k=top_k)
+    modes = result.modes[0]
+    values = {s: torch.tensor([a[s] for a, _ in modes]) for s in modes[0][0]}
+    rep = {k: v.expand(len(modes), *v.shape[1:]) for k, v in bu.items()}
+    td, scores = top_down_pass(gm, values, rep, {})  # scores: top level first
+    masks = object_mask(gm, td)
+    names = list(reversed(gm.hidden_levels))
+    bg = []
+    for name in names:
+        _, s0 = closed_form_with(gm.constants(name), bu[name], torch.zeros_like(bu[name]))
+        bg.append(s0.sum())
+    data = torch.stack(scores, 1)  # (k, L)
+    llr = data - torch.stack(bg)[None]
+    prior = torch.tensor([lj for _, lj in modes]) - data.sum(1)
+    area = masks.flatten(1).sum(1).to(llr.dtype).log1p()
+    return torch.cat([llr, prior[:, None], area[:, None]], 1), masks
+
+
+def fit_reranker(gm: GenerativeModel, scenes: list, *, top_k: int, l2: float = 1.0):
+    """Weights ``(F,)`` (and the features' mean and scale) of the linear score of
+    :func:`descent_features` that puts the most softmax mass, among each training scene's
+    ``top_k`` descents, on the ones hitting an airplane (IoU ≥ 0.5); scenes with none are
+    skipped."""
+    label = torch.tensor([gm.categories.index("airplane")])
+    feats, targets = [], []
+    for scene in tqdm(scenes, desc="rerank: train descents", leave=False):
+        planes = [i for i in scene.instances if i.category == "airplane" and i.mask.any()]
+        if not planes:
+            continue
+        bu = {k: v for k, v in gm.backbone(scene.image[None]).items() if k in gm.hidden_levels}
+        x, masks = descent_features(gm, bu, label, top_k=top_k)
+        iou = torch.stack([mask_iou(masks, i.mask[None].expand_as(masks)) for i in planes]).amax(0)
+        if bool((iou >= 0.5).any()):
+            feats.append(x.double()), targets.append((iou >= 0.5).double())
+    if not feats:  # nothing to fit (e.g. a smoke model): all weights 0, the first descent
+        print("rerank: no training scene has a hitting descent; weights 0", flush=True)
+        n_feat = len(gm.hidden_levels) + 2
+        return torch.zeros(n_feat, dtype=torch.float64), torch.zeros(n_feat), torch.ones(n_feat)
+    allx = torch.cat(feats)
+    mean, scale = allx.mean(0), allx.std(0).clamp_min(1e-9)
+    w = torch.zeros(allx.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=300, line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        total = 0.5 * l2 * (w * w).sum()
+        for x, y in zip(feats, targets, strict=True):
+            logp = torch.log_softmax(((x - mean) / scale) @ w, 0)
+            total = total - torch.logsumexp(logp[y > 0], 0)  # mass on the hitting descents
+        total.backward()
+        return total
+
+    with torch.enable_grad():
+        opt.step(loss)
+    print(f"rerank: {len(feats)} train scenes with a hit among {top_k}; weights "
+          f"{[round(v, 2) for v in w.detach().tolist()]}", flush=True)  # fmt: skip
+    return w.detach(), mean, scale
+
+
+@torch.no_grad()
+def best_by_reranker(gm, bu, label, *, top_k: int, fit) -> object:
+    from types import SimpleNamespace
+
+    w, mean, scale = fit
+    x, masks = descent_features(gm, bu, label, top_k=top_k)
+    s = ((x.double() - mean) / scale) @ w
+    best = int(s.argmax())
+    return SimpleNamespace(mask=masks[best : best + 1])
+
+
+@torch.no_grad()
 def best_by_statistic(gm: GenerativeModel, bu: dict, label: torch.Tensor, *, top_k: int):
     """Of greedy's ``top_k`` completed descents (category ``label``), the one with the largest
     stop statistic of the parser's criterion for ``gm`` at a parse's first step (nothing
@@ -405,7 +492,9 @@ def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool) -> d
             continue
         s = top_scores(model, bu, airplane, footprint=choice is True)
         d = step.num_offsets
-        if isinstance(choice, tuple):
+        if isinstance(choice, tuple) and choice[0] == "rerank":
+            free = best_by_reranker(model, bu, label, top_k=choice[1], fit=choice[2])
+        elif isinstance(choice, tuple):
             free = best_by_statistic(model, bu, label, top_k=choice[1])
         elif choice is not True and choice > 1:
             free = greedy_map(model, bu, category=label, top_k=choice)

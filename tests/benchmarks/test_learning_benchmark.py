@@ -76,8 +76,8 @@ def test_greedy_vs_exact_learned_smoke(tmp_path):
 def test_clutter_levers_smoke(tmp_path):
     out = tmp_path / "levers.json"
     script = BENCH.parent / "clutter_levers.py"
-    levers = ["base", "footprint", "topk2", "stat2", "bgfit,s0x0.5@upper,lamx1.5@all,s2x2@all",
-              "rank1", "onoff1"]  # fmt: skip
+    levers = ["base", "footprint", "topk2", "stat2", "rerank2x1",
+              "bgfit,s0x0.5@upper,lamx1.5@all,s2x2@all", "rank1", "onoff1"]  # fmt: skip
     _smoke(
         script, "--smoke", "--bound", "--out", str(out), "--category-unknown", "--levers", *levers
     )
