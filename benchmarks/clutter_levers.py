@@ -435,19 +435,13 @@ def best_by_statistic(gm: GenerativeModel, bu: dict, label: torch.Tensor, *, top
     claimed yet: visible = amodal mask). Returns an object with ``.mask`` ``(1, H, W)``."""
     from types import SimpleNamespace
 
-    from pyro_backpass.inference import background_log_likelihood, object_mask, top_down_pass
     from pyro_backpass.parsing import default_threshold
 
     crit = default_threshold(gm)["criterion"]
-    result = greedy_map(gm, bu, category=label, top_k=top_k)
-    modes = result.modes[0]
-    values = {s: torch.tensor([a[s] for a, _ in modes]) for s in modes[0][0]}
-    rep = {k: v.expand(len(modes), *v.shape[1:]) for k, v in bu.items()}
-    td, _ = top_down_pass(gm, values, rep, {})
-    masks = object_mask(gm, td)  # (k, H, W)
-    bg = float(background_log_likelihood(gm, bu)[0])
-    stats = [crit.statistic(llr=lj - bg, visible=float(m.sum()), amodal=float(m.sum()), step=0)
-             for (_, lj), m in zip(modes, masks, strict=True)]  # fmt: skip
+    x, masks = descent_features(gm, bu, label, top_k=top_k)
+    llr = x[:, : len(gm.hidden_levels) + 1].sum(1)  # Σ per-level LLR + priors = log-joint − bg
+    stats = [crit.statistic(llr=float(v), visible=float(m.sum()), amodal=float(m.sum()), step=0)
+             for v, m in zip(llr, masks, strict=True)]  # fmt: skip
     best = max(range(len(stats)), key=lambda i: (stats[i], -i))
     return SimpleNamespace(mask=masks[best : best + 1])
 

@@ -76,8 +76,8 @@ def test_greedy_vs_exact_learned_smoke(tmp_path):
 def test_clutter_levers_smoke(tmp_path):
     out = tmp_path / "levers.json"
     script = BENCH.parent / "clutter_levers.py"
-    levers = ["base", "footprint", "topk2", "stat2", "rerank2x1",
-              "bgfit,s0x0.5@upper,lamx1.5@all,s2x2@all", "rank1", "onoff1"]  # fmt: skip
+    levers = ["base", "footprint", "topk2", "bgfit,s0x0.5@upper,lamx1.5@all,s2x2@all", "rank1",
+              "onoff1"]  # fmt: skip
     _smoke(
         script, "--smoke", "--bound", "--out", str(out), "--category-unknown", "--levers", *levers
     )
@@ -155,6 +155,17 @@ def test_top_level_time_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["models"]["GenerativeModel.default()"]["top_hypotheses"] == 500
     assert len(result["seconds_per_image"]) == 2 and min(result["seconds_per_image"].values()) > 0
+
+
+@pytest.mark.slow  # ~30 s: the smoke model is trained, and rerank completes k descents per scene
+def test_clutter_levers_choice_levers_smoke(tmp_path):
+    out = tmp_path / "levers.json"
+    _smoke(BENCH.parent / "clutter_levers.py", "--smoke", "--out", str(out), "--levers", "stat2",
+           "rerank2x1")  # fmt: skip
+    rows = json.loads(out.read_text())["levers"]
+    assert set(rows) == {"stat2", "rerank2x1"}
+    for r in rows.values():
+        assert 0.0 <= r["hit@0.5"] <= r["hit@0.3"] <= 1.0 and 0.0 <= r["best_iou"] <= 1.0
 
 
 def test_decoder_capacity_decoders_have_the_model_steps_shapes_and_best_component_is_brute():
