@@ -253,6 +253,7 @@ def test_per_location_pass_without_map_levels_is_greedy_map():
         assert int(maps[f"gamma_{name}"].max()) < gm.steps[name].num_components
 
 
+@pytest.mark.slow  # the pass itself is covered by the test above in the default run
 def test_per_location_benchmark_runs(tmp_path):
     pl = _module("per_location")
     out = tmp_path / "pl.json"

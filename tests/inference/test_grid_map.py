@@ -41,7 +41,7 @@ def test_energy_matches_its_definition():
         assert float(energy[i]) == pytest.approx(_brute_energy(unary[i], labels[i], 0.7))
 
 
-@pytest.mark.parametrize(("h", "w", "k"), [(4, 4, 2), (3, 3, 4)])
+@pytest.mark.parametrize(("h", "w", "k"), [(4, 4, 2), (3, 3, 3)])
 @pytest.mark.parametrize("coupling", [0.2, 0.6, 1.5])
 def test_within_one_percent_of_the_exact_optimum(h, w, k, coupling):
     torch.manual_seed(h * 100 + k * 10 + int(coupling * 10))
