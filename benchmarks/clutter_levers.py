@@ -356,7 +356,7 @@ def descent_features(gm: GenerativeModel, bu: dict, label: torch.Tensor, *, top_
     each hidden level's log-likelihood ratio against the all-background explanation (its data
     score minus the level's background score), the prior terms (log-joint minus the data), the
     log of 1 + the mask's pixels — and their masks ``(k, H, W)``."""
-    from pyro_backpass.inference import object_mask, top_down_pass
+    from pyro_backpass.inference import background_log_likelihood, object_mask, top_down_pass
 
     result = greedy_map(gm, bu, category=label, top_k=top_k)
     modes = result.modes[0]
@@ -364,13 +364,11 @@ def descent_features(gm: GenerativeModel, bu: dict, label: torch.Tensor, *, top_
     rep = {k: v.expand(len(modes), *v.shape[1:]) for k, v in bu.items()}
     td, scores = top_down_pass(gm, values, rep, {})  # scores: top level first
     masks = object_mask(gm, td)
-    names = list(reversed(gm.hidden_levels))
-    bg = []
-    for name in names:
-        _, s0 = closed_form_with(gm.constants(name), bu[name], torch.zeros_like(bu[name]))
-        bg.append(s0.sum())
+    # Each level's all-background score, the terms background_log_likelihood sums: (L,).
+    bg = torch.cat([background_log_likelihood(gm, {name: bu[name]})
+                    for name in reversed(gm.hidden_levels)])  # fmt: skip
     data = torch.stack(scores, 1)  # (k, L)
-    llr = data - torch.stack(bg)[None]
+    llr = data - bg[None]
     prior = torch.tensor([lj for _, lj in modes]) - data.sum(1)
     area = masks.flatten(1).sum(1).to(llr.dtype).log1p()
     return torch.cat([llr, prior[:, None], area[:, None]], 1), masks

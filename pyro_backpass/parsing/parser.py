@@ -409,7 +409,7 @@ def _parse(
                 out.append((p.score, p, None))
                 continue
             eligible = [pool[0]] + [c for c in pool[1:] if c.stat > threshold]
-            chosen = _choose(gm, eligible, query, beam=beam, image=s.img)
+            chosen = _choose(eligible, query, beam=beam, image=s.img)
             chosen_all += chosen
             for c in chosen:
                 # Σ (statistic − t); with t = −inf (never stop) the plain Σ statistic.
@@ -495,27 +495,25 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return int((a & b).sum()) / union if union else 1.0
 
 
-def _to_complete(eligible: list[Candidate], query: Query, *, beam: int) -> list[Candidate]:
-    """The candidates :func:`_choose` reads the completions of."""
+def _to_complete(mine: list[Candidate], query: Query, *, beam: int) -> list[Candidate]:
+    """The candidates (best first by LLR) a step completes and :func:`_choose` reads."""
     if query.prefer is not None:
-        return eligible
-    return eligible[:1] if beam == 1 else eligible[: 4 * beam]
+        return mine
+    return mine[:1] if beam == 1 else mine[: 4 * beam]
 
 
 def _choose(
-    gm: GenerativeModel, eligible: list[Candidate], query: Query, *, beam: int,
-    image: torch.Tensor,
-) -> list[Candidate]:  # fmt: skip
-    """The candidates a path is extended with: the preferred one (a query's preference), else
-    the ``beam`` best by stop statistic (the paths' score) that are not the same object (amodal
-    IoU < 0.5 with a better one); with ``beam=1``, the best mode by LLR."""
-    pool = _to_complete(eligible, query, beam=beam)
-    complete_candidates(gm, pool)  # nothing to do where the step completed them in its batch
+    eligible: list[Candidate], query: Query, *, beam: int, image: torch.Tensor
+) -> list[Candidate]:
+    """The candidates a path is extended with, among completed ones (best first by LLR): the
+    preferred one (a query's preference), else the ``beam`` best by stop statistic (the paths'
+    score) that are not the same object (amodal IoU < 0.5 with a better one); with ``beam=1``,
+    the best mode by LLR."""
     if query.prefer is not None:
-        return [max(pool, key=lambda c: (_preference_key(query.prefer, c.amodal, image),
-                                         c.llr))]  # fmt: skip
+        return [max(eligible, key=lambda c: (_preference_key(query.prefer, c.amodal, image),
+                                             c.llr))]  # fmt: skip
     chosen: list[Candidate] = []
-    for c in sorted(pool, key=lambda c: -c.stat) if beam > 1 else pool:
+    for c in sorted(eligible, key=lambda c: -c.stat) if beam > 1 else eligible:
         if all(_iou(c.amodal, d.amodal) < 0.5 for d in chosen):
             chosen.append(c)
         if len(chosen) == beam:
