@@ -39,7 +39,12 @@ that hit an airplane (IoU ≥ 0.5) get the most posterior mass (listwise softmax
 :func:`fit_reranker`); ``stat<k>``: the best of the same descents by the shipped parser's
 stop statistic (the fitted log-odds of "new object" from the descent's log-likelihood ratio
 against background and its mask's pixels, at the first step; the criterion of
-:func:`~pyro_backpass.parsing.default_threshold`).
+:func:`~pyro_backpass.parsing.default_threshold`); ``verify<k>``: the best of the same descents
+by the backbone classifier's log-probability of airplane for the image shown only inside the
+descent's mask (:func:`~pyro_backpass.inference.region_views`); ``verified``: the pass of
+:func:`~pyro_backpass.verified_map`, whose learned :class:`~pyro_backpass.DescentVerifier`
+(shipped, or ``--verifier FILE``) scores the descents from the model's per-level ratios and
+what the backbone sees in each descent's region.
 
 ``--category-unknown`` adds, per lever, the first pass with the category left to the model
 (hit rates against the airplanes, and how often it chose airplane).
@@ -65,12 +70,19 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, hidden_bu, learned_model, machine  # noqa: E402
 
-from pyro_backpass import GenerativeModel, Scenes, greedy_map  # noqa: E402
+from pyro_backpass import (  # noqa: E402
+    DescentVerifier,
+    GenerativeModel,
+    Scenes,
+    greedy_map,
+    verified_map,
+)
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.inference import (  # noqa: E402
     closed_form_with,
     freeze_priors,
+    region_views,
     top_level_scores,
 )
 from pyro_backpass.learning import (  # noqa: E402
@@ -106,6 +118,10 @@ def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool 
         return gm, int(lever[4:])
     if lever.startswith("stat"):
         return gm, ("stat", int(lever[4:]))
+    if lever.startswith("verify"):
+        return gm, ("verify", int(lever[6:] or 32))
+    if lever == "verified":
+        return gm, ("verified",)
     if lever.startswith("rerank"):
         k, _, n = lever[6:].partition("x")
         scenes = list(Scenes(int(n or 60), seed=split_seed("train")))
@@ -351,6 +367,20 @@ def top_scores(gm: GenerativeModel, bu: dict, category: int, *, footprint: bool)
 
 
 @torch.no_grad()
+def best_by_classifier(gm: GenerativeModel, bu: dict, label: torch.Tensor, *, top_k: int):
+    """Of greedy's ``top_k`` completed descents, the one whose region the backbone's
+    classifier, shown only that region (:func:`~pyro_backpass.inference.region_views`), gives
+    the most probability of ``label``. Returns an object with ``.mask`` ``(1, H, W)``."""
+    from types import SimpleNamespace
+
+    _, masks = descent_features(gm, bu, label, top_k=top_k)
+    views = region_views(bu["image"][0], masks)
+    logp = torch.log_softmax(gm.backbone.logits(views), -1)[:, int(label[0])]
+    best = max(range(len(logp)), key=lambda i: (float(logp[i]), -i))
+    return SimpleNamespace(mask=masks[best : best + 1])
+
+
+@torch.no_grad()
 def descent_features(gm: GenerativeModel, bu: dict, label: torch.Tensor, *, top_k: int):
     """Greedy's ``top_k`` completed descents (category ``label``): their features ``(k, F)`` —
     each hidden level's log-likelihood ratio against the all-background explanation (its data
@@ -468,7 +498,8 @@ def category_unknown(gm: GenerativeModel, lever: str, scenes: list) -> dict:
             "best_iou": mean(best)}  # fmt: skip
 
 
-def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool) -> dict:
+def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool,
+             verifier: DescentVerifier | None = None) -> dict:  # fmt: skip
     model, choice = apply_lever(gm, lever)
     bb = gm.backbone
     top = model.hidden_levels[-1]
@@ -484,7 +515,11 @@ def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool) -> d
             continue
         s = top_scores(model, bu, airplane, footprint=choice is True)
         d = step.num_offsets
-        if isinstance(choice, tuple) and choice[0] == "rerank":
+        if isinstance(choice, tuple) and choice[0] == "verified":
+            free = verified_map(model, bu, category=label, verifier=verifier)
+        elif isinstance(choice, tuple) and choice[0] == "verify":
+            free = best_by_classifier(model, bu, label, top_k=choice[1])
+        elif isinstance(choice, tuple) and choice[0] == "rerank":
             free = best_by_reranker(model, bu, label, top_k=choice[1], fit=choice[2])
         elif isinstance(choice, tuple):
             free = best_by_statistic(model, bu, label, top_k=choice[1])
@@ -554,6 +589,8 @@ def main() -> None:
     parser.add_argument("--bound", action="store_true", help="also the best-of-all bound")
     parser.add_argument("--category-unknown", action="store_true",
                         help="also the first pass with the category left to the model")  # fmt: skip
+    parser.add_argument("--verifier", type=Path, default=None,
+                        help="the verified lever's verifier file (default: shipped)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -565,7 +602,8 @@ def main() -> None:
     rows = {}
     for lever in args.levers:
         start = time.perf_counter()
-        rows[lever] = evaluate(gm, lever, scenes, bound=args.bound)
+        verifier = None if args.verifier is None else DescentVerifier.load(args.verifier)
+        rows[lever] = evaluate(gm, lever, scenes, bound=args.bound, verifier=verifier)
         if args.category_unknown:
             rows[lever]["category_unknown"] = category_unknown(gm, lever, scenes)
         rows[lever]["seconds"] = round(time.perf_counter() - start, 1)

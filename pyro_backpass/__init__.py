@@ -55,10 +55,12 @@ from pyro_backpass.inference import (
     joint_states,
     log_joint,
     sample,
+    verified_map,
 )
 from pyro_backpass.learning import (
     EMConfig,
     World,
+    fit_descent_verifier,
     fit_hard_em,
     fit_mask_readout,
     fit_observation_model,
@@ -72,6 +74,7 @@ from pyro_backpass.levels import (
 )
 from pyro_backpass.model import (
     CategoricalPrior,
+    DescentVerifier,
     GenerativeModel,
     MaskReadout,
     NGramPrior,
@@ -121,6 +124,7 @@ __all__ = [
     "CategoricalPrior",
     "CompositionalityScore",
     "DEFAULT_SIZE",
+    "DescentVerifier",
     "DistractorSweep",
     "EMConfig",
     "GenerativeModel",
@@ -155,6 +159,7 @@ __all__ = [
     "compositionality_score",
     "distractor_sweep",
     "exact_map",
+    "fit_descent_verifier",
     "fit_hard_em",
     "fit_mask_readout",
     "fit_observation_model",
@@ -187,4 +192,5 @@ __all__ = [
     "run_parse",
     "sample",
     "split_seed",
+    "verified_map",
 ]

@@ -24,16 +24,26 @@ from pyro_backpass.inference.objective import (
     top_down_pass,
 )
 from pyro_backpass.inference.sampling import sample
+from pyro_backpass.inference.verification import (
+    READ_LEVELS,
+    default_verifier,
+    descent_features,
+    region_views,
+    verified_map,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "DEFAULT_MAX_MEMORY",
     "MapInputs",
+    "READ_LEVELS",
     "background_log_likelihood",
     "check_map_inputs",
     "chunk_bytes",
     "closed_form_td",
     "closed_form_with",
+    "default_verifier",
+    "descent_features",
     "exact_map",
     "freeze_priors",
     "full_res_level",
@@ -44,9 +54,11 @@ __all__ = [
     "object_mask",
     "potts_energy",
     "potts_grid_map",
+    "region_views",
     "sample",
     "select",
     "template_planes",
     "top_down_pass",
     "top_level_scores",
+    "verified_map",
 ]

@@ -44,6 +44,12 @@ from pyro_backpass.learning.train import (
     train_mask_readout,
     train_model,
 )
+from pyro_backpass.learning.verifier_fit import (
+    VerifierExample,
+    descent_examples,
+    fit_descent_verifier,
+    listwise_loss,
+)
 
 __all__ = [
     "DEFAULT_READOUT_LEVELS",
@@ -56,14 +62,18 @@ __all__ = [
     "SINGLE_PROCESS",
     "TrainConfig",
     "UPPER_LEVELS",
+    "VerifierExample",
     "World",
     "calibrate_scale_td",
+    "descent_examples",
     "e_step_level",
     "fit_background",
+    "fit_descent_verifier",
     "fit_hard_em",
     "fit_level",
     "fit_mask_readout",
     "fit_observation_model",
+    "listwise_loss",
     "mask_iou",
     "masked_activations",
     "max_pool_mask",

@@ -13,6 +13,7 @@ from pyro_backpass.model.checks import (
     check_observed,
     merge_category,
 )
+from pyro_backpass.model.descent_verifier import DescentVerifier
 from pyro_backpass.model.generative_model import ENUMERATE, GenerativeModel, default_offsets
 from pyro_backpass.model.mask_readout import MaskReadout
 from pyro_backpass.model.observation import (
@@ -27,6 +28,7 @@ from pyro_backpass.model.top_down import TopDownStep, offset_grid, shift_all, sh
 __all__ = [
     "CategoricalPrior",
     "ClosedFormConstants",
+    "DescentVerifier",
     "ENUMERATE",
     "GenerativeModel",
     "HALF_LOG_2PI",

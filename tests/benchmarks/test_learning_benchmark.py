@@ -161,9 +161,9 @@ def test_top_level_time_smoke(tmp_path):
 def test_clutter_levers_choice_levers_smoke(tmp_path):
     out = tmp_path / "levers.json"
     _smoke(BENCH.parent / "clutter_levers.py", "--smoke", "--out", str(out), "--levers", "stat2",
-           "rerank2x1")  # fmt: skip
+           "rerank2x1", "verify2")  # fmt: skip
     rows = json.loads(out.read_text())["levers"]
-    assert set(rows) == {"stat2", "rerank2x1"}
+    assert set(rows) == {"stat2", "rerank2x1", "verify2"}
     for r in rows.values():
         assert 0.0 <= r["hit@0.5"] <= r["hit@0.3"] <= 1.0 and 0.0 <= r["best_iou"] <= 1.0
 
@@ -270,3 +270,17 @@ def test_per_location_benchmark_runs(tmp_path):
     for r in rows.values():
         for key in ("hit@0.5", "hit@0.3", "best_iou", "top_clamped", "alone_plain"):
             assert 0.0 <= r[key] <= 1.0
+
+
+def test_fit_verifier_smoke(tmp_path):
+    """The shipped model on three train and two validation scenes, k = 4: the fit runs, every
+    L2 is scored, the verified choice is never better than the best of the k descents, and
+    nothing is shipped."""
+    out = tmp_path / "fit_verifier.json"
+    _smoke(BENCH.parent / "fit_verifier.py", "--smoke", "--out", str(out), "--l2", "1", "10")
+    result = json.loads(out.read_text())
+    assert result["shipped"] is False and set(result["l2"]) == {"1.0", "10.0"}
+    for row in result["l2"].values():
+        v = row["validation"]
+        assert v["verified"]["iou"] <= v["best_of_k"]["iou"] + 1e-9
+        assert v["plain"]["iou"] <= v["best_of_k"]["iou"] + 1e-9

@@ -1,0 +1,131 @@
+"""Fit the descent verifier of issue #10 (:func:`~pyro_backpass.fit_descent_verifier`) for the
+shipped model, choose its L2 penalty on validation scenes, and ship it.
+
+Training scenes come from the ``train`` split (seeds never used for validation or test). For
+each scene, greedy's ``top_k`` best top-level hypotheses of the category are completed and
+their features computed (:func:`~pyro_backpass.learning.descent_examples`), in ``--workers``
+processes of one thread each. Every L2 in ``--l2`` is fitted on all training scenes and
+scored on the validation scenes' descents: the share of scenes whose highest-scored descent
+hits an airplane (IoU ≥ 0.5 / 0.3) and its mean IoU. The best by validation hit@0.5 (ties:
+hit@0.3) is written to ``pyro_backpass/weights/descent_verifier.safetensors`` with ``--ship``.
+Results: ``benchmarks/results/fit_verifier.json``.
+
+Usage: ``python benchmarks/fit_verifier.py --scenes 500 --validation 60 --workers 2 --ship``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, learned_model, machine  # noqa: E402
+
+import pyro_backpass  # noqa: E402
+from pyro_backpass import Scenes, fit_descent_verifier, split_seed  # noqa: E402
+from pyro_backpass.files import atomic_write_json  # noqa: E402
+from pyro_backpass.learning import descent_examples  # noqa: E402
+
+WEIGHTS = Path(pyro_backpass.__file__).parent / "weights" / "descent_verifier.safetensors"
+
+
+def _examples(args: tuple, gm=None) -> list:
+    """One worker's examples: scenes ``indices`` of ``split`` (one thread)."""
+    split, n, indices, top_k, categories, smoke, model = args
+    torch.set_num_threads(1)
+    if gm is None:
+        gm, _ = learned_model(smoke=False, path=model)
+    scenes = Scenes(n, seed=split_seed(split))
+    return descent_examples(gm, [scenes[i] for i in indices], top_k=top_k,
+                            categories=categories, progress=indices[0] == 0)  # fmt: skip
+
+
+def examples(split: str, n: int, *, gm, workers: int, top_k: int, categories, smoke,
+             model) -> list:  # fmt: skip
+    parts = [list(range(w, n, workers)) for w in range(workers)]
+    jobs = [(split, n, p, top_k, categories, smoke, model) for p in parts if p]
+    if workers == 1:
+        return _examples(jobs[0], gm)
+    with ProcessPoolExecutor(workers) as pool:
+        return [ex for part in pool.map(_examples, jobs) for ex in part]
+
+
+def choice_quality(verifier, examples_: list) -> dict:
+    """Share of the examples whose highest-scored descent hits (IoU ≥ 0.5, ≥ 0.3), its mean
+    IoU, and the same for greedy's own first descent (the plain pass) and the best of the k
+    (the bound)."""
+    iou, plain, bound = [], [], []
+    for ex in examples_:
+        s = verifier.score(ex.features, ex.category)
+        iou.append(float(ex.iou[int(s.argmax())]))
+        plain.append(float(ex.iou[0]))
+        bound.append(float(ex.iou.max()))
+
+    def row(v):
+        return {"hit@0.5": statistics.mean(float(x >= 0.5) for x in v),
+                "hit@0.3": statistics.mean(float(x >= 0.3) for x in v),
+                "iou": statistics.mean(v)}  # fmt: skip
+
+    return {"verified": row(iou), "plain": row(plain), "best_of_k": row(bound)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenes", type=int, default=500, help="training scenes")
+    parser.add_argument("--validation", type=int, default=60, help="validation scenes")
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--categories", nargs="+", default=["airplane"])
+    parser.add_argument("--l2", type=float, nargs="+", default=[1.0, 10.0, 100.0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
+    parser.add_argument("--ship", action="store_true", help="write the package's weights file")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "fit_verifier.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.smoke:
+        args.scenes, args.validation, args.top_k, args.workers = 3, 2, 4, 1
+    # The smoke preset runs the shipped model on a few scenes (no model is trained).
+    gm, model_name = learned_model(smoke=False, path=args.model)
+    common = dict(gm=gm, workers=args.workers, top_k=args.top_k, categories=args.categories,
+                  smoke=args.smoke, model=args.model)  # fmt: skip
+    start = time.perf_counter()
+    train = examples("train", args.scenes, **common)
+    val = examples("validation", args.validation, **common)
+    extract_s = time.perf_counter() - start
+    rows, fits = {}, {}
+    for l2 in args.l2:
+        t = time.perf_counter()
+        fits[l2] = fit_descent_verifier(gm, examples=train, top_k=args.top_k, l2=l2)
+        rows[str(l2)] = {"validation": choice_quality(fits[l2], val),
+                         "train": choice_quality(fits[l2], train),
+                         "fit_seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
+        print(l2, rows[str(l2)], flush=True)
+
+    def quality(v: float) -> tuple[float, float]:
+        row = rows[str(v)]["validation"]["verified"]
+        return row["hit@0.5"], row["hit@0.3"]
+
+    best = max(args.l2, key=quality)
+    if args.ship and not args.smoke:
+        fits[best].save(WEIGHTS)
+        print(f"wrote {WEIGHTS}")
+    atomic_write_json(args.out, {
+        "machine": machine(), "threads": 1, "workers": args.workers, "model": model_name,
+        "train_scenes": args.scenes, "validation_scenes": args.validation, "top_k": args.top_k,
+        "categories": args.categories, "train_examples": len(train),
+        "train_examples_with_hit": sum(bool(e.hits.any()) for e in train),
+        "validation_examples": len(val), "extract_seconds": round(extract_s, 1),
+        "l2": rows, "chosen_l2": best, "shipped": bool(args.ship and not args.smoke),
+    })  # fmt: skip
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

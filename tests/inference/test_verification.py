@@ -1,0 +1,158 @@
+"""The verified backward pass (issue #10): descent features against independent computations
+(the objective, the background score, the backbone on hand-masked images, block means), the
+choice against brute force over the descents, the verifier's file and errors, and the fit
+against scipy's optimiser on the same objective."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from pyro_backpass import (
+    DescentVerifier,
+    GenerativeModel,
+    fit_descent_verifier,
+    greedy_map,
+    log_joint,
+    make_scene,
+    verified_map,
+)
+from pyro_backpass.inference import background_log_likelihood, default_verifier, descent_features
+from pyro_backpass.learning import VerifierExample, listwise_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+K = 4
+
+
+@pytest.fixture(scope="module")
+def case():
+    torch.set_num_threads(1)
+    gm = GenerativeModel.default()
+    scene = make_scene(seed=(7, 1))
+    with torch.no_grad():
+        acts = gm.backbone(scene.image[None])
+    bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
+    result = greedy_map(gm, bu, category="airplane", top_k=K)
+    modes = result.modes[0]
+    values = {s: torch.tensor([a[s] for a, _ in modes]) for s in result.assignment}
+    lj = torch.tensor([v for _, v in modes], dtype=torch.float64)
+    x, masks = descent_features(gm, bu, values, lj)
+    return gm, scene, bu, modes, x, masks
+
+
+def _verifier(gm, x, column: int, sign: float) -> DescentVerifier:
+    n, f = len(gm.categories), x.shape[1]
+    weight = torch.zeros(n, f, dtype=torch.float64)
+    weight[0, column] = sign
+    return DescentVerifier(categories=gm.categories, read_levels=("pool3", "conv4_1", "pool4"),
+                           weight=weight, mean=torch.zeros(n, f), scale=torch.ones(n, f),
+                           fitted=torch.tensor([True] + [False] * (n - 1)), top_k=K)  # fmt: skip
+
+
+def test_model_features_sum_to_the_log_likelihood_ratio(case):
+    gm, _, bu, modes, x, masks = case
+    n_levels = len(gm.hidden_levels)
+    bg = float(background_log_likelihood(gm, bu)[0])
+    for j, (assignment, _) in enumerate(modes):
+        oracle = float(log_joint(gm, bu, assignment).detach()[0]) - bg
+        assert float(x[j, : n_levels + 1].sum()) == pytest.approx(oracle, rel=1e-4, abs=0.5)
+        clamped = greedy_map(gm, bu, clamp=assignment)
+        assert torch.equal(clamped.mask[0], masks[j])
+        assert float(x[j, n_levels + 1]) == pytest.approx(np.log1p(float(masks[j].sum())))
+
+
+def test_backbone_features_match_hand_masked_images(case):
+    gm, scene, bu, _, x, masks = case
+    n_levels, n_cat = len(gm.hidden_levels), len(gm.categories)
+    image = scene.image.numpy()
+    fill = np.percentile(image.reshape(3, -1), 50, axis=1, method="lower")  # lower median
+    for j in range(K):
+        m = masks[j].numpy()
+        shown = np.where(m[None], image, fill[:, None, None]).astype(np.float32)
+        with torch.no_grad():
+            acts = gm.backbone(torch.from_numpy(shown)[None])
+        logp = torch.log_softmax(gm.backbone.logits(acts), -1)[0]
+        start = n_levels + 2
+        assert torch.allclose(x[j, start : start + n_cat].double(), logp.double(), atol=1e-4)
+        seen = torch.cat([acts[n].mean((2, 3))[0] for n in ("pool3", "conv4_1", "pool4")])
+        got = x[j, start + n_cat : start + n_cat + 192].double()
+        assert torch.allclose(got, seen.double(), atol=1e-4)
+        # pool4 is 4×4 on a 64-px image: each element's weight is the mask's share of its
+        # 16×16 block; the feature is the weighted mean of the scene's activations.
+        w = m.reshape(4, 16, 4, 16).mean((1, 3))
+        a = bu["pool4"][0].numpy()
+        oracle = (a * w).sum((1, 2)) / max(w.sum(), 1e-3)
+        assert np.allclose(x[j, -64:].numpy(), oracle, atol=1e-4)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_verified_map_keeps_the_descent_the_verifier_scores_highest(case, sign):
+    gm, _, bu, modes, x, masks = case
+    area_column = len(gm.hidden_levels) + 1
+    verifier = _verifier(gm, x, area_column, sign)
+    result = verified_map(gm, bu, category="airplane", verifier=verifier)
+    areas = [sign * float(m.sum()) for m in masks]
+    best = max(range(K), key=lambda j: (areas[j], -j))  # brute force over the K descents
+    for site, v in modes[best][0].items():
+        assert int(result.assignment[site][0]) == v, site
+    assert torch.equal(result.mask[0], masks[best])
+    oracle = float(log_joint(gm, bu, modes[best][0]).detach()[0])
+    assert float(result.log_joint[0]) == pytest.approx(oracle, rel=1e-5)
+    ranked = [sign * float(m.sum()) for m in masks]
+    order = [next(j for j, (a, _) in enumerate(modes) if a == mode[0]) for mode in result.modes[0]]
+    assert [ranked[j] for j in order] == sorted(ranked, reverse=True)
+
+
+def test_verifier_file_round_trip_and_errors(case, tmp_path):
+    gm, _, bu, _, x, _ = case
+    v = _verifier(gm, x, 3, 1.0)
+    path = v.save(tmp_path / "v.safetensors")
+    back = DescentVerifier.load(path)
+    assert torch.equal(back.weight, v.weight) and torch.equal(back.fitted, v.fitted)
+    assert back.read_levels == v.read_levels and back.top_k == v.top_k
+    assert torch.allclose(back.score(x, 0), v.score(x, 0))
+    with pytest.raises(ValueError, match="no weights for 'bird'"):
+        v.score(x, 1)
+    with pytest.raises(ValueError, match="features must be"):
+        v.score(x[:, :-1], 0)
+    with pytest.raises(ValueError, match="needs a category"):
+        verified_map(gm, bu, category=None, verifier=v)
+    gm.save(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="not a pyro_backpass DescentVerifier"):
+        DescentVerifier.load(tmp_path / "model.safetensors")
+    other = GenerativeModel.random([4, "M"], num_components=2, num_categories=2)
+    with pytest.raises(ValueError, match="no descent verifier was fitted for this model"):
+        default_verifier(other)
+    with pytest.raises(ValueError, match="top_k must be"):
+        DescentVerifier(categories=["a"], read_levels=[], weight=torch.zeros(1, 2),
+                        mean=torch.zeros(1, 2), scale=torch.ones(1, 2),
+                        fitted=torch.ones(1, dtype=torch.bool), top_k=1)  # fmt: skip
+
+
+def test_fit_matches_scipy_on_the_same_objective():
+    gen = torch.Generator().manual_seed(0)
+    gm = GenerativeModel.random([4, "M"], num_components=2, num_categories=2)
+    examples = []
+    for i in range(6):
+        feats = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+        hits = torch.zeros(5, dtype=torch.bool)
+        hits[i % 5] = True
+        feats[hits, 0] += 1.5  # the first feature is informative, the others noise
+        examples.append(VerifierExample(category=1, features=feats, hits=hits,
+                                        iou=hits.double()))  # fmt: skip
+    fit = fit_descent_verifier(gm, examples=examples, top_k=5, l2=2.0)
+    assert fit.fitted.tolist() == [False, True]
+    mean, scale = fit.mean[1], fit.scale[1]
+    allx = torch.cat([e.features for e in examples])
+    assert torch.allclose(mean, allx.mean(0)) and torch.allclose(scale, allx.std(0))
+
+    def objective(w: np.ndarray) -> float:
+        t = torch.from_numpy(w)
+        return float(listwise_loss(t, examples, mean=mean, scale=scale, l2=2.0))
+
+    oracle = minimize(objective, np.zeros(3), method="Nelder-Mead",
+                      options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 20000})  # fmt: skip
+    assert np.allclose(fit.weight[1].numpy(), oracle.x, atol=1e-3)
+    assert float(fit.weight[1, 0]) > 0  # the informative feature is weighted up
