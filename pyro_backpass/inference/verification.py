@@ -64,7 +64,8 @@ def descent_features(
     The columns, in order: each hidden level's log-likelihood ratio against the all-background
     explanation (its data score minus the level's :func:`background_log_likelihood`; top level
     first), the prior terms (log-joint minus the data scores), ``log(1 + mask pixels)``; then
-    from :func:`region_views` of the descent's mask through ``gm.backbone``: the classifier's
+    from :func:`region_views` of the descent's mask (on the image level clipped to [0, 1])
+    through ``gm.backbone``: the classifier's
     log-probabilities of every category (if the backbone has a head) and the spatial mean of
     each read level; last, the mean of each read level's bottom-up activations over the mask
     (pooled to the level's resolution).
@@ -98,7 +99,7 @@ def descent_features(
     prior = log_joints.to(data) - data.sum(1)
     area = masks.flatten(1).sum(1).to(data.dtype).log1p()
     levels = [n for n in read_levels if n in bu]
-    views = region_views(bu["image"][0], masks)
+    views = region_views(bu["image"][0].clamp(0, 1), masks)  # clipped: the backbone's range
     seen, logp = [], []
     for start in range(0, k, _GROUP):
         acts = gm.backbone(views[start : start + _GROUP].to(bu["image"]))

@@ -20,13 +20,15 @@ import torch
 from pyro_backpass.inference.background import background_log_likelihood
 from pyro_backpass.inference.greedy import greedy_map
 from pyro_backpass.inference.objective import object_mask, top_down_pass
+from pyro_backpass.inference.verification import descent_features
+from pyro_backpass.model.descent_verifier import DescentVerifier
 from pyro_backpass.parsing.query import Query, location_prior
 from pyro_backpass.parsing.views import View
 
 if TYPE_CHECKING:
     from pyro_backpass.model.generative_model import GenerativeModel
 
-__all__ = ["Candidate", "StepRow", "complete_candidates", "step_candidates"]
+__all__ = ["Candidate", "StepRow", "complete_candidates", "step_candidates", "verify_candidates"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Candidate:
     amodal: torch.Tensor | None = None  # (H, W) image space
     mode_masks: list[torch.Tensor] | None = None  # amodal masks of its row's modes
     stat: float | None = None  # the stop statistic on its path (StopCriterion), once completed
+    verified: float | None = None  # its DescentVerifier score, when the parse verifies
 
 
 def step_candidates(
@@ -143,3 +146,22 @@ def complete_candidates(gm: GenerativeModel, cands: list[Candidate]) -> None:
     for j, c in enumerate(todo):
         c.td = {k: v[j : j + 1] for k, v in td.items()}
         c.amodal = c.frame.to_image(masks[j], *c.size)
+
+
+def verify_candidates(
+    gm: GenerativeModel, cands: list[Candidate], verifier: DescentVerifier
+) -> None:
+    """Each candidate's :class:`~pyro_backpass.model.DescentVerifier` score (``.verified``),
+    from its :func:`~pyro_backpass.inference.descent_features` on its row's current maps (the
+    objects found before it explained away); one feature pass per row."""
+    rows: dict[int, list[Candidate]] = {}
+    for c in cands:
+        rows.setdefault(c.row, []).append(c)
+    for mine in rows.values():
+        values = {s: torch.tensor([c.assignment[s] for c in mine], device=gm.device)
+                  for s in mine[0].assignment}  # fmt: skip
+        lj = torch.tensor([c.log_joint for c in mine], dtype=torch.float64)
+        x, _ = descent_features(gm, mine[0].bu, values, lj, read_levels=verifier.read_levels,
+                                observed=mine[0].obs)  # fmt: skip
+        for c, v in zip(mine, x.cpu(), strict=True):
+            c.verified = float(verifier.score(v[None], c.assignment["category"])[0])

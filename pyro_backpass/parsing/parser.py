@@ -36,11 +36,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pyro_backpass.backbone.activations import downsample_mask
+from pyro_backpass.model.descent_verifier import DescentVerifier
 from pyro_backpass.parsing.candidates import (
     Candidate,
     StepRow,
     complete_candidates,
     step_candidates,
+    verify_candidates,
 )
 from pyro_backpass.parsing.explaining_away import explain_away
 from pyro_backpass.parsing.query import Query
@@ -174,6 +176,7 @@ def run_parse(
     background: str | None = None,
     top_k: int = DEFAULT_TOP_K,
     mode_masks: bool = False,
+    verifier: DescentVerifier | None = None,
 ) -> SceneParse:
     """:func:`parse_scene` with the criterion's knobs:
 
@@ -186,12 +189,16 @@ def run_parse(
     - ``background``: ``"profile"`` or ``"off"``, see
       :func:`~pyro_backpass.inference.background_log_likelihood` (None: the shipped choice);
     - ``top_k``: modes per step; ``mode_masks``: also complete every mode of each step down
-      to the image, for :attr:`ParsedInstance.mode_masks` (a top-down pass per mode).
+      to the image, for :attr:`ParsedInstance.mode_masks` (a top-down pass per mode);
+    - ``verifier``: a :class:`~pyro_backpass.DescentVerifier` (issue #10): each step's
+      ``top_k`` modes are completed and ranked by it instead of by their log-likelihood ratio
+      (it must be fitted for every category a step can choose: the query's, or all); the
+      stop criterion then reads the verifier's best mode. None: rank by the ratio.
     """
     return parse_scenes(
         gm, [image], max_objects=max_objects, query=query, beam=beam, scales=scales,
         backbone=backbone, threshold=threshold, criterion=criterion, explain=explain,
-        background=background, top_k=top_k, mode_masks=mode_masks,
+        background=background, top_k=top_k, mode_masks=mode_masks, verifier=verifier,
     )[0]  # fmt: skip
 
 
@@ -210,6 +217,7 @@ def parse_scenes(
     background: str | None = None,
     top_k: int = DEFAULT_TOP_K,
     mode_masks: bool = False,
+    verifier: DescentVerifier | None = None,
 ) -> list[SceneParse]:
     """:func:`run_parse` of many images at once: one :class:`SceneParse` per image, each what
     :func:`parse_scene` gives for that image alone (up to floating-point rounding of batched
@@ -260,7 +268,7 @@ def parse_scenes(
     ]
     return _parse(gm, scenes, max_objects=max_objects, query=query, beam=beam,
                   threshold=threshold, criterion=criterion, explain=explain, background=background,
-                  top_k=top_k, mode_masks=mode_masks)  # fmt: skip
+                  top_k=top_k, mode_masks=mode_masks, verifier=verifier)  # fmt: skip
 
 
 def parse_activations(
@@ -277,6 +285,7 @@ def parse_activations(
     background: str | None = None,
     top_k: int = DEFAULT_TOP_K,
     mode_masks: bool = False,
+    verifier: DescentVerifier | None = None,
 ) -> SceneParse:
     """:func:`run_parse` on given bottom-up activations of one model-sized input (level →
     ``(1, C, H, W)``, e.g. built from the model's own top-down activations in tests), no scan.
@@ -292,7 +301,7 @@ def parse_activations(
     view = View(img, 1.0, 1.0, (0, 0), (size, size))
     return _parse(gm, [(img, [view], bu0)], max_objects=max_objects, query=query, beam=beam,
                   threshold=threshold, criterion=criterion, explain=explain, background=background,
-                  top_k=top_k, mode_masks=mode_masks)[0]  # fmt: skip
+                  top_k=top_k, mode_masks=mode_masks, verifier=verifier)[0]  # fmt: skip
 
 
 @dataclass
@@ -323,6 +332,7 @@ def _parse(
     background: str | None,
     top_k: int,
     mode_masks: bool = False,
+    verifier: DescentVerifier | None = None,
 ) -> list[SceneParse]:
     """The parse loop of a batch of images ``(image (3, H, W), views, bottom-up maps level →
     (V, C, h, w))``, one step of every image still parsing per iteration."""
@@ -333,6 +343,8 @@ def _parse(
     query = Query() if query is None else query
     if not isinstance(query, Query):
         raise TypeError(f"query must be a pyro_backpass.parsing.Query, got {type(query).__name__}")
+    if verifier is not None:
+        _check_verifier(gm, verifier, query)
     fitted = default_threshold(gm)
     threshold = fitted["threshold"] if threshold is None else float(threshold)
     criterion = fitted["criterion"] if criterion is None else criterion
@@ -380,6 +392,9 @@ def _parse(
         obs = {n: torch.cat([p.observed[n] for _, _, p in units]) for n in units[0][2].observed}
         cands = step_candidates(gm, bu, obs, rows, query, top_k=top_k,
                                 profile=background == "profile")  # fmt: skip
+        if verifier is not None:
+            verify_candidates(gm, cands, verifier)
+        rank = (lambda c: -c.llr) if verifier is None else (lambda c: -c.verified)
         by_path: dict[int, list[Candidate]] = {}
         for c in cands:
             by_path.setdefault(c.path, []).append(c)
@@ -387,7 +402,7 @@ def _parse(
         plans = []  # (scene, path, its candidates best first by LLR, the ones to complete)
         force = query.imagine and step == 0
         for u, (_, s, p) in enumerate(units):
-            mine = sorted(by_path.get(u, []), key=lambda c: -c.llr)
+            mine = sorted(by_path.get(u, []), key=rank)
             plans.append((s, p, mine, _to_complete(mine, query, beam=beam)))
         complete_candidates(gm, [c for *_, pool in plans for c in pool])
         new_paths: dict[int, list[tuple[float, _Path, Candidate | None]]] = {
@@ -432,6 +447,28 @@ def _parse(
             ]
         step += 1
     return [s.result for s in batch]
+
+
+def _check_verifier(gm: GenerativeModel, verifier: Any, query: Query) -> None:
+    if not isinstance(verifier, DescentVerifier):
+        raise TypeError(f"verifier must be a DescentVerifier, got {type(verifier).__name__}")
+    if tuple(verifier.categories) != tuple(gm.categories):
+        raise ValueError(f"the verifier's categories {list(verifier.categories)} are not the "
+                         f"model's {list(gm.categories)}")  # fmt: skip
+    if query.category is not None:
+        c = query.category
+        need = [c if isinstance(c, str) else gm.categories[int(c)]]
+    elif query.categories is not None:
+        need = [c for c, w in query.categories.items() if w > 0]
+    else:
+        need = list(gm.categories)
+    missing = [c for c in need if c not in verifier.fitted_categories]
+    if missing:
+        raise ValueError(
+            f"the verifier has no weights for {missing}, which this parse can choose; it was "
+            f"fitted for {list(verifier.fitted_categories)} (attend to one with "
+            "Query(category=...), or fit the others)"
+        )
 
 
 def _start(

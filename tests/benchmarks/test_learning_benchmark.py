@@ -281,6 +281,6 @@ def test_fit_verifier_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["shipped"] is False and set(result["l2"]) == {"1.0", "10.0"}
     for row in result["l2"].values():
-        v = row["validation"]
+        v = row["airplane"]["validation"]
         assert v["verified"]["iou"] <= v["best_of_k"]["iou"] + 1e-9
         assert v["plain"]["iou"] <= v["best_of_k"]["iou"] + 1e-9

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_backpass import GenerativeModel, greedy_map, parse_scene, sample
+from pyro_backpass import DescentVerifier, GenerativeModel, greedy_map, parse_scene, sample
 from pyro_backpass.backbone.activations import downsample_mask
 from pyro_backpass.inference import background_log_likelihood, object_mask, top_down_pass
 from pyro_backpass.parsing import (
@@ -118,6 +118,35 @@ def test_largest_is_the_largest_mode_above_threshold(gm, pair):
     # The larger true object is among the parse's objects and no true object beats the pick.
     assert max(_iou(m, pair[bigger]) for m in two) > 0.5
     assert inst.amodal_mask.sum() >= pair[bigger].sum() * 0.5
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_verifier_ranks_each_steps_modes(gm, pair, sign):
+    """With a verifier that scores a descent by ± its mask's log area, the first instance is
+    the step's mode with the largest / smallest mask (brute force: each mode completed by
+    top_down_pass); one fitted only for airplane is refused for a parse of every category."""
+    n, f = len(gm.categories), len(gm.hidden_levels) + 2 + len(gm.categories) + 2 * 192
+    weight = torch.zeros(n, f, dtype=torch.float64)
+    weight[:, len(gm.hidden_levels) + 1] = sign  # the log-area column
+    verifier = DescentVerifier(categories=gm.categories, read_levels=("pool3", "conv4_1", "pool4"),
+                               weight=weight, mean=torch.zeros(n, f), scale=torch.ones(n, f),
+                               fitted=torch.ones(n, dtype=torch.bool), top_k=10)  # fmt: skip
+    p = parse_activations(gm, pair["bu"], max_objects=1, threshold=-math.inf, verifier=verifier)
+    inst = p.instances[0]
+    areas = []
+    for a, _ in inst.modes:
+        td, _ = top_down_pass(gm, {s: torch.tensor([v]) for s, v in a.items()}, pair["bu"], {})
+        areas.append(sign * int(_masks(gm, td)[0].sum()))
+    best = max(range(len(areas)), key=lambda j: (areas[j], -j))
+    assert inst.assignment == inst.modes[best][0]
+    only_airplane = DescentVerifier(categories=gm.categories, read_levels=verifier.read_levels,
+                                    weight=weight, mean=torch.zeros(n, f), scale=torch.ones(n, f),
+                                    fitted=torch.arange(n) == 0, top_k=10)  # fmt: skip
+    with pytest.raises(ValueError, match="no weights for"):
+        parse_activations(gm, pair["bu"], max_objects=1, verifier=only_airplane)
+    q = Query(category="airplane")
+    assert parse_activations(gm, pair["bu"], max_objects=1, threshold=-math.inf, query=q,
+                             verifier=only_airplane).instances  # fmt: skip
 
 
 @pytest.mark.slow
