@@ -449,7 +449,7 @@ def table(result: dict) -> str:
             return "not run" if entry is None or entry.get("not_run") else "—"
         return f"{v:.3f}"
 
-    beams = sorted(k for k in result if k.startswith("ours_beam"))  # --beam-row's rows
+    beams = sorted(k for k in result if k.startswith(("ours_beam", "ours_verified")))  # added rows
     columns = (COLUMNS[0], *beams, *COLUMNS[1:])
     entries = {c: result.get(c) for c in columns}
     entries["ours_randomised_kernels"] = result.get("sanity_check", {}).get("ours_randomised")
@@ -464,30 +464,49 @@ def table(result: dict) -> str:
 # -------------------------------------------------------------------------------------- main
 
 
-def add_beam_row(out: Path, *, beam: int, n_test: int, model: Path | None) -> dict:
+def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
+            verified_top_k: int | None = None) -> dict:  # fmt: skip
     """``ours_beam<B>``: ``parse_scene(gm, image, beam=B)`` on the same test scenes, the stop
-    criterion as shipped, added to an existing results file."""
+    criterion as shipped; or ``ours_verified<K>``: ``run_parse(gm, image, top_k=K,
+    verifier=DescentVerifier.shipped())``, each step's K modes ranked by the shipped verifier
+    (issue #10). Added to an existing results file."""
     import json
 
-    from pyro_backpass import parse_scene
+    from pyro_backpass import DescentVerifier, parse_scene
+    from pyro_backpass.parsing import run_parse
 
     if not out.is_file():
-        raise SystemExit(f"{out}: run the benchmark first; --beam-row adds a row to its results")
+        raise SystemExit(f"{out}: run the benchmark first; a row is added to its results")
     result = json.loads(out.read_text())
     torch.set_num_threads(1)
     gm, _ = learned_model(smoke=False, path=model)
     test = parse_scenes("test", n_test)
+    if verified_top_k is None:
+        name = f"ours_beam{beam}"
+
+        def parse(image):
+            return parse_scene(gm, image, beam=beam)
+    else:
+        name = f"ours_verified{verified_top_k}"
+        verifier = DescentVerifier.shipped()
+        if verifier is None:
+            raise SystemExit("no shipped descent verifier: run benchmarks/fit_verifier.py --ship")
+
+        def parse(image):
+            return run_parse(gm, image, beam=beam, top_k=verified_top_k, verifier=verifier)
+
     t = time.perf_counter()
     with torch.no_grad():
-        ev, records = run_ours(gm, test, lambda image: parse_scene(gm, image, beam=beam))
+        ev, records = run_ours(gm, test, parse)
     row = ev.summary()
     row["beam"] = beam
+    row["verifier_top_k"] = verified_top_k
     row["seconds"] = round(time.perf_counter() - t, 1)
     row["median_seconds_per_parse"] = statistics.median(r["seconds"] for r in records)
-    result[f"ours_beam{beam}"] = row
+    result[name] = row
     atomic_write_json(out, result)
-    print(f"ours_beam{beam}", {k: row[k] for k in ("recall_iou50", "precision_iou50",
-                                                  "count_accuracy", "seconds")})  # fmt: skip
+    print(name, {k: row[k] for k in ("recall_iou50", "precision_iou50", "count_accuracy",
+                                     "seconds")})  # fmt: skip
     return row
 
 
@@ -503,15 +522,18 @@ def main() -> None:
     parser.add_argument("--beam-row", type=int, default=None, metavar="B",
                         help="only add the row of parse_scene(..., beam=B) on the test scenes "
                              "to --out (which must exist)")  # fmt: skip
+    parser.add_argument("--verified-row", type=int, default=None, metavar="K",
+                        help="only add the row of run_parse(..., top_k=K, verifier=the shipped "
+                             "DescentVerifier) on the test scenes to --out")  # fmt: skip
     args = parser.parse_args()
     if args.table:
         import json
 
         print(table(json.loads(args.out.read_text())))
         return
-    if args.beam_row is not None:
-        add_beam_row(args.out, beam=args.beam_row, n_test=2 if args.smoke else args.test,
-                     model=args.model)  # fmt: skip
+    if args.beam_row is not None or args.verified_row is not None:
+        add_row(args.out, beam=args.beam_row or 1, verified_top_k=args.verified_row,
+                n_test=2 if args.smoke else args.test, model=args.model)  # fmt: skip
         return
     torch.set_num_threads(1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

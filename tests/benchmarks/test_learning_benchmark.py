@@ -283,4 +283,4 @@ def test_fit_verifier_smoke(tmp_path):
     for row in result["l2"].values():
         v = row["airplane"]["validation"]
         assert v["verified"]["iou"] <= v["best_of_k"]["iou"] + 1e-9
-        assert v["plain"]["iou"] <= v["best_of_k"]["iou"] + 1e-9
+        assert v["by_log_joint"]["iou"] <= v["best_of_k"]["iou"] + 1e-9
