@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from clutter_levers import apply_lever  # noqa: E402
 from common import RESULTS, learned_model  # noqa: E402
 
-from pyro_backpass import Scenes, greedy_map  # noqa: E402
+from pyro_backpass import Scenes, greedy_map, verified_map  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write  # noqa: E402
 
@@ -72,7 +72,10 @@ def main() -> None:
                 r = li * len(scenes) + si
                 acts = gm.backbone(scene.image[None])
                 bu = {k: v for k, v in acts.items() if k in model.hidden_levels}
-                result = greedy_map(model, bu, category="airplane")
+                if lever == "verified":  # the shipped descent verifier's choice
+                    result = verified_map(model, bu, category="airplane")
+                else:
+                    result = greedy_map(model, bu, category="airplane")
                 panels = [scene.image.permute(1, 2, 0)]
                 panels += [phi_at(model, result, n) for n in levels]
                 panels += [result.td[mask_level][0].amax(dim=0), result.mask[0].float()]

@@ -284,3 +284,14 @@ def test_fit_verifier_smoke(tmp_path):
         v = row["airplane"]["validation"]
         assert v["verified"]["iou"] <= v["best_of_k"]["iou"] + 1e-9
         assert v["by_log_joint"]["iou"] <= v["best_of_k"]["iou"] + 1e-9
+
+
+@pytest.mark.slow  # ~15 s: one object per scale, a 100-descent verified pass each
+def test_verified_objects_smoke(tmp_path):
+    out = tmp_path / "verified_objects.json"
+    _smoke(BENCH.parent / "verified_objects.py", "--smoke", "--out", str(out))
+    rows = json.loads(out.read_text())["results"]
+    assert set(rows) == {"default_scale", "scene_scale"}
+    for per_category in rows.values():
+        for r in per_category.values():
+            assert 0.0 <= r["mask_iou_greedy"] <= 1.0 and 0.0 <= r["mask_iou_verified"] <= 1.0
