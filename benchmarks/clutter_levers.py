@@ -118,10 +118,10 @@ def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool 
         return gm, int(lever[4:])
     if lever.startswith("stat"):
         return gm, ("stat", int(lever[4:]))
-    if lever.startswith("verify"):
-        return gm, ("verify", int(lever[6:] or 32))
     if lever == "verified":
         return gm, ("verified",)
+    if lever.startswith("verify"):
+        return gm, ("verify", int(lever[6:] or 32))
     if lever.startswith("rerank"):
         k, _, n = lever[6:].partition("x")
         scenes = list(Scenes(int(n or 60), seed=split_seed("train")))
@@ -374,7 +374,7 @@ def best_by_classifier(gm: GenerativeModel, bu: dict, label: torch.Tensor, *, to
     from types import SimpleNamespace
 
     _, masks = descent_features(gm, bu, label, top_k=top_k)
-    views = region_views(bu["image"][0], masks)
+    views = region_views(bu["image"][0].clamp(0, 1), masks)
     logp = torch.log_softmax(gm.backbone.logits(views), -1)[:, int(label[0])]
     best = max(range(len(logp)), key=lambda i: (float(logp[i]), -i))
     return SimpleNamespace(mask=masks[best : best + 1])

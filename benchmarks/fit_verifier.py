@@ -77,6 +77,8 @@ def choice_quality(verifier, examples_: list) -> dict:
     (the bound)."""
     if not examples_:
         return {"examples": 0}
+    if not bool(verifier.fitted[examples_[0].category]):  # no training scene had a hit
+        return {"examples": len(examples_), "fitted": False}
     iou, by_lj, bound = [], [], []
     for ex in examples_:
         s = verifier.score(ex.features, ex.category)

@@ -26,10 +26,12 @@ from pyro_backpass.inference.objective import (
 from pyro_backpass.inference.sampling import sample
 from pyro_backpass.inference.verification import (
     READ_LEVELS,
+    check_verifier,
     default_verifier,
     descent_features,
     region_views,
     verified_map,
+    verifier_fingerprint,
 )
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "READ_LEVELS",
     "background_log_likelihood",
     "check_map_inputs",
+    "check_verifier",
     "chunk_bytes",
     "closed_form_td",
     "closed_form_with",
@@ -61,4 +64,5 @@ __all__ = [
     "top_down_pass",
     "top_level_scores",
     "verified_map",
+    "verifier_fingerprint",
 ]

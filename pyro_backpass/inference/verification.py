@@ -9,6 +9,7 @@ the descents that cover an object (:func:`~pyro_backpass.learning.fit_descent_ve
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ import torch
 from pyro_backpass.inference.background import background_log_likelihood
 from pyro_backpass.inference.greedy import greedy_map
 from pyro_backpass.inference.objective import object_mask, top_down_pass
-from pyro_backpass.model.checks import check_bu, check_observed
+from pyro_backpass.model.checks import category_indices, check_bu, check_observed
 from pyro_backpass.model.descent_verifier import DescentVerifier
 from pyro_backpass.model.generative_model import backbone_fingerprint
 from pyro_backpass.results import MapResult
@@ -26,7 +27,15 @@ if TYPE_CHECKING:
     from pyro_backpass.model.generative_model import GenerativeModel
     from pyro_backpass.model.priors import SitePrior
 
-__all__ = ["READ_LEVELS", "default_verifier", "descent_features", "region_views", "verified_map"]
+__all__ = [
+    "READ_LEVELS",
+    "check_verifier",
+    "default_verifier",
+    "descent_features",
+    "region_views",
+    "verified_map",
+    "verifier_fingerprint",
+]
 
 #: The backbone levels whose activations of a descent's region are features (the top three
 #: of the default backbone; levels a backbone lacks are skipped).
@@ -64,11 +73,12 @@ def descent_features(
     The columns, in order: each hidden level's log-likelihood ratio against the all-background
     explanation (its data score minus the level's :func:`background_log_likelihood`; top level
     first), the prior terms (log-joint minus the data scores), ``log(1 + mask pixels)``; then
-    from :func:`region_views` of the descent's mask (on the image level clipped to [0, 1])
-    through ``gm.backbone``: the classifier's
-    log-probabilities of every category (if the backbone has a head) and the spatial mean of
-    each read level; last, the mean of each read level's bottom-up activations over the mask
-    (pooled to the level's resolution).
+    from :func:`region_views` of the descent's *seen* region (its mask, less the pixels whose
+    image-level elements are unobserved in any channel: an occluder, or objects a parse has
+    already explained away) on the image level clipped to [0, 1], through ``gm.backbone``: the
+    classifier's log-probabilities of every category (if the backbone has a head) and the
+    spatial mean of each read level; last, the mean of each read level's bottom-up activations
+    over the seen region (pooled to the level's resolution).
     """
     bu, b = check_bu(gm, bu)
     if b != 1:
@@ -77,8 +87,14 @@ def descent_features(
         raise ValueError("descent_features needs the image level in bu (the region views)")
     if gm.backbone is None:
         raise ValueError("descent_features needs the model's backbone (gm.attach_backbone)")
+    missing = [n for n in gm.hidden_levels if n not in bu]
+    if missing:
+        raise ValueError(f"descent_features needs every hidden level in bu; missing {missing}")
     masks_obs = check_observed(gm, observed, bu, b)
     k = int(log_joints.shape[0])
+    if log_joints.dim() != 1 or any(v.shape != (k,) for v in values.values()):
+        raise ValueError(f"values must map every site to ({k},) indices, one per log-joint; got "
+                         f"{ {s: tuple(v.shape) for s, v in values.items()} }")  # fmt: skip
     rep = {name: x.expand(k, *x.shape[1:]) for name, x in bu.items()}
     rep_masks = {name: m.expand(bu[name].shape).expand(k, *bu[name].shape[1:])
                  for name, m in masks_obs.items()}  # fmt: skip
@@ -99,14 +115,19 @@ def descent_features(
     prior = log_joints.to(data) - data.sum(1)
     area = masks.flatten(1).sum(1).to(data.dtype).log1p()
     levels = [n for n in read_levels if n in bu]
-    views = region_views(bu["image"][0].clamp(0, 1), masks)  # clipped: the backbone's range
+    region = masks
+    if "image" in masks_obs:  # pixels unobserved in any channel are not the descent's to show
+        pixel_seen = masks_obs["image"].expand(bu["image"].shape)[0].all(dim=0)  # (H, W)
+        region = masks & pixel_seen.to(masks.device)
+    views = region_views(bu["image"][0].clamp(0, 1), region)  # clipped: the backbone's range
     seen, logp = [], []
+    bb_dtype = gm.backbone.mean.dtype
     for start in range(0, k, _GROUP):
-        acts = gm.backbone(views[start : start + _GROUP].to(bu["image"]))
+        acts = gm.backbone(views[start : start + _GROUP].to(dtype=bb_dtype))
         seen.append(torch.cat([acts[n].mean((2, 3)) for n in levels], 1))
         if gm.backbone.head is not None:
             logp.append(torch.log_softmax(gm.backbone.logits(acts), -1))
-    m = masks[:, None].to(data.dtype)
+    m = region[:, None].to(data.dtype)
     under = []
     for name in levels:
         x = bu[name]
@@ -117,17 +138,39 @@ def descent_features(
     return torch.cat(feats, 1), masks
 
 
+def verifier_fingerprint(gm: GenerativeModel) -> str:
+    """SHA-256 of what a verifier's features depend on: the generative model's parameters and
+    its backbone's (which makes 389 of the 400 features)."""
+    backbone = "" if gm.backbone is None else backbone_fingerprint(gm.backbone)
+    return hashlib.sha256(f"{backbone_fingerprint(gm)}:{backbone}".encode()).hexdigest()
+
+
 def default_verifier(gm: GenerativeModel) -> DescentVerifier:
-    """The shipped :class:`DescentVerifier` when ``gm`` is the model it was fitted for (same
-    parameters); otherwise a ValueError that says how to fit one."""
+    """The shipped :class:`DescentVerifier` when ``gm`` (and its backbone) is the model it was
+    fitted for; otherwise a ValueError that says how to fit one."""
     shipped = DescentVerifier.shipped()
-    if shipped is not None and shipped.model_sha256 == backbone_fingerprint(gm):
+    if shipped is not None and shipped.model_sha256 == verifier_fingerprint(gm):
         return shipped
     raise ValueError(
         "no descent verifier was fitted for this model (the shipped one belongs to "
         "GenerativeModel.default()): fit one with pyro_backpass.fit_descent_verifier(gm, "
         "scenes) and pass verifier="
     )
+
+
+def check_verifier(gm: GenerativeModel, verifier: object) -> None:
+    """A clear error unless ``verifier`` is a :class:`DescentVerifier` for ``gm``: the same
+    categories and, when it records one, the same model and backbone fingerprint."""
+    if not isinstance(verifier, DescentVerifier):
+        raise TypeError(f"verifier must be a DescentVerifier, got {type(verifier).__name__}")
+    if tuple(verifier.categories) != tuple(gm.categories):
+        raise ValueError(f"the verifier's categories {list(verifier.categories)} are not the "
+                         f"model's {list(gm.categories)}")  # fmt: skip
+    if verifier.model_sha256 is not None and verifier.model_sha256 != verifier_fingerprint(gm):
+        raise ValueError(
+            "the verifier was fitted for another model or backbone (its fingerprint differs); "
+            "fit one for this model with fit_descent_verifier(gm, scenes)"
+        )
 
 
 def verified_map(
@@ -169,12 +212,14 @@ def verified_map(
             "use greedy_map to leave the category to the model"
         )
     verifier = default_verifier(gm) if verifier is None else verifier
-    if not isinstance(verifier, DescentVerifier):
-        raise TypeError(f"verifier must be a DescentVerifier, got {type(verifier).__name__}")
-    if tuple(verifier.categories) != tuple(gm.categories):
-        raise ValueError(f"the verifier's categories {list(verifier.categories)} are not the "
-                         f"model's {list(gm.categories)}")  # fmt: skip
+    check_verifier(gm, verifier)
+    for c in category_indices(gm, category, check_bu(gm, bu)[1]).unique().tolist():
+        if not bool(verifier.fitted[c]):
+            raise ValueError(f"the verifier has no weights for {gm.categories[c]!r}; it was "
+                             f"fitted for {list(verifier.fitted_categories)}")  # fmt: skip
     k = verifier.top_k if top_k is None else top_k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"top_k must be an int >= 2 (a choice among descents), got {k!r}")
     result = greedy_map(gm, bu, category=category, clamp=clamp, priors=priors,
                         observed=observed, top_k=k)  # fmt: skip
     assert result.modes is not None
@@ -189,6 +234,8 @@ def verified_map(
         lj = torch.tensor([v for _, v in modes], dtype=torch.float64)
         x, _ = descent_features(gm, one, values, lj, read_levels=verifier.read_levels,
                                 observed=obs or None)  # fmt: skip
+        if not modes:
+            raise ValueError(f"image {i}: no feasible top-level hypothesis under the clamps")
         score = verifier.score(x.cpu(), int(values["category"][0]))
         order = sorted(range(len(modes)), key=lambda j: (-float(score[j]), j))
         picked.append(modes[order[0]][0])

@@ -18,10 +18,14 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from pyro_backpass.inference import READ_LEVELS, descent_features, greedy_map
+from pyro_backpass.inference import (
+    READ_LEVELS,
+    descent_features,
+    greedy_map,
+    verifier_fingerprint,
+)
 from pyro_backpass.learning.evaluation import mask_iou
 from pyro_backpass.model.descent_verifier import DescentVerifier
-from pyro_backpass.model.generative_model import backbone_fingerprint
 
 if TYPE_CHECKING:
     from pyro_backpass.model.generative_model import GenerativeModel
@@ -32,12 +36,15 @@ __all__ = ["VerifierExample", "descent_examples", "fit_descent_verifier", "listw
 @dataclass(frozen=True)
 class VerifierExample:
     """One scene's descents of one category: ``features`` ``(k, F)``, ``hits`` ``(k,)`` bool,
-    ``iou`` ``(k,)`` each descent's best IoU with an instance of the category."""
+    ``iou`` ``(k,)`` each descent's best IoU with an instance of the category; the
+    ``read_levels`` and ``top_k`` they were made with (None: not recorded)."""
 
     category: int
     features: torch.Tensor
     hits: torch.Tensor
     iou: torch.Tensor
+    read_levels: tuple[str, ...] | None = None
+    top_k: int | None = None
 
 
 @torch.no_grad()
@@ -79,7 +86,8 @@ def descent_examples(
             masks = masks.cpu()
             iou = torch.stack([mask_iou(masks, t[None].expand_as(masks)) for t in truth]).amax(0)
             out.append(VerifierExample(category=c, features=x.cpu().double(),
-                                       hits=iou >= hit_iou, iou=iou))  # fmt: skip
+                                       hits=iou >= hit_iou, iou=iou,
+                                       read_levels=tuple(read_levels), top_k=top_k))  # fmt: skip
     return out
 
 
@@ -129,6 +137,12 @@ def fit_descent_verifier(
     n, f = len(gm.categories), examples[0].features.shape[1]
     if any(ex.features.shape[1] != f for ex in examples):
         raise ValueError("examples have different numbers of features")
+    for ex in examples:
+        if ex.read_levels is not None and tuple(ex.read_levels) != tuple(read_levels):
+            raise ValueError(f"examples were made with read_levels {list(ex.read_levels)}, "
+                             f"not {list(read_levels)}")  # fmt: skip
+        if ex.top_k is not None and ex.top_k != top_k:
+            raise ValueError(f"examples were made with top_k={ex.top_k}, not {top_k}")
     weight = torch.zeros(n, f, dtype=torch.float64)
     mean, scale = torch.zeros(n, f, dtype=torch.float64), torch.ones(n, f, dtype=torch.float64)
     fitted = torch.zeros(n, dtype=torch.bool)
@@ -153,4 +167,4 @@ def fit_descent_verifier(
         weight[c], fitted[c] = w.detach(), True
     return DescentVerifier(categories=gm.categories, read_levels=read_levels, weight=weight,
                            mean=mean, scale=scale, fitted=fitted, top_k=top_k,
-                           model_sha256=backbone_fingerprint(gm))  # fmt: skip
+                           model_sha256=verifier_fingerprint(gm))  # fmt: skip

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pyro_backpass.backbone.activations import downsample_mask
-from pyro_backpass.model.descent_verifier import DescentVerifier
+from pyro_backpass.inference.verification import check_verifier
 from pyro_backpass.parsing.candidates import (
     Candidate,
     StepRow,
@@ -53,6 +53,7 @@ from pyro_backpass.parsing.views import View, as_image, make_views
 
 if TYPE_CHECKING:
     from pyro_backpass.backbone import Backbone
+    from pyro_backpass.model.descent_verifier import DescentVerifier
     from pyro_backpass.model.generative_model import GenerativeModel
 
 __all__ = [
@@ -191,9 +192,11 @@ def run_parse(
     - ``top_k``: modes per step; ``mode_masks``: also complete every mode of each step down
       to the image, for :attr:`ParsedInstance.mode_masks` (a top-down pass per mode);
     - ``verifier``: a :class:`~pyro_backpass.DescentVerifier` (issue #10): each step's
-      ``top_k`` modes are completed and ranked by it instead of by their log-likelihood ratio
-      (it must be fitted for every category a step can choose: the query's, or all); the
-      stop criterion then reads the verifier's best mode. None: rank by the ratio.
+      ``top_k`` modes are scored by it; per view and category its best is completed, and of
+      these the one with the largest stop statistic is the step's hypothesis (the verifier's
+      scores compare one category's descents of one view only). It must be fitted for every
+      category a step can choose (the query's, or all). The stop criterion was fitted on the
+      best modes by the ratio, not on these. None: rank by the log-likelihood ratio.
     """
     return parse_scenes(
         gm, [image], max_objects=max_objects, query=query, beam=beam, scales=scales,
@@ -392,17 +395,20 @@ def _parse(
         obs = {n: torch.cat([p.observed[n] for _, _, p in units]) for n in units[0][2].observed}
         cands = step_candidates(gm, bu, obs, rows, query, top_k=top_k,
                                 profile=background == "profile")  # fmt: skip
-        if verifier is not None:
-            verify_candidates(gm, cands, verifier)
-        rank = (lambda c: -c.llr) if verifier is None else (lambda c: -c.verified)
         by_path: dict[int, list[Candidate]] = {}
         for c in cands:
             by_path.setdefault(c.path, []).append(c)
+        if verifier is not None:
+            verify_candidates(gm, cands, verifier)
+            _verified_order(gm, by_path, units, criterion)
         # Decide per path what stops and what needs completing, then complete all at once.
-        plans = []  # (scene, path, its candidates best first by LLR, the ones to complete)
+        plans = []  # (scene, path, its candidates best first, the ones to complete)
         force = query.imagine and step == 0
         for u, (_, s, p) in enumerate(units):
-            mine = sorted(by_path.get(u, []), key=rank)
+            # Best first by LLR; with a verifier, in the order _verified_order made.
+            mine = by_path.get(u, [])
+            if verifier is None:
+                mine = sorted(mine, key=lambda c: -c.llr)
             plans.append((s, p, mine, _to_complete(mine, query, beam=beam)))
         complete_candidates(gm, [c for *_, pool in plans for c in pool])
         new_paths: dict[int, list[tuple[float, _Path, Candidate | None]]] = {
@@ -417,8 +423,9 @@ def _parse(
                 continue
             for c in pool:  # the stop statistic of each completed candidate, on this path
                 c.stat = _statistic(criterion, c, p, s)
-            # The stop is decided on the best mode by LLR, as the criterion was fitted; a query's
-            # preference or a beam then picks among the completed modes above the threshold.
+            # The stop is decided on the best mode by LLR, as the criterion was fitted (with a
+            # verifier: on the head of _verified_order); a query's preference or a beam then
+            # picks among the completed modes above the threshold.
             if pool[0].stat <= threshold and not force:
                 p.done, p.stop_score = "below_threshold", pool[0].stat
                 out.append((p.score, p, None))
@@ -449,12 +456,35 @@ def _parse(
     return [s.result for s in batch]
 
 
+def _verified_order(
+    gm: GenerativeModel, by_path: dict[int, list[Candidate]], units: list, criterion: StopCriterion
+) -> None:
+    """Order each path's candidates for a parse with a verifier, in place. The verifier's
+    scores compare descents of one category on one row (a view) only — it was fitted on such
+    lists, and its listwise loss leaves a constant per list free — so each (row, category)
+    group's best by the verifier is completed, and these heads are ordered by the stop
+    statistic (a calibrated log-odds of "new object", comparable across rows and categories);
+    the other candidates follow, by verifier score within their group."""
+    heads_all = []
+    for u, mine in by_path.items():
+        groups: dict[tuple[int, int], list[Candidate]] = {}
+        for c in mine:  # candidates arrive in greedy's order: ties keep the lower rank
+            groups.setdefault((c.row, c.assignment["category"]), []).append(c)
+        ranked = [sorted(g, key=lambda c: -c.verified) for g in groups.values()]
+        heads_all += [(u, g[0]) for g in ranked]
+        by_path[u] = [g[0] for g in ranked] + [c for g in ranked for c in g[1:]]
+    complete_candidates(gm, [c for _, c in heads_all])
+    for u, c in heads_all:
+        _, s, p = units[u]
+        c.stat = _statistic(criterion, c, p, s)
+    for u, mine in by_path.items():
+        n_heads = sum(1 for v, _ in heads_all if v == u)
+        heads = sorted(mine[:n_heads], key=lambda c: -c.stat)
+        by_path[u] = heads + mine[n_heads:]
+
+
 def _check_verifier(gm: GenerativeModel, verifier: Any, query: Query) -> None:
-    if not isinstance(verifier, DescentVerifier):
-        raise TypeError(f"verifier must be a DescentVerifier, got {type(verifier).__name__}")
-    if tuple(verifier.categories) != tuple(gm.categories):
-        raise ValueError(f"the verifier's categories {list(verifier.categories)} are not the "
-                         f"model's {list(gm.categories)}")  # fmt: skip
+    check_verifier(gm, verifier)
     if query.category is not None:
         c = query.category
         need = [c if isinstance(c, str) else gm.categories[int(c)]]

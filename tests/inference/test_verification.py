@@ -63,6 +63,42 @@ def test_model_features_sum_to_the_log_likelihood_ratio(case):
         assert float(x[j, n_levels + 1]) == pytest.approx(np.log1p(float(masks[j].sum())))
 
 
+def test_llr_columns_are_the_levels_top_first(case):
+    """Metamorphic: brightening the image level changes, among the model's columns, only the
+    last LLR column (the image level's); the prior column and every upper level's stay."""
+    gm, _, bu, modes, x, _ = case
+    n_levels = len(gm.hidden_levels)
+    values = {s: torch.tensor([a[s] for a, _ in modes]) for s in modes[0][0]}
+    lj = torch.tensor([v for _, v in modes], dtype=torch.float64)
+    brighter = dict(bu, image=(bu["image"] * 0.5 + 0.25))
+    lj2 = torch.stack([log_joint(gm, brighter, a).detach()[0] for a, _ in modes]).double()
+    lj2 = lj + (lj2 - torch.stack([log_joint(gm, bu, a).detach()[0] for a, _ in modes]).double())
+    x2, _ = descent_features(gm, brighter, values, lj2)
+    assert torch.allclose(x2[:, : n_levels - 1], x[:, : n_levels - 1])
+    assert not torch.allclose(x2[:, n_levels - 1], x[:, n_levels - 1])
+    assert torch.allclose(x2[:, n_levels], x[:, n_levels], rtol=1e-4, atol=0.5)  # the prior
+
+
+def test_unobserved_pixels_are_not_shown(case):
+    """With the image level unobserved everywhere, every descent's region is empty: its
+    backbone features are those of the image's fill alone (an all-False mask)."""
+    gm, scene, bu, modes, x, masks = case
+    n_levels, n_cat = len(gm.hidden_levels), len(gm.categories)
+    values = {s: torch.tensor([a[s] for a, _ in modes]) for s in modes[0][0]}
+    lj = torch.tensor([v for _, v in modes], dtype=torch.float64)
+    hidden = {"image": torch.zeros(1, 1, 64, 64, dtype=torch.bool)}
+    x2, _ = descent_features(gm, bu, values, lj, observed=hidden)
+    image = scene.image.numpy()
+    fill = np.percentile(image.reshape(3, -1), 50, axis=1, method="lower")
+    blank = torch.from_numpy(np.broadcast_to(fill[:, None, None], image.shape).copy()).float()
+    with torch.no_grad():
+        logp = torch.log_softmax(gm.backbone.logits(gm.backbone(blank[None])), -1)[0]
+    start = n_levels + 2
+    for j in range(K):
+        assert torch.allclose(x2[j, start : start + n_cat].double(), logp.double(), atol=1e-4)
+    assert torch.allclose(x2[:, -64:], torch.zeros_like(x2[:, -64:]))  # nothing seen under it
+
+
 def test_backbone_features_match_hand_masked_images(case):
     gm, scene, bu, _, x, masks = case
     n_levels, n_cat = len(gm.hidden_levels), len(gm.categories)
@@ -125,6 +161,16 @@ def test_verifier_file_round_trip_and_errors(case, tmp_path):
     other = GenerativeModel.random([4, "M"], num_components=2, num_categories=2)
     with pytest.raises(ValueError, match="no descent verifier was fitted for this model"):
         default_verifier(other)
+    assert default_verifier(gm).num_features == x.shape[1]  # the shipped one fits this model
+    stale = DescentVerifier(categories=gm.categories, read_levels=v.read_levels, weight=v.weight,
+                            mean=v.mean, scale=v.scale, fitted=v.fitted, top_k=K,
+                            model_sha256="0" * 64)  # fmt: skip
+    with pytest.raises(ValueError, match="fitted for another model or backbone"):
+        verified_map(gm, bu, category="airplane", verifier=stale)
+    with pytest.raises(ValueError, match="no weights for 'bird'"):
+        verified_map(gm, bu, category="bird", verifier=v)
+    with pytest.raises(ValueError, match="top_k must be"):
+        verified_map(gm, bu, category="airplane", verifier=v, top_k=1)
     with pytest.raises(ValueError, match="top_k must be"):
         DescentVerifier(categories=["a"], read_levels=[], weight=torch.zeros(1, 2),
                         mean=torch.zeros(1, 2), scale=torch.ones(1, 2),
