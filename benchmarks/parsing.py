@@ -477,7 +477,6 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
 
     if not out.is_file():
         raise SystemExit(f"{out}: run the benchmark first; a row is added to its results")
-    result = json.loads(out.read_text())
     torch.set_num_threads(1)
     gm, _ = learned_model(smoke=False, path=model)
     test = parse_scenes("test", n_test)
@@ -503,6 +502,7 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
     row["verifier_top_k"] = verified_top_k
     row["seconds"] = round(time.perf_counter() - t, 1)
     row["median_seconds_per_parse"] = statistics.median(r["seconds"] for r in records)
+    result = json.loads(out.read_text())  # read now: another row may have been added meanwhile
     result[name] = row
     atomic_write_json(out, result)
     print(name, {k: row[k] for k in ("recall_iou50", "precision_iou50", "count_accuracy",
