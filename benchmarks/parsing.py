@@ -464,6 +464,43 @@ def table(result: dict) -> str:
 # -------------------------------------------------------------------------------------- main
 
 
+def add_verified_sensitivity(out: Path, *, top_k: int, n_sens: int, model: Path | None) -> dict:
+    """Class sensitivity of the verified pass, added to the row ``ours_verified<top_k>``: the
+    first pass with the category clamped made by ``verified_map(..., top_k=top_k)`` with the
+    shipped verifier (its reconstruction, and its mask), on the same scenes as the others'."""
+    import json
+
+    from pyro_backpass import DescentVerifier, verified_map
+
+    torch.set_num_threads(1)
+    gm, _ = learned_model(smoke=False, path=model)
+    verifier = DescentVerifier.shipped()
+    if verifier is None:
+        raise SystemExit("no shipped descent verifier: run benchmarks/fit_verifier.py --ship")
+    cache: dict = {}
+
+    def run(image: torch.Tensor, c: int):
+        key = (id(image), c)
+        if key not in cache:
+            cache[key] = verified_map(gm, hidden_bu(gm, image), category=torch.tensor([c]),
+                                      verifier=verifier, top_k=top_k)  # fmt: skip
+        return cache[key]
+
+    with torch.no_grad():
+        sens = sensitivity({"ours": lambda image, c: run(image, c).image[0],
+                            "ours_mask": lambda image, c: run(image, c).mask[0].float()},
+                           sensitivity_scenes("test", n_sens), gm.categories)  # fmt: skip
+    result = json.loads(out.read_text())
+    name = f"ours_verified{top_k}"
+    if name not in result:
+        raise SystemExit(f"{out} has no row {name}: add it first with --verified-row {top_k}")
+    result[name]["class_sensitivity"] = sens["ours"]
+    result[name]["class_sensitivity_mask"] = sens["ours_mask"]
+    atomic_write_json(out, result)
+    print(name, sens)
+    return sens
+
+
 def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
             verified_top_k: int | None = None) -> dict:  # fmt: skip
     """``ours_beam<B>``: ``parse_scene(gm, image, beam=B)`` on the same test scenes, the stop
@@ -525,7 +562,14 @@ def main() -> None:
     parser.add_argument("--verified-row", type=int, default=None, metavar="K",
                         help="only add the row of run_parse(..., top_k=K, verifier=the shipped "
                              "DescentVerifier) on the test scenes to --out")  # fmt: skip
+    parser.add_argument("--verified-sensitivity", type=int, default=None, metavar="K",
+                        help="only add the class sensitivity of verified_map(..., top_k=K) to "
+                             "the row ours_verified<K> of --out")  # fmt: skip
     args = parser.parse_args()
+    if args.verified_sensitivity is not None:
+        add_verified_sensitivity(args.out, top_k=args.verified_sensitivity, model=args.model,
+                                 n_sens=1 if args.smoke else args.sensitivity)  # fmt: skip
+        return
     if args.table:
         import json
 
