@@ -25,7 +25,7 @@ import torch
 
 from pyro_backpass.files import atomic_write
 
-__all__ = ["VERIFIER_FILE", "DescentVerifier"]
+__all__ = ["DescentVerifier", "VERIFIER_FILE"]
 
 VERIFIER_FILE = "descent_verifier.safetensors"
 _CONFIG_KEY = "pyro_backpass.descent_verifier"
