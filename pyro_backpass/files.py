@@ -28,6 +28,7 @@ __all__ = [
     "check_keys",
     "read_json",
     "read_json_lines",
+    "read_safetensors",
     "stale_temporaries",
     "whole_lines",
 ]
@@ -193,3 +194,18 @@ class JsonLinesAppender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_safetensors(path: str | os.PathLike, *, what: str) -> tuple[dict[str, str], dict]:
+    """``(metadata, tensors)`` of a safetensors file on CPU; ``FileNotFoundError`` naming
+    ``what`` if absent, ``ValueError`` if unreadable (never safetensors' own trace)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None

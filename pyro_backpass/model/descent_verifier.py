@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_backpass.files import atomic_write
+from pyro_backpass.files import atomic_write, read_safetensors
 
 __all__ = ["DescentVerifier", "VERIFIER_FILE"]
 
@@ -127,17 +127,8 @@ class DescentVerifier:
     @classmethod
     def load(cls, path: str | os.PathLike) -> DescentVerifier:
         """Read a verifier written by :meth:`save`; clear errors for wrong or damaged files."""
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no descent verifier file at {path}")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+        meta, state = read_safetensors(path, what="descent verifier")
         if _CONFIG_KEY not in meta:
             raise ValueError(f"{path} is not a pyro_backpass DescentVerifier file (no config)")
         config = json.loads(meta[_CONFIG_KEY])

@@ -33,7 +33,7 @@ from pyro.ops.indexing import Vindex
 from torch import nn
 
 from pyro_backpass.backbone import Backbone
-from pyro_backpass.files import atomic_write, check_keys
+from pyro_backpass.files import atomic_write, check_keys, read_safetensors
 from pyro_backpass.levels import (
     Cfg,
     LevelSpec,
@@ -603,17 +603,8 @@ class GenerativeModel(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, *, map_location: str | None = None) -> GenerativeModel:
         """Read a model written by :meth:`save`; clear errors for wrong or damaged files."""
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no model file at {path}")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+        meta, state = read_safetensors(path, what="model")
         if _CONFIG_KEY not in meta:
             raise ValueError(f"{path} is not a pyro_backpass GenerativeModel file (no config)")
         try:
