@@ -52,6 +52,7 @@ def test_diagnose_benchmark_smoke(tmp_path):
         assert 0.0 <= ladder[key] <= 1.0
 
 
+@pytest.mark.slow  # ~26 s: two retraining levers of the smoke model
 def test_learning_levers_smoke(tmp_path):
     script = BENCH.parent / "learning_levers.py"
     _smoke(script, "--smoke", "--out", str(tmp_path))
@@ -73,11 +74,9 @@ def test_greedy_vs_exact_learned_smoke(tmp_path):
         )  # exact ≥ greedy
 
 
-def test_clutter_levers_smoke(tmp_path):
+def _levers_smoke(tmp_path, levers: list[str]) -> None:
     out = tmp_path / "levers.json"
     script = BENCH.parent / "clutter_levers.py"
-    levers = ["base", "footprint", "topk2", "bgfit,s0x0.5@upper,lamx1.5@all,s2x2@all", "rank1",
-              "onoff1"]  # fmt: skip
     _smoke(
         script, "--smoke", "--bound", "--out", str(out), "--category-unknown", "--levers", *levers
     )
@@ -92,6 +91,15 @@ def test_clutter_levers_smoke(tmp_path):
         for key in ("hit@0.5", "hit@0.3", "chose_airplane", "best_iou"):
             assert 0.0 <= unknown[key] <= 1.0
         assert unknown["hit@0.5"] <= unknown["hit@0.3"]
+
+
+def test_clutter_levers_smoke(tmp_path):
+    _levers_smoke(tmp_path, ["base", "bgfit,s0x0.5@upper,lamx1.5@all,s2x2@all"])
+
+
+@pytest.mark.slow  # ~35 s: the fitted levers; the default run covers the script above
+def test_clutter_levers_fitted_levers_smoke(tmp_path):
+    _levers_smoke(tmp_path, ["footprint", "topk2", "rank1", "onoff1"])
 
 
 def test_clamped_samples_smoke(tmp_path):
