@@ -213,7 +213,8 @@ def verified_map(
         )
     verifier = default_verifier(gm) if verifier is None else verifier
     check_verifier(gm, verifier)
-    for c in category_indices(gm, category, check_bu(gm, bu)[1]).unique().tolist():
+    bu_checked, b = check_bu(gm, bu)
+    for c in category_indices(gm, category, b).unique().tolist():
         if not bool(verifier.fitted[c]):
             raise ValueError(f"the verifier has no weights for {gm.categories[c]!r}; it was "
                              f"fitted for {list(verifier.fitted_categories)}")  # fmt: skip
@@ -223,7 +224,6 @@ def verified_map(
     result = greedy_map(gm, bu, category=category, clamp=clamp, priors=priors,
                         observed=observed, top_k=k)  # fmt: skip
     assert result.modes is not None
-    bu_checked, b = check_bu(gm, bu)
     masks_obs = check_observed(gm, observed, bu_checked, b)
     sites = list(result.assignment)
     picked, ordered = [], []
