@@ -24,9 +24,19 @@ step at or below t. The setting with the best cross-validated F1 of the fitted s
 shipped in ``pyro_backpass/weights/parse_threshold.json`` (criterion, threshold and provenance)
 as the parser's default.
 
-One thread. Writes ``benchmarks/results/parse_threshold.json`` and ``parse_threshold_roc.png``.
+With ``--verifier-top-k K`` the same validation scenes are parsed with the shipped descent
+verifier (``run_parse(..., top_k=K, verifier=DescentVerifier.shipped())``, issue #10), in the
+plain parse's shipped setting only; each step's heads are ordered by the plain parse's shipped
+criterion (the refit criterion then orders them at parse time), and the statistic fitted on
+these steps is shipped as ``pyro_backpass/weights/parse_threshold_verified.json`` with the
+verifier's fingerprint: the default of a parse with that verifier.
 
-Usage: ``python benchmarks/parse_threshold.py [--scenes N] [--smoke]``
+One thread per process (``--workers``). Writes ``benchmarks/results/parse_threshold.json`` and
+``parse_threshold_roc.png`` (verified: ``parse_threshold_verified.json`` and
+``parse_threshold_verified_roc.png``).
+
+Usage: ``python benchmarks/parse_threshold.py [--scenes N] [--smoke] [--verifier-top-k K
+--workers 2]``
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import argparse
 import math
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +57,7 @@ from common import RESULTS, machine  # noqa: E402
 from pyro_backpass.parsing import STOP_FEATURES  # noqa: E402
 
 PACKAGE_FILE = Path(__file__).parents[1] / "pyro_backpass" / "weights" / "parse_threshold.json"
+VERIFIED_FILE = PACKAGE_FILE.with_name("parse_threshold_verified.json")
 SEED = 11  # base seed of the validation scenes: split_seed("validation", SEED)
 IOU = 0.5
 
@@ -184,6 +196,41 @@ def cross_validated(scenes: list[dict], *, splits: int = 5, seed: int = 0) -> di
     return out
 
 
+_MODEL: dict = {}
+
+
+def parse_steps(job: tuple) -> dict:
+    """One validation scene parsed with no stop for a few more steps than it has objects: each
+    step's stop features and label. Plain: every step takes the best mode by LLR (the LLR is
+    the ordering criterion). With ``verifier_top_k`` K: ``run_parse(..., top_k=K,
+    verifier=DescentVerifier.shipped())``, whose heads are ordered by the plain parse's shipped
+    criterion (one thread; the model is loaded once per process)."""
+    from pyro_backpass import DescentVerifier, GenerativeModel
+    from pyro_backpass.parsing import StopCriterion, default_threshold, run_parse
+
+    scene, explain, background, smoke, verifier_top_k = job
+    torch.set_num_threads(1)
+    if not _MODEL:
+        _MODEL["gm"] = GenerativeModel.default()
+        _MODEL["verifier"] = DescentVerifier.shipped()
+    gm = _MODEL["gm"]
+    n_true = len(scene.instances)
+    steps = 2 if smoke else min(n_true + 2, 6)
+    if verifier_top_k is None:
+        knobs = dict(criterion=StopCriterion.llr())
+    else:
+        knobs = dict(criterion=default_threshold(gm)["criterion"], top_k=verifier_top_k,
+                     verifier=_MODEL["verifier"])  # fmt: skip
+    with torch.no_grad():
+        parse = run_parse(gm, scene.image, max_objects=steps, threshold=-math.inf,
+                          explain=explain, background=background, **knobs)  # fmt: skip
+    return {
+        "features": [dict(llr=i.llr, visible=int(i.mask.sum()), amodal=int(i.amodal_mask.sum()),
+                          step=k) for k, i in enumerate(parse.instances)],
+        "labels": label_steps(parse, scene), "objects": n_true,
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scenes", type=int, default=30, help="per regime")
@@ -192,8 +239,22 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--out", type=Path, default=RESULTS / "parse_threshold.json")
     p.add_argument("--figure", type=Path, default=RESULTS / "parse_threshold_roc.png")
-    p.add_argument("--package-file", type=Path, default=PACKAGE_FILE)
+    p.add_argument("--package-file", type=Path, default=None,
+                   help=f"default: {PACKAGE_FILE.name}, or {VERIFIED_FILE.name} with "
+                        "--verifier-top-k")  # fmt: skip
+    p.add_argument("--verifier-top-k", type=int, default=None, metavar="K",
+                   help="fit the criterion on parses with the shipped descent verifier and K "
+                        "modes a step (run_parse(..., top_k=K, verifier=...)), in the shipped "
+                        "setting only")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1, help="processes of one thread each")
     args = p.parse_args(argv)
+    verified = args.verifier_top_k is not None
+    if args.package_file is None:
+        args.package_file = VERIFIED_FILE if verified else PACKAGE_FILE
+    if verified and args.out == RESULTS / "parse_threshold.json":
+        args.out = RESULTS / "parse_threshold_verified.json"
+    if verified and args.figure == RESULTS / "parse_threshold_roc.png":
+        args.figure = RESULTS / "parse_threshold_verified_roc.png"
     torch.set_num_threads(1)
 
     import matplotlib
@@ -201,14 +262,14 @@ def main(argv: list[str] | None = None) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pyro_backpass import GenerativeModel, make_scene
+    from pyro_backpass import DescentVerifier, GenerativeModel, make_scene
     from pyro_backpass.data import split_seed
     from pyro_backpass.files import atomic_write, atomic_write_json
     from pyro_backpass.parsing import (
         StopCriterion,
+        default_threshold,
         fit_stop_criterion,
         model_fingerprint,
-        run_parse,
         stop_features,
     )
 
@@ -222,29 +283,32 @@ def main(argv: list[str] | None = None) -> dict:
         for r, regime in enumerate(REGIMES)
     }  # fmt: skip
     settings = [(e, b) for e in ("subtract", "unobserve") for b in ("profile", "off")]
+    verifier = None
+    if verified:  # the verified parse is fitted in the plain parse's shipped setting only
+        verifier = DescentVerifier.shipped()
+        if verifier is None:
+            raise SystemExit("no shipped descent verifier: run benchmarks/fit_verifier.py --ship")
+        plain = default_threshold(gm)
+        if plain["fitted_on"] != "plain":
+            raise SystemExit("fit the plain parse's criterion first (parse_threshold.py)")
+        settings = [(plain["explain_away"], plain["background"])]
     out: dict = {"machine": machine(), "smoke": args.smoke, "split": "validation",
                  "seed": f"split_seed('validation', {SEED}) = {seed}", "scenes": n_scenes,
-                 "iou": IOU, "features": list(STOP_FEATURES), "settings": {}}  # fmt: skip
+                 "iou": IOU, "features": list(STOP_FEATURES), "settings": {},
+                 "verifier_top_k": args.verifier_top_k, "workers": args.workers}  # fmt: skip
     start = time.perf_counter()
     crits = {}
     for explain, background in settings:
         key = f"{explain}/{background}"
         row: dict = {"explain_away": explain, "background": background, "regimes": {}}
-        parsed = {}
-        for regime in REGIMES:
-            parsed[regime] = []
-            for scene in scenes[regime]:
-                n_true = len(scene.instances)
-                steps = 2 if args.smoke else min(n_true + 2, 6)
-                parse = run_parse(gm, scene.image, max_objects=steps, threshold=-math.inf,
-                                  criterion=StopCriterion.llr(), explain=explain,
-                                  background=background)  # fmt: skip
-                parsed[regime].append({
-                    "features": [dict(llr=i.llr, visible=int(i.mask.sum()),
-                                      amodal=int(i.amodal_mask.sum()), step=k)
-                                 for k, i in enumerate(parse.instances)],
-                    "labels": label_steps(parse, scene), "objects": n_true,
-                })  # fmt: skip
+        jobs = [(scene, explain, background, args.smoke, args.verifier_top_k)
+                for regime in REGIMES for scene in scenes[regime]]  # fmt: skip
+        if args.workers > 1:
+            with ProcessPoolExecutor(args.workers) as pool:
+                done = list(pool.map(parse_steps, jobs))
+        else:
+            done = [parse_steps(job) for job in jobs]
+        parsed = {r: done[i * n_scenes : (i + 1) * n_scenes] for i, r in enumerate(REGIMES)}
         pooled = [s for regime in REGIMES for s in parsed[regime]]
         llr = StopCriterion.llr()
         labels = [y for s in pooled for y in s["labels"]]
@@ -305,7 +369,11 @@ def main(argv: list[str] | None = None) -> dict:
             "background": best["background"],
             "model": "GenerativeModel.default()",
             "model_sha256": model_fingerprint(gm),
-            "fitted_by": "benchmarks/parse_threshold.py",
+            "fitted_by": "benchmarks/parse_threshold.py"
+                         + (f" --verifier-top-k {args.verifier_top_k}" if verified else ""),
+            **({"verifier_sha256": verifier.fingerprint(), "verifier_top_k": args.verifier_top_k,
+                "ordered_by": "the plain parse's shipped criterion (parse_threshold.json)"}
+               if verified else {}),
             "split": out["seed"],
             "scenes": n_scenes,
             "criterion": f"max micro F1 of kept instances at mask IoU >= {IOU}",

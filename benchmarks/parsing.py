@@ -537,6 +537,10 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
     row = ev.summary()
     row["beam"] = beam
     row["verifier_top_k"] = verified_top_k
+    if verified_top_k is not None:  # which stop criterion the parse used (default_threshold)
+        from pyro_backpass.parsing import default_threshold
+
+        row["stop_criterion_fitted_on"] = default_threshold(gm, verifier=verifier)["fitted_on"]
     row["seconds"] = round(time.perf_counter() - t, 1)
     row["median_seconds_per_parse"] = statistics.median(r["seconds"] for r in records)
     result = json.loads(out.read_text())  # read now: another row may have been added meanwhile

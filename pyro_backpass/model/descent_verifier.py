@@ -15,6 +15,7 @@ model stays :func:`~pyro_backpass.greedy_map`'s.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -108,6 +109,16 @@ class DescentVerifier:
             raise ValueError("descent features contain NaN or inf")
         x = (features.to(self.weight) - self.mean[category]) / self.scale[category]
         return x @ self.weight[category]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the verifier's weights, standardisation and config: what a stop criterion
+        fitted on its parses records (``parse_threshold_verified.json``)."""
+        digest = hashlib.sha256(json.dumps(self.config(), sort_keys=True).encode())
+        for t in (self.weight, self.mean, self.scale, self.fitted.to(torch.uint8)):
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            digest.update(t.numpy().tobytes())
+        return digest.hexdigest()
 
     def config(self) -> dict:
         return {"format_version": FORMAT_VERSION, "categories": list(self.categories),

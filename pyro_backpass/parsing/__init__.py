@@ -47,6 +47,7 @@ from pyro_backpass.parsing.stop import (
 )
 from pyro_backpass.parsing.threshold import (
     THRESHOLD_FILE,
+    VERIFIED_THRESHOLD_FILE,
     default_threshold,
     model_fingerprint,
     threshold_record,
@@ -70,6 +71,7 @@ __all__ = [
     "SceneParse",
     "StopCriterion",
     "THRESHOLD_FILE",
+    "VERIFIED_THRESHOLD_FILE",
     "View",
     "adjusted_rand_index",
     "as_image",

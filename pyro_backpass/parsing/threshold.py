@@ -1,6 +1,9 @@
 """The stop criterion and its threshold: fitted on validation scenes by
 ``benchmarks/parse_threshold.py`` for the shipped model and shipped in
-``pyro_backpass/weights/parse_threshold.json`` (with its provenance)."""
+``pyro_backpass/weights/parse_threshold.json`` (with its provenance). A parse with the shipped
+descent verifier (``run_parse(..., verifier=)``) makes other steps than the plain parse; their
+criterion, fitted on verified parses of the same validation scenes
+(``parse_threshold.py --verifier-top-k K``), is ``parse_threshold_verified.json``."""
 
 from __future__ import annotations
 
@@ -12,11 +15,19 @@ from pyro_backpass.model.generative_model import backbone_fingerprint
 from pyro_backpass.parsing.stop import StopCriterion
 
 if TYPE_CHECKING:
+    from pyro_backpass.model.descent_verifier import DescentVerifier
     from pyro_backpass.model.generative_model import GenerativeModel
 
-__all__ = ["THRESHOLD_FILE", "default_threshold", "model_fingerprint", "threshold_record"]
+__all__ = [
+    "THRESHOLD_FILE",
+    "VERIFIED_THRESHOLD_FILE",
+    "default_threshold",
+    "model_fingerprint",
+    "threshold_record",
+]
 
 THRESHOLD_FILE = "parse_threshold.json"
+VERIFIED_THRESHOLD_FILE = "parse_threshold_verified.json"
 #: For a model the shipped criterion was not fitted to: a hypothesis must explain its elements
 #: better than background does (its log-likelihood ratio, the statistic, above 0).
 FALLBACK_THRESHOLD = 0.0
@@ -27,24 +38,44 @@ def model_fingerprint(gm: GenerativeModel) -> str:
     return backbone_fingerprint(gm)
 
 
-def threshold_record() -> dict[str, Any] | None:
-    """The shipped record (threshold, explain-away choice, provenance), or None if absent."""
-    ref = resources.files("pyro_backpass").joinpath("weights", THRESHOLD_FILE)
+def threshold_record(*, verified: bool = False) -> dict[str, Any] | None:
+    """The shipped record (threshold, explain-away choice, provenance), or None if absent;
+    ``verified``: the record fitted on parses with the shipped descent verifier."""
+    name = VERIFIED_THRESHOLD_FILE if verified else THRESHOLD_FILE
+    ref = resources.files("pyro_backpass").joinpath("weights", name)
     if not ref.is_file():
         return None
     return json.loads(ref.read_text())
 
 
-def default_threshold(gm: GenerativeModel) -> dict[str, Any]:
-    """``{"criterion", "threshold", "explain_away", "background"}`` for ``gm``: the shipped fit
-    when ``gm`` is the model it was fitted to (same parameters), else the LLR statistic
-    (:meth:`StopCriterion.llr`) with threshold 0, ``"unobserve"`` and the ``"profile"``
-    background. A record without a ``stop_criterion`` thresholds the LLR."""
+def default_threshold(
+    gm: GenerativeModel, *, verifier: DescentVerifier | None = None
+) -> dict[str, Any]:
+    """``{"criterion", "threshold", "explain_away", "background", "fitted_on"}`` for ``gm``.
+
+    With a ``verifier``: the fit on verified parses when ``gm`` and ``verifier`` are the ones it
+    was fitted with (same parameters, same verifier weights; ``fitted_on="verified"``).
+    Otherwise, and without a verifier: the fit on plain parses when ``gm`` is its model
+    (``"plain"``); else the LLR statistic (:meth:`StopCriterion.llr`) with threshold 0,
+    ``"unobserve"`` and the ``"profile"`` background (``"fallback"``). A record without a
+    ``stop_criterion`` thresholds the LLR."""
+    sha = model_fingerprint(gm)
+    if verifier is not None:
+        record = threshold_record(verified=True)
+        if (record is not None and record.get("model_sha256") == sha
+                and record.get("verifier_sha256") == verifier.fingerprint()):  # fmt: skip
+            return _from_record(record, fitted_on="verified")
     record = threshold_record()
-    if record is not None and record.get("model_sha256") == model_fingerprint(gm):
-        out = {k: record[k] for k in ("threshold", "explain_away", "background")}
-        crit = record.get("stop_criterion")
-        out["criterion"] = StopCriterion.llr() if crit is None else StopCriterion.from_dict(crit)
-        return out
+    if record is not None and record.get("model_sha256") == sha:
+        return _from_record(record, fitted_on="plain")
     return {"criterion": StopCriterion.llr(), "threshold": FALLBACK_THRESHOLD,
-            "explain_away": "unobserve", "background": "profile"}  # fmt: skip
+            "explain_away": "unobserve", "background": "profile",
+            "fitted_on": "fallback"}  # fmt: skip
+
+
+def _from_record(record: dict[str, Any], *, fitted_on: str) -> dict[str, Any]:
+    out = {k: record[k] for k in ("threshold", "explain_away", "background")}
+    crit = record.get("stop_criterion")
+    out["criterion"] = StopCriterion.llr() if crit is None else StopCriterion.from_dict(crit)
+    out["fitted_on"] = fitted_on
+    return out

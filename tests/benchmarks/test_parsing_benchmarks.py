@@ -38,6 +38,19 @@ def test_parse_threshold_smoke(tmp_path):
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
+def test_parse_threshold_verified_smoke(tmp_path):
+    shipped = tmp_path / "shipped.json"
+    _load("parse_threshold").main(["--smoke", "--verifier-top-k", "4", "--out",
+                                   str(tmp_path / "t.json"), "--figure", str(tmp_path / "r.png"),
+                                   "--package-file", str(shipped)])  # fmt: skip
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["verifier_top_k"] == 4 and not shipped.exists()
+    assert list(result["settings"]) == ["unobserve/profile"]  # the plain parse's shipped setting
+    steps = result["settings"]["unobserve/profile"]["llr"]["pooled"]["steps"]
+    assert [len(s["labels"]) for s in steps] == [2, 2]  # smoke: 2 steps, one scene a regime
+
+
 def test_fit_threshold_keeps_the_steps_before_the_first_low_score():
     fit = _load("parse_threshold").fit_threshold(
         [([9.0, 8.0, 1.0], [True, True, False], 2), ([7.0, 0.5], [True, False], 1)]
