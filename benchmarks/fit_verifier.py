@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, learned_model, machine  # noqa: E402
 
 import pyro_backpass  # noqa: E402
-from pyro_backpass import Scenes, fit_descent_verifier, split_seed  # noqa: E402
+from pyro_backpass import DescentVerifier, Scenes, fit_descent_verifier, split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
 from pyro_backpass.learning import VerifierExample, descent_examples  # noqa: E402
 
@@ -37,13 +37,13 @@ WEIGHTS = Path(pyro_backpass.__file__).parent / "weights" / "descent_verifier.sa
 
 def _examples(args: tuple, gm=None) -> list:
     """One worker's examples: scenes ``indices`` of ``split`` (one thread)."""
-    split, n, indices, top_k, categories, smoke, model = args
+    split, n, indices, top_k, categories, smoke, model, progress = args
     torch.set_num_threads(1)
     if gm is None:
         gm, _ = learned_model(smoke=False, path=model)
     scenes = Scenes(n, seed=split_seed(split))
     return descent_examples(gm, [scenes[i] for i in indices], top_k=top_k,
-                            categories=categories, progress=indices[0] == 0)  # fmt: skip
+                            categories=categories, progress=progress)  # fmt: skip
 
 
 def examples(split: str, n: int, *, gm, workers: int, top_k: int, categories, smoke,
@@ -56,13 +56,24 @@ def examples(split: str, n: int, *, gm, workers: int, top_k: int, categories, sm
         if path is not None and path.is_file():
             out += [VerifierExample(**e) for e in torch.load(path)]
             continue
-        parts = [list(range(w, n, workers)) for w in range(workers)]
-        jobs = [(split, n, p, top_k, [category], smoke, model) for p in parts if p]
+        # Scene i does not depend on n: a cache of the first n0 < n scenes is extended.
+        mine, n0 = [], 0
+        if cache is not None:
+            done = sorted((int(f.stem.split("_n")[-1].split("_")[0]), f)
+                          for f in cache.glob(f"{split}_{category}_n*_k{top_k}.pt"))  # fmt: skip
+            done = [(m, f) for m, f in done if m < n]
+            if done:
+                n0, f = done[-1]
+                mine = [VerifierExample(**e) for e in torch.load(f)]
+                print(f"{split} {category}: {n0} scenes' descents from {f}", flush=True)
+        parts = [list(range(n0 + w, n, workers)) for w in range(workers)]
+        jobs = [(split, n, p, top_k, [category], smoke, model, w == 0)
+                for w, p in enumerate(parts) if p]  # fmt: skip
         if workers == 1:
-            mine = _examples(jobs[0], gm)
+            mine += _examples(jobs[0], gm)
         else:
             with ProcessPoolExecutor(workers) as pool:
-                mine = [ex for part in pool.map(_examples, jobs) for ex in part]
+                mine += [ex for part in pool.map(_examples, jobs) for ex in part]
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp, m=mine: torch.save([vars(e) for e in m], tmp))
@@ -142,6 +153,11 @@ def main() -> None:
 
     chosen = {c: max(args.l2, key=lambda v, c=c: quality(c, v)) for c in args.categories}
     verifier = fits[args.l2[0]]
+    shipped = DescentVerifier.shipped() if args.ship else None
+    if (shipped is not None and shipped.model_sha256 == verifier.model_sha256
+            and shipped.weight.shape == verifier.weight.shape
+            and shipped.top_k == verifier.top_k):  # fmt: skip
+        verifier = shipped  # the other categories keep their shipped weights
     for c, l2 in chosen.items():
         i = gm.categories.index(c)
         for name in ("weight", "mean", "scale", "fitted"):

@@ -306,3 +306,26 @@ def test_verified_objects_smoke(tmp_path):
     for per_category in rows.values():
         for r in per_category.values():
             assert 0.0 <= r["mask_iou_greedy"] <= 1.0 and 0.0 <= r["mask_iou_verified"] <= 1.0
+
+
+def test_verifier_probes_smoke(tmp_path):
+    """The crop probe on one validation scene (k = 4): every choice is scored, the bound is the
+    best of them, and the results file keeps one key a probe."""
+    out = tmp_path / "probes.json"
+    _smoke(BENCH.parent / "verifier_probes.py", "--probe", "crop", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    choices = result["crop"]["choices"]
+    assert {"verifier", "best_of_k", "zoomed_masked", "zoomed_context"} <= set(choices)
+    assert all(choices["best_of_k"]["iou"] >= r["iou"] - 1e-9 for r in choices.values())
+
+
+@pytest.mark.slow  # ~20 s: the two-layer fit on three scenes and one lone object
+def test_verifier_probes_two_layer_and_lone_smoke(tmp_path):
+    out = tmp_path / "probes.json"
+    for probe in ("two_layer", "lone"):
+        _smoke(BENCH.parent / "verifier_probes.py", "--probe", probe, "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result) == {"two_layer", "lone"}
+    lone = result["lone"]["categories"]["airplane"]
+    assert lone["best_of_k"] >= max(lone["verifier"], lone["largest_completed_log_joint"]) - 1e-9
+    assert 0.0 <= result["two_layer"]["categories"]["airplane"]["two_layer"]["hit@0.5"] <= 1.0

@@ -1,0 +1,276 @@
+"""Probes of the descent verifier (issue #10): three ways it might choose better, measured.
+
+- ``two_layer``: a verifier that is not linear. On the same cached descents as
+  ``fit_verifier.py`` (``--cache``; 500 training and 60 validation scenes a category, k = 100),
+  the linear verifier (:func:`~pyro_backpass.fit_descent_verifier`, its L2 chosen on validation
+  from ``--l2``, as shipped) beside a two-layer one (standardised features → 64 ReLU units →
+  score, dropout 0.2, the same listwise loss, AdamW with weight decay 0.01, 10 epochs, an
+  ensemble of ``--seeds`` networks by their summed log-softmax). Share of validation scenes whose
+  chosen descent hits an instance of the category (IoU ≥ 0.5 / 0.3).
+- ``crop``: the backbone's classifier as a witness of a zoomed view. On ``--scenes`` validation
+  scenes of ``fit_verifier.py`` (category airplane), each of the 100 descents' mask's bounding
+  box (15 % margin, square) is cut out, resized to the backbone's input and classified, shown
+  either masked (outside the mask, the image's median) or with its context. The descent with the
+  largest log P(airplane) of that view, and the shipped verifier's score plus ``a`` × that
+  log-probability, beside the shipped verifier alone and the best of the 100 (the bound).
+- ``lone``: what the choice among descents can buy on a lone object (no clutter). On
+  ``--objects`` validation objects of each category, the mask IoU of ``greedy_map`` (the plain
+  pass), of the best of its 100 completed descents by IoU (the bound of any choice), of the
+  descent with the largest completed log-joint (what ``greedy_map(..., top_k=100)`` returns) and
+  of the shipped verifier's choice.
+
+One thread. Writes (updates) ``benchmarks/results/verifier_probes.json``, one key a probe.
+
+Usage: ``python benchmarks/verifier_probes.py --probe two_layer --cache DIR``;
+``--probe crop --scenes 60``; ``--probe lone --objects 30``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, learned_model, machine  # noqa: E402
+from fit_verifier import examples  # noqa: E402
+
+from pyro_backpass import (  # noqa: E402
+    DescentVerifier,
+    RenderedObjects,
+    Scenes,
+    fit_descent_verifier,
+    greedy_map,
+    split_seed,
+)
+from pyro_backpass.files import atomic_write_json  # noqa: E402
+from pyro_backpass.inference import descent_features  # noqa: E402
+from pyro_backpass.learning import mask_iou  # noqa: E402
+
+CATEGORIES = ("airplane", "bird", "boat", "car", "chair")
+
+
+def rates(ious: list[float]) -> dict:
+    return {"hit@0.5": statistics.mean(float(v >= 0.5) for v in ious),
+            "hit@0.3": statistics.mean(float(v >= 0.3) for v in ious),
+            "iou": statistics.mean(ious), "n": len(ious)}  # fmt: skip
+
+
+def two_layer_scores(train: list, val: list, *, seeds: int, epochs: int) -> list[torch.Tensor]:
+    """Validation scores ``(k,)`` per example of an ensemble of two-layer verifiers fitted on
+    ``train`` (its scenes with a hit) with the listwise loss of :func:`listwise_loss`."""
+    mine = [e for e in train if bool(e.hits.any())]
+    x_all = torch.cat([e.features for e in mine]).float()
+    mean, scale = x_all.mean(0), x_all.std(0).clamp_min(1e-6)
+    xs = [(e.features.float() - mean) / scale for e in mine]
+    xv = [(e.features.float() - mean) / scale for e in val]
+    out = [torch.zeros(len(e.iou)) for e in val]
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(
+            torch.nn.Dropout(0.2), torch.nn.Linear(x_all.shape[1], 64), torch.nn.ReLU(),
+            torch.nn.Dropout(0.2), torch.nn.Linear(64, 1),
+        )  # fmt: skip
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+        with torch.enable_grad():
+            _fit(net, opt, xs, [e.hits for e in mine], epochs=epochs)
+        net.eval()
+        with torch.no_grad():
+            for k, x in enumerate(xv):
+                out[k] += torch.log_softmax(net(x)[:, 0], 0)
+    return out
+
+
+def _fit(net, opt, xs: list, hits: list, *, epochs: int, batch: int = 16) -> None:
+    """Minibatches of ``batch`` scenes, each scene's loss ``−log Σ_hits softmax(score)``."""
+    for _ in range(epochs):
+        net.train()
+        order = torch.randperm(len(xs)).tolist()
+        for i in range(0, len(order), batch):
+            part = order[i : i + batch]
+            loss = sum(-torch.logsumexp(torch.log_softmax(net(xs[j])[:, 0], 0)[hits[j]], 0)
+                       for j in part)  # fmt: skip
+            opt.zero_grad()
+            (loss / len(part)).backward()
+            opt.step()
+
+
+def probe_two_layer(args, gm) -> dict:
+    rows = {}
+    for category in args.categories:
+        common = dict(gm=gm, workers=args.workers, top_k=args.top_k, categories=[category],
+                      smoke=args.smoke, model=None, cache=args.cache)  # fmt: skip
+        train = examples("train", args.train, **common)
+        val = examples("validation", args.validation, **common)
+        c = gm.categories.index(category)
+        linear = {}
+        for l2 in args.l2:
+            v = fit_descent_verifier(gm, examples=train, top_k=args.top_k, l2=l2,
+                                     categories=[category])  # fmt: skip
+            if not bool(v.fitted[c]):
+                continue
+            linear[str(l2)] = rates([float(e.iou[int(v.score(e.features, c).argmax())])
+                                     for e in val])  # fmt: skip
+        t = time.perf_counter()
+        scores = two_layer_scores(train, val, seeds=args.seeds, epochs=args.epochs)
+        rows[category] = {
+            "train_examples": len(train), "validation_examples": len(val),
+            "linear_by_l2": linear,
+            "linear_best_l2": max(linear.values(), key=lambda r: (r["hit@0.5"], r["hit@0.3"]),
+                                  default=None),
+            "two_layer": rates([float(e.iou[int(s.argmax())]) for e, s in zip(val, scores,
+                                                                               strict=True)]),
+            "two_layer_seconds": round(time.perf_counter() - t, 1),
+            "best_of_k": rates([float(e.iou.max()) for e in val]),
+        }  # fmt: skip
+        print(category, {k: v for k, v in rows[category].items() if k != "linear_by_l2"},
+              flush=True)  # fmt: skip
+    done = [r for r in rows.values() if r["linear_best_l2"] is not None]
+    rows["mean_hit@0.5"] = {
+        "linear_best_l2": statistics.mean(r["linear_best_l2"]["hit@0.5"] for r in done),
+        "two_layer": statistics.mean(r["two_layer"]["hit@0.5"] for r in done),
+    } if done else None  # fmt: skip
+    return {"train_scenes": args.train, "validation_scenes": args.validation,
+            "top_k": args.top_k, "seeds": args.seeds, "epochs": args.epochs,
+            "categories": rows}  # fmt: skip
+
+
+def zoomed_views(image: torch.Tensor, masks: torch.Tensor, *, masked: bool, size: int,
+                 margin: float = 0.15) -> torch.Tensor:  # fmt: skip
+    """``(k, 3, size, size)``: each mask's bounding box (``margin`` added on every side, made
+    square, at least 8 pixels) of ``image`` ``(3, H, W)``, resized bilinearly; outside the image
+    (and, if ``masked``, outside the mask) the image's per-channel median."""
+    _, h, w = image.shape
+    fill = image.flatten(1).median(1).values[:, None, None]  # (3, 1, 1)
+    out = []
+    for m in masks:
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        if len(ys) == 0:
+            out.append(fill.expand(3, size, size))
+            continue
+        y0, y1 = int(ys.min()), int(ys.max()) + 1
+        x0, x1 = int(xs.min()), int(xs.max()) + 1
+        side = max(max(y1 - y0, x1 - x0) * (1 + 2 * margin), 8.0)
+        cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+        theta = torch.tensor([[side / w, 0.0, 2 * cx / w - 1], [0.0, side / h, 2 * cy / h - 1]],
+                             dtype=image.dtype)  # fmt: skip
+        src = torch.where(m[None], image, fill) if masked else image
+        grid = F.affine_grid(theta[None], [1, 3, size, size], align_corners=False)
+        view = F.grid_sample((src - fill)[None], grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=False)[0] + fill  # fmt: skip
+        out.append(view)
+    return torch.stack(out)
+
+
+def descents(gm, image: torch.Tensor, c: int, top_k: int):
+    """The ``top_k`` completed descents of category ``c``: features ``(k, F)``, masks."""
+    bu = {k: v for k, v in gm.backbone(image[None]).items() if k in gm.hidden_levels}
+    result = greedy_map(gm, bu, category=c, top_k=top_k)
+    modes = result.modes[0]
+    values = {s: torch.tensor([a[s] for a, _ in modes]) for s in result.assignment}
+    lj = torch.tensor([v for _, v in modes], dtype=torch.float64)
+    x, masks = descent_features(gm, bu, values, lj)
+    return bu, x, masks
+
+
+def probe_crop(args, gm, verifier) -> dict:
+    c = gm.categories.index("airplane")
+    size = gm.backbone.image_size[0]
+    scenes = Scenes(args.scenes, seed=split_seed("validation"))
+    picks: dict[str, list[float]] = {}
+    for i in tqdm(range(args.scenes), desc="crop probe"):
+        scene = scenes[i]
+        truth = [t.mask for t in scene.instances if t.category == "airplane" and t.mask.any()]
+        if not truth:
+            continue
+        bu, x, masks = descents(gm, scene.image, c, args.top_k)
+        iou = torch.stack([mask_iou(masks, t[None].expand_as(masks)) for t in truth]).amax(0)
+        sv = verifier.score(x, c).float()
+        image = bu["image"][0].clamp(0, 1)
+        choice = {"verifier": sv, "best_of_k": iou}
+        for name, masked in (("masked", True), ("context", False)):
+            views = zoomed_views(image, masks, masked=masked, size=size)
+            logp = torch.log_softmax(gm.backbone.logits(gm.backbone(views)), -1)[:, c].float()
+            choice[f"zoomed_{name}"] = logp
+            for a in (0.3, 1.0):
+                choice[f"verifier+{a}*zoomed_{name}"] = sv + a * logp
+        for name, s in choice.items():
+            picks.setdefault(name, []).append(float(iou[int(s.argmax())]))
+    return {"scenes": args.scenes, "top_k": args.top_k, "split": "validation",
+            "note": "the weights a were tried on these validation scenes (optimistic)",
+            "choices": {k: rates(v) for k, v in picks.items()}}  # fmt: skip
+
+
+def probe_lone(args, gm, verifier) -> dict:
+    rows = {}
+    for category in args.categories:
+        c = gm.categories.index(category)
+        if not bool(verifier.fitted[c]):
+            continue
+        ds = RenderedObjects(category, args.objects, seed=split_seed("validation"))
+        picks: dict[str, list[float]] = {}
+        for i in tqdm(range(args.objects), desc=f"lone {category}", leave=False):
+            image, truth = ds[i]
+            bu, x, masks = descents(gm, image, c, args.top_k)
+            iou = mask_iou(masks, truth[None].expand_as(masks))
+            plain = greedy_map(gm, bu, category=c)
+            for name, value in (
+                ("greedy_map", float(mask_iou(plain.mask, truth[None])[0])),
+                ("best_of_k", float(iou.max())),
+                ("largest_completed_log_joint", float(iou[0])),  # modes are best first
+                ("verifier", float(iou[int(verifier.score(x, c).argmax())])),
+            ):
+                picks.setdefault(name, []).append(value)
+        rows[category] = {k: statistics.mean(v) for k, v in picks.items()}
+        print(category, rows[category], flush=True)
+    return {"objects": args.objects, "top_k": args.top_k, "split": "validation",
+            "metric": "mean mask IoU", "categories": rows}  # fmt: skip
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--probe", choices=("two_layer", "crop", "lone"), required=True)
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--cache", type=Path, default=None, help="fit_verifier.py's cache")
+    parser.add_argument("--train", type=int, default=500, help="training scenes (two_layer)")
+    parser.add_argument("--validation", type=int, default=60)
+    parser.add_argument("--l2", type=float, nargs="+", default=[1.0, 10.0, 100.0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--scenes", type=int, default=60, help="validation scenes (crop)")
+    parser.add_argument("--objects", type=int, default=30, help="per category (lone)")
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "verifier_probes.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.smoke:  # the shipped model on a few inputs
+        args.train, args.validation, args.top_k, args.seeds, args.epochs = 3, 2, 4, 1, 1
+        args.scenes, args.objects, args.categories = 1, 1, ["airplane"]
+    gm, model_name = learned_model(smoke=False, path=None)
+    verifier = DescentVerifier.shipped()
+    if verifier is None:
+        raise SystemExit("no shipped descent verifier: run benchmarks/fit_verifier.py --ship")
+    start = time.perf_counter()
+    row = {"two_layer": lambda: probe_two_layer(args, gm),
+           "crop": lambda: probe_crop(args, gm, verifier),
+           "lone": lambda: probe_lone(args, gm, verifier)}[args.probe]()  # fmt: skip
+    row.update(machine=machine(), threads=1, model=model_name, smoke=args.smoke,
+               seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result[args.probe] = row
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out} [{args.probe}]")
+
+
+if __name__ == "__main__":
+    main()
