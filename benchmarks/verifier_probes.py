@@ -265,6 +265,7 @@ def main() -> None:
            "crop": lambda: probe_crop(args, gm, verifier),
            "lone": lambda: probe_lone(args, gm, verifier)}[args.probe]()  # fmt: skip
     row.update(machine=machine(), threads=1, model=model_name, smoke=args.smoke,
+               shipped_verifier_sha256=verifier.fingerprint(),
                seconds=round(time.perf_counter() - start, 1))  # fmt: skip
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result[args.probe] = row
