@@ -154,17 +154,21 @@ def main() -> None:
     chosen = {c: max(args.l2, key=lambda v, c=c: quality(c, v)) for c in args.categories}
     verifier = fits[args.l2[0]]
     shipped = DescentVerifier.shipped() if args.ship else None
-    if (shipped is not None and shipped.model_sha256 == verifier.model_sha256
-            and shipped.weight.shape == verifier.weight.shape
-            and shipped.top_k == verifier.top_k):  # fmt: skip
+    if shipped is not None and shipped.config() == verifier.config():
         verifier = shipped  # the other categories keep their shipped weights
+    elif shipped is not None:
+        print(f"the shipped verifier {shipped} was made for another model, top_k or features: "
+              f"only {args.categories} will have weights")  # fmt: skip
     for c, l2 in chosen.items():
         i = gm.categories.index(c)
+        if not bool(fits[l2].fitted[i]):  # no training scene with a hit: keep what is there
+            continue
         for name in ("weight", "mean", "scale", "fitted"):
             getattr(verifier, name)[i] = getattr(fits[l2], name)[i]
     if args.ship and not args.smoke:
         verifier.save(WEIGHTS)
-        print(f"wrote {WEIGHTS}")
+        print(f"wrote {WEIGHTS}; the verified parse's stop criterion is now stale: rerun "
+              "benchmarks/parse_threshold.py --verifier-top-k 100 --workers 2")  # fmt: skip
     atomic_write_json(args.out, {
         "machine": machine(), "threads": 1, "workers": args.workers, "model": model_name,
         "train_scenes": args.scenes, "validation_scenes": args.validation, "top_k": args.top_k,

@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
         default_threshold,
         fit_stop_criterion,
         model_fingerprint,
+        record_fingerprint,
         stop_features,
+        threshold_record,
     )
 
     gm = GenerativeModel.default()
@@ -372,7 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
             "fitted_by": "benchmarks/parse_threshold.py"
                          + (f" --verifier-top-k {args.verifier_top_k}" if verified else ""),
             **({"verifier_sha256": verifier.fingerprint(), "verifier_top_k": args.verifier_top_k,
-                "ordered_by": "the plain parse's shipped criterion (parse_threshold.json)"}
+                "ordered_by": "the plain parse's shipped criterion (parse_threshold.json)",
+                "plain_record_sha256": record_fingerprint(threshold_record())}
                if verified else {}),
             "split": out["seed"],
             "scenes": n_scenes,

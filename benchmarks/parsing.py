@@ -502,11 +502,12 @@ def add_verified_sensitivity(out: Path, *, top_k: int, n_sens: int, model: Path 
 
 
 def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
-            verified_top_k: int | None = None) -> dict:  # fmt: skip
+            verified_top_k: int | None = None, plain_criterion: bool = False) -> dict:  # fmt: skip
     """``ours_beam<B>``: ``parse_scene(gm, image, beam=B)`` on the same test scenes, the stop
     criterion as shipped; or ``ours_verified<K>``: ``run_parse(gm, image, top_k=K,
     verifier=DescentVerifier.shipped())``, each step's K modes ranked by the shipped verifier
-    (issue #10). Added to an existing results file."""
+    (issue #10), stopped by its default criterion (with ``plain_criterion``: the plain parse's,
+    row ``ours_verified<K>_plain_criterion``). Added to an existing results file."""
     import json
 
     from pyro_backpass import DescentVerifier, parse_scene
@@ -523,13 +524,18 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
         def parse(image):
             return parse_scene(gm, image, beam=beam)
     else:
-        name = f"ours_verified{verified_top_k}"
+        from pyro_backpass.parsing import default_threshold
+
+        name = f"ours_verified{verified_top_k}" + ("_plain_criterion" if plain_criterion else "")
         verifier = DescentVerifier.shipped()
         if verifier is None:
             raise SystemExit("no shipped descent verifier: run benchmarks/fit_verifier.py --ship")
+        stop = default_threshold(gm) if plain_criterion else default_threshold(
+            gm, verifier=verifier, top_k=verified_top_k)  # fmt: skip
 
         def parse(image):
-            return run_parse(gm, image, beam=beam, top_k=verified_top_k, verifier=verifier)
+            return run_parse(gm, image, beam=beam, top_k=verified_top_k, verifier=verifier,
+                             criterion=stop["criterion"], threshold=stop["threshold"])  # fmt: skip
 
     t = time.perf_counter()
     with torch.no_grad():
@@ -538,9 +544,7 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
     row["beam"] = beam
     row["verifier_top_k"] = verified_top_k
     if verified_top_k is not None:  # which stop criterion the parse used (default_threshold)
-        from pyro_backpass.parsing import default_threshold
-
-        row["stop_criterion_fitted_on"] = default_threshold(gm, verifier=verifier)["fitted_on"]
+        row["stop_criterion_fitted_on"] = stop["fitted_on"]
     row["seconds"] = round(time.perf_counter() - t, 1)
     row["median_seconds_per_parse"] = statistics.median(r["seconds"] for r in records)
     result = json.loads(out.read_text())  # read now: another row may have been added meanwhile
@@ -566,6 +570,11 @@ def main() -> None:
     parser.add_argument("--verified-row", type=int, default=None, metavar="K",
                         help="only add the row of run_parse(..., top_k=K, verifier=the shipped "
                              "DescentVerifier) on the test scenes to --out")  # fmt: skip
+    parser.add_argument(
+        "--plain-criterion",
+        action="store_true",
+        help="with --verified-row: stop by the plain parse's criterion",
+    )
     parser.add_argument("--verified-sensitivity", type=int, default=None, metavar="K",
                         help="only add the class sensitivity of verified_map(..., top_k=K) to "
                              "the row ours_verified<K> of --out")  # fmt: skip
@@ -581,6 +590,7 @@ def main() -> None:
         return
     if args.beam_row is not None or args.verified_row is not None:
         add_row(args.out, beam=args.beam_row or 1, verified_top_k=args.verified_row,
+                plain_criterion=args.plain_criterion,
                 n_test=2 if args.smoke else args.test, model=args.model)  # fmt: skip
         return
     torch.set_num_threads(1)

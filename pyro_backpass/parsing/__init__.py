@@ -50,6 +50,7 @@ from pyro_backpass.parsing.threshold import (
     VERIFIED_THRESHOLD_FILE,
     default_threshold,
     model_fingerprint,
+    record_fingerprint,
     threshold_record,
 )
 from pyro_backpass.parsing.views import View, as_image, make_views
@@ -94,6 +95,7 @@ __all__ = [
     "parse_record",
     "parse_scene",
     "parse_scenes",
+    "record_fingerprint",
     "run_parse",
     "stop_features",
     "threshold_record",

@@ -195,10 +195,11 @@ def run_parse(
       ``top_k`` modes are scored by it; per view and category its best is completed, and of
       these the one with the largest stop statistic is the step's hypothesis (the verifier's
       scores compare one category's descents of one view only). It must be fitted for every
-      category a step can choose (the query's, or all). With the shipped verifier, the
-      default criterion and threshold are those fitted on verified parses
-      (``parse_threshold_verified.json``, see :func:`.threshold.default_threshold`); with
-      another verifier, the plain parse's. None: rank by the log-likelihood ratio.
+      category a step can choose (the query's, or all). With the shipped verifier and the
+      ``top_k`` it was fitted with (100), the default criterion and threshold are those fitted
+      on verified parses (``parse_threshold_verified.json``, see
+      :func:`.threshold.default_threshold`); otherwise the plain parse's. None: rank by the
+      log-likelihood ratio.
     """
     return parse_scenes(
         gm, [image], max_objects=max_objects, query=query, beam=beam, scales=scales,
@@ -350,7 +351,7 @@ def _parse(
         raise TypeError(f"query must be a pyro_backpass.parsing.Query, got {type(query).__name__}")
     if verifier is not None:
         _check_verifier(gm, verifier, query)
-    fitted = default_threshold(gm, verifier=verifier)
+    fitted = default_threshold(gm, verifier=verifier, top_k=top_k)
     threshold = fitted["threshold"] if threshold is None else float(threshold)
     criterion = fitted["criterion"] if criterion is None else criterion
     if not isinstance(criterion, StopCriterion):

@@ -7,6 +7,7 @@ criterion, fitted on verified parses of the same validation scenes
 
 from __future__ import annotations
 
+import hashlib
 import json
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ __all__ = [
     "VERIFIED_THRESHOLD_FILE",
     "default_threshold",
     "model_fingerprint",
+    "record_fingerprint",
     "threshold_record",
 ]
 
@@ -49,28 +51,41 @@ def threshold_record(*, verified: bool = False) -> dict[str, Any] | None:
 
 
 def default_threshold(
-    gm: GenerativeModel, *, verifier: DescentVerifier | None = None
+    gm: GenerativeModel, *, verifier: DescentVerifier | None = None, top_k: int | None = None
 ) -> dict[str, Any]:
     """``{"criterion", "threshold", "explain_away", "background", "fitted_on"}`` for ``gm``.
 
-    With a ``verifier``: the fit on verified parses when ``gm`` and ``verifier`` are the ones it
-    was fitted with (same parameters, same verifier weights; ``fitted_on="verified"``).
-    Otherwise, and without a verifier: the fit on plain parses when ``gm`` is its model
+    With a ``verifier``: the fit on verified parses (``fitted_on="verified"``) when all that it
+    was fitted with is what the parse uses — the same model parameters, the same verifier
+    weights, the same ``top_k`` modes a step, and the plain fit that ordered its steps still
+    shipped. Otherwise, and without a verifier: the fit on plain parses when ``gm`` is its model
     (``"plain"``); else the LLR statistic (:meth:`StopCriterion.llr`) with threshold 0,
     ``"unobserve"`` and the ``"profile"`` background (``"fallback"``). A record without a
     ``stop_criterion`` thresholds the LLR."""
     sha = model_fingerprint(gm)
-    if verifier is not None:
+    plain = threshold_record()
+    if plain is not None and plain.get("model_sha256") != sha:
+        plain = None
+    if verifier is not None and plain is not None:
         record = threshold_record(verified=True)
         if (record is not None and record.get("model_sha256") == sha
-                and record.get("verifier_sha256") == verifier.fingerprint()):  # fmt: skip
+                and record.get("verifier_sha256") == verifier.fingerprint()
+                and record.get("verifier_top_k") == top_k
+                and record.get("plain_record_sha256") == record_fingerprint(plain)):  # fmt: skip
             return _from_record(record, fitted_on="verified")
-    record = threshold_record()
-    if record is not None and record.get("model_sha256") == sha:
-        return _from_record(record, fitted_on="plain")
+    if plain is not None:
+        return _from_record(plain, fitted_on="plain")
     return {"criterion": StopCriterion.llr(), "threshold": FALLBACK_THRESHOLD,
             "explain_away": "unobserve", "background": "profile",
             "fitted_on": "fallback"}  # fmt: skip
+
+
+def record_fingerprint(record: dict[str, Any]) -> str:
+    """SHA-256 of a record's criterion, threshold and explain-away choice (what orders and stops
+    a parse's steps)."""
+    keys = ("stop_criterion", "threshold", "explain_away", "background", "model_sha256")
+    text = json.dumps({k: record.get(k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _from_record(record: dict[str, Any], *, fitted_on: str) -> dict[str, Any]:
