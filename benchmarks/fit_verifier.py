@@ -116,6 +116,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
     parser.add_argument("--ship", action="store_true", help="write the package's weights file")
+    parser.add_argument("--save", type=Path, default=None,
+                        help="write the verifier (the shipped one's other categories kept) here "
+                             "instead, to measure it before shipping")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=None,
                         help="keep each split's and category's descents here (reused)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
@@ -153,7 +156,7 @@ def main() -> None:
 
     chosen = {c: max(args.l2, key=lambda v, c=c: quality(c, v)) for c in args.categories}
     verifier = fits[args.l2[0]]
-    shipped = DescentVerifier.shipped() if args.ship else None
+    shipped = DescentVerifier.shipped() if args.ship or args.save else None
     if shipped is not None and shipped.config() == verifier.config():
         verifier = shipped  # the other categories keep their shipped weights
     elif shipped is not None:
@@ -165,6 +168,9 @@ def main() -> None:
             continue
         for name in ("weight", "mean", "scale", "fitted"):
             getattr(verifier, name)[i] = getattr(fits[l2], name)[i]
+    if args.save is not None:
+        verifier.save(args.save)
+        print(f"wrote {args.save}")
     if args.ship and not args.smoke:
         verifier.save(WEIGHTS)
         print(f"wrote {WEIGHTS}; the verified parse's stop criterion is now stale: rerun "
