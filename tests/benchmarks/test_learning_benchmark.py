@@ -347,3 +347,24 @@ def test_verifier_probes_two_layer_and_lone_smoke(tmp_path):
     lone = result["lone"]["categories"]["airplane"]
     assert set(lone) == {"greedy_map", "best_of_k", "largest_completed_log_joint", "verifier"}
     assert 0.0 <= result["two_layer"]["categories"]["airplane"]["two_layer"]["hit@0.5"] <= 1.0
+
+
+@pytest.mark.slow  # ~15 s: five scenes' descents at k = 4
+def test_fit_verifier_extends_a_smaller_cache(tmp_path):
+    """A cache of the first 2 scenes, extended to 3, holds the same descents as 3 computed
+    without a cache (scene i does not depend on n)."""
+    from pyro_backpass import GenerativeModel
+
+    fit_verifier = _module("fit_verifier")
+    gm = GenerativeModel.default()
+    kw = dict(gm=gm, workers=1, top_k=4, categories=["airplane"], smoke=True, model=None)
+    fit_verifier.examples("validation", 2, cache=tmp_path, **kw)
+    extended = fit_verifier.examples("validation", 3, cache=tmp_path, **kw)
+    fresh = fit_verifier.examples("validation", 3, cache=None, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "validation_airplane_n2_k4.pt",
+        "validation_airplane_n3_k4.pt",
+    ]
+    assert len(extended) == len(fresh) == 3
+    for a, b in zip(extended, fresh, strict=True):
+        assert torch.allclose(a.features, b.features) and torch.equal(a.hits, b.hits)
