@@ -51,7 +51,7 @@ from pyro_backpass import (  # noqa: E402
     split_seed,
 )
 from pyro_backpass.files import atomic_write_json  # noqa: E402
-from pyro_backpass.inference import descent_features  # noqa: E402
+from pyro_backpass.inference import descent_features, mode_values  # noqa: E402
 from pyro_backpass.learning import mask_iou  # noqa: E402
 
 CATEGORIES = ("airplane", "bird", "boat", "car", "chair")
@@ -173,9 +173,7 @@ def descents(gm, image: torch.Tensor, c: int, top_k: int):
     """The ``top_k`` completed descents of category ``c``: features ``(k, F)``, masks."""
     bu = {k: v for k, v in gm.backbone(image[None]).items() if k in gm.hidden_levels}
     result = greedy_map(gm, bu, category=c, top_k=top_k)
-    modes = result.modes[0]
-    values = {s: torch.tensor([a[s] for a, _ in modes]) for s in result.assignment}
-    lj = torch.tensor([v for _, v in modes], dtype=torch.float64)
+    values, lj = mode_values(result.modes[0], list(result.assignment))
     x, masks = descent_features(gm, bu, values, lj)
     return bu, x, masks
 

@@ -32,6 +32,7 @@ __all__ = [
     "check_verifier",
     "default_verifier",
     "descent_features",
+    "mode_values",
     "region_views",
     "verified_map",
     "verifier_fingerprint",
@@ -50,6 +51,16 @@ def region_views(image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     fill = image.flatten(1).median(1).values[:, None, None]  # (3, 1, 1)
     m = masks[:, None].to(image.dtype)  # (k, 1, H, W)
     return image[None] * m + fill[None] * (1 - m)
+
+
+def mode_values(
+    modes: Sequence[tuple[Mapping[str, int], float]], sites: Sequence[str], *, device=None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One image's ``modes`` (:attr:`MapResult.modes` ``[i]``: k (assignment, log-joint) pairs)
+    as :func:`descent_features` takes them: every site in ``sites`` → ``(k,)`` indices, and the
+    ``(k,)`` float64 log-joints."""
+    values = {s: torch.tensor([a[s] for a, _ in modes], device=device) for s in sites}
+    return values, torch.tensor([v for _, v in modes], dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -230,8 +241,7 @@ def verified_map(
     for i, modes in enumerate(result.modes):
         one = {name: x[i : i + 1] for name, x in bu_checked.items()}
         obs = {name: m.expand(bu_checked[name].shape)[i : i + 1] for name, m in masks_obs.items()}
-        values = {s: torch.tensor([a[s] for a, _ in modes], device=gm.device) for s in sites}
-        lj = torch.tensor([v for _, v in modes], dtype=torch.float64)
+        values, lj = mode_values(modes, sites, device=gm.device)
         x, _ = descent_features(gm, one, values, lj, read_levels=verifier.read_levels,
                                 observed=obs or None)  # fmt: skip
         if not modes:

@@ -22,6 +22,7 @@ from pyro_backpass.inference import (
     READ_LEVELS,
     descent_features,
     greedy_map,
+    mode_values,
     verifier_fingerprint,
 )
 from pyro_backpass.learning.evaluation import mask_iou
@@ -78,10 +79,7 @@ def descent_examples(
             c = gm.categories.index(name)
             result = greedy_map(gm, bu, category=c, top_k=top_k)
             assert result.modes is not None
-            modes = result.modes[0]
-            values = {s: torch.tensor([a[s] for a, _ in modes], device=gm.device)
-                      for s in result.assignment}  # fmt: skip
-            lj = torch.tensor([v for _, v in modes], dtype=torch.float64)
+            values, lj = mode_values(result.modes[0], list(result.assignment), device=gm.device)
             x, masks = descent_features(gm, bu, values, lj, read_levels=read_levels)
             masks = masks.cpu()
             iou = torch.stack([mask_iou(masks, t[None].expand_as(masks)) for t in truth]).amax(0)
