@@ -4,10 +4,14 @@ shipped model, choose its L2 penalty on validation scenes, and ship it.
 Training scenes come from the ``train`` split (seeds never used for validation or test). For
 each scene, greedy's ``top_k`` best top-level hypotheses of the category are completed and
 their features computed (:func:`~pyro_backpass.learning.descent_examples`), in ``--workers``
-processes of one thread each. Every L2 in ``--l2`` is fitted on all training scenes and
-scored on the validation scenes' descents: the share of scenes whose highest-scored descent
-hits an airplane (IoU ≥ 0.5 / 0.3) and its mean IoU. The best by validation hit@0.5 (ties:
-hit@0.3) is written to ``pyro_backpass/weights/descent_verifier.safetensors`` with ``--ship``.
+processes of one thread each. ``--objects N`` adds N lone rendered objects per category
+(default render scale, ``train`` split) as one-instance training scenes, and
+``--validation-objects M`` scores the choice on M lone validation objects per category too (a
+verifier fitted on scenes only chooses worse than ``greedy_map`` on lone objects). Every L2
+in ``--l2`` is fitted on all training examples and scored on the validation scenes' descents:
+the share of scenes whose highest-scored descent hits an airplane (IoU ≥ 0.5 / 0.3) and its
+mean IoU. The best by validation hit@0.5 (ties: hit@0.3, then the lone objects' IoU) is
+written to ``pyro_backpass/weights/descent_verifier.safetensors`` with ``--ship``.
 Results: ``benchmarks/results/fit_verifier.json``.
 
 Usage: ``python benchmarks/fit_verifier.py --scenes 500 --validation 60 --workers 2 --ship``
@@ -21,6 +25,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -28,46 +33,75 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, learned_model, machine  # noqa: E402
 
 import pyro_backpass  # noqa: E402
-from pyro_backpass import DescentVerifier, Scenes, fit_descent_verifier, split_seed  # noqa: E402
+from pyro_backpass import (  # noqa: E402
+    DescentVerifier,
+    RenderedObjects,
+    Scenes,
+    fit_descent_verifier,
+    split_seed,
+)
 from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
+from pyro_backpass.inference import verifier_fingerprint  # noqa: E402
 from pyro_backpass.learning import VerifierExample, descent_examples  # noqa: E402
 
 WEIGHTS = Path(pyro_backpass.__file__).parent / "weights" / "descent_verifier.safetensors"
 
 
+def lone_objects(category: str, n: int, split: str) -> RenderedObjects:
+    """``n`` lone objects of ``category`` at the default render scale, seeds of ``split``."""
+    return RenderedObjects(category, n, seed=split_seed(split))
+
+
+def _as_scene(category: str, item: tuple) -> SimpleNamespace:
+    """A lone object as a one-instance scene (what ``descent_examples`` reads)."""
+    image, mask = item
+    return SimpleNamespace(image=image, instances=[SimpleNamespace(category=category, mask=mask)])
+
+
 def _examples(args: tuple, gm=None) -> list:
-    """One worker's examples: scenes ``indices`` of ``split`` (one thread)."""
-    split, n, indices, top_k, categories, smoke, model, progress = args
+    """One worker's examples: scenes (or lone objects) ``indices`` of ``split`` (one thread)."""
+    split, n, indices, top_k, categories, objects, model, progress = args
     torch.set_num_threads(1)
     if gm is None:
         gm, _ = learned_model(smoke=False, path=model)
-    scenes = Scenes(n, seed=split_seed(split))
-    return descent_examples(gm, [scenes[i] for i in indices], top_k=top_k,
-                            categories=categories, progress=progress)  # fmt: skip
+    if objects:  # one category a job (examples() calls it so)
+        ds = lone_objects(categories[0], n, split)
+        items = [_as_scene(categories[0], ds[i]) for i in indices]
+    else:
+        scenes = Scenes(n, seed=split_seed(split))
+        items = [scenes[i] for i in indices]
+    return descent_examples(gm, items, top_k=top_k, categories=categories, progress=progress)
 
 
-def examples(split: str, n: int, *, gm, workers: int, top_k: int, categories, smoke,
-             model, cache: Path | None) -> list:  # fmt: skip
-    """Every category's examples on ``n`` scenes of ``split``; with ``cache``, each category's
-    are read from (or written to) ``cache/<split>_<category>_n<n>_k<top_k>.pt``."""
+def examples(split: str, n: int, *, gm, workers: int, top_k: int, categories, model,
+             cache: Path | None, objects: bool = False) -> list:  # fmt: skip
+    """Every category's examples on ``n`` scenes (``objects``: lone objects per category) of
+    ``split``; with ``cache``, each category's are read from (or written to)
+    ``cache/<model>/<split>_[objects_]<category>_n<n>_k<top_k>.pt``, ``<model>`` the start of
+    the model's and backbone's fingerprint (descents of another model are never read)."""
     out = []
+    if n <= 0:
+        return out
+    if cache is not None:
+        cache = cache / verifier_fingerprint(gm)[:16]
     for category in categories:
-        path = None if cache is None else cache / f"{split}_{category}_n{n}_k{top_k}.pt"
+        stem = f"{split}_objects_{category}" if objects else f"{split}_{category}"
+        path = None if cache is None else cache / f"{stem}_n{n}_k{top_k}.pt"
         if path is not None and path.is_file():
             out += [VerifierExample(**e) for e in torch.load(path)]
             continue
-        # Scene i does not depend on n: a cache of the first n0 < n scenes is extended.
+        # Item i does not depend on n: a cache of the first n0 < n items is extended.
         mine, n0 = [], 0
         if cache is not None:
             done = sorted((int(f.stem.split("_n")[-1].split("_")[0]), f)
-                          for f in cache.glob(f"{split}_{category}_n*_k{top_k}.pt"))  # fmt: skip
+                          for f in cache.glob(f"{stem}_n*_k{top_k}.pt"))  # fmt: skip
             done = [(m, f) for m, f in done if m < n]
             if done:
                 n0, f = done[-1]
                 mine = [VerifierExample(**e) for e in torch.load(f)]
                 print(f"{split} {category}: {n0} scenes' descents from {f}", flush=True)
         parts = [list(range(n0 + w, n, workers)) for w in range(workers)]
-        jobs = [(split, n, p, top_k, [category], smoke, model, w == 0)
+        jobs = [(split, n, p, top_k, [category], objects, model, w == 0)
                 for w, p in enumerate(parts) if p]  # fmt: skip
         if workers == 1:
             mine += _examples(jobs[0], gm)
@@ -121,38 +155,49 @@ def main() -> None:
                              "instead, to measure it before shipping")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=None,
                         help="keep each split's and category's descents here (reused)")  # fmt: skip
+    parser.add_argument("--objects", type=int, default=0,
+                        help="lone training objects per category added to the scenes")  # fmt: skip
+    parser.add_argument("--validation-objects", type=int, default=0,
+                        help="lone validation objects a category scored")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "fit_verifier.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.smoke:
         args.scenes, args.validation, args.top_k, args.workers = 3, 2, 4, 1
+        args.objects = min(args.objects, 2)
+        args.validation_objects = min(args.validation_objects, 1)
     # The smoke preset runs the shipped model on a few scenes (no model is trained).
     gm, model_name = learned_model(smoke=False, path=args.model)
     common = dict(gm=gm, workers=args.workers, top_k=args.top_k, categories=args.categories,
-                  smoke=args.smoke, model=args.model, cache=args.cache)  # fmt: skip
+                  model=args.model, cache=args.cache)  # fmt: skip
     start = time.perf_counter()
     train = examples("train", args.scenes, **common)
     val = examples("validation", args.validation, **common)
+    train_obj = examples("train", args.objects, objects=True, **common)
+    val_obj = examples("validation", args.validation_objects, objects=True, **common)
     extract_s = time.perf_counter() - start
     rows, fits = {}, {}
     for l2 in args.l2:
         t = time.perf_counter()
-        fits[l2] = fit_descent_verifier(gm, examples=train, top_k=args.top_k, l2=l2)
+        fits[l2] = fit_descent_verifier(gm, examples=train + train_obj, top_k=args.top_k, l2=l2)
         rows[str(l2)] = {
             c: {"validation": choice_quality(fits[l2], [e for e in val if e.category == i]),
-                "train": choice_quality(fits[l2], [e for e in train if e.category == i])}
+                "train": choice_quality(fits[l2], [e for e in train if e.category == i]),
+                "validation_objects": choice_quality(
+                    fits[l2], [e for e in val_obj if e.category == i])}
             for c, i in ((c, gm.categories.index(c)) for c in args.categories)
         }  # fmt: skip
         rows[str(l2)]["fit_seconds"] = round(time.perf_counter() - t, 1)
         print(l2, rows[str(l2)], flush=True)
 
     # Each category's weights are fitted independently: its L2 is chosen on its own
-    # validation examples (hit@0.5, then hit@0.3), and the shipped verifier takes each
-    # category's row from the fit with its chosen L2.
-    def quality(category: str, v: float) -> tuple[float, float]:
+    # validation scenes (hit@0.5, then hit@0.3, then the lone validation objects' IoU), and the
+    # shipped verifier takes each category's row from the fit with its chosen L2.
+    def quality(category: str, v: float) -> tuple[float, float, float]:
         row = rows[str(v)][category]["validation"].get("verified", {})
-        return row.get("hit@0.5", -1.0), row.get("hit@0.3", -1.0)
+        lone = rows[str(v)][category]["validation_objects"].get("verified", {})
+        return row.get("hit@0.5", -1.0), row.get("hit@0.3", -1.0), lone.get("iou", -1.0)
 
     chosen = {c: max(args.l2, key=lambda v, c=c: quality(c, v)) for c in args.categories}
     verifier = fits[args.l2[0]]
@@ -178,6 +223,7 @@ def main() -> None:
     atomic_write_json(args.out, {
         "machine": machine(), "threads": 1, "workers": args.workers, "model": model_name,
         "train_scenes": args.scenes, "validation_scenes": args.validation, "top_k": args.top_k,
+        "train_objects": args.objects, "validation_objects": args.validation_objects,
         "categories": args.categories, "train_examples": len(train),
         "train_examples_with_hit": sum(bool(e.hits.any()) for e in train),
         "validation_examples": len(val), "extract_seconds": round(extract_s, 1),

@@ -13,8 +13,10 @@ object away (``subtract``, ``unobserve``), two statistics are compared:
 - ``llr``: the step's log-likelihood ratio against the all-background explanation (the
   paper's statistic);
 - ``fitted``: a logistic "new object" log-odds of the step's LLR, log visible pixels, visible
-  fraction and step index (:func:`~pyro_backpass.parsing.fit_stop_criterion`, fitted on all the
-  validation steps of both regimes), and the same fitted on one half of the scenes and scored
+  fraction, step index and the classifier's log-probability of the step's category on its
+  visible region (``--features`` chooses among them;
+  :func:`~pyro_backpass.parsing.fit_stop_criterion`, fitted on all the validation steps of both
+  regimes), and the same fitted on one half of the scenes and scored
   on the other (``cross_validated``: 2 folds × 5 random splits by scene, mean), so that the
   in-sample numbers' optimism is visible.
 
@@ -159,7 +161,7 @@ def scored(scenes: list[dict], crit) -> list[tuple[list[float], list[bool], int]
             for s in scenes]  # fmt: skip
 
 
-def cross_validated(scenes: list[dict], *, splits: int = 5, seed: int = 0) -> dict:
+def cross_validated(scenes: list[dict], *, features, splits: int = 5, seed: int = 0) -> dict:
     """The fitted statistic scored on scenes it was not fitted on: 2 folds by scene, ``splits``
     random splits; the threshold is fitted on the training half too. Means over the folds."""
     from pyro_backpass.parsing import fit_stop_criterion, stop_features
@@ -175,7 +177,7 @@ def cross_validated(scenes: list[dict], *, splits: int = 5, seed: int = 0) -> di
             labels = [y for s in train for y in s["labels"]]
             if all(labels) or not any(labels):
                 continue
-            crit = fit_stop_criterion(steps, labels)
+            crit = fit_stop_criterion(steps, labels, features=features)
             t = fit_threshold(scored(train, crit))["threshold"]
             runs = scored(test, crit)
             tp = kept = truth = exact = 0
@@ -206,7 +208,7 @@ def parse_steps(job: tuple) -> dict:
     verifier=DescentVerifier.shipped())``, whose heads are ordered by the plain parse's shipped
     criterion (one thread; the model is loaded once per process)."""
     from pyro_backpass import DescentVerifier, GenerativeModel
-    from pyro_backpass.parsing import StopCriterion, default_threshold, run_parse
+    from pyro_backpass.parsing import StopCriterion, default_threshold, region_log_prob, run_parse
 
     scene, explain, background, smoke, verifier_top_k = job
     torch.set_num_threads(1)
@@ -224,9 +226,15 @@ def parse_steps(job: tuple) -> dict:
     with torch.no_grad():
         parse = run_parse(gm, scene.image, max_objects=steps, threshold=-math.inf,
                           explain=explain, background=background, **knobs)  # fmt: skip
+    logp = [None] * len(parse.instances)
+    if parse.instances:  # the scenes are model-sized: the image is the parse's one view
+        masks = torch.stack([i.mask for i in parse.instances])
+        index = [gm.backbone.categories.index(i.category) for i in parse.instances]
+        logp = region_log_prob(gm.backbone, scene.image, masks, index).tolist()
     return {
         "features": [dict(llr=i.llr, visible=int(i.mask.sum()), amodal=int(i.amodal_mask.sum()),
-                          step=k) for k, i in enumerate(parse.instances)],
+                          step=k, class_log_prob=lp)
+                     for k, (i, lp) in enumerate(zip(parse.instances, logp, strict=True))],
         "labels": label_steps(parse, scene), "objects": n_true,
     }  # fmt: skip
 
@@ -247,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "modes a step (run_parse(..., top_k=K, verifier=...)), in the shipped "
                         "setting only")  # fmt: skip
     p.add_argument("--workers", type=int, default=1, help="processes of one thread each")
+    p.add_argument("--features", nargs="+", default=list(STOP_FEATURES), choices=STOP_FEATURES,
+                   help="the features the fitted statistic weighs")  # fmt: skip
     args = p.parse_args(argv)
     verified = args.verifier_top_k is not None
     if args.package_file is None:
@@ -296,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = [(plain["explain_away"], plain["background"])]
     out: dict = {"machine": machine(), "smoke": args.smoke, "split": "validation",
                  "seed": f"split_seed('validation', {SEED}) = {seed}", "scenes": n_scenes,
-                 "iou": IOU, "features": list(STOP_FEATURES), "settings": {},
+                 "iou": IOU, "features": list(args.features), "settings": {},
                  "verifier_top_k": args.verifier_top_k, "workers": args.workers}  # fmt: skip
     start = time.perf_counter()
     crits = {}
@@ -318,8 +328,9 @@ def main(argv: list[str] | None = None) -> dict:
             crit = llr
         else:
             crit = fit_stop_criterion(
-                [stop_features(**f) for s in pooled for f in s["features"]], labels
-            )
+                [stop_features(**f) for s in pooled for f in s["features"]], labels,
+                features=args.features,
+            )  # fmt: skip
         crits[key] = crit
         for name, c in (("llr", llr), ("fitted", crit)):
             row[name] = {"regimes": {r: summarise(scored(parsed[r], c)) for r in REGIMES},
@@ -328,7 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
                 report(f"{key} {name} {r}", row[name]["regimes"][r])
             report(f"{key} {name} pooled", row[name]["pooled"])
         row["criterion"] = crit.to_dict()
-        row["cross_validated"] = cross_validated(pooled) if crit is not llr else None
+        row["cross_validated"] = (
+            cross_validated(pooled, features=args.features) if crit is not llr else None
+        )
         print(f"{key} cross-validated: {row['cross_validated']}", flush=True)
         out["settings"][key] = row
     out["seconds"] = round(time.perf_counter() - start, 1)

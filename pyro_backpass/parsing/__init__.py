@@ -43,6 +43,7 @@ from pyro_backpass.parsing.stop import (
     STOP_FEATURES,
     StopCriterion,
     fit_stop_criterion,
+    region_log_prob,
     stop_features,
 )
 from pyro_backpass.parsing.threshold import (
@@ -96,6 +97,7 @@ __all__ = [
     "parse_scene",
     "parse_scenes",
     "record_fingerprint",
+    "region_log_prob",
     "run_parse",
     "stop_features",
     "threshold_record",

@@ -47,7 +47,7 @@ from pyro_backpass.parsing.candidates import (
 from pyro_backpass.parsing.explaining_away import explain_away
 from pyro_backpass.parsing.query import Query
 from pyro_backpass.parsing.scene_parse import ParsedInstance, SceneParse
-from pyro_backpass.parsing.stop import StopCriterion
+from pyro_backpass.parsing.stop import StopCriterion, region_log_prob
 from pyro_backpass.parsing.threshold import default_threshold
 from pyro_backpass.parsing.views import View, as_image, make_views
 
@@ -274,7 +274,8 @@ def parse_scenes(
     ]
     return _parse(gm, scenes, max_objects=max_objects, query=query, beam=beam,
                   threshold=threshold, criterion=criterion, explain=explain, background=background,
-                  top_k=top_k, mode_masks=mode_masks, verifier=verifier)  # fmt: skip
+                  top_k=top_k, mode_masks=mode_masks, verifier=verifier,
+                  classifier=backbone)  # fmt: skip
 
 
 def parse_activations(
@@ -307,7 +308,8 @@ def parse_activations(
     view = View(img, 1.0, 1.0, (0, 0), (size, size))
     return _parse(gm, [(img, [view], bu0)], max_objects=max_objects, query=query, beam=beam,
                   threshold=threshold, criterion=criterion, explain=explain, background=background,
-                  top_k=top_k, mode_masks=mode_masks, verifier=verifier)[0]  # fmt: skip
+                  top_k=top_k, mode_masks=mode_masks, verifier=verifier,
+                  classifier=gm.backbone)[0]  # fmt: skip
 
 
 @dataclass
@@ -339,9 +341,11 @@ def _parse(
     top_k: int,
     mode_masks: bool = False,
     verifier: DescentVerifier | None = None,
+    classifier: Backbone | None = None,
 ) -> list[SceneParse]:
     """The parse loop of a batch of images ``(image (3, H, W), views, bottom-up maps level →
-    (V, C, h, w))``, one step of every image still parsing per iteration."""
+    (V, C, h, w))``, one step of every image still parsing per iteration. ``classifier``: the
+    backbone whose head gives a criterion's ``class_log_prob``."""
     if max_objects is not None:
         _check_int("max_objects", max_objects, 0)
     _check_int("beam", beam, 1)
@@ -356,6 +360,8 @@ def _parse(
     criterion = fitted["criterion"] if criterion is None else criterion
     if not isinstance(criterion, StopCriterion):
         raise TypeError(f"criterion must be a StopCriterion, got {type(criterion).__name__}")
+    if criterion.needs_class_log_prob:
+        _check_classifier(gm, classifier)
     how = fitted["explain_away"] if explain is None else explain
     background = fitted["background"] if background is None else background
     if background not in BACKGROUNDS:
@@ -403,7 +409,7 @@ def _parse(
             by_path.setdefault(c.path, []).append(c)
         if verifier is not None:
             verify_candidates(gm, cands, verifier)
-            _verified_order(gm, by_path, units, criterion)
+            _verified_order(gm, by_path, units, criterion, classifier)
         # Decide per path what stops and what needs completing, then complete all at once.
         plans = []  # (scene, path, its candidates best first, the ones to complete)
         force = query.imagine and step == 0
@@ -425,7 +431,7 @@ def _parse(
                 p.done, p.stop_score = "no_hypothesis", None
                 continue
             for c in pool:  # the stop statistic of each completed candidate, on this path
-                c.stat = _statistic(criterion, c, p, s)
+                c.stat = _statistic(gm, criterion, c, p, s, classifier)
             # The stop is decided on the best mode by LLR, as the criterion was fitted (with a
             # verifier: on the head of _verified_order); a query's preference or a beam then
             # picks among the completed modes above the threshold.
@@ -460,8 +466,9 @@ def _parse(
 
 
 def _verified_order(
-    gm: GenerativeModel, by_path: dict[int, list[Candidate]], units: list, criterion: StopCriterion
-) -> None:
+    gm: GenerativeModel, by_path: dict[int, list[Candidate]], units: list,
+    criterion: StopCriterion, classifier: Backbone | None,
+) -> None:  # fmt: skip
     """Order each path's candidates for a parse with a verifier, in place. The verifier's
     scores compare descents of one category on one row (a view) only — it was fitted on such
     lists, and its listwise loss leaves a constant per list free — so each (row, category)
@@ -479,7 +486,7 @@ def _verified_order(
     complete_candidates(gm, [c for _, c in heads_all])
     for u, c in heads_all:
         _, s, p = units[u]
-        c.stat = _statistic(criterion, c, p, s)
+        c.stat = _statistic(gm, criterion, c, p, s, classifier)
     for u, mine in by_path.items():
         n_heads = sum(1 for v, _ in heads_all if v == u)
         heads = sorted(mine[:n_heads], key=lambda c: -c.stat)
@@ -540,19 +547,43 @@ def _result(s: _Scene, *, threshold: float, beam: int, criterion: StopCriterion)
     )
 
 
-def _statistic(criterion: StopCriterion, c: Candidate, p: _Path, s: _Scene) -> float:
+def _check_classifier(gm: GenerativeModel, classifier: Backbone | None) -> None:
+    """A criterion weighing ``class_log_prob`` needs a classifier that knows the model's
+    categories."""
+    if classifier is None or getattr(classifier, "head", None) is None:
+        raise ValueError("the stop criterion weighs class_log_prob, which needs a backbone with "
+                         "a classifier head (gm.backbone or backbone=)")  # fmt: skip
+    missing = [c for c in gm.categories if c not in classifier.categories]
+    if missing:
+        raise ValueError(f"the stop criterion weighs class_log_prob, but the backbone's "
+                         f"classifier does not know the categories {missing}")  # fmt: skip
+
+
+def _statistic(
+    gm: GenerativeModel, criterion: StopCriterion, c: Candidate, p: _Path, s: _Scene,
+    classifier: Backbone | None,
+) -> float:  # fmt: skip
     """The stop statistic of candidate ``c`` on path ``p``. Pixels are counted in its view's
     frame (the model's input, where the criterion was fitted), so the statistic is comparable
     across image sizes and scales; the occluder's pixels count neither as visible nor in the
-    amodal mask, so an occluded object is not read as "already claimed"."""
+    amodal mask, so an occluded object is not read as "already claimed". A criterion that
+    weighs ``class_log_prob`` reads the visible region in the candidate's view."""
     amodal = c.amodal
     if s.occluder is not None:
         amodal = amodal & ~s.occluder
     visible = amodal & ~p.claimed
     per_pixel = s.views[c.view].factor ** 2  # view pixels per image pixel
+    class_log_prob = None
+    if criterion.needs_class_log_prob:
+        assert classifier is not None  # _check_classifier ran
+        view = s.views[c.view]
+        name = gm.categories[int(c.assignment["category"])]
+        mask = view.from_image(visible)[None]  # (1, S, S)
+        index = [classifier.categories.index(name)]
+        class_log_prob = float(region_log_prob(classifier, view.image, mask, index)[0])
     return criterion.statistic(llr=c.llr, visible=float(visible.sum()) * per_pixel,
-                               amodal=float(amodal.sum()) * per_pixel,
-                               step=len(p.instances))  # fmt: skip
+                               amodal=float(amodal.sum()) * per_pixel, step=len(p.instances),
+                               class_log_prob=class_log_prob)  # fmt: skip
 
 
 def _stopped(p: _Path, stop_score: float) -> _Path:

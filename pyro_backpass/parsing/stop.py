@@ -12,9 +12,12 @@ features of the step, fitted on validation parses (:func:`fit_stop_criterion`)::
 
 with the features (:data:`STOP_FEATURES`) ``llr`` (the LLR itself), ``log_visible`` (log of
 1 + the instance's visible pixels: what it adds to the parse), ``visible_fraction`` (visible ÷
-amodal pixels: how much of it earlier instances have not already claimed) and ``step`` (how many
-instances the parse has: a prior on counts). :meth:`StopCriterion.llr` is the paper's
-statistic alone (the fallback for models without a fitted criterion).
+amodal pixels: how much of it earlier instances have not already claimed), ``step`` (how many
+instances the parse has: a prior on counts) and, optionally, ``class_log_prob`` (the
+backbone's classifier's log-probability of the instance's category on its visible region
+shown alone, :func:`region_log_prob`: does what the step adds look like an object of its
+category to the CNN). :meth:`StopCriterion.llr` is the paper's statistic alone (the fallback
+for models without a fitted criterion).
 """
 
 from __future__ import annotations
@@ -22,26 +25,64 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["STOP_FEATURES", "StopCriterion", "fit_stop_criterion", "stop_features"]
+from pyro_backpass.inference.verification import region_views
+
+if TYPE_CHECKING:
+    from pyro_backpass.backbone import Backbone
+
+__all__ = [
+    "STOP_FEATURES",
+    "StopCriterion",
+    "fit_stop_criterion",
+    "region_log_prob",
+    "stop_features",
+]
 
 #: The features a stop criterion may weigh (see the module's docstring).
-STOP_FEATURES = ("llr", "log_visible", "visible_fraction", "step")
+STOP_FEATURES = ("llr", "log_visible", "visible_fraction", "step", "class_log_prob")
 
 
-def stop_features(*, llr: float, visible: float, amodal: float, step: int) -> dict[str, float]:
+def stop_features(
+    *, llr: float, visible: float, amodal: float, step: int, class_log_prob: float | None = None
+) -> dict[str, float]:
     """The features of one step's instance: its LLR against background, its visible and amodal
-    pixel counts (in the model's input frame: the parser scales a view's counts to it) and how
-    many instances the parse had before it."""
-    return {
+    pixel counts (in the model's input frame: the parser scales a view's counts to it), how
+    many instances the parse had before it and, when given, the classifier's log-probability
+    of its category on its visible region (:func:`region_log_prob`)."""
+    out = {
         "llr": float(llr),
         "log_visible": math.log1p(max(float(visible), 0.0)),
         "visible_fraction": float(visible) / float(amodal) if float(amodal) > 0 else 0.0,
         "step": float(step),
     }
+    if class_log_prob is not None:
+        out["class_log_prob"] = float(class_log_prob)
+    return out
+
+
+@torch.no_grad()
+def region_log_prob(
+    backbone: Backbone, image: torch.Tensor, masks: torch.Tensor, categories: Any
+) -> torch.Tensor:
+    """``(k,)`` float64: the backbone's classifier's log-probability of ``categories[i]`` (an
+    index into the backbone's classes) on ``image`` ``(3, S, S)`` (the model's input, in
+    [0, 1]) shown only inside ``masks[i]`` ``(k, S, S)`` bool, its median colour elsewhere
+    (:func:`~pyro_backpass.inference.region_views`, the descent verifier's view)."""
+    if getattr(backbone, "head", None) is None:
+        raise ValueError("the stop feature class_log_prob needs a backbone with a classifier "
+                         "head; this criterion weighs it")  # fmt: skip
+    if masks.dim() != 3 or masks.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"masks must be (k, H, W) over the image {tuple(image.shape[-2:])}, "
+                         f"got {tuple(masks.shape)}")  # fmt: skip
+    device, dtype = backbone.mean.device, backbone.mean.dtype
+    views = region_views(image.to(device=device, dtype=dtype).clamp(0, 1), masks.to(device))
+    logp = torch.log_softmax(backbone.logits(backbone(views)), -1)  # (k, classes)
+    idx = torch.as_tensor(categories, device=device).reshape(-1, 1)
+    return logp.gather(1, idx)[:, 0].double().cpu()
 
 
 def _finite_map(name: str, values: Mapping[str, Any]) -> dict[str, float]:
@@ -103,9 +144,22 @@ class StopCriterion:
         """Whether the statistic is the LLR itself."""
         return self == StopCriterion.llr()
 
-    def statistic(self, *, llr: float, visible: float, amodal: float, step: int) -> float:
-        """The stop statistic of one step's instance (see :func:`stop_features`)."""
-        x = stop_features(llr=llr, visible=visible, amodal=amodal, step=step)
+    @property
+    def needs_class_log_prob(self) -> bool:
+        """Whether the statistic weighs ``class_log_prob`` (a classifier pass a step)."""
+        return self.weights.get("class_log_prob", 0.0) != 0.0
+
+    def statistic(
+        self, *, llr: float, visible: float, amodal: float, step: int,
+        class_log_prob: float | None = None,
+    ) -> float:  # fmt: skip
+        """The stop statistic of one step's instance (see :func:`stop_features`);
+        ``class_log_prob`` is required when the criterion weighs it."""
+        if class_log_prob is None and self.needs_class_log_prob:
+            raise ValueError("this stop criterion weighs class_log_prob: pass it "
+                             "(region_log_prob of the instance's visible region)")  # fmt: skip
+        x = stop_features(llr=llr, visible=visible, amodal=amodal, step=step,
+                          class_log_prob=class_log_prob)  # fmt: skip
         return self.bias + sum(
             w * (x[f] - self.mean.get(f, 0.0)) / self.scale.get(f, 1.0)
             for f, w in self.weights.items()
@@ -128,20 +182,27 @@ def fit_stop_criterion(
     steps: Sequence[Mapping[str, float]],
     labels: Sequence[bool],
     *,
-    features: Sequence[str] = STOP_FEATURES,
+    features: Sequence[str] | None = None,
     l2: float = 1.0,
 ) -> StopCriterion:
     """Logistic regression of "new object" on standardised features, L2-penalised weights.
 
     Maximises ``Σ_n log σ(±statistic_n) − l2/2 · ‖w‖²`` (the bias is not penalised) by
-    L-BFGS in float64. ``steps``: one :func:`stop_features` dict per labelled step.
+    L-BFGS in float64. ``steps``: one :func:`stop_features` dict per labelled step;
+    ``features``: the ones weighed (None: every feature of :data:`STOP_FEATURES` that every
+    step has).
     """
+    if len(steps) != len(labels) or not steps:
+        raise ValueError(f"need as many labels as steps (>= 1), got {len(steps)}, {len(labels)}")
+    if features is None:
+        features = [f for f in STOP_FEATURES if all(f in s for s in steps)]
     features = tuple(features)
     unknown = [f for f in features if f not in STOP_FEATURES]
     if unknown or not features:
         raise ValueError(f"features must be a non-empty subset of {STOP_FEATURES}, got {features}")
-    if len(steps) != len(labels) or not steps:
-        raise ValueError(f"need as many labels as steps (>= 1), got {len(steps)}, {len(labels)}")
+    missing = sorted({f for s in steps for f in features if f not in s})
+    if missing:
+        raise ValueError(f"some steps lack the features {missing}")
     y = torch.tensor([bool(v) for v in labels], dtype=torch.float64)
     if bool(y.all()) or not bool(y.any()):
         raise ValueError("the steps need both labels (some new objects and some not)")

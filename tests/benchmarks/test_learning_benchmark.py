@@ -281,16 +281,19 @@ def test_per_location_benchmark_runs(tmp_path):
 
 
 def test_fit_verifier_smoke(tmp_path):
-    """The shipped model on three train and two validation scenes, k = 4: every L2 is fitted
-    and scored on both splits, the choice is one of them, and nothing is shipped."""
+    """The shipped model on three train scenes and two lone train objects, two validation
+    scenes and one lone validation object, k = 4: every L2 is fitted and scored on each, the
+    choice is one of them, and nothing is shipped."""
     out = tmp_path / "fit_verifier.json"
-    _smoke(BENCH.parent / "fit_verifier.py", "--smoke", "--out", str(out), "--l2", "1", "10")
+    _smoke(BENCH.parent / "fit_verifier.py", "--smoke", "--out", str(out), "--l2", "1", "10",
+           "--objects", "2", "--validation-objects", "1")  # fmt: skip
     result = json.loads(out.read_text())
     assert result["shipped"] is False and result["top_k"] == 4
     assert set(result["l2"]) == {"1.0", "10.0"} and result["chosen_l2"]["airplane"] in (1.0, 10.0)
     assert result["train_examples"] == 3 and result["validation_examples"] == 2
+    assert result["train_objects"] == 2 and result["validation_objects"] == 1
     for row in result["l2"].values():
-        for split in ("train", "validation"):
+        for split in ("train", "validation", "validation_objects"):
             r = row["airplane"][split]
             assert r["examples"] > 0
             if r.get("fitted", True):
@@ -352,16 +355,19 @@ def test_verifier_probes_two_layer_and_lone_smoke(tmp_path):
 @pytest.mark.slow  # ~15 s: five scenes' descents at k = 4
 def test_fit_verifier_extends_a_smaller_cache(tmp_path):
     """A cache of the first 2 scenes, extended to 3, holds the same descents as 3 computed
-    without a cache (scene i does not depend on n)."""
+    without a cache (scene i does not depend on n); the files sit under the model's
+    fingerprint, so another model's descents are never read."""
     from pyro_backpass import GenerativeModel
+    from pyro_backpass.inference import verifier_fingerprint
 
     fit_verifier = _module("fit_verifier")
     gm = GenerativeModel.default()
-    kw = dict(gm=gm, workers=1, top_k=4, categories=["airplane"], smoke=True, model=None)
+    kw = dict(gm=gm, workers=1, top_k=4, categories=["airplane"], model=None)
     fit_verifier.examples("validation", 2, cache=tmp_path, **kw)
     extended = fit_verifier.examples("validation", 3, cache=tmp_path, **kw)
     fresh = fit_verifier.examples("validation", 3, cache=None, **kw)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert [p.name for p in tmp_path.iterdir()] == [verifier_fingerprint(gm)[:16]]
+    assert sorted(p.name for p in (tmp_path / verifier_fingerprint(gm)[:16]).iterdir()) == [
         "validation_airplane_n2_k4.pt",
         "validation_airplane_n3_k4.pt",
     ]

@@ -15,6 +15,7 @@ from pyro_backpass.parsing import (
     STOP_FEATURES,
     StopCriterion,
     fit_stop_criterion,
+    region_log_prob,
     run_parse,
     stop_features,
 )
@@ -50,12 +51,13 @@ def test_fit_matches_scipy_on_the_same_objective():
     rng = np.random.default_rng(0)
     n = 300
     raw = [dict(llr=float(rng.normal(0, 1e3)), visible=int(rng.integers(0, 900)),
-                amodal=int(rng.integers(900, 1200)), step=int(rng.integers(0, 5)))
+                amodal=int(rng.integers(900, 1200)), step=int(rng.integers(0, 5)),
+                class_log_prob=float(rng.normal(-1.0, 1.0)))
            for _ in range(n)]  # fmt: skip
     steps = [stop_features(**r) for r in raw]
     x = np.array([[s[f] for f in STOP_FEATURES] for s in steps])
     z = (x - x.mean(0)) / x.std(0, ddof=1)
-    logits = 1.5 * z[:, 1] - 0.8 * z[:, 3] - 1.0
+    logits = 1.5 * z[:, 1] - 0.8 * z[:, 3] + 0.7 * z[:, 4] - 1.0
     y = rng.random(n) < 1 / (1 + np.exp(-logits))
     crit = fit_stop_criterion(steps, list(y), l2=2.0)
 
@@ -108,3 +110,50 @@ def test_statistic_counts_pixels_in_the_models_frame():
     b = run_parse(gm, big, max_objects=1, threshold=-math.inf).instances[0]
     assert int(b.mask.sum()) > 2 * int(a.mask.sum())  # image-space pixels do differ
     assert abs(a.score - b.score) < 0.1
+
+
+def test_fit_weighs_the_features_every_step_has():
+    """Without class_log_prob in the steps the fit weighs the four others; asked for it, the
+    fit says which steps lack it."""
+    rng = np.random.default_rng(1)
+    steps = [
+        stop_features(llr=float(v), visible=10, amodal=20, step=0) for v in rng.normal(size=40)
+    ]
+    labels = [bool(s["llr"] > 0) for s in steps]
+    assert set(fit_stop_criterion(steps, labels).weights) == set(STOP_FEATURES) - {"class_log_prob"}
+    with pytest.raises(ValueError, match="lack the features"):
+        fit_stop_criterion(steps, labels, features=["llr", "class_log_prob"])
+
+
+def test_class_log_prob_is_the_classifiers_on_the_visible_region():
+    """region_log_prob with the whole image as the region is the classifier's own
+    log-probability of the image; a parse whose statistic is class_log_prob scores each
+    instance by it on that instance's visible mask; a criterion weighing it needs the value and
+    a classifier head."""
+    import copy
+
+    from pyro_backpass import make_scene, split_seed
+
+    gm = GenerativeModel.default()
+    bb = gm.backbone
+    image = make_scene(seed=split_seed("test", 5)).image
+    whole = torch.ones(1, 64, 64, dtype=torch.bool)
+    with torch.no_grad():
+        ref = torch.log_softmax(bb.logits(bb(image[None])), -1)[0]  # (classes,)
+    for c in range(len(bb.categories)):
+        got = region_log_prob(bb, image, whole, [c])
+        assert got.shape == (1,) and float(got[0]) == pytest.approx(float(ref[c]), abs=1e-5)
+    crit = StopCriterion({"class_log_prob": 1.0})
+    assert crit.needs_class_log_prob and not StopCriterion.llr().needs_class_log_prob
+    with pytest.raises(ValueError, match="weighs class_log_prob"):
+        crit.statistic(llr=1.0, visible=1, amodal=1, step=0)
+    p = run_parse(gm, image, criterion=crit, threshold=-math.inf, max_objects=2)
+    assert len(p.instances) == 2
+    for inst in p.instances:
+        index = [bb.categories.index(inst.category)]
+        want = float(region_log_prob(bb, image, inst.mask[None], index)[0])
+        assert inst.score == pytest.approx(want, abs=1e-5) and want <= 0.0
+    headless = copy.deepcopy(bb)
+    headless.head = None
+    with pytest.raises(ValueError, match="classifier head"):
+        run_parse(gm, image, criterion=crit, backbone=headless, max_objects=1)
