@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "modes a step (run_parse(..., top_k=K, verifier=...)), in the shipped "
                         "setting only")  # fmt: skip
     p.add_argument("--workers", type=int, default=1, help="processes of one thread each")
+    p.add_argument("--steps-from", type=Path, default=None, metavar="JSON",
+                   help="refit on the steps a previous run of the same kind wrote (its "
+                        "'parsed'), without parsing again")  # fmt: skip
     p.add_argument("--features", nargs="+", default=list(STOP_FEATURES), choices=STOP_FEATURES,
                    help="the features the fitted statistic weighs")  # fmt: skip
     args = p.parse_args(argv)
@@ -287,6 +290,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     gm = GenerativeModel.default()
     n_scenes = 1 if args.smoke else args.scenes
+    previous = None
+    if args.steps_from is not None:
+        import json
+
+        previous = json.loads(args.steps_from.read_text())
+        if previous.get("verifier_top_k") != args.verifier_top_k or previous["smoke"] != args.smoke:
+            raise SystemExit(f"{args.steps_from} holds steps of another kind of run "
+                             f"(verifier_top_k {previous.get('verifier_top_k')})")  # fmt: skip
+        n_scenes = previous["scenes"]
     seed = split_seed("validation", SEED)
     rng = np.random.default_rng(seed)
     scenes = {
@@ -307,7 +319,17 @@ def main(argv: list[str] | None = None) -> dict:
     out: dict = {"machine": machine(), "smoke": args.smoke, "split": "validation",
                  "seed": f"split_seed('validation', {SEED}) = {seed}", "scenes": n_scenes,
                  "iou": IOU, "features": list(args.features), "settings": {},
-                 "verifier_top_k": args.verifier_top_k, "workers": args.workers}  # fmt: skip
+                 "verifier_top_k": args.verifier_top_k, "workers": args.workers,
+                 "steps_from": None if previous is None else str(args.steps_from),
+                 "model_sha256": model_fingerprint(gm),
+                 "verifier_sha256": None if verifier is None else verifier.fingerprint(),
+                 "plain_record_sha256": (record_fingerprint(threshold_record()) if verified
+                                         else None)}  # fmt: skip
+    if previous is not None:  # its steps must be what this run would parse
+        stale = [k for k in ("model_sha256", "verifier_sha256", "plain_record_sha256")
+                 if previous.get(k) != out[k]]  # fmt: skip
+        if stale:
+            raise SystemExit(f"{args.steps_from} was parsed with another {stale}: parse again")
     start = time.perf_counter()
     crits = {}
     for explain, background in settings:
@@ -315,7 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
         row: dict = {"explain_away": explain, "background": background, "regimes": {}}
         jobs = [(scene, explain, background, args.smoke, args.verifier_top_k)
                 for regime in REGIMES for scene in scenes[regime]]  # fmt: skip
-        if args.workers > 1:
+        if previous is not None:
+            done = previous["settings"][key]["parsed"]
+        elif args.workers > 1:
             with ProcessPoolExecutor(args.workers) as pool:
                 done = list(pool.map(parse_steps, jobs))
         else:
@@ -339,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
                 report(f"{key} {name} {r}", row[name]["regimes"][r])
             report(f"{key} {name} pooled", row[name]["pooled"])
         row["criterion"] = crit.to_dict()
+        row["parsed"] = pooled  # every step's raw features and label: other fits offline
         row["cross_validated"] = (
             cross_validated(pooled, features=args.features) if crit is not llr else None
         )

@@ -36,6 +36,15 @@ def test_parse_threshold_smoke(tmp_path):
     for row in result["settings"].values():
         assert {"llr", "fitted", "criterion", "cross_validated"} <= set(row)
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    # Refit on the steps it wrote, without parsing: the same steps, the same scores.
+    again = _load("parse_threshold").main(["--smoke", "--out", str(tmp_path / "u.json"),
+                                           "--figure", str(tmp_path / "roc2.png"),
+                                           "--steps-from", str(tmp_path / "t.json"),
+                                           "--features", "llr", "step"])  # fmt: skip
+    for key, row in again["settings"].items():
+        assert row["parsed"] == result["settings"][key]["parsed"]
+        assert set(row["criterion"]["weights"]) <= {"llr", "step"}
+        assert row["llr"]["pooled"]["steps"] == result["settings"][key]["llr"]["pooled"]["steps"]
 
 
 @pytest.mark.slow
