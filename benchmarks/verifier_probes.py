@@ -106,7 +106,7 @@ def probe_two_layer(args, gm) -> dict:
     rows = {}
     for category in args.categories:
         common = dict(gm=gm, workers=args.workers, top_k=args.top_k, categories=[category],
-                      smoke=args.smoke, model=None, cache=args.cache)  # fmt: skip
+                      model=None, cache=args.cache)  # fmt: skip
         train = examples("train", args.train, **common)
         val = examples("validation", args.validation, **common)
         c = gm.categories.index(category)
