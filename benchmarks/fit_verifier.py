@@ -10,11 +10,14 @@ processes of one thread each. ``--objects N`` adds N lone rendered objects per c
 verifier fitted on scenes only chooses worse than ``greedy_map`` on lone objects). Every L2
 in ``--l2`` is fitted on all training examples and scored on the validation scenes' descents:
 the share of scenes whose highest-scored descent hits an airplane (IoU ≥ 0.5 / 0.3) and its
-mean IoU. The best by validation hit@0.5 (ties: hit@0.3, then the lone objects' IoU) is
-written to ``pyro_backpass/weights/descent_verifier.safetensors`` with ``--ship``.
+mean IoU. ``--hidden H`` adds a candidate beside the linear ones: an ensemble of
+``--ensemble`` networks with H hidden ReLU units (``fit_descent_verifier(hidden=H)``). The
+best candidate by validation hit@0.5 (ties: hit@0.3, then the lone objects' IoU) is written to
+``pyro_backpass/weights/descent_verifier.safetensors`` with ``--ship``.
 Results: ``benchmarks/results/fit_verifier.json``.
 
 Usage: ``python benchmarks/fit_verifier.py --scenes 500 --validation 60 --workers 2 --ship``
+(with lone objects and the ensemble: ``--objects 200 --validation-objects 40 --hidden 64``)
 """
 
 from __future__ import annotations
@@ -115,6 +118,12 @@ def examples(split: str, n: int, *, gm, workers: int, top_k: int, categories, mo
     return out
 
 
+def _same_setup(a: DescentVerifier, b: DescentVerifier) -> bool:
+    """Whether two verifiers were made for the same model, categories, features and top_k."""
+    keep = ("categories", "read_levels", "top_k", "model_sha256")
+    return all(a.config()[k] == b.config()[k] for k in keep)
+
+
 def choice_quality(verifier, examples_: list) -> dict:
     """Share of the examples whose highest-scored descent hits (IoU ≥ 0.5, ≥ 0.3), its mean
     IoU, and the same for the descent with the largest log-joint (what ``greedy_map(...,
@@ -159,6 +168,11 @@ def main() -> None:
                         help="lone training objects per category added to the scenes")  # fmt: skip
     parser.add_argument("--validation-objects", type=int, default=0,
                         help="lone validation objects a category scored")  # fmt: skip
+    parser.add_argument("--hidden", type=int, default=0,
+                        help="also fit an ensemble of networks with this many hidden units "
+                             "(a candidate beside each L2's linear verifier)")  # fmt: skip
+    parser.add_argument("--ensemble", type=int, default=3, help="networks in the ensemble")
+    parser.add_argument("--epochs", type=int, default=10, help="the networks' epochs")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "fit_verifier.json")
     args = parser.parse_args()
@@ -178,41 +192,44 @@ def main() -> None:
     val_obj = examples("validation", args.validation_objects, objects=True, **common)
     extract_s = time.perf_counter() - start
     rows, fits = {}, {}
-    for l2 in args.l2:
+    # Candidates: a linear verifier per L2 (keys str(l2)) and, with --hidden, the ensemble.
+    kinds = {str(l2): dict(l2=l2) for l2 in args.l2}
+    if args.hidden:
+        kinds[f"hidden={args.hidden}"] = dict(hidden=args.hidden, ensemble=args.ensemble,
+                                              epochs=args.epochs)  # fmt: skip
+    for name, kw in kinds.items():
         t = time.perf_counter()
-        fits[l2] = fit_descent_verifier(gm, examples=train + train_obj, top_k=args.top_k, l2=l2)
-        rows[str(l2)] = {
-            c: {"validation": choice_quality(fits[l2], [e for e in val if e.category == i]),
-                "train": choice_quality(fits[l2], [e for e in train if e.category == i]),
+        fits[name] = fit_descent_verifier(gm, examples=train + train_obj, top_k=args.top_k,
+                                          progress=False, **kw)  # fmt: skip
+        rows[name] = {
+            c: {"validation": choice_quality(fits[name], [e for e in val if e.category == i]),
+                "train": choice_quality(fits[name], [e for e in train if e.category == i]),
                 "validation_objects": choice_quality(
-                    fits[l2], [e for e in val_obj if e.category == i])}
+                    fits[name], [e for e in val_obj if e.category == i])}
             for c, i in ((c, gm.categories.index(c)) for c in args.categories)
         }  # fmt: skip
-        rows[str(l2)]["fit_seconds"] = round(time.perf_counter() - t, 1)
-        print(l2, rows[str(l2)], flush=True)
+        rows[name]["fit_seconds"] = round(time.perf_counter() - t, 1)
+        print(name, rows[name], flush=True)
 
-    # Each category's weights are fitted independently: its L2 is chosen on its own
-    # validation scenes (hit@0.5, then hit@0.3, then the lone validation objects' IoU), and the
-    # shipped verifier takes each category's row from the fit with its chosen L2.
-    def quality(category: str, v: float) -> tuple[float, float, float]:
-        row = rows[str(v)][category]["validation"].get("verified", {})
-        lone = rows[str(v)][category]["validation_objects"].get("verified", {})
+    # Each category's verifier is fitted independently: its kind (an L2, or the ensemble) is
+    # chosen on its own validation scenes (hit@0.5, then hit@0.3, then the lone validation
+    # objects' IoU), and the shipped verifier takes each category's from the chosen fit.
+    def quality(category: str, name: str) -> tuple[float, float, float]:
+        row = rows[name][category]["validation"].get("verified", {})
+        lone = rows[name][category]["validation_objects"].get("verified", {})
         return row.get("hit@0.5", -1.0), row.get("hit@0.3", -1.0), lone.get("iou", -1.0)
 
-    chosen = {c: max(args.l2, key=lambda v, c=c: quality(c, v)) for c in args.categories}
-    verifier = fits[args.l2[0]]
+    chosen = {c: max(kinds, key=lambda v, c=c: quality(c, v)) for c in args.categories}
+    verifier = fits[chosen[args.categories[0]]]
     shipped = DescentVerifier.shipped() if args.ship or args.save else None
-    if shipped is not None and shipped.config() == verifier.config():
+    if shipped is not None and _same_setup(shipped, verifier):
         verifier = shipped  # the other categories keep their shipped weights
     elif shipped is not None:
         print(f"the shipped verifier {shipped} was made for another model, top_k or features: "
               f"only {args.categories} will have weights")  # fmt: skip
-    for c, l2 in chosen.items():
-        i = gm.categories.index(c)
-        if not bool(fits[l2].fitted[i]):  # no training scene with a hit: keep what is there
-            continue
-        for name in ("weight", "mean", "scale", "fitted"):
-            getattr(verifier, name)[i] = getattr(fits[l2], name)[i]
+    for c, name in chosen.items():
+        if bool(fits[name].fitted[gm.categories.index(c)]):  # else no hit: keep what is there
+            verifier = verifier.with_category(fits[name], c)
     if args.save is not None:
         verifier.save(args.save)
         print(f"wrote {args.save}")
@@ -227,7 +244,13 @@ def main() -> None:
         "categories": args.categories, "train_examples": len(train),
         "train_examples_with_hit": sum(bool(e.hits.any()) for e in train),
         "validation_examples": len(val), "extract_seconds": round(extract_s, 1),
-        "l2": rows, "chosen_l2": chosen,
+        "l2": {k: v for k, v in rows.items() if k in map(str, args.l2)},
+        "hidden": {k: v for k, v in rows.items() if k not in map(str, args.l2)},
+        "hidden_options": {"hidden": args.hidden, "ensemble": args.ensemble,
+                           "epochs": args.epochs} if args.hidden else None,
+        "chosen": chosen,
+        "chosen_l2": {c: max(args.l2, key=lambda v, c=c: quality(c, str(v)))
+                      for c in args.categories},
         "verified": {c: quality(c, chosen[c]) for c in args.categories},
         "shipped": bool(args.ship and not args.smoke),
     })  # fmt: skip

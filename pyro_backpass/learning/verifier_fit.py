@@ -7,6 +7,11 @@ category. Per category, the weights maximise, summed over the scenes that have a
 softmax mass the linear score puts on the hits among the scene's descents (a listwise loss),
 with an L2 penalty on the standardised weights; L-BFGS, float64. Scenes without a hit among
 the k descents carry no information about the choice and are skipped.
+
+With ``hidden=H`` each category is scored instead by an ensemble of ``ensemble`` networks
+(dropout 0.2, a hidden layer of H ReLU units, dropout 0.2, one output), each fitted by AdamW
+(learning rate 1e-3, weight decay 0.01) on the same listwise loss in minibatches of 16 scenes
+for ``epochs`` epochs from its own seed; the score is their mean.
 """
 
 from __future__ import annotations
@@ -109,6 +114,10 @@ def fit_descent_verifier(
     read_levels: Sequence[str] = READ_LEVELS,
     hit_iou: float = 0.5,
     l2: float = 10.0,
+    hidden: int = 0,
+    ensemble: int = 3,
+    epochs: int = 10,
+    seed: int = 0,
     progress: bool = True,
 ) -> DescentVerifier:
     """A :class:`DescentVerifier` for ``gm`` from training ``scenes`` (or precomputed
@@ -126,6 +135,9 @@ def fit_descent_verifier(
         raise ValueError("pass either scenes or examples")
     if l2 <= 0:
         raise ValueError(f"l2 must be positive, got {l2}")
+    for name, v, lo in (("hidden", hidden, 0), ("ensemble", ensemble, 1), ("epochs", epochs, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     if examples is None:
         examples = descent_examples(gm, scenes, top_k=top_k, categories=categories,
                                     read_levels=read_levels, hit_iou=hit_iou,
@@ -144,12 +156,20 @@ def fit_descent_verifier(
     weight = torch.zeros(n, f, dtype=torch.float64)
     mean, scale = torch.zeros(n, f, dtype=torch.float64), torch.ones(n, f, dtype=torch.float64)
     fitted = torch.zeros(n, dtype=torch.bool)
+    nets = {}  # category -> (w1 (E, F, H), b1 (E, H), w2 (E, H)) with hidden > 0
     for c in range(n):
         mine = [ex for ex in examples if ex.category == c and bool(ex.hits.any())]
         if not mine:
             continue
         allx = torch.cat([ex.features for ex in mine])
         mean[c], scale[c] = allx.mean(0), allx.std(0).clamp_min(1e-6)
+        fitted[c] = True
+        if hidden:
+            xs = [((ex.features - mean[c]) / scale[c]).float() for ex in mine]  # (k, F) each
+            hits = [ex.hits for ex in mine]
+            nets[c] = _fit_ensemble(xs, hits, hidden=hidden, ensemble=ensemble, epochs=epochs,
+                                    seed=seed)  # fmt: skip
+            continue
         w = torch.zeros(f, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([w], max_iter=500, tolerance_grad=1e-9,
                                 tolerance_change=1e-12, line_search_fn="strong_wolfe")  # fmt: skip
@@ -162,7 +182,56 @@ def fit_descent_verifier(
 
         with torch.enable_grad():
             opt.step(closure)
-        weight[c], fitted[c] = w.detach(), True
+        weight[c] = w.detach()
+    extra = {}
+    if nets:
+        e_f_h = (ensemble, f, hidden)
+        extra = {"hidden_weight": torch.zeros(n, *e_f_h, dtype=torch.float64),
+                 "hidden_bias": torch.zeros(n, ensemble, hidden, dtype=torch.float64),
+                 "out_weight": torch.zeros(n, ensemble, hidden, dtype=torch.float64),
+                 "nonlinear": torch.zeros(n, dtype=torch.bool)}  # fmt: skip
+        for c, (w1, b1, w2) in nets.items():
+            extra["hidden_weight"][c], extra["hidden_bias"][c] = w1, b1
+            extra["out_weight"][c], extra["nonlinear"][c] = w2, True
     return DescentVerifier(categories=gm.categories, read_levels=read_levels, weight=weight,
                            mean=mean, scale=scale, fitted=fitted, top_k=top_k,
-                           model_sha256=verifier_fingerprint(gm))  # fmt: skip
+                           model_sha256=verifier_fingerprint(gm), **extra)  # fmt: skip
+
+
+def _fit_ensemble(
+    xs: list[torch.Tensor], hits: list[torch.Tensor], *, hidden: int, ensemble: int,
+    epochs: int, seed: int, batch: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``ensemble`` one-hidden-layer networks on standardised features ``xs`` (one ``(k, F)``
+    per scene) and their ``hits``: ``(E, F, H)``, ``(E, H)``, ``(E, H)`` float64 (the output
+    bias is dropped: a constant per list changes no choice)."""
+    w1s, b1s, w2s = [], [], []
+    for e in range(ensemble):
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is untouched
+            net = _fit_one(xs, hits, hidden=hidden, epochs=epochs, seed=seed + e, batch=batch)
+        w1s.append(net[1].weight.detach().T.double())  # (F, H)
+        b1s.append(net[1].bias.detach().double())
+        w2s.append(net[4].weight.detach()[0].double())  # (H,)
+    return torch.stack(w1s), torch.stack(b1s), torch.stack(w2s)
+
+
+def _fit_one(xs: list[torch.Tensor], hits: list[torch.Tensor], *, hidden: int, epochs: int,
+             seed: int, batch: int) -> torch.nn.Sequential:  # fmt: skip
+    torch.manual_seed(seed)  # the layers' initialisation, dropout and scene order
+    net = torch.nn.Sequential(
+        torch.nn.Dropout(0.2), torch.nn.Linear(xs[0].shape[1], hidden), torch.nn.ReLU(),
+        torch.nn.Dropout(0.2), torch.nn.Linear(hidden, 1),
+    )  # fmt: skip
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            net.train()
+            order = torch.randperm(len(xs)).tolist()
+            for i in range(0, len(order), batch):
+                part = order[i : i + batch]
+                loss = sum(-torch.logsumexp(torch.log_softmax(net(xs[j])[:, 0], 0)[hits[j]], 0)
+                           for j in part)  # fmt: skip
+                opt.zero_grad()
+                (loss / len(part)).backward()
+                opt.step()
+    return net.eval()

@@ -4,7 +4,8 @@ an object of the category, not clutter.
 The model's own score ranks the true top-level hypothesis of an airplane in clutter about 14th
 of 500, yet completing the best few descents finds one that covers the airplane in most scenes.
 A :class:`DescentVerifier` re-scores those completed descents: a linear function, one weight
-vector per category, of each descent's features (computed by
+vector per category (or, per category, the mean of a small ensemble of one-hidden-layer ReLU
+networks), of each descent's features (computed by
 :func:`~pyro_backpass.inference.descent_features`): the model's log-likelihood ratio against
 the all-background explanation on each hidden level, its prior terms, the log of its mask's
 area, and what the backbone sees in the image region the descent claims. It is fitted on
@@ -30,19 +31,33 @@ __all__ = ["DescentVerifier", "VERIFIER_FILE"]
 
 VERIFIER_FILE = "descent_verifier.safetensors"
 _CONFIG_KEY = "pyro_backpass.descent_verifier"
-FORMAT_VERSION = 1
+#: Version 1: linear scores only; version 2 adds the per-category hidden-layer ensembles. A
+#: verifier without hidden layers is written (and fingerprinted) as version 1.
+FORMAT_VERSION = 2
+_READS = (1, 2)
+_HIDDEN = ("hidden_weight", "hidden_bias", "out_weight", "nonlinear")
 
 
 class DescentVerifier:
-    """Per-category linear scores of completed descents' features.
+    """Per-category scores of completed descents' features: linear, or an ensemble of
+    one-hidden-layer ReLU networks.
+
+    For category ``c`` with standardised features ``x = (features − mean[c]) / scale[c]``
+    ``(k, F)`` the score is ``x @ weight[c]``, or, where ``nonlinear[c]``, the mean over the
+    ensemble's ``E`` networks of ``relu(x @ hidden_weight[c, e] + hidden_bias[c, e]) @
+    out_weight[c, e]``. Scores compare descents of one image and category only (their fit
+    leaves a constant per list free).
 
     :param categories: the model's category names, in its order.
     :param read_levels: backbone levels whose activations of the claimed region are features.
-    :param weight: ``(N, F)`` one weight vector per category.
+    :param weight: ``(N, F)`` one weight vector per category (zeros where ``nonlinear``).
     :param mean, scale: ``(N, F)`` the features' standardisation per category.
     :param fitted: ``(N,)`` bool: which categories have fitted weights; scoring another raises.
     :param top_k: how many of greedy's best top-level hypotheses are completed and re-scored.
     :param model_sha256: fingerprint of the generative model it was fitted for (None: unknown).
+    :param hidden_weight: ``(N, E, F, H)``, :param hidden_bias: ``(N, E, H)``,
+        :param out_weight: ``(N, E, H)``, :param nonlinear: ``(N,)`` bool — the ensembles, all
+        four or none (None: every category linear).
     """
 
     def __init__(
@@ -56,6 +71,10 @@ class DescentVerifier:
         fitted: torch.Tensor,
         top_k: int,
         model_sha256: str | None = None,
+        hidden_weight: torch.Tensor | None = None,
+        hidden_bias: torch.Tensor | None = None,
+        out_weight: torch.Tensor | None = None,
+        nonlinear: torch.Tensor | None = None,
     ) -> None:
         n = len(categories)
         weight, mean, scale = (
@@ -81,10 +100,40 @@ class DescentVerifier:
         self.weight, self.mean, self.scale, self.fitted = weight, mean, scale, fitted
         self.top_k = top_k
         self.model_sha256 = model_sha256
+        parts = (hidden_weight, hidden_bias, out_weight, nonlinear)
+        if any(t is None for t in parts) and not all(t is None for t in parts):
+            raise ValueError(f"pass all of {list(_HIDDEN)} or none")
+        self.hidden_weight = self.hidden_bias = self.out_weight = None
+        self.nonlinear = torch.zeros(n, dtype=torch.bool)
+        if hidden_weight is not None:
+            w1, b1, w2 = (torch.as_tensor(t, dtype=torch.float64)
+                          for t in (hidden_weight, hidden_bias, out_weight))  # fmt: skip
+            f = weight.shape[1]
+            if w1.dim() != 4 or w1.shape[0] != n or w1.shape[2] != f:
+                raise ValueError(f"hidden_weight must be (N={n}, E, F={f}, H), "
+                                 f"got {tuple(w1.shape)}")  # fmt: skip
+            e, h = w1.shape[1], w1.shape[3]
+            for name, t in (("hidden_bias", b1), ("out_weight", w2)):
+                if t.shape != (n, e, h):
+                    raise ValueError(f"{name} must be ({n}, {e}, {h}), got {tuple(t.shape)}")
+            nonlinear = torch.as_tensor(nonlinear, dtype=torch.bool)
+            if nonlinear.shape != (n,):
+                raise ValueError(f"nonlinear must be ({n},) bool, got {tuple(nonlinear.shape)}")
+            if e < 1 or h < 1:
+                raise ValueError(f"an ensemble needs E >= 1 networks of H >= 1 units, got {e}, {h}")
+            if not all(bool(torch.isfinite(t).all()) for t in (w1, b1, w2)):
+                raise ValueError("DescentVerifier: the hidden layers' weights must be finite")
+            self.hidden_weight, self.hidden_bias, self.out_weight = w1, b1, w2
+            self.nonlinear = nonlinear
 
     @property
     def num_features(self) -> int:
         return self.weight.shape[1]
+
+    @property
+    def has_hidden(self) -> bool:
+        """Whether any category is scored by a hidden-layer ensemble."""
+        return self.hidden_weight is not None and bool(self.nonlinear.any())
 
     @property
     def fitted_categories(self) -> tuple[str, ...]:
@@ -107,30 +156,80 @@ class DescentVerifier:
             )
         if not bool(torch.isfinite(features).all()):
             raise ValueError("descent features contain NaN or inf")
-        x = (features.to(self.weight) - self.mean[category]) / self.scale[category]
-        return x @ self.weight[category]
+        x = (features.to(self.weight) - self.mean[category]) / self.scale[category]  # (k, F)
+        if not bool(self.nonlinear[category]):
+            return x @ self.weight[category]
+        h = torch.relu(
+            torch.einsum("kf,efh->ekh", x, self.hidden_weight[category])
+            + self.hidden_bias[category][:, None]
+        )  # (E, k, H)
+        return torch.einsum("ekh,eh->ek", h, self.out_weight[category]).mean(0)
+
+    def with_category(self, other: DescentVerifier, category: int | str) -> DescentVerifier:
+        """A copy of this verifier whose ``category`` is scored as ``other`` scores it (its
+        weights, standardisation and ensemble); ``other`` must share the config."""
+        c = category if isinstance(category, int) else self.categories.index(category)
+        mine, theirs = self.config(), other.config()
+        for cfg in (mine, theirs):
+            cfg.pop("format_version"), cfg.pop("hidden", None), cfg.pop("ensemble", None)
+        if mine != theirs:
+            raise ValueError(f"the verifiers differ in config: {mine} vs {theirs}")
+        state = {k: getattr(self, k).clone() for k in ("weight", "mean", "scale", "fitted")}
+        for k in state:
+            state[k][c] = getattr(other, k)[c]
+        hidden = None
+        if other.has_hidden and bool(other.nonlinear[c]):
+            n = len(self.categories)
+            if self.has_hidden and self.hidden_weight.shape[1:] != other.hidden_weight.shape[1:]:
+                raise ValueError("the verifiers' ensembles differ in size")
+            hidden = {k: (getattr(self, k).clone() if self.has_hidden else
+                          torch.zeros(n, *getattr(other, k).shape[1:], dtype=torch.float64))
+                      for k in _HIDDEN[:3]}  # fmt: skip
+            hidden["nonlinear"] = self.nonlinear.clone()
+            for k in _HIDDEN:
+                hidden[k][c] = getattr(other, k)[c]
+        elif self.has_hidden:
+            hidden = {k: getattr(self, k).clone() for k in _HIDDEN}
+            hidden["nonlinear"][c] = False
+        return DescentVerifier(categories=self.categories, read_levels=self.read_levels,
+                               top_k=self.top_k, model_sha256=self.model_sha256,
+                               **state, **(hidden or {}))  # fmt: skip
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        state = {"weight": self.weight, "mean": self.mean, "scale": self.scale,
+                 "fitted": self.fitted.to(torch.uint8)}  # fmt: skip
+        if self.has_hidden:
+            state.update(hidden_weight=self.hidden_weight, hidden_bias=self.hidden_bias,
+                         out_weight=self.out_weight,
+                         nonlinear=self.nonlinear.to(torch.uint8))  # fmt: skip
+        return state
 
     def fingerprint(self) -> str:
         """SHA-256 of the verifier's weights, standardisation and config: what a stop criterion
         fitted on its parses records (``parse_threshold_verified.json``)."""
         digest = hashlib.sha256(json.dumps(self.config(), sort_keys=True).encode())
-        for t in (self.weight, self.mean, self.scale, self.fitted.to(torch.uint8)):
+        for t in self._tensors().values():
             t = t.detach().cpu().contiguous()
             digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
             digest.update(t.numpy().tobytes())
         return digest.hexdigest()
 
     def config(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "categories": list(self.categories),
-                "read_levels": list(self.read_levels), "top_k": self.top_k,
-                "model_sha256": self.model_sha256}  # fmt: skip
+        out = {"format_version": 2 if self.has_hidden else 1,
+               "categories": list(self.categories), "read_levels": list(self.read_levels),
+               "top_k": self.top_k, "model_sha256": self.model_sha256}  # fmt: skip
+        if self.has_hidden:
+            out["ensemble"], out["hidden"] = (
+                int(self.hidden_weight.shape[1]),
+                int(self.hidden_weight.shape[3]),
+            )
+        return out
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the weights (safetensors) with the config in its metadata, atomically."""
         from safetensors.torch import save_file
 
-        state = {"weight": self.weight, "mean": self.mean, "scale": self.scale,
-                 "fitted": self.fitted.to(torch.uint8)}  # fmt: skip
+        state = self._tensors()
         meta = {_CONFIG_KEY: json.dumps(self.config())}
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
@@ -143,16 +242,22 @@ class DescentVerifier:
         if _CONFIG_KEY not in meta:
             raise ValueError(f"{path} is not a pyro_backpass DescentVerifier file (no config)")
         config = json.loads(meta[_CONFIG_KEY])
-        if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {config.get('format_version')}; this "
-                             f"version of pyro_backpass reads {FORMAT_VERSION}")  # fmt: skip
-        missing = [k for k in ("weight", "mean", "scale", "fitted") if k not in state]
+        version = config.get("format_version")
+        if version not in _READS:
+            raise ValueError(f"{path} has format version {version}; this version of "
+                             f"pyro_backpass reads {list(_READS)}")  # fmt: skip
+        need = ["weight", "mean", "scale", "fitted"] + (list(_HIDDEN) if version == 2 else [])
+        missing = [k for k in need if k not in state]
         if missing:
             raise ValueError(f"{path}: missing tensors {missing}")
+        hidden = {}
+        if version == 2:
+            hidden = {k: state[k] for k in _HIDDEN[:3]}
+            hidden["nonlinear"] = state["nonlinear"].bool()
         return cls(categories=config["categories"], read_levels=config["read_levels"],
                    weight=state["weight"], mean=state["mean"], scale=state["scale"],
                    fitted=state["fitted"].bool(), top_k=int(config["top_k"]),
-                   model_sha256=config.get("model_sha256"))  # fmt: skip
+                   model_sha256=config.get("model_sha256"), **hidden)  # fmt: skip
 
     @classmethod
     def shipped(cls) -> DescentVerifier | None:
@@ -165,6 +270,9 @@ class DescentVerifier:
             return cls.load(p)
 
     def __repr__(self) -> str:
+        nonlinear = [c for c, f in zip(self.categories, self.nonlinear.tolist(), strict=True)
+                     if f]  # fmt: skip
         return (f"DescentVerifier(fitted={list(self.fitted_categories)}, "
                 f"features={self.num_features}, read_levels={list(self.read_levels)}, "
-                f"top_k={self.top_k})")  # fmt: skip
+                f"top_k={self.top_k}" + (f", nonlinear={nonlinear}" if nonlinear else "")
+                + ")")  # fmt: skip

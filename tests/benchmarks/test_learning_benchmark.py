@@ -286,13 +286,16 @@ def test_fit_verifier_smoke(tmp_path):
     choice is one of them, and nothing is shipped."""
     out = tmp_path / "fit_verifier.json"
     _smoke(BENCH.parent / "fit_verifier.py", "--smoke", "--out", str(out), "--l2", "1", "10",
-           "--objects", "2", "--validation-objects", "1")  # fmt: skip
+           "--objects", "2", "--validation-objects", "1", "--hidden", "4", "--ensemble", "2",
+           "--epochs", "1")  # fmt: skip
     result = json.loads(out.read_text())
     assert result["shipped"] is False and result["top_k"] == 4
     assert set(result["l2"]) == {"1.0", "10.0"} and result["chosen_l2"]["airplane"] in (1.0, 10.0)
     assert result["train_examples"] == 3 and result["validation_examples"] == 2
     assert result["train_objects"] == 2 and result["validation_objects"] == 1
-    for row in result["l2"].values():
+    assert set(result["hidden"]) == {"hidden=4"}
+    assert result["chosen"]["airplane"] in ("1.0", "10.0", "hidden=4")
+    for row in [*result["l2"].values(), *result["hidden"].values()]:
         for split in ("train", "validation", "validation_objects"):
             r = row["airplane"][split]
             assert r["examples"] > 0
