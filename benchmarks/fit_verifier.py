@@ -173,6 +173,7 @@ def main() -> None:
                              "(a candidate beside each L2's linear verifier)")  # fmt: skip
     parser.add_argument("--ensemble", type=int, default=3, help="networks in the ensemble")
     parser.add_argument("--epochs", type=int, default=10, help="the networks' epochs")
+    parser.add_argument("--seed", type=int, default=0, help="the networks' first seed")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "fit_verifier.json")
     args = parser.parse_args()
@@ -196,7 +197,7 @@ def main() -> None:
     kinds = {str(l2): dict(l2=l2) for l2 in args.l2}
     if args.hidden:
         kinds[f"hidden={args.hidden}"] = dict(hidden=args.hidden, ensemble=args.ensemble,
-                                              epochs=args.epochs)  # fmt: skip
+                                              epochs=args.epochs, seed=args.seed)  # fmt: skip
     for name, kw in kinds.items():
         t = time.perf_counter()
         fits[name] = fit_descent_verifier(gm, examples=train + train_obj, top_k=args.top_k,
@@ -247,7 +248,7 @@ def main() -> None:
         "l2": {k: v for k, v in rows.items() if k in map(str, args.l2)},
         "hidden": {k: v for k, v in rows.items() if k not in map(str, args.l2)},
         "hidden_options": {"hidden": args.hidden, "ensemble": args.ensemble,
-                           "epochs": args.epochs} if args.hidden else None,
+                           "epochs": args.epochs, "seed": args.seed} if args.hidden else None,
         "chosen": chosen,
         "chosen_l2": {c: max(args.l2, key=lambda v, c=c: quality(c, str(v)))
                       for c in args.categories},
