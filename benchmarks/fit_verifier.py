@@ -1,5 +1,6 @@
 """Fit the descent verifier of issue #10 (:func:`~pyro_backpass.fit_descent_verifier`) for the
-shipped model, choose its L2 penalty on validation scenes, and ship it.
+shipped model, choose its kind (an L2 penalty, or an ensemble of networks) on validation
+scenes, and ship it.
 
 Training scenes come from the ``train`` split (seeds never used for validation or test). For
 each scene, greedy's ``top_k`` best top-level hypotheses of the category are completed and
@@ -178,6 +179,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "fit_verifier.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    for name in ("scenes", "validation", "objects", "validation_objects", "hidden"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.smoke:
         args.scenes, args.validation, args.top_k, args.workers = 3, 2, 4, 1
         args.objects = min(args.objects, 2)
@@ -221,6 +225,24 @@ def main() -> None:
         return row.get("hit@0.5", -1.0), row.get("hit@0.3", -1.0), lone.get("iou", -1.0)
 
     chosen = {c: max(kinds, key=lambda v, c=c: quality(c, v)) for c in args.categories}
+    record = {
+        "machine": machine(), "threads": 1, "workers": args.workers, "model": model_name,
+        "train_scenes": args.scenes, "validation_scenes": args.validation, "top_k": args.top_k,
+        "train_objects": args.objects, "validation_objects": args.validation_objects,
+        "categories": args.categories, "train_examples": len(train),
+        "train_examples_with_hit": sum(bool(e.hits.any()) for e in train),
+        "validation_examples": len(val), "extract_seconds": round(extract_s, 1),
+        "l2": {k: v for k, v in rows.items() if k in map(str, args.l2)},
+        "hidden": {k: v for k, v in rows.items() if k not in map(str, args.l2)},
+        "hidden_options": {"hidden": args.hidden, "ensemble": args.ensemble,
+                           "epochs": args.epochs, "seed": args.seed} if args.hidden else None,
+        "chosen": chosen,
+        "chosen_l2": {c: max(args.l2, key=lambda v, c=c: quality(c, str(v)))
+                      for c in args.categories},
+        "verified": {c: quality(c, chosen[c]) for c in args.categories},
+        "shipped": False,
+    }  # fmt: skip
+    atomic_write_json(args.out, record)  # first: a failure below loses no measurement
     verifier = fits[chosen[args.categories[0]]]
     shipped = DescentVerifier.shipped() if args.ship or args.save else None
     if shipped is not None and _same_setup(shipped, verifier):
@@ -236,25 +258,10 @@ def main() -> None:
         print(f"wrote {args.save}")
     if args.ship and not args.smoke:
         verifier.save(WEIGHTS)
+        record["shipped"] = True
+        atomic_write_json(args.out, record)
         print(f"wrote {WEIGHTS}; the verified parse's stop criterion is now stale: rerun "
               "benchmarks/parse_threshold.py --verifier-top-k 100 --workers 2")  # fmt: skip
-    atomic_write_json(args.out, {
-        "machine": machine(), "threads": 1, "workers": args.workers, "model": model_name,
-        "train_scenes": args.scenes, "validation_scenes": args.validation, "top_k": args.top_k,
-        "train_objects": args.objects, "validation_objects": args.validation_objects,
-        "categories": args.categories, "train_examples": len(train),
-        "train_examples_with_hit": sum(bool(e.hits.any()) for e in train),
-        "validation_examples": len(val), "extract_seconds": round(extract_s, 1),
-        "l2": {k: v for k, v in rows.items() if k in map(str, args.l2)},
-        "hidden": {k: v for k, v in rows.items() if k not in map(str, args.l2)},
-        "hidden_options": {"hidden": args.hidden, "ensemble": args.ensemble,
-                           "epochs": args.epochs, "seed": args.seed} if args.hidden else None,
-        "chosen": chosen,
-        "chosen_l2": {c: max(args.l2, key=lambda v, c=c: quality(c, str(v)))
-                      for c in args.categories},
-        "verified": {c: quality(c, chosen[c]) for c in args.categories},
-        "shipped": bool(args.ship and not args.smoke),
-    })  # fmt: skip
     print(f"wrote {args.out}")
 
 

@@ -13,8 +13,8 @@ object away (``subtract``, ``unobserve``), two statistics are compared:
 - ``llr``: the step's log-likelihood ratio against the all-background explanation (the
   paper's statistic);
 - ``fitted``: a logistic "new object" log-odds of the step's LLR, log visible pixels, visible
-  fraction, step index and the classifier's log-probability of the step's category on its
-  visible region (``--features`` chooses among them;
+  fraction and step index (``--features`` may add the classifier's log-probability of the
+  step's category on its visible region, recorded for every step;
   :func:`~pyro_backpass.parsing.fit_stop_criterion`, fitted on all the validation steps of both
   regimes), and the same fitted on one half of the scenes and scored
   on the other (``cross_validated``: 2 folds × 5 random splits by scene, mean), so that the
@@ -60,6 +60,7 @@ from pyro_backpass.parsing import STOP_FEATURES  # noqa: E402
 
 PACKAGE_FILE = Path(__file__).parents[1] / "pyro_backpass" / "weights" / "parse_threshold.json"
 VERIFIED_FILE = PACKAGE_FILE.with_name("parse_threshold_verified.json")
+BASE_FEATURES = tuple(f for f in STOP_FEATURES if f != "class_log_prob")
 SEED = 11  # base seed of the validation scenes: split_seed("validation", SEED)
 IOU = 0.5
 
@@ -258,8 +259,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps-from", type=Path, default=None, metavar="JSON",
                    help="refit on the steps a previous run of the same kind wrote (its "
                         "'parsed'), without parsing again")  # fmt: skip
-    p.add_argument("--features", nargs="+", default=list(STOP_FEATURES), choices=STOP_FEATURES,
-                   help="the features the fitted statistic weighs")  # fmt: skip
+    p.add_argument("--features", nargs="+", default=list(BASE_FEATURES), choices=STOP_FEATURES,
+                   help="the features the fitted statistic weighs (default: all but "
+                        "class_log_prob, which costs a classifier pass a step)")  # fmt: skip
     args = p.parse_args(argv)
     verified = args.verifier_top_k is not None
     if args.package_file is None:
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pyro_backpass import DescentVerifier, GenerativeModel, make_scene
     from pyro_backpass.data import split_seed
     from pyro_backpass.files import atomic_write, atomic_write_json
+    from pyro_backpass.inference import verifier_fingerprint
     from pyro_backpass.parsing import (
         StopCriterion,
         default_threshold,
@@ -322,11 +325,13 @@ def main(argv: list[str] | None = None) -> dict:
                  "verifier_top_k": args.verifier_top_k, "workers": args.workers,
                  "steps_from": None if previous is None else str(args.steps_from),
                  "model_sha256": model_fingerprint(gm),
+                 "backbone_sha256": verifier_fingerprint(gm),  # the model's and backbone's
                  "verifier_sha256": None if verifier is None else verifier.fingerprint(),
                  "plain_record_sha256": (record_fingerprint(threshold_record()) if verified
                                          else None)}  # fmt: skip
     if previous is not None:  # its steps must be what this run would parse
-        stale = [k for k in ("model_sha256", "verifier_sha256", "plain_record_sha256")
+        stale = [k for k in ("model_sha256", "backbone_sha256", "verifier_sha256",
+                             "plain_record_sha256")
                  if previous.get(k) != out[k]]  # fmt: skip
         if stale:
             raise SystemExit(f"{args.steps_from} was parsed with another {stale}: parse again")

@@ -3,9 +3,10 @@
 - ``two_layer``: a verifier that is not linear. On the same cached descents as
   ``fit_verifier.py`` (``--cache``; 500 training and 60 validation scenes a category, k = 100),
   the linear verifier (:func:`~pyro_backpass.fit_descent_verifier`, its L2 chosen on validation
-  from ``--l2``, as shipped) beside a two-layer one (standardised features → 64 ReLU units →
-  score, dropout 0.2, the same listwise loss, AdamW with weight decay 0.01, 10 epochs, an
-  ensemble of ``--seeds`` networks by their summed log-softmax). Share of validation scenes whose
+  from ``--l2``, as the verifier shipped before the ensembles) beside a two-layer one
+  (standardised features → 64 ReLU units → score, dropout 0.2, the same listwise loss, AdamW
+  with weight decay 0.01, 10 epochs, an ensemble of ``--seeds`` networks by their summed
+  log-softmax). Share of validation scenes whose
   chosen descent hits an instance of the category (IoU ≥ 0.5 / 0.3).
 - ``crop``: the backbone's classifier as a witness of a zoomed view. On ``--scenes`` validation
   scenes of ``fit_verifier.py`` (category airplane), each of the 100 descents' mask's bounding

@@ -205,7 +205,7 @@ def verified_map(
     ``modes`` lists the k descents in the verifier's order, each with its log-joint.
 
     :param category: required (a name, an index or one per image): the verifier scores the
-        descents of one category, one weight vector per category.
+        descents of one category with that category's weights (linear or an ensemble).
     :param verifier: None: the shipped one when ``gm`` is ``GenerativeModel.default()``.
     :param clamp, priors, observed: as in :func:`~pyro_backpass.greedy_map`.
 

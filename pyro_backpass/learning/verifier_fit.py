@@ -16,6 +16,7 @@ for ``epochs`` epochs from its own seed; the score is their mean.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -161,6 +162,9 @@ def fit_descent_verifier(
         mine = [ex for ex in examples if ex.category == c and bool(ex.hits.any())]
         if not mine:
             continue
+        # A canonical order of the scenes (by content), so that the standardisation, the
+        # minibatches and hence the fit do not depend on the order the examples came in.
+        mine = sorted(mine, key=_content_key)
         allx = torch.cat([ex.features for ex in mine])
         mean[c], scale[c] = allx.mean(0), allx.std(0).clamp_min(1e-6)
         fitted[c] = True
@@ -215,9 +219,14 @@ def _fit_ensemble(
     return torch.stack(w1s), torch.stack(b1s), torch.stack(w2s)
 
 
+def _content_key(ex: VerifierExample) -> str:
+    return hashlib.sha256(ex.features.contiguous().numpy().tobytes()).hexdigest()
+
+
 def _fit_one(xs: list[torch.Tensor], hits: list[torch.Tensor], *, hidden: int, epochs: int,
              seed: int, batch: int) -> torch.nn.Sequential:  # fmt: skip
-    torch.manual_seed(seed)  # the layers' initialisation, dropout and scene order
+    # The CPU generator only (inside fork_rng): the initialisation, dropout and scene order.
+    torch.random.default_generator.manual_seed(seed)
     net = torch.nn.Sequential(
         torch.nn.Dropout(0.2), torch.nn.Linear(xs[0].shape[1], hidden), torch.nn.ReLU(),
         torch.nn.Dropout(0.2), torch.nn.Linear(hidden, 1),

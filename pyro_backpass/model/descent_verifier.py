@@ -168,7 +168,18 @@ class DescentVerifier:
     def with_category(self, other: DescentVerifier, category: int | str) -> DescentVerifier:
         """A copy of this verifier whose ``category`` is scored as ``other`` scores it (its
         weights, standardisation and ensemble); ``other`` must share the config."""
-        c = category if isinstance(category, int) else self.categories.index(category)
+        if isinstance(category, str):
+            if category not in self.categories:
+                raise ValueError(f"unknown category {category!r}; the verifier knows "
+                                 f"{list(self.categories)}")  # fmt: skip
+            c = self.categories.index(category)
+        elif isinstance(category, int) and not isinstance(category, bool):
+            if not 0 <= category < len(self.categories):
+                raise ValueError(f"category index {category} out of range for "
+                                 f"{len(self.categories)} categories")  # fmt: skip
+            c = category
+        else:
+            raise TypeError(f"category must be a name or an index, got {category!r}")
         mine, theirs = self.config(), other.config()
         for cfg in (mine, theirs):
             cfg.pop("format_version"), cfg.pop("hidden", None), cfg.pop("ensemble", None)
@@ -178,19 +189,26 @@ class DescentVerifier:
         for k in state:
             state[k][c] = getattr(other, k)[c]
         hidden = None
+        others = self.nonlinear.clone()
+        others[c] = False  # this verifier's ensembles that stay
         if other.has_hidden and bool(other.nonlinear[c]):
             n = len(self.categories)
-            if self.has_hidden and self.hidden_weight.shape[1:] != other.hidden_weight.shape[1:]:
-                raise ValueError("the verifiers' ensembles differ in size")
-            hidden = {k: (getattr(self, k).clone() if self.has_hidden else
+            keep = self.has_hidden and bool(others.any())
+            if keep and self.hidden_weight.shape[1:] != other.hidden_weight.shape[1:]:
+                mine, theirs = (tuple(v.hidden_weight.shape[1:]) for v in (self, other))
+                raise ValueError(f"the verifiers' ensembles differ in size ({mine} vs {theirs}) "
+                                 "and this one keeps ensembles for other categories")  # fmt: skip
+            hidden = {k: (getattr(self, k).clone() if keep else
                           torch.zeros(n, *getattr(other, k).shape[1:], dtype=torch.float64))
                       for k in _HIDDEN[:3]}  # fmt: skip
-            hidden["nonlinear"] = self.nonlinear.clone()
+            hidden["nonlinear"] = others
             for k in _HIDDEN:
                 hidden[k][c] = getattr(other, k)[c]
-        elif self.has_hidden:
-            hidden = {k: getattr(self, k).clone() for k in _HIDDEN}
-            hidden["nonlinear"][c] = False
+        elif self.has_hidden and bool(others.any()):
+            hidden = {k: getattr(self, k).clone() for k in _HIDDEN[:3]}
+            for k in _HIDDEN[:3]:
+                hidden[k][c] = 0.0  # no stale weights: they would enter the fingerprint
+            hidden["nonlinear"] = others
         return DescentVerifier(categories=self.categories, read_levels=self.read_levels,
                                top_k=self.top_k, model_sha256=self.model_sha256,
                                **state, **(hidden or {}))  # fmt: skip

@@ -78,11 +78,16 @@ def region_log_prob(
     if masks.dim() != 3 or masks.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"masks must be (k, H, W) over the image {tuple(image.shape[-2:])}, "
                          f"got {tuple(masks.shape)}")  # fmt: skip
+    idx = torch.as_tensor(categories).reshape(-1)
+    if idx.numel() != masks.shape[0]:
+        raise ValueError(f"need one category per mask: {idx.numel()} for {masks.shape[0]} masks")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(backbone.categories)):
+        raise ValueError(f"category indices must lie in [0, {len(backbone.categories)}), "
+                         f"got {idx.tolist()}")  # fmt: skip
     device, dtype = backbone.mean.device, backbone.mean.dtype
     views = region_views(image.to(device=device, dtype=dtype).clamp(0, 1), masks.to(device))
     logp = torch.log_softmax(backbone.logits(backbone(views)), -1)  # (k, classes)
-    idx = torch.as_tensor(categories, device=device).reshape(-1, 1)
-    return logp.gather(1, idx)[:, 0].double().cpu()
+    return logp.gather(1, idx.to(device)[:, None])[:, 0].double().cpu()
 
 
 def _finite_map(name: str, values: Mapping[str, Any]) -> dict[str, float]:
@@ -147,7 +152,7 @@ class StopCriterion:
     @property
     def needs_class_log_prob(self) -> bool:
         """Whether the statistic weighs ``class_log_prob`` (a classifier pass a step)."""
-        return self.weights.get("class_log_prob", 0.0) != 0.0
+        return "class_log_prob" in self.weights
 
     def statistic(
         self, *, llr: float, visible: float, amodal: float, step: int,
@@ -197,6 +202,8 @@ def fit_stop_criterion(
     if features is None:
         features = [f for f in STOP_FEATURES if all(f in s for s in steps)]
     features = tuple(features)
+    if len(set(features)) != len(features):
+        raise ValueError(f"features must not repeat, got {features}")
     unknown = [f for f in features if f not in STOP_FEATURES]
     if unknown or not features:
         raise ValueError(f"features must be a non-empty subset of {STOP_FEATURES}, got {features}")

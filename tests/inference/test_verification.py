@@ -204,9 +204,12 @@ def test_fit_matches_scipy_on_the_same_objective():
     assert float(fit.weight[1, 0]) > 0  # the informative feature is weighted up
 
 
-def _ensemble_verifier(seed: int = 0, *, n: int = 2, f: int = 3, e: int = 2, h: int = 4):
+def _ensemble_verifier(seed: int = 0, *, n: int = 2, f: int = 3, e: int = 2, h: int = 4,
+                       nonlinear=None):  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
-    nonlinear = torch.tensor([False, True] + [False] * (n - 2))
+    if nonlinear is None:
+        nonlinear = [False, True] + [False] * (n - 2)
+    nonlinear = torch.tensor(nonlinear)
     return DescentVerifier(
         categories=[f"c{i}" for i in range(n)], read_levels=("pool4",),
         weight=torch.randn(n, f, generator=gen, dtype=torch.float64),
@@ -260,6 +263,35 @@ def test_with_category_takes_one_categorys_scoring():
                             top_k=7)  # fmt: skip
     with pytest.raises(ValueError, match="differ in config"):
         lin.with_category(other, 0)
+    with pytest.raises(ValueError, match="unknown category 'c9'"):
+        lin.with_category(ens, "c9")
+    with pytest.raises(ValueError, match="out of range"):
+        lin.with_category(ens, 2)
+    # An ensemble of another size replaces this verifier's only ensemble...
+    small = _ensemble_verifier(seed=4, e=1, h=2)
+    swapped = ens.with_category(small, 1)
+    assert swapped.hidden_weight.shape[1:] == (1, 3, 2)
+    assert torch.equal(swapped.score(x, 1), small.score(x, 1))
+    # ...but not one it keeps for another category.
+    both = _ensemble_verifier(seed=5, n=3, nonlinear=[True, True, False])
+    with pytest.raises(ValueError, match="differ in size"):
+        both.with_category(_ensemble_verifier(seed=7, n=3, e=1, h=2), 1)
+    # Linear again: no ensemble weights are left to enter the fingerprint.
+    relinear = both.with_category(
+        lin3 := DescentVerifier(
+            categories=both.categories,
+            read_levels=both.read_levels,
+            weight=torch.ones(3, 3),
+            mean=torch.zeros(3, 3),
+            scale=torch.ones(3, 3),
+            fitted=torch.ones(3, dtype=torch.bool),
+            top_k=5,
+        ),
+        1,
+    )
+    assert relinear.nonlinear.tolist() == [True, False, False]
+    assert not bool(relinear.hidden_weight[1].any()) and bool(relinear.hidden_weight[0].any())
+    assert torch.equal(relinear.score(x, 1), lin3.score(x, 1))
 
 
 def test_ensemble_fit_learns_what_a_linear_score_cannot():
@@ -282,6 +314,10 @@ def test_ensemble_fit_learns_what_a_linear_score_cannot():
     rng_before = torch.get_rng_state()
     ens = fit_descent_verifier(gm, examples=train, top_k=8, hidden=16, ensemble=2, epochs=30)
     assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's random state kept
+    # The order the examples come in (workers, caches) does not change the fit.
+    again = fit_descent_verifier(gm, examples=train[::-1], top_k=8, hidden=16, ensemble=2,
+                                 epochs=30)  # fmt: skip
+    assert again.fingerprint() == ens.fingerprint()
     lin = fit_descent_verifier(gm, examples=train, top_k=8, l2=1.0)
 
     def rate(v):

@@ -145,6 +145,11 @@ def test_class_log_prob_is_the_classifiers_on_the_visible_region():
         assert got.shape == (1,) and float(got[0]) == pytest.approx(float(ref[c]), abs=1e-5)
     crit = StopCriterion({"class_log_prob": 1.0})
     assert crit.needs_class_log_prob and not StopCriterion.llr().needs_class_log_prob
+    assert StopCriterion({"llr": 1.0, "class_log_prob": 0.0}).needs_class_log_prob
+    with pytest.raises(ValueError, match="one category per mask"):
+        region_log_prob(bb, image, whole.expand(2, 64, 64), [0])
+    with pytest.raises(ValueError, match="category indices"):
+        region_log_prob(bb, image, whole, [len(bb.categories)])
     with pytest.raises(ValueError, match="weighs class_log_prob"):
         crit.statistic(llr=1.0, visible=1, amodal=1, step=0)
     p = run_parse(gm, image, criterion=crit, threshold=-math.inf, max_objects=2)
