@@ -119,12 +119,6 @@ def examples(split: str, n: int, *, gm, workers: int, top_k: int, categories, mo
     return out
 
 
-def _same_setup(a: DescentVerifier, b: DescentVerifier) -> bool:
-    """Whether two verifiers were made for the same model, categories, features and top_k."""
-    keep = ("categories", "read_levels", "top_k", "model_sha256")
-    return all(a.config()[k] == b.config()[k] for k in keep)
-
-
 def choice_quality(verifier, examples_: list) -> dict:
     """Share of the examples whose highest-scored descent hits (IoU ≥ 0.5, ≥ 0.3), its mean
     IoU, and the same for the descent with the largest log-joint (what ``greedy_map(...,
@@ -245,7 +239,7 @@ def main() -> None:
     atomic_write_json(args.out, record)  # first: a failure below loses no measurement
     verifier = fits[chosen[args.categories[0]]]
     shipped = DescentVerifier.shipped() if args.ship or args.save else None
-    if shipped is not None and _same_setup(shipped, verifier):
+    if shipped is not None and shipped.same_setup(verifier):
         verifier = shipped  # the other categories keep their shipped weights
     elif shipped is not None:
         print(f"the shipped verifier {shipped} was made for another model, top_k or features: "

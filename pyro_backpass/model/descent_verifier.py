@@ -36,6 +36,7 @@ _CONFIG_KEY = "pyro_backpass.descent_verifier"
 FORMAT_VERSION = 2
 _READS = (1, 2)
 _HIDDEN = ("hidden_weight", "hidden_bias", "out_weight", "nonlinear")
+_SETUP = ("categories", "read_levels", "top_k", "model_sha256")  # config beyond the scoring
 
 
 class DescentVerifier:
@@ -165,6 +166,11 @@ class DescentVerifier:
         )  # (E, k, H)
         return torch.einsum("ekh,eh->ek", h, self.out_weight[category]).mean(0)
 
+    def same_setup(self, other: DescentVerifier) -> bool:
+        """Whether both were made for the same model, categories, features and ``top_k`` (so
+        one category's scoring can move from one to the other)."""
+        return all(self.config()[k] == other.config()[k] for k in _SETUP)
+
     def with_category(self, other: DescentVerifier, category: int | str) -> DescentVerifier:
         """A copy of this verifier whose ``category`` is scored as ``other`` scores it (its
         weights, standardisation and ensemble); ``other`` must share the config."""
@@ -180,10 +186,8 @@ class DescentVerifier:
             c = category
         else:
             raise TypeError(f"category must be a name or an index, got {category!r}")
-        mine, theirs = self.config(), other.config()
-        for cfg in (mine, theirs):
-            cfg.pop("format_version"), cfg.pop("hidden", None), cfg.pop("ensemble", None)
-        if mine != theirs:
+        if not self.same_setup(other):
+            mine, theirs = ({k: v.config()[k] for k in _SETUP} for v in (self, other))
             raise ValueError(f"the verifiers differ in config: {mine} vs {theirs}")
         state = {k: getattr(self, k).clone() for k in ("weight", "mean", "scale", "fitted")}
         for k in state:
