@@ -19,11 +19,30 @@
   pass), of the best of its 100 completed descents by IoU (the bound of any choice), of the
   descent with the largest completed log-joint (what ``greedy_map(..., top_k=100)`` returns) and
   of the shipped verifier's choice.
+- ``list_context``: two changes to the ensemble recipe shipped for airplane, one at a time and
+  together, on the same cached descents as ``fit_verifier.py`` (``--cache``; ``--train``
+  training scenes plus ``--objects`` lone training objects, validated on ``--validation``
+  scenes and ``--validation-objects`` lone objects): *relative* appends each feature's z-score
+  among the image's own k descents (the ensemble sees each descent only beside the training
+  set's statistics otherwise, while its choice is among one image's descents); *soft* replaces
+  the listwise loss's hits (IoU ≥ 0.5) by the target distribution ``softmax(IoU / 0.1)`` over
+  the descents (partial credit for near misses; scenes without a hit then count too). Each
+  variant is fitted ``--seeds`` times (ensembles of 3 networks, 64 units, from seeds 0, 10, …),
+  so the spread between seeds is beside the differences; the library's own fit
+  (``fit_descent_verifier(hidden=64)``) is the reference row.
+- ``vote``: the chosen mask replaced by a vote among the verifier's best descents. On
+  ``--scenes`` validation scenes (category airplane) and ``--objects`` lone validation
+  airplanes, the mask of the shipped verifier's choice beside, for m in 3, 5, 10: the pixels
+  where the softmax-weighted (by the verifier's scores) mean of the m best-scored descents'
+  masks is ≥ 0.5, over all m or only those overlapping the chosen mask (IoU ≥ 0.3: the same
+  object). The choice stays the verifier's; only the mask is voted.
 
 One thread. Writes (updates) ``benchmarks/results/verifier_probes.json``, one key a probe.
 
 Usage: ``python benchmarks/verifier_probes.py --probe two_layer --cache DIR``;
-``--probe crop --scenes 60``; ``--probe lone --objects 30``
+``--probe list_context --cache DIR --categories airplane --objects 200 --validation-objects 40``;
+``--probe crop --scenes 60``; ``--probe lone --objects 30``; ``--probe vote --scenes 60
+--objects 20``
 """
 
 from __future__ import annotations
@@ -233,10 +252,172 @@ def probe_lone(args, gm, verifier) -> dict:
             "metric": "mean mask IoU", "categories": rows}  # fmt: skip
 
 
+def voted_masks(masks: torch.Tensor, scores: torch.Tensor, *, m: int,
+                same_object: bool) -> torch.Tensor:  # fmt: skip
+    """``(H, W)`` bool: where the softmax(``scores``)-weighted mean of the ``m`` best-scored of
+    ``masks`` ``(k, H, W)`` is ≥ 0.5; with ``same_object``, of those among the m whose IoU with
+    the best-scored one's mask is ≥ 0.3 (it always is with itself)."""
+    order = scores.argsort(descending=True)[:m]
+    pick = masks[order]  # (m, H, W)
+    if same_object:
+        keep = mask_iou(pick, pick[:1].expand_as(pick)) >= 0.3
+        pick, order = pick[keep], order[keep]
+    w = torch.softmax(scores[order].double(), 0)  # (m',)
+    return (w[:, None, None] * pick.double()).sum(0) >= 0.5
+
+
+def probe_vote(args, gm, verifier) -> dict:
+    c = gm.categories.index("airplane")
+    inputs = []
+    scenes = Scenes(args.scenes, seed=split_seed("validation"))
+    for i in range(args.scenes):
+        scene = scenes[i]
+        truth = [t.mask for t in scene.instances if t.category == "airplane" and t.mask.any()]
+        if truth:
+            inputs.append(("scenes", scene.image, truth))
+    ds = RenderedObjects("airplane", args.objects, seed=split_seed("validation"))
+    inputs += [("objects", image, [truth]) for image, truth in (ds[i] for i in range(args.objects))]
+    picks: dict[str, dict[str, list[float]]] = {}
+    for kind, image, truth in tqdm(inputs, desc="vote probe"):
+        _, x, masks = descents(gm, image, c, args.top_k)
+        sv = verifier.score(x, c).float()
+        votes = {"verifier": masks[int(sv.argmax())]}
+        for m in (3, 5, 10):
+            for same in (False, True):
+                name = f"vote{m}" + ("_same_object" if same else "")
+                votes[name] = voted_masks(masks, sv, m=m, same_object=same)
+        for name, mask in votes.items():
+            iou = max(float(mask_iou(mask[None], t[None])[0]) for t in truth)
+            picks.setdefault(kind, {}).setdefault(name, []).append(iou)
+    return {"scenes": args.scenes, "objects": args.objects, "top_k": args.top_k,
+            "split": "validation", "category": "airplane",
+            "note": "the validation scenes and objects chose the shipped verifier's fit",
+            "choices": {kind: {k: rates(v) for k, v in rows.items()}
+                        for kind, rows in picks.items()}}  # fmt: skip
+
+
+def relative_features(x: torch.Tensor) -> torch.Tensor:
+    """``(k, 2F)``: the features ``x`` ``(k, F)`` of one image's k descents beside each one's
+    z-score among those k."""
+    return torch.cat([x, (x - x.mean(0)) / x.std(0).clamp_min(1e-6)], 1)
+
+
+def ensemble_scores(train: list, val: list, *, relative: bool, soft: bool, seed: int,
+                    epochs: int, members: int = 3) -> list[torch.Tensor] | None:  # fmt: skip
+    """Validation scores ``(k,)`` per example: the mean output of ``members`` networks
+    (standardised features → dropout 0.2 → 64 ReLU → dropout 0.2 → 1), each fitted by AdamW
+    (1e-3, weight decay 0.01) on minibatches of 16 lists for ``epochs`` epochs, on the listwise
+    loss of the hits or (``soft``) the cross-entropy to ``softmax(IoU / 0.1)``; None when no
+    training list has a hit (and not ``soft``)."""
+    mine = [e for e in train if soft or bool(e.hits.any())]
+    if not mine:  # nothing to learn from (no hit anywhere, and not soft)
+        return None
+    mine = sorted(mine, key=lambda e: e.features.sum().item())  # an order fixed by content
+    prep = relative_features if relative else (lambda x: x)
+    raw = [prep(e.features.double()).float() for e in mine]
+    x_all = torch.cat(raw)
+    mean, scale = x_all.mean(0), x_all.std(0).clamp_min(1e-6)
+    xs = [(x - mean) / scale for x in raw]
+    xv = [(prep(e.features.double()).float() - mean) / scale for e in val]
+    if soft:
+        targets = [torch.softmax(e.iou.float() / 0.1, 0) for e in mine]
+    else:
+        targets = [e.hits.float() / e.hits.float().sum() for e in mine]
+    out = [torch.zeros(len(e.iou)) for e in val]
+    for m in range(members):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + m)
+            net = torch.nn.Sequential(
+                torch.nn.Dropout(0.2), torch.nn.Linear(x_all.shape[1], 64), torch.nn.ReLU(),
+                torch.nn.Dropout(0.2), torch.nn.Linear(64, 1),
+            )  # fmt: skip
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+            with torch.enable_grad():
+                for _ in range(epochs):
+                    net.train()
+                    order = torch.randperm(len(xs)).tolist()
+                    for i in range(0, len(order), 16):
+                        part = order[i : i + 16]
+                        # hits: −log Σ_hits softmax (the target puts its mass on the hits, and
+                        # the loss is the log of the mass the scores put there); soft: CE.
+                        loss = sum(
+                            (-(targets[j] * torch.log_softmax(net(xs[j])[:, 0], 0)).sum()
+                             if soft else
+                             -torch.logsumexp(torch.log_softmax(net(xs[j])[:, 0], 0)
+                                              [targets[j] > 0], 0))
+                            for j in part
+                        )  # fmt: skip
+                        opt.zero_grad()
+                        (loss / len(part)).backward()
+                        opt.step()
+        net.eval()
+        with torch.no_grad():
+            for k, x in enumerate(xv):
+                out[k] += net(x)[:, 0] / members
+    return out
+
+
+def probe_list_context(args, gm) -> dict:
+    rows = {}
+    for category in args.categories:
+        common = dict(gm=gm, workers=args.workers, top_k=args.top_k, categories=[category],
+                      model=None, cache=args.cache)  # fmt: skip
+        train = examples("train", args.train, **common)
+        train += examples("train", args.objects, objects=True, **common)
+        val = {"scenes": examples("validation", args.validation, **common),
+               "objects": examples("validation", args.validation_objects, objects=True,
+                                   **common)}  # fmt: skip
+        c = gm.categories.index(category)
+        row: dict = {"train_examples": len(train),
+                     "validation_examples": {k: len(v) for k, v in val.items()},
+                     "best_of_k": {k: rates([float(e.iou.max()) for e in v])
+                                   for k, v in val.items() if v}}  # fmt: skip
+        seeds = [10 * s for s in range(args.seeds)]
+        variants = {"library": None, "absolute": (False, False), "relative": (True, False),
+                    "soft": (False, True), "relative+soft": (True, True)}  # fmt: skip
+        for name, flags in variants.items():
+            per_seed = []
+            t = time.perf_counter()
+            for seed in seeds:
+                if flags is None:
+                    v = fit_descent_verifier(gm, examples=train, top_k=args.top_k, hidden=64,
+                                             categories=[category], seed=seed,
+                                             epochs=args.epochs, progress=False)  # fmt: skip
+                    scores = ({k: [v.score(e.features, c) for e in ex] for k, ex in val.items()}
+                              if bool(v.fitted[c]) else None)  # fmt: skip
+                else:
+                    scores = {k: ensemble_scores(train, ex, relative=flags[0], soft=flags[1],
+                                                 seed=seed, epochs=args.epochs)
+                              for k, ex in val.items()}  # fmt: skip
+                    scores = None if None in scores.values() else scores
+                if scores is None:  # no training list to fit on
+                    break
+                per_seed.append({k: rates([float(e.iou[int(s.argmax())])
+                                           for e, s in zip(val[k], scores[k], strict=True)])
+                                 for k in val if val[k]})  # fmt: skip
+            if not per_seed:
+                row[name] = {"fitted": False}
+                continue
+            row[name] = {
+                "per_seed": per_seed,
+                "mean": {k: {m: statistics.mean(r[k][m] for r in per_seed)
+                             for m in ("hit@0.5", "hit@0.3", "iou")} for k in per_seed[0]},
+                "seconds": round(time.perf_counter() - t, 1),
+            }  # fmt: skip
+            print(category, name, row[name]["mean"], flush=True)
+        rows[category] = row
+    return {"train_scenes": args.train, "train_objects": args.objects,
+            "validation_scenes": args.validation,
+            "validation_objects": args.validation_objects, "top_k": args.top_k,
+            "seeds": args.seeds, "epochs": args.epochs, "categories": rows}  # fmt: skip
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--probe", choices=("two_layer", "crop", "lone"), required=True)
+    parser.add_argument(
+        "--probe", choices=("two_layer", "crop", "lone", "list_context", "vote"), required=True
+    )
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     parser.add_argument("--cache", type=Path, default=None, help="fit_verifier.py's cache")
     parser.add_argument("--train", type=int, default=500, help="training scenes (two_layer)")
@@ -245,7 +426,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--scenes", type=int, default=60, help="validation scenes (crop)")
-    parser.add_argument("--objects", type=int, default=30, help="per category (lone)")
+    parser.add_argument(
+        "--objects",
+        type=int,
+        default=30,
+        help="per category (lone); lone training objects (list_context)",
+    )
+    parser.add_argument(
+        "--validation-objects",
+        type=int,
+        default=40,
+        help="lone validation objects per category (list_context)",
+    )
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--smoke", action="store_true")
@@ -255,6 +447,7 @@ def main() -> None:
     if args.smoke:  # the shipped model on a few inputs
         args.train, args.validation, args.top_k, args.seeds, args.epochs = 3, 2, 4, 1, 1
         args.scenes, args.objects, args.categories = 1, 1, ["airplane"]
+        args.validation_objects = 1
     gm, model_name = learned_model(smoke=False, path=None)
     verifier = DescentVerifier.shipped()
     if verifier is None:
@@ -262,7 +455,9 @@ def main() -> None:
     start = time.perf_counter()
     row = {"two_layer": lambda: probe_two_layer(args, gm),
            "crop": lambda: probe_crop(args, gm, verifier),
-           "lone": lambda: probe_lone(args, gm, verifier)}[args.probe]()  # fmt: skip
+           "lone": lambda: probe_lone(args, gm, verifier),
+           "list_context": lambda: probe_list_context(args, gm),
+           "vote": lambda: probe_vote(args, gm, verifier)}[args.probe]()  # fmt: skip
     row.update(machine=machine(), threads=1, model=model_name, smoke=args.smoke,
                shipped_verifier_sha256=verifier.fingerprint(),
                seconds=round(time.perf_counter() - start, 1))  # fmt: skip

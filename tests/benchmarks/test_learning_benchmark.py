@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -343,13 +344,46 @@ def test_zoomed_views_cut_the_box_and_fill_outside_the_mask():
     assert torch.allclose(masked[:, :2], torch.full((3, 2, 16), 0.5))  # beyond the box: grey
 
 
-@pytest.mark.slow  # ~20 s: the two-layer fit on three scenes and one lone object
+def test_relative_features_are_z_scores_within_the_list():
+    """The second half is each column's z-score among the k rows (numpy's mean and sample
+    standard deviation); a constant column gives 0, not NaN."""
+    relative_features = _module("verifier_probes").relative_features
+    x = torch.tensor([[1.0, 5.0, 2.0], [3.0, 5.0, -1.0], [8.0, 5.0, 0.5]], dtype=torch.float64)
+    out = relative_features(x)
+    a = x.numpy()
+    z = (a - a.mean(0)) / np.where(a.std(0, ddof=1) > 0, a.std(0, ddof=1), 1.0)
+    assert out.shape == (3, 6)
+    assert torch.equal(out[:, :3], x)
+    np.testing.assert_allclose(out[:, 3:].numpy(), z, atol=1e-12)
+
+
+def test_voted_masks_weigh_the_best_scored_and_keep_one_object():
+    """Three masks of equal score: rows 0-3, rows 0-1 and rows 6-7. Over all three each has
+    weight 1/3, so only rows 0-1 (2/3) pass 0.5; kept to the best-scored one's object (rows 6-7
+    do not overlap it), rows 0-3 each have ≥ 1/2 (worked by hand)."""
+    voted_masks = _module("verifier_probes").voted_masks
+    masks = torch.zeros(3, 8, 4, dtype=torch.bool)
+    masks[0, 0:4], masks[1, 0:2], masks[2, 6:8] = True, True, True
+    scores = torch.tensor([0.0, 0.0, 0.0])
+    rows = torch.arange(8)[:, None].expand(8, 4)
+    assert torch.equal(voted_masks(masks, scores, m=3, same_object=False), rows < 2)
+    assert torch.equal(voted_masks(masks, scores, m=3, same_object=True), rows < 4)
+    # a much higher score on the third: it alone decides
+    scores = torch.tensor([0.0, 0.0, 10.0])
+    assert torch.equal(voted_masks(masks, scores, m=3, same_object=False), rows >= 6)
+
+
+@pytest.mark.slow  # ~30 s: the two-layer and list-context fits on three scenes, one lone object
 def test_verifier_probes_two_layer_and_lone_smoke(tmp_path):
     out = tmp_path / "probes.json"
-    for probe in ("two_layer", "lone"):
+    for probe in ("two_layer", "lone", "list_context", "vote"):
         _smoke(BENCH.parent / "verifier_probes.py", "--probe", probe, "--smoke", "--out", str(out))
     result = json.loads(out.read_text())
-    assert set(result) == {"two_layer", "lone"}
+    assert set(result) == {"two_layer", "lone", "list_context", "vote"}
+    assert {"verifier", "vote3", "vote10_same_object"} <= set(result["vote"]["choices"]["scenes"])
+    context = result["list_context"]["categories"]["airplane"]
+    assert {"library", "absolute", "relative", "soft", "relative+soft"} <= set(context)
+    assert "per_seed" in context["soft"]  # soft targets need no hit to fit
     lone = result["lone"]["categories"]["airplane"]
     assert set(lone) == {"greedy_map", "best_of_k", "largest_completed_log_joint", "verifier"}
     assert 0.0 <= result["two_layer"]["categories"]["airplane"]["two_layer"]["hit@0.5"] <= 1.0
