@@ -36,13 +36,21 @@
   where the softmax-weighted (by the verifier's scores) mean of the m best-scored descents'
   masks is ≥ 0.5, over all m or only those overlapping the chosen mask (IoU ≥ 0.3: the same
   object). The choice stays the verifier's; only the mask is voted.
+- ``objectness``: cues from the image itself, which no feature of the verifier reads: how
+  well each descent's mask follows an edge of the image (the mean colour difference across its
+  boundary, the share of its boundary on the image's strongest 20 % of edges) and how its
+  inside's mean colour differs from a 3-pixel ring around it. On ``--scenes`` validation scenes
+  (airplane), the descent each cue alone picks, and the shipped verifier's score plus ``a`` ×
+  the cue (both z-scored among the image's descents), beside the verifier alone and the bound.
+  The weights a are tried on these validation scenes (optimistic): a screen for a feature
+  worth fitting, not a fitted result.
 
 One thread. Writes (updates) ``benchmarks/results/verifier_probes.json``, one key a probe.
 
 Usage: ``python benchmarks/verifier_probes.py --probe two_layer --cache DIR``;
 ``--probe list_context --cache DIR --categories airplane --objects 200 --validation-objects 40``;
 ``--probe crop --scenes 60``; ``--probe lone --objects 30``; ``--probe vote --scenes 60
---objects 20``
+--objects 20``; ``--probe objectness --scenes 60``
 """
 
 from __future__ import annotations
@@ -296,6 +304,63 @@ def probe_vote(args, gm, verifier) -> dict:
                         for kind, rows in picks.items()}}  # fmt: skip
 
 
+def objectness_cues(image: torch.Tensor, masks: torch.Tensor, *, ring: int = 3,
+                    edge_quantile: float = 0.8) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Per mask of ``masks`` ``(k, H, W)`` on ``image`` ``(3, H, W)``, ``(k,)`` each:
+    ``boundary_contrast``, the mean colour distance (L2 over channels) of the 4-neighbour pixel
+    pairs the mask's boundary separates; ``edge_share``, the share of those pairs whose distance
+    is above the image's ``edge_quantile`` over all its pairs; ``ring_contrast``, the distance of
+    the mask's mean colour from the mean colour of the pixels within ``ring`` pixels outside it.
+    Empty masks (no boundary, no ring) get 0."""
+    x = image.double()
+    dh = (x[:, :, 1:] - x[:, :, :-1]).norm(dim=0)  # (H, W-1)
+    dv = (x[:, 1:] - x[:, :-1]).norm(dim=0)  # (H-1, W)
+    strong = torch.quantile(torch.cat([dh.flatten(), dv.flatten()]), edge_quantile)
+    ch = masks[:, :, 1:] != masks[:, :, :-1]  # (k, H, W-1) pairs the boundary separates
+    cv = masks[:, 1:] != masks[:, :-1]
+    pairs = (ch.sum((1, 2)) + cv.sum((1, 2))).double().clamp_min(1)
+    contrast = ((ch * dh).sum((1, 2)) + (cv * dv).sum((1, 2))) / pairs
+    share = ((ch & (dh > strong)).sum((1, 2)) + (cv & (dv > strong)).sum((1, 2))) / pairs
+    m = masks[:, None].double()  # (k, 1, H, W)
+    grown = torch.nn.functional.max_pool2d(m, 2 * ring + 1, stride=1, padding=ring)
+    band = grown - m  # (k, 1, H, W): the ring outside the mask
+    inside = (x[None] * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1)  # (k, 3)
+    outside = (x[None] * band).sum((2, 3)) / band.sum((2, 3)).clamp_min(1)
+    ring_contrast = (inside - outside).norm(dim=1) * (m.sum((1, 2, 3)) > 0)
+    return {"boundary_contrast": contrast, "edge_share": share, "ring_contrast": ring_contrast}
+
+
+def _z(v: torch.Tensor) -> torch.Tensor:
+    v = v.double()
+    return (v - v.mean()) / v.std().clamp_min(1e-9)
+
+
+def probe_objectness(args, gm, verifier) -> dict:
+    c = gm.categories.index("airplane")
+    scenes = Scenes(args.scenes, seed=split_seed("validation"))
+    picks: dict[str, list[float]] = {}
+    for i in tqdm(range(args.scenes), desc="objectness probe"):
+        scene = scenes[i]
+        truth = [t.mask for t in scene.instances if t.category == "airplane" and t.mask.any()]
+        if not truth:
+            continue
+        bu, x, masks = descents(gm, scene.image, c, args.top_k)
+        iou = torch.stack([mask_iou(masks, t[None].expand_as(masks)) for t in truth]).amax(0)
+        sv = verifier.score(x, c)
+        cues = objectness_cues(bu["image"][0].clamp(0, 1), masks)
+        choice = {"verifier": sv, "best_of_k": iou}
+        for name, cue in cues.items():
+            choice[name] = cue
+            for a in (0.25, 0.5, 1.0):
+                choice[f"verifier+{a}*{name}"] = _z(sv) + a * _z(cue)
+        for name, s in choice.items():
+            picks.setdefault(name, []).append(float(iou[int(s.argmax())]))
+    return {"scenes": args.scenes, "top_k": args.top_k, "split": "validation",
+            "category": "airplane",
+            "note": "the weights a were tried on these validation scenes (optimistic)",
+            "choices": {k: rates(v) for k, v in picks.items()}}  # fmt: skip
+
+
 def relative_features(x: torch.Tensor) -> torch.Tensor:
     """``(k, 2F)``: the features ``x`` ``(k, F)`` of one image's k descents beside each one's
     z-score among those k."""
@@ -416,7 +481,9 @@ def probe_list_context(args, gm) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--probe", choices=("two_layer", "crop", "lone", "list_context", "vote"), required=True
+        "--probe",
+        choices=("two_layer", "crop", "lone", "list_context", "vote", "objectness"),
+        required=True,
     )
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     parser.add_argument("--cache", type=Path, default=None, help="fit_verifier.py's cache")
@@ -457,7 +524,8 @@ def main() -> None:
            "crop": lambda: probe_crop(args, gm, verifier),
            "lone": lambda: probe_lone(args, gm, verifier),
            "list_context": lambda: probe_list_context(args, gm),
-           "vote": lambda: probe_vote(args, gm, verifier)}[args.probe]()  # fmt: skip
+           "vote": lambda: probe_vote(args, gm, verifier),
+           "objectness": lambda: probe_objectness(args, gm, verifier)}[args.probe]()  # fmt: skip
     row.update(machine=machine(), threads=1, model=model_name, smoke=args.smoke,
                shipped_verifier_sha256=verifier.fingerprint(),
                seconds=round(time.perf_counter() - start, 1))  # fmt: skip

@@ -373,13 +373,32 @@ def test_voted_masks_weigh_the_best_scored_and_keep_one_object():
     assert torch.equal(voted_masks(masks, scores, m=3, same_object=False), rows >= 6)
 
 
+def test_objectness_cues_on_a_red_square():
+    """A red 4×4 square on grey (colour distance √0.75 across its edge): its own mask has every
+    boundary pair on the edge; a mask shifted 2 columns right has 4 of its 12 pairs there
+    (worked by hand); an empty mask gets zeros."""
+    cues_of = _module("verifier_probes").objectness_cues
+    image = torch.full((3, 8, 8), 0.5)
+    image[:, 2:6, 2:6] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[0, 2:6, 2:6] = True
+    masks[1, 2:6, 4:8] = True
+    cues = cues_of(image, masks)
+    d = 0.75**0.5
+    assert torch.allclose(cues["boundary_contrast"], torch.tensor([d, 4 * d / 12, 0.0]).double())
+    assert torch.allclose(cues["edge_share"], torch.tensor([1.0, 4 / 12, 0.0]).double())
+    assert abs(float(cues["ring_contrast"][0]) - d) < 1e-9
+    assert float(cues["ring_contrast"][2]) == 0.0
+
+
 @pytest.mark.slow  # ~30 s: the two-layer and list-context fits on three scenes, one lone object
 def test_verifier_probes_two_layer_and_lone_smoke(tmp_path):
     out = tmp_path / "probes.json"
-    for probe in ("two_layer", "lone", "list_context", "vote"):
+    for probe in ("two_layer", "lone", "list_context", "vote", "objectness"):
         _smoke(BENCH.parent / "verifier_probes.py", "--probe", probe, "--smoke", "--out", str(out))
     result = json.loads(out.read_text())
-    assert set(result) == {"two_layer", "lone", "list_context", "vote"}
+    assert set(result) == {"two_layer", "lone", "list_context", "vote", "objectness"}
+    assert {"edge_share", "verifier+1.0*ring_contrast"} <= set(result["objectness"]["choices"])
     assert {"verifier", "vote3", "vote10_same_object"} <= set(result["vote"]["choices"]["scenes"])
     context = result["list_context"]["categories"]["airplane"]
     assert {"library", "absolute", "relative", "soft", "relative+soft"} <= set(context)
