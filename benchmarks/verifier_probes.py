@@ -44,13 +44,24 @@
   the cue (both z-scored among the image's descents), beside the verifier alone and the bound.
   The weights a are tried on these validation scenes (optimistic): a screen for a feature
   worth fitting, not a fitted result.
+- ``refine``: a second pass that attends to the chosen descent's region. On ``--scenes``
+  validation scenes (airplane) and ``--objects`` lone validation airplanes, the shipped
+  verifier's choice, then ``greedy_map`` (category airplane) again with the clutter outside
+  that choice's mask grown by r pixels removed, in one of two ways: *paint* (the image outside
+  shown as its median colour, as the verifier's region views do, then the backbone again) or
+  *observe* (the same image's activations, with every element outside the grown region, pooled
+  to each level's grid, unobserved); the new mask is kept inside the grown region. ``x2``: the
+  same once more from the refined mask; ``top_kept``: the top level's (γ, δ) clamped to the
+  chosen descent's, so only the levels below are redone. This is rung (d) of the oracle
+  ladder (the object alone) approached from the pass's own choice instead of the truth.
 
 One thread. Writes (updates) ``benchmarks/results/verifier_probes.json``, one key a probe.
 
 Usage: ``python benchmarks/verifier_probes.py --probe two_layer --cache DIR``;
 ``--probe list_context --cache DIR --categories airplane --objects 200 --validation-objects 40``;
 ``--probe crop --scenes 60``; ``--probe lone --objects 30``; ``--probe vote --scenes 60
---objects 20``; ``--probe objectness --scenes 60``
+--objects 20``; ``--probe objectness --scenes 60``;
+``--probe refine --scenes 60 --objects 20``
 """
 
 from __future__ import annotations
@@ -79,7 +90,7 @@ from pyro_backpass import (  # noqa: E402
     split_seed,
 )
 from pyro_backpass.files import atomic_write_json  # noqa: E402
-from pyro_backpass.inference import descent_features, mode_values  # noqa: E402
+from pyro_backpass.inference import descent_features, mode_values, region_views  # noqa: E402
 from pyro_backpass.learning import mask_iou  # noqa: E402
 
 CATEGORIES = ("airplane", "bird", "boat", "car", "chair")
@@ -197,13 +208,14 @@ def zoomed_views(image: torch.Tensor, masks: torch.Tensor, *, masked: bool, size
     return torch.stack(out)
 
 
-def descents(gm, image: torch.Tensor, c: int, top_k: int):
-    """The ``top_k`` completed descents of category ``c``: features ``(k, F)``, masks."""
+def descents(gm, image: torch.Tensor, c: int, top_k: int, *, with_values: bool = False):
+    """The ``top_k`` completed descents of category ``c``: features ``(k, F)``, masks (and,
+    ``with_values``, every site → ``(k,)`` indices)."""
     bu = {k: v for k, v in gm.backbone(image[None]).items() if k in gm.hidden_levels}
     result = greedy_map(gm, bu, category=c, top_k=top_k)
     values, lj = mode_values(result.modes[0], list(result.assignment))
     x, masks = descent_features(gm, bu, values, lj)
-    return bu, x, masks
+    return (bu, x, masks, values) if with_values else (bu, x, masks)
 
 
 def probe_crop(args, gm, verifier) -> dict:
@@ -361,6 +373,67 @@ def probe_objectness(args, gm, verifier) -> dict:
             "choices": {k: rates(v) for k, v in picks.items()}}  # fmt: skip
 
 
+def grow(mask: torch.Tensor, r: int) -> torch.Tensor:
+    """``(H, W)`` bool: ``mask`` ``(H, W)`` grown by ``r`` pixels (a square neighbourhood)."""
+    m = mask[None, None].double()
+    return torch.nn.functional.max_pool2d(m, 2 * r + 1, stride=1, padding=r)[0, 0] > 0
+
+
+def refined_mask(gm, image: torch.Tensor, bu: dict, mask: torch.Tensor, c: int, *, r: int,
+                 how: str, clamp: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """``(H, W)`` bool: ``greedy_map``'s mask (category ``c``) with the clutter outside ``mask``
+    grown by ``r`` removed (``how`` "paint": the image shown only there; "observe": elements
+    outside it unobserved on every level), kept inside the grown region; ``clamp``: sites the
+    pass must take (greedy_map's)."""
+    region = grow(mask, r)
+    if how == "paint":
+        view = region_views(image.clamp(0, 1), region[None])  # (1, 3, H, W)
+        acts = gm.backbone(view.to(dtype=gm.backbone.mean.dtype))
+        result = greedy_map(gm, {k: v for k, v in acts.items() if k in gm.hidden_levels},
+                            category=c, clamp=clamp)  # fmt: skip
+    else:
+        m = region[None, None].double()
+        observed = {n: torch.nn.functional.adaptive_max_pool2d(m, x.shape[-2:]) > 0
+                    for n, x in bu.items() if x.dim() == 4}  # fmt: skip
+        result = greedy_map(gm, bu, category=c, observed=observed, clamp=clamp)
+    return result.mask[0] & region
+
+
+def probe_refine(args, gm, verifier) -> dict:
+    c = gm.categories.index("airplane")
+    inputs = []
+    scenes = Scenes(args.scenes, seed=split_seed("validation"))
+    for i in range(args.scenes):
+        scene = scenes[i]
+        truth = [t.mask for t in scene.instances if t.category == "airplane" and t.mask.any()]
+        if truth:
+            inputs.append(("scenes", scene.image, truth))
+    ds = RenderedObjects("airplane", args.objects, seed=split_seed("validation"))
+    inputs += [("objects", image, [truth]) for image, truth in (ds[i] for i in range(args.objects))]
+    picks: dict[str, dict[str, list[float]]] = {}
+    for kind, image, truth in tqdm(inputs, desc="refine probe"):
+        bu, x, masks, values = descents(gm, image, c, args.top_k, with_values=True)
+        best = int(verifier.score(x, c).argmax())
+        chosen = masks[best]
+        top = {s: int(values[s][best]) for s in gm.sites[1:3]}  # the top level's (γ, δ)
+        found = {"verifier": chosen}
+        for how in ("paint", "observe"):
+            for r in (4, 8):
+                once = refined_mask(gm, image, bu, chosen, c, r=r, how=how)
+                found[f"{how}_r{r}"] = once
+                found[f"{how}_r{r}_x2"] = refined_mask(gm, image, bu, once, c, r=r, how=how)
+                found[f"{how}_r{r}_top_kept"] = refined_mask(gm, image, bu, chosen, c, r=r,
+                                                             how=how, clamp=top)  # fmt: skip
+        for name, mask in found.items():
+            iou = max(float(mask_iou(mask[None], t[None])[0]) for t in truth)
+            picks.setdefault(kind, {}).setdefault(name, []).append(iou)
+    return {"scenes": args.scenes, "objects": args.objects, "top_k": args.top_k,
+            "split": "validation", "category": "airplane",
+            "note": "the validation scenes and objects chose the shipped verifier's fit",
+            "choices": {kind: {k: rates(v) for k, v in rows.items()}
+                        for kind, rows in picks.items()}}  # fmt: skip
+
+
 def relative_features(x: torch.Tensor) -> torch.Tensor:
     """``(k, 2F)``: the features ``x`` ``(k, F)`` of one image's k descents beside each one's
     z-score among those k."""
@@ -482,7 +555,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--probe",
-        choices=("two_layer", "crop", "lone", "list_context", "vote", "objectness"),
+        choices=("two_layer", "crop", "lone", "list_context", "vote", "objectness", "refine"),
         required=True,
     )
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
@@ -525,7 +598,8 @@ def main() -> None:
            "lone": lambda: probe_lone(args, gm, verifier),
            "list_context": lambda: probe_list_context(args, gm),
            "vote": lambda: probe_vote(args, gm, verifier),
-           "objectness": lambda: probe_objectness(args, gm, verifier)}[args.probe]()  # fmt: skip
+           "objectness": lambda: probe_objectness(args, gm, verifier),
+           "refine": lambda: probe_refine(args, gm, verifier)}[args.probe]()  # fmt: skip
     row.update(machine=machine(), threads=1, model=model_name, smoke=args.smoke,
                shipped_verifier_sha256=verifier.fingerprint(),
                seconds=round(time.perf_counter() - start, 1))  # fmt: skip

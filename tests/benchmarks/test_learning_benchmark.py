@@ -373,6 +373,16 @@ def test_voted_masks_weigh_the_best_scored_and_keep_one_object():
     assert torch.equal(voted_masks(masks, scores, m=3, same_object=False), rows >= 6)
 
 
+def test_grow_is_a_square_neighbourhood():
+    """One pixel grown by 1 is its 3×3 neighbourhood, cut at the border."""
+    grow = _module("verifier_probes").grow
+    mask = torch.zeros(5, 5, dtype=torch.bool)
+    mask[0, 2] = True
+    want = torch.zeros(5, 5, dtype=torch.bool)
+    want[0:2, 1:4] = True
+    assert torch.equal(grow(mask, 1), want)
+
+
 def test_objectness_cues_on_a_red_square():
     """A red 4×4 square on grey (colour distance √0.75 across its edge): its own mask has every
     boundary pair on the edge; a mask shifted 2 columns right has 4 of its 12 pairs there
@@ -394,10 +404,11 @@ def test_objectness_cues_on_a_red_square():
 @pytest.mark.slow  # ~30 s: the two-layer and list-context fits on three scenes, one lone object
 def test_verifier_probes_two_layer_and_lone_smoke(tmp_path):
     out = tmp_path / "probes.json"
-    for probe in ("two_layer", "lone", "list_context", "vote", "objectness"):
+    for probe in ("two_layer", "lone", "list_context", "vote", "objectness", "refine"):
         _smoke(BENCH.parent / "verifier_probes.py", "--probe", probe, "--smoke", "--out", str(out))
     result = json.loads(out.read_text())
-    assert set(result) == {"two_layer", "lone", "list_context", "vote", "objectness"}
+    assert set(result) == {"two_layer", "lone", "list_context", "vote", "objectness", "refine"}
+    assert {"paint_r8_x2", "observe_r4"} <= set(result["refine"]["choices"]["objects"])
     assert {"edge_share", "verifier+1.0*ring_contrast"} <= set(result["objectness"]["choices"])
     assert {"verifier", "vote3", "vote10_same_object"} <= set(result["vote"]["choices"]["scenes"])
     context = result["list_context"]["categories"]["airplane"]
