@@ -272,6 +272,30 @@ def probe_lone(args, gm, verifier) -> dict:
             "metric": "mean mask IoU", "categories": rows}  # fmt: skip
 
 
+def airplane_inputs(scenes: int, objects: int) -> list[tuple[str, torch.Tensor, list]]:
+    """``("scenes", image, truth masks)`` for each of the first ``scenes`` validation scenes
+    with an airplane, then ``("objects", image, [truth])`` for ``objects`` lone validation
+    airplanes."""
+    out = []
+    ds = Scenes(scenes, seed=split_seed("validation"))
+    for i in range(scenes):
+        scene = ds[i]
+        truth = [t.mask for t in scene.instances if t.category == "airplane" and t.mask.any()]
+        if truth:
+            out.append(("scenes", scene.image, truth))
+    lone = RenderedObjects("airplane", objects, seed=split_seed("validation"))
+    return out + [("objects", image, [truth]) for image, truth in (lone[i] for i in range(objects))]
+
+
+def by_kind(args, picks: dict[str, dict[str, list[float]]]) -> dict:
+    """The record of a probe over :func:`airplane_inputs`: each choice's rates per kind."""
+    return {"scenes": args.scenes, "objects": args.objects, "top_k": args.top_k,
+            "split": "validation", "category": "airplane",
+            "note": "the validation scenes and objects chose the shipped verifier's fit",
+            "choices": {kind: {k: rates(v) for k, v in rows.items()}
+                        for kind, rows in picks.items()}}  # fmt: skip
+
+
 def voted_masks(masks: torch.Tensor, scores: torch.Tensor, *, m: int,
                 same_object: bool) -> torch.Tensor:  # fmt: skip
     """``(H, W)`` bool: where the softmax(``scores``)-weighted mean of the ``m`` best-scored of
@@ -288,15 +312,7 @@ def voted_masks(masks: torch.Tensor, scores: torch.Tensor, *, m: int,
 
 def probe_vote(args, gm, verifier) -> dict:
     c = gm.categories.index("airplane")
-    inputs = []
-    scenes = Scenes(args.scenes, seed=split_seed("validation"))
-    for i in range(args.scenes):
-        scene = scenes[i]
-        truth = [t.mask for t in scene.instances if t.category == "airplane" and t.mask.any()]
-        if truth:
-            inputs.append(("scenes", scene.image, truth))
-    ds = RenderedObjects("airplane", args.objects, seed=split_seed("validation"))
-    inputs += [("objects", image, [truth]) for image, truth in (ds[i] for i in range(args.objects))]
+    inputs = airplane_inputs(args.scenes, args.objects)
     picks: dict[str, dict[str, list[float]]] = {}
     for kind, image, truth in tqdm(inputs, desc="vote probe"):
         _, x, masks = descents(gm, image, c, args.top_k)
@@ -309,11 +325,7 @@ def probe_vote(args, gm, verifier) -> dict:
         for name, mask in votes.items():
             iou = max(float(mask_iou(mask[None], t[None])[0]) for t in truth)
             picks.setdefault(kind, {}).setdefault(name, []).append(iou)
-    return {"scenes": args.scenes, "objects": args.objects, "top_k": args.top_k,
-            "split": "validation", "category": "airplane",
-            "note": "the validation scenes and objects chose the shipped verifier's fit",
-            "choices": {kind: {k: rates(v) for k, v in rows.items()}
-                        for kind, rows in picks.items()}}  # fmt: skip
+    return by_kind(args, picks)
 
 
 def objectness_cues(image: torch.Tensor, masks: torch.Tensor, *, ring: int = 3,
@@ -349,14 +361,9 @@ def _z(v: torch.Tensor) -> torch.Tensor:
 
 def probe_objectness(args, gm, verifier) -> dict:
     c = gm.categories.index("airplane")
-    scenes = Scenes(args.scenes, seed=split_seed("validation"))
     picks: dict[str, list[float]] = {}
-    for i in tqdm(range(args.scenes), desc="objectness probe"):
-        scene = scenes[i]
-        truth = [t.mask for t in scene.instances if t.category == "airplane" and t.mask.any()]
-        if not truth:
-            continue
-        bu, x, masks = descents(gm, scene.image, c, args.top_k)
+    for _, image, truth in tqdm(airplane_inputs(args.scenes, 0), desc="objectness probe"):
+        bu, x, masks = descents(gm, image, c, args.top_k)
         iou = torch.stack([mask_iou(masks, t[None].expand_as(masks)) for t in truth]).amax(0)
         sv = verifier.score(x, c)
         cues = objectness_cues(bu["image"][0].clamp(0, 1), masks)
@@ -401,15 +408,7 @@ def refined_mask(gm, image: torch.Tensor, bu: dict, mask: torch.Tensor, c: int, 
 
 def probe_refine(args, gm, verifier) -> dict:
     c = gm.categories.index("airplane")
-    inputs = []
-    scenes = Scenes(args.scenes, seed=split_seed("validation"))
-    for i in range(args.scenes):
-        scene = scenes[i]
-        truth = [t.mask for t in scene.instances if t.category == "airplane" and t.mask.any()]
-        if truth:
-            inputs.append(("scenes", scene.image, truth))
-    ds = RenderedObjects("airplane", args.objects, seed=split_seed("validation"))
-    inputs += [("objects", image, [truth]) for image, truth in (ds[i] for i in range(args.objects))]
+    inputs = airplane_inputs(args.scenes, args.objects)
     picks: dict[str, dict[str, list[float]]] = {}
     for kind, image, truth in tqdm(inputs, desc="refine probe"):
         bu, x, masks, values = descents(gm, image, c, args.top_k, with_values=True)
@@ -427,11 +426,7 @@ def probe_refine(args, gm, verifier) -> dict:
         for name, mask in found.items():
             iou = max(float(mask_iou(mask[None], t[None])[0]) for t in truth)
             picks.setdefault(kind, {}).setdefault(name, []).append(iou)
-    return {"scenes": args.scenes, "objects": args.objects, "top_k": args.top_k,
-            "split": "validation", "category": "airplane",
-            "note": "the validation scenes and objects chose the shipped verifier's fit",
-            "choices": {kind: {k: rates(v) for k, v in rows.items()}
-                        for kind, rows in picks.items()}}  # fmt: skip
+    return by_kind(args, picks)
 
 
 def relative_features(x: torch.Tensor) -> torch.Tensor:
