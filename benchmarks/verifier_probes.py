@@ -301,7 +301,7 @@ def voted_masks(masks: torch.Tensor, scores: torch.Tensor, *, m: int,
     """``(H, W)`` bool: where the softmax(``scores``)-weighted mean of the ``m`` best-scored of
     ``masks`` ``(k, H, W)`` is ≥ 0.5; with ``same_object``, of those among the m whose IoU with
     the best-scored one's mask is ≥ 0.3 (it always is with itself)."""
-    order = scores.argsort(descending=True)[:m]
+    order = scores.argsort(descending=True, stable=True)[:m]  # ties: the first listed
     pick = masks[order]  # (m, H, W)
     if same_object:
         keep = mask_iou(pick, pick[:1].expand_as(pick)) >= 0.3
@@ -335,7 +335,7 @@ def objectness_cues(image: torch.Tensor, masks: torch.Tensor, *, ring: int = 3,
     pairs the mask's boundary separates; ``edge_share``, the share of those pairs whose distance
     is above the image's ``edge_quantile`` over all its pairs; ``ring_contrast``, the distance of
     the mask's mean colour from the mean colour of the pixels within ``ring`` pixels outside it.
-    Empty masks (no boundary, no ring) get 0."""
+    A mask without a boundary or ring (empty, or the whole image) gets 0 for it."""
     x = image.double()
     dh = (x[:, :, 1:] - x[:, :, :-1]).norm(dim=0)  # (H, W-1)
     dv = (x[:, 1:] - x[:, :-1]).norm(dim=0)  # (H-1, W)
@@ -350,7 +350,7 @@ def objectness_cues(image: torch.Tensor, masks: torch.Tensor, *, ring: int = 3,
     band = grown - m  # (k, 1, H, W): the ring outside the mask
     inside = (x[None] * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1)  # (k, 3)
     outside = (x[None] * band).sum((2, 3)) / band.sum((2, 3)).clamp_min(1)
-    ring_contrast = (inside - outside).norm(dim=1) * (m.sum((1, 2, 3)) > 0)
+    ring_contrast = (inside - outside).norm(dim=1) * (band.sum((1, 2, 3)) > 0)
     return {"boundary_contrast": contrast, "edge_share": share, "ring_contrast": ring_contrast}
 
 
@@ -432,12 +432,22 @@ def probe_refine(args, gm, verifier) -> dict:
 def relative_features(x: torch.Tensor) -> torch.Tensor:
     """``(k, 2F)``: the features ``x`` ``(k, F)`` of one image's k descents beside each one's
     z-score among those k."""
-    return torch.cat([x, (x - x.mean(0)) / x.std(0).clamp_min(1e-6)], 1)
+    spread = x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones_like(x[0])
+    return torch.cat([x, (x - x.mean(0)) / spread], 1)
 
 
-def ensemble_scores(train: list, val: list, *, relative: bool, soft: bool, seed: int,
-                    epochs: int, members: int = 3) -> list[torch.Tensor] | None:  # fmt: skip
-    """Validation scores ``(k,)`` per example: the mean output of ``members`` networks
+def ensemble_scores(
+    train: list,
+    val: dict[str, list],
+    *,
+    relative: bool,
+    soft: bool,
+    seed: int,
+    epochs: int,
+    members: int = 3,
+) -> dict[str, list] | None:
+    """Scores ``(k,)`` per example of each list in ``val``: the mean output of ``members``
+    networks
     (standardised features → dropout 0.2 → 64 ReLU → dropout 0.2 → 1), each fitted by AdamW
     (1e-3, weight decay 0.01) on minibatches of 16 lists for ``epochs`` epochs, on the listwise
     loss of the hits or (``soft``) the cross-entropy to ``softmax(IoU / 0.1)``; None when no
@@ -451,15 +461,16 @@ def ensemble_scores(train: list, val: list, *, relative: bool, soft: bool, seed:
     x_all = torch.cat(raw)
     mean, scale = x_all.mean(0), x_all.std(0).clamp_min(1e-6)
     xs = [(x - mean) / scale for x in raw]
-    xv = [(prep(e.features.double()).float() - mean) / scale for e in val]
+    xv = {name: [(prep(e.features.double()).float() - mean) / scale for e in ex]
+          for name, ex in val.items()}  # fmt: skip
     if soft:
         targets = [torch.softmax(e.iou.float() / 0.1, 0) for e in mine]
     else:
         targets = [e.hits.float() / e.hits.float().sum() for e in mine]
-    out = [torch.zeros(len(e.iou)) for e in val]
+    out = {name: [torch.zeros(len(e.iou)) for e in ex] for name, ex in val.items()}
     for m in range(members):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + m)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only
+            torch.random.default_generator.manual_seed(seed + m)
             net = torch.nn.Sequential(
                 torch.nn.Dropout(0.2), torch.nn.Linear(x_all.shape[1], 64), torch.nn.ReLU(),
                 torch.nn.Dropout(0.2), torch.nn.Linear(64, 1),
@@ -485,8 +496,9 @@ def ensemble_scores(train: list, val: list, *, relative: bool, soft: bool, seed:
                         opt.step()
         net.eval()
         with torch.no_grad():
-            for k, x in enumerate(xv):
-                out[k] += net(x)[:, 0] / members
+            for name, xs_val in xv.items():
+                for k, x in enumerate(xs_val):
+                    out[name][k] += net(x)[:, 0] / members
     return out
 
 
@@ -519,10 +531,8 @@ def probe_list_context(args, gm) -> dict:
                     scores = ({k: [v.score(e.features, c) for e in ex] for k, ex in val.items()}
                               if bool(v.fitted[c]) else None)  # fmt: skip
                 else:
-                    scores = {k: ensemble_scores(train, ex, relative=flags[0], soft=flags[1],
-                                                 seed=seed, epochs=args.epochs)
-                              for k, ex in val.items()}  # fmt: skip
-                    scores = None if None in scores.values() else scores
+                    scores = ensemble_scores(train, val, relative=flags[0], soft=flags[1],
+                                             seed=seed, epochs=args.epochs)  # fmt: skip
                 if scores is None:  # no training list to fit on
                     break
                 per_seed.append({k: rates([float(e.iou[int(s.argmax())])
@@ -560,12 +570,15 @@ def main() -> None:
     parser.add_argument("--l2", type=float, nargs="+", default=[1.0, 10.0, 100.0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--scenes", type=int, default=60, help="validation scenes (crop)")
+    parser.add_argument(
+        "--scenes", type=int, default=60, help="validation scenes (crop, vote, objectness, refine)"
+    )
     parser.add_argument(
         "--objects",
         type=int,
         default=30,
-        help="per category (lone); lone training objects (list_context)",
+        help="per category (lone); lone training objects (list_context); lone validation "
+        "airplanes (vote, refine)",
     )
     parser.add_argument(
         "--validation-objects",

@@ -368,9 +368,14 @@ def test_voted_masks_weigh_the_best_scored_and_keep_one_object():
     rows = torch.arange(8)[:, None].expand(8, 4)
     assert torch.equal(voted_masks(masks, scores, m=3, same_object=False), rows < 2)
     assert torch.equal(voted_masks(masks, scores, m=3, same_object=True), rows < 4)
+    # m = 1 of three: the first listed of the tied (a stable order), rows 0-3
+    assert torch.equal(voted_masks(masks, scores, m=1, same_object=False), rows < 4)
     # a much higher score on the third: it alone decides
     scores = torch.tensor([0.0, 0.0, 10.0])
     assert torch.equal(voted_masks(masks, scores, m=3, same_object=False), rows >= 6)
+    # m = 2 keeps the two best (masks 2 and 0): 2 weighs just over half, so only its rows pass
+    scores = torch.tensor([1.0, -5.0, 1.0 + 1e-3])
+    assert torch.equal(voted_masks(masks, scores, m=2, same_object=False), rows >= 6)
 
 
 def test_grow_is_a_square_neighbourhood():
@@ -399,9 +404,11 @@ def test_objectness_cues_on_a_red_square():
     assert torch.allclose(cues["edge_share"], torch.tensor([1.0, 4 / 12, 0.0]).double())
     assert abs(float(cues["ring_contrast"][0]) - d) < 1e-9
     assert float(cues["ring_contrast"][2]) == 0.0
+    whole = cues_of(image, torch.ones(1, 8, 8, dtype=torch.bool))  # no boundary, no ring
+    assert float(whole["boundary_contrast"][0]) == 0.0 and float(whole["ring_contrast"][0]) == 0
 
 
-@pytest.mark.slow  # ~30 s: the two-layer and list-context fits on three scenes, one lone object
+@pytest.mark.slow  # ~50 s: six probes (fits, votes, cues, refined passes) on a few inputs
 def test_verifier_probes_two_layer_and_lone_smoke(tmp_path):
     out = tmp_path / "probes.json"
     for probe in ("two_layer", "lone", "list_context", "vote", "objectness", "refine"):
