@@ -502,22 +502,29 @@ def add_verified_sensitivity(out: Path, *, top_k: int, n_sens: int, model: Path 
 
 
 def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
-            verified_top_k: int | None = None, plain_criterion: bool = False) -> dict:  # fmt: skip
+            verified_top_k: int | None = None, plain_criterion: bool = False,
+            split: str = "test", verifier_file: Path | None = None,
+            name: str | None = None) -> dict:  # fmt: skip
     """``ours_beam<B>``: ``parse_scene(gm, image, beam=B)`` on the same test scenes, the stop
     criterion as shipped; or ``ours_verified<K>``: ``run_parse(gm, image, top_k=K,
     verifier=DescentVerifier.shipped())``, each step's K modes ranked by the shipped verifier
     (issue #10), stopped by its default criterion (with ``plain_criterion``: the plain parse's,
-    row ``ours_verified<K>_plain_criterion``). Added to an existing results file."""
+    row ``ours_verified<K>_plain_criterion``). Added to an existing results file.
+
+    ``split`` "validation" parses as many of that split's parse scenes instead (used to compare
+    verifiers without the test scenes; ``out`` is then made if missing); ``verifier_file``: that
+    verifier instead of the shipped one (its criterion is the plain parse's unless a shipped
+    record names its fingerprint); ``name``: the row's key."""
     import json
 
     from pyro_backpass import DescentVerifier, parse_scene
     from pyro_backpass.parsing import run_parse
 
-    if not out.is_file():
+    if not out.is_file() and split == "test":
         raise SystemExit(f"{out}: run the benchmark first; a row is added to its results")
     torch.set_num_threads(1)
     gm, _ = learned_model(smoke=False, path=model)
-    test = parse_scenes("test", n_test)
+    test = parse_scenes(split, n_test)
     if verified_top_k is None:
         name = f"ours_beam{beam}"
 
@@ -526,8 +533,10 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
     else:
         from pyro_backpass.parsing import default_threshold
 
-        name = f"ours_verified{verified_top_k}" + ("_plain_criterion" if plain_criterion else "")
-        verifier = DescentVerifier.shipped()
+        name = name or (f"ours_verified{verified_top_k}"
+                        + ("_plain_criterion" if plain_criterion else ""))  # fmt: skip
+        verifier = (DescentVerifier.shipped() if verifier_file is None
+                    else DescentVerifier.load(verifier_file))  # fmt: skip
         if verifier is None:
             raise SystemExit("no shipped descent verifier: run benchmarks/fit_verifier.py --ship")
         stop = default_threshold(gm) if plain_criterion else default_threshold(
@@ -547,7 +556,11 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
         row["stop_criterion_fitted_on"] = stop["fitted_on"]
     row["seconds"] = round(time.perf_counter() - t, 1)
     row["median_seconds_per_parse"] = statistics.median(r["seconds"] for r in records)
-    result = json.loads(out.read_text())  # read now: another row may have been added meanwhile
+    row["split"], row["scenes"] = split, n_test
+    if verified_top_k is not None:
+        row["verifier_sha256"] = verifier.fingerprint()
+    # read now: another row may have been added meanwhile
+    result = json.loads(out.read_text()) if out.is_file() else {}
     result[name] = row
     atomic_write_json(out, result)
     print(name, {k: row[k] for k in ("recall_iou50", "precision_iou50", "count_accuracy",
@@ -575,6 +588,20 @@ def main() -> None:
         action="store_true",
         help="with --verified-row: stop by the plain parse's criterion",
     )
+    parser.add_argument(
+        "--row-split",
+        choices=("test", "validation"),
+        default="test",
+        help="with --beam-row/--verified-row: parse --test scenes of this split",
+    )
+    parser.add_argument(
+        "--verifier",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --verified-row: this DescentVerifier file, not the shipped",
+    )
+    parser.add_argument("--row-name", default=None, help="the added row's key")
     parser.add_argument("--verified-sensitivity", type=int, default=None, metavar="K",
                         help="only add the class sensitivity of verified_map(..., top_k=K) to "
                              "the row ours_verified<K> of --out")  # fmt: skip
@@ -591,7 +618,9 @@ def main() -> None:
     if args.beam_row is not None or args.verified_row is not None:
         add_row(args.out, beam=args.beam_row or 1, verified_top_k=args.verified_row,
                 plain_criterion=args.plain_criterion,
-                n_test=2 if args.smoke else args.test, model=args.model)  # fmt: skip
+                n_test=2 if args.smoke else args.test, model=args.model,
+                split=args.row_split, verifier_file=args.verifier,
+                name=args.row_name)  # fmt: skip
         return
     torch.set_num_threads(1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

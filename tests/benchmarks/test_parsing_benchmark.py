@@ -80,3 +80,30 @@ def test_ours_path_with_a_stand_in_parse(tmp_path):
     path = tmp_path / "failures.png"
     bench.failure_figure(scenes, records, diagnoses, path)
     assert path.stat().st_size > 0
+
+
+@pytest.mark.slow  # ~15 s: two validation scenes parsed with a verifier read from a file
+def test_verified_row_on_validation_with_a_verifier_file(tmp_path):
+    """A row on the validation split, with a verifier file, goes to a new results file under
+    the given name and records the split, the scenes and that file's fingerprint; a test-split
+    row still needs the benchmark's file first."""
+    from pyro_backpass import DescentVerifier
+
+    verifier = DescentVerifier.shipped()
+    if verifier is None:
+        pytest.skip("no shipped descent verifier")
+    path = verifier.save(tmp_path / "verifier.safetensors")
+    out = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--verified-row", "4",
+                          "--plain-criterion", "--row-split", "validation", "--verifier",
+                          str(path), "--row-name", "mine", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads(out.read_text())["mine"]
+    assert row["split"] == "validation" and row["scenes"] == 2
+    assert row["verifier_sha256"] == DescentVerifier.load(path).fingerprint()
+    assert row["stop_criterion_fitted_on"] == "plain"
+    missing = subprocess.run([sys.executable, str(BENCH), "--smoke", "--verified-row", "4",
+                              "--out", str(tmp_path / "none.json")],
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert missing.returncode != 0 and "run the benchmark first" in missing.stderr
