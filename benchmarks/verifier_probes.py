@@ -54,6 +54,12 @@
   same once more from the refined mask; ``top_kept``: the top level's (γ, δ) clamped to the
   chosen descent's, so only the levels below are redone. This is rung (d) of the oracle
   ladder (the object alone) approached from the pass's own choice instead of the truth.
+- ``lower_choice``: what a choice *below* the top level could buy. On ``--scenes`` validation
+  scenes (airplane), the shipped verifier's choice keeps its top level's (γ, δ), and every joint
+  (γ, δ) of the next two levels (``conv4_1`` and ``pool3`` on the default model: 5 × 45) is
+  completed greedily below them: the best of those by IoU (the bound of a second choice), the
+  one with the largest log-joint (the model's own choice among them), beside the verifier's
+  descent itself.
 
 One thread. Writes (updates) ``benchmarks/results/verifier_probes.json``, one key a probe.
 
@@ -61,7 +67,8 @@ Usage: ``python benchmarks/verifier_probes.py --probe two_layer --cache DIR``;
 ``--probe list_context --cache DIR --categories airplane --objects 200 --validation-objects 40``;
 ``--probe crop --scenes 60``; ``--probe lone --objects 30``; ``--probe vote --scenes 60
 --objects 20``; ``--probe objectness --scenes 60``;
-``--probe refine --scenes 60 --objects 20``
+``--probe refine --scenes 60 --objects 20``;
+``--probe lower_choice --scenes 60``
 """
 
 from __future__ import annotations
@@ -429,6 +436,44 @@ def probe_refine(args, gm, verifier) -> dict:
     return by_kind(args, picks)
 
 
+def lower_completions(gm, bu: dict, fixed: dict[str, int], c: int, levels: list[str]):
+    """Every joint (γ, δ) of ``levels`` (hidden level names below the top), with the sites in
+    ``fixed`` clamped, completed greedily below: their :class:`MapResult` (batch = the joint
+    states, in ``itertools.product`` order)."""
+    import itertools
+
+    sizes = gm.site_sizes
+    sites = [s for n in levels for s in (f"gamma_{n}", f"delta_{n}")]
+    states = torch.tensor(list(itertools.product(*(range(sizes[s]) for s in sites))))  # (B, S)
+    b = len(states)
+    clamp = {s: torch.full((b,), v) for s, v in fixed.items()}
+    clamp.update({s: states[:, j] for j, s in enumerate(sites)})
+    rep = {k: v.expand(b, *v.shape[1:]) for k, v in bu.items()}
+    return greedy_map(gm, rep, category=c, clamp=clamp)
+
+
+def probe_lower_choice(args, gm, verifier) -> dict:
+    c = gm.categories.index("airplane")
+    below = list(reversed(gm.hidden_levels))[1:3]  # the two levels under the top
+    top = list(reversed(gm.hidden_levels))[0]
+    picks: dict[str, list[float]] = {}
+    for _, image, truth in tqdm(airplane_inputs(args.scenes, 0), desc="lower-choice probe"):
+        bu, x, masks, values = descents(gm, image, c, args.top_k, with_values=True)
+        best = int(verifier.score(x, c).argmax())
+        fixed = {s: int(values[s][best]) for s in (f"gamma_{top}", f"delta_{top}")}
+        result = lower_completions(gm, bu, fixed, c, below)
+        iou = torch.stack([mask_iou(result.mask, t[None].expand_as(result.mask))
+                           for t in truth]).amax(0)  # fmt: skip
+        chosen = max(float(mask_iou(masks[best][None], t[None])[0]) for t in truth)
+        for name, v in (("verifier", chosen), ("best_below_top", float(iou.max())),
+                        ("largest_log_joint_below_top",
+                         float(iou[int(result.log_joint.argmax())]))):  # fmt: skip
+            picks.setdefault(name, []).append(v)
+    return {"scenes": args.scenes, "top_k": args.top_k, "split": "validation",
+            "category": "airplane", "levels_enumerated": below,
+            "choices": {k: rates(v) for k, v in picks.items()}}  # fmt: skip
+
+
 def relative_features(x: torch.Tensor) -> torch.Tensor:
     """``(k, 2F)``: the features ``x`` ``(k, F)`` of one image's k descents beside each one's
     z-score among those k."""
@@ -560,7 +605,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--probe",
-        choices=("two_layer", "crop", "lone", "list_context", "vote", "objectness", "refine"),
+        choices=(
+            "two_layer",
+            "crop",
+            "lone",
+            "list_context",
+            "vote",
+            "objectness",
+            "refine",
+            "lower_choice",
+        ),
         required=True,
     )
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
@@ -607,7 +661,9 @@ def main() -> None:
            "list_context": lambda: probe_list_context(args, gm),
            "vote": lambda: probe_vote(args, gm, verifier),
            "objectness": lambda: probe_objectness(args, gm, verifier),
-           "refine": lambda: probe_refine(args, gm, verifier)}[args.probe]()  # fmt: skip
+           "refine": lambda: probe_refine(args, gm, verifier),
+           "lower_choice": lambda: probe_lower_choice(args, gm, verifier),
+           }[args.probe]()  # fmt: skip
     row.update(machine=machine(), threads=1, model=model_name, smoke=args.smoke,
                shipped_verifier_sha256=verifier.fingerprint(),
                seconds=round(time.perf_counter() - start, 1))  # fmt: skip

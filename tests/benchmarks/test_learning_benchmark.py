@@ -408,13 +408,17 @@ def test_objectness_cues_on_a_red_square():
     assert float(whole["boundary_contrast"][0]) == 0.0 and float(whole["ring_contrast"][0]) == 0
 
 
-@pytest.mark.slow  # ~50 s: six probes (fits, votes, cues, refined passes) on a few inputs
+@pytest.mark.slow  # ~60 s: seven probes (fits, votes, cues, refined passes) on a few inputs
 def test_verifier_probes_two_layer_and_lone_smoke(tmp_path):
     out = tmp_path / "probes.json"
-    for probe in ("two_layer", "lone", "list_context", "vote", "objectness", "refine"):
+    probes = ("two_layer", "lone", "list_context", "vote", "objectness", "refine", "lower_choice")
+    for probe in probes:
         _smoke(BENCH.parent / "verifier_probes.py", "--probe", probe, "--smoke", "--out", str(out))
     result = json.loads(out.read_text())
-    assert set(result) == {"two_layer", "lone", "list_context", "vote", "objectness", "refine"}
+    assert set(result) == set(probes)
+    lower = result["lower_choice"]["choices"]
+    # the chosen descent is one of the enumerated completions below its top level
+    assert lower["best_below_top"]["iou"] >= lower["verifier"]["iou"] - 1e-6
     assert {"paint_r8_x2", "observe_r4"} <= set(result["refine"]["choices"]["objects"])
     assert {"edge_share", "verifier+1.0*ring_contrast"} <= set(result["objectness"]["choices"])
     assert {"verifier", "vote3", "vote10_same_object"} <= set(result["vote"]["choices"]["scenes"])
