@@ -526,7 +526,7 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
     gm, _ = learned_model(smoke=False, path=model)
     test = parse_scenes(split, n_test)
     if verified_top_k is None:
-        name = f"ours_beam{beam}"
+        name = name or f"ours_beam{beam}"
 
         def parse(image):
             return parse_scene(gm, image, beam=beam)

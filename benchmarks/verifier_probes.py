@@ -120,10 +120,7 @@ def two_layer_scores(train: list, val: list, *, seeds: int, epochs: int) -> list
     out = [torch.zeros(len(e.iou)) for e in val]
     for seed in range(seeds):
         torch.manual_seed(seed)
-        net = torch.nn.Sequential(
-            torch.nn.Dropout(0.2), torch.nn.Linear(x_all.shape[1], 64), torch.nn.ReLU(),
-            torch.nn.Dropout(0.2), torch.nn.Linear(64, 1),
-        )  # fmt: skip
+        net = _two_layer_net(x_all.shape[1])
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
         with torch.enable_grad():
             _fit(net, opt, xs, [e.hits for e in mine], epochs=epochs)
@@ -134,15 +131,28 @@ def two_layer_scores(train: list, val: list, *, seeds: int, epochs: int) -> list
     return out
 
 
-def _fit(net, opt, xs: list, hits: list, *, epochs: int, batch: int = 16) -> None:
-    """Minibatches of ``batch`` scenes, each scene's loss ``−log Σ_hits softmax(score)``."""
+def _two_layer_net(features: int) -> torch.nn.Module:
+    """Dropout 0.2 → 64 ReLU units → dropout 0.2 → one score (drawn from the current seed)."""
+    return torch.nn.Sequential(
+        torch.nn.Dropout(0.2), torch.nn.Linear(features, 64), torch.nn.ReLU(),
+        torch.nn.Dropout(0.2), torch.nn.Linear(64, 1),
+    )  # fmt: skip
+
+
+def _fit(net, opt, xs: list, targets: list, *, epochs: int, batch: int = 16,
+         soft: bool = False) -> None:  # fmt: skip
+    """Minibatches of ``batch`` scenes, each scene's loss ``−log Σ_hits softmax(score)`` (the
+    hits: where ``targets`` is > 0), or with ``soft`` the cross-entropy to ``targets``."""
     for _ in range(epochs):
         net.train()
         order = torch.randperm(len(xs)).tolist()
         for i in range(0, len(order), batch):
             part = order[i : i + batch]
-            loss = sum(-torch.logsumexp(torch.log_softmax(net(xs[j])[:, 0], 0)[hits[j]], 0)
-                       for j in part)  # fmt: skip
+            loss = sum(
+                (-(targets[j] * torch.log_softmax(net(xs[j])[:, 0], 0)).sum() if soft
+                 else -torch.logsumexp(torch.log_softmax(net(xs[j])[:, 0], 0)[targets[j] > 0], 0))
+                for j in part
+            )  # fmt: skip
             opt.zero_grad()
             (loss / len(part)).backward()
             opt.step()
@@ -492,11 +502,10 @@ def ensemble_scores(
     members: int = 3,
 ) -> dict[str, list] | None:
     """Scores ``(k,)`` per example of each list in ``val``: the mean output of ``members``
-    networks
-    (standardised features → dropout 0.2 → 64 ReLU → dropout 0.2 → 1), each fitted by AdamW
-    (1e-3, weight decay 0.01) on minibatches of 16 lists for ``epochs`` epochs, on the listwise
-    loss of the hits or (``soft``) the cross-entropy to ``softmax(IoU / 0.1)``; None when no
-    training list has a hit (and not ``soft``)."""
+    networks (standardised features → dropout 0.2 → 64 ReLU → dropout 0.2 → 1), each fitted by
+    AdamW (1e-3, weight decay 0.01) on minibatches of 16 lists for ``epochs`` epochs, on the
+    listwise loss of the hits or (``soft``) the cross-entropy to ``softmax(IoU / 0.1)``; None
+    when no training list has a hit (and not ``soft``)."""
     mine = [e for e in train if soft or bool(e.hits.any())]
     if not mine:  # nothing to learn from (no hit anywhere, and not soft)
         return None
@@ -516,29 +525,10 @@ def ensemble_scores(
     for m in range(members):
         with torch.random.fork_rng(devices=[]):  # the CPU generator only
             torch.random.default_generator.manual_seed(seed + m)
-            net = torch.nn.Sequential(
-                torch.nn.Dropout(0.2), torch.nn.Linear(x_all.shape[1], 64), torch.nn.ReLU(),
-                torch.nn.Dropout(0.2), torch.nn.Linear(64, 1),
-            )  # fmt: skip
+            net = _two_layer_net(x_all.shape[1])
             opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
             with torch.enable_grad():
-                for _ in range(epochs):
-                    net.train()
-                    order = torch.randperm(len(xs)).tolist()
-                    for i in range(0, len(order), 16):
-                        part = order[i : i + 16]
-                        # hits: −log Σ_hits softmax (the target puts its mass on the hits, and
-                        # the loss is the log of the mass the scores put there); soft: CE.
-                        loss = sum(
-                            (-(targets[j] * torch.log_softmax(net(xs[j])[:, 0], 0)).sum()
-                             if soft else
-                             -torch.logsumexp(torch.log_softmax(net(xs[j])[:, 0], 0)
-                                              [targets[j] > 0], 0))
-                            for j in part
-                        )  # fmt: skip
-                        opt.zero_grad()
-                        (loss / len(part)).backward()
-                        opt.step()
+                _fit(net, opt, xs, targets, epochs=epochs, soft=soft)
         net.eval()
         with torch.no_grad():
             for name, xs_val in xv.items():
