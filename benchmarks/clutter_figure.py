@@ -72,8 +72,9 @@ def main() -> None:
                 r = li * len(scenes) + si
                 acts = gm.backbone(scene.image[None])
                 bu = {k: v for k, v in acts.items() if k in model.hidden_levels}
-                if lever == "verified":  # the shipped descent verifier's choice
-                    result = verified_map(model, bu, category="airplane")
+                if lever in ("verified", "verified2"):  # the shipped verifier's choice
+                    result = verified_map(model, bu, category="airplane",
+                                          lower=lever == "verified2")  # fmt: skip
                 else:
                     result = greedy_map(model, bu, category="airplane")
                 panels = [scene.image.permute(1, 2, 0)]

@@ -44,7 +44,9 @@ by the backbone classifier's log-probability of airplane for the image shown onl
 descent's mask (:func:`~pyro_backpass.inference.region_views`); ``verified``: the pass of
 :func:`~pyro_backpass.verified_map`, whose learned :class:`~pyro_backpass.DescentVerifier`
 (shipped, or ``--verifier FILE``) scores the descents from the model's per-level ratios and
-what the backbone sees in each descent's region.
+what the backbone sees in each descent's region; ``verified2``: the same with its second stage
+(``verified_map(..., lower=True)``, or ``--lower-verifier FILE``), which keeps the chosen top
+level and chooses among the completions of the two levels under it.
 
 ``--category-unknown`` adds, per lever, the first pass with the category left to the model
 (hit rates against the airplanes, and how often it chose airplane).
@@ -118,8 +120,8 @@ def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool 
         return gm, int(lever[4:])
     if lever.startswith("stat"):
         return gm, ("stat", int(lever[4:]))
-    if lever == "verified":
-        return gm, ("verified",)
+    if lever in ("verified", "verified2"):
+        return gm, ("verified", lever == "verified2")
     if lever.startswith("verify"):
         return gm, ("verify", int(lever[6:] or 32))
     if lever.startswith("rerank"):
@@ -499,7 +501,8 @@ def category_unknown(gm: GenerativeModel, lever: str, scenes: list) -> dict:
 
 
 def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool,
-             verifier: DescentVerifier | None = None) -> dict:  # fmt: skip
+             verifier: DescentVerifier | None = None,
+             lower: DescentVerifier | bool = True) -> dict:  # fmt: skip
     model, choice = apply_lever(gm, lever)
     bb = gm.backbone
     top = model.hidden_levels[-1]
@@ -516,7 +519,8 @@ def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool,
         s = top_scores(model, bu, airplane, footprint=choice is True)
         d = step.num_offsets
         if isinstance(choice, tuple) and choice[0] == "verified":
-            free = verified_map(model, bu, category=label, verifier=verifier)
+            free = verified_map(model, bu, category=label, verifier=verifier,
+                                lower=lower if choice[1] else False)  # fmt: skip
         elif isinstance(choice, tuple) and choice[0] == "verify":
             free = best_by_classifier(model, bu, label, top_k=choice[1])
         elif isinstance(choice, tuple) and choice[0] == "rerank":
@@ -591,6 +595,8 @@ def main() -> None:
                         help="also the first pass with the category left to the model")  # fmt: skip
     parser.add_argument("--verifier", type=Path, default=None,
                         help="the verified lever's verifier file (default: shipped)")  # fmt: skip
+    parser.add_argument("--lower-verifier", type=Path, default=None,
+                        help="verified2's second stage (default: shipped)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -603,7 +609,9 @@ def main() -> None:
     for lever in args.levers:
         start = time.perf_counter()
         verifier = None if args.verifier is None else DescentVerifier.load(args.verifier)
-        rows[lever] = evaluate(gm, lever, scenes, bound=args.bound, verifier=verifier)
+        lower = True if args.lower_verifier is None else DescentVerifier.load(args.lower_verifier)
+        rows[lever] = evaluate(gm, lever, scenes, bound=args.bound, verifier=verifier,
+                               lower=lower)  # fmt: skip
         if args.category_unknown:
             rows[lever]["category_unknown"] = category_unknown(gm, lever, scenes)
         rows[lever]["seconds"] = round(time.perf_counter() - start, 1)

@@ -4,7 +4,8 @@ mask IoU where there is no clutter?
 On ``--objects`` held-out test objects per category the verifier is fitted for (the same
 objects as ``benchmarks/learning.py``'s single-object IoU, default render scale and scene
 scale), the mask IoU of ``greedy_map`` (category given) beside ``verified_map`` with the
-shipped verifier, and each pass's median time per image. One thread. Writes
+shipped verifier (one stage; and, where a second stage is shipped for the category, with it:
+``verified_map(..., lower=True)``), and each pass's median time per image. One thread. Writes
 ``benchmarks/results/verified_objects.json``.
 
 Usage: ``python benchmarks/verified_objects.py --objects 40``
@@ -40,6 +41,7 @@ def main() -> None:
     torch.set_num_threads(1)
     gm, model_name = learned_model(smoke=False, path=None)
     verifier = DescentVerifier.shipped()
+    lower = DescentVerifier.shipped(lower=True)
     if verifier is None:
         raise SystemExit("no shipped descent verifier: run benchmarks/fit_verifier.py --ship")
     n = 1 if args.smoke else args.objects
@@ -48,7 +50,8 @@ def main() -> None:
         for category in verifier.fitted_categories:
             kw = {} if scale is None else {"scale": scale}
             ds = RenderedObjects(category, n, seed=split_seed("test"), **kw)
-            plain, verified, t_plain, t_verified = [], [], [], []
+            plain, verified, t_plain, t_verified, two, t_two = [], [], [], [], [], []
+            staged = lower is not None and category in lower.fitted_categories
             for i in tqdm(range(n), desc=f"{category} {scale_name}", leave=False):
                 image, mask = ds[i]
                 bu = {k: v for k, v in gm.backbone(image[None]).items() if k in gm.hidden_levels}
@@ -56,8 +59,13 @@ def main() -> None:
                 g = greedy_map(gm, bu, category=category)
                 t_plain.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                v = verified_map(gm, bu, category=category, verifier=verifier)
+                v = verified_map(gm, bu, category=category, verifier=verifier, lower=False)
                 t_verified.append(time.perf_counter() - t)
+                if staged:
+                    t = time.perf_counter()
+                    v2 = verified_map(gm, bu, category=category, lower=True)
+                    t_two.append(time.perf_counter() - t)
+                    two.append(float(mask_iou(v2.mask, mask[None])[0]))
                 plain.append(float(mask_iou(g.mask, mask[None])[0]))
                 verified.append(float(mask_iou(v.mask, mask[None])[0]))
             rows.setdefault(scale_name, {})[category] = {
@@ -67,9 +75,17 @@ def main() -> None:
                 "median_seconds_greedy": statistics.median(t_plain),
                 "median_seconds_verified": statistics.median(t_verified),
             }
+            if staged:
+                rows[scale_name][category].update(
+                    mask_iou_two_stage=statistics.mean(two),
+                    median_seconds_two_stage=statistics.median(t_two),
+                )
             print(scale_name, category, rows[scale_name][category], flush=True)
     atomic_write_json(args.out, {"machine": machine(), "threads": 1, "model": model_name,
-                                 "verifier_top_k": verifier.top_k, "results": rows})  # fmt: skip
+                                 "verifier_top_k": verifier.top_k,
+                                 "verifier_sha256": verifier.fingerprint(),
+                                 "lower_verifier_sha256": None if lower is None
+                                 else lower.fingerprint(), "results": rows})  # fmt: skip
     print(f"wrote {args.out}")
 
 

@@ -97,7 +97,13 @@ from pyro_backpass import (  # noqa: E402
     split_seed,
 )
 from pyro_backpass.files import atomic_write_json  # noqa: E402
-from pyro_backpass.inference import descent_features, mode_values, region_views  # noqa: E402
+from pyro_backpass.inference import (  # noqa: E402
+    descent_features,
+    lower_completions,
+    lower_levels,
+    mode_values,
+    region_views,
+)
 from pyro_backpass.learning import mask_iou  # noqa: E402
 
 CATEGORIES = ("airplane", "bird", "boat", "car", "chair")
@@ -446,32 +452,16 @@ def probe_refine(args, gm, verifier) -> dict:
     return by_kind(args, picks)
 
 
-def lower_completions(gm, bu: dict, fixed: dict[str, int], c: int, levels: list[str]):
-    """Every joint (γ, δ) of ``levels`` (hidden level names below the top), with the sites in
-    ``fixed`` clamped, completed greedily below: their :class:`MapResult` (batch = the joint
-    states, in ``itertools.product`` order)."""
-    import itertools
-
-    sizes = gm.site_sizes
-    sites = [s for n in levels for s in (f"gamma_{n}", f"delta_{n}")]
-    states = torch.tensor(list(itertools.product(*(range(sizes[s]) for s in sites))))  # (B, S)
-    b = len(states)
-    clamp = {s: torch.full((b,), v) for s, v in fixed.items()}
-    clamp.update({s: states[:, j] for j, s in enumerate(sites)})
-    rep = {k: v.expand(b, *v.shape[1:]) for k, v in bu.items()}
-    return greedy_map(gm, rep, category=c, clamp=clamp)
-
-
 def probe_lower_choice(args, gm, verifier) -> dict:
     c = gm.categories.index("airplane")
-    below = list(reversed(gm.hidden_levels))[1:3]  # the two levels under the top
-    top = list(reversed(gm.hidden_levels))[0]
+    below = lower_levels(gm, 2)  # the two levels under the top
+    top = gm.hidden_levels[-1]
     picks: dict[str, list[float]] = {}
     for _, image, truth in tqdm(airplane_inputs(args.scenes, 0), desc="lower-choice probe"):
         bu, x, masks, values = descents(gm, image, c, args.top_k, with_values=True)
         best = int(verifier.score(x, c).argmax())
         fixed = {s: int(values[s][best]) for s in (f"gamma_{top}", f"delta_{top}")}
-        result = lower_completions(gm, bu, fixed, c, below)
+        result = lower_completions(gm, bu, category=c, top=fixed, levels_below=2)
         iou = torch.stack([mask_iou(result.mask, t[None].expand_as(result.mask))
                            for t in truth]).amax(0)  # fmt: skip
         chosen = max(float(mask_iou(masks[best][None], t[None])[0]) for t in truth)

@@ -16,6 +16,7 @@ from pyro_backpass.inference.hypotheses import (
     template_planes,
 )
 from pyro_backpass.inference.inputs import MapInputs, check_map_inputs
+from pyro_backpass.inference.lower_choice import lower_completions, lower_levels, lower_sites
 from pyro_backpass.inference.objective import (
     freeze_priors,
     full_res_level,
@@ -55,6 +56,9 @@ __all__ = [
     "hypothesis_scores",
     "joint_states",
     "log_joint",
+    "lower_completions",
+    "lower_levels",
+    "lower_sites",
     "mode_values",
     "object_mask",
     "potts_energy",

@@ -5,6 +5,9 @@
 :class:`~pyro_backpass.model.DescentVerifier` scores highest, from :func:`descent_features`.
 Where the model's own score prefers clutter, this choice is made by a function fitted to pick
 the descents that cover an object (:func:`~pyro_backpass.learning.fit_descent_verifier`).
+A second stage (a verifier with ``levels_below`` > 0) then keeps that descent's top level and
+chooses among the completions of every joint (γ, δ) of the levels under it
+(:func:`~pyro_backpass.inference.lower_completions`) by the same kind of score.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from pyro_backpass.inference.background import background_log_likelihood
 from pyro_backpass.inference.greedy import greedy_map
+from pyro_backpass.inference.lower_choice import lower_completions
 from pyro_backpass.inference.objective import object_mask, top_down_pass
 from pyro_backpass.model.checks import category_indices, check_bu, check_observed
 from pyro_backpass.model.descent_verifier import DescentVerifier
@@ -156,16 +160,19 @@ def verifier_fingerprint(gm: GenerativeModel) -> str:
     return hashlib.sha256(f"{backbone_fingerprint(gm)}:{backbone}".encode()).hexdigest()
 
 
-def default_verifier(gm: GenerativeModel) -> DescentVerifier:
-    """The shipped :class:`DescentVerifier` when ``gm`` (and its backbone) is the model it was
-    fitted for; otherwise a ValueError that says how to fit one."""
-    shipped = DescentVerifier.shipped()
+def default_verifier(gm: GenerativeModel, *, lower: bool = False) -> DescentVerifier:
+    """The shipped :class:`DescentVerifier` (``lower``: the second stage's) when ``gm`` (and its
+    backbone) is the model it was fitted for; otherwise a ValueError that says how to fit one."""
+    shipped = DescentVerifier.shipped(lower=lower)
     if shipped is not None and shipped.model_sha256 == verifier_fingerprint(gm):
         return shipped
+    what = "second-stage descent verifier" if lower else "descent verifier"
+    how = "fit_descent_verifier(gm, scenes, levels_below=2, first_stage=...)" if lower else (
+        "fit_descent_verifier(gm, scenes)")  # fmt: skip
     raise ValueError(
-        "no descent verifier was fitted for this model (the shipped one belongs to "
-        "GenerativeModel.default()): fit one with pyro_backpass.fit_descent_verifier(gm, "
-        "scenes) and pass verifier="
+        f"no {what} was fitted for this model (the shipped one belongs to "
+        f"GenerativeModel.default()): fit one with pyro_backpass.{how} and pass "
+        f"{'lower' if lower else 'verifier'}="
     )
 
 
@@ -194,19 +201,30 @@ def verified_map(
     priors: Mapping[str, SitePrior] | None = None,
     observed: Mapping[str, torch.Tensor] | None = None,
     top_k: int | None = None,
+    lower: DescentVerifier | bool | None = None,
 ) -> MapResult:
     """The backward pass whose top-level choice is made by a learned verifier.
 
     Greedy's ``top_k`` best top-level hypotheses (``verifier.top_k`` if None) of the clamped
     ``category`` are each completed down to the image, exactly as
     ``greedy_map(..., top_k=k)``; the one the ``verifier`` scores highest from its
-    :func:`descent_features` is returned. This is **not** the model's MAP (that is
-    :func:`~pyro_backpass.greedy_map`'s): ``log_joint`` is the chosen descent's own and
-    ``modes`` lists the k descents in the verifier's order, each with its log-joint.
+    :func:`descent_features` is chosen. With a second stage (``lower``), that descent's top
+    level is kept and every joint (γ, δ) of the ``lower.levels_below`` levels under it is
+    completed (:func:`~pyro_backpass.inference.lower_completions`; 225 on the default model);
+    the one ``lower`` scores highest is returned. This is **not** the model's MAP (that is
+    :func:`~pyro_backpass.greedy_map`'s): ``log_joint`` is the returned descent's own and
+    ``modes`` lists the first stage's k descents in its order, each with its log-joint (with
+    a second stage, the returned descent lies below ``modes[i][0]``'s top level).
 
     :param category: required (a name, an index or one per image): the verifier scores the
         descents of one category with that category's weights (linear or an ensemble).
-    :param verifier: None: the shipped one when ``gm`` is ``GenerativeModel.default()``.
+    :param verifier: the first stage; None: the shipped one when ``gm`` is
+        ``GenerativeModel.default()``.
+    :param lower: the second stage: a :class:`DescentVerifier` with ``levels_below`` > 0;
+        True: the shipped one (an error if it has no weights for the category); False: none;
+        None: with the shipped first stage (``verifier=None``), the shipped second stage for
+        the images whose category it has weights for, when it was fitted for ``gm``; with
+        another first stage, none (a second stage is fitted behind one first stage).
     :param clamp, priors, observed: as in :func:`~pyro_backpass.greedy_map`.
 
     Example::
@@ -222,13 +240,20 @@ def verified_map(
             "verified_map needs a category (its verifier scores one category's descents); "
             "use greedy_map to leave the category to the model"
         )
+    if lower is None and verifier is not None:
+        lower = False  # the shipped second stage was fitted behind the shipped first stage
     verifier = default_verifier(gm) if verifier is None else verifier
     check_verifier(gm, verifier)
+    if verifier.levels_below:
+        raise ValueError(f"verifier is a second stage (levels_below={verifier.levels_below}); "
+                         "pass it as lower= and a first stage as verifier=")  # fmt: skip
     bu_checked, b = check_bu(gm, bu)
-    for c in category_indices(gm, category, b).unique().tolist():
+    cats = category_indices(gm, category, b)
+    for c in cats.unique().tolist():
         if not bool(verifier.fitted[c]):
             raise ValueError(f"the verifier has no weights for {gm.categories[c]!r}; it was "
                              f"fitted for {list(verifier.fitted_categories)}")  # fmt: skip
+    second = _second_stage(gm, lower, cats)
     k = verifier.top_k if top_k is None else top_k
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise ValueError(f"top_k must be an int >= 2 (a choice among descents), got {k!r}")
@@ -246,12 +271,66 @@ def verified_map(
                                 observed=obs or None)  # fmt: skip
         if not modes:
             raise ValueError(f"image {i}: no feasible top-level hypothesis under the clamps")
-        score = verifier.score(x.cpu(), int(values["category"][0]))
+        c = int(values["category"][0])
+        score = verifier.score(x.cpu(), c)
         order = sorted(range(len(modes)), key=lambda j: (-float(score[j]), j))
-        picked.append(modes[order[0]][0])
+        best = dict(modes[order[0]][0])
+        if second is not None and bool(second.fitted[c]):
+            best = _lower_choice(gm, second, one, best, c, clamp=_image_clamp(clamp, i),
+                                 priors=priors, observed=obs or None)  # fmt: skip
+        picked.append(best)
         ordered.append([modes[j] for j in order])
     chosen = {s: torch.tensor([a[s] for a in picked], device=gm.device) for s in sites}
     # The chosen descents again, every site clamped: their F̂, masks and log-joints.
     final = greedy_map(gm, bu, priors=priors, observed=observed, clamp=chosen)
     return MapResult(assignment=final.assignment, td=final.td, log_joint=final.log_joint,
                      mask=final.mask, modes=ordered)  # fmt: skip
+
+
+def _second_stage(gm: GenerativeModel, lower: Any, cats: torch.Tensor) -> DescentVerifier | None:
+    """``verified_map``'s ``lower=`` resolved to a second-stage verifier or None."""
+    if lower is False:
+        return None
+    if lower is None:
+        shipped = DescentVerifier.shipped(lower=True)
+        if shipped is None or shipped.model_sha256 != verifier_fingerprint(gm):
+            return None
+        return shipped
+    second = default_verifier(gm, lower=True) if lower is True else lower
+    check_verifier(gm, second)
+    if not second.levels_below:
+        raise ValueError("lower= must be a second-stage verifier (levels_below > 0); this one "
+                         "chooses the top level: pass it as verifier=")  # fmt: skip
+    for c in cats.unique().tolist():
+        if not bool(second.fitted[c]):
+            raise ValueError(f"the second-stage verifier has no weights for "
+                             f"{gm.categories[c]!r}; it was fitted for "
+                             f"{list(second.fitted_categories)} (lower=None uses it only "
+                             "where it has)")  # fmt: skip
+    return second
+
+
+def _image_clamp(clamp: Mapping[str, Any] | None, i: int) -> dict[str, int]:
+    """Image ``i``'s clamps as ints (a clamp is an int or one index per image)."""
+    out = {}
+    for site, v in (clamp or {}).items():
+        t = torch.as_tensor(v)
+        out[site] = int(t) if t.dim() == 0 else int(t[i])
+    return out
+
+
+def _lower_choice(gm: GenerativeModel, second: DescentVerifier, bu: Mapping[str, torch.Tensor],
+                  chosen: Mapping[str, int], c: int, *, clamp: Mapping[str, int], priors,
+                  observed) -> dict[str, int]:  # fmt: skip
+    """The second stage on one image: ``chosen``'s top level kept, the completions below it
+    scored by ``second``; the best one's full assignment (ties: the first in the
+    enumeration)."""
+    name = gm.hidden_levels[-1]
+    top = {s: int(chosen[s]) for s in (f"gamma_{name}", f"delta_{name}")}
+    rest = {s: v for s, v in clamp.items() if s not in top and s != "category"}
+    result = lower_completions(gm, bu, category=c, top=top, levels_below=second.levels_below,
+                               clamp=rest, priors=priors, observed=observed)  # fmt: skip
+    x, _ = descent_features(gm, bu, result.assignment, result.log_joint,
+                            read_levels=second.read_levels, observed=observed)  # fmt: skip
+    j = int(second.score(x.cpu(), c).argmax())  # argmax: the first of equal maxima
+    return {s: int(v[j]) for s, v in result.assignment.items()}

@@ -49,6 +49,7 @@ from pyro_backpass.learning.verifier_fit import (
     descent_examples,
     fit_descent_verifier,
     listwise_loss,
+    lower_descent_examples,
 )
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "fit_mask_readout",
     "fit_observation_model",
     "listwise_loss",
+    "lower_descent_examples",
     "mask_iou",
     "masked_activations",
     "max_pool_mask",

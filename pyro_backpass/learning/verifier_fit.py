@@ -8,6 +8,11 @@ softmax mass the linear score puts on the hits among the scene's descents (a lis
 with an L2 penalty on the standardised weights; L-BFGS, float64. Scenes without a hit among
 the k descents carry no information about the choice and are skipped.
 
+A second stage (``levels_below=n``) is fitted the same way on other lists: for each scene, the
+``first_stage`` verifier's choice keeps its top level and the completions of every joint
+(γ, δ) of the n levels under it (:func:`~pyro_backpass.inference.lower_completions`) are the
+descents (:func:`lower_descent_examples`).
+
 With ``hidden=H`` each category is scored instead by an ensemble of ``ensemble`` networks
 (dropout 0.2, a hidden layer of H ReLU units, dropout 0.2, one output), each fitted by AdamW
 (learning rate 1e-3, weight decay 0.01) on the same listwise loss in minibatches of 16 scenes
@@ -28,23 +33,33 @@ from pyro_backpass.inference import (
     READ_LEVELS,
     descent_features,
     greedy_map,
+    lower_completions,
     mode_values,
     verifier_fingerprint,
 )
+from pyro_backpass.inference.verification import check_verifier
 from pyro_backpass.learning.evaluation import mask_iou
 from pyro_backpass.model.descent_verifier import DescentVerifier
 
 if TYPE_CHECKING:
     from pyro_backpass.model.generative_model import GenerativeModel
 
-__all__ = ["VerifierExample", "descent_examples", "fit_descent_verifier", "listwise_loss"]
+__all__ = [
+    "VerifierExample",
+    "descent_examples",
+    "fit_descent_verifier",
+    "listwise_loss",
+    "lower_descent_examples",
+]
 
 
 @dataclass(frozen=True)
 class VerifierExample:
     """One scene's descents of one category: ``features`` ``(k, F)``, ``hits`` ``(k,)`` bool,
     ``iou`` ``(k,)`` each descent's best IoU with an instance of the category; the
-    ``read_levels`` and ``top_k`` they were made with (None: not recorded)."""
+    ``read_levels`` and ``top_k`` they were made with (None: not recorded). For a second
+    stage's lists, ``levels_below`` (n > 0) and ``anchor``: the index of the first stage's
+    own descent among the completions (its choice, which the second stage starts from)."""
 
     category: int
     features: torch.Tensor
@@ -52,6 +67,8 @@ class VerifierExample:
     iou: torch.Tensor
     read_levels: tuple[str, ...] | None = None
     top_k: int | None = None
+    levels_below: int | None = None
+    anchor: int | None = None
 
 
 @torch.no_grad()
@@ -68,31 +85,97 @@ def descent_examples(
     """:class:`VerifierExample` of every scene (objects with ``.image`` ``(3, H, W)`` and
     ``.instances`` with ``.category`` and a visible ``.mask``, as :class:`~pyro_backpass.Scene`)
     and every category in ``categories`` (None: all the model's) with an instance in it."""
+    names = _category_names(gm, categories)
+    out = []
+    for scene in tqdm(list(scenes), desc="verifier: descents", disable=not progress):
+        bu = _hidden_bu(gm, scene.image)
+        for _, c, truth in _truths(gm, scene, names):
+            result = greedy_map(gm, bu, category=c, top_k=top_k)
+            assert result.modes is not None
+            values, lj = mode_values(result.modes[0], list(result.assignment), device=gm.device)
+            x, masks = descent_features(gm, bu, values, lj, read_levels=read_levels)
+            iou = _best_iou(masks.cpu(), truth)
+            out.append(VerifierExample(category=c, features=x.cpu().double(),
+                                       hits=iou >= hit_iou, iou=iou,
+                                       read_levels=tuple(read_levels), top_k=top_k))  # fmt: skip
+    return out
+
+
+@torch.no_grad()
+def lower_descent_examples(
+    gm: GenerativeModel,
+    scenes: Iterable,
+    *,
+    first_stage: DescentVerifier,
+    levels_below: int = 2,
+    categories: Sequence[str] | None = None,
+    read_levels: Sequence[str] = READ_LEVELS,
+    hit_iou: float = 0.5,
+    progress: bool = True,
+) -> list[VerifierExample]:
+    """A second stage's :class:`VerifierExample` of every scene and category with an instance
+    in it (as :func:`descent_examples`): the ``first_stage`` verifier chooses among greedy's
+    ``first_stage.top_k`` descents; its top level is kept and the completions of every joint
+    (γ, δ) of the ``levels_below`` levels under it are the example's descents."""
+    check_verifier(gm, first_stage)
+    if first_stage.levels_below:
+        raise ValueError("first_stage must choose the top level (levels_below=0)")
+    names = _category_names(gm, categories)
+    top = gm.hidden_levels[-1]
+    out = []
+    for scene in tqdm(list(scenes), desc="second-stage verifier: descents", disable=not progress):
+        bu = _hidden_bu(gm, scene.image)
+        for name, c, truth in _truths(gm, scene, names):
+            if not bool(first_stage.fitted[c]):
+                raise ValueError(f"first_stage has no weights for {name!r}")
+            result = greedy_map(gm, bu, category=c, top_k=first_stage.top_k)
+            assert result.modes is not None
+            values, lj = mode_values(result.modes[0], list(result.assignment), device=gm.device)
+            x, _ = descent_features(gm, bu, values, lj, read_levels=first_stage.read_levels)
+            best = int(first_stage.score(x.cpu(), c).argmax())
+            keep = {s: int(values[s][best]) for s in (f"gamma_{top}", f"delta_{top}")}
+            lower = lower_completions(gm, bu, category=c, top=keep, levels_below=levels_below)
+            x2, masks = descent_features(gm, bu, lower.assignment, lower.log_joint,
+                                         read_levels=read_levels)  # fmt: skip
+            same = torch.ones(len(masks), dtype=torch.bool, device=gm.device)
+            for s, v in lower.assignment.items():
+                same &= v == int(values[s][best])
+            iou = _best_iou(masks.cpu(), truth)
+            out.append(VerifierExample(category=c, features=x2.cpu().double(),
+                                       hits=iou >= hit_iou, iou=iou,
+                                       read_levels=tuple(read_levels), top_k=first_stage.top_k,
+                                       levels_below=levels_below,
+                                       anchor=int(same.nonzero()[0, 0])))  # fmt: skip
+    return out
+
+
+def _category_names(gm: GenerativeModel, categories: Sequence[str] | None) -> tuple[str, ...]:
     if gm.backbone is None:
         raise ValueError("fitting a descent verifier needs the model's backbone")
     names = tuple(gm.categories) if categories is None else tuple(categories)
     unknown = [c for c in names if c not in gm.categories]
     if unknown:
         raise ValueError(f"unknown categories {unknown}; the model knows {list(gm.categories)}")
-    out = []
-    for scene in tqdm(list(scenes), desc="verifier: descents", disable=not progress):
-        acts = gm.backbone(scene.image[None].to(device=gm.device))
-        bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
-        for name in names:
-            truth = [i.mask for i in scene.instances if i.category == name and i.mask.any()]
-            if not truth:
-                continue
-            c = gm.categories.index(name)
-            result = greedy_map(gm, bu, category=c, top_k=top_k)
-            assert result.modes is not None
-            values, lj = mode_values(result.modes[0], list(result.assignment), device=gm.device)
-            x, masks = descent_features(gm, bu, values, lj, read_levels=read_levels)
-            masks = masks.cpu()
-            iou = torch.stack([mask_iou(masks, t[None].expand_as(masks)) for t in truth]).amax(0)
-            out.append(VerifierExample(category=c, features=x.cpu().double(),
-                                       hits=iou >= hit_iou, iou=iou,
-                                       read_levels=tuple(read_levels), top_k=top_k))  # fmt: skip
-    return out
+    return names
+
+
+def _hidden_bu(gm: GenerativeModel, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    acts = gm.backbone(image[None].to(device=gm.device))
+    return {k: v for k, v in acts.items() if k in gm.hidden_levels}
+
+
+def _truths(gm: GenerativeModel, scene, names: Sequence[str]):
+    """(name, index, visible masks) of each category in ``names`` with an instance in
+    ``scene``."""
+    for name in names:
+        truth = [i.mask for i in scene.instances if i.category == name and i.mask.any()]
+        if truth:
+            yield name, gm.categories.index(name), truth
+
+
+def _best_iou(masks: torch.Tensor, truth: list[torch.Tensor]) -> torch.Tensor:
+    """``(k,)`` each of ``masks`` ``(k, H, W)``'s best IoU with one of ``truth``."""
+    return torch.stack([mask_iou(masks, t[None].expand_as(masks)) for t in truth]).amax(0)
 
 
 def listwise_loss(weight: torch.Tensor, examples: Sequence[VerifierExample], *,
@@ -119,11 +202,17 @@ def fit_descent_verifier(
     ensemble: int = 3,
     epochs: int = 10,
     seed: int = 0,
+    levels_below: int = 0,
+    first_stage: DescentVerifier | None = None,
     progress: bool = True,
 ) -> DescentVerifier:
     """A :class:`DescentVerifier` for ``gm`` from training ``scenes`` (or precomputed
     ``examples`` of :func:`descent_examples`, e.g. made in parallel); categories with no scene
     that has a hit stay unfitted (scoring them raises).
+
+    With ``levels_below=n`` > 0 it is a second stage (``verified_map(..., lower=)``), fitted on
+    :func:`lower_descent_examples` behind ``first_stage`` (required with ``scenes``; its
+    ``top_k`` is then the verifier's).
 
     Example::
 
@@ -139,7 +228,20 @@ def fit_descent_verifier(
     for name, v, lo in (("hidden", hidden, 0), ("ensemble", ensemble, 1), ("epochs", epochs, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    if examples is None:
+    if isinstance(levels_below, bool) or not isinstance(levels_below, int) or levels_below < 0:
+        raise ValueError(f"levels_below must be an int >= 0, got {levels_below!r}")
+    if first_stage is not None:
+        if not levels_below:
+            raise ValueError("first_stage is for a second stage: pass levels_below > 0 too")
+        top_k = first_stage.top_k
+    if examples is None and levels_below:
+        if first_stage is None:
+            raise ValueError("a second stage (levels_below > 0) from scenes needs first_stage=")
+        examples = lower_descent_examples(gm, scenes, first_stage=first_stage,
+                                          levels_below=levels_below, categories=categories,
+                                          read_levels=read_levels, hit_iou=hit_iou,
+                                          progress=progress)  # fmt: skip
+    elif examples is None:
         examples = descent_examples(gm, scenes, top_k=top_k, categories=categories,
                                     read_levels=read_levels, hit_iou=hit_iou,
                                     progress=progress)  # fmt: skip
@@ -154,6 +256,9 @@ def fit_descent_verifier(
                              f"not {list(read_levels)}")  # fmt: skip
         if ex.top_k is not None and ex.top_k != top_k:
             raise ValueError(f"examples were made with top_k={ex.top_k}, not {top_k}")
+        if (ex.levels_below or 0) != levels_below:
+            raise ValueError(f"examples were made for levels_below={ex.levels_below or 0}, "
+                             f"not {levels_below}")  # fmt: skip
     weight = torch.zeros(n, f, dtype=torch.float64)
     mean, scale = torch.zeros(n, f, dtype=torch.float64), torch.ones(n, f, dtype=torch.float64)
     fitted = torch.zeros(n, dtype=torch.bool)
@@ -199,7 +304,8 @@ def fit_descent_verifier(
             extra["out_weight"][c], extra["nonlinear"][c] = w2, True
     return DescentVerifier(categories=gm.categories, read_levels=read_levels, weight=weight,
                            mean=mean, scale=scale, fitted=fitted, top_k=top_k,
-                           model_sha256=verifier_fingerprint(gm), **extra)  # fmt: skip
+                           model_sha256=verifier_fingerprint(gm), levels_below=levels_below,
+                           **extra)  # fmt: skip
 
 
 def _fit_ensemble(

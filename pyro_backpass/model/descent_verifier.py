@@ -27,16 +27,18 @@ import torch
 
 from pyro_backpass.files import atomic_write, read_safetensors
 
-__all__ = ["DescentVerifier", "VERIFIER_FILE"]
+__all__ = ["DescentVerifier", "LOWER_VERIFIER_FILE", "VERIFIER_FILE"]
 
 VERIFIER_FILE = "descent_verifier.safetensors"
+#: The second stage's verifier (``levels_below`` > 0), shipped beside the first stage's.
+LOWER_VERIFIER_FILE = "descent_verifier_lower.safetensors"
 _CONFIG_KEY = "pyro_backpass.descent_verifier"
 #: Version 1: linear scores only; version 2 adds the per-category hidden-layer ensembles. A
 #: verifier without hidden layers is written (and fingerprinted) as version 1.
 FORMAT_VERSION = 2
 _READS = (1, 2)
 _HIDDEN = ("hidden_weight", "hidden_bias", "out_weight", "nonlinear")
-_SETUP = ("categories", "read_levels", "top_k", "model_sha256")  # config beyond the scoring
+_SETUP = ("categories", "read_levels", "top_k", "model_sha256", "levels_below")  # beyond scoring
 
 
 class DescentVerifier:
@@ -54,7 +56,12 @@ class DescentVerifier:
     :param weight: ``(N, F)`` one weight vector per category (zeros where ``nonlinear``).
     :param mean, scale: ``(N, F)`` the features' standardisation per category.
     :param fitted: ``(N,)`` bool: which categories have fitted weights; scoring another raises.
-    :param top_k: how many of greedy's best top-level hypotheses are completed and re-scored.
+    :param top_k: how many of greedy's best top-level hypotheses are completed and re-scored
+        (for a second stage: by the first stage it was fitted behind).
+    :param levels_below: 0 for a first stage (it chooses the top level among ``top_k``
+        descents); n > 0 for a second stage, which chooses among the completions of every
+        joint (γ, δ) of the n levels under a kept top level
+        (:func:`~pyro_backpass.inference.lower_completions`).
     :param model_sha256: fingerprint of the generative model it was fitted for (None: unknown).
     :param hidden_weight: ``(N, E, F, H)``, :param hidden_bias: ``(N, E, H)``,
         :param out_weight: ``(N, E, H)``, :param nonlinear: ``(N,)`` bool — the ensembles, all
@@ -72,6 +79,7 @@ class DescentVerifier:
         fitted: torch.Tensor,
         top_k: int,
         model_sha256: str | None = None,
+        levels_below: int = 0,
         hidden_weight: torch.Tensor | None = None,
         hidden_bias: torch.Tensor | None = None,
         out_weight: torch.Tensor | None = None,
@@ -99,7 +107,10 @@ class DescentVerifier:
         self.categories = tuple(categories)
         self.read_levels = tuple(read_levels)
         self.weight, self.mean, self.scale, self.fitted = weight, mean, scale, fitted
+        if isinstance(levels_below, bool) or not isinstance(levels_below, int) or levels_below < 0:
+            raise ValueError(f"levels_below must be an int >= 0, got {levels_below!r}")
         self.top_k = top_k
+        self.levels_below = levels_below
         self.model_sha256 = model_sha256
         parts = (hidden_weight, hidden_bias, out_weight, nonlinear)
         if any(t is None for t in parts) and not all(t is None for t in parts):
@@ -169,7 +180,7 @@ class DescentVerifier:
     def same_setup(self, other: DescentVerifier) -> bool:
         """Whether both were made for the same model, categories, features and ``top_k`` (so
         one category's scoring can move from one to the other)."""
-        return all(self.config()[k] == other.config()[k] for k in _SETUP)
+        return all(self.config().get(k) == other.config().get(k) for k in _SETUP)
 
     def with_category(self, other: DescentVerifier, category: int | str) -> DescentVerifier:
         """A copy of this verifier whose ``category`` is scored as ``other`` scores it (its
@@ -187,7 +198,7 @@ class DescentVerifier:
         else:
             raise TypeError(f"category must be a name or an index, got {category!r}")
         if not self.same_setup(other):
-            mine, theirs = ({k: v.config()[k] for k in _SETUP} for v in (self, other))
+            mine, theirs = ({k: v.config().get(k) for k in _SETUP} for v in (self, other))
             raise ValueError(f"the verifiers differ in config: {mine} vs {theirs}")
         state = {k: getattr(self, k).clone() for k in ("weight", "mean", "scale", "fitted")}
         for k in state:
@@ -215,6 +226,7 @@ class DescentVerifier:
             hidden["nonlinear"] = others
         return DescentVerifier(categories=self.categories, read_levels=self.read_levels,
                                top_k=self.top_k, model_sha256=self.model_sha256,
+                               levels_below=self.levels_below,
                                **state, **(hidden or {}))  # fmt: skip
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -240,6 +252,8 @@ class DescentVerifier:
         out = {"format_version": 2 if self.has_hidden else 1,
                "categories": list(self.categories), "read_levels": list(self.read_levels),
                "top_k": self.top_k, "model_sha256": self.model_sha256}  # fmt: skip
+        if self.levels_below:  # absent for a first stage: its fingerprint is unchanged
+            out["levels_below"] = self.levels_below
         if self.has_hidden:
             out["ensemble"], out["hidden"] = (
                 int(self.hidden_weight.shape[1]),
@@ -279,13 +293,15 @@ class DescentVerifier:
         return cls(categories=config["categories"], read_levels=config["read_levels"],
                    weight=state["weight"], mean=state["mean"], scale=state["scale"],
                    fitted=state["fitted"].bool(), top_k=int(config["top_k"]),
-                   model_sha256=config.get("model_sha256"), **hidden)  # fmt: skip
+                   model_sha256=config.get("model_sha256"),
+                   levels_below=int(config.get("levels_below", 0)), **hidden)  # fmt: skip
 
     @classmethod
-    def shipped(cls) -> DescentVerifier | None:
+    def shipped(cls, *, lower: bool = False) -> DescentVerifier | None:
         """The verifier shipped in the package (fitted for ``GenerativeModel.default()``), or
-        None if the package has none."""
-        ref = resources.files("pyro_backpass").joinpath("weights", VERIFIER_FILE)
+        None if the package has none; ``lower``: the second stage's."""
+        name = LOWER_VERIFIER_FILE if lower else VERIFIER_FILE
+        ref = resources.files("pyro_backpass").joinpath("weights", name)
         if not ref.is_file():
             return None
         with resources.as_file(ref) as p:
@@ -296,5 +312,7 @@ class DescentVerifier:
                      if f]  # fmt: skip
         return (f"DescentVerifier(fitted={list(self.fitted_categories)}, "
                 f"features={self.num_features}, read_levels={list(self.read_levels)}, "
-                f"top_k={self.top_k}" + (f", nonlinear={nonlinear}" if nonlinear else "")
+                f"top_k={self.top_k}"
+                + (f", levels_below={self.levels_below}" if self.levels_below else "")
+                + (f", nonlinear={nonlinear}" if nonlinear else "")
                 + ")")  # fmt: skip

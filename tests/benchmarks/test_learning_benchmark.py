@@ -408,6 +408,24 @@ def test_objectness_cues_on_a_red_square():
     assert float(whole["boundary_contrast"][0]) == 0.0 and float(whole["ring_contrast"][0]) == 0
 
 
+@pytest.mark.slow  # ~30 s: two train scenes, one validation scene, lone objects
+def test_fit_lower_verifier_smoke(tmp_path):
+    """The second stage behind the shipped first stage, one level below the top: every
+    candidate fitted and scored, the first stage's own descent among the completions (the
+    bound is at least its IoU), nothing shipped."""
+    out = tmp_path / "lower.json"
+    _smoke(BENCH.parent / "fit_lower_verifier.py", "--smoke", "--out", str(out), "--l2", "1",
+           "--hidden", "4", "--objects", "1", "--validation-objects", "1")  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["shipped"] is False and result["levels_below"] == ["conv4_1"]
+    assert result["completions"] == 5 and result["first_stage_top_k"] == 100
+    assert set(result["candidates"]) == {"1.0", "hidden=4"}
+    assert result["chosen"] in ("1.0", "hidden=4")
+    for split, ref in result["reference"].items():
+        assert ref["best_below"]["iou"] >= ref["first_stage"]["iou"] - 1e-6, split
+        assert ref["best_below"]["iou"] >= ref["largest_log_joint_below"]["iou"] - 1e-6, split
+
+
 @pytest.mark.slow  # ~60 s: seven probes (fits, votes, cues, refined passes) on a few inputs
 def test_verifier_probes_two_layer_and_lone_smoke(tmp_path):
     out = tmp_path / "probes.json"
