@@ -59,7 +59,16 @@
   (γ, δ) of the next two levels (``conv4_1`` and ``pool3`` on the default model: 5 × 45) is
   completed greedily below them: the best of those by IoU (the bound of a second choice), the
   one with the largest log-joint (the model's own choice among them), beside the verifier's
-  descent itself.
+  descent itself; and, among the completions, the shipped verifier's own score (applied to
+  their features), each ``objectness`` cue alone and that score plus ``a`` × the cue
+  (z-scored among the completions; a tried on these scenes: optimistic).
+- ``mask_head``: a new kind of evidence, learned from the image itself: a small network
+  (:func:`mask_head_net`: RGB and a descent's mask in, four stride-2 convolutions) fitted on
+  ``--train`` training scenes' ``--top-k`` descents (``--workers`` processes make them) to
+  predict each mask's IoU with an airplane (``--steps`` AdamW steps, binary cross-entropy to the
+  IoU, flips), as Mask Scoring R-CNN's mask-IoU head does. On ``--validation`` scenes: the
+  descent it scores highest, and the shipped verifier's score plus ``a`` × its (z-scored)
+  prediction, beside the verifier alone and the bound.
 
 One thread. Writes (updates) ``benchmarks/results/verifier_probes.json``, one key a probe.
 
@@ -68,7 +77,8 @@ Usage: ``python benchmarks/verifier_probes.py --probe two_layer --cache DIR``;
 ``--probe crop --scenes 60``; ``--probe lone --objects 30``; ``--probe vote --scenes 60
 --objects 20``; ``--probe objectness --scenes 60``;
 ``--probe refine --scenes 60 --objects 20``;
-``--probe lower_choice --scenes 60``
+``--probe lower_choice --scenes 60``;
+``--probe mask_head --train 300 --validation 60 --workers 2``
 """
 
 from __future__ import annotations
@@ -469,8 +479,124 @@ def probe_lower_choice(args, gm, verifier) -> dict:
                         ("largest_log_joint_below_top",
                          float(iou[int(result.log_joint.argmax())]))):  # fmt: skip
             picks.setdefault(name, []).append(v)
+        # Image cues among the completions (all near one place, where an edge may decide):
+        # the first stage's verifier on the completions' features, plus a × each cue.
+        x2, _ = descent_features(gm, bu, result.assignment, result.log_joint)
+        sv = verifier.score(x2, c)
+        choice = {"verifier_on_completions": sv}
+        for name, cue in objectness_cues(bu["image"][0].clamp(0, 1), result.mask).items():
+            choice[f"{name}_below_top"] = cue
+            for a in (0.3, 1.0, 3.0):
+                choice[f"verifier_on_completions+{a}*{name}"] = _z(sv) + a * _z(cue)
+        for name, sc in choice.items():
+            picks.setdefault(name, []).append(float(iou[int(sc.argmax())]))
     return {"scenes": args.scenes, "top_k": args.top_k, "split": "validation",
             "category": "airplane", "levels_enumerated": below,
+            "note": "the cue weights a were tried on these validation scenes (optimistic)",
+            "choices": {k: rates(v) for k, v in picks.items()}}  # fmt: skip
+
+
+def _descent_lists(job: tuple) -> list[dict]:
+    """One worker (one thread): for scenes ``indices`` of ``split`` with an airplane, the image,
+    its ``top_k`` descents' masks, the shipped verifier's scores and each mask's best IoU."""
+    split, n, indices, top_k = job
+    torch.set_num_threads(1)
+    gm, _ = learned_model(smoke=False, path=None)
+    verifier = DescentVerifier.shipped()
+    c = gm.categories.index("airplane")
+    scenes, out = Scenes(n, seed=split_seed(split)), []
+    for i in indices:
+        scene = scenes[i]
+        truth = [t.mask for t in scene.instances if t.category == "airplane" and t.mask.any()]
+        if not truth:
+            continue
+        _, x, masks = descents(gm, scene.image, c, top_k)
+        iou = torch.stack([mask_iou(masks, t[None].expand_as(masks)) for t in truth]).amax(0)
+        out.append({"image": scene.image, "masks": masks, "verifier": verifier.score(x, c),
+                    "iou": iou})  # fmt: skip
+    return out
+
+
+def mask_head_net() -> torch.nn.Module:
+    """(image RGB, mask) ``(N, 4, 64, 64)`` → ``(N,)`` logit of the mask's IoU with an
+    object: four stride-2 3×3 convolutions (32, 64, 64, 64 channels, ReLU), a global mean, a
+    linear output."""
+    layers, width = [], 4
+    for out in (32, 64, 64, 64):
+        layers += [torch.nn.Conv2d(width, out, 3, stride=2, padding=1), torch.nn.ReLU()]
+        width = out
+    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(width, 1), torch.nn.Flatten(0))  # fmt: skip
+
+
+def _head_input(item: dict, idx: torch.Tensor) -> torch.Tensor:
+    image = item["image"][None].expand(len(idx), -1, -1, -1)
+    return torch.cat([image, item["masks"][idx][:, None].float()], 1)  # (n, 4, H, W)
+
+
+def fit_mask_head(train: list[dict], *, steps: int, batch: int = 16, per: int = 16,
+                  seed: int = 0) -> torch.nn.Module:  # fmt: skip
+    """:func:`mask_head_net` fitted by binary cross-entropy to each mask's IoU (a soft target)
+    on minibatches of ``batch`` scenes × ``per`` of their descents (half drawn among the
+    scene's best by IoU, so hits are seen), horizontal flips at random; AdamW, lr 1e-3."""
+    torch.manual_seed(seed)
+    net = mask_head_net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+    with torch.enable_grad():
+        for _ in range(steps):
+            xs, ys = [], []
+            for j in torch.randint(len(train), (batch,)).tolist():
+                item = train[j]
+                k = len(item["iou"])
+                top = item["iou"].argsort(descending=True)[: max(1, k // 10)]
+                idx = torch.cat([top[torch.randint(len(top), (per // 2,))],
+                                 torch.randint(k, (per - per // 2,))])  # fmt: skip
+                x = _head_input(item, idx)
+                if bool(torch.rand(()) < 0.5):
+                    x = x.flip(-1)
+                xs.append(x), ys.append(item["iou"][idx].float())
+            loss = F.binary_cross_entropy_with_logits(net(torch.cat(xs)), torch.cat(ys))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+def probe_mask_head(args) -> dict:
+    """A new kind of evidence for the choice: a small network that reads the image and a
+    descent's mask together and predicts the mask's IoU with an object (as Mask Scoring
+    R-CNN's mask-IoU head), fitted on the training scenes' descents."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    def lists(split: str, n: int) -> list[dict]:
+        jobs = [(split, n, list(range(w, n, args.workers)), args.top_k)
+                for w in range(args.workers)]  # fmt: skip
+        if args.workers == 1:
+            return _descent_lists(jobs[0])
+        with ProcessPoolExecutor(args.workers) as pool:
+            return [d for part in pool.map(_descent_lists, jobs) for d in part]
+
+    t = time.perf_counter()
+    train, val = lists("train", args.train), lists("validation", args.validation)
+    extract_s = time.perf_counter() - t
+    t = time.perf_counter()
+    net = fit_mask_head(train, steps=args.steps)
+    fit_s = time.perf_counter() - t
+    picks: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for item in val:
+            k = len(item["iou"])
+            head = torch.cat([net(_head_input(item, idx))
+                              for idx in torch.arange(k).split(50)])  # fmt: skip
+            choice = {"verifier": item["verifier"], "best_of_k": item["iou"], "head": head}
+            for a in (0.5, 1.0, 2.0):
+                choice[f"verifier+{a}*head"] = _z(item["verifier"]) + a * _z(head)
+            for name, sc in choice.items():
+                picks.setdefault(name, []).append(float(item["iou"][int(sc.argmax())]))
+    return {"train_scenes": args.train, "validation_scenes": args.validation,
+            "top_k": args.top_k, "steps": args.steps, "extract_seconds": round(extract_s, 1),
+            "fit_seconds": round(fit_s, 1), "split": "validation", "category": "airplane",
+            "note": "the weights a of verifier+a*head were tried on these scenes (optimistic)",
             "choices": {k: rates(v) for k, v in picks.items()}}  # fmt: skip
 
 
@@ -594,6 +720,7 @@ def main() -> None:
             "objectness",
             "refine",
             "lower_choice",
+            "mask_head",
         ),
         required=True,
     )
@@ -622,12 +749,14 @@ def main() -> None:
     )
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=1500, help="mask_head's training steps")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "verifier_probes.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.smoke:  # the shipped model on a few inputs
         args.train, args.validation, args.top_k, args.seeds, args.epochs = 3, 2, 4, 1, 1
+        args.steps, args.workers = 2, 1
         args.scenes, args.objects, args.categories = 1, 1, ["airplane"]
         args.validation_objects = 1
     gm, model_name = learned_model(smoke=False, path=None)
@@ -643,6 +772,7 @@ def main() -> None:
            "objectness": lambda: probe_objectness(args, gm, verifier),
            "refine": lambda: probe_refine(args, gm, verifier),
            "lower_choice": lambda: probe_lower_choice(args, gm, verifier),
+           "mask_head": lambda: probe_mask_head(args),
            }[args.probe]()  # fmt: skip
     row.update(machine=machine(), threads=1, model=model_name, smoke=args.smoke,
                shipped_verifier_sha256=verifier.fingerprint(),

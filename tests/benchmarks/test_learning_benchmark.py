@@ -426,10 +426,11 @@ def test_fit_lower_verifier_smoke(tmp_path):
         assert ref["best_below"]["iou"] >= ref["largest_log_joint_below"]["iou"] - 1e-6, split
 
 
-@pytest.mark.slow  # ~60 s: seven probes (fits, votes, cues, refined passes) on a few inputs
+@pytest.mark.slow  # ~80 s: eight probes (fits, votes, cues, refined passes) on a few inputs
 def test_verifier_probes_two_layer_and_lone_smoke(tmp_path):
     out = tmp_path / "probes.json"
-    probes = ("two_layer", "lone", "list_context", "vote", "objectness", "refine", "lower_choice")
+    probes = ("two_layer", "lone", "list_context", "vote", "objectness", "refine", "lower_choice",
+              "mask_head")  # fmt: skip
     for probe in probes:
         _smoke(BENCH.parent / "verifier_probes.py", "--probe", probe, "--smoke", "--out", str(out))
     result = json.loads(out.read_text())
@@ -437,6 +438,10 @@ def test_verifier_probes_two_layer_and_lone_smoke(tmp_path):
     lower = result["lower_choice"]["choices"]
     # the chosen descent is one of the enumerated completions below its top level
     assert lower["best_below_top"]["iou"] >= lower["verifier"]["iou"] - 1e-6
+    assert {"verifier_on_completions", "edge_share_below_top"} <= set(lower)
+    head = result["mask_head"]["choices"]
+    assert {"verifier", "best_of_k", "head", "verifier+1.0*head"} <= set(head)
+    assert head["best_of_k"]["iou"] >= head["head"]["iou"] - 1e-6
     assert {"paint_r8_x2", "observe_r4"} <= set(result["refine"]["choices"]["objects"])
     assert {"edge_share", "verifier+1.0*ring_contrast"} <= set(result["objectness"]["choices"])
     assert {"verifier", "vote3", "vote10_same_object"} <= set(result["vote"]["choices"]["scenes"])
