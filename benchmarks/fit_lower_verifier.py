@@ -65,16 +65,21 @@ def _job(args: tuple) -> list:
                                   progress=progress)  # fmt: skip
 
 
-def collect(split: str, n: int, *, objects: bool, args, gm) -> list[VerifierExample]:
+def collect(split: str, n: int, *, objects: bool, args, gm, first,
+            read: list) -> list[VerifierExample]:  # fmt: skip
     """The examples of ``n`` scenes (``objects``: lone objects) of ``split``, cached under
-    ``--cache``/<model fingerprint>/ when given."""
+    ``--cache``/<model fingerprint>/ when given, named with the first stage's fingerprint
+    (examples made behind another first stage are never read); ``read`` gets the name of a
+    split read from the cache."""
     if n <= 0:
         return []
     path = None
     if args.cache is not None:
         name = f"lower_{split}_{'objects_' if objects else ''}{args.category}_n{n}"
-        path = args.cache / verifier_fingerprint(gm)[:16] / f"{name}_l{args.levels}.pt"
+        path = (args.cache / verifier_fingerprint(gm)[:16]
+                / f"{name}_l{args.levels}_first{first.fingerprint()[:12]}.pt")  # fmt: skip
         if path.is_file():
+            read.append(f"{split}{'_objects' if objects else ''}")
             return [VerifierExample(**e) for e in torch.load(path)]
     jobs = [(split, n, objects, args.category, list(range(w, n, args.workers)), args.levels,
              w == 0) for w in range(args.workers)]  # fmt: skip
@@ -193,9 +198,8 @@ def main() -> None:
         raise SystemExit("no shipped first-stage verifier: run benchmarks/fit_verifier.py --ship")
     c = gm.categories.index(args.category)
     start = time.perf_counter()
-    cached = args.cache is not None and any(
-        (args.cache / verifier_fingerprint(gm)[:16]).glob("lower_*.pt"))  # fmt: skip
-    exs = {name: collect(split, n, objects=obj, args=args, gm=gm)
+    cached: list[str] = []  # the splits read from the cache (their time is not in extract)
+    exs = {name: collect(split, n, objects=obj, args=args, gm=gm, first=first, read=cached)
            for name, split, n, obj in (("train", "train", args.scenes, False),
                                        ("train_objects", "train", args.objects, True),
                                        ("validation", "validation", args.validation, False),
@@ -211,7 +215,7 @@ def main() -> None:
         fits[name] = fit = fit_descent_verifier(
             gm,
             examples=exs["train"] + exs["train_objects"],
-            top_k=first.top_k,
+            first_stage=first,
             levels_below=args.levels,
             categories=[args.category],
             progress=False,

@@ -90,6 +90,11 @@ def lower_completions(
         raise ValueError(f"top must give exactly {sorted(need)}, got {sorted(top)}")
     sites = lower_sites(gm, levels_below)
     clamp = dict(clamp or {})
+    if "category" in clamp:
+        raise ValueError("pass the category as category=, not in clamp")
+    clash = [s for s in top if s in clamp and int(clamp[s]) != int(top[s])]
+    if clash:
+        raise ValueError(f"clamp disagrees with top on {clash}")
     ranges = []
     for s in sites:
         size = gm.site_sizes[s]

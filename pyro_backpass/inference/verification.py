@@ -20,7 +20,7 @@ import torch
 
 from pyro_backpass.inference.background import background_log_likelihood
 from pyro_backpass.inference.greedy import greedy_map
-from pyro_backpass.inference.lower_choice import lower_completions
+from pyro_backpass.inference.lower_choice import lower_completions, lower_levels
 from pyro_backpass.inference.objective import object_mask, top_down_pass
 from pyro_backpass.model.checks import category_indices, check_bu, check_observed
 from pyro_backpass.model.descent_verifier import DescentVerifier
@@ -166,6 +166,13 @@ def default_verifier(gm: GenerativeModel, *, lower: bool = False) -> DescentVeri
     shipped = DescentVerifier.shipped(lower=lower)
     if shipped is not None and shipped.model_sha256 == verifier_fingerprint(gm):
         return shipped
+    if lower and shipped is None:
+        raise ValueError(
+            "no second-stage descent verifier is shipped (one fitted for the default model "
+            "measured no better than the first stage alone; benchmarks/fit_lower_verifier.py): "
+            "fit one with pyro_backpass.fit_descent_verifier(gm, scenes, levels_below=2, "
+            "first_stage=...) and pass lower="
+        )
     what = "second-stage descent verifier" if lower else "descent verifier"
     how = "fit_descent_verifier(gm, scenes, levels_below=2, first_stage=...)" if lower else (
         "fit_descent_verifier(gm, scenes)")  # fmt: skip
@@ -176,11 +183,22 @@ def default_verifier(gm: GenerativeModel, *, lower: bool = False) -> DescentVeri
     )
 
 
-def check_verifier(gm: GenerativeModel, verifier: object) -> None:
+def check_verifier(gm: GenerativeModel, verifier: object, *, second_stage: bool = False) -> None:
     """A clear error unless ``verifier`` is a :class:`DescentVerifier` for ``gm``: the same
-    categories and, when it records one, the same model and backbone fingerprint."""
+    categories, when it records one, the same model and backbone fingerprint, and the stage
+    asked for (a first stage chooses the top level: ``levels_below`` 0; a ``second_stage``
+    chooses below it: ``levels_below`` > 0, within the model's depth)."""
     if not isinstance(verifier, DescentVerifier):
         raise TypeError(f"verifier must be a DescentVerifier, got {type(verifier).__name__}")
+    if second_stage and not verifier.levels_below:
+        raise ValueError("lower= must be a second-stage verifier (levels_below > 0); this one "
+                         "chooses the top level: pass it as verifier=")  # fmt: skip
+    if not second_stage and verifier.levels_below:
+        raise ValueError(f"this verifier is a second stage (levels_below="
+                         f"{verifier.levels_below}): pass it as lower= (verified_map) and a "
+                         "first stage as verifier=")  # fmt: skip
+    if second_stage:
+        lower_levels(gm, verifier.levels_below)  # a clear error beyond the model's depth
     if tuple(verifier.categories) != tuple(gm.categories):
         raise ValueError(f"the verifier's categories {list(verifier.categories)} are not the "
                          f"model's {list(gm.categories)}")  # fmt: skip
@@ -222,9 +240,10 @@ def verified_map(
         ``GenerativeModel.default()``.
     :param lower: the second stage: a :class:`DescentVerifier` with ``levels_below`` > 0;
         True: the shipped one (an error if it has no weights for the category); False: none;
-        None: with the shipped first stage (``verifier=None``), the shipped second stage for
-        the images whose category it has weights for, when it was fitted for ``gm``; with
-        another first stage, none (a second stage is fitted behind one first stage).
+        None: the shipped second stage, if there is one for ``gm`` fitted behind this
+        ``verifier`` (its recorded ``first_stage_sha256``), for the images whose category it
+        has weights for; otherwise none. An explicit second stage that records another first
+        stage is an error.
     :param clamp, priors, observed: as in :func:`~pyro_backpass.greedy_map`.
 
     Example::
@@ -240,20 +259,15 @@ def verified_map(
             "verified_map needs a category (its verifier scores one category's descents); "
             "use greedy_map to leave the category to the model"
         )
-    if lower is None and verifier is not None:
-        lower = False  # the shipped second stage was fitted behind the shipped first stage
     verifier = default_verifier(gm) if verifier is None else verifier
     check_verifier(gm, verifier)
-    if verifier.levels_below:
-        raise ValueError(f"verifier is a second stage (levels_below={verifier.levels_below}); "
-                         "pass it as lower= and a first stage as verifier=")  # fmt: skip
     bu_checked, b = check_bu(gm, bu)
     cats = category_indices(gm, category, b)
     for c in cats.unique().tolist():
         if not bool(verifier.fitted[c]):
             raise ValueError(f"the verifier has no weights for {gm.categories[c]!r}; it was "
                              f"fitted for {list(verifier.fitted_categories)}")  # fmt: skip
-    second = _second_stage(gm, lower, cats)
+    second = _second_stage(gm, lower, cats, verifier)
     k = verifier.top_k if top_k is None else top_k
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise ValueError(f"top_k must be an int >= 2 (a choice among descents), got {k!r}")
@@ -287,20 +301,23 @@ def verified_map(
                      mask=final.mask, modes=ordered)  # fmt: skip
 
 
-def _second_stage(gm: GenerativeModel, lower: Any, cats: torch.Tensor) -> DescentVerifier | None:
+def _second_stage(gm: GenerativeModel, lower: Any, cats: torch.Tensor,
+                  first: DescentVerifier) -> DescentVerifier | None:  # fmt: skip
     """``verified_map``'s ``lower=`` resolved to a second-stage verifier or None."""
     if lower is False:
         return None
     if lower is None:
         shipped = DescentVerifier.shipped(lower=True)
-        if shipped is None or shipped.model_sha256 != verifier_fingerprint(gm):
+        if (shipped is None or shipped.model_sha256 != verifier_fingerprint(gm)
+                or not shipped.levels_below
+                or shipped.first_stage_sha256 != first.fingerprint()):  # fmt: skip
             return None
         return shipped
     second = default_verifier(gm, lower=True) if lower is True else lower
-    check_verifier(gm, second)
-    if not second.levels_below:
-        raise ValueError("lower= must be a second-stage verifier (levels_below > 0); this one "
-                         "chooses the top level: pass it as verifier=")  # fmt: skip
+    check_verifier(gm, second, second_stage=True)
+    if second.first_stage_sha256 not in (None, first.fingerprint()):
+        raise ValueError("the second-stage verifier was fitted behind another first stage (its "
+                         "first_stage_sha256 differs from verifier's fingerprint)")  # fmt: skip
     for c in cats.unique().tolist():
         if not bool(second.fitted[c]):
             raise ValueError(f"the second-stage verifier has no weights for "
@@ -311,9 +328,12 @@ def _second_stage(gm: GenerativeModel, lower: Any, cats: torch.Tensor) -> Descen
 
 
 def _image_clamp(clamp: Mapping[str, Any] | None, i: int) -> dict[str, int]:
-    """Image ``i``'s clamps as ints (a clamp is an int or one index per image)."""
+    """Image ``i``'s clamps of hidden sites as ints (a clamp is an int or one index per
+    image; the category is the first stage's, already applied)."""
     out = {}
     for site, v in (clamp or {}).items():
+        if site == "category":
+            continue
         t = torch.as_tensor(v)
         out[site] = int(t) if t.dim() == 0 else int(t[i])
     return out
@@ -323,14 +343,18 @@ def _lower_choice(gm: GenerativeModel, second: DescentVerifier, bu: Mapping[str,
                   chosen: Mapping[str, int], c: int, *, clamp: Mapping[str, int], priors,
                   observed) -> dict[str, int]:  # fmt: skip
     """The second stage on one image: ``chosen``'s top level kept, the completions below it
-    scored by ``second``; the best one's full assignment (ties: the first in the
-    enumeration)."""
+    with a finite log-joint (a prior may forbid some) scored by ``second``; the best one's full
+    assignment (ties: the first in the enumeration)."""
     name = gm.hidden_levels[-1]
     top = {s: int(chosen[s]) for s in (f"gamma_{name}", f"delta_{name}")}
-    rest = {s: v for s, v in clamp.items() if s not in top and s != "category"}
+    rest = {s: v for s, v in clamp.items() if s not in top}
     result = lower_completions(gm, bu, category=c, top=top, levels_below=second.levels_below,
                                clamp=rest, priors=priors, observed=observed)  # fmt: skip
-    x, _ = descent_features(gm, bu, result.assignment, result.log_joint,
+    ok = torch.isfinite(result.log_joint).nonzero()[:, 0]  # chosen's own is among them
+    if len(ok) == 0:
+        return dict(chosen)
+    values = {s: v[ok] for s, v in result.assignment.items()}
+    x, _ = descent_features(gm, bu, values, result.log_joint[ok],
                             read_levels=second.read_levels, observed=observed)  # fmt: skip
     j = int(second.score(x.cpu(), c).argmax())  # argmax: the first of equal maxima
-    return {s: int(v[j]) for s, v in result.assignment.items()}
+    return {s: int(v[j]) for s, v in values.items()}

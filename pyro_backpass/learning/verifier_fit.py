@@ -34,6 +34,7 @@ from pyro_backpass.inference import (
     descent_features,
     greedy_map,
     lower_completions,
+    lower_levels,
     mode_values,
     verifier_fingerprint,
 )
@@ -117,13 +118,14 @@ def lower_descent_examples(
     in it (as :func:`descent_examples`): the ``first_stage`` verifier chooses among greedy's
     ``first_stage.top_k`` descents; its top level is kept and the completions of every joint
     (γ, δ) of the ``levels_below`` levels under it are the example's descents."""
-    check_verifier(gm, first_stage)
-    if first_stage.levels_below:
-        raise ValueError("first_stage must choose the top level (levels_below=0)")
+    check_verifier(gm, first_stage)  # a first stage (levels_below 0)
+    lower_levels(gm, levels_below)  # a clear error beyond the model's depth
     names = _category_names(gm, categories)
     top = gm.hidden_levels[-1]
     out = []
-    for scene in tqdm(list(scenes), desc="second-stage verifier: descents", disable=not progress):
+    scenes = list(scenes)
+    for n_scene, scene in enumerate(tqdm(scenes, desc="second-stage verifier: descents",
+                                         disable=not progress)):  # fmt: skip
         bu = _hidden_bu(gm, scene.image)
         for name, c, truth in _truths(gm, scene, names):
             if not bool(first_stage.fitted[c]):
@@ -135,11 +137,19 @@ def lower_descent_examples(
             best = int(first_stage.score(x.cpu(), c).argmax())
             keep = {s: int(values[s][best]) for s in (f"gamma_{top}", f"delta_{top}")}
             lower = lower_completions(gm, bu, category=c, top=keep, levels_below=levels_below)
-            x2, masks = descent_features(gm, bu, lower.assignment, lower.log_joint,
+            ok = torch.isfinite(lower.log_joint).nonzero()[:, 0]  # a prior may forbid some
+            below = {s: v[ok] for s, v in lower.assignment.items()}
+            x2, masks = descent_features(gm, bu, below, lower.log_joint[ok],
                                          read_levels=read_levels)  # fmt: skip
             same = torch.ones(len(masks), dtype=torch.bool, device=gm.device)
-            for s, v in lower.assignment.items():
+            for s, v in below.items():
                 same &= v == int(values[s][best])
+            if not bool(same.any()):
+                raise ValueError(
+                    f"scene {n_scene}, {name}: the first stage's descent is not among the "
+                    "completions below its top level (greedy's completion differs between the "
+                    "batched and the single pass)"
+                )
             iou = _best_iou(masks.cpu(), truth)
             out.append(VerifierExample(category=c, features=x2.cpu().double(),
                                        hits=iou >= hit_iou, iou=iou,
@@ -211,8 +221,9 @@ def fit_descent_verifier(
     that has a hit stay unfitted (scoring them raises).
 
     With ``levels_below=n`` > 0 it is a second stage (``verified_map(..., lower=)``), fitted on
-    :func:`lower_descent_examples` behind ``first_stage`` (required with ``scenes``; its
-    ``top_k`` is then the verifier's).
+    :func:`lower_descent_examples` behind ``first_stage`` (required with ``scenes``; with
+    ``examples``, pass the first stage they were made behind to record its fingerprint, which
+    ``verified_map(lower=None)`` pairs by). With a ``first_stage``, ``top_k`` is its.
 
     Example::
 
@@ -230,10 +241,13 @@ def fit_descent_verifier(
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     if isinstance(levels_below, bool) or not isinstance(levels_below, int) or levels_below < 0:
         raise ValueError(f"levels_below must be an int >= 0, got {levels_below!r}")
+    if levels_below:
+        lower_levels(gm, levels_below)  # a clear error beyond the model's depth
     if first_stage is not None:
         if not levels_below:
             raise ValueError("first_stage is for a second stage: pass levels_below > 0 too")
-        top_k = first_stage.top_k
+        check_verifier(gm, first_stage)  # a first stage (levels_below 0)
+        top_k = first_stage.top_k  # the second stage records the k it was fitted behind
     if examples is None and levels_below:
         if first_stage is None:
             raise ValueError("a second stage (levels_below > 0) from scenes needs first_stage=")
@@ -305,7 +319,8 @@ def fit_descent_verifier(
     return DescentVerifier(categories=gm.categories, read_levels=read_levels, weight=weight,
                            mean=mean, scale=scale, fitted=fitted, top_k=top_k,
                            model_sha256=verifier_fingerprint(gm), levels_below=levels_below,
-                           **extra)  # fmt: skip
+                           first_stage_sha256=None if first_stage is None
+                           else first_stage.fingerprint(), **extra)  # fmt: skip
 
 
 def _fit_ensemble(

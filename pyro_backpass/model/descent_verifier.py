@@ -38,7 +38,9 @@ _CONFIG_KEY = "pyro_backpass.descent_verifier"
 FORMAT_VERSION = 2
 _READS = (1, 2)
 _HIDDEN = ("hidden_weight", "hidden_bias", "out_weight", "nonlinear")
-_SETUP = ("categories", "read_levels", "top_k", "model_sha256", "levels_below")  # beyond scoring
+#: config beyond the scoring
+_SETUP = ("categories", "read_levels", "top_k", "model_sha256", "levels_below",
+          "first_stage_sha256")  # fmt: skip
 
 
 class DescentVerifier:
@@ -62,6 +64,8 @@ class DescentVerifier:
         descents); n > 0 for a second stage, which chooses among the completions of every
         joint (γ, δ) of the n levels under a kept top level
         (:func:`~pyro_backpass.inference.lower_completions`).
+    :param first_stage_sha256: for a second stage, the :meth:`fingerprint` of the first stage
+        it was fitted behind (None: not recorded); ``verified_map(lower=None)`` pairs them by it.
     :param model_sha256: fingerprint of the generative model it was fitted for (None: unknown).
     :param hidden_weight: ``(N, E, F, H)``, :param hidden_bias: ``(N, E, H)``,
         :param out_weight: ``(N, E, H)``, :param nonlinear: ``(N,)`` bool — the ensembles, all
@@ -80,6 +84,7 @@ class DescentVerifier:
         top_k: int,
         model_sha256: str | None = None,
         levels_below: int = 0,
+        first_stage_sha256: str | None = None,
         hidden_weight: torch.Tensor | None = None,
         hidden_bias: torch.Tensor | None = None,
         out_weight: torch.Tensor | None = None,
@@ -110,7 +115,10 @@ class DescentVerifier:
         if isinstance(levels_below, bool) or not isinstance(levels_below, int) or levels_below < 0:
             raise ValueError(f"levels_below must be an int >= 0, got {levels_below!r}")
         self.top_k = top_k
+        if first_stage_sha256 is not None and not levels_below:
+            raise ValueError("first_stage_sha256 is for a second stage (levels_below > 0)")
         self.levels_below = levels_below
+        self.first_stage_sha256 = first_stage_sha256
         self.model_sha256 = model_sha256
         parts = (hidden_weight, hidden_bias, out_weight, nonlinear)
         if any(t is None for t in parts) and not all(t is None for t in parts):
@@ -227,6 +235,7 @@ class DescentVerifier:
         return DescentVerifier(categories=self.categories, read_levels=self.read_levels,
                                top_k=self.top_k, model_sha256=self.model_sha256,
                                levels_below=self.levels_below,
+                               first_stage_sha256=self.first_stage_sha256,
                                **state, **(hidden or {}))  # fmt: skip
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -254,6 +263,8 @@ class DescentVerifier:
                "top_k": self.top_k, "model_sha256": self.model_sha256}  # fmt: skip
         if self.levels_below:  # absent for a first stage: its fingerprint is unchanged
             out["levels_below"] = self.levels_below
+        if self.first_stage_sha256 is not None:
+            out["first_stage_sha256"] = self.first_stage_sha256
         if self.has_hidden:
             out["ensemble"], out["hidden"] = (
                 int(self.hidden_weight.shape[1]),
@@ -294,7 +305,8 @@ class DescentVerifier:
                    weight=state["weight"], mean=state["mean"], scale=state["scale"],
                    fitted=state["fitted"].bool(), top_k=int(config["top_k"]),
                    model_sha256=config.get("model_sha256"),
-                   levels_below=int(config.get("levels_below", 0)), **hidden)  # fmt: skip
+                   levels_below=int(config.get("levels_below", 0)),
+                   first_stage_sha256=config.get("first_stage_sha256"), **hidden)  # fmt: skip
 
     @classmethod
     def shipped(cls, *, lower: bool = False) -> DescentVerifier | None:

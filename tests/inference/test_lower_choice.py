@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from pyro_backpass import DescentVerifier, GenerativeModel, greedy_map, make_scene, verified_map
-from pyro_backpass.inference import lower_completions, lower_sites
+from pyro_backpass.inference import (
+    check_verifier,
+    lower_completions,
+    lower_sites,
+    verifier_fingerprint,
+)
 from pyro_backpass.learning import fit_descent_verifier, lower_descent_examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,11 +109,22 @@ def test_second_stage_keeps_the_completion_it_scores_highest(case, sign):
     assert result.modes == one_stage.modes  # the first stage's list, in its order
 
 
-def test_second_stage_errors(case, tmp_path):
+def test_second_stage_errors(case, tmp_path, monkeypatch):
     gm, _, bu = case
     first, second = _area_verifier(gm, 1.0), _area_verifier(gm, 1.0, levels_below=2)
     with pytest.raises(ValueError, match="pass it as lower="):
         verified_map(gm, bu, category="airplane", verifier=second)
+    with pytest.raises(ValueError, match="pass it as lower="):  # what the parser checks
+        check_verifier(gm, second)
+    monkeypatch.setattr(DescentVerifier, "shipped",
+                        classmethod(lambda cls, *, lower=False: None))  # fmt: skip
+    with pytest.raises(ValueError, match="no second-stage descent verifier is shipped"):
+        verified_map(gm, bu, category="airplane", verifier=first, lower=True)
+    with pytest.raises(ValueError, match="clamp disagrees with top"):
+        lower_completions(gm, bu, category="airplane", top={"gamma_pool4": 0, "delta_pool4": 0},
+                          clamp={"gamma_pool4": 1})  # fmt: skip
+    with pytest.raises(ValueError, match="first_stage_sha256 is for a second stage"):
+        DescentVerifier(**{**_kwargs(first), "first_stage_sha256": "0" * 64})
     with pytest.raises(ValueError, match="must be a second-stage verifier"):
         verified_map(gm, bu, category="airplane", verifier=first, lower=first)
     with pytest.raises(ValueError, match="second-stage verifier has no weights for 'bird'"):
@@ -129,10 +145,67 @@ def test_second_stage_errors(case, tmp_path):
     assert not first.same_setup(second)
 
 
+def test_second_stage_per_image_clamps_and_occlusion(case):
+    """Two images in one call, each with its own clamps and occluder: each image's answer is
+    the brute force over its own completions (one greedy call per state, the same occluder),
+    and a category clamp given by name is accepted."""
+    gm, _, bu = case
+    first, second = _area_verifier(gm, 1.0), _area_verifier(gm, -1.0, levels_below=2)
+    two = {k: torch.cat([v, v.flip(-1)]) for k, v in bu.items()}  # (2, C, H, W)
+    hidden = torch.ones(2, 1, 64, 64, dtype=torch.bool)
+    hidden[1, :, :, :24] = False  # image 1: its left part unobserved
+    observed = {"image": hidden}
+    clamp = {"gamma_conv4_1": torch.tensor([1, 3]), "gamma_pool3": torch.tensor([3, 0]),
+             "category": "airplane"}  # fmt: skip
+    result = verified_map(gm, two, category="airplane", verifier=first, clamp=clamp,
+                          observed=observed, lower=second)  # fmt: skip
+    for i in range(2):
+        one = {k: v[i : i + 1] for k, v in two.items()}
+        mine = {"gamma_conv4_1": int(clamp["gamma_conv4_1"][i]),
+                "gamma_pool3": int(clamp["gamma_pool3"][i])}  # fmt: skip
+        obs = {"image": hidden[i : i + 1]}
+        top = _top(gm, {s: v[i : i + 1] for s, v in result.assignment.items()})
+        best, best_area = None, None
+        for d in range(gm.site_sizes["delta_pool3"]):
+            r = greedy_map(gm, one, category="airplane", observed=obs,
+                           clamp={**top, **mine, "delta_pool3": d})  # fmt: skip
+            area = -float(np.log1p(r.mask[0].sum().item()))
+            if best is None or area > best_area:
+                best, best_area = r, area
+        for s, v in best.assignment.items():
+            assert int(result.assignment[s][i]) == int(v[0]), (i, s)
+
+
+def test_lower_none_pairs_by_the_first_stage(case, monkeypatch):
+    """``lower=None`` uses a shipped second stage only behind the first stage it records;
+    an explicit one recorded behind another first stage is an error."""
+    gm, _, bu = case
+    first = _area_verifier(gm, 1.0)
+    other = _area_verifier(gm, -1.0)
+    small = _area_verifier(gm, -1.0, levels_below=2)
+    paired = DescentVerifier(**{**_kwargs(small), "first_stage_sha256": first.fingerprint(),
+                                "model_sha256": verifier_fingerprint(gm)})  # fmt: skip
+    monkeypatch.setattr(
+        DescentVerifier,
+        "shipped",
+        classmethod(lambda cls, *, lower=False: paired if lower else first),
+    )
+    clamp = {"gamma_conv4_1": 1, "gamma_pool3": 3}
+    staged = verified_map(gm, bu, category="airplane", verifier=first, clamp=clamp, lower=paired)
+    auto = verified_map(gm, bu, category="airplane", verifier=first, clamp=clamp)
+    as_lists = lambda r: {k: v.tolist() for k, v in r.assignment.items()}  # noqa: E731
+    assert as_lists(auto) == as_lists(staged)  # lower=None: the paired shipped stage
+    plain = verified_map(gm, bu, category="airplane", verifier=other, clamp=clamp, lower=False)
+    unpaired = verified_map(gm, bu, category="airplane", verifier=other, clamp=clamp)
+    assert as_lists(unpaired) == as_lists(plain)  # behind another first stage: none
+    with pytest.raises(ValueError, match="fitted behind another first stage"):
+        verified_map(gm, bu, category="airplane", verifier=other, clamp=clamp, lower=paired)
+
+
 def _kwargs(v: DescentVerifier) -> dict:
     return dict(categories=v.categories, read_levels=v.read_levels, weight=v.weight,
                 mean=v.mean, scale=v.scale, fitted=v.fitted, top_k=v.top_k,
-                levels_below=v.levels_below)  # fmt: skip
+                levels_below=v.levels_below, model_sha256=v.model_sha256)  # fmt: skip
 
 
 def test_second_stage_examples_and_fit(case):
@@ -153,9 +226,10 @@ def test_second_stage_examples_and_fit(case):
             assert torch.equal(one.mask[0], chosen.mask[0])
     assert int(chosen.assignment["gamma_conv4_1"][0]) == ex.anchor
     assert ex.levels_below == 1 and ex.top_k == K
-    fit = fit_descent_verifier(gm, examples=[ex, ex], top_k=K, levels_below=1,
+    fit = fit_descent_verifier(gm, examples=[ex, ex], first_stage=first, levels_below=1,
                                categories=["airplane"], progress=False)  # fmt: skip
     assert fit.levels_below == 1 and fit.top_k == K
+    assert fit.first_stage_sha256 == first.fingerprint()
     with pytest.raises(ValueError, match="examples were made for levels_below=1, not 0"):
         fit_descent_verifier(gm, examples=[ex], top_k=K, progress=False)
     with pytest.raises(ValueError, match="needs first_stage"):
