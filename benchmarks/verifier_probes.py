@@ -69,6 +69,10 @@
   IoU, flips), as Mask Scoring R-CNN's mask-IoU head does. On ``--validation`` scenes: the
   descent it scores highest, and the shipped verifier's score plus ``a`` × its (z-scored)
   prediction, beside the verifier alone and the bound.
+- ``mask_head_below``: the same head fitted and used on the 225 completions below the shipped
+  verifier's chosen top level (``lower_choice``'s lists: all near one place, where the head
+  must judge the mask's extent); ``verifier`` is then the shipped verifier's score of the
+  completions.
 
 One thread. Writes (updates) ``benchmarks/results/verifier_probes.json``, one key a probe.
 
@@ -499,7 +503,7 @@ def probe_lower_choice(args, gm, verifier) -> dict:
 def _descent_lists(job: tuple) -> list[dict]:
     """One worker (one thread): for scenes ``indices`` of ``split`` with an airplane, the image,
     its ``top_k`` descents' masks, the shipped verifier's scores and each mask's best IoU."""
-    split, n, indices, top_k = job
+    split, n, indices, top_k, below = job
     torch.set_num_threads(1)
     gm, _ = learned_model(smoke=False, path=None)
     verifier = DescentVerifier.shipped()
@@ -510,10 +514,17 @@ def _descent_lists(job: tuple) -> list[dict]:
         truth = [t.mask for t in scene.instances if t.category == "airplane" and t.mask.any()]
         if not truth:
             continue
-        _, x, masks = descents(gm, scene.image, c, top_k)
+        bu, x, masks, values = descents(gm, scene.image, c, top_k, with_values=True)
+        score = verifier.score(x, c)
+        if below:  # the completions below the verifier's chosen top level instead
+            best = int(score.argmax())
+            top = gm.hidden_levels[-1]
+            keep = {s: int(values[s][best]) for s in (f"gamma_{top}", f"delta_{top}")}
+            lower = lower_completions(gm, bu, category=c, top=keep, levels_below=2)
+            x, masks = descent_features(gm, bu, lower.assignment, lower.log_joint)
+            score = verifier.score(x, c)
         iou = torch.stack([mask_iou(masks, t[None].expand_as(masks)) for t in truth]).amax(0)
-        out.append({"image": scene.image, "masks": masks, "verifier": verifier.score(x, c),
-                    "iou": iou})  # fmt: skip
+        out.append({"image": scene.image, "masks": masks, "verifier": score, "iou": iou})
     return out
 
 
@@ -562,14 +573,15 @@ def fit_mask_head(train: list[dict], *, steps: int, batch: int = 16, per: int = 
     return net.eval()
 
 
-def probe_mask_head(args) -> dict:
+def probe_mask_head(args, *, below: bool = False) -> dict:
     """A new kind of evidence for the choice: a small network that reads the image and a
     descent's mask together and predicts the mask's IoU with an object (as Mask Scoring
-    R-CNN's mask-IoU head), fitted on the training scenes' descents."""
+    R-CNN's mask-IoU head), fitted on the training scenes' descents (``below``: on the 225
+    completions below the shipped verifier's chosen top level, and choosing among them)."""
     from concurrent.futures import ProcessPoolExecutor
 
     def lists(split: str, n: int) -> list[dict]:
-        jobs = [(split, n, list(range(w, n, args.workers)), args.top_k)
+        jobs = [(split, n, list(range(w, n, args.workers)), args.top_k, below)
                 for w in range(args.workers)]  # fmt: skip
         if args.workers == 1:
             return _descent_lists(jobs[0])
@@ -721,6 +733,7 @@ def main() -> None:
             "refine",
             "lower_choice",
             "mask_head",
+            "mask_head_below",
         ),
         required=True,
     )
@@ -773,6 +786,7 @@ def main() -> None:
            "refine": lambda: probe_refine(args, gm, verifier),
            "lower_choice": lambda: probe_lower_choice(args, gm, verifier),
            "mask_head": lambda: probe_mask_head(args),
+           "mask_head_below": lambda: probe_mask_head(args, below=True),
            }[args.probe]()  # fmt: skip
     row.update(machine=machine(), threads=1, model=model_name, smoke=args.smoke,
                shipped_verifier_sha256=verifier.fingerprint(),

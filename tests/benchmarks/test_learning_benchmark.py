@@ -428,11 +428,11 @@ def test_fit_lower_verifier_smoke(tmp_path):
         assert row["validation"]["n"] == 1 and row["validation_objects"]["n"] == 1
 
 
-@pytest.mark.slow  # ~80 s: eight probes (fits, votes, cues, refined passes) on a few inputs
+@pytest.mark.slow  # ~2 min: nine probes (fits, votes, cues, refined passes) on a few inputs
 def test_verifier_probes_two_layer_and_lone_smoke(tmp_path):
     out = tmp_path / "probes.json"
     probes = ("two_layer", "lone", "list_context", "vote", "objectness", "refine", "lower_choice",
-              "mask_head")  # fmt: skip
+              "mask_head", "mask_head_below")  # fmt: skip
     for probe in probes:
         _smoke(BENCH.parent / "verifier_probes.py", "--probe", probe, "--smoke", "--out", str(out))
     result = json.loads(out.read_text())
@@ -444,6 +444,7 @@ def test_verifier_probes_two_layer_and_lone_smoke(tmp_path):
     head = result["mask_head"]["choices"]
     assert {"verifier", "best_of_k", "head", "verifier+1.0*head"} <= set(head)
     assert len({row["n"] for row in head.values()}) == 1  # every choice on the same scenes
+    assert set(result["mask_head_below"]["choices"]) == set(head)
     assert {"paint_r8_x2", "observe_r4"} <= set(result["refine"]["choices"]["objects"])
     assert {"edge_share", "verifier+1.0*ring_contrast"} <= set(result["objectness"]["choices"])
     assert {"verifier", "vote3", "vote10_same_object"} <= set(result["vote"]["choices"]["scenes"])
