@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_backpass import DescentVerifier, GenerativeModel, greedy_map, make_scene, verified_map
+from pyro_backpass import DescentVerifier, greedy_map, verified_map
 from pyro_backpass.inference import (
     check_verifier,
     lower_completions,
@@ -24,14 +24,8 @@ K = 3
 
 
 @pytest.fixture(scope="module")
-def case():
-    torch.set_num_threads(1)
-    gm = GenerativeModel.default()
-    scene = make_scene(seed=(7, 1))
-    with torch.no_grad():
-        acts = gm.backbone(scene.image[None])
-    bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
-    return gm, scene, bu
+def case(airplane_scene):
+    return airplane_scene
 
 
 def _area_verifier(gm, sign: float, *, levels_below: int = 0) -> DescentVerifier:

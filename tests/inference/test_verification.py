@@ -16,7 +16,6 @@ from pyro_backpass import (
     fit_descent_verifier,
     greedy_map,
     log_joint,
-    make_scene,
     verified_map,
 )
 from pyro_backpass.inference import background_log_likelihood, default_verifier, descent_features
@@ -27,13 +26,8 @@ K = 4
 
 
 @pytest.fixture(scope="module")
-def case():
-    torch.set_num_threads(1)
-    gm = GenerativeModel.default()
-    scene = make_scene(seed=(7, 1))
-    with torch.no_grad():
-        acts = gm.backbone(scene.image[None])
-    bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
+def case(airplane_scene):
+    gm, scene, bu = airplane_scene
     result = greedy_map(gm, bu, category="airplane", top_k=K)
     modes = result.modes[0]
     values = {s: torch.tensor([a[s] for a, _ in modes]) for s in result.assignment}
