@@ -114,6 +114,7 @@ from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.inference import (  # noqa: E402
     descent_features,
     lower_completions,
+    lower_descent_features,
     lower_levels,
     mode_values,
     region_views,
@@ -518,10 +519,8 @@ def _descent_lists(job: tuple) -> list[dict]:
         score = verifier.score(x, c)
         if below:  # the completions below the verifier's chosen top level instead
             best = int(score.argmax())
-            top = gm.hidden_levels[-1]
-            keep = {s: int(values[s][best]) for s in (f"gamma_{top}", f"delta_{top}")}
-            lower = lower_completions(gm, bu, category=c, top=keep, levels_below=2)
-            x, masks = descent_features(gm, bu, lower.assignment, lower.log_joint)
+            chosen = {s: int(v[best]) for s, v in values.items()}
+            _, x, masks = lower_descent_features(gm, bu, chosen, levels_below=2)
             score = verifier.score(x, c)
         iou = torch.stack([mask_iou(masks, t[None].expand_as(masks)) for t in truth]).amax(0)
         out.append({"image": scene.image, "masks": masks, "verifier": score, "iou": iou})

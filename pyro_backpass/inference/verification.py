@@ -22,7 +22,7 @@ from pyro_backpass.inference.background import background_log_likelihood
 from pyro_backpass.inference.greedy import greedy_map
 from pyro_backpass.inference.lower_choice import lower_completions, lower_levels
 from pyro_backpass.inference.objective import object_mask, top_down_pass
-from pyro_backpass.model.checks import category_indices, check_bu, check_observed
+from pyro_backpass.model.checks import category_indices, check_bu, check_clamp, check_observed
 from pyro_backpass.model.descent_verifier import DescentVerifier
 from pyro_backpass.model.generative_model import backbone_fingerprint
 from pyro_backpass.results import MapResult
@@ -36,6 +36,7 @@ __all__ = [
     "check_verifier",
     "default_verifier",
     "descent_features",
+    "lower_descent_features",
     "mode_values",
     "region_views",
     "verified_map",
@@ -275,6 +276,7 @@ def verified_map(
                         observed=observed, top_k=k)  # fmt: skip
     assert result.modes is not None
     masks_obs = check_observed(gm, observed, bu_checked, b)
+    clamps = check_clamp(gm, clamp, b)  # site → (B,): image i's are [i]
     sites = list(result.assignment)
     picked, ordered = [], []
     for i, modes in enumerate(result.modes):
@@ -290,8 +292,9 @@ def verified_map(
         order = sorted(range(len(modes)), key=lambda j: (-float(score[j]), j))
         best = dict(modes[order[0]][0])
         if second is not None and bool(second.fitted[c]):
-            best = _lower_choice(gm, second, one, best, c, clamp=_image_clamp(clamp, i),
-                                 priors=priors, observed=obs or None)  # fmt: skip
+            mine = {s: int(v[i]) for s, v in clamps.items() if s != "category"}
+            best = _lower_choice(gm, second, one, best, c, clamp=mine, priors=priors,
+                                 observed=obs or None)  # fmt: skip
         picked.append(best)
         ordered.append([modes[j] for j in order])
     chosen = {s: torch.tensor([a[s] for a in picked], device=gm.device) for s in sites}
@@ -327,34 +330,48 @@ def _second_stage(gm: GenerativeModel, lower: Any, cats: torch.Tensor,
     return second
 
 
-def _image_clamp(clamp: Mapping[str, Any] | None, i: int) -> dict[str, int]:
-    """Image ``i``'s clamps of hidden sites as ints (a clamp is an int or one index per
-    image; the category is the first stage's, already applied)."""
-    out = {}
-    for site, v in (clamp or {}).items():
-        if site == "category":
-            continue
-        t = torch.as_tensor(v)
-        out[site] = int(t) if t.dim() == 0 else int(t[i])
-    return out
+@torch.no_grad()
+def lower_descent_features(
+    gm: GenerativeModel,
+    bu: Mapping[str, torch.Tensor],
+    chosen: Mapping[str, Any],
+    *,
+    levels_below: int,
+    read_levels: Sequence[str] = READ_LEVELS,
+    clamp: Mapping[str, int] | None = None,
+    priors: Mapping[str, SitePrior] | None = None,
+    observed: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """What a second stage chooses among, on one image: ``chosen``'s (a full assignment's)
+    category and top level kept, the :func:`~pyro_backpass.inference.lower_completions` of the
+    ``levels_below`` levels under it that have a finite log-joint (a prior may forbid some;
+    ``chosen``'s own completion is among them), and their :func:`descent_features`.
+
+    :param bu: level → ``(1, C, H, W)``, one image (with its ``image`` level).
+    :param clamp: further sites → int the completions must take (not the top level's).
+    :returns: every site → ``(m,)`` indices, features ``(m, F)`` and masks ``(m, H, W)``.
+    """
+    name = gm.hidden_levels[-1]
+    top = {s: int(chosen[s]) for s in (f"gamma_{name}", f"delta_{name}")}
+    result = lower_completions(gm, bu, category=int(chosen["category"]), top=top,
+                               levels_below=levels_below, clamp=clamp, priors=priors,
+                               observed=observed)  # fmt: skip
+    ok = torch.isfinite(result.log_joint).nonzero()[:, 0]
+    values = {s: v[ok] for s, v in result.assignment.items()}
+    x, masks = descent_features(gm, bu, values, result.log_joint[ok], read_levels=read_levels,
+                                observed=observed)  # fmt: skip
+    return values, x, masks
 
 
 def _lower_choice(gm: GenerativeModel, second: DescentVerifier, bu: Mapping[str, torch.Tensor],
                   chosen: Mapping[str, int], c: int, *, clamp: Mapping[str, int], priors,
                   observed) -> dict[str, int]:  # fmt: skip
-    """The second stage on one image: ``chosen``'s top level kept, the completions below it
-    with a finite log-joint (a prior may forbid some) scored by ``second``; the best one's full
-    assignment (ties: the first in the enumeration)."""
+    """The second stage on one image: of :func:`lower_descent_features` below ``chosen``'s
+    top level, the full assignment ``second`` scores highest (ties: the first enumerated)."""
     name = gm.hidden_levels[-1]
-    top = {s: int(chosen[s]) for s in (f"gamma_{name}", f"delta_{name}")}
-    rest = {s: v for s, v in clamp.items() if s not in top}
-    result = lower_completions(gm, bu, category=c, top=top, levels_below=second.levels_below,
-                               clamp=rest, priors=priors, observed=observed)  # fmt: skip
-    ok = torch.isfinite(result.log_joint).nonzero()[:, 0]  # chosen's own is among them
-    if len(ok) == 0:
-        return dict(chosen)
-    values = {s: v[ok] for s, v in result.assignment.items()}
-    x, _ = descent_features(gm, bu, values, result.log_joint[ok],
-                            read_levels=second.read_levels, observed=observed)  # fmt: skip
+    rest = {s: v for s, v in clamp.items() if s not in (f"gamma_{name}", f"delta_{name}")}
+    values, x, _ = lower_descent_features(gm, bu, chosen, levels_below=second.levels_below,
+                                          read_levels=second.read_levels, clamp=rest,
+                                          priors=priors, observed=observed)  # fmt: skip
     j = int(second.score(x.cpu(), c).argmax())  # argmax: the first of equal maxima
     return {s: int(v[j]) for s, v in values.items()}

@@ -33,9 +33,10 @@ from pyro_backpass.inference import (
     READ_LEVELS,
     descent_features,
     greedy_map,
-    lower_completions,
+    lower_descent_features,
     lower_levels,
     mode_values,
+    verified_map,
     verifier_fingerprint,
 )
 from pyro_backpass.inference.verification import check_verifier
@@ -121,29 +122,19 @@ def lower_descent_examples(
     check_verifier(gm, first_stage)  # a first stage (levels_below 0)
     lower_levels(gm, levels_below)  # a clear error beyond the model's depth
     names = _category_names(gm, categories)
-    top = gm.hidden_levels[-1]
     out = []
     scenes = list(scenes)
     for n_scene, scene in enumerate(tqdm(scenes, desc="second-stage verifier: descents",
                                          disable=not progress)):  # fmt: skip
         bu = _hidden_bu(gm, scene.image)
         for name, c, truth in _truths(gm, scene, names):
-            if not bool(first_stage.fitted[c]):
-                raise ValueError(f"first_stage has no weights for {name!r}")
-            result = greedy_map(gm, bu, category=c, top_k=first_stage.top_k)
-            assert result.modes is not None
-            values, lj = mode_values(result.modes[0], list(result.assignment), device=gm.device)
-            x, _ = descent_features(gm, bu, values, lj, read_levels=first_stage.read_levels)
-            best = int(first_stage.score(x.cpu(), c).argmax())
-            keep = {s: int(values[s][best]) for s in (f"gamma_{top}", f"delta_{top}")}
-            lower = lower_completions(gm, bu, category=c, top=keep, levels_below=levels_below)
-            ok = torch.isfinite(lower.log_joint).nonzero()[:, 0]  # a prior may forbid some
-            below = {s: v[ok] for s, v in lower.assignment.items()}
-            x2, masks = descent_features(gm, bu, below, lower.log_joint[ok],
-                                         read_levels=read_levels)  # fmt: skip
+            first = verified_map(gm, bu, category=c, verifier=first_stage, lower=False)
+            chosen = {s: int(v[0]) for s, v in first.assignment.items()}
+            below, x2, masks = lower_descent_features(gm, bu, chosen, levels_below=levels_below,
+                                                      read_levels=read_levels)  # fmt: skip
             same = torch.ones(len(masks), dtype=torch.bool, device=gm.device)
             for s, v in below.items():
-                same &= v == int(values[s][best])
+                same &= v == chosen[s]
             if not bool(same.any()):
                 raise ValueError(
                     f"scene {n_scene}, {name}: the first stage's descent is not among the "
