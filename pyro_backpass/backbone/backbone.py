@@ -235,6 +235,19 @@ class Backbone(nn.Module):
             acts = self(acts)
         return self.head(acts[list(acts)[-1]])
 
+    def cell_logits(self, acts: Activations | Tensor) -> Tensor:
+        """Per-cell category logits ``(B, K, h, w)`` of the top level (the class activation
+        map): the head's linear layer at every cell, whose mean over cells is :meth:`logits`.
+        Only for a global-average-pool head (:class:`SmallVGG`)."""
+        if not isinstance(self.head, _GapHead):
+            raise ValueError(
+                f"this {self.architecture} backbone has no global-average-pool head: per-cell "
+                "logits need one (SmallVGG has)"
+            )
+        if isinstance(acts, Tensor):
+            acts = self(acts)
+        return self.head.cells(acts[list(acts)[-1]])
+
     @torch.no_grad()
     def predict(self, images: Tensor) -> Tensor:
         """Most probable category per image: LongTensor ``(B,)`` indexing :attr:`categories`."""
@@ -370,6 +383,12 @@ class _GapHead(nn.Module):
 
     def forward(self, top: Tensor) -> Tensor:
         return self.linear(top.mean(dim=(-2, -1)))  # (B, C, h, w) -> (B, K)
+
+    def cells(self, top: Tensor) -> Tensor:
+        """The linear layer at every cell: ``(B, C, h, w) -> (B, K, h, w)``."""
+        return (
+            torch.einsum("bchw,kc->bkhw", top, self.linear.weight) + self.linear.bias[:, None, None]
+        )
 
 
 def _tensors_path(path: str | os.PathLike) -> Path:

@@ -14,6 +14,11 @@ penalty of :mod:`.penalty` at ``penalty_levels`` (default: every conv and pool l
 relative normalisation; chosen by measurement, see that module). That method is covered by US patent
 11,216,727; it is an option here, not a default.
 
+``--localised`` (issue #10, lever 3) uses the same batches of cluttered scenes for the objective
+of :mod:`.localisation`: per-cell category labels at the top level from the instance masks
+(clutter and background cells negative for every category) and, at ``background_levels``, a
+penalty on activation energy off the objects relative to on them. Off by default.
+
 References:
     Stone, Wang, Lee, Xie, Yuille (2017). Teaching compositionality to CNNs. CVPR.
     Smith, Topin (2019). Super-convergence (one-cycle learning rate). SPIE.
@@ -32,6 +37,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from pyro_backpass.backbone.backbone import Backbone
+from pyro_backpass.backbone.localisation import background_ratio, cell_targets, localisation_loss
 from pyro_backpass.backbone.penalty import PenaltyKind, compositional_penalty
 from pyro_backpass.backbone.small_vgg import DEFAULT_CFG, SmallVGG
 from pyro_backpass.data import CATEGORIES, DEFAULT_SIZE
@@ -42,6 +48,9 @@ __all__ = ["SMOKE", "TrainConfig", "TrainResult", "train_backbone"]
 
 # Held-out sets are rendered from seeds this far from the training seed.
 HELD_OUT_SEED_OFFSET = 1_000_003
+
+# The per-epoch means recorded in the history (the last two only for a localised run).
+_LOSS_PARTS = ("loss", "penalty", "localisation", "background")
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,12 @@ class TrainConfig:
     penalty_weight: float = 1.0
     n_scenes: int = 1500  # rendered training scenes (each with its objects alone)
     scene_batch: int = 8  # scenes per step, beside `batch_size` single objects
+    # Scene localisation objective (issue #10, lever 3; .localisation); off by default.
+    localised: bool = False
+    localisation_weight: float = 1.0  # weight of the per-cell multi-label loss
+    full_cover: float = 0.25  # a top-level cell this covered by a category is a full positive
+    background_levels: tuple[str, ...] = ()  # levels of the background penalty (none: off)
+    background_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,16 @@ def _check_config(config: TrainConfig) -> None:
     for key in ("n_train", "n_test", "epochs", "batch_size", "n_scenes", "scene_batch"):
         if getattr(config, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(config, key)}")
+    if config.background_levels and not config.localised:
+        raise ValueError("background_levels act only with localised=True")
+    bad = [lv for lv in config.background_levels if lv not in names]
+    if bad:
+        raise ValueError(f"background levels {bad} are not levels of cfg: {names}")
+    for key in ("localisation_weight", "background_weight"):
+        if not getattr(config, key) >= 0:
+            raise ValueError(f"{key} must be >= 0, got {getattr(config, key)}")
+    if not 0.0 < config.full_cover <= 1.0:
+        raise ValueError(f"full_cover must be in (0, 1], got {config.full_cover}")
 
 
 def _flip(x: Tensor, flip: Tensor) -> Tensor:
@@ -120,8 +145,11 @@ def penalised_levels(config: TrainConfig) -> tuple[str, ...]:
 
 def _scene_loss(
     backbone: Backbone, pairs: ScenePairs, idx: Tensor, config: TrainConfig, gen: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """Classification on scenes and objects alone, and the penalty, for scenes ``idx``."""
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The scene objectives for scenes ``idx``: the loss to add, and its parts by name.
+
+    Compositional: classification on scenes and objects alone, and the penalty. Localised:
+    the per-cell multi-label loss and the background penalty."""
     sel = torch.isin(pairs.scene_index, idx)
     remap = torch.full((len(pairs.scenes),), -1, dtype=torch.long)
     remap[idx] = torch.arange(len(idx))
@@ -131,7 +159,24 @@ def _scene_loss(
     objects = _flip(pairs.objects[sel], flip[scene_index])  # (O, 3, H, W)
     masks = _flip(pairs.masks[sel], flip[scene_index])  # (O, H, W)
     labels = pairs.labels[sel]
-    scene_acts, alone_acts = backbone(scenes), backbone(objects)
+    scene_acts = backbone(scenes)
+    loss, parts = scenes.new_zeros(()), {}
+    if config.localised:
+        top = scene_acts.levels[-1]
+        targets = cell_targets(
+            masks, labels, scene_index, n_scenes=len(idx), num_classes=len(backbone.categories),
+            size=(top.height, top.width), full_cover=config.full_cover,
+        )  # fmt: skip
+        parts["localisation"] = localisation_loss(backbone.cell_logits(scene_acts), targets)
+        loss = loss + config.localisation_weight * parts["localisation"]
+        if config.background_levels:
+            parts["background"] = background_ratio(
+                scene_acts, masks, scene_index, levels=config.background_levels
+            )
+            loss = loss + config.background_weight * parts["background"]
+    if not config.compositional:
+        return loss, parts
+    alone_acts = backbone(objects)
     # Soft scene target: uniform over the categories present in the scene.
     target = torch.zeros(len(idx), len(backbone.categories))
     target[scene_index, labels] = 1.0
@@ -147,7 +192,8 @@ def _scene_loss(
         levels=penalised_levels(config),
         kind=config.penalty,
     )
-    return cls, pen
+    parts["penalty"] = pen
+    return loss + cls + config.penalty_weight * pen, parts
 
 
 def train_backbone(config: TrainConfig = TrainConfig(), *, progress: bool = True) -> TrainResult:
@@ -166,7 +212,7 @@ def train_backbone(config: TrainConfig = TrainConfig(), *, progress: bool = True
         progress=progress,
     )
     pairs = None
-    if config.compositional:
+    if config.compositional or config.localised:
         pairs = render_scene_pairs(
             config.n_scenes,
             categories=cats,
@@ -194,22 +240,25 @@ def train_backbone(config: TrainConfig = TrainConfig(), *, progress: bool = True
     history: list[dict[str, float]] = []
     bar = tqdm(
         total=config.epochs * steps_per_epoch,
-        desc="train-backbone" + (" (compositional)" if config.compositional else ""),
+        desc="train-backbone"
+        + (" (compositional)" if config.compositional else "")
+        + (" (localised)" if config.localised else ""),
         disable=not progress,
         unit="step",
     )
     for epoch in range(config.epochs):
         perm = torch.randperm(len(x_train), generator=gen)
-        sums = {"loss": 0.0, "penalty": 0.0}
+        sums = dict.fromkeys(_LOSS_PARTS[: 2 + 2 * config.localised], 0.0)
         for step in range(steps_per_epoch):
             idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
             flip = torch.rand(len(idx), generator=gen) < 0.5
             loss = F.cross_entropy(backbone.logits(_flip(x_train[idx], flip)), y_train[idx])
             if pairs is not None:
                 scene_idx = torch.randint(len(pairs.scenes), (config.scene_batch,), generator=gen)
-                cls, pen = _scene_loss(backbone, pairs, scene_idx.unique(), config, gen)
-                loss = loss + cls + config.penalty_weight * pen
-                sums["penalty"] += pen.item()
+                scene_loss, parts = _scene_loss(backbone, pairs, scene_idx.unique(), config, gen)
+                loss = loss + scene_loss
+                for key, value in parts.items():
+                    sums[key] += value.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -101,7 +101,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--n-scenes",
         type=positive_int,
         default=d.n_scenes,
-        help="cluttered scenes for the compositionality objective",
+        help="cluttered scenes for the compositional or localisation objective",
+    )
+    p.add_argument(
+        "--localised",
+        action="store_true",
+        help="add the scene localisation objective: per-cell category labels at the top level "
+        "from instance masks, clutter negative (issue #10, lever 3)",
+    )
+    p.add_argument(
+        "--localisation-weight",
+        type=positive_float,
+        default=d.localisation_weight,
+        help="weight of the per-cell multi-label loss",
+    )
+    p.add_argument(
+        "--background-levels",
+        nargs="+",
+        default=[],
+        help="levels where activation off the objects is penalised relative to on them "
+        "(with --localised; default: none)",
+    )
+    p.add_argument(
+        "--background-weight",
+        type=positive_float,
+        default=d.background_weight,
+        help="weight of the background penalty",
     )
     p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     p.add_argument(
@@ -129,6 +154,10 @@ def run(args: argparse.Namespace) -> None:
         penalty=args.penalty,
         penalty_weight=args.penalty_weight,
         n_scenes=args.n_scenes,
+        localised=args.localised,
+        localisation_weight=args.localisation_weight,
+        background_levels=tuple(args.background_levels),
+        background_weight=args.background_weight,
     )
     if args.smoke:
         default = TrainConfig()

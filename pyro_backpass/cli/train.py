@@ -52,9 +52,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--backbone",
-        choices=["default", "compositional"],
         default=None,
-        help="the shipped backbone to model (default: the preset's)",
+        help="the backbone to model: default, compositional (the shipped ones) or the "
+        "checkpoint of a `train-backbone` run (its path; recorded in the model and reattached "
+        "from there on load) (default: the preset's)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed (default: the preset's)")
     p.add_argument(

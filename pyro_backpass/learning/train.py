@@ -60,7 +60,9 @@ class TrainConfig:
     """Everything a training run depends on (stored in ``config.json``)."""
 
     categories: tuple[str, ...] = CATEGORIES  # modelled categories (the backbone's by default)
-    backbone: str = "default"  # "default" or "compositional" (the shipped backbones)
+    # "default" or "compositional" (the shipped backbones), or the path of a checkpoint
+    # written by `pyro-backpass train-backbone` (recorded in the model, reattached on load).
+    backbone: str = "default"
     objects_per_category: int = 200  # single objects for hard EM (train split)
     # Render scales of those objects (bounding-sphere diameter / image size), split evenly;
     # add data.SCENE_SCALE to train also on objects as small as in cluttered scenes.
@@ -217,9 +219,16 @@ def train_mask_readout(
 
 
 def _backbone(name: str) -> Backbone:
-    if name not in ("default", "compositional"):
-        raise ValueError(f"backbone must be 'default' or 'compositional', got {name!r}")
-    return Backbone.default(compositional=name == "compositional")
+    """A shipped backbone by name, or a ``train-backbone`` checkpoint by path."""
+    if name in ("default", "compositional"):
+        return Backbone.default(compositional=name == "compositional")
+    try:
+        return Backbone.load(name)
+    except FileNotFoundError as err:
+        raise ValueError(
+            f"backbone must be 'default', 'compositional' or a checkpoint written by "
+            f"`pyro-backpass train-backbone`; {err}"
+        ) from None
 
 
 def _training_scenes(config: TrainConfig, world: World, progress: bool) -> list:
@@ -318,6 +327,8 @@ def train_model(
         gm = GenerativeModel.for_backbone(
             backbone, num_components=ks, top_level=config.top_level,
             offsets={config.top_level: config.top_offset_radius}, backbone_name=config.backbone,
+            backbone_path=None if config.backbone in ("default", "compositional")
+            else config.backbone,
         )  # fmt: skip
         scenes = _training_scenes(config, world, progress)
         fit_observation_model(gm, backbone, scenes, progress=progress, world=world)

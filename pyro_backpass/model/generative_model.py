@@ -56,6 +56,15 @@ _CONFIG_KEY = "pyro_backpass.GenerativeModel"
 _SHIPPED_BACKBONES = ("default", "compositional")
 
 
+def _backbone_file_exists(path: str | None) -> bool:
+    """Whether a ``train-backbone`` checkpoint (the stem or either file) is at ``path``."""
+    if not path:
+        return False
+    stem = Path(path)
+    stem = stem.with_suffix("") if stem.suffix in (".json", ".safetensors") else stem
+    return all(stem.with_suffix(s).exists() for s in (".json", ".safetensors"))
+
+
 def backbone_fingerprint(backbone: nn.Module) -> str:
     """SHA-256 of a backbone's parameters and buffers (names, shapes, values), in order."""
     digest = hashlib.sha256()
@@ -224,9 +233,14 @@ class GenerativeModel(nn.Module):
         the ``bu`` that :func:`~pyro_backpass.greedy_map` takes), if one is attached."""
         return self.__dict__["_backbone"]
 
-    def attach_backbone(self, backbone: Backbone, *, name: str) -> GenerativeModel:
+    def attach_backbone(
+        self, backbone: Backbone, *, name: str, path: str | os.PathLike | None = None
+    ) -> GenerativeModel:
         """Attach ``backbone`` (checked against the model's levels); ``name`` is recorded in
-        saved files (``"default"`` and ``"compositional"`` are reloaded automatically)."""
+        saved files (``"default"`` and ``"compositional"`` are reloaded automatically), and so
+        is ``path``, the checkpoint the backbone was read from (written by
+        ``pyro-backpass train-backbone``): :meth:`load` reattaches it from there while it
+        exists with the same fingerprint."""
         image = self._levels[0]
         levels = {s.name: s.shape for s in backbone.levels_for((image.height, image.width))}
         wrong = [s.name for s in self._levels[:-1] if levels.get(s.name) != s.shape]
@@ -236,7 +250,10 @@ class GenerativeModel(nn.Module):
                 f"categories {list(backbone.categories)} != {list(self._categories)}"
             )
         self.__dict__["_backbone"] = backbone
-        self.__dict__["_backbone_record"] = {"name": name, "sha256": backbone_fingerprint(backbone)}
+        record = {"name": name, "sha256": backbone_fingerprint(backbone)}
+        if path is not None:
+            record["path"] = str(Path(path).resolve())
+        self.__dict__["_backbone_record"] = record
         return self
 
     def attach_mask_readout(self, readout: MaskReadout | None) -> GenerativeModel:
@@ -481,6 +498,7 @@ class GenerativeModel(nn.Module):
         image_size: int | None = None,
         top_level: str | None = None,
         backbone_name: str = "custom",
+        backbone_path: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> GenerativeModel:
         """An untrained model of ``backbone``'s activations (its levels and categories), with
@@ -494,6 +512,8 @@ class GenerativeModel(nn.Module):
             activations, like those of any level the model lacks, are ignored in ``bu``.
         :param backbone_name: recorded in saved files; ``"default"`` / ``"compositional"`` (the
             shipped backbones) are reloaded with the model.
+        :param backbone_path: the checkpoint ``backbone`` was loaded from, if any: recorded, and
+            :meth:`load` reattaches it from there (see :meth:`attach_backbone`).
         :param kwargs: any other ``GenerativeModel`` keyword (offsets, σ's, ...).
         """
         if not backbone.categories:
@@ -504,7 +524,7 @@ class GenerativeModel(nn.Module):
             levels = levels_up_to(levels, top_level)
         gm = cls(levels, categories=backbone.categories,
                  num_components=num_components, cfg=backbone.cfg, **kwargs)  # fmt: skip
-        return gm.attach_backbone(backbone, name=backbone_name)
+        return gm.attach_backbone(backbone, name=backbone_name, path=backbone_path)
 
     @classmethod
     def random(
@@ -601,8 +621,19 @@ class GenerativeModel(nn.Module):
         return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, map_location: str | None = None) -> GenerativeModel:
-        """Read a model written by :meth:`save`; clear errors for wrong or damaged files."""
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        map_location: str | None = None,
+        backbone: Backbone | None = None,
+    ) -> GenerativeModel:
+        """Read a model written by :meth:`save`; clear errors for wrong or damaged files.
+
+        The backbone it was fitted to is attached: a shipped one by name, a checkpoint by the
+        path recorded when it exists there, or ``backbone`` when given — each checked against
+        the fingerprint recorded in the file (another backbone is a ``ValueError``). A model
+        whose backbone file is gone loads without one (``gm.backbone`` is None)."""
         path = Path(path)
         meta, state = read_safetensors(path, what="model")
         if _CONFIG_KEY not in meta:
@@ -685,16 +716,26 @@ class GenerativeModel(nn.Module):
         gm.load_state_dict(state)
         gm.check_parameters(source=str(path))
         record = config.get("backbone")
-        if record is not None and record.get("name") in _SHIPPED_BACKBONES:
-            backbone = Backbone.default(compositional=record["name"] == "compositional")
-            if backbone_fingerprint(backbone) != record.get("sha256"):
-                raise ValueError(
-                    f"{path} was fitted to another version of the {record['name']!r} backbone "
-                    "(fingerprints differ); refit it with `pyro-backpass train`"
-                )
-            gm.attach_backbone(backbone, name=record["name"])
-        elif record is not None:
+        if record is not None:
             gm.__dict__["_backbone_record"] = dict(record)  # attach it with attach_backbone
+            shipped = record.get("name") in _SHIPPED_BACKBONES
+            if backbone is None and shipped:
+                backbone = Backbone.default(compositional=record["name"] == "compositional")
+            elif backbone is None and _backbone_file_exists(record.get("path")):
+                backbone = Backbone.load(record["path"])
+        if backbone is not None:
+            if record is not None and backbone_fingerprint(backbone) != record.get("sha256"):
+                where = f"the {record['name']!r} backbone" if shipped else (
+                    record.get("path") or record.get("name"))  # fmt: skip
+                raise ValueError(
+                    f"{path} was fitted to another version of {where} (fingerprints differ); "
+                    "refit it with `pyro-backpass train`"
+                )
+            gm.attach_backbone(
+                backbone,
+                name="custom" if record is None else record["name"],
+                path=None if record is None else record.get("path"),
+            )
         return gm.to(device) if device is not None else gm
 
     @classmethod

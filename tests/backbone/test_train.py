@@ -34,12 +34,28 @@ def test_train_backbone_smoke(tmp_path, capsys, compositional):
     assert bb.predict(x).shape == (2,)
 
 
+def test_train_backbone_localised_smoke(tmp_path, capsys):
+    out = tmp_path / "bb"
+    main(["train-backbone", "--smoke", "--no-progress", "--out", str(out), "--localised",
+          "--background-levels", "conv3_1", "pool4", "--background-weight", "0.5"])  # fmt: skip
+    training = json.loads(out.with_suffix(".json").read_text())["info"]["training"]
+    assert training["config"]["localised"] is True
+    assert training["config"]["background_levels"] == ["conv3_1", "pool4"]
+    record = training["history"][0]
+    # A binary cross-entropy and an energy ratio, both positive on real scenes.
+    assert record["localisation"] > 0 and record["background"] > 0
+    assert Backbone.load(out).categories == CATEGORIES
+
+
 def test_train_backbone_bad_options(tmp_path, capsys):
     base = ["train-backbone", "--smoke", "--no-progress", "--out", str(tmp_path / "x")]
     for argv, message in [
         (base + ["--categories", "airplane", "zebra"], "unknown categories \\['zebra'\\]"),
         (base[:2] + ["--compositional", "--penalty-levels", "pool9"] + base[2:], "not levels of"),
         (base + ["--cfg", "16,X,32"], "argument --cfg"),
+        (base + ["--background-levels", "pool4"], "only with localised"),
+        (base + ["--localised", "--background-levels", "pool9"], "background levels \\['pool9'\\]"),
+        (base + ["--localised", "--background-weight", "0"], "argument --background-weight"),
     ]:
         with pytest.raises(SystemExit) as exc:
             main(argv)

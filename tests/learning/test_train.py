@@ -183,6 +183,30 @@ def test_an_unknown_top_level_is_refused_before_anything_is_written(tmp_path, ca
     assert not out.exists()
 
 
+def test_a_missing_backbone_checkpoint_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "bad"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--preset", "smoke", "--out", str(out), "--backbone", str(tmp_path / "no")])
+    assert exc.value.code == 2
+    assert "checkpoint written by `pyro-backpass train-backbone`" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow  # a backbone and a model smoke training (~20 s)
+def test_a_model_of_a_trained_backbone_checkpoint_reloads_with_it(tmp_path):
+    from pyro_backpass import Backbone, Scenes
+
+    stem = tmp_path / "bb"
+    main(["train-backbone", "--smoke", "--no-progress", "--out", str(stem), "--localised"])
+    out = tmp_path / "model"
+    main(["train", "--preset", "smoke", "--out", str(out), "--no-progress", "--threads", "1",
+          "--backbone", str(stem)])  # fmt: skip
+    gm = GenerativeModel.load(out / "model.safetensors")
+    image = Scenes(1, seed=0)[0].image[None]
+    torch.testing.assert_close(gm.backbone(image)["pool4"], Backbone.load(stem)(image)["pool4"])
+    assert gm.config()["backbone"]["path"] == str(stem.resolve())
+
+
 @pytest.mark.slow  # a second smoke training (~15 s)
 def test_a_model_cut_at_pool3_trains_saves_and_runs_the_backward_pass(tmp_path):
     from pyro_backpass import Scenes

@@ -162,6 +162,33 @@ def test_a_model_cut_at_a_top_level_has_the_backbones_shapes_up_to_it(tmp_path):
         GenerativeModel.for_backbone(bb, num_components=2, top_level="pool3")
 
 
+def test_a_model_of_a_backbone_checkpoint_reattaches_it_from_the_recorded_path(tmp_path):
+    bb = _two_pool_backbone()
+    stem = tmp_path / "bb"
+    bb.save(stem)
+    gm = GenerativeModel.for_backbone(Backbone.load(stem), num_components=2,
+                                      backbone_name="mine", backbone_path=stem)  # fmt: skip
+    path = gm.save(tmp_path / "gm.safetensors")
+    loaded = GenerativeModel.load(path)
+    assert loaded.backbone is not None
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(loaded.backbone(x)["pool2"], bb(x)["pool2"])
+    record = loaded.config()["backbone"]
+    assert record["name"] == "mine" and record["path"] == str(stem.resolve())
+    # The checkpoint replaced by another backbone: refused, naming the path.
+    other = _two_pool_backbone()
+    other.save(stem)
+    with pytest.raises(ValueError, match="another version of .*bb.*fingerprints differ"):
+        GenerativeModel.load(path)
+    with pytest.raises(ValueError, match="fingerprints differ"):
+        GenerativeModel.load(path, backbone=other)
+    # Gone: the model loads without one; given explicitly, the right one is attached.
+    for f in tmp_path.glob("bb.*"):
+        f.unlink()
+    assert GenerativeModel.load(path).backbone is None
+    assert GenerativeModel.load(path, backbone=bb).backbone is bb
+
+
 def test_a_cut_model_is_the_model_of_the_shorter_network_and_ignores_the_levels_above():
     """Cut at pool1, the model of a two-pool backbone takes the parameters of a random model of
     the one-pool network (same state-dict shapes), and with the backbone's pool2 and conv2_1 in
