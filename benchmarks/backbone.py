@@ -13,7 +13,12 @@ Writes ``benchmarks/results/backbone.json`` and ``benchmarks/results/backbone_co
 (the supplement's distractor sweep, Fig. 7–8, for both backbones) and prints a markdown table.
 ``--smoke`` runs on tiny sizes in seconds (a test runs it).
 
-Usage: ``python benchmarks/backbone.py [--smoke] [--out PATH] [--figure PATH]``
+``--checkpoint NAME=PATH`` adds ``train-backbone`` checkpoints (e.g. the ``--localised`` ones
+of issue #10's lever 3); every backbone also gets ``off_object_energy``, per level the mean
+activation energy of a scene cell off the known objects over that of a cell on one.
+
+Usage: ``python benchmarks/backbone.py [--smoke] [--out PATH] [--figure PATH]
+[--checkpoint NAME=PATH ...]``
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from pyro_backpass.backbone import (  # noqa: E402
     compositionality_score,
     distractor_sweep,
 )
+from pyro_backpass.backbone.localisation import background_ratio  # noqa: E402
 from pyro_backpass.data import (  # noqa: E402
     CATEGORIES,
     DEFAULT_SIZE,
@@ -107,6 +113,23 @@ def sweep_figure(backbones: dict[str, Backbone], path: Path, *, size: int) -> No
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
+
+
+LOCALISATION_KEYS = ("localisation_weight", "full_cover", "background_levels", "background_weight")
+
+
+@torch.no_grad()
+def off_object_energy(bb: Backbone, pairs) -> dict[str, float]:
+    """Per conv/pool level, the mean activation energy of a cell off every known object over
+    that of a cell on one, on the held-out scenes (``train-backbone --localised``'s background
+    ratio, measured; clutter and plain background count as off). Lower: the level fires less
+    off the objects."""
+    acts = bb(pairs.scenes)
+    levels = [s.name for s in acts.levels if s.kind not in ("image", "category")]
+    return {
+        name: round(background_ratio(acts, pairs.masks, pairs.scene_index, levels=[name]).item(), 4)
+        for name in levels
+    }
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
@@ -215,6 +238,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--figure", type=Path, default=RESULTS / "backbone_compositionality.png")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="print --out's results as markdown")
+    parser.add_argument(
+        "--checkpoint",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="also measure these train-backbone checkpoints (e.g. localised=checkpoints/bb)",
+    )
     args = parser.parse_args(argv)
     if args.table:
         print(markdown_table(json.loads(args.out.read_text())["backbones"]))
@@ -227,6 +257,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     backbones = {"small_vgg": Backbone.default()}
     backbones["small_vgg_compositional"] = Backbone.default(compositional=True)
+    for item in args.checkpoint:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--checkpoint takes NAME=PATH, got {item!r}")
+        backbones[name] = Backbone.load(path)
     images, labels = render_objects(CATEGORIES, n_objects, size=size, seed=OBJECT_SEED)
     pairs = render_scene_pairs(n_scenes, categories=CATEGORIES, size=size, seed=SCENE_SEED)
     rows: dict[str, dict] = {}
@@ -246,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "n_held_out": len(images),
             "images_per_second": throughput(bb, batch=64, size=size, runs=runs),
             "relative_change": score.relative_change,
+            "off_object_energy": off_object_energy(bb, pairs),
             "n_scene_objects": score.n_objects,
             "training": {
                 k: training.get(k)
@@ -259,6 +295,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "penalty": (
                 {k: training["config"][k] for k in ("penalty", "penalty_levels", "penalty_weight")}
                 if training and training["config"].get("compositional")
+                else None
+            ),
+            "localisation": (
+                {k: training["config"][k] for k in LOCALISATION_KEYS}
+                if training and training["config"].get("localised")
                 else None
             ),
         }

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from pyro_backpass.cli import main
+
 BENCH = Path(__file__).parents[2] / "benchmarks" / "backbone.py"
 
 
@@ -14,11 +16,17 @@ def test_backbone_benchmark_smoke(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out, fig = tmp_path / "backbone.json", tmp_path / "sweep.png"
-    module.main(["--smoke", "--out", str(out), "--figure", str(fig)])
+    stem = tmp_path / "localised"
+    main(["train-backbone", "--smoke", "--no-progress", "--out", str(stem), "--localised"])
+    capsys.readouterr()
+    module.main(["--smoke", "--out", str(out), "--figure", str(fig),
+                 "--checkpoint", f"mine={stem}"])  # fmt: skip
     result = json.loads(out.read_text())
     assert result["smoke"] is True and "CPUs" in result["machine"]
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(result["backbones"]) == {"small_vgg", "small_vgg_compositional"}
+    assert set(result["backbones"]) == {"small_vgg", "small_vgg_compositional", "mine"}
+    assert result["backbones"]["mine"]["localisation"]["full_cover"] == 0.25
+    assert result["backbones"]["small_vgg"]["localisation"] is None
     for row in result["backbones"].values():
         assert 0 <= row["held_out_accuracy"] <= 1
         assert set(row["images_per_second"]) == {"1_threads", "2_threads"}
@@ -29,5 +37,8 @@ def test_backbone_benchmark_smoke(tmp_path, capsys):
         # Inside its visible mask a scene shows the object's own pixels, up to antialiased
         # edges: the image-level change must be small, or the masks are misaligned.
         assert change["image"] < 0.15
+        energy = row["off_object_energy"]
+        assert list(energy)[0] == "conv1_1" and list(energy)[-1] == "pool4"
+        assert all(v >= 0 for v in energy.values())
     table = capsys.readouterr().out
     assert table.startswith("| backbone |") and "small_vgg_compositional" in table
