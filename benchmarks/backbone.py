@@ -43,10 +43,10 @@ from common import RESULTS, machine  # noqa: E402
 from pyro_backpass.backbone import (  # noqa: E402
     HELD_OUT_SEED_OFFSET,
     Backbone,
+    background_ratio,
     compositionality_score,
     distractor_sweep,
 )
-from pyro_backpass.backbone.localisation import background_ratio  # noqa: E402
 from pyro_backpass.data import (  # noqa: E402
     CATEGORIES,
     DEFAULT_SIZE,
@@ -261,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             parser.error(f"--checkpoint takes NAME=PATH, got {item!r}")
+        if name in backbones:
+            parser.error(f"--checkpoint: the name {name!r} is taken; choose another")
         backbones[name] = Backbone.load(path)
     images, labels = render_objects(CATEGORIES, n_objects, size=size, seed=OBJECT_SEED)
     pairs = render_scene_pairs(n_scenes, categories=CATEGORIES, size=size, seed=SCENE_SEED)

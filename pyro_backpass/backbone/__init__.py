@@ -18,6 +18,11 @@ from pyro_backpass.backbone.compositionality import (
     compositionality_score,
     distractor_sweep,
 )
+from pyro_backpass.backbone.localisation import (
+    background_ratio,
+    cell_targets,
+    localisation_loss,
+)
 from pyro_backpass.backbone.small_vgg import DEFAULT_CFG, SmallVGG, make_layers
 from pyro_backpass.backbone.train import (
     HELD_OUT_SEED_OFFSET,
@@ -38,9 +43,12 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "VGG16_CFG",
+    "background_ratio",
+    "cell_targets",
     "compositionality_score",
     "distractor_sweep",
     "downsample_mask",
+    "localisation_loss",
     "make_layers",
     "read_levels",
     "train_backbone",

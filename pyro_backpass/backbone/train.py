@@ -26,6 +26,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -49,8 +50,14 @@ __all__ = ["SMOKE", "TrainConfig", "TrainResult", "train_backbone"]
 # Held-out sets are rendered from seeds this far from the training seed.
 HELD_OUT_SEED_OFFSET = 1_000_003
 
-# The per-epoch means recorded in the history (the last two only for a localised run).
-_LOSS_PARTS = ("loss", "penalty", "localisation", "background")
+
+def _loss_parts(config: TrainConfig) -> tuple[str, ...]:
+    """The per-epoch means a run records in its history: the loss, the compositional penalty
+    (0 for a plain run, as before the localised objective existed), and what it computes."""
+    parts = ("loss",) + (("penalty",) if config.compositional or not config.localised else ())
+    if config.localised:
+        parts += ("localisation",) + (("background",) if config.background_levels else ())
+    return parts
 
 
 @dataclass(frozen=True)
@@ -114,8 +121,8 @@ def _check_config(config: TrainConfig) -> None:
     if bad:
         raise ValueError(f"background levels {bad} are not levels of cfg: {names}")
     for key in ("localisation_weight", "background_weight"):
-        if not getattr(config, key) >= 0:
-            raise ValueError(f"{key} must be >= 0, got {getattr(config, key)}")
+        if not (getattr(config, key) >= 0 and math.isfinite(getattr(config, key))):
+            raise ValueError(f"{key} must be a finite number >= 0, got {getattr(config, key)}")
     if not 0.0 < config.full_cover <= 1.0:
         raise ValueError(f"full_cover must be in (0, 1], got {config.full_cover}")
 
@@ -145,11 +152,13 @@ def penalised_levels(config: TrainConfig) -> tuple[str, ...]:
 
 def _scene_loss(
     backbone: Backbone, pairs: ScenePairs, idx: Tensor, config: TrainConfig, gen: torch.Generator
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The scene objectives for scenes ``idx``: the loss to add, and its parts by name.
+) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """The scene objectives for scenes ``idx``: the weighted terms to add to the loss, and the
+    parts to record by name.
 
     Compositional: classification on scenes and objects alone, and the penalty. Localised:
-    the per-cell multi-label loss and the background penalty."""
+    the per-cell multi-label loss and the background penalty (skipped for a batch with
+    nothing to compare, see :func:`.localisation.background_ratio`)."""
     sel = torch.isin(pairs.scene_index, idx)
     remap = torch.full((len(pairs.scenes),), -1, dtype=torch.long)
     remap[idx] = torch.arange(len(idx))
@@ -160,7 +169,8 @@ def _scene_loss(
     masks = _flip(pairs.masks[sel], flip[scene_index])  # (O, H, W)
     labels = pairs.labels[sel]
     scene_acts = backbone(scenes)
-    loss, parts = scenes.new_zeros(()), {}
+    terms: list[Tensor] = []
+    parts: dict[str, Tensor] = {}
     if config.localised:
         top = scene_acts.levels[-1]
         targets = cell_targets(
@@ -168,14 +178,16 @@ def _scene_loss(
             size=(top.height, top.width), full_cover=config.full_cover,
         )  # fmt: skip
         parts["localisation"] = localisation_loss(backbone.cell_logits(scene_acts), targets)
-        loss = loss + config.localisation_weight * parts["localisation"]
+        terms.append(config.localisation_weight * parts["localisation"])
         if config.background_levels:
-            parts["background"] = background_ratio(
+            ratio = background_ratio(
                 scene_acts, masks, scene_index, levels=config.background_levels
             )
-            loss = loss + config.background_weight * parts["background"]
+            if torch.isfinite(ratio):
+                parts["background"] = ratio
+                terms.append(config.background_weight * ratio)
     if not config.compositional:
-        return loss, parts
+        return terms, parts
     alone_acts = backbone(objects)
     # Soft scene target: uniform over the categories present in the scene.
     target = torch.zeros(len(idx), len(backbone.categories))
@@ -193,7 +205,7 @@ def _scene_loss(
         kind=config.penalty,
     )
     parts["penalty"] = pen
-    return loss + cls + config.penalty_weight * pen, parts
+    return terms + [cls, config.penalty_weight * pen], parts
 
 
 def train_backbone(config: TrainConfig = TrainConfig(), *, progress: bool = True) -> TrainResult:
@@ -248,15 +260,16 @@ def train_backbone(config: TrainConfig = TrainConfig(), *, progress: bool = True
     )
     for epoch in range(config.epochs):
         perm = torch.randperm(len(x_train), generator=gen)
-        sums = dict.fromkeys(_LOSS_PARTS[: 2 + 2 * config.localised], 0.0)
+        sums = dict.fromkeys(_loss_parts(config), 0.0)
         for step in range(steps_per_epoch):
             idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
             flip = torch.rand(len(idx), generator=gen) < 0.5
             loss = F.cross_entropy(backbone.logits(_flip(x_train[idx], flip)), y_train[idx])
             if pairs is not None:
                 scene_idx = torch.randint(len(pairs.scenes), (config.scene_batch,), generator=gen)
-                scene_loss, parts = _scene_loss(backbone, pairs, scene_idx.unique(), config, gen)
-                loss = loss + scene_loss
+                terms, parts = _scene_loss(backbone, pairs, scene_idx.unique(), config, gen)
+                for term in terms:
+                    loss = loss + term
                 for key, value in parts.items():
                     sums[key] += value.item()
             opt.zero_grad(set_to_none=True)

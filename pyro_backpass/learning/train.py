@@ -218,9 +218,12 @@ def train_mask_readout(
     return report
 
 
+SHIPPED_BACKBONES = ("default", "compositional")
+
+
 def _backbone(name: str) -> Backbone:
     """A shipped backbone by name, or a ``train-backbone`` checkpoint by path."""
-    if name in ("default", "compositional"):
+    if name in SHIPPED_BACKBONES:
         return Backbone.default(compositional=name == "compositional")
     try:
         return Backbone.load(name)
@@ -290,6 +293,8 @@ def train_model(
         by default. Every rank must call this with the same arguments.
     :returns: the trained model, with its backbone attached (on every rank).
     """
+    if config.backbone not in SHIPPED_BACKBONES:  # a checkpoint: one spelling of its path
+        config = replace(config, backbone=str(Path(config.backbone).resolve()))
     backbone = _backbone(config.backbone)
     unknown = [c for c in config.categories if c not in backbone.categories]
     if unknown:
@@ -317,9 +322,9 @@ def train_model(
     stage1, stage2 = out / "observation.safetensors", out / "hard_em.safetensors"
     stage3 = out / "model.safetensors"
     if resume and stage3.exists():
-        return GenerativeModel.load(stage3)
+        return GenerativeModel.load(stage3, backbone=backbone)
     if resume and stage1.exists():
-        gm = GenerativeModel.load(stage1)
+        gm = GenerativeModel.load(stage1, backbone=backbone)
     else:
         start = time.perf_counter()
         ks = {s.name: config.components for s in levels[:-1]}
@@ -327,8 +332,7 @@ def train_model(
         gm = GenerativeModel.for_backbone(
             backbone, num_components=ks, top_level=config.top_level,
             offsets={config.top_level: config.top_offset_radius}, backbone_name=config.backbone,
-            backbone_path=None if config.backbone in ("default", "compositional")
-            else config.backbone,
+            backbone_path=None if config.backbone in SHIPPED_BACKBONES else config.backbone,
         )  # fmt: skip
         scenes = _training_scenes(config, world, progress)
         fit_observation_model(gm, backbone, scenes, progress=progress, world=world)
@@ -337,7 +341,7 @@ def train_model(
             gm.save(stage1)
             atomic_write_json(log_path, log)
     if resume and stage2.exists():
-        gm = GenerativeModel.load(stage2)
+        gm = GenerativeModel.load(stage2, backbone=backbone)
     else:
         start = time.perf_counter()
         objects = render_object_set(

@@ -62,7 +62,13 @@ def _backbone_file_exists(path: str | None) -> bool:
         return False
     stem = Path(path)
     stem = stem.with_suffix("") if stem.suffix in (".json", ".safetensors") else stem
-    return all(stem.with_suffix(s).exists() for s in (".json", ".safetensors"))
+    found = [stem.with_suffix(s).exists() for s in (".json", ".safetensors")]
+    if any(found) and not all(found):
+        raise FileNotFoundError(
+            f"backbone checkpoint {stem} is incomplete: one of {stem}.json and "
+            f"{stem}.safetensors is missing"
+        )
+    return all(found)
 
 
 def backbone_fingerprint(backbone: nn.Module) -> str:
@@ -716,20 +722,28 @@ class GenerativeModel(nn.Module):
         gm.load_state_dict(state)
         gm.check_parameters(source=str(path))
         record = config.get("backbone")
+        given = backbone is not None
         if record is not None:
+            if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+                raise ValueError(f"{path} config: the backbone record {record!r} names none")
             gm.__dict__["_backbone_record"] = dict(record)  # attach it with attach_backbone
-            shipped = record.get("name") in _SHIPPED_BACKBONES
-            if backbone is None and shipped:
+            shipped = record["name"] in _SHIPPED_BACKBONES
+            if not given and shipped:
                 backbone = Backbone.default(compositional=record["name"] == "compositional")
-            elif backbone is None and _backbone_file_exists(record.get("path")):
+            elif not given and _backbone_file_exists(record.get("path")):
                 backbone = Backbone.load(record["path"])
         if backbone is not None:
             if record is not None and backbone_fingerprint(backbone) != record.get("sha256"):
-                where = f"the {record['name']!r} backbone" if shipped else (
-                    record.get("path") or record.get("name"))  # fmt: skip
+                if given:
+                    raise ValueError(
+                        f"{path} was fitted to another backbone than the one given (fingerprints "
+                        "differ); pass backbone= the one it was fitted to"
+                    )
+                where = f"the {record['name']!r} backbone" if shipped else record["path"]
                 raise ValueError(
                     f"{path} was fitted to another version of {where} (fingerprints differ); "
-                    "refit it with `pyro-backpass train`"
+                    "refit it with `pyro-backpass train`, or pass backbone= the one it was "
+                    "fitted to"
                 )
             gm.attach_backbone(
                 backbone,

@@ -25,20 +25,29 @@ def _objects(seed: int = 0):
     return masks, labels, scene_index
 
 
-def test_cell_targets_against_a_loop_over_cells():
+@pytest.mark.parametrize("full_cover", [0.25, 1.0])
+def test_cell_targets_against_a_loop_over_cells(full_cover):
     masks, labels, scene_index = _objects()
     got = cell_targets(masks, labels, scene_index, n_scenes=3, num_classes=3, size=(4, 4),
-                       full_cover=0.25)  # fmt: skip
+                       full_cover=full_cover)  # fmt: skip
     want = np.zeros((3, 3, 4, 4))
     m = masks.numpy()
-    for o in range(len(m)):
-        for i in range(4):
-            for j in range(4):
-                cover = m[o, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].mean()
-                s, k = int(scene_index[o]), int(labels[o])
-                want[s, k, i, j] = max(want[s, k, i, j], min(1.0, cover / 0.25))
+    for s in range(3):
+        for k in range(3):
+            mine = [o for o in range(len(m)) if scene_index[o] == s and labels[o] == k]
+            union = np.zeros((16, 16), dtype=bool)
+            for o in mine:
+                union |= m[o]
+            for i in range(4):
+                for j in range(4):
+                    cover = union[4 * i : 4 * i + 4, 4 * j : 4 * j + 4].mean()
+                    want[s, k, i, j] = min(1.0, cover / full_cover)
     np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
     assert got[1].sum() == 0  # the hidden instance makes no positive
+    if full_cover == 1.0:  # two instances of category 0 in scene 0: their union, not the larger
+        one = cell_targets(masks[:1], labels[:1], scene_index[:1], n_scenes=3, num_classes=3,
+                           size=(4, 4), full_cover=1.0)  # fmt: skip
+        assert (got[0, 0] > one[0, 0]).any()
 
 
 def test_localisation_loss_is_scipy_free_bce():
@@ -74,6 +83,10 @@ def test_background_ratio_against_numpy():
         background_ratio(acts, masks, scene_index, levels=["image"])
     with pytest.raises(ValueError, match="scene_index"):
         background_ratio(acts, masks, scene_index + 5, levels=["pool2"])
+    with pytest.raises(ValueError, match="image's size"):
+        background_ratio(acts, masks[:, :8, :8], scene_index, levels=["pool2"])
+    # Nothing to compare (no object anywhere): NaN, not a perfect 0.
+    assert background_ratio(acts, masks[4:], scene_index[4:], levels=["pool2"]).isnan()
 
 
 def test_cell_logits_average_to_the_logits_and_match_a_1x1_convolution():
@@ -97,6 +110,8 @@ def test_cell_targets_errors():
         cell_targets(masks.float(), labels, scene_index, **kw)
     with pytest.raises(ValueError, match="one per mask"):
         cell_targets(masks, labels[:2], scene_index, **kw)
+    with pytest.raises(ValueError, match="long tensors"):
+        cell_targets(masks, labels.float(), scene_index, **kw)
     with pytest.raises(ValueError, match="labels must lie"):
         cell_targets(masks, labels + 3, scene_index, **kw)
     with pytest.raises(ValueError, match="full_cover"):

@@ -34,16 +34,22 @@ def test_train_backbone_smoke(tmp_path, capsys, compositional):
     assert bb.predict(x).shape == (2,)
 
 
-def test_train_backbone_localised_smoke(tmp_path, capsys):
+@pytest.mark.parametrize("compositional", [False, True])
+def test_train_backbone_localised_smoke(tmp_path, capsys, compositional):
     out = tmp_path / "bb"
     main(["train-backbone", "--smoke", "--no-progress", "--out", str(out), "--localised",
-          "--background-levels", "conv3_1", "pool4", "--background-weight", "0.5"])  # fmt: skip
+          "--background-levels", "conv3_1", "pool4", "--background-weight", "0.5"]
+         + (["--compositional"] if compositional else []))  # fmt: skip
     training = json.loads(out.with_suffix(".json").read_text())["info"]["training"]
     assert training["config"]["localised"] is True
     assert training["config"]["background_levels"] == ["conv3_1", "pool4"]
     record = training["history"][0]
-    # A binary cross-entropy and an energy ratio, both positive on real scenes.
+    # A binary cross-entropy and an energy ratio, both positive on real scenes; the penalty
+    # recorded only when it was computed.
     assert record["localisation"] > 0 and record["background"] > 0
+    assert ("penalty" in record) is compositional
+    if compositional:
+        assert record["penalty"] > 0
     assert Backbone.load(out).categories == CATEGORIES
 
 

@@ -182,11 +182,20 @@ def test_a_model_of_a_backbone_checkpoint_reattaches_it_from_the_recorded_path(t
         GenerativeModel.load(path)
     with pytest.raises(ValueError, match="fingerprints differ"):
         GenerativeModel.load(path, backbone=other)
-    # Gone: the model loads without one; given explicitly, the right one is attached.
+    # Half gone: damaged, said so; gone: the model loads without one; given explicitly, the
+    # right one is attached.
+    stem.with_suffix(".json").unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        GenerativeModel.load(path)
     for f in tmp_path.glob("bb.*"):
         f.unlink()
     assert GenerativeModel.load(path).backbone is None
     assert GenerativeModel.load(path, backbone=bb).backbone is bb
+    # A model saved without a backbone takes the one given, named custom.
+    bare = GenerativeModel.for_backbone(bb, num_components=2)
+    bare.__dict__["_backbone_record"] = None
+    again = GenerativeModel.load(bare.save(tmp_path / "bare.safetensors"), backbone=bb)
+    assert again.backbone is bb and again.config()["backbone"]["name"] == "custom"
 
 
 def test_a_cut_model_is_the_model_of_the_shorter_network_and_ignores_the_levels_above():
