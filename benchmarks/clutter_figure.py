@@ -4,7 +4,8 @@ prediction φ at three levels, F̂ at the mask's level and the mask of the first
 
 Writes ``benchmarks/results/clutter_levers/figure.png``.
 
-Usage: ``python benchmarks/clutter_figure.py [--model PATH] [--levers base bgfit ...]``
+Usage: ``python benchmarks/clutter_figure.py [--model PATH] [--levers base bgfit ...]
+[--verifier PATH]``
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from clutter_levers import apply_lever  # noqa: E402
 from common import RESULTS, learned_model  # noqa: E402
 
-from pyro_backpass import Scenes, greedy_map, verified_map  # noqa: E402
+from pyro_backpass import DescentVerifier, Scenes, greedy_map, verified_map  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write  # noqa: E402
 
@@ -54,9 +55,12 @@ def main() -> None:
     parser.add_argument("--levers", nargs="+", default=["base"])
     parser.add_argument("--scenes", type=int, default=3)
     parser.add_argument("--name", default=None, help="the model's name in the title")
+    parser.add_argument("--verifier", type=Path, default=None,
+                        help="the verified lever's verifier file (default: shipped)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "clutter_levers" / "figure.png")
     args = parser.parse_args()
+    verifier = None if args.verifier is None else DescentVerifier.load(args.verifier)
     torch.set_num_threads(1)
     gm, model_name = learned_model(smoke=args.smoke, path=args.model)
     levels = [n for n in PHI_LEVELS if n in gm.hidden_levels[:-1]]
@@ -72,8 +76,8 @@ def main() -> None:
                 r = li * len(scenes) + si
                 acts = gm.backbone(scene.image[None])
                 bu = {k: v for k, v in acts.items() if k in model.hidden_levels}
-                if lever in ("verified", "verified2"):  # the shipped verifier's choice
-                    result = verified_map(model, bu, category="airplane",
+                if lever in ("verified", "verified2"):  # the (shipped) verifier's choice
+                    result = verified_map(model, bu, category="airplane", verifier=verifier,
                                           lower=lever == "verified2")  # fmt: skip
                 else:
                     result = greedy_map(model, bu, category="airplane")
