@@ -15,7 +15,9 @@ Writes ``benchmarks/results/backbone.json`` and ``benchmarks/results/backbone_co
 
 ``--checkpoint NAME=PATH`` adds ``train-backbone`` checkpoints (e.g. the ``--localised`` ones
 of issue #10's lever 3); every backbone also gets ``off_object_energy``, per level the mean
-activation energy of a scene cell off the known objects over that of a cell on one.
+activation energy of a scene cell off the known objects over that of a cell on one, and
+``cam_auc``, per category the ROC AUC of the top level's per-cell logit for the category's cells
+against cells without it.
 
 Usage: ``python benchmarks/backbone.py [--smoke] [--out PATH] [--figure PATH]
 [--checkpoint NAME=PATH ...]``
@@ -39,11 +41,13 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine  # noqa: E402
+from veto_diagnosis import roc_auc  # noqa: E402
 
 from pyro_backpass.backbone import (  # noqa: E402
     HELD_OUT_SEED_OFFSET,
     Backbone,
     background_ratio,
+    cell_targets,
     compositionality_score,
     distractor_sweep,
 )
@@ -130,6 +134,26 @@ def off_object_energy(bb: Backbone, pairs) -> dict[str, float]:
         name: round(background_ratio(acts, pairs.masks, pairs.scene_index, levels=[name]).item(), 4)
         for name in levels
     }
+
+
+@torch.no_grad()
+def cam_auc(bb: Backbone, pairs) -> dict[str, float]:
+    """Per category, ROC AUC of the top level's per-cell logit (``Backbone.cell_logits``) for
+    cells the category's visible masks cover ≥ 25 % against cells no instance of it touches, on
+    the held-out scenes (partly covered cells left out): does the class activation map point at
+    the objects, or at clutter too?"""
+    top = bb.levels_for(tuple(pairs.scenes.shape[-2:]))[-2]  # the last pool, below category
+    cells = bb.cell_logits(pairs.scenes)  # (S, K, h, w)
+    target = cell_targets(pairs.masks, pairs.labels, pairs.scene_index,
+                          n_scenes=len(pairs.scenes), num_classes=len(bb.categories),
+                          size=(top.height, top.width))  # fmt: skip
+    out = {}
+    for k, name in enumerate(bb.categories):
+        t, score = target[:, k], cells[:, k]
+        keep = (t == 0) | (t == 1)
+        out[name] = round(roc_auc(score[keep], t[keep] == 1), 4)
+    out["mean"] = round(sum(out.values()) / len(bb.categories), 4)
+    return out
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
@@ -284,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "images_per_second": throughput(bb, batch=64, size=size, runs=runs),
             "relative_change": score.relative_change,
             "off_object_energy": off_object_energy(bb, pairs),
+            "cam_auc": cam_auc(bb, pairs),
             "n_scene_objects": score.n_objects,
             "training": {
                 k: training.get(k)

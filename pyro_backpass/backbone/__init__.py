@@ -12,7 +12,7 @@ patent 11,216,727; it is offered as an option and is never used unless asked for
 """
 
 from pyro_backpass.backbone.activations import Activations, downsample_mask, read_levels
-from pyro_backpass.backbone.backbone import VGG16_CFG, Backbone
+from pyro_backpass.backbone.backbone import SHIPPED_BACKBONES, VGG16_CFG, Backbone
 from pyro_backpass.backbone.compositionality import (
     CompositionalityScore,
     compositionality_score,
@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_CFG",
     "DistractorSweep",
     "HELD_OUT_SEED_OFFSET",
+    "SHIPPED_BACKBONES",
     "SmallVGG",
     "TrainConfig",
     "TrainResult",

@@ -43,6 +43,7 @@ __all__ = [
     "FORMAT_VERSION",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "SHIPPED_BACKBONES",
     "VGG16_CFG",
 ]
 
@@ -56,7 +57,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Images are checked to lie in [0, 1]; resampling and compositing leave rounding errors.
 _RANGE_TOL = 1e-4
-_SHIPPED = {False: "small_vgg", True: "small_vgg_compositional"}
+# The backbones inside the package, by the name models record: their weights files.
+_SHIPPED = {
+    "default": "small_vgg",
+    "compositional": "small_vgg_compositional",
+    "localised": "small_vgg_localised",
+}
+SHIPPED_BACKBONES: tuple[str, ...] = tuple(_SHIPPED)
 
 
 class Backbone(nn.Module):
@@ -132,14 +139,26 @@ class Backbone(nn.Module):
         )
 
     @classmethod
-    def default(cls, *, compositional: bool = False) -> Backbone:
+    def default(cls, *, compositional: bool = False, localised: bool = False) -> Backbone:
         """The shipped :class:`SmallVGG`, trained on the rendered categories (no download).
 
         ``compositional=True`` loads the backbone trained with the compositionality objective
         of Stone et al. (2017). That method is covered by US patent 11,216,727; check whether
-        it applies to your use before relying on it.
+        it applies to your use before relying on it. ``localised=True`` loads the one also
+        trained with per-cell category labels from scene masks (``train-backbone
+        --localised``, issue #10's lever 3; README: what it buys).
         """
-        name = _SHIPPED[bool(compositional)]
+        if compositional and localised:
+            raise ValueError("choose compositional or localised, not both (none is shipped)")
+        return cls.shipped("compositional" if compositional else
+                           "localised" if localised else "default")  # fmt: skip
+
+    @classmethod
+    def shipped(cls, name: str) -> Backbone:
+        """A shipped backbone by the name models record: one of :data:`SHIPPED_BACKBONES`."""
+        if name not in _SHIPPED:
+            raise ValueError(f"no shipped backbone {name!r}; shipped: {list(_SHIPPED)}")
+        name = _SHIPPED[name]
         ref = resources.files("pyro_backpass").joinpath("weights", f"{name}.safetensors")
         with resources.as_file(ref) as path:
             if not path.exists():

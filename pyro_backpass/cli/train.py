@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--backbone",
         default=None,
-        help="the backbone to model: default, compositional (the shipped ones) or the "
+        help="the backbone to model: default, compositional, localised (the shipped ones) or the "
         "checkpoint of a `train-backbone` run (its path; recorded in the model and reattached "
         "from there on load) (default: the preset's)",
     )

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pyro_backpass.backbone import Backbone
+from pyro_backpass.backbone import SHIPPED_BACKBONES, Backbone
 from pyro_backpass.data import CATEGORIES, OBJECT_SCALE, RenderedObjects, Scenes, split_seed
 from pyro_backpass.files import atomic_write_json, check_keys, read_json
 from pyro_backpass.learning.calibration import UPPER_LEVELS, calibrate_scale_td
@@ -218,18 +218,15 @@ def train_mask_readout(
     return report
 
 
-SHIPPED_BACKBONES = ("default", "compositional")
-
-
 def _backbone(name: str) -> Backbone:
     """A shipped backbone by name, or a ``train-backbone`` checkpoint by path."""
     if name in SHIPPED_BACKBONES:
-        return Backbone.default(compositional=name == "compositional")
+        return Backbone.shipped(name)
     try:
         return Backbone.load(name)
     except FileNotFoundError as err:
         raise ValueError(
-            f"backbone must be 'default', 'compositional' or a checkpoint written by "
+            f"backbone must be one of {list(SHIPPED_BACKBONES)} or a checkpoint written by "
             f"`pyro-backpass train-backbone`; {err}"
         ) from None
 

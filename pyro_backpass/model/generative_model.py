@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pyro.ops.indexing import Vindex
 from torch import nn
 
-from pyro_backpass.backbone import Backbone
+from pyro_backpass.backbone import SHIPPED_BACKBONES, Backbone
 from pyro_backpass.files import atomic_write, check_keys, read_safetensors
 from pyro_backpass.levels import (
     Cfg,
@@ -53,7 +53,13 @@ __all__ = ["ENUMERATE", "GenerativeModel", "backbone_fingerprint", "default_offs
 ENUMERATE = {"enumerate": "parallel"}
 _PRIOR_TYPES = {c.__name__: c for c in (CategoricalPrior, UniformPrior, NGramPrior)}
 _CONFIG_KEY = "pyro_backpass.GenerativeModel"
-_SHIPPED_BACKBONES = ("default", "compositional")
+
+
+# The models inside the package, by the shipped backbone they model: their weights files.
+_SHIPPED_MODELS = {
+    "default": "generative_model.safetensors",
+    "localised": "generative_model_localised.safetensors",
+}
 
 
 def _backbone_file_exists(path: str | None) -> bool:
@@ -727,9 +733,9 @@ class GenerativeModel(nn.Module):
             if not isinstance(record, dict) or not isinstance(record.get("name"), str):
                 raise ValueError(f"{path} config: the backbone record {record!r} names none")
             gm.__dict__["_backbone_record"] = dict(record)  # attach it with attach_backbone
-            shipped = record["name"] in _SHIPPED_BACKBONES
+            shipped = record["name"] in SHIPPED_BACKBONES
             if not given and shipped:
-                backbone = Backbone.default(compositional=record["name"] == "compositional")
+                backbone = Backbone.shipped(record["name"])
             elif not given and _backbone_file_exists(record.get("path")):
                 backbone = Backbone.load(record["path"])
         if backbone is not None:
@@ -753,16 +759,27 @@ class GenerativeModel(nn.Module):
         return gm.to(device) if device is not None else gm
 
     @classmethod
-    def default(cls) -> GenerativeModel:
-        """The shipped model of the shipped backbone (weights inside the package, no
-        download), trained by ``pyro-backpass train --preset default`` (README: the command and
-        seed); ``gm.backbone`` is its backbone."""
-        ref = resources.files("pyro_backpass").joinpath("weights", "generative_model.safetensors")
+    def default(cls, *, backbone: str = "default") -> GenerativeModel:
+        """The shipped model of a shipped backbone (weights inside the package, no download),
+        trained by ``pyro-backpass train --preset default`` (README: the command and seed);
+        ``gm.backbone`` is its backbone.
+
+        :param backbone: ``"default"`` (the shipped model, which every other shipped file —
+            descent verifiers, parse thresholds — belongs to), or ``"localised"``: the same
+            recipe on ``Backbone.default(localised=True)`` (issue #10's lever 3; no verifier or
+            parse threshold is shipped for it yet).
+        """
+        if backbone not in _SHIPPED_MODELS:
+            raise ValueError(
+                f"no shipped model of backbone {backbone!r}; shipped: {list(_SHIPPED_MODELS)}"
+            )
+        name = _SHIPPED_MODELS[backbone]
+        ref = resources.files("pyro_backpass").joinpath("weights", name)
         with resources.as_file(ref) as path:
             if not path.exists():
                 raise FileNotFoundError(
-                    "the shipped generative model weights/generative_model.safetensors are "
-                    "missing from the package; train one with `pyro-backpass train`"
+                    f"the shipped generative model weights/{name} is missing from the "
+                    "package; train one with `pyro-backpass train`"
                 )
             return cls.load(path)
 

@@ -69,9 +69,9 @@ def test_train_backbone_bad_options(tmp_path, capsys):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-@pytest.mark.parametrize("compositional", [False, True])
-def test_shipped_backbone_classifies_unseen_renders(compositional):
-    bb = Backbone.default(compositional=compositional)
+@pytest.mark.parametrize("name", ["default", "compositional", "localised"])
+def test_shipped_backbone_classifies_unseen_renders(name):
+    bb = Backbone.shipped(name)
     assert bb.categories == CATEGORIES and bb.image_size == (DEFAULT_SIZE, DEFAULT_SIZE)
     assert [s.name for s in bb.levels][0] == "image" and bb.levels[-1].name == "category"
     # Objects from a seed no training or held-out set used (train: 0, held-out: 0 + offset).

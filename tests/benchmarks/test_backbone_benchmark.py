@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from pyro_backpass.cli import main
+from pyro_backpass.data import CATEGORIES
 
 BENCH = Path(__file__).parents[2] / "benchmarks" / "backbone.py"
 
@@ -40,5 +41,7 @@ def test_backbone_benchmark_smoke(tmp_path, capsys):
         energy = row["off_object_energy"]
         assert list(energy)[0] == "conv1_1" and list(energy)[-1] == "pool4"
         assert all(v >= 0 for v in energy.values())
+        auc = row["cam_auc"]
+        assert set(auc) == {*CATEGORIES, "mean"}
     table = capsys.readouterr().out
     assert table.startswith("| backbone |") and "small_vgg_compositional" in table

@@ -239,12 +239,16 @@ def test_mask_iou_against_counts():
         mask_iou(a.float(), b)
 
 
-def test_the_shipped_model_loads_with_its_backbone_and_runs_the_backward_pass():
-    from pyro_backpass import RenderedObjects, greedy_map
+@pytest.mark.parametrize("backbone", ["default", "localised"])
+def test_the_shipped_model_loads_with_its_backbone_and_runs_the_backward_pass(backbone):
+    from pyro_backpass import Backbone, RenderedObjects, greedy_map
     from pyro_backpass.learning import PRESETS
+    from pyro_backpass.model.generative_model import backbone_fingerprint
 
-    gm = GenerativeModel.default()
-    assert gm.backbone is not None and gm.config()["backbone"]["name"] == "default"
+    gm = GenerativeModel.default(backbone=backbone)
+    assert gm.backbone is not None and gm.config()["backbone"]["name"] == backbone
+    assert gm.config()["backbone"]["sha256"] == backbone_fingerprint(Backbone.shipped(backbone))
+    assert "path" not in gm.config()["backbone"]  # inside the package, found by name
     top = gm.hidden_levels[-1]
     assert gm.num_components[top] == PRESETS["default"].components_top
     image, mask = RenderedObjects("airplane", 1, seed=3)[0]
@@ -253,3 +257,14 @@ def test_the_shipped_model_loads_with_its_backbone_and_runs_the_backward_pass():
     result = greedy_map(gm, bu, category="airplane")
     assert result.mask.shape == (1, 64, 64) and torch.isfinite(result.log_joint).all()
     assert float(mask_iou(result.mask, mask[None])[0]) > 0.2  # it finds the object's pixels
+
+
+def test_only_shipped_models_and_backbones_are_named():
+    from pyro_backpass import Backbone
+
+    with pytest.raises(ValueError, match=r"no shipped model of backbone 'compositional'"):
+        GenerativeModel.default(backbone="compositional")
+    with pytest.raises(ValueError, match=r"no shipped backbone 'zebra'.*'localised'"):
+        Backbone.shipped("zebra")
+    with pytest.raises(ValueError, match="not both"):
+        Backbone.default(compositional=True, localised=True)
