@@ -1,6 +1,7 @@
 """Benchmark the shipped backbones: accuracy, training time, throughput, compositionality.
 
-For each shipped backbone (``Backbone.default()`` and ``Backbone.default(compositional=True)``):
+For each shipped backbone (``Backbone.default()``, ``Backbone.default(compositional=True)`` and
+``Backbone.default(localised=True)``):
 
 * held-out accuracy on freshly rendered objects from a seed no training run used, and the
   held-out accuracy and training time its training run recorded in the checkpoint;
@@ -281,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     backbones = {"small_vgg": Backbone.default()}
     backbones["small_vgg_compositional"] = Backbone.default(compositional=True)
+    backbones["small_vgg_localised"] = Backbone.default(localised=True)
     for item in args.checkpoint:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:

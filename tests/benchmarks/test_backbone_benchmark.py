@@ -25,7 +25,8 @@ def test_backbone_benchmark_smoke(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["smoke"] is True and "CPUs" in result["machine"]
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(result["backbones"]) == {"small_vgg", "small_vgg_compositional", "mine"}
+    shipped = {"small_vgg", "small_vgg_compositional", "small_vgg_localised"}
+    assert set(result["backbones"]) == shipped | {"mine"}
     assert result["backbones"]["mine"]["localisation"]["full_cover"] == 0.25
     assert result["backbones"]["small_vgg"]["localisation"] is None
     for row in result["backbones"].values():
