@@ -98,7 +98,7 @@ from pyro_backpass.learning import (  # noqa: E402
     own_top_assignment,
 )
 from pyro_backpass.model import closed_form_constants, shift_all  # noqa: E402
-from pyro_backpass.parsing.query import LogLinearPrior, top_centre  # noqa: E402
+from pyro_backpass.parsing import LogLinearPrior, top_centre  # noqa: E402
 
 UPPER = ("pool4", "conv4_1", "pool3", "conv3_1")
 

@@ -95,7 +95,7 @@ def _levers_smoke(tmp_path, levers: list[str]) -> None:
 
 
 def test_clutter_levers_smoke(tmp_path):
-    _levers_smoke(tmp_path, ["base", "bgfit,s0x0.5@upper,lamx1.5@all,s2x2@all"])
+    _levers_smoke(tmp_path, ["base", "bgfit,s0x0.5@upper,lamx1.5@all,s2x2@all", "cam3"])
 
 
 @pytest.mark.slow  # ~35 s: the fitted levers; the default run covers the script above
