@@ -34,8 +34,8 @@ divided by the template's footprint (elements with φ > 0), the rest of the pass
 ``topk<k>``: the best of greedy's ``top_k=k`` completed descents by total log-joint;
 ``cam<w>``: the plain pass with a prior on the top level's δ from the backbone's class
 activation map, log-weight ``w ×`` airplane's per-cell logit where the shifted object is
-centred (:func:`cam_prior`; the location prior of the feasibility run, for the localised
-backbones of lever 3);
+centred (:func:`~pyro_backpass.class_map_prior`; the location prior of the feasibility run,
+for the localised backbones of lever 3);
 ``rerank<k>[x<n>]``: the best of the same descents by a per-level weighted log-likelihood ratio
 — weights on each level's LLR against background, the prior terms and the mask's log area,
 fitted on ``n`` train scenes (default 60) so that, among each scene's ``k`` descents, the ones
@@ -80,6 +80,7 @@ from pyro_backpass import (  # noqa: E402
     DescentVerifier,
     GenerativeModel,
     Scenes,
+    class_map_prior,
     greedy_map,
     verified_map,
 )
@@ -98,7 +99,6 @@ from pyro_backpass.learning import (  # noqa: E402
     own_top_assignment,
 )
 from pyro_backpass.model import closed_form_constants, shift_all  # noqa: E402
-from pyro_backpass.parsing import LogLinearPrior, top_centre  # noqa: E402
 
 UPPER = ("pool4", "conv4_1", "pool3", "conv3_1")
 
@@ -376,26 +376,6 @@ def top_scores(gm: GenerativeModel, bu: dict, category: int, *, footprint: bool)
 
 
 @torch.no_grad()
-def cam_prior(gm: GenerativeModel, acts, category: int, *, weight: float) -> LogLinearPrior:
-    """A prior on the top level's δ from the backbone's class activation map: log-weight
-    ``weight ×`` the category's per-cell logit (``Backbone.cell_logits``) at the cell where
-    an object shifted by δ is centred (the templates' mean centre of mass, ``top_centre``,
-    plus δ, rounded; outside the map: the map's minimum)."""
-    top = gm.hidden_levels[-1]
-    cells = gm.backbone.cell_logits(acts)[0, category]  # (h, w) at the backbone's last pool
-    if tuple(cells.shape) != tuple(acts[top].shape[-2:]):
-        raise SystemExit(f"cam lever: the model's top level {top!r} is not the backbone's last")
-    cy, cx = top_centre(gm)
-    h, w = cells.shape
-    logits = []
-    for dy, dx in gm.offsets[top]:
-        y, x = round(cy + dy), round(cx + dx)
-        inside = 0 <= y < h and 0 <= x < w
-        logits.append(float(cells[y, x]) if inside else float(cells.min()))
-    return LogLinearPrior(weight * torch.tensor(logits, dtype=gm.dtype))
-
-
-@torch.no_grad()
 def best_by_classifier(gm: GenerativeModel, bu: dict, label: torch.Tensor, *, top_k: int):
     """Of greedy's ``top_k`` completed descents, the one whose region the backbone's
     classifier, shown only that region (:func:`~pyro_backpass.inference.region_views`), gives
@@ -549,7 +529,7 @@ def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool,
             free = verified_map(model, bu, category=label, verifier=verifier,
                                 lower=lower if choice[1] else False)  # fmt: skip
         elif isinstance(choice, tuple) and choice[0] == "cam":
-            prior = cam_prior(model, acts, airplane, weight=choice[1])
+            prior = class_map_prior(model, acts, airplane, weight=choice[1])
             free = greedy_map(model, bu, category=label, priors={f"delta_{top}": prior})
         elif isinstance(choice, tuple) and choice[0] == "verify":
             free = best_by_classifier(model, bu, label, top_k=choice[1])

@@ -34,6 +34,7 @@ from pyro_backpass.parsing.query import (
     PREFERENCES,
     LogLinearPrior,
     Query,
+    class_map_prior,
     location_prior,
     top_centre,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "View",
     "adjusted_rand_index",
     "as_image",
+    "class_map_prior",
     "class_sensitivity",
     "coco_mask_ap",
     "default_threshold",

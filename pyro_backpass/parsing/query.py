@@ -16,12 +16,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from pyro_backpass.model.checks import category_indices
 from pyro_backpass.model.priors import CategoricalPrior, SitePrior
 
 if TYPE_CHECKING:
     from pyro_backpass.model.generative_model import GenerativeModel
 
-__all__ = ["LOCATIONS", "LogLinearPrior", "PREFERENCES", "Query", "location_prior", "top_centre"]
+__all__ = [
+    "LOCATIONS",
+    "LogLinearPrior",
+    "PREFERENCES",
+    "Query",
+    "class_map_prior",
+    "location_prior",
+    "top_centre",
+]
 
 #: Named locations, as (y, x) fractions of the image.
 LOCATIONS: dict[str, tuple[float, float]] = {
@@ -136,6 +145,45 @@ def location_prior(
     offsets = torch.tensor(gm.offsets[top], dtype=gm.dtype, device=gm.device)  # (D, 2)
     d2 = (offsets[:, 0] + cy - ty) ** 2 + (offsets[:, 1] + cx - tx) ** 2
     return LogLinearPrior(-weight * d2)
+
+
+def class_map_prior(
+    gm: GenerativeModel, acts: Mapping[str, torch.Tensor], category: Any, *, weight: float
+) -> LogLinearPrior:
+    """A prior on ``delta_<top>`` from the backbone's class activation map (issue #10, lever 3):
+    log-weight ``weight ×`` the category's per-cell logit (``Backbone.cell_logits``) at the
+    cell where an object shifted by δ is centred (:func:`top_centre` + δ, rounded; outside the
+    map, the map's minimum). Useful with a backbone whose class map localises objects,
+    ``Backbone.default(localised=True)``; pass it as ``priors={f"delta_{top}": prior}``.
+
+    :param acts: the backbone's activations of **one** image (``gm.backbone(image[None])``).
+    :param category: a category name or index of the model.
+    """
+    if gm.backbone is None:
+        raise ValueError("class_map_prior needs the model's backbone (gm.backbone is None)")
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"weight must be a finite number >= 0, got {weight}")
+    top = gm.hidden_levels[-1]
+    if top not in acts or acts[top].shape[0] != 1:
+        got = tuple(acts[top].shape) if top in acts else "missing"
+        raise ValueError(f"acts must hold one image's activations at {top!r}; got {got}")
+    cells = gm.backbone.cell_logits(acts)  # (1, N, h, w) at the backbone's last level
+    if cells.shape[-2:] != acts[top].shape[-2:]:
+        raise ValueError(
+            f"the model's top level {top!r} is not the backbone's last level, where the class "
+            "map is"
+        )
+    if category is None:
+        raise ValueError("class_map_prior needs a category (a name or an index)")
+    (k,) = category_indices(gm, category, 1).tolist()
+    cam = cells[0, k].detach().to(gm.dtype)  # (h, w)
+    cy, cx = top_centre(gm)
+    h, w = cam.shape
+    offsets = torch.tensor(gm.offsets[top], device=cam.device)  # (D, 2)
+    y, x = (cy + offsets[:, 0]).round().long(), (cx + offsets[:, 1]).round().long()
+    inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+    logits = torch.where(inside, cam[y.clamp(0, h - 1), x.clamp(0, w - 1)], cam.min())
+    return LogLinearPrior(weight * logits)
 
 
 class LogLinearPrior(SitePrior):
