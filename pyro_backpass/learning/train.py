@@ -60,7 +60,7 @@ class TrainConfig:
     """Everything a training run depends on (stored in ``config.json``)."""
 
     categories: tuple[str, ...] = CATEGORIES  # modelled categories (the backbone's by default)
-    # "default" or "compositional" (the shipped backbones), or the path of a checkpoint
+    # "default", "compositional" or "localised" (the shipped backbones), or the path of a checkpoint
     # written by `pyro-backpass train-backbone` (recorded in the model, reattached on load).
     backbone: str = "default"
     objects_per_category: int = 200  # single objects for hard EM (train split)

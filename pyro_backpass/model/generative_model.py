@@ -249,7 +249,7 @@ class GenerativeModel(nn.Module):
         self, backbone: Backbone, *, name: str, path: str | os.PathLike | None = None
     ) -> GenerativeModel:
         """Attach ``backbone`` (checked against the model's levels); ``name`` is recorded in
-        saved files (``"default"`` and ``"compositional"`` are reloaded automatically), and so
+        saved files (the shipped backbones, ``SHIPPED_BACKBONES``, are reloaded by name), and so
         is ``path``, the checkpoint the backbone was read from (written by
         ``pyro-backpass train-backbone``): :meth:`load` reattaches it from there while it
         exists with the same fingerprint."""
@@ -522,8 +522,8 @@ class GenerativeModel(nn.Module):
             there (:func:`~pyro_backpass.levels_up_to`): the category generates that level's
             templates directly, and the backbone's levels above it are not modelled — their
             activations, like those of any level the model lacks, are ignored in ``bu``.
-        :param backbone_name: recorded in saved files; ``"default"`` / ``"compositional"`` (the
-            shipped backbones) are reloaded with the model.
+        :param backbone_name: recorded in saved files; the shipped backbones' names
+            (``SHIPPED_BACKBONES``) are reloaded with the model.
         :param backbone_path: the checkpoint ``backbone`` was loaded from, if any: recorded, and
             :meth:`load` reattaches it from there (see :meth:`attach_backbone`).
         :param kwargs: any other ``GenerativeModel`` keyword (offsets, σ's, ...).
