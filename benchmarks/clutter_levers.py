@@ -27,7 +27,14 @@ against the rest of its scene (logistic loss on score_on − score_off, ``n`` tr
 default 15; the mask threshold becomes the new λ of its level); ``rank[<n>]``: lever 1 at the
 top level — λ, σ0 and per-channel β, σ1, σ2 of the top level refitted to maximise the
 posterior probability, among all top-level hypotheses of the object's category, of the scene's
-true ones (:func:`fit_top_ranking`, ``n`` train scenes, default 60); several joined by commas;
+true ones (:func:`fit_top_ranking`, ``n`` train scenes, default 60); ``dprior[<n>]``: the
+prior on δ of every level below the top with more than one offset learned from the offsets the
+pass picks on ``n`` lone train objects per category (default 100), not uniform
+(:func:`fit_offset_priors`); several joined by commas; ``footprintall``: lever 2 on every
+level below the top — each level's (γ, δ) chosen by its log-likelihood ratio against the
+all-background explanation (plus its prior terms) divided by its footprint, given F̂ of the
+level above (:func:`footprint_descent`; the top level as greedy chooses it, or clamped for
+rung (b));
 ``footprint``:
 the top level chosen by the log-likelihood ratio against the all-background explanation
 divided by the template's footprint (elements with φ > 0), the rest of the pass unchanged;
@@ -69,6 +76,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -77,8 +85,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, hidden_bu, learned_model, machine  # noqa: E402
 
 from pyro_backpass import (  # noqa: E402
+    CategoricalPrior,
     DescentVerifier,
     GenerativeModel,
+    RenderedObjects,
     Scenes,
     class_map_prior,
     greedy_map,
@@ -87,8 +97,10 @@ from pyro_backpass import (  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.inference import (  # noqa: E402
+    background_log_likelihood,
     closed_form_with,
     freeze_priors,
+    object_mask,
     region_views,
     top_level_scores,
 )
@@ -121,6 +133,8 @@ def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool 
     completed descents by total log-joint, False for the plain pass."""
     if lever in ("base", "footprint"):
         return gm, lever == "footprint"
+    if lever == "footprintall":
+        return gm, ("footprintall",)
     if lever.startswith("topk"):
         return gm, int(lever[4:])
     if lever.startswith("cam"):
@@ -146,6 +160,9 @@ def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool 
         if part.startswith("onoff"):
             fit_on_off(out, list(Scenes(int(part[5:] or 15), seed=split_seed("train"))))
             continue
+        if part.startswith("dprior"):
+            fit_offset_priors(out, int(part[6:] or 100))
+            continue
         kind, _, rest = part.partition("x")
         factor, _, where = rest.partition("@")
         for name in _levels(out, where or "all"):
@@ -168,6 +185,74 @@ def fit_background_per_channel(gm: GenerativeModel, part: str) -> None:
     σ2 × ``q``, default 1)."""
     scenes = list(Scenes(40, seed=split_seed("train")))
     fit_background(gm, gm.backbone, scenes, floor_factor=float(part[5:] or 1.0))
+
+
+@torch.no_grad()
+def footprint_descent(gm: GenerativeModel, bu: dict, category: int, *,
+                      top: tuple[int, int] | None = None) -> tuple[dict, torch.Tensor]:  # fmt: skip
+    """The ``footprintall`` lever's pass of one image: its assignment (site → ``(1,)``) and
+    mask ``(1, H, W)``. The top level's
+    (γ, δ) is greedy's (or ``top``), and on every level below, given F̂ of the level above,
+    the (γ, δ) with the largest log-likelihood ratio against the all-background explanation of
+    that level plus its prior terms, divided by its footprint (the elements where φ > 0), is
+    chosen (lever 2 "on every level"); F̂ in closed form as in every pass."""
+    label = torch.tensor([category])
+    names = list(reversed(gm.hidden_levels))
+    if top is None:
+        first = greedy_map(gm, bu, category=label).assignment
+        top = (int(first[f"gamma_{names[0]}"]), int(first[f"delta_{names[0]}"]))
+    values = {"category": label}
+    td = {"category": gm.observation_td(label)}
+    upper = label
+    for name in names:
+        step = gm.steps[name]
+        if name == names[0]:
+            gamma, delta = torch.tensor([top[0]]), torch.tensor([top[1]])
+        else:
+            k, d = step.num_components, step.num_offsets
+            gamma, delta = torch.arange(k).repeat_interleave(d), torch.arange(d).repeat(k)
+        n = gamma.numel()
+        phi = step.phi(upper.expand(n, *upper.shape[1:]), gamma, delta)  # (n, C, H, W)
+        level_bu = bu[name].expand(n, *bu[name].shape[1:])
+        f_td, score = closed_form_with(gm.constants(name), level_bu, phi)
+        if n > 1:
+            gp = gm.priors[f"gamma_{name}"]
+            lp_gamma = gp.log_probs()[tuple(values[p] for p in gp.parents)].reshape(-1)
+            lp_delta = gm.priors[f"delta_{name}"].log_probs()
+            llr = score.sum(dim=(1, 2, 3)) - background_log_likelihood(gm, {name: bu[name]})
+            footprint = (phi > 0).flatten(1).sum(1).clamp_min(1).to(llr.dtype)
+            i = int(((llr + lp_gamma[gamma] + lp_delta[delta]) / footprint).argmax())
+        else:
+            i = 0
+        values[f"gamma_{name}"], values[f"delta_{name}"] = gamma[i : i + 1], delta[i : i + 1]
+        upper = f_td[i : i + 1]
+        td[name] = upper
+    return values, object_mask(gm, td)
+
+
+@torch.no_grad()
+def fit_offset_priors(gm: GenerativeModel, n: int, *, concentration: float = 2.0) -> None:
+    """The ``dprior`` lever, in place: on every level below the top with more than one offset,
+    the prior on δ becomes the Dirichlet posterior mode (α = ``concentration``) of the offsets
+    that the backward pass picks on ``n`` lone train-split objects per category (category
+    given), instead of uniform. (A prior on δ given the same level's γ is not a site of the
+    model: the parents of a site must lie on higher levels.)"""
+    images, labels = [], []
+    for c, name in enumerate(gm.categories):
+        objects = RenderedObjects(name, n, seed=split_seed("train"))
+        images += [objects[i][0] for i in range(n)]
+        labels += [c] * n
+    acts = gm.backbone(torch.stack(images))
+    bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
+    picked = greedy_map(gm, bu, category=torch.tensor(labels)).assignment
+    for name in gm.hidden_levels[:-1]:
+        d = gm.steps[name].num_offsets
+        if d < 2:
+            continue
+        counts = torch.bincount(picked[f"delta_{name}"], minlength=d).to(gm.dtype)
+        mode = counts + concentration - 1
+        gm.priors[f"delta_{name}"] = CategoricalPrior(mode / mode.sum())
+        print(f"dprior {name}: {[round(float(p), 3) for p in mode / mode.sum()]}", flush=True)
 
 
 def _branch_scores(params: dict, bu: torch.Tensor, phi: torch.Tensor):
@@ -525,7 +610,9 @@ def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool,
             continue
         s = top_scores(model, bu, airplane, footprint=choice is True)
         d = step.num_offsets
-        if isinstance(choice, tuple) and choice[0] == "verified":
+        if isinstance(choice, tuple) and choice[0] == "footprintall":
+            free = SimpleNamespace(mask=footprint_descent(model, bu, airplane)[1])
+        elif isinstance(choice, tuple) and choice[0] == "verified":
             free = verified_map(model, bu, category=label, verifier=verifier,
                                 lower=lower if choice[1] else False)  # fmt: skip
         elif isinstance(choice, tuple) and choice[0] == "cam":
@@ -555,13 +642,19 @@ def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool,
         for inst in planes:
             gamma, delta = own_top_assignment(model, bb, inst)
             scene_ranks.append(int(rank_of[int(gamma) * d + int(delta)]))
-            clamped = greedy_map(model, bu, category=label,
-                                 clamp={f"gamma_{top}": gamma, f"delta_{top}": delta})  # fmt: skip
-            clamped_iou.append(float(mask_iou(clamped.mask, inst.mask[None])[0]))
             alone_acts = bb(inst.image_alone[None])
             alone_bu = {k: v for k, v in alone_acts.items() if k in model.hidden_levels}
-            alone = greedy_map(model, alone_bu, category=label)
-            alone_iou.append(float(mask_iou(alone.mask, inst.amodal_mask[None])[0]))
+            if isinstance(choice, tuple) and choice[0] == "footprintall":
+                clamped_mask = footprint_descent(model, bu, airplane,
+                                                 top=(int(gamma), int(delta)))[1]  # fmt: skip
+                alone_mask = footprint_descent(model, alone_bu, airplane)[1]
+            else:
+                clamped_mask = greedy_map(model, bu, category=label,
+                                          clamp={f"gamma_{top}": gamma,
+                                                 f"delta_{top}": delta}).mask  # fmt: skip
+                alone_mask = greedy_map(model, alone_bu, category=label).mask
+            clamped_iou.append(float(mask_iou(clamped_mask, inst.mask[None])[0]))
+            alone_iou.append(float(mask_iou(alone_mask, inst.amodal_mask[None])[0]))
         ranks.append(min(scene_ranks))
         if bound:
             n = step.num_components * d

@@ -100,7 +100,7 @@ def test_clutter_levers_smoke(tmp_path):
 
 @pytest.mark.slow  # ~35 s: the fitted levers; the default run covers the script above
 def test_clutter_levers_fitted_levers_smoke(tmp_path):
-    _levers_smoke(tmp_path, ["footprint", "topk2", "rank1", "onoff1"])
+    _levers_smoke(tmp_path, ["footprint", "topk2", "rank1", "onoff1", "dprior2", "footprintall"])
 
 
 def test_clamped_samples_smoke(tmp_path):
@@ -112,6 +112,132 @@ def test_clamped_samples_smoke(tmp_path):
     for row in rows.values():
         # Every clamped site is the same in every sample of its row.
         assert set(row["clamped"]) <= set(row["equal_in_all_samples"])
+
+
+@torch.no_grad()
+def test_footprint_descent_matches_brute_force():
+    """Each level's choice of the ``footprintall`` lever is the best, over every (γ, δ) of the
+    level with the levels above fixed, of (data score − background + prior) / footprint, each
+    alternative scored by the library's ``top_down_pass`` of a full assignment."""
+    from pyro_backpass import GenerativeModel, Scenes
+    from pyro_backpass.inference import background_log_likelihood, top_down_pass
+
+    gm = GenerativeModel.default()
+    module = _module("clutter_levers")
+    scene = next(iter(Scenes(1, seed=5)))
+    acts = gm.backbone(scene.image[None])
+    bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
+    values, mask = module.footprint_descent(gm, bu, 0, top=(3, 12))
+    assert mask.shape == (1, *scene.image.shape[-2:])
+    names = list(reversed(gm.hidden_levels))
+    assert (int(values[f"gamma_{names[0]}"]), int(values[f"delta_{names[0]}"])) == (3, 12)
+    for depth, name in enumerate(names[1:4], start=1):  # three levels: ~135 full passes
+        step = gm.steps[name]
+        best, best_score = None, -float("inf")
+        for g in range(step.num_components):
+            for d in range(step.num_offsets):
+                alt = dict(values)
+                alt[f"gamma_{name}"], alt[f"delta_{name}"] = torch.tensor([g]), torch.tensor([d])
+                td, scores = top_down_pass(gm, alt, bu, {})
+                above = td[names[depth - 1]]
+                phi = step.phi(above, alt[f"gamma_{name}"], alt[f"delta_{name}"])
+                gp = gm.priors[f"gamma_{name}"]
+                prior = gp.log_probs()[tuple(int(alt[p]) for p in gp.parents) + (g,)]
+                prior = prior + gm.priors[f"delta_{name}"].log_probs()[d]
+                llr = scores[depth] - background_log_likelihood(gm, {name: bu[name]})
+                score = float((llr + prior) / max(1, int((phi > 0).sum())))
+                if score > best_score:
+                    best, best_score = (g, d), score
+        assert best == (int(values[f"gamma_{name}"]), int(values[f"delta_{name}"])), name
+
+
+def test_sample_diagnosis_smoke(tmp_path):
+    out = tmp_path / "samples.json"
+    _smoke(BENCH.parent / "sample_diagnosis.py", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    for rung, shares in result["per_category_share"].items():
+        assert len(shares) == len(result["categories"]), rung
+        assert all(0.0 <= v <= 1.0 for v in shares), rung
+    assert result["mean"]["objects"] >= 0.5  # the backbone knows its own test objects
+
+
+def test_sample_diagnosis_mean_path_is_the_traced_mean_path():
+    """The ladder's mean path equals the image level of the model's own trace with every site
+    clamped to the same assignment and ``noise=0`` (Pyro's ``poutine.condition``)."""
+    from pyro_backpass import GenerativeModel, sample
+
+    gm = GenerativeModel.default()
+    module = _module("sample_diagnosis")
+    drawn = sample(gm, 4, category=[0, 1, 2, 3], seed=3, noise=0.0)
+    labels = drawn.assignment["category"]
+    clamp = {s: v for s, v in drawn.assignment.items() if s != "category"}
+    traced = sample(gm, 4, category=labels, clamp=clamp, seed=4, noise=0.0).td["image"]
+    torch.testing.assert_close(module.mean_path(gm, labels, drawn.assignment), traced)
+
+
+@pytest.mark.slow  # ~15 s; its functions are exercised by the sample ladder above
+def test_path_decoders_smoke(tmp_path):
+    out = tmp_path / "path.json"
+    _smoke(BENCH.parent / "path_decoders.py", "--smoke", "--mix", "0", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"shipped", "path_mix0", "path_mix1"}
+    for row in rows.values():
+        assert row["path_loss"] >= 0 and row["fhat_input_loss"] >= 0
+        assert 0.0 <= row["single_object_mask_iou"] <= 1.0
+
+
+def test_path_decoders_fine_tune_lowers_the_path_loss():
+    """One epoch of the fine-tune on a few objects lowers the loss it minimises, and the
+    shipped model is left untouched (the fine-tune works on a copy)."""
+    from pyro_backpass import GenerativeModel
+
+    gm = GenerativeModel.default()
+    module = _module("path_decoders")
+    data = module.training_data(gm, 2)
+    idx = torch.arange(data["labels"].numel())
+    with torch.no_grad():
+        before = float(module.losses(gm, data, idx)[0])
+    kernels = gm.steps["conv1_1"].weight.detach().clone()
+    tuned = module.fine_tune(gm, data, mix=0.0, epochs=3, batch=10)
+    with torch.no_grad():
+        after = float(module.losses(tuned, data, idx)[0])
+    assert after < before
+    assert torch.equal(gm.steps["conv1_1"].weight, kernels)
+
+
+@pytest.mark.slow  # ~30 s: fits a tiny verifier on the smoke model
+def test_verifier_class_map_smoke(tmp_path):
+    out = tmp_path / "vcm.json"
+    _smoke(BENCH.parent / "verifier_class_map.py", "--smoke", "--name", "smoke", "--scenes",
+           "2", "--out", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    choices = result["choices"]
+    for name, row in choices.items():
+        if name != "cross_validated":
+            # No choice among the descents beats the best of them.
+            assert row["hit@0.5"] <= choices["bound"]["hit@0.5"], name
+            assert row["hit@0.3"] <= choices["bound"]["hit@0.3"], name
+
+
+def test_verifier_class_map_choices_pick_the_top_scored_descent():
+    """Hit rates from hand-made lists: each choice takes its score's argmax."""
+    module = _module("verifier_class_map")
+    t = torch.tensor
+    lists = [
+        {"verifier": t([2.0, 1.0, 0.0]), "class_map": t([0.0, 0.0, 5.0]),
+         "log_joint": t([0.0, 9.0, 0.0]), "iou": t([0.6, 0.1, 0.35])},
+        {"verifier": t([0.0, 1.0, 0.0]), "class_map": t([3.0, 0.0, 0.0]),
+         "log_joint": t([0.0, 0.0, 9.0]), "iou": t([0.2, 0.7, 0.0])},
+    ]  # fmt: skip
+    rows = module.choices(lists, [0.1, 10.0])
+    assert rows["bound"] == {"hit@0.5": 1.0, "hit@0.3": 1.0}
+    assert rows["verifier"] == {"hit@0.5": 1.0, "hit@0.3": 1.0}
+    assert rows["log_joint"] == {"hit@0.5": 0.0, "hit@0.3": 0.0}
+    assert rows["class_map"] == {"hit@0.5": 0.0, "hit@0.3": 0.5}
+    assert rows["verifier + 10·class_map"] == rows["class_map"]
+    assert rows["verifier + 0.1·class_map"] == rows["verifier"]
+    assert [f["a"] for f in rows["cross_validated"]] == [0.1, 0.1]
 
 
 def test_clutter_figure_smoke(tmp_path):

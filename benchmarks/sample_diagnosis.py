@@ -1,0 +1,169 @@
+"""Why are the model's samples not classified as their category (issue #10's target ≥ 90 %)? A
+ladder from real objects to free samples, each rung classified by the model's backbone (the
+plain default backbone for ``GenerativeModel.default()``, the classifier the target names).
+
+Per category, ``--n`` test-split objects (default render scale) and as many samples:
+
+- ``objects``: the rendered objects themselves (on their plain background);
+- ``objects_on_black``: each object times its mask, zero elsewhere — the image level's hard-EM
+  target, i.e. what the model is trained to generate; ``objects_on_grey``: the same on 0.5 grey;
+- ``pass_reconstruction``: F̂ of the image level from the backward pass on the object
+  (category given);
+- ``own_mean_path``: the mean top-down path (each level exactly φ of the one above, no
+  bottom-up input) with the pass's own assignment on every level;
+- ``own_top_then_sampled``: samples with the top level's (γ, δ) clamped to the pass's, the
+  levels below drawn from the model's priors;
+- ``centred_samples``: samples with the top level's δ clamped to the centre offset (where
+  the training objects sit), everything else drawn;
+- ``samples``: the model's free samples (``benchmarks/learning.py``'s number).
+
+The sampled rungs are measured at ``noise`` 0 (the mean path) and 1, each also ``on_grey``:
+composited on 0.5 grey through the model's own mask of the sample (the backbone classifies
+masked real objects on black worse than on grey; the row pairs say how much of the gap that
+is). Writes ``benchmarks/results/sample_diagnosis.json`` and a figure of the image-level rungs
+for three objects per category (``sample_diagnosis.png``). One thread.
+
+Usage: ``python benchmarks/sample_diagnosis.py [--model PATH] [--n 100] [--smoke]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, learned_model, machine  # noqa: E402
+
+from pyro_backpass import GenerativeModel, RenderedObjects, greedy_map, sample  # noqa: E402
+from pyro_backpass.data import split_seed  # noqa: E402
+from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
+from pyro_backpass.inference import object_mask  # noqa: E402
+from pyro_backpass.model import shift_select  # noqa: E402
+
+GREY = 0.5
+
+
+def split_objects(gm: GenerativeModel, n: int, split: str = "test"):
+    """``n`` objects per category of ``split`` (default render scale): images
+    ``(N, 3, H, W)``, masks ``(N, H, W)``, labels ``(N,)``."""
+    images, masks, labels = [], [], []
+    for c, name in enumerate(gm.categories):
+        objects = RenderedObjects(name, n, seed=split_seed(split))
+        for i in range(n):
+            image, mask = objects[i]
+            images.append(image), masks.append(mask), labels.append(c)
+    return torch.stack(images), torch.stack(masks), torch.tensor(labels)
+
+
+def mean_path(gm: GenerativeModel, labels: torch.Tensor, assignment: dict) -> torch.Tensor:
+    """``(N, 3, H, W)``: the image level of the mean top-down path — φ of φ from the category
+    down, every level's (γ, δ) from ``assignment`` — with no bottom-up input."""
+    upper = labels
+    for name in reversed(gm.hidden_levels):
+        step = gm.steps[name]
+        phi = step.phi_per_sample(upper, assignment[f"gamma_{name}"])
+        upper = shift_select(phi, step.offsets, assignment[f"delta_{name}"])
+    return upper
+
+
+def on_grey(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    m = masks[:, None].to(images.dtype)
+    return images * m + GREY * (1 - m)
+
+
+@torch.no_grad()
+def ladder(gm: GenerativeModel, n: int) -> tuple[dict, dict]:
+    """The rungs (see the module docstring): rung → per-category share classified as its
+    category, and the image-level pictures for the figure (rung → ``(N, 3, H, W)``)."""
+    bb = gm.backbone
+    images, masks, labels = split_objects(gm, n)
+    top = gm.hidden_levels[-1]
+    centre = gm.offsets[top].index((0, 0))
+
+    def share(x: torch.Tensor) -> list[float]:
+        right = bb.predict(x.clamp(0, 1)) == labels
+        return [float(right[labels == c].float().mean()) for c in range(len(gm.categories))]
+
+    acts = bb(images)
+    bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
+    passes = greedy_map(gm, bu, category=labels)
+    pictures = {
+        "objects": images,
+        "objects_on_black": images * masks[:, None].to(images.dtype),
+        "pass_reconstruction": passes.td["image"],
+        "own_mean_path": mean_path(gm, labels, passes.assignment),
+    }
+    rows = {name: share(x) for name, x in pictures.items()}
+    rows["objects_on_grey"] = share(on_grey(images, masks))
+    own_top = {f"gamma_{top}": passes.assignment[f"gamma_{top}"],
+               f"delta_{top}": passes.assignment[f"delta_{top}"]}  # fmt: skip
+    for rung, clamp in (("own_top_then_sampled", own_top),
+                        ("centred_samples", {f"delta_{top}": centre}),
+                        ("samples", None)):  # fmt: skip
+        for noise in (0.0, 1.0):
+            s = sample(gm, labels.numel(), category=labels, clamp=clamp, seed=0, noise=noise)
+            image = s.td["image"].clamp(0, 1)
+            rows[f"{rung}_noise{noise:g}"] = share(image)
+            rows[f"{rung}_noise{noise:g}_on_grey"] = share(on_grey(image, object_mask(gm, s.td)))
+            if noise == 0.0:
+                pictures[f"{rung}_noise0"] = image
+    return rows, pictures
+
+
+def figure(gm: GenerativeModel, pictures: dict, n: int, per: int, out: Path) -> None:
+    cols = [c * n + i for c in range(len(gm.categories)) for i in range(min(per, n))]
+    size = (0.9 * len(cols), 1.0 * len(pictures))
+    fig, axes = plt.subplots(len(pictures), len(cols), figsize=size, squeeze=False)
+    for r, (name, x) in enumerate(pictures.items()):
+        for j, i in enumerate(cols):
+            ax = axes[r, j]
+            ax.imshow(x[i].clamp(0, 1).permute(1, 2, 0).numpy())
+            ax.set_xticks([]), ax.set_yticks([])
+        axes[r, 0].set_ylabel(name.replace("_", " "), fontsize=6, rotation=0, ha="right")
+    fig.suptitle("From objects to samples (image level; columns: three test objects per "
+                 "category)", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
+    parser.add_argument("--n", type=int, default=100, help="objects (and samples) per category")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "sample_diagnosis.json")
+    args = parser.parse_args()
+    if args.n < 1:
+        raise SystemExit(f"--n must be >= 1, got {args.n}")
+    torch.set_num_threads(1)
+    gm, model_name = learned_model(smoke=args.smoke, path=args.model)
+    start = time.perf_counter()
+    rows, pictures = ladder(gm, 2 if args.smoke else args.n)
+    figure(gm, pictures, 2 if args.smoke else args.n, 3, args.out.with_suffix(".png"))
+    result = {
+        "machine": machine(),
+        "threads": 1,
+        "model": model_name,
+        "classifier": "the model's backbone",
+        "per_category": 2 if args.smoke else args.n,
+        "categories": list(gm.categories),
+        "mean": {k: statistics.mean(v) for k, v in rows.items()},
+        "per_category_share": rows,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    atomic_write_json(args.out, result)
+    for k, v in result["mean"].items():
+        print(f"{k:40s} {v:.3f}  {[round(x, 2) for x in rows[k]]}")
+
+
+if __name__ == "__main__":
+    main()
