@@ -15,6 +15,10 @@ the top level clamped to it) — and reports each one's IoU on validation object
 objects of 30 validation scenes (where the choice of the shipped one was made; the test objects
 are not used for it).
 
+``--variants KEY…`` picks the readouts refitted (default: those four; also a 32-channel net,
+and nets that read the image level's F̂ too — the model's reconstruction of the input, still
+never the input itself).
+
 ``--refit`` first fits the model's readout again as ``pyro-backpass train``'s last step does
 (:func:`~pyro_backpass.learning.train_mask_readout`, the default preset's settings) and, with
 ``--save PATH``, writes the model with it: how a model trained before that step gets one.
@@ -80,17 +84,24 @@ def test_ious(gm, images, masks, labels, *, batch: int = 64) -> dict[str, float]
     }
 
 
-#: --compare: (name, hidden, training objects per category, training scenes); the last is the
-#: shipped recipe (TrainConfig's defaults).
-VARIANTS = (
-    ("logistic 5x5, 40 objects per category", 0, 40, 0),
-    ("logistic 5x5, 40 objects per category + 150 scenes", 0, 40, 150),
-    ("net 16, 200 objects per category", 16, 200, 0),
-    ("net 16, 200 objects per category + 150 scenes", 16, 200, 150),
-)
+#: --compare: key → (name, hidden, training objects per category, training scenes, levels read
+#: (None: the default ones)); ``net16_scenes`` is the shipped recipe (TrainConfig's defaults).
+#: ``--variants`` picks among them (default: the first four).
+WITH_IMAGE = ("image", "conv1_1", "pool1", "conv2_1")
+VARIANTS = {
+    "logistic": ("logistic 5x5, 40 objects per category", 0, 40, 0, None),
+    "logistic_scenes": ("logistic 5x5, 40 objects per category + 150 scenes", 0, 40, 150, None),
+    "net16": ("net 16, 200 objects per category", 16, 200, 0, None),
+    "net16_scenes": ("net 16, 200 objects per category + 150 scenes", 16, 200, 150, None),
+    "net32_scenes": ("net 32, 200 objects per category + 150 scenes", 32, 200, 150, None),
+    "net16_image_scenes": ("net 16 reading the image level's F̂ too, 200 objects per category "
+                           "+ 150 scenes", 16, 200, 150, WITH_IMAGE),
+    "net32_image_scenes": ("net 32 reading the image level's F̂ too, 200 objects per category "
+                           "+ 150 scenes", 32, 200, 150, WITH_IMAGE),
+}  # fmt: skip
 
 
-def compare(gm, *, smoke: bool) -> dict[str, dict]:
+def compare(gm, *, smoke: bool, variants=tuple(VARIANTS)[:4]) -> dict[str, dict]:
     """Refit readouts of ``gm``'s F̂ (a copy; the model keeps its own) on training objects (and
     the objects of training scenes, top level clamped) and report their IoU on validation
     objects and on the objects of 30 validation scenes (top level clamped; these choose the
@@ -100,7 +111,9 @@ def compare(gm, *, smoke: bool) -> dict[str, dict]:
     val = objects(gm, "validation", 2 if smoke else 20)
     val_scenes = list(Scenes(1 if smoke else 30, seed=split_seed("validation")))
     out = {}
-    for name, hidden, n, n_scenes in VARIANTS:
+    for key in variants:
+        name, hidden, n, n_scenes, levels = VARIANTS[key]
+        levels = None if levels is None else [lv for lv in levels if lv in gm.hidden_levels]
         n, n_scenes = (min(n, 3), min(n_scenes, 1)) if smoke else (n, n_scenes)
         work = copy.deepcopy(gm)
         t = time.perf_counter()
@@ -108,9 +121,10 @@ def compare(gm, *, smoke: bool) -> dict[str, dict]:
         _, report = fit_mask_readout(
             work, work.backbone, objects(gm, "train", n), val, scenes=scenes,
             validation_scenes=val_scenes, hidden=min(hidden, 2) if smoke else hidden,
-            epochs=2 if smoke else 30,
+            epochs=2 if smoke else 30, levels=levels,
         )  # fmt: skip
         out[name] = report | {"hidden": hidden, "train_per_category": n, "train_scenes": n_scenes,
+                              "levels": list(levels or work.mask_readout.config()["levels"]),
                               "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
         print(name, json.dumps(out[name]), flush=True)
     return out
@@ -123,6 +137,8 @@ def main(argv=None) -> None:
     p.add_argument("--compare", action="store_true", help="refit readouts, validation IoU")
     p.add_argument("--refit", action="store_true", help="fit the readout as training does")
     p.add_argument("--save", type=Path, default=None, help="with --refit: write the model")
+    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=tuple(VARIANTS)[:4],
+                   help="with --compare: the readouts refitted")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "mask_readout.json")
     args = p.parse_args(argv)
     if args.save is not None and not args.refit:
@@ -152,7 +168,7 @@ def main(argv=None) -> None:
     for label, scale in (("default_scale", None), ("scene_scale", SCENE_SCALE)):
         result[f"test_{label}"] = test_ious(gm, *objects(gm, "test", n_test, scale=scale))
     if args.compare:
-        result["validation_compare"] = compare(gm, smoke=args.smoke)
+        result["validation_compare"] = compare(gm, smoke=args.smoke, variants=args.variants)
     result["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k.startswith(("test", "valid", "ref"))},

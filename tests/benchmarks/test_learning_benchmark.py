@@ -358,6 +358,10 @@ def test_mask_readout_smoke(tmp_path):
         assert 0 <= row["validation_iou"] <= 1 and 0 <= row["validation_scene_iou"] <= 1
     for scale in ("test_default_scale", "test_scene_scale"):
         assert 0 <= result[scale]["readout"] <= 1 and 0 <= result[scale]["rule"] <= 1
+    _smoke(BENCH.parent / "mask_readout.py", "--smoke", "--compare", "--variants",
+           "net16_image_scenes", "--out", str(out))  # fmt: skip
+    (row,) = json.loads(out.read_text())["validation_compare"].values()
+    assert row["levels"][0] == "image" and 0 <= row["validation_scene_iou"] <= 1
 
 
 def test_per_location_pass_without_map_levels_is_greedy_map():
