@@ -33,8 +33,9 @@ pass picks on ``n`` lone train objects per category (default 100), not uniform
 (:func:`fit_offset_priors`); several joined by commas; ``footprintall``: lever 2 on every
 level below the top — each level's (γ, δ) chosen by its log-likelihood ratio against the
 all-background explanation (plus its prior terms) divided by its footprint, given F̂ of the
-level above (:func:`footprint_descent`; the top level as greedy chooses it, or clamped for
-rung (b));
+level above (:func:`level_descent`; the top level as greedy chooses it, or clamped for
+rung (b)); ``sharp<f>``: the same pass with greedy's choice but φ set to 0 below f × its
+maximum on every level below the top (:func:`level_descent`'s ``sharpen``);
 ``footprint``:
 the top level chosen by the log-likelihood ratio against the all-background explanation
 divided by the template's footprint (elements with φ > 0), the rest of the pass unchanged;
@@ -134,7 +135,9 @@ def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool 
     if lever in ("base", "footprint"):
         return gm, lever == "footprint"
     if lever == "footprintall":
-        return gm, ("footprintall",)
+        return gm, ("descent", {"footprint": True})
+    if lever.startswith("sharp"):
+        return gm, ("descent", {"sharpen": float(lever[5:])})
     if lever.startswith("topk"):
         return gm, int(lever[4:])
     if lever.startswith("cam"):
@@ -188,14 +191,20 @@ def fit_background_per_channel(gm: GenerativeModel, part: str) -> None:
 
 
 @torch.no_grad()
-def footprint_descent(gm: GenerativeModel, bu: dict, category: int, *,
-                      top: tuple[int, int] | None = None) -> tuple[dict, torch.Tensor]:  # fmt: skip
-    """The ``footprintall`` lever's pass of one image: its assignment (site → ``(1,)``) and
-    mask ``(1, H, W)``. The top level's
-    (γ, δ) is greedy's (or ``top``), and on every level below, given F̂ of the level above,
-    the (γ, δ) with the largest log-likelihood ratio against the all-background explanation of
-    that level plus its prior terms, divided by its footprint (the elements where φ > 0), is
-    chosen (lever 2 "on every level"); F̂ in closed form as in every pass."""
+def level_descent(gm: GenerativeModel, bu: dict, category: int, *,
+                  top: tuple[int, int] | None = None, footprint: bool = False,
+                  sharpen: float = 0.0) -> tuple[dict, torch.Tensor]:  # fmt: skip
+    """A backward pass of one image written out level by level, for the levers that change how
+    the levels below the top decide: its assignment (site → ``(1,)``) and mask ``(1, H, W)``.
+
+    The top level's (γ, δ) is greedy's (or ``top``). On every level below, given F̂ of the
+    level above, every (γ, δ) is scored by its data score plus its prior terms (greedy's
+    choice), or with ``footprint`` (the ``footprintall`` lever: lever 2 "on every level") by
+    its log-likelihood ratio against the all-background explanation of that level plus its
+    prior terms, divided by its footprint (the elements where φ > 0). With ``sharpen`` f > 0
+    (the ``sharp<f>`` lever) φ is first set to 0 wherever it is below f × its maximum over the
+    level, so that F̂ cannot follow the bottom-up activations in φ's faint margins. F̂ in
+    closed form as in every pass; with neither option this is ``greedy_map``'s pass."""
     label = torch.tensor([category])
     names = list(reversed(gm.hidden_levels))
     if top is None:
@@ -213,15 +222,20 @@ def footprint_descent(gm: GenerativeModel, bu: dict, category: int, *,
             gamma, delta = torch.arange(k).repeat_interleave(d), torch.arange(d).repeat(k)
         n = gamma.numel()
         phi = step.phi(upper.expand(n, *upper.shape[1:]), gamma, delta)  # (n, C, H, W)
+        if sharpen > 0 and name != names[0]:
+            peak = phi.flatten(1).amax(1).reshape(n, 1, 1, 1)
+            phi = torch.where(phi >= sharpen * peak, phi, torch.zeros_like(phi))
         level_bu = bu[name].expand(n, *bu[name].shape[1:])
         f_td, score = closed_form_with(gm.constants(name), level_bu, phi)
         if n > 1:
             gp = gm.priors[f"gamma_{name}"]
             lp_gamma = gp.log_probs()[tuple(values[p] for p in gp.parents)].reshape(-1)
             lp_delta = gm.priors[f"delta_{name}"].log_probs()
-            llr = score.sum(dim=(1, 2, 3)) - background_log_likelihood(gm, {name: bu[name]})
-            footprint = (phi > 0).flatten(1).sum(1).clamp_min(1).to(llr.dtype)
-            i = int(((llr + lp_gamma[gamma] + lp_delta[delta]) / footprint).argmax())
+            total = score.sum(dim=(1, 2, 3)) + lp_gamma[gamma] + lp_delta[delta]
+            if footprint:
+                total = total - background_log_likelihood(gm, {name: bu[name]})
+                total = total / (phi > 0).flatten(1).sum(1).clamp_min(1).to(total.dtype)
+            i = int(total.argmax())
         else:
             i = 0
         values[f"gamma_{name}"], values[f"delta_{name}"] = gamma[i : i + 1], delta[i : i + 1]
@@ -610,8 +624,8 @@ def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool,
             continue
         s = top_scores(model, bu, airplane, footprint=choice is True)
         d = step.num_offsets
-        if isinstance(choice, tuple) and choice[0] == "footprintall":
-            free = SimpleNamespace(mask=footprint_descent(model, bu, airplane)[1])
+        if isinstance(choice, tuple) and choice[0] == "descent":
+            free = SimpleNamespace(mask=level_descent(model, bu, airplane, **choice[1])[1])
         elif isinstance(choice, tuple) and choice[0] == "verified":
             free = verified_map(model, bu, category=label, verifier=verifier,
                                 lower=lower if choice[1] else False)  # fmt: skip
@@ -644,10 +658,10 @@ def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool,
             scene_ranks.append(int(rank_of[int(gamma) * d + int(delta)]))
             alone_acts = bb(inst.image_alone[None])
             alone_bu = {k: v for k, v in alone_acts.items() if k in model.hidden_levels}
-            if isinstance(choice, tuple) and choice[0] == "footprintall":
-                clamped_mask = footprint_descent(model, bu, airplane,
-                                                 top=(int(gamma), int(delta)))[1]  # fmt: skip
-                alone_mask = footprint_descent(model, alone_bu, airplane)[1]
+            if isinstance(choice, tuple) and choice[0] == "descent":
+                clamped_mask = level_descent(model, bu, airplane, top=(int(gamma), int(delta)),
+                                             **choice[1])[1]  # fmt: skip
+                alone_mask = level_descent(model, alone_bu, airplane, **choice[1])[1]
             else:
                 clamped_mask = greedy_map(model, bu, category=label,
                                           clamp={f"gamma_{top}": gamma,

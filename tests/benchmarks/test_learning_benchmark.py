@@ -115,6 +115,29 @@ def test_clamped_samples_smoke(tmp_path):
 
 
 @torch.no_grad()
+def test_level_descent_without_options_is_greedy_map():
+    """The levers' level-by-level pass with neither option is ``greedy_map``'s (the oracle):
+    the same assignment on every site and the same mask."""
+    from pyro_backpass import GenerativeModel, Scenes, greedy_map
+    from pyro_backpass.data import split_seed
+
+    gm = GenerativeModel.default()
+    module = _module("clutter_levers")
+    for scene in Scenes(2, seed=split_seed("validation")):
+        acts = gm.backbone(scene.image[None])
+        bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
+        plain = greedy_map(gm, bu, category=0)
+        values, mask = module.level_descent(gm, bu, 0)
+        assert {s: int(v) for s, v in values.items()} == {
+            s: int(v) for s, v in plain.assignment.items()
+        }
+        assert torch.equal(mask, plain.mask)
+        sharp, _ = module.level_descent(gm, bu, 0, sharpen=0.5)
+        top = gm.hidden_levels[-1]
+        assert int(sharp[f"gamma_{top}"]) == int(plain.assignment[f"gamma_{top}"])
+
+
+@torch.no_grad()
 def test_footprint_descent_matches_brute_force():
     """Each level's choice of the ``footprintall`` lever is the best, over every (γ, δ) of the
     level with the levels above fixed, of (data score − background + prior) / footprint, each
@@ -127,7 +150,7 @@ def test_footprint_descent_matches_brute_force():
     scene = next(iter(Scenes(1, seed=5)))
     acts = gm.backbone(scene.image[None])
     bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
-    values, mask = module.footprint_descent(gm, bu, 0, top=(3, 12))
+    values, mask = module.level_descent(gm, bu, 0, top=(3, 12), footprint=True)
     assert mask.shape == (1, *scene.image.shape[-2:])
     names = list(reversed(gm.hidden_levels))
     assert (int(values[f"gamma_{names[0]}"]), int(values[f"delta_{names[0]}"])) == (3, 12)
