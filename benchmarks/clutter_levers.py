@@ -35,7 +35,10 @@ level below the top — each level's (γ, δ) chosen by its log-likelihood ratio
 all-background explanation (plus its prior terms) divided by its footprint, given F̂ of the
 level above (:func:`level_descent`; the top level as greedy chooses it, or clamped for
 rung (b)); ``sharp<f>``: the same pass with greedy's choice but φ set to 0 below f × its
-maximum on every level below the top (:func:`level_descent`'s ``sharpen``);
+maximum on every level below the top (:func:`level_descent`'s ``sharpen``); ``clutter[<n>]``:
+the same pass with an explicit clutter branch per element beside on and off, its Gaussian per
+channel and its prior weight π fitted on the clutter of ``n`` train scenes (default 40;
+:func:`three_branch`, :func:`fit_clutter`), ``clutter<n>x<f>``: π × f;
 ``footprint``:
 the top level chosen by the log-likelihood ratio against the all-background explanation
 divided by the template's footprint (elements with φ > 0), the rest of the pass unchanged;
@@ -73,6 +76,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import sys
 import time
@@ -109,6 +113,7 @@ from pyro_backpass.learning import (  # noqa: E402
     fit_background,
     mask_iou,
     masked_activations,
+    max_pool_mask,
     own_top_assignment,
 )
 from pyro_backpass.model import closed_form_constants, shift_all  # noqa: E402
@@ -138,6 +143,13 @@ def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool 
         return gm, ("descent", {"footprint": True})
     if lever.startswith("sharp"):
         return gm, ("descent", {"sharpen": float(lever[5:])})
+    if lever.startswith("clutter"):
+        n, _, factor = lever[7:].partition("x")
+        fit = fit_clutter(gm, list(Scenes(int(n or 40), seed=split_seed("train"))))
+        scale = math.log(float(factor or 1.0))  # π × factor (the background keeps 1 − π)
+        fit = {name: (mu, sigma, min(log_pi + scale, -1e-6))
+               for name, (mu, sigma, log_pi) in fit.items()}  # fmt: skip
+        return gm, ("descent", {"clutter": fit})
     if lever.startswith("topk"):
         return gm, int(lever[4:])
     if lever.startswith("cam"):
@@ -193,7 +205,8 @@ def fit_background_per_channel(gm: GenerativeModel, part: str) -> None:
 @torch.no_grad()
 def level_descent(gm: GenerativeModel, bu: dict, category: int, *,
                   top: tuple[int, int] | None = None, footprint: bool = False,
-                  sharpen: float = 0.0) -> tuple[dict, torch.Tensor]:  # fmt: skip
+                  sharpen: float = 0.0, clutter: dict | None = None
+                  ) -> tuple[dict, torch.Tensor]:  # fmt: skip
     """A backward pass of one image written out level by level, for the levers that change how
     the levels below the top decide: its assignment (site → ``(1,)``) and mask ``(1, H, W)``.
 
@@ -203,8 +216,10 @@ def level_descent(gm: GenerativeModel, bu: dict, category: int, *,
     its log-likelihood ratio against the all-background explanation of that level plus its
     prior terms, divided by its footprint (the elements where φ > 0). With ``sharpen`` f > 0
     (the ``sharp<f>`` lever) φ is first set to 0 wherever it is below f × its maximum over the
-    level, so that F̂ cannot follow the bottom-up activations in φ's faint margins. F̂ in
-    closed form as in every pass; with neither option this is ``greedy_map``'s pass."""
+    level, so that F̂ cannot follow the bottom-up activations in φ's faint margins. With
+    ``clutter`` (the ``clutter`` lever; level → :func:`fit_clutter`'s statistics) every element
+    has a third branch beside on and off (:func:`three_branch`). F̂ in closed form as in every
+    pass; with no option this is ``greedy_map``'s pass."""
     label = torch.tensor([category])
     names = list(reversed(gm.hidden_levels))
     if top is None:
@@ -226,7 +241,10 @@ def level_descent(gm: GenerativeModel, bu: dict, category: int, *,
             peak = phi.flatten(1).amax(1).reshape(n, 1, 1, 1)
             phi = torch.where(phi >= sharpen * peak, phi, torch.zeros_like(phi))
         level_bu = bu[name].expand(n, *bu[name].shape[1:])
-        f_td, score = closed_form_with(gm.constants(name), level_bu, phi)
+        if clutter is not None and name in clutter:
+            f_td, score = three_branch(gm.constants(name), level_bu, phi, *clutter[name])
+        else:
+            f_td, score = closed_form_with(gm.constants(name), level_bu, phi)
         if n > 1:
             gp = gm.priors[f"gamma_{name}"]
             lp_gamma = gp.log_probs()[tuple(values[p] for p in gp.parents)].reshape(-1)
@@ -242,6 +260,72 @@ def level_descent(gm: GenerativeModel, bu: dict, category: int, *,
         upper = f_td[i : i + 1]
         td[name] = upper
     return values, object_mask(gm, td)
+
+
+def three_branch(c, bu: torch.Tensor, phi: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
+                 log_pi: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The closed form with an explicit clutter branch per element: F̂ and each element's score.
+
+    Beside "on" (the object explains f_bu) and "off" (background, f_bu ~ N(β, σ2)), an element
+    may be clutter: the object is off there (F ≤ λ, as on the off branch) and f_bu ~ N(μ_c,
+    σ_c), per channel, with prior weight π (the background keeps 1 − π). Each element takes its
+    best branch (the closed form's max, now over three); F̂ is the on value where "on" wins,
+    else the off value. ``c``: the level's :class:`ClosedFormConstants`."""
+    f_on = (c.weight_on * bu + c.weight_td * phi).clamp_min(c.threshold)
+    s_on = c.const_on - (c.half_prec_on * (bu - f_on).square()
+                         + c.half_prec_td * (f_on - phi).square())  # fmt: skip
+    f_off = phi.clamp_max(c.below)
+    td_off = c.half_prec_td * (f_off - phi).square()
+    log_1m_pi = math.log1p(-math.exp(log_pi))
+    s_off = c.const_off - c.half_prec_off * (bu - c.background).square() - td_off + log_1m_pi
+    sigma2 = torch.as_tensor(0.5 / c.half_prec_off, dtype=bu.dtype).sqrt()
+    log_n0_sigma2 = -0.5 * math.log(2 * math.pi) - sigma2.log()  # log N(0; 0, σ2)
+    log_clutter = (-0.5 * math.log(2 * math.pi) - sigma.log()
+                   - 0.5 * ((bu - mu) / sigma).square())  # fmt: skip
+    s_clutter = c.const_off - log_n0_sigma2 + log_clutter - td_off + log_pi
+    s_bad = torch.maximum(s_off, s_clutter)
+    on = s_on >= s_bad
+    return torch.where(on, f_on, f_off), torch.where(on, s_on, s_bad)
+
+
+@torch.no_grad()
+def fit_clutter(gm: GenerativeModel, scenes: list) -> dict:
+    """The ``clutter`` lever's statistics, per level: the mean and standard deviation per
+    channel ``(C, 1, 1)`` of the bottom-up activations over the elements that clutter covers
+    and no object does (the masks max-pooled to the level), and log π, the log of their share
+    among the elements no object covers, on ``scenes`` (train split)."""
+    sums: dict = {}
+    for scene in scenes:
+        acts = gm.backbone(scene.image[None])
+        objects = torch.zeros_like(scene.clutter_mask)
+        for inst in scene.instances:
+            objects |= inst.mask
+        for name in gm.hidden_levels:
+            x = acts[name][0]  # (C, h, w)
+            size = tuple(x.shape[-2:])
+            on_object = max_pool_mask(objects[None], size)[0]
+            cells = max_pool_mask(scene.clutter_mask[None], size)[0] & ~on_object
+            free = (~on_object).sum()
+            v = x[:, cells].double()  # (C, n)
+            acc = sums.setdefault(name, [0, 0.0, 0.0, 0, 0])
+            acc[0] += v.shape[1]
+            acc[1] = acc[1] + v.sum(1)
+            acc[2] = acc[2] + v.square().sum(1)
+            acc[3] += int(cells.sum())
+            acc[4] += int(free)
+    out = {}
+    for name, (n, s1, s2, n_cells, n_free) in sums.items():
+        if n < 2 or n_cells == 0:
+            continue
+        mean = s1 / n
+        std = (s2 / n - mean.square()).clamp_min(1e-12).sqrt()
+        floor = std.mean() * 0.1 + 1e-6  # no channel with a zero-width clutter branch
+        dtype = gm.dtype
+        out[name] = (mean.to(dtype).reshape(-1, 1, 1),
+                     std.clamp_min(floor).to(dtype).reshape(-1, 1, 1),
+                     math.log(n_cells / n_free))  # fmt: skip
+        print(f"clutter {name}: pi {n_cells / n_free:.3f}", flush=True)
+    return out
 
 
 @torch.no_grad()

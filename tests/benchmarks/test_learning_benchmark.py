@@ -100,7 +100,19 @@ def test_clutter_levers_smoke(tmp_path):
 
 @pytest.mark.slow  # ~35 s: the fitted levers; the default run covers the script above
 def test_clutter_levers_fitted_levers_smoke(tmp_path):
-    _levers_smoke(tmp_path, ["footprint", "topk2", "rank1", "onoff1", "dprior2", "footprintall"])
+    _levers_smoke(
+        tmp_path,
+        [
+            "footprint",
+            "topk2",
+            "rank1",
+            "onoff1",
+            "dprior2",
+            "footprintall",
+            "sharp0.1",
+            "clutter2x0.5",
+        ],
+    )
 
 
 def test_clamped_samples_smoke(tmp_path):
@@ -135,6 +147,30 @@ def test_level_descent_without_options_is_greedy_map():
         sharp, _ = module.level_descent(gm, bu, 0, sharpen=0.5)
         top = gm.hidden_levels[-1]
         assert int(sharp[f"gamma_{top}"]) == int(plain.assignment[f"gamma_{top}"])
+
+
+@torch.no_grad()
+def test_three_branch_without_clutter_is_the_closed_form():
+    """With a vanishing clutter weight the three-branch closed form is the library's two-branch
+    one (``closed_form_with``, the oracle): the same F̂ and scores; with a clutter branch that
+    fits the bottom-up values exactly and a fair weight, elements far from φ leave "on"."""
+    from pyro_backpass import GenerativeModel
+    from pyro_backpass.inference import closed_form_with
+
+    gm = GenerativeModel.default()
+    module = _module("clutter_levers")
+    c = gm.constants("pool3")
+    gen = torch.Generator().manual_seed(0)
+    channels = gm.steps["pool3"].out.channels
+    bu = torch.rand(2, channels, 8, 8, generator=gen) * 3
+    phi = torch.rand(2, channels, 8, 8, generator=gen) * 3
+    mu, sigma = torch.zeros(channels, 1, 1), torch.ones(channels, 1, 1)
+    f3, s3 = module.three_branch(c, bu, phi, mu, sigma, -200.0)
+    f2, s2 = closed_form_with(c, bu, phi)
+    torch.testing.assert_close(f3, f2)
+    torch.testing.assert_close(s3, s2)
+    exact = module.three_branch(c, bu, torch.zeros_like(bu), bu, sigma * 1e-3, -0.7)[0]
+    assert (exact <= c.threshold).all()  # φ = 0: every element is clutter, F̂ off
 
 
 @torch.no_grad()
@@ -230,37 +266,44 @@ def test_path_decoders_fine_tune_lowers_the_path_loss():
 
 
 @pytest.mark.slow  # ~30 s: fits a tiny verifier on the smoke model
-def test_verifier_class_map_smoke(tmp_path):
-    out = tmp_path / "vcm.json"
-    _smoke(BENCH.parent / "verifier_class_map.py", "--smoke", "--name", "smoke", "--scenes",
+def test_verifier_cues_smoke(tmp_path):
+    out = tmp_path / "cues.json"
+    _smoke(BENCH.parent / "verifier_cues.py", "--smoke", "--name", "smoke", "--scenes",
            "2", "--out", str(out))  # fmt: skip
     result = json.loads(out.read_text())
     choices = result["choices"]
     for name, row in choices.items():
-        if name != "cross_validated":
+        if name not in ("cross_validated", "correlation_with_iou", "verifier_choice_mask"):
             # No choice among the descents beats the best of them.
             assert row["hit@0.5"] <= choices["bound"]["hit@0.5"], name
             assert row["hit@0.3"] <= choices["bound"]["hit@0.3"], name
 
 
-def test_verifier_class_map_choices_pick_the_top_scored_descent():
+def test_verifier_cues_choices_pick_the_top_scored_descent():
     """Hit rates from hand-made lists: each choice takes its score's argmax."""
-    module = _module("verifier_class_map")
+    module = _module("verifier_cues")
     t = torch.tensor
     lists = [
         {"verifier": t([2.0, 1.0, 0.0]), "class_map": t([0.0, 0.0, 5.0]),
-         "log_joint": t([0.0, 9.0, 0.0]), "iou": t([0.6, 0.1, 0.35])},
+         "log_joint": t([0.0, 9.0, 0.0]), "iou": t([0.6, 0.1, 0.35]),
+         "precision": t([0.9, 0.2, 0.5]), "recall": t([0.6, 0.1, 0.4])},
         {"verifier": t([0.0, 1.0, 0.0]), "class_map": t([3.0, 0.0, 0.0]),
-         "log_joint": t([0.0, 0.0, 9.0]), "iou": t([0.2, 0.7, 0.0])},
+         "log_joint": t([0.0, 0.0, 9.0]), "iou": t([0.2, 0.7, 0.0]),
+         "precision": t([0.3, 0.7, 0.0]), "recall": t([0.3, 0.9, 0.0])},
     ]  # fmt: skip
-    rows = module.choices(lists, [0.1, 10.0])
+    rows = module.choices(lists, [0.1, 10.0], cues=("class_map",))
     assert rows["bound"] == {"hit@0.5": 1.0, "hit@0.3": 1.0}
+    assert rows["verifier_choice_mask"] == pytest.approx({"precision": 0.8, "recall": 0.75})
     assert rows["verifier"] == {"hit@0.5": 1.0, "hit@0.3": 1.0}
     assert rows["log_joint"] == {"hit@0.5": 0.0, "hit@0.3": 0.0}
     assert rows["class_map"] == {"hit@0.5": 0.0, "hit@0.3": 0.5}
     assert rows["verifier + 10·class_map"] == rows["class_map"]
     assert rows["verifier + 0.1·class_map"] == rows["verifier"]
-    assert [f["a"] for f in rows["cross_validated"]] == [0.1, 0.1]
+    assert [f["a"] for f in rows["cross_validated"]["class_map"]] == [0.1, 0.1]
+    # The mean over the two lists of numpy's Pearson correlation.
+    expected = np.mean([np.corrcoef([0, 0, 5], [0.6, 0.1, 0.35])[0, 1],
+                        np.corrcoef([3, 0, 0], [0.2, 0.7, 0.0])[0, 1]])  # fmt: skip
+    assert rows["correlation_with_iou"]["class_map"] == pytest.approx(expected)
 
 
 def test_clutter_figure_smoke(tmp_path):
