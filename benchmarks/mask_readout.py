@@ -137,12 +137,14 @@ def main(argv=None) -> None:
     p.add_argument("--compare", action="store_true", help="refit readouts, validation IoU")
     p.add_argument("--refit", action="store_true", help="fit the readout as training does")
     p.add_argument("--save", type=Path, default=None, help="with --refit: write the model")
-    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=tuple(VARIANTS)[:4],
-                   help="with --compare: the readouts refitted")  # fmt: skip
+    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=None,
+                   help="with --compare: the readouts refitted (default: first four)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "mask_readout.json")
     args = p.parse_args(argv)
     if args.save is not None and not args.refit:
         p.error("--save writes a refitted readout: pass --refit too")
+    if args.variants is not None and not args.compare:
+        p.error("--variants picks the readouts that --compare refits: pass --compare too")
     torch.set_num_threads(1)
     start = time.perf_counter()
     gm, name = learned_model(smoke=args.smoke, path=args.model)
@@ -168,7 +170,8 @@ def main(argv=None) -> None:
     for label, scale in (("default_scale", None), ("scene_scale", SCENE_SCALE)):
         result[f"test_{label}"] = test_ious(gm, *objects(gm, "test", n_test, scale=scale))
     if args.compare:
-        result["validation_compare"] = compare(gm, smoke=args.smoke, variants=args.variants)
+        variants = args.variants or tuple(VARIANTS)[:4]
+        result["validation_compare"] = compare(gm, smoke=args.smoke, variants=variants)
     result["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k.startswith(("test", "valid", "ref"))},

@@ -24,8 +24,9 @@ scenes whose choice hits an airplane (visible mask IoU ≥ 0.5 / 0.3):
   standardised within each scene's list (``z``);
 - ``verifier_choice_mask``: the mean precision and recall of the verifier's choice's mask
   against the airplane it overlaps most;
-- ``cross_validated``: per cue, ``a`` chosen on one half of the scenes (even / odd) for the raw
-  sum, scored on the other.
+- ``cross_validated``: per cue, ``a`` chosen among 0 (the verifier alone) and ``--weights`` on
+  one half of the scenes (even / odd) for the raw sum, scored on the other; beside it the
+  verifier alone on the same halves (``verifier_halves``).
 
 Writes ``benchmarks/results/clutter_levers/verifier_cues_<name>.json``. One thread.
 
@@ -139,7 +140,10 @@ def correlation(lists: list[dict], key: str) -> float:
 
 def choices(lists: list[dict], weights: list[float], cues: tuple[str, ...] = CUES) -> dict:
     chosen = [int(s["verifier"].argmax()) for s in lists]
+    halves = [hit_rates(lists[held::2], lambda s: s["verifier"])
+              for held in (0, 1) if lists[held::2] and lists[1 - held :: 2]]  # fmt: skip
     rows: dict = {
+        "verifier_halves": halves,
         "verifier_choice_mask": {
             k: statistics.mean(float(s[k][i]) for s, i in zip(lists, chosen, strict=True))
             for k in ("precision", "recall")
@@ -164,7 +168,7 @@ def choices(lists: list[dict], weights: list[float], cues: tuple[str, ...] = CUE
             def fit_rate(a: float, cue: str = cue, fit: list = fit) -> float:
                 return hit_rates(fit, combined(cue, a, False))["hit@0.5"]
 
-            best = max(weights, key=fit_rate)
+            best = max((0.0, *weights), key=fit_rate)  # 0: the verifier alone
             folds.append({"a": best, "scenes": len(score),
                           **hit_rates(score, combined(cue, best, False))})  # fmt: skip
         rows["cross_validated"][cue] = folds

@@ -75,18 +75,20 @@ def test_greedy_vs_exact_learned_smoke(tmp_path):
         )  # exact ≥ greedy
 
 
-def _levers_smoke(tmp_path, levers: list[str]) -> None:
+def _levers_smoke(tmp_path, levers: list[str], *, bound: bool = True) -> None:
     out = tmp_path / "levers.json"
     script = BENCH.parent / "clutter_levers.py"
-    _smoke(
-        script, "--smoke", "--bound", "--out", str(out), "--category-unknown", "--levers", *levers
-    )
+    flags = ["--bound", "--category-unknown"] if bound else []
+    _smoke(script, "--smoke", *flags, "--out", str(out), "--levers", *levers)
     rows = json.loads(out.read_text())["levers"]
     assert set(rows) == set(levers)
     for r in rows.values():
-        for key in ("hit@0.5", "hit@0.3", "best_iou", "top_clamped", "alone_plain", "bound@0.5"):
+        for key in ("hit@0.5", "hit@0.3", "best_iou", "top_clamped", "alone_plain"):
             assert 0.0 <= r[key] <= 1.0
         assert 1 <= r["true_rank_median"] <= r["top_hypotheses"]
+        if not bound:
+            continue
+        assert 0.0 <= r["bound@0.5"] <= 1.0
         assert r["hit@0.5"] <= r["bound@0.5"]  # the pass is one of the hypotheses bounded
         unknown = r["category_unknown"]
         for key in ("hit@0.5", "hit@0.3", "chose_airplane", "best_iou"):
@@ -100,19 +102,15 @@ def test_clutter_levers_smoke(tmp_path):
 
 @pytest.mark.slow  # ~35 s: the fitted levers; the default run covers the script above
 def test_clutter_levers_fitted_levers_smoke(tmp_path):
-    _levers_smoke(
-        tmp_path,
-        [
-            "footprint",
-            "topk2",
-            "rank1",
-            "onoff1",
-            "dprior2",
-            "footprintall",
-            "sharp0.1",
-            "clutter2x0.5",
-        ],
-    )
+    _levers_smoke(tmp_path, ["footprint", "topk2", "rank1", "onoff1", "dprior2"])
+    # The level-by-level levers: no bound or category-unknown rows (those are greedy_map's).
+    _levers_smoke(tmp_path, ["footprintall", "sharp0.1", "clutter2x0.5"], bound=False)
+    script = BENCH.parent / "clutter_levers.py"
+    for bad in ("sharp1.5", "sharpx", "clutter0", "clutter3x-1", "dprior0"):
+        run = _run(script, "--smoke", "--levers", bad)
+        assert run.returncode != 0 and f"lever {bad!r}" in run.stderr, bad
+    run = _run(script, "--smoke", "--bound", "--levers", "sharp0.1")
+    assert run.returncode != 0 and "not measured for" in run.stderr
 
 
 def test_clamped_samples_smoke(tmp_path):
@@ -144,9 +142,36 @@ def test_level_descent_without_options_is_greedy_map():
             s: int(v) for s, v in plain.assignment.items()
         }
         assert torch.equal(mask, plain.mask)
-        sharp, _ = module.level_descent(gm, bu, 0, sharpen=0.5)
-        top = gm.hidden_levels[-1]
-        assert int(sharp[f"gamma_{top}"]) == int(plain.assignment[f"gamma_{top}"])
+
+
+@torch.no_grad()
+def test_level_descent_sharpen_matches_brute_force():
+    """With ``sharpen`` the first level below the top chooses the (γ, δ) whose φ, cut below
+    f × its peak by hand here, scores best in the library's closed form (``closed_form_with``)
+    plus the prior terms, given F̂ of the top level from ``top_down_pass``."""
+    from pyro_backpass import GenerativeModel, Scenes
+    from pyro_backpass.inference import closed_form_with, top_down_pass
+
+    gm = GenerativeModel.default()
+    module = _module("clutter_levers")
+    scene = next(iter(Scenes(1, seed=7)))
+    acts = gm.backbone(scene.image[None])
+    bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
+    values, _ = module.level_descent(gm, bu, 0, top=(5, 12), sharpen=0.3)
+    top, name = gm.hidden_levels[-1], gm.hidden_levels[-2]
+    upper = top_down_pass(gm, values, bu, {})[0][top]
+    step, best, best_score = gm.steps[name], None, -float("inf")
+    for g in range(step.num_components):
+        for d in range(step.num_offsets):
+            phi = step.phi(upper, torch.tensor([g]), torch.tensor([d]))
+            phi = phi * (phi >= 0.3 * phi.max())
+            _, score = closed_form_with(gm.constants(name), bu[name], phi)
+            gp = gm.priors[f"gamma_{name}"]
+            prior = gp.log_probs()[tuple(int(values[p]) for p in gp.parents) + (g,)]
+            total = float(score.sum() + prior + gm.priors[f"delta_{name}"].log_probs()[d])
+            if total > best_score:
+                best, best_score = (g, d), total
+    assert best == (int(values[f"gamma_{name}"]), int(values[f"delta_{name}"]))
 
 
 @torch.no_grad()
@@ -169,8 +194,15 @@ def test_three_branch_without_clutter_is_the_closed_form():
     f2, s2 = closed_form_with(c, bu, phi)
     torch.testing.assert_close(f3, f2)
     torch.testing.assert_close(s3, s2)
-    exact = module.three_branch(c, bu, torch.zeros_like(bu), bu, sigma * 1e-3, -0.7)[0]
-    assert (exact <= c.threshold).all()  # φ = 0: every element is clutter, F̂ off
+    # φ = 0 and a clutter branch centred on every bottom-up value: every element is clutter,
+    # F̂ is 0 (off), and its score is log π + log N(f_bu; μ, σ_c) + log N(0; 0, σ0), by hand.
+    log_pi, narrow = -0.7, sigma * 1e-3
+    f, score = module.three_branch(c, bu, torch.zeros_like(bu), bu, narrow, log_pi)
+    assert torch.equal(f, torch.zeros_like(f))
+    sigma0 = (0.5 / torch.as_tensor(c.half_prec_td, dtype=bu.dtype)).sqrt()
+    by_hand = (log_pi + torch.distributions.Normal(bu, narrow).log_prob(bu)
+               + torch.distributions.Normal(0.0, sigma0).log_prob(torch.zeros(())))  # fmt: skip
+    torch.testing.assert_close(score, by_hand)
 
 
 @torch.no_grad()
@@ -272,8 +304,12 @@ def test_verifier_cues_smoke(tmp_path):
            "2", "--out", str(out))  # fmt: skip
     result = json.loads(out.read_text())
     choices = result["choices"]
+    for value in choices["correlation_with_iou"].values():
+        assert value != value or -1.0 <= value <= 1.0  # NaN: no list varies
+    assert all(0.0 <= v <= 1.0 for v in choices["verifier_choice_mask"].values())
     for name, row in choices.items():
-        if name not in ("cross_validated", "correlation_with_iou", "verifier_choice_mask"):
+        if name not in ("cross_validated", "correlation_with_iou", "verifier_choice_mask",
+                        "verifier_halves"):  # fmt: skip
             # No choice among the descents beats the best of them.
             assert row["hit@0.5"] <= choices["bound"]["hit@0.5"], name
             assert row["hit@0.3"] <= choices["bound"]["hit@0.3"], name
@@ -299,7 +335,9 @@ def test_verifier_cues_choices_pick_the_top_scored_descent():
     assert rows["class_map"] == {"hit@0.5": 0.0, "hit@0.3": 0.5}
     assert rows["verifier + 10·class_map"] == rows["class_map"]
     assert rows["verifier + 0.1·class_map"] == rows["verifier"]
-    assert [f["a"] for f in rows["cross_validated"]["class_map"]] == [0.1, 0.1]
+    # Each half alone: the verifier (a = 0) already hits; ties keep the first candidate, 0.
+    assert [f["a"] for f in rows["cross_validated"]["class_map"]] == [0.0, 0.0]
+    assert rows["verifier_halves"] == [{"hit@0.5": 1.0, "hit@0.3": 1.0}] * 2
     # The mean over the two lists of numpy's Pearson correlation.
     expected = np.mean([np.corrcoef([0, 0, 5], [0.6, 0.1, 0.35])[0, 1],
                         np.corrcoef([3, 0, 0], [0.2, 0.7, 0.0])[0, 1]])  # fmt: skip
