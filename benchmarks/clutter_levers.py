@@ -88,13 +88,12 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, hidden_bu, learned_model, machine  # noqa: E402
+from common import RESULTS, hidden_bu, learned_model, machine, rendered_objects  # noqa: E402
 
 from pyro_backpass import (  # noqa: E402
     CategoricalPrior,
     DescentVerifier,
     GenerativeModel,
-    RenderedObjects,
     Scenes,
     class_map_prior,
     greedy_map,
@@ -254,7 +253,8 @@ def level_descent(gm: GenerativeModel, bu: dict, category: int, *,
             k, d = step.num_components, step.num_offsets
             gamma, delta = torch.arange(k).repeat_interleave(d), torch.arange(d).repeat(k)
         n = gamma.numel()
-        phi = step.phi(upper.expand(n, *upper.shape[1:]), gamma, delta)  # (n, C, H, W)
+        all_k = None if step.kind == "template" else step.phi_all(upper)  # one conv, all K
+        phi = step.phi(upper, gamma, delta, all_k=all_k)  # (n, C, H, W)
         if sharpen > 0 and name != names[0]:
             peak = phi.flatten(1).amax(1).reshape(n, 1, 1, 1)
             phi = torch.where(phi >= sharpen * peak, phi, torch.zeros_like(phi))
@@ -289,19 +289,15 @@ def three_branch(c, bu: torch.Tensor, phi: torch.Tensor, mu: torch.Tensor, sigma
     σ_c), per channel, with prior weight π (the background keeps 1 − π). Each element takes its
     best branch (the closed form's max, now over three); F̂ is the on value where "on" wins,
     else the off value. ``c``: the level's :class:`ClosedFormConstants`."""
-    f_on = (c.weight_on * bu + c.weight_td * phi).clamp_min(c.threshold)
-    s_on = c.const_on - (c.half_prec_on * (bu - f_on).square()
-                         + c.half_prec_td * (f_on - phi).square())  # fmt: skip
-    f_off = phi.clamp_max(c.below)
-    td_off = c.half_prec_td * (f_off - phi).square()
-    log_1m_pi = math.log1p(-math.exp(log_pi))
-    s_off = c.const_off - c.half_prec_off * (bu - c.background).square() - td_off + log_1m_pi
+    f_on, s_on, f_off, s_off = _branches(c, bu, phi, off_max=c.below)
     sigma2 = torch.as_tensor(0.5 / c.half_prec_off, dtype=bu.dtype).sqrt()
     log_n0_sigma2 = -0.5 * math.log(2 * math.pi) - sigma2.log()  # log N(0; 0, σ2)
     log_clutter = (-0.5 * math.log(2 * math.pi) - sigma.log()
                    - 0.5 * ((bu - mu) / sigma).square())  # fmt: skip
+    # The off branch with f_bu's background density N(β, σ2) swapped for clutter's.
+    td_off = c.half_prec_td * (f_off - phi).square()
     s_clutter = c.const_off - log_n0_sigma2 + log_clutter - td_off + log_pi
-    s_bad = torch.maximum(s_off, s_clutter)
+    s_bad = torch.maximum(s_off + math.log1p(-math.exp(log_pi)), s_clutter)
     on = s_on >= s_bad
     return torch.where(on, f_on, f_off), torch.where(on, s_on, s_bad)
 
@@ -325,15 +321,14 @@ def fit_clutter(gm: GenerativeModel, scenes: list) -> dict:
             cells = max_pool_mask(scene.clutter_mask[None], size)[0] & ~on_object
             free = (~on_object).sum()
             v = x[:, cells].double()  # (C, n)
-            acc = sums.setdefault(name, [0, 0.0, 0.0, 0, 0])
+            acc = sums.setdefault(name, [0, 0.0, 0.0, 0])
             acc[0] += v.shape[1]
             acc[1] = acc[1] + v.sum(1)
             acc[2] = acc[2] + v.square().sum(1)
-            acc[3] += int(cells.sum())
-            acc[4] += int(free)
+            acc[3] += int(free)
     out = {}
-    for name, (n, s1, s2, n_cells, n_free) in sums.items():
-        if n < 2 or n_cells == 0:
+    for name, (n, s1, s2, n_free) in sums.items():
+        if n < 2:
             continue
         mean = s1 / n
         std = (s2 / n - mean.square()).clamp_min(1e-12).sqrt()
@@ -341,8 +336,8 @@ def fit_clutter(gm: GenerativeModel, scenes: list) -> dict:
         dtype = gm.dtype
         out[name] = (mean.to(dtype).reshape(-1, 1, 1),
                      std.clamp_min(floor).to(dtype).reshape(-1, 1, 1),
-                     math.log(n_cells / n_free))  # fmt: skip
-        print(f"clutter {name}: pi {n_cells / n_free:.3f}", flush=True)
+                     math.log(n / n_free))  # fmt: skip
+        print(f"clutter {name}: pi {n / n_free:.3f}", flush=True)
     return out
 
 
@@ -353,14 +348,10 @@ def fit_offset_priors(gm: GenerativeModel, n: int, *, concentration: float = 2.0
     that the backward pass picks on ``n`` lone train-split objects per category (category
     given), instead of uniform. (A prior on δ given the same level's γ is not a site of the
     model: the parents of a site must lie on higher levels.)"""
-    images, labels = [], []
-    for c, name in enumerate(gm.categories):
-        objects = RenderedObjects(name, n, seed=split_seed("train"))
-        images += [objects[i][0] for i in range(n)]
-        labels += [c] * n
-    acts = gm.backbone(torch.stack(images))
+    images, _, labels = rendered_objects(gm, n, "train")
+    acts = gm.backbone(images)
     bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
-    picked = greedy_map(gm, bu, category=torch.tensor(labels)).assignment
+    picked = greedy_map(gm, bu, category=labels).assignment
     for name in gm.hidden_levels[:-1]:
         d = gm.steps[name].num_offsets
         if d < 2:
@@ -380,13 +371,20 @@ def _branch_scores(params: dict, bu: torch.Tensor, phi: torch.Tensor):
         scale_td=params["log_s0"].exp(), scale_on=params["log_s1"].exp(),
         scale_off=params["log_s2"].exp(), like=phi,
     )  # fmt: skip
+    _, s_on, _, s_off = _branches(c, bu, phi, off_max=c.threshold)
+    return s_on, s_off
+
+
+def _branches(c, bu: torch.Tensor, phi: torch.Tensor, *, off_max):
+    """The closed form's two branches per element from the constants ``c``: ``(f_on, s_on,
+    f_off, s_off)``, the off branch's F clamped at ``off_max`` (λ, or the float below it)."""
     f_on = (c.weight_on * bu + c.weight_td * phi).clamp_min(c.threshold)
-    f_off = phi.clamp_max(c.threshold)
+    f_off = phi.clamp_max(off_max)
     s_on = c.const_on - (c.half_prec_on * (bu - f_on).square()
                          + c.half_prec_td * (f_on - phi).square())  # fmt: skip
     s_off = c.const_off - (c.half_prec_off * (bu - c.background).square()
                            + c.half_prec_td * (f_off - phi).square())  # fmt: skip
-    return s_on, s_off
+    return f_on, s_on, f_off, s_off
 
 
 def _observation_params(gm: GenerativeModel, name: str, dtype: torch.dtype) -> dict:

@@ -101,3 +101,20 @@ def hidden_bu(gm, image: torch.Tensor) -> dict[str, torch.Tensor]:
     each ``(1, C, h, w)``: the ``bu`` a backward pass of that image takes."""
     acts = gm.backbone(image[None])
     return {k: v for k, v in acts.items() if k in gm.hidden_levels}
+
+
+def rendered_objects(gm, n: int, split: str, *, scale: tuple[float, float] | None = None):
+    """``n`` lone rendered objects per category of ``gm`` from ``split``'s seeds (default
+    render scale unless ``scale``): images ``(N, 3, H, W)``, masks ``(N, H, W)``, labels
+    ``(N,)``, category by category."""
+    from pyro_backpass import RenderedObjects
+    from pyro_backpass.data import split_seed
+
+    images, masks, labels = [], [], []
+    kw = {} if scale is None else {"scale": scale}
+    for c, name in enumerate(gm.categories):
+        objects = RenderedObjects(name, n, seed=split_seed(split), **kw)
+        for i in range(n):
+            image, mask = objects[i]
+            images.append(image), masks.append(mask), labels.append(c)
+    return torch.stack(images), torch.stack(masks), torch.tensor(labels)

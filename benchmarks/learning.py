@@ -35,9 +35,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, learned_model, machine  # noqa: E402
+from common import RESULTS, learned_model, machine, rendered_objects  # noqa: E402
 
-from pyro_backpass import GenerativeModel, RenderedObjects, Scenes, greedy_map, sample  # noqa: E402
+from pyro_backpass import GenerativeModel, Scenes, greedy_map, sample  # noqa: E402
 from pyro_backpass.data import SCENE_SCALE, split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
 from pyro_backpass.learning import (  # noqa: E402
@@ -48,17 +48,6 @@ from pyro_backpass.learning import (  # noqa: E402
 from pyro_backpass.levels import full_resolution_level  # noqa: E402
 
 
-def test_objects(gm, n: int, *, scale: tuple[float, float] | None = None):
-    images, masks, labels = [], [], []
-    for c, cat in enumerate(gm.categories):
-        kw = {} if scale is None else {"scale": scale}
-        ds = RenderedObjects(cat, n, seed=split_seed("test"), **kw)
-        for i in range(n):
-            image, mask = ds[i]
-            images.append(image), masks.append(mask), labels.append(c)
-    return torch.stack(images), torch.stack(masks), torch.tensor(labels)
-
-
 @torch.no_grad()
 def evaluate(gm: GenerativeModel, *, n: int, n_samples: int) -> dict:
     bb = gm.backbone
@@ -66,7 +55,7 @@ def evaluate(gm: GenerativeModel, *, n: int, n_samples: int) -> dict:
     level = full_resolution_level(gm.levels)  # the threshold rule's level
     thr = float(gm.observations[level].mask_threshold)
     for name, scale in (("default_scale", None), ("scene_scale", SCENE_SCALE)):
-        images, masks, labels = test_objects(gm, n, scale=scale)
+        images, masks, labels = rendered_objects(gm, n, "test", scale=scale)
         passes = object_passes(gm, bb, images, labels)
         iou = mask_iou(passes["mask"], masks)  # the model's mask: its readout, else the rule
         rule = mask_iou(passes["td"].amax(dim=-3) >= thr, masks)
@@ -89,7 +78,7 @@ def evaluate(gm: GenerativeModel, *, n: int, n_samples: int) -> dict:
             figure_reconstructions(images[:: max(1, n)], passes["td"][:: max(1, n)],
                                    passes["mask"][:: max(1, n)])  # fmt: skip
     usage = {}
-    images, masks, labels = test_objects(gm, n)
+    images, masks, labels = rendered_objects(gm, n, "test")
     bu = {k: v for k, v in bb(images).items() if k in gm.hidden_levels}
     r = greedy_map(gm, bu, category=labels)
     for name in gm.hidden_levels:

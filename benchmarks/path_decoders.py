@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from clutter_levers import evaluate  # noqa: E402
-from common import RESULTS, learned_model, machine  # noqa: E402
-from sample_diagnosis import ladder, split_objects  # noqa: E402
+from common import RESULTS, learned_model, machine, rendered_objects  # noqa: E402
+from sample_diagnosis import ladder, mean_path_levels  # noqa: E402
 
 from pyro_backpass import GenerativeModel, Scenes, greedy_map  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
@@ -46,7 +46,7 @@ from pyro_backpass.model import shift_select  # noqa: E402
 def training_data(gm: GenerativeModel, n: int) -> dict:
     """``n`` train-split objects per category: labels, masked activations (the targets), the
     pass's assignment and F̂ per level."""
-    images, masks, labels = split_objects(gm, n, "train")
+    images, masks, labels = rendered_objects(gm, n, "train")
     targets = masked_activations(gm.backbone, images, masks)
     acts = gm.backbone(images)
     passes = greedy_map(gm, {k: v for k, v in acts.items() if k in gm.hidden_levels},
@@ -58,18 +58,19 @@ def training_data(gm: GenerativeModel, n: int) -> dict:
 def losses(gm: GenerativeModel, data: dict, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(path loss, F̂-input loss) of the objects ``idx``, differentiable in the kernels."""
     targets, a, fhat = data["targets"], data["assignment"], data["fhat"]
+    mine = {site: v[idx] for site, v in a.items()}
+    path_of = mean_path_levels(gm, data["labels"][idx], mine)
     path = fed = torch.zeros((), dtype=gm.dtype)
-    upper, above = data["labels"][idx], None
+    above = None
     for name in reversed(gm.hidden_levels):
         step, target = gm.steps[name], targets[name][idx]
         norm = targets[name].square().mean().clamp_min(1e-12)
-        gamma, delta = a[f"gamma_{name}"][idx], a[f"delta_{name}"][idx]
-        phi = shift_select(step.phi_per_sample(upper, gamma), step.offsets, delta)
-        path = path + (phi - target).square().mean() / norm
+        path = path + (path_of[name] - target).square().mean() / norm
         if above is not None:
+            gamma, delta = mine[f"gamma_{name}"], mine[f"delta_{name}"]
             given = shift_select(step.phi_per_sample(fhat[above][idx], gamma), step.offsets, delta)
             fed = fed + (given - target).square().mean() / norm
-        upper, above = phi, name
+        above = name
     return path, fed
 
 
@@ -104,7 +105,7 @@ def fine_tune(gm: GenerativeModel, data: dict, *, mix: float, epochs: int, lr: f
 @torch.no_grad()
 def measure(gm: GenerativeModel, data: dict, *, objects: int, scenes: list) -> dict:
     path, fed = losses(gm, data, torch.arange(data["labels"].numel()))
-    images, masks, labels = split_objects(gm, objects)
+    images, masks, labels = rendered_objects(gm, objects, "test")
     passes = object_passes(gm, gm.backbone, images, labels)
     rows, _ = ladder(gm, objects)
     keep = ("own_mean_path", "samples_noise0", "samples_noise1")

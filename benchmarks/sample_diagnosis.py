@@ -41,10 +41,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, learned_model, machine  # noqa: E402
+from common import RESULTS, learned_model, machine, rendered_objects  # noqa: E402
 
-from pyro_backpass import GenerativeModel, RenderedObjects, greedy_map, sample  # noqa: E402
-from pyro_backpass.data import split_seed  # noqa: E402
+from pyro_backpass import GenerativeModel, greedy_map, sample  # noqa: E402
 from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
 from pyro_backpass.inference import object_mask  # noqa: E402
 from pyro_backpass.model import shift_select  # noqa: E402
@@ -52,27 +51,22 @@ from pyro_backpass.model import shift_select  # noqa: E402
 GREY = 0.5
 
 
-def split_objects(gm: GenerativeModel, n: int, split: str = "test"):
-    """``n`` objects per category of ``split`` (default render scale): images
-    ``(N, 3, H, W)``, masks ``(N, H, W)``, labels ``(N,)``."""
-    images, masks, labels = [], [], []
-    for c, name in enumerate(gm.categories):
-        objects = RenderedObjects(name, n, seed=split_seed(split))
-        for i in range(n):
-            image, mask = objects[i]
-            images.append(image), masks.append(mask), labels.append(c)
-    return torch.stack(images), torch.stack(masks), torch.tensor(labels)
-
-
-def mean_path(gm: GenerativeModel, labels: torch.Tensor, assignment: dict) -> torch.Tensor:
-    """``(N, 3, H, W)``: the image level of the mean top-down path — φ of φ from the category
-    down, every level's (γ, δ) from ``assignment`` — with no bottom-up input."""
-    upper = labels
+def mean_path_levels(gm: GenerativeModel, labels: torch.Tensor,
+                     assignment: dict) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Every hidden level of the mean top-down path, level → ``(N, C, H, W)``: φ of φ from the
+    category down, every level's (γ, δ) from ``assignment``, with no bottom-up input
+    (differentiable in the kernels)."""
+    upper, path = labels, {}
     for name in reversed(gm.hidden_levels):
         step = gm.steps[name]
         phi = step.phi_per_sample(upper, assignment[f"gamma_{name}"])
-        upper = shift_select(phi, step.offsets, assignment[f"delta_{name}"])
-    return upper
+        upper = path[name] = shift_select(phi, step.offsets, assignment[f"delta_{name}"])
+    return path
+
+
+def mean_path(gm: GenerativeModel, labels: torch.Tensor, assignment: dict) -> torch.Tensor:
+    """``(N, 3, H, W)``: the image level of :func:`mean_path_levels`."""
+    return mean_path_levels(gm, labels, assignment)["image"]
 
 
 def on_grey(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -85,7 +79,7 @@ def ladder(gm: GenerativeModel, n: int) -> tuple[dict, dict]:
     """The rungs (see the module docstring): rung → per-category share classified as its
     category, and the image-level pictures for the figure (rung → ``(N, 3, H, W)``)."""
     bb = gm.backbone
-    images, masks, labels = split_objects(gm, n)
+    images, masks, labels = rendered_objects(gm, n, "test")
     top = gm.hidden_levels[-1]
     centre = gm.offsets[top].index((0, 0))
 
