@@ -38,7 +38,15 @@ from sample_diagnosis import ladder, mean_path_levels  # noqa: E402
 from pyro_backpass import GenerativeModel, Scenes, greedy_map  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
-from pyro_backpass.learning import mask_iou, masked_activations, object_passes  # noqa: E402
+from pyro_backpass.learning import (  # noqa: E402
+    PRESETS,
+    TrainConfig,
+    calibrate_scale_td,
+    mask_iou,
+    masked_activations,
+    object_passes,
+    train_mask_readout,
+)
 from pyro_backpass.model import shift_select  # noqa: E402
 
 
@@ -74,9 +82,47 @@ def losses(gm: GenerativeModel, data: dict, idx: torch.Tensor) -> tuple[torch.Te
     return path, fed
 
 
-def fine_tune(gm: GenerativeModel, data: dict, *, mix: float, epochs: int, lr: float = 1e-3,
-              batch: int = 50, seed: int = 0) -> GenerativeModel:  # fmt: skip
-    """A copy of ``gm`` whose kernels (every level's weight and bias) are fine-tuned."""
+@torch.no_grad()
+def scene_training_data(gm: GenerativeModel, n_scenes: int, *, chunk: int = 32) -> dict:
+    """The objects of ``n_scenes`` train-split scenes (every instance of a modelled category
+    with visible pixels), in :func:`training_data`'s keys: labels, the object's masked
+    activations **alone** (the targets: what the decoders should predict), the assignment of the
+    pass on the object alone (category given), and F̂ per level of the pass **in its scene** with
+    every (γ, δ) clamped to that assignment (the input a decoder gets there: the upper level's
+    state with the scene's clutter in it)."""
+    bb, levels = gm.backbone, gm.hidden_levels
+    items = [(scene, inst) for scene in Scenes(n_scenes, seed=split_seed("train"))
+             for inst in scene.instances
+             if inst.category in gm.categories and inst.mask.any()]  # fmt: skip
+    parts: dict[str, list] = {"labels": [], "targets": [], "assignment": [], "fhat": []}
+    for start in range(0, len(items), chunk):
+        batch = items[start : start + chunk]
+        labels = torch.tensor([gm.categories.index(inst.category) for _, inst in batch])
+        alone = torch.stack([inst.image_alone for _, inst in batch])
+        amodal = torch.stack([inst.amodal_mask for _, inst in batch])
+        alone_acts = bb(alone)
+        own = greedy_map(gm, {k: v for k, v in alone_acts.items() if k in levels},
+                         category=labels).assignment  # fmt: skip
+        scene_acts = bb(torch.stack([scene.image for scene, _ in batch]))
+        clamp = {site: v for site, v in own.items() if site != "category"}
+        in_scene = greedy_map(gm, {k: v for k, v in scene_acts.items() if k in levels},
+                              category=labels, clamp=clamp)  # fmt: skip
+        parts["labels"].append(labels)
+        parts["targets"].append(masked_activations(bb, alone, amodal, acts=alone_acts))
+        parts["assignment"].append(own)
+        parts["fhat"].append(in_scene.td)
+    cat = lambda dicts: {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}  # noqa: E731
+    return {"labels": torch.cat(parts["labels"]), "targets": cat(parts["targets"]),
+            "assignment": cat(parts["assignment"]), "fhat": cat(parts["fhat"])}  # fmt: skip
+
+
+def fine_tune(gm: GenerativeModel, data: dict, *, mix: float, epochs: int,
+              path_weight: float = 1.0, scene: dict | None = None, scene_weight: float = 0.0,
+              lr: float = 1e-3, batch: int = 50, seed: int = 0) -> GenerativeModel:  # fmt: skip
+    """A copy of ``gm`` whose kernels (every level's weight and bias) are fine-tuned on
+    ``path_weight × path + mix × F̂-input`` loss of the lone objects ``data``, plus
+    ``scene_weight ×`` the F̂-input loss of the scene objects ``scene`` (one of their batches
+    beside each lone batch, cycling)."""
     out = copy.deepcopy(gm)
     params = [p for name in out.hidden_levels
               for p in (out.steps[name].weight, getattr(out.steps[name], "bias", None))
@@ -84,6 +130,9 @@ def fine_tune(gm: GenerativeModel, data: dict, *, mix: float, epochs: int, lr: f
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     n = data["labels"].numel()
+    m = 0 if scene is None else scene["labels"].numel()
+    scene_order = torch.randperm(m, generator=gen) if m else None
+    step = 0
     with torch.enable_grad():
         for p in params:
             p.requires_grad_(True)
@@ -91,37 +140,73 @@ def fine_tune(gm: GenerativeModel, data: dict, *, mix: float, epochs: int, lr: f
             order, total = torch.randperm(n, generator=gen), 0.0
             for start in range(0, n, batch):
                 path, fed = losses(out, data, order[start : start + batch])
-                loss = path + mix * fed
+                loss = path_weight * path + mix * fed
+                if m and scene_weight > 0:
+                    idx = scene_order[torch.arange(step * batch, (step + 1) * batch) % m]
+                    loss = loss + scene_weight * losses(out, scene, idx)[1]
+                    step += 1
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total += float(loss.detach())
-            print(f"mix {mix}: epoch {epoch} loss {total:.2f}", flush=True)
+            print(f"fine-tune: epoch {epoch} loss {total:.2f}", flush=True)
         for p in params:
             p.requires_grad_(False)
     return out
 
 
+def refit(gm: GenerativeModel, *, config: TrainConfig,
+          multipliers: tuple[float, ...] = (2.0, 1.0, 0.5)) -> dict:  # fmt: skip
+    """What ``train_model`` fits after hard EM, fitted again for ``gm``'s new kernels (in
+    place): σ0 of the upper levels recalibrated on the recipe's validation scenes (a multiplier
+    of the current σ0, which is already calibrated), then the mask readout refitted
+    (``train_mask_readout``), both with ``config``'s sizes. Returns the calibration's scores."""
+    val = list(Scenes(config.calibration_scenes, seed=split_seed("validation", config.seed)))
+    scores = calibrate_scale_td(gm, gm.backbone, val, levels=config.calibration_levels,
+                                multipliers=multipliers, progress=False)  # fmt: skip
+    train_mask_readout(gm, gm.backbone, config)
+    return {str(k): v for k, v in scores.items()}
+
+
 @torch.no_grad()
-def measure(gm: GenerativeModel, data: dict, *, objects: int, scenes: list) -> dict:
+def measure(gm: GenerativeModel, data: dict, *, objects: int, scenes: list,
+            scene: dict | None = None) -> dict:  # fmt: skip
     path, fed = losses(gm, data, torch.arange(data["labels"].numel()))
     images, masks, labels = rendered_objects(gm, objects, "test")
     passes = object_passes(gm, gm.backbone, images, labels)
     rows, _ = ladder(gm, objects)
     keep = ("own_mean_path", "samples_noise0", "samples_noise1")
-    return {
+    out = {
         "path_loss": float(path),
         "fhat_input_loss": float(fed),
         "single_object_mask_iou": float(mask_iou(passes["mask"], masks).mean()),
         "classified": {k: statistics.mean(rows[k]) for k in keep},
         "clutter": evaluate(gm, "base", scenes, bound=False),
     }
+    if scene is not None:
+        out["scene_fhat_input_loss"] = float(
+            losses(gm, scene, torch.arange(scene["labels"].numel()))[1]
+        )
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
-    parser.add_argument("--mix", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument(
+        "--mix", type=float, nargs="*", default=[0.0, 1.0],
+        help="path rows: path loss + mix × F̂-input loss (lone objects)",
+    )  # fmt: skip
+    parser.add_argument("--scene-weights", type=float, nargs="*", default=[],
+                        help="scene rows: F̂-input loss of lone objects + w × that of scene "
+                             "objects (w = 0: the recipe's loss alone, the control)")  # fmt: skip
+    parser.add_argument("--scene-train", type=int, default=100,
+                        help="train scenes whose objects the scene rows learn from")  # fmt: skip
+    parser.add_argument(
+        "--refit", action="store_true",
+        help="measure each fine-tuned row again after refitting σ0's calibration and the "
+             "mask readout (train_model's last stage)",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--train", type=int, default=100, help="train objects per category")
     parser.add_argument("--objects", type=int, default=40, help="test objects per category")
@@ -130,26 +215,44 @@ def main() -> None:
     parser.add_argument("--out", type=Path,
                         default=RESULTS / "clutter_levers" / "path_decoders.json")  # fmt: skip
     args = parser.parse_args()
-    if min(args.epochs, args.train, args.objects, args.scenes) < 1:
-        raise SystemExit("--epochs, --train, --objects and --scenes must be >= 1")
-    if any(m < 0 for m in args.mix):
-        raise SystemExit(f"--mix weights must be >= 0, got {args.mix}")
+    if min(args.epochs, args.train, args.objects, args.scenes, args.scene_train) < 1:
+        raise SystemExit("--epochs, --train, --objects, --scenes and --scene-train must be >= 1")
+    if any(m < 0 for m in args.mix + args.scene_weights):
+        raise SystemExit(
+            f"--mix and --scene-weights must be >= 0, got {args.mix + args.scene_weights}"
+        )
+    if not args.mix and not args.scene_weights:
+        raise SystemExit("nothing to fine-tune: give --mix or --scene-weights")
     torch.set_num_threads(1)
     gm, model_name = learned_model(smoke=args.smoke, path=args.model)
+    config = PRESETS["smoke" if args.smoke else "default"]
     if args.smoke:
-        args.epochs, args.train, args.objects, args.scenes = 1, 2, 2, 1
+        args.epochs, args.train, args.objects, args.scenes, args.scene_train = 1, 2, 2, 1, 1
     start = time.perf_counter()
     data = training_data(gm, args.train)
+    scene = scene_training_data(gm, args.scene_train) if args.scene_weights else None
     scenes = list(Scenes(args.scenes, seed=split_seed("validation")))
-    rows = {"shipped": measure(gm, data, objects=args.objects, scenes=scenes)}
-    for mix in args.mix:
-        tuned = fine_tune(gm, data, mix=mix, epochs=args.epochs)
-        rows[f"path_mix{mix:g}"] = measure(tuned, data, objects=args.objects, scenes=scenes)
-        print(f"mix {mix:g}", rows[f"path_mix{mix:g}"], flush=True)
+    kw = {"objects": args.objects, "scenes": scenes, "scene": scene}
+    rows = {"shipped": measure(gm, data, **kw)}
+    runs = [(f"path_mix{m:g}", {"mix": m}) for m in args.mix]
+    runs += [(f"scene_w{w:g}", {"mix": 1.0, "path_weight": 0.0, "scene": scene, "scene_weight": w})
+             for w in args.scene_weights]  # fmt: skip
+    calibration = {}
+    for name, options in runs:
+        tuned = fine_tune(gm, data, epochs=args.epochs, **options)
+        rows[name] = measure(tuned, data, **kw)
+        print(name, rows[name], flush=True)
+        if args.refit:
+            calibration[name] = refit(tuned, config=config)
+            rows[f"{name}_refit"] = measure(tuned, data, **kw)
+            print(f"{name}_refit", rows[f"{name}_refit"], flush=True)
     atomic_write_json(args.out, {
         "machine": machine(), "threads": 1, "model": model_name, "epochs": args.epochs,
         "train_objects_per_category": args.train, "test_objects_per_category": args.objects,
-        "validation_scenes": args.scenes, "rows": rows,
+        "validation_scenes": args.scenes,
+        "scene_objects": 0 if scene is None else int(scene["labels"].numel()),
+        "scene_train_scenes": args.scene_train if scene is not None else 0,
+        "refit_sigma0_calibration": calibration, "rows": rows,
         "seconds": round(time.perf_counter() - start, 1),
     })  # fmt: skip
     print(f"wrote {args.out}")

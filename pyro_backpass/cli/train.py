@@ -77,6 +77,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="K of the top level (default: the preset's, 20)",
     )
     p.add_argument(
+        "--components",
+        type=positive_int,
+        default=None,
+        help="K of every level below the top (default: the preset's, 5)",
+    )
+    p.add_argument(
         "--readout-objects",
         type=non_negative_int,
         default=None,
@@ -114,6 +120,7 @@ def run(args: argparse.Namespace) -> None:
                            ("seed", args.seed), ("top_level", args.top_level),
                            ("top_offset_radius", args.top_offset_radius),
                            ("components_top", args.components_top),
+                           ("components", args.components),
                            ("readout_objects_per_category", args.readout_objects),
                            ("readout_hidden", args.readout_hidden))
         if value is not None

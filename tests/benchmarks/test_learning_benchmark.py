@@ -267,15 +267,72 @@ def test_sample_diagnosis_mean_path_is_the_traced_mean_path():
     torch.testing.assert_close(module.mean_path(gm, labels, drawn.assignment), traced)
 
 
-@pytest.mark.slow  # ~15 s; its functions are exercised by the sample ladder above
+@pytest.mark.slow  # ~40 s; its functions are exercised by the sample ladder above
 def test_path_decoders_smoke(tmp_path):
     out = tmp_path / "path.json"
-    _smoke(BENCH.parent / "path_decoders.py", "--smoke", "--mix", "0", "1", "--out", str(out))
-    rows = json.loads(out.read_text())["rows"]
-    assert set(rows) == {"shipped", "path_mix0", "path_mix1"}
+    _smoke(BENCH.parent / "path_decoders.py", "--smoke", "--mix", "1", "--scene-weights", "1",
+           "--refit", "--out", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert set(rows) == {"shipped", "path_mix1", "path_mix1_refit", "scene_w1", "scene_w1_refit"}
+    assert result["scene_objects"] >= 1 and set(result["refit_sigma0_calibration"]) == {
+        "path_mix1", "scene_w1"}  # fmt: skip
     for row in rows.values():
         assert row["path_loss"] >= 0 and row["fhat_input_loss"] >= 0
+        assert row["scene_fhat_input_loss"] >= 0
         assert 0.0 <= row["single_object_mask_iou"] <= 1.0
+
+
+def test_scene_training_data_is_each_object_own_pass_clamped_in_its_scene():
+    """Each scene object's entry, recomputed alone from the library (its pass on the object
+    alone, then the pass on its scene with every site clamped to that assignment, and the
+    masked activations of the object alone), equals the batched data."""
+    from pyro_backpass import GenerativeModel, Scenes, greedy_map
+    from pyro_backpass.data import split_seed
+    from pyro_backpass.learning import masked_activations
+
+    gm = GenerativeModel.default()
+    module = _module("path_decoders")
+    data = module.scene_training_data(gm, 1, chunk=2)
+    scene = Scenes(1, seed=split_seed("train"))[0]
+    objects = [i for i in scene.instances if i.category in gm.categories and i.mask.any()]
+    assert data["labels"].numel() == len(objects) >= 2
+    keep = lambda acts: {k: v for k, v in acts.items() if k in gm.hidden_levels}  # noqa: E731
+    for j, inst in enumerate(objects):
+        label = gm.categories.index(inst.category)
+        own = greedy_map(gm, keep(gm.backbone(inst.image_alone[None])), category=label)
+        clamp = {k: v for k, v in own.assignment.items() if k != "category"}
+        in_scene = greedy_map(gm, keep(gm.backbone(scene.image[None])), category=label,
+                              clamp=clamp)  # fmt: skip
+        target = masked_activations(gm.backbone, inst.image_alone[None], inst.amodal_mask[None])
+        assert int(data["labels"][j]) == label
+        for site, value in clamp.items():
+            assert (
+                int(data["assignment"][site][j])
+                == int(value[0])
+                == int(in_scene.assignment[site][0])
+            )
+        for level in gm.hidden_levels:
+            # batched convolutions round differently: 1e-5 of the activations' scale (~4)
+            close = {"rtol": 1e-5, "atol": 1e-4}
+            torch.testing.assert_close(data["fhat"][level][j], in_scene.td[level][0], **close)
+            torch.testing.assert_close(data["targets"][level][j], target[level][0], **close)
+
+
+def test_the_scene_fine_tune_lowers_the_scene_loss():
+    from pyro_backpass import GenerativeModel
+
+    gm = GenerativeModel.default()
+    module = _module("path_decoders")
+    data, scene = module.training_data(gm, 1), module.scene_training_data(gm, 1)
+    idx = torch.arange(scene["labels"].numel())
+    with torch.no_grad():
+        before = float(module.losses(gm, scene, idx)[1])
+    tuned = module.fine_tune(gm, data, mix=0.0, path_weight=0.0, scene=scene, scene_weight=1.0,
+                             epochs=3, batch=10)  # fmt: skip
+    with torch.no_grad():
+        after = float(module.losses(tuned, scene, idx)[1])
+    assert after < before
 
 
 def test_path_decoders_fine_tune_lowers_the_path_loss():

@@ -213,9 +213,12 @@ def test_a_model_cut_at_pool3_trains_saves_and_runs_the_backward_pass(tmp_path):
 
     out = tmp_path / "pool3"
     main(["train", "--preset", "smoke", "--out", str(out), "--no-progress", "--threads", "1",
-          "--top-level", "pool3", "--top-offset-radius", "4"])  # fmt: skip
+          "--top-level", "pool3", "--top-offset-radius", "4", "--components", "3"])  # fmt: skip
     gm = GenerativeModel.load(out / "model.safetensors")
     assert gm.hidden_levels[-1] == "pool3" and len(gm.offsets["pool3"]) == 81
+    # --components sets K below the top only (the smoke preset's top K is 2)
+    assert gm.num_components["pool3"] == 2
+    assert {gm.num_components[n] for n in gm.hidden_levels[:-1]} == {3}
     assert json.loads((out / "config.json").read_text())["top_level"] == "pool3"
     scene = Scenes(1, seed=0)[0]
     result = greedy_map(gm, gm.backbone(scene.image[None]), category="airplane")  # every level
