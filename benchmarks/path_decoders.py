@@ -1,4 +1,5 @@
-"""Issue #10's lever 4, first half: top-down decoders trained on their own top-down path.
+"""Issue #10's lever 4: top-down decoders fine-tuned on their own top-down path, or on the path
+they take in cluttered scenes.
 
 The shipped recipe fits each level's kernels on the pass's F̂ of the level above (hard EM). Here
 a copy of the model is fine-tuned end to end along its **mean path** instead: for lone
@@ -9,20 +10,36 @@ object's masked activations (each level's error divided by its targets' mean squ
 level counts alike). ``--mix w`` adds ``w ×`` the same error with F̂ of the level above as the
 input (the shipped recipe's loss), so that the decoders stay fit for the backward pass.
 
-Before and after, measured: both losses on the training objects; the single-object mask IoU
+``--scene-weights w …`` (rows ``scene_w<w>``): the recipe's F̂-input loss on the lone objects
+plus ``w ×`` the same loss on the objects of ``--scene-train`` train scenes, whose input is F̂ of
+the level above **in the scene** (the pass with every (γ, δ) clamped to the assignment of the
+pass on the object alone: the oracle's choices, the scene's clutter in the state passed down)
+and whose target is the object's masked activations alone — decoders taught to predict the
+object from a cluttered state. ``w = 0`` is the control: the recipe's loss alone, trained on.
+
+``--refit`` measures each fine-tuned row again after :func:`refit`: ``train_model``'s last stage
+(mask threshold, σ0 calibration, mask readout) fitted again for the new kernels, with the
+default preset's sizes (so only for models trained with that preset, whose calibration chose
+σ0 × 0.5). The calibration's 20 validation scenes are among the ``--scenes`` that score the
+rows, as they are for the shipped model.
+
+Before and after, measured: both losses on the training objects (``scene_fhat_input_loss``: on
+the training scene objects, in-sample); the single-object mask IoU
 (``--objects`` test objects per category, category given); the sample ladder of
 ``sample_diagnosis.py`` (its ``own_mean_path`` and ``samples`` rungs: the share classified as
 their category by the backbone); and the clutter rungs of ``clutter_levers.py``'s ``base``
 lever on ``--scenes`` validation scenes. Writes
 ``benchmarks/results/clutter_levers/path_decoders.json``. One thread.
 
-Usage: ``python benchmarks/path_decoders.py [--mix 0 1] [--epochs 20] [--smoke]``
+Usage: ``python benchmarks/path_decoders.py [--mix 0 1] [--scene-weights 0 1 4] [--refit]
+[--epochs 20] [--smoke]`` (a bare ``--mix`` runs the scene rows alone)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import sys
 import time
@@ -45,7 +62,9 @@ from pyro_backpass.learning import (  # noqa: E402
     mask_iou,
     masked_activations,
     object_passes,
+    render_object_set,
     train_mask_readout,
+    tune_mask_threshold,
 )
 from pyro_backpass.model import shift_select  # noqa: E402
 
@@ -156,15 +175,25 @@ def fine_tune(gm: GenerativeModel, data: dict, *, mix: float, epochs: int,
 
 
 def refit(gm: GenerativeModel, *, config: TrainConfig,
-          multipliers: tuple[float, ...] = (2.0, 1.0, 0.5)) -> dict:  # fmt: skip
-    """What ``train_model`` fits after hard EM, fitted again for ``gm``'s new kernels (in
-    place): σ0 of the upper levels recalibrated on the recipe's validation scenes (a multiplier
-    of the current σ0, which is already calibrated), then the mask readout refitted
-    (``train_mask_readout``), both with ``config``'s sizes. Returns the calibration's scores."""
-    val = list(Scenes(config.calibration_scenes, seed=split_seed("validation", config.seed)))
-    scores = calibrate_scale_td(gm, gm.backbone, val, levels=config.calibration_levels,
+          multipliers: tuple[float, ...] = (2.0, 1.0, 0.5, 0.2)) -> dict:  # fmt: skip
+    """``train_model``'s last stage again for ``gm``'s new kernels (in place), with ``config``'s
+    sizes: the mask readout detached, the threshold rule's mask threshold tuned on the
+    validation objects, σ0 of the upper levels recalibrated on the validation scenes (scored
+    with that rule, as in training), the threshold tuned again, then the mask readout refitted.
+    The σ0 multipliers are relative to the current σ0; the default, (2, 1, 0.5, 0.2), is the
+    recipe's (1, 0.5, 0.25, 0.1) of the uncalibrated σ0 for a model whose calibration chose 0.5
+    (the shipped model), ties to the first. Returns the calibration's scores."""
+    bb = gm.backbone
+    gm.attach_mask_readout(None)
+    seed = split_seed("validation", config.seed)
+    validation = render_object_set(config.categories, config.validation_per_category,
+                                   seed=seed, backbone=bb)  # fmt: skip
+    tune_mask_threshold(gm, bb, validation, multipliers=config.mask_multipliers)
+    val = list(Scenes(config.calibration_scenes, seed=seed))
+    scores = calibrate_scale_td(gm, bb, val, levels=config.calibration_levels,
                                 multipliers=multipliers, progress=False)  # fmt: skip
-    train_mask_readout(gm, gm.backbone, config)
+    tune_mask_threshold(gm, bb, validation, multipliers=config.mask_multipliers)
+    train_mask_readout(gm, bb, config, validation=validation)
     return {str(k): v for k, v in scores.items()}
 
 
@@ -217,10 +246,11 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.epochs, args.train, args.objects, args.scenes, args.scene_train) < 1:
         raise SystemExit("--epochs, --train, --objects, --scenes and --scene-train must be >= 1")
-    if any(m < 0 for m in args.mix + args.scene_weights):
-        raise SystemExit(
-            f"--mix and --scene-weights must be >= 0, got {args.mix + args.scene_weights}"
-        )
+    for option, weights in (("--mix", args.mix), ("--scene-weights", args.scene_weights)):
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise SystemExit(f"{option} weights must be finite and >= 0, got {weights}")
+        if len(set(weights)) < len(weights):
+            raise SystemExit(f"{option} lists a weight twice: {weights}")
     if not args.mix and not args.scene_weights:
         raise SystemExit("nothing to fine-tune: give --mix or --scene-weights")
     torch.set_num_threads(1)

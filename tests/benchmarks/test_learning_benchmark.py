@@ -769,3 +769,30 @@ def test_fit_verifier_extends_a_smaller_cache(tmp_path):
     assert len(extended) == len(fresh) == 3
     for a, b in zip(extended, fresh, strict=True):
         assert torch.allclose(a.features, b.features) and torch.equal(a.hits, b.hits)
+
+
+@pytest.mark.slow  # ~30 s: a smoke training, then its last stage again
+def test_refit_is_train_models_last_stage(tmp_path):
+    """The smoke training's hard-EM checkpoint, given the final model's per-channel background
+    (fitted before the last stage), refitted by ``refit`` with the preset's multipliers, equals
+    the model ``train_model`` wrote: the same σ0, mask threshold and mask readout."""
+    from pyro_backpass import GenerativeModel
+    from pyro_backpass.learning import PRESETS, train_model
+
+    module = _module("path_decoders")
+    config = PRESETS["smoke"]
+    final = train_model(config, out_dir=tmp_path, progress=False)
+    gm = GenerativeModel.load(tmp_path / "hard_em.safetensors")
+    for level, obs in gm.observations.items():
+        ref = final.observations[level]
+        obs.background, obs.scale_off = ref.background.clone(), ref.scale_off.clone()
+    gm.observations["conv1_1"].mask_threshold.fill_(123.0)  # must be tuned again
+    module.refit(gm, config=config, multipliers=config.calibration_multipliers)
+    for level in gm.hidden_levels:
+        torch.testing.assert_close(gm.steps[level].scale_td, final.steps[level].scale_td)
+        torch.testing.assert_close(gm.observations[level].mask_threshold,
+                                   final.observations[level].mask_threshold)  # fmt: skip
+    assert final.mask_readout is not None
+    for a, b in zip(gm.mask_readout.state_dict().values(),
+                    final.mask_readout.state_dict().values(), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
