@@ -17,8 +17,9 @@ pass on the object alone: the oracle's choices, the scene's clutter in the state
 and whose target is the object's masked activations alone — decoders taught to predict the
 object from a cluttered state. ``w = 0`` is the control: the recipe's loss alone, trained on.
 
-``--refit`` measures each fine-tuned row again after :func:`refit`: ``train_model``'s last stage
-(mask threshold, σ0 calibration, mask readout) fitted again for the new kernels, with the
+``--refit`` measures each fine-tuned row again after :func:`refit` (and adds ``shipped_refit``,
+the refit alone on the unchanged kernels: the control): ``train_model``'s last stage (mask
+threshold, σ0 calibration, mask readout) fitted again for the new kernels, with the
 default preset's sizes (so only for models trained with that preset, whose calibration chose
 σ0 × 0.5). The calibration's 20 validation scenes are among the ``--scenes`` that score the
 rows, as they are for the shipped model.
@@ -264,10 +265,15 @@ def main() -> None:
     scenes = list(Scenes(args.scenes, seed=split_seed("validation")))
     kw = {"objects": args.objects, "scenes": scenes, "scene": scene}
     rows = {"shipped": measure(gm, data, **kw)}
+    calibration = {}
+    if args.refit:  # the control: the refit alone, on the shipped kernels
+        same = copy.deepcopy(gm)
+        calibration["shipped"] = refit(same, config=config)
+        rows["shipped_refit"] = measure(same, data, **kw)
+        print("shipped_refit", rows["shipped_refit"], flush=True)
     runs = [(f"path_mix{m:g}", {"mix": m}) for m in args.mix]
     runs += [(f"scene_w{w:g}", {"mix": 1.0, "path_weight": 0.0, "scene": scene, "scene_weight": w})
              for w in args.scene_weights]  # fmt: skip
-    calibration = {}
     for name, options in runs:
         tuned = fine_tune(gm, data, epochs=args.epochs, **options)
         rows[name] = measure(tuned, data, **kw)

@@ -274,9 +274,10 @@ def test_path_decoders_smoke(tmp_path):
            "--refit", "--out", str(out))  # fmt: skip
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert set(rows) == {"shipped", "path_mix1", "path_mix1_refit", "scene_w1", "scene_w1_refit"}
+    assert set(rows) == {"shipped", "shipped_refit", "path_mix1", "path_mix1_refit", "scene_w1",
+                         "scene_w1_refit"}  # fmt: skip
     assert result["scene_objects"] >= 1 and set(result["refit_sigma0_calibration"]) == {
-        "path_mix1", "scene_w1"}  # fmt: skip
+        "shipped", "path_mix1", "scene_w1"}  # fmt: skip
     for row in rows.values():
         assert row["path_loss"] >= 0 and row["fhat_input_loss"] >= 0
         assert row["scene_fhat_input_loss"] >= 0
