@@ -30,7 +30,8 @@ posterior probability, among all top-level hypotheses of the object's category, 
 true ones (:func:`fit_top_ranking`, ``n`` train scenes, default 60); ``dprior[<n>]``: the
 prior on δ of every level below the top with more than one offset learned from the offsets the
 pass picks on ``n`` lone train objects per category (default 100), not uniform
-(:func:`fit_offset_priors`); several of the levers above joined by commas; ``footprintall``
+(:func:`fit_offset_priors`); ``dpriortop[<n>]``: the same on the top level too; several of
+the levers above joined by commas; ``footprintall``
 (alone, as the next two): lever 2 on every
 level below the top — each level's (γ, δ) chosen by its log-likelihood ratio against the
 all-background explanation (plus its prior terms) divided by its footprint, given F̂ of the
@@ -192,6 +193,9 @@ def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool 
         if part.startswith("onoff"):
             fit_on_off(out, list(Scenes(int(part[5:] or 15), seed=split_seed("train"))))
             continue
+        if part.startswith("dpriortop"):
+            fit_offset_priors(out, _number(lever, part[9:] or "100", int, above=0), top=True)
+            continue
         if part.startswith("dprior"):
             fit_offset_priors(out, _number(lever, part[6:] or "100", int, above=0))
             continue
@@ -342,17 +346,19 @@ def fit_clutter(gm: GenerativeModel, scenes: list) -> dict:
 
 
 @torch.no_grad()
-def fit_offset_priors(gm: GenerativeModel, n: int, *, concentration: float = 2.0) -> None:
-    """The ``dprior`` lever, in place: on every level below the top with more than one offset,
-    the prior on δ becomes the Dirichlet posterior mode (α = ``concentration``) of the offsets
-    that the backward pass picks on ``n`` lone train-split objects per category (category
-    given), instead of uniform. (A prior on δ given the same level's γ is not a site of the
-    model: the parents of a site must lie on higher levels.)"""
+def fit_offset_priors(gm: GenerativeModel, n: int, *, concentration: float = 2.0,
+                      top: bool = False) -> None:  # fmt: skip
+    """The ``dprior`` lever, in place: on every level below the top (and the top too with
+    ``top``: the ``dpriortop`` lever) with more than one offset, the prior on δ becomes the
+    Dirichlet posterior mode (α = ``concentration``) of the offsets that the backward pass
+    picks on ``n`` lone train-split objects per category (category given), instead of
+    uniform. (A prior on δ given the same level's γ is not a site of the model: the parents of
+    a site must lie on higher levels.)"""
     images, _, labels = rendered_objects(gm, n, "train")
     acts = gm.backbone(images)
     bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
     picked = greedy_map(gm, bu, category=labels).assignment
-    for name in gm.hidden_levels[:-1]:
+    for name in gm.hidden_levels if top else gm.hidden_levels[:-1]:
         d = gm.steps[name].num_offsets
         if d < 2:
             continue

@@ -41,6 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from clutter_levers import fit_offset_priors  # noqa: E402
 from common import RESULTS, learned_model, machine, rendered_objects  # noqa: E402
 
 from pyro_backpass import GenerativeModel, greedy_map, sample  # noqa: E402
@@ -133,13 +134,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
     parser.add_argument("--n", type=int, default=100, help="objects (and samples) per category")
+    parser.add_argument(
+        "--delta-priors", type=int, default=0,
+        help="learn the prior on δ of every level, the top's included, from the offsets the "
+             "pass picks on this many lone train objects per category (clutter_levers' "
+             "dpriortop lever; 0: the model's own, uniform)",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "sample_diagnosis.json")
     args = parser.parse_args()
-    if args.n < 1:
-        raise SystemExit(f"--n must be >= 1, got {args.n}")
+    if args.n < 1 or args.delta_priors < 0:
+        raise SystemExit(f"--n must be >= 1 and --delta-priors >= 0, got {args.n}, "
+                         f"{args.delta_priors}")  # fmt: skip
     torch.set_num_threads(1)
     gm, model_name = learned_model(smoke=args.smoke, path=args.model)
+    if args.delta_priors:
+        fit_offset_priors(gm, 2 if args.smoke else args.delta_priors, top=True)
     start = time.perf_counter()
     rows, pictures = ladder(gm, 2 if args.smoke else args.n)
     figure(gm, pictures, 2 if args.smoke else args.n, 3, args.out.with_suffix(".png"))
@@ -147,6 +157,7 @@ def main() -> None:
         "machine": machine(),
         "threads": 1,
         "model": model_name,
+        "delta_priors_from_objects_per_category": args.delta_priors,
         "classifier": "the model's backbone",
         "per_category": 2 if args.smoke else args.n,
         "categories": list(gm.categories),

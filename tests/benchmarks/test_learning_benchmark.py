@@ -102,11 +102,11 @@ def test_clutter_levers_smoke(tmp_path):
 
 @pytest.mark.slow  # ~35 s: the fitted levers; the default run covers the script above
 def test_clutter_levers_fitted_levers_smoke(tmp_path):
-    _levers_smoke(tmp_path, ["footprint", "topk2", "rank1", "onoff1", "dprior2"])
+    _levers_smoke(tmp_path, ["footprint", "topk2", "rank1", "onoff1", "dprior2", "dpriortop2"])
     # The level-by-level levers: no bound or category-unknown rows (those are greedy_map's).
     _levers_smoke(tmp_path, ["footprintall", "sharp0.1", "clutter2x0.5"], bound=False)
     script = BENCH.parent / "clutter_levers.py"
-    for bad in ("sharp1.5", "sharpx", "clutter0", "clutter3x-1", "dprior0"):
+    for bad in ("sharp1.5", "sharpx", "clutter0", "clutter3x-1", "dprior0", "dpriortop0"):
         run = _run(script, "--smoke", "--levers", bad)
         assert run.returncode != 0 and f"lever {bad!r}" in run.stderr, bad
     run = _run(script, "--smoke", "--bound", "--levers", "sharp0.1")
@@ -244,13 +244,40 @@ def test_footprint_descent_matches_brute_force():
 
 def test_sample_diagnosis_smoke(tmp_path):
     out = tmp_path / "samples.json"
-    _smoke(BENCH.parent / "sample_diagnosis.py", "--smoke", "--out", str(out))
+    _smoke(
+        BENCH.parent / "sample_diagnosis.py", "--smoke", "--delta-priors", "2", "--out", str(out)
+    )
     result = json.loads(out.read_text())
+    assert result["delta_priors_from_objects_per_category"] == 2
     assert out.with_suffix(".png").stat().st_size > 0
     for rung, shares in result["per_category_share"].items():
         assert len(shares) == len(result["categories"]), rung
         assert all(0.0 <= v <= 1.0 for v in shares), rung
     assert result["mean"]["objects"] >= 0.5  # the backbone knows its own test objects
+
+
+def test_offset_priors_on_the_top_are_the_smoothed_counts_of_the_picked_offsets():
+    """``fit_offset_priors(top=True)`` sets every level's δ prior, the top's included, to the
+    add-one-smoothed counts of the offsets that independent per-object passes pick."""
+    from pyro_backpass import GenerativeModel, greedy_map
+
+    gm = GenerativeModel.default()
+    levers, common = _module("clutter_levers"), _module("common")
+    levers.fit_offset_priors(gm, 1, top=True)
+    images, _, labels = common.rendered_objects(GenerativeModel.default(), 1, "train")
+    counts = {n: torch.zeros(gm.steps[n].num_offsets) for n in gm.hidden_levels}
+    plain = GenerativeModel.default()
+    for image, label in zip(images, labels, strict=True):
+        acts = plain.backbone(image[None])
+        picked = greedy_map(plain, {k: v for k, v in acts.items() if k in plain.hidden_levels},
+                            category=int(label)).assignment  # fmt: skip
+        for n in counts:
+            counts[n][int(picked[f"delta_{n}"])] += 1
+    for n, c in counts.items():
+        if c.numel() > 1:
+            expected = (c + 1) / (c + 1).sum()
+            torch.testing.assert_close(gm.priors[f"delta_{n}"].log_probs().exp(), expected,
+                                       check_dtype=False)  # fmt: skip
 
 
 def test_sample_diagnosis_mean_path_is_the_traced_mean_path():
