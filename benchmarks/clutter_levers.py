@@ -30,7 +30,7 @@ posterior probability, among all top-level hypotheses of the object's category, 
 true ones (:func:`fit_top_ranking`, ``n`` train scenes, default 60); ``dprior[<n>]``: the
 prior on δ of every level below the top with more than one offset learned from the offsets the
 pass picks on ``n`` lone train objects per category (default 100), not uniform
-(:func:`fit_offset_priors`); ``dpriortop[<n>]``: the same on the top level too; several of
+(:func:`use_offset_priors`); ``dpriortop[<n>]``: the same on the top level too; several of
 the levers above joined by commas; ``footprintall``
 (alone, as the next two): lever 2 on every
 level below the top — each level's (γ, δ) chosen by its log-likelihood ratio against the
@@ -92,7 +92,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, hidden_bu, learned_model, machine, rendered_objects  # noqa: E402
 
 from pyro_backpass import (  # noqa: E402
-    CategoricalPrior,
     DescentVerifier,
     GenerativeModel,
     Scenes,
@@ -112,6 +111,7 @@ from pyro_backpass.inference import (  # noqa: E402
 )
 from pyro_backpass.learning import (  # noqa: E402
     fit_background,
+    fit_offset_priors,
     mask_iou,
     masked_activations,
     max_pool_mask,
@@ -194,10 +194,10 @@ def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool 
             fit_on_off(out, list(Scenes(int(part[5:] or 15), seed=split_seed("train"))))
             continue
         if part.startswith("dpriortop"):
-            fit_offset_priors(out, _number(lever, part[9:] or "100", int, above=0), top=True)
+            use_offset_priors(out, _number(lever, part[9:] or "100", int, above=0), top=True)
             continue
         if part.startswith("dprior"):
-            fit_offset_priors(out, _number(lever, part[6:] or "100", int, above=0))
+            use_offset_priors(out, _number(lever, part[6:] or "100", int, above=0))
             continue
         kind, _, rest = part.partition("x")
         factor, _, where = rest.partition("@")
@@ -345,27 +345,18 @@ def fit_clutter(gm: GenerativeModel, scenes: list) -> dict:
     return out
 
 
-@torch.no_grad()
-def fit_offset_priors(gm: GenerativeModel, n: int, *, concentration: float = 2.0,
-                      top: bool = False) -> None:  # fmt: skip
+def use_offset_priors(gm: GenerativeModel, n: int, *, top: bool = False) -> None:
     """The ``dprior`` lever, in place: on every level below the top (and the top too with
-    ``top``: the ``dpriortop`` lever) with more than one offset, the prior on δ becomes the
-    Dirichlet posterior mode (α = ``concentration``) of the offsets that the backward pass
-    picks on ``n`` lone train-split objects per category (category given), instead of
-    uniform. (A prior on δ given the same level's γ is not a site of the model: the parents of
-    a site must lie on higher levels.)"""
+    ``top``: the ``dpriortop`` lever) with more than one offset, the prior on δ becomes
+    :func:`~pyro_backpass.learning.fit_offset_priors`'s (α = 2) from ``n`` lone train-split
+    objects per category, instead of uniform. (A prior on δ given the same level's γ is not a
+    site of the model: the parents of a site must lie on higher levels.)"""
     images, _, labels = rendered_objects(gm, n, "train")
-    acts = gm.backbone(images)
-    bu = {k: v for k, v in acts.items() if k in gm.hidden_levels}
-    picked = greedy_map(gm, bu, category=labels).assignment
-    for name in gm.hidden_levels if top else gm.hidden_levels[:-1]:
-        d = gm.steps[name].num_offsets
-        if d < 2:
-            continue
-        counts = torch.bincount(picked[f"delta_{name}"], minlength=d).to(gm.dtype)
-        mode = counts + concentration - 1
-        gm.priors[f"delta_{name}"] = CategoricalPrior(mode / mode.sum())
-        print(f"dprior {name}: {[round(float(p), 3) for p in mode / mode.sum()]}", flush=True)
+    levels = [name for name in (gm.hidden_levels if top else gm.hidden_levels[:-1])
+              if gm.steps[name].num_offsets > 1]  # fmt: skip
+    for site, prior in fit_offset_priors(gm, images, labels, levels=levels).items():
+        gm.priors[site] = prior
+        print(f"dprior {site[6:]}: {[round(float(p), 3) for p in prior.probs]}", flush=True)
 
 
 def _branch_scores(params: dict, bu: torch.Tensor, phi: torch.Tensor):

@@ -41,7 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from clutter_levers import fit_offset_priors  # noqa: E402
+from clutter_levers import use_offset_priors  # noqa: E402
 from common import RESULTS, learned_model, machine, rendered_objects  # noqa: E402
 
 from pyro_backpass import GenerativeModel, greedy_map, sample  # noqa: E402
@@ -149,7 +149,7 @@ def main() -> None:
     torch.set_num_threads(1)
     gm, model_name = learned_model(smoke=args.smoke, path=args.model)
     if args.delta_priors:
-        fit_offset_priors(gm, 2 if args.smoke else args.delta_priors, top=True)
+        use_offset_priors(gm, 2 if args.smoke else args.delta_priors, top=True)
     start = time.perf_counter()
     rows, pictures = ladder(gm, 2 if args.smoke else args.n)
     figure(gm, pictures, 2 if args.smoke else args.n, 3, args.out.with_suffix(".png"))

@@ -64,6 +64,7 @@ from pyro_backpass.learning import (
     fit_hard_em,
     fit_mask_readout,
     fit_observation_model,
+    fit_offset_priors,
 )
 from pyro_backpass.levels import (
     LevelSpec,
@@ -165,6 +166,7 @@ __all__ = [
     "fit_hard_em",
     "fit_mask_readout",
     "fit_observation_model",
+    "fit_offset_priors",
     "foreground_ari",
     "full_resolution_level",
     "greedy_map",

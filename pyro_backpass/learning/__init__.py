@@ -35,6 +35,7 @@ from pyro_backpass.learning.observation_fit import (
     fit_observation_model,
     scene_pairs,
 )
+from pyro_backpass.learning.offset_priors import fit_offset_priors
 from pyro_backpass.learning.ppc import observation_ppc, observation_statistics
 from pyro_backpass.learning.targets import masked_activations, max_pool_mask
 from pyro_backpass.learning.train import (
@@ -74,6 +75,7 @@ __all__ = [
     "fit_level",
     "fit_mask_readout",
     "fit_observation_model",
+    "fit_offset_priors",
     "listwise_loss",
     "lower_descent_examples",
     "mask_iou",

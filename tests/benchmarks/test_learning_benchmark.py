@@ -256,28 +256,26 @@ def test_sample_diagnosis_smoke(tmp_path):
     assert result["mean"]["objects"] >= 0.5  # the backbone knows its own test objects
 
 
-def test_offset_priors_on_the_top_are_the_smoothed_counts_of_the_picked_offsets():
-    """``fit_offset_priors(top=True)`` sets every level's δ prior, the top's included, to the
-    add-one-smoothed counts of the offsets that independent per-object passes pick."""
-    from pyro_backpass import GenerativeModel, greedy_map
+def test_the_dpriortop_lever_sets_the_library_priors_on_every_level_with_offsets():
+    """``use_offset_priors(top=True)`` puts ``fit_offset_priors``' priors (tested against
+    per-object passes in tests/learning) on every level with more than one offset, the top's
+    included; without ``top`` the top keeps the uniform prior."""
+    from pyro_backpass import GenerativeModel, fit_offset_priors
 
-    gm = GenerativeModel.default()
     levers, common = _module("clutter_levers"), _module("common")
-    levers.fit_offset_priors(gm, 1, top=True)
+    gm, lower = GenerativeModel.default(), GenerativeModel.default()
+    levers.use_offset_priors(gm, 1, top=True)
+    levers.use_offset_priors(lower, 1)
     images, _, labels = common.rendered_objects(GenerativeModel.default(), 1, "train")
-    counts = {n: torch.zeros(gm.steps[n].num_offsets) for n in gm.hidden_levels}
-    plain = GenerativeModel.default()
-    for image, label in zip(images, labels, strict=True):
-        acts = plain.backbone(image[None])
-        picked = greedy_map(plain, {k: v for k, v in acts.items() if k in plain.hidden_levels},
-                            category=int(label)).assignment  # fmt: skip
-        for n in counts:
-            counts[n][int(picked[f"delta_{n}"])] += 1
-    for n, c in counts.items():
-        if c.numel() > 1:
-            expected = (c + 1) / (c + 1).sum()
-            torch.testing.assert_close(gm.priors[f"delta_{n}"].log_probs().exp(), expected,
-                                       check_dtype=False)  # fmt: skip
+    expected = fit_offset_priors(GenerativeModel.default(), images, labels)
+    top = gm.hidden_levels[-1]
+    assert f"delta_{top}" in expected
+    for site, prior in expected.items():
+        torch.testing.assert_close(gm.priors[site].log_probs().exp(), prior.probs)
+        if site != f"delta_{top}":
+            torch.testing.assert_close(lower.priors[site].log_probs().exp(), prior.probs)
+    uniform = lower.priors[f"delta_{top}"].log_probs().exp()
+    torch.testing.assert_close(uniform, torch.full_like(uniform, 1 / uniform.numel()))
 
 
 def test_sample_diagnosis_mean_path_is_the_traced_mean_path():
