@@ -345,18 +345,20 @@ def fit_clutter(gm: GenerativeModel, scenes: list) -> dict:
     return out
 
 
-def use_offset_priors(gm: GenerativeModel, n: int, *, top: bool = False) -> None:
+def use_offset_priors(gm: GenerativeModel, n: int, *, top: bool = False) -> dict:
     """The ``dprior`` lever, in place: on every level below the top (and the top too with
     ``top``: the ``dpriortop`` lever) with more than one offset, the prior on δ becomes
     :func:`~pyro_backpass.learning.fit_offset_priors`'s (α = 2) from ``n`` lone train-split
     objects per category, instead of uniform. (A prior on δ given the same level's γ is not a
-    site of the model: the parents of a site must lie on higher levels.)"""
+    site of the model: the parents of a site must lie on higher levels.) Returns the priors."""
     images, _, labels = rendered_objects(gm, n, "train")
     levels = [name for name in (gm.hidden_levels if top else gm.hidden_levels[:-1])
               if gm.steps[name].num_offsets > 1]  # fmt: skip
-    for site, prior in fit_offset_priors(gm, images, labels, levels=levels).items():
+    priors = fit_offset_priors(gm, images, labels, levels=levels)
+    for site, prior in priors.items():
         gm.priors[site] = prior
         print(f"dprior {site[6:]}: {[round(float(p), 3) for p in prior.probs]}", flush=True)
+    return priors
 
 
 def _branch_scores(params: dict, bu: torch.Tensor, phi: torch.Tensor):

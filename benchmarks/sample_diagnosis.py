@@ -148,8 +148,11 @@ def main() -> None:
                          f"{args.delta_priors}")  # fmt: skip
     torch.set_num_threads(1)
     gm, model_name = learned_model(smoke=args.smoke, path=args.model)
-    if args.delta_priors:
-        use_offset_priors(gm, 2 if args.smoke else args.delta_priors, top=True)
+    n_priors = (2 if args.smoke else args.delta_priors) if args.delta_priors else 0
+    peaks = {}
+    if n_priors:
+        priors = use_offset_priors(gm, n_priors, top=True)
+        peaks = {site: round(float(p.probs.max()), 4) for site, p in priors.items()}
     start = time.perf_counter()
     rows, pictures = ladder(gm, 2 if args.smoke else args.n)
     figure(gm, pictures, 2 if args.smoke else args.n, 3, args.out.with_suffix(".png"))
@@ -157,7 +160,8 @@ def main() -> None:
         "machine": machine(),
         "threads": 1,
         "model": model_name,
-        "delta_priors_from_objects_per_category": args.delta_priors,
+        "delta_priors_from_objects_per_category": n_priors,
+        "delta_prior_peaks": peaks,
         "classifier": "the model's backbone",
         "per_category": 2 if args.smoke else args.n,
         "categories": list(gm.categories),

@@ -33,28 +33,39 @@ def fit_offset_priors(
     """Per level, the Dirichlet posterior mode (symmetric α = ``concentration``) of the offsets
     that the backward pass (``greedy_map``, category given) picks on ``images``.
 
-    :param images: ``(N, 3, H, W)`` objects in [0, 1], e.g. lone training objects.
-    :param labels: ``(N,)`` their category indices.
+    The pass runs with ``gm``'s own priors: on a model that already holds learned δ priors the
+    counts follow them (assign uniform ones back first for a fit from scratch).
+
+    :param images: ``(N, 3, H, W)`` objects in [0, 1], e.g. lone training objects; N ≥ 1.
+    :param labels: ``(N,)`` their categories: indices, or names of ``gm.categories``.
     :param levels: hidden levels to fit (default: every hidden level with more than one offset).
-    :param concentration: α ≥ 1; 2 adds one to every count.
+    :param concentration: α ≥ 1; 2 adds one to every count; 1 gives the counts' frequencies, so
+        an offset never picked becomes impossible (probability 0) in ``sample`` and the pass.
+    :param batch_size: objects per backward pass.
     :returns: ``{"delta_<level>": CategoricalPrior}`` for the ``priors=`` of ``sample`` and
         ``greedy_map`` (each ``(D,)``, on the model's device and dtype).
     """
     if gm.backbone is None:
         raise ValueError("fit_offset_priors needs the model's backbone (gm.backbone is None)")
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (N, 3, H, W), got shape {tuple(images.shape)}")
-    labels = torch.as_tensor(labels)
-    if labels.shape != images.shape[:1] or images.shape[0] == 0:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (N, 3, H, W) tensor, got {shape}")
+    if images.shape[0] == 0:
+        raise ValueError("fit_offset_priors needs at least one image, got none")
+    labels = _label_indices(gm, labels)
+    if labels.shape != images.shape[:1]:
         raise ValueError(
-            f"labels must be (N,) with N = {images.shape[0]} >= 1, got {tuple(labels.shape)}"
+            f"labels must be (N,) with N = {images.shape[0]} (one per image), "
+            f"got {tuple(labels.shape)}"
         )
     if not torch.isfinite(images).all():
         raise ValueError("images hold NaN or infinite values")
     if not concentration >= 1.0:
         raise ValueError(f"concentration must be >= 1 (a mode), got {concentration}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(levels, str):
+        raise ValueError(f"levels must be a list of level names, got the string {levels!r}")
     if levels is None:
         names = [n for n in gm.hidden_levels if gm.steps[n].num_offsets > 1]
     else:
@@ -73,8 +84,27 @@ def fit_offset_priors(
     out = {}
     for n, c in counts.items():
         mode = c + (concentration - 1.0)
-        if not mode.sum() > 0:  # α = 1 and nothing counted cannot happen (N >= 1); kept safe
-            mode = torch.ones_like(mode)
-        probs = (mode / mode.sum()).to(device=gm.device, dtype=gm.dtype)
-        out[f"delta_{n}"] = CategoricalPrior(probs)
+        out[f"delta_{n}"] = CategoricalPrior(mode / mode.sum()).to(device=gm.device, dtype=gm.dtype)
     return out
+
+
+def _label_indices(gm: GenerativeModel, labels) -> torch.Tensor:
+    """``(N,)`` long category indices from indices or names, with errors that name ``labels``."""
+    if isinstance(labels, (list, tuple)) and labels and all(isinstance(x, str) for x in labels):
+        unknown = sorted({x for x in labels if x not in gm.categories})
+        if unknown:
+            raise ValueError(f"labels name unknown categories {unknown}; the model's are "
+                             f"{list(gm.categories)}")  # fmt: skip
+        return torch.tensor([gm.categories.index(x) for x in labels])
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"labels must be category indices or names, got {labels!r}") from err
+    if labels.dtype in (torch.bool,) or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be integer category indices, got dtype {labels.dtype}")
+    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < len(gm.categories)):
+        raise ValueError(
+            f"labels must lie in [0, {len(gm.categories)}) (the model's categories), got "
+            f"{int(labels.min())}..{int(labels.max())}"
+        )
+    return labels.long().cpu()

@@ -249,6 +249,8 @@ def test_sample_diagnosis_smoke(tmp_path):
     )
     result = json.loads(out.read_text())
     assert result["delta_priors_from_objects_per_category"] == 2
+    assert all(0.0 < p <= 1.0 for p in result["delta_prior_peaks"].values())
+    assert "delta_pool4" in result["delta_prior_peaks"]
     assert out.with_suffix(".png").stat().st_size > 0
     for rung, shares in result["per_category_share"].items():
         assert len(shares) == len(result["categories"]), rung
