@@ -177,7 +177,8 @@ def run(args: argparse.Namespace) -> None:
 
     # 6. Samples of the model (Fig. 3) and with the top level clamped (Fig. 4).
     top = gm.hidden_levels[-1]
-    # δ drawn where lone training objects were (#10: 26 % → 47 % of samples recognised).
+    # δ drawn where lone training objects were (#10: with priors from 100 objects a category,
+    # 26 % → 47 % of samples recognised; 20 here keep the demo short).
     per = 4 if args.smoke else 20
     objects = [RenderedObjects(c, per, seed=split_seed("train", args.seed))[i]
                for c in gm.categories for i in range(per)]  # fmt: skip
