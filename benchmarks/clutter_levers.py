@@ -30,7 +30,8 @@ posterior probability, among all top-level hypotheses of the object's category, 
 true ones (:func:`fit_top_ranking`, ``n`` train scenes, default 60); ``dprior[<n>]``: the
 prior on δ of every level below the top with more than one offset learned from the offsets the
 pass picks on ``n`` lone train objects per category (default 100), not uniform
-(:func:`use_offset_priors`); ``dpriortop[<n>]``: the same on the top level too; several of
+(:func:`use_offset_priors`); ``dpriortop[<n>]``: the same on the top level too; any of
+these followed by ``,verified``: the verified pass on the changed model; several of
 the levers above joined by commas; ``footprintall``
 (alone, as the next two): lever 2 on every
 level below the top — each level's (γ, δ) chosen by its log-likelihood ratio against the
@@ -149,7 +150,14 @@ def _number(lever: str, text: str, kind: type, *, above: float, below: float | N
 def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool | int]:
     """A copy of ``gm`` with the lever's parameter change, and how the top level is chosen:
     True for the footprint-normalised ratio, an int k > 1 for the best of greedy's ``top_k``
-    completed descents by total log-joint, False for the plain pass."""
+    completed descents by total log-joint, False for the plain pass. ``<changes>,verified``:
+    the parameter changes, then the verified pass on the changed model."""
+    head, sep, last = lever.rpartition(",")
+    if sep and last in ("verified", "verified2"):
+        out, choice = apply_lever(gm, head)
+        if choice is not False:
+            raise SystemExit(f"lever {lever!r}: only parameter changes may precede {last!r}")
+        return out, ("verified", last == "verified2")
     if lever in ("base", "footprint"):
         return gm, lever == "footprint"
     if lever == "footprintall":

@@ -109,6 +109,8 @@ def test_clutter_levers_fitted_levers_smoke(tmp_path):
     for bad in ("sharp1.5", "sharpx", "clutter0", "clutter3x-1", "dprior0", "dpriortop0"):
         run = _run(script, "--smoke", "--levers", bad)
         assert run.returncode != 0 and f"lever {bad!r}" in run.stderr, bad
+    run = _run(script, "--smoke", "--levers", "footprint,verified")
+    assert run.returncode != 0 and "only parameter changes may precede" in run.stderr
     run = _run(script, "--smoke", "--bound", "--levers", "sharp0.1")
     assert run.returncode != 0 and "not measured for" in run.stderr
 
@@ -824,3 +826,16 @@ def test_refit_is_train_models_last_stage(tmp_path):
     for a, b in zip(gm.mask_readout.state_dict().values(),
                     final.mask_readout.state_dict().values(), strict=True):  # fmt: skip
         torch.testing.assert_close(a, b)
+
+
+def test_parameter_changes_then_verified_is_the_verified_pass_on_the_changed_model():
+    from pyro_backpass import GenerativeModel
+
+    levers = _module("clutter_levers")
+    gm = GenerativeModel.default()
+    top = gm.hidden_levels[-1]
+    uniform = gm.priors[f"delta_{top}"].log_probs().exp().clone()
+    changed, choice = levers.apply_lever(gm, "dpriortop1,verified2")
+    assert choice == ("verified", True)
+    assert changed is not gm and torch.equal(gm.priors[f"delta_{top}"].log_probs().exp(), uniform)
+    assert not torch.allclose(changed.priors[f"delta_{top}"].log_probs().exp(), uniform)
