@@ -30,8 +30,8 @@ posterior probability, among all top-level hypotheses of the object's category, 
 true ones (:func:`fit_top_ranking`, ``n`` train scenes, default 60); ``dprior[<n>]``: the
 prior on δ of every level below the top with more than one offset learned from the offsets the
 pass picks on ``n`` lone train objects per category (default 100), not uniform
-(:func:`use_offset_priors`); ``dpriortop[<n>]``: the same on the top level too; any of
-these followed by ``,verified``: the verified pass on the changed model; several of
+(:func:`use_offset_priors`); ``dpriortop[<n>]``: the same on the top level too; a dprior
+lever followed by ``,verified``: the verified pass with those priors per call; several of
 the levers above joined by commas; ``footprintall``
 (alone, as the next two): lever 2 on every
 level below the top — each level's (γ, δ) chosen by its log-likelihood ratio against the
@@ -150,14 +150,17 @@ def _number(lever: str, text: str, kind: type, *, above: float, below: float | N
 def apply_lever(gm: GenerativeModel, lever: str) -> tuple[GenerativeModel, bool | int]:
     """A copy of ``gm`` with the lever's parameter change, and how the top level is chosen:
     True for the footprint-normalised ratio, an int k > 1 for the best of greedy's ``top_k``
-    completed descents by total log-joint, False for the plain pass. ``<changes>,verified``:
-    the parameter changes, then the verified pass on the changed model."""
+    completed descents by total log-joint, False for the plain pass. ``dprior…,verified``: the
+    verified pass on the unchanged model (the shipped verifier's fingerprint covers the
+    priors) with the lever's δ priors passed per call."""
     head, sep, last = lever.rpartition(",")
     if sep and last in ("verified", "verified2"):
-        out, choice = apply_lever(gm, head)
-        if choice is not False:
-            raise SystemExit(f"lever {lever!r}: only parameter changes may precede {last!r}")
-        return out, ("verified", last == "verified2")
+        if "," in head or not head.startswith("dprior"):
+            raise SystemExit(f"lever {lever!r}: only a dprior lever may precede {last!r}")
+        out, _ = apply_lever(gm, head)
+        priors = {site: out.priors[site] for site in gm.site_sizes if site.startswith("delta_")
+                  and out.priors[site] is not gm.priors[site]}  # fmt: skip
+        return gm, ("verified", last == "verified2", priors)
     if lever in ("base", "footprint"):
         return gm, lever == "footprint"
     if lever == "footprintall":
@@ -735,7 +738,8 @@ def evaluate(gm: GenerativeModel, lever: str, scenes: list, *, bound: bool,
             free = SimpleNamespace(mask=level_descent(model, bu, airplane, **choice[1])[1])
         elif isinstance(choice, tuple) and choice[0] == "verified":
             free = verified_map(model, bu, category=label, verifier=verifier,
-                                lower=lower if choice[1] else False)  # fmt: skip
+                                lower=lower if choice[1] else False,
+                                priors=choice[2] if len(choice) > 2 else None)  # fmt: skip
         elif isinstance(choice, tuple) and choice[0] == "cam":
             prior = class_map_prior(model, acts, airplane, weight=choice[1])
             free = greedy_map(model, bu, category=label, priors={f"delta_{top}": prior})

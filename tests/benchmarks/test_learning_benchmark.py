@@ -110,7 +110,7 @@ def test_clutter_levers_fitted_levers_smoke(tmp_path):
         run = _run(script, "--smoke", "--levers", bad)
         assert run.returncode != 0 and f"lever {bad!r}" in run.stderr, bad
     run = _run(script, "--smoke", "--levers", "footprint,verified")
-    assert run.returncode != 0 and "only parameter changes may precede" in run.stderr
+    assert run.returncode != 0 and "only a dprior lever may precede" in run.stderr
     run = _run(script, "--smoke", "--bound", "--levers", "sharp0.1")
     assert run.returncode != 0 and "not measured for" in run.stderr
 
@@ -828,14 +828,16 @@ def test_refit_is_train_models_last_stage(tmp_path):
         torch.testing.assert_close(a, b)
 
 
-def test_parameter_changes_then_verified_is_the_verified_pass_on_the_changed_model():
+def test_dprior_then_verified_passes_the_learned_priors_per_call():
     from pyro_backpass import GenerativeModel
 
     levers = _module("clutter_levers")
     gm = GenerativeModel.default()
     top = gm.hidden_levels[-1]
     uniform = gm.priors[f"delta_{top}"].log_probs().exp().clone()
-    changed, choice = levers.apply_lever(gm, "dpriortop1,verified2")
-    assert choice == ("verified", True)
-    assert changed is not gm and torch.equal(gm.priors[f"delta_{top}"].log_probs().exp(), uniform)
-    assert not torch.allclose(changed.priors[f"delta_{top}"].log_probs().exp(), uniform)
+    model, choice = levers.apply_lever(gm, "dpriortop1,verified2")
+    assert model is gm and choice[:2] == ("verified", True)
+    assert torch.equal(gm.priors[f"delta_{top}"].log_probs().exp(), uniform)  # untouched
+    priors = choice[2]
+    assert f"delta_{top}" in priors and "delta_pool3" in priors
+    assert not torch.allclose(priors[f"delta_{top}"].log_probs().exp(), uniform)
