@@ -83,17 +83,20 @@ def training_data(gm: GenerativeModel, n: int) -> dict:
             "fhat": passes.td}  # fmt: skip
 
 
-def losses(gm: GenerativeModel, data: dict, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(path loss, F̂-input loss) of the objects ``idx``, differentiable in the kernels."""
+def losses(gm: GenerativeModel, data: dict, idx: torch.Tensor, *,
+           path: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(path loss, F̂-input loss) of the objects ``idx``, differentiable in the kernels;
+    ``path=False`` skips the mean path (its loss is then 0)."""
     targets, a, fhat = data["targets"], data["assignment"], data["fhat"]
     mine = {site: v[idx] for site, v in a.items()}
-    path_of = mean_path_levels(gm, data["labels"][idx], mine)
+    path_of = mean_path_levels(gm, data["labels"][idx], mine) if path else None
     path = fed = torch.zeros((), dtype=gm.dtype)
     above = None
     for name in reversed(gm.hidden_levels):
         step, target = gm.steps[name], targets[name][idx]
         norm = targets[name].square().mean().clamp_min(1e-12)
-        path = path + (path_of[name] - target).square().mean() / norm
+        if path_of is not None:
+            path = path + (path_of[name] - target).square().mean() / norm
         if above is not None:
             gamma, delta = mine[f"gamma_{name}"], mine[f"delta_{name}"]
             given = shift_select(step.phi_per_sample(fhat[above][idx], gamma), step.offsets, delta)
@@ -159,11 +162,11 @@ def fine_tune(gm: GenerativeModel, data: dict, *, mix: float, epochs: int,
         for epoch in range(epochs):
             order, total = torch.randperm(n, generator=gen), 0.0
             for start in range(0, n, batch):
-                path, fed = losses(out, data, order[start : start + batch])
+                path, fed = losses(out, data, order[start : start + batch], path=path_weight > 0)
                 loss = path_weight * path + mix * fed
                 if m and scene_weight > 0:
                     idx = scene_order[torch.arange(step * batch, (step + 1) * batch) % m]
-                    loss = loss + scene_weight * losses(out, scene, idx)[1]
+                    loss = loss + scene_weight * losses(out, scene, idx, path=False)[1]
                     step += 1
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -215,7 +218,7 @@ def measure(gm: GenerativeModel, data: dict, *, objects: int, scenes: list,
     }
     if scene is not None:
         out["scene_fhat_input_loss"] = float(
-            losses(gm, scene, torch.arange(scene["labels"].numel()))[1]
+            losses(gm, scene, torch.arange(scene["labels"].numel()), path=False)[1]
         )
     return out
 

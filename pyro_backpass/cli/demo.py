@@ -28,6 +28,7 @@ from pyro_backpass.data import RenderedObjects, make_scene, split_seed  # noqa: 
 from pyro_backpass.files import atomic_write  # noqa: E402
 from pyro_backpass.inference.sampling import sample  # noqa: E402
 from pyro_backpass.learning.offset_priors import fit_offset_priors  # noqa: E402
+from pyro_backpass.learning.train import render_object_set  # noqa: E402
 from pyro_backpass.model.generative_model import GenerativeModel  # noqa: E402
 from pyro_backpass.parsing import Query, mode_label, run_parse  # noqa: E402
 from pyro_backpass.viz.parse_plots import plot_instances, plot_mode_bars, plot_overlay  # noqa: E402
@@ -180,10 +181,8 @@ def run(args: argparse.Namespace) -> None:
     # δ drawn where lone training objects were (#10: with priors from 100 objects a category,
     # 26 % → 47 % of samples recognised; 20 here keep the demo short).
     per = 4 if args.smoke else 20
-    objects = [RenderedObjects(c, per, seed=split_seed("train", args.seed))[i]
-               for c in gm.categories for i in range(per)]  # fmt: skip
-    images = torch.stack([image for image, _ in objects]).to(device)
-    labels = torch.arange(len(gm.categories), device=device).repeat_interleave(per)
+    images, _, labels = render_object_set(gm.categories, per, backbone=gm.backbone,
+                                          seed=split_seed("train", args.seed))  # fmt: skip
     priors = fit_offset_priors(gm, images, labels)
     s = sample(gm, 10, category=torch.arange(10) % len(gm.categories), priors=priors,
                noise=0.0, seed=0)  # fmt: skip
