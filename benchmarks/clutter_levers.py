@@ -292,7 +292,7 @@ def level_descent(gm: GenerativeModel, bu: dict, category: int, *,
         values[f"gamma_{name}"], values[f"delta_{name}"] = gamma[i : i + 1], delta[i : i + 1]
         upper = f_td[i : i + 1]
         td[name] = upper
-    return values, object_mask(gm, td)
+    return values, object_mask(gm, td, bu)
 
 
 def three_branch(c, bu: torch.Tensor, phi: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
@@ -611,7 +611,7 @@ def descent_features(gm: GenerativeModel, bu: dict, label: torch.Tensor, *, top_
     values = {s: torch.tensor([a[s] for a, _ in modes]) for s in modes[0][0]}
     rep = {k: v.expand(len(modes), *v.shape[1:]) for k, v in bu.items()}
     td, scores = top_down_pass(gm, values, rep, {})  # scores: top level first
-    masks = object_mask(gm, td)
+    masks = object_mask(gm, td, rep)
     # Each level's all-background score, the terms background_log_likelihood sums: (L,).
     bg = torch.cat([background_log_likelihood(gm, {name: bu[name]})
                     for name in reversed(gm.hidden_levels)])  # fmt: skip

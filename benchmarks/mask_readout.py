@@ -20,8 +20,9 @@ and nets that read the image level's F̂ too — the model's reconstruction of t
 never the input itself).
 
 ``--refit`` first fits the model's readout again as ``pyro-backpass train``'s last step does
-(:func:`~pyro_backpass.learning.train_mask_readout`, the default preset's settings) and, with
-``--save PATH``, writes the model with it: how a model trained before that step gets one.
+(:func:`~pyro_backpass.learning.train_mask_readout`, the default preset's settings; with
+``--readout-input`` one that also reads the input's activations) and, with ``--save PATH``,
+writes the model with it: how a model trained before that step gets one.
 
 Writes ``benchmarks/results/mask_readout.json``. One thread. ``--smoke``: a tiny model trained in
 seconds, few objects.
@@ -33,6 +34,7 @@ Usage: ``python benchmarks/mask_readout.py [--smoke] [--model PATH] [--compare] 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -73,7 +75,7 @@ def test_ious(gm, images, masks, labels, *, batch: int = 64) -> dict[str, float]
             sl = slice(start, start + batch)
             bu = {k: v for k, v in gm.backbone(images[sl]).items() if k in gm.hidden_levels}
             r = greedy_map(gm, bu, category=labels[sl])
-            got["readout"].append(mask_iou(readout(r.td), masks[sl]))
+            got["readout"].append(mask_iou(readout(r.td, bu), masks[sl]))
             got["rule"].append(mask_iou(r.mask, masks[sl]))
     finally:
         gm.attach_mask_readout(readout)
@@ -98,6 +100,8 @@ VARIANTS = {
                            "+ 150 scenes", 16, 200, 150, WITH_IMAGE),
     "net32_image_scenes": ("net 32 reading the image level's F̂ too, 200 objects per category "
                            "+ 150 scenes", 32, 200, 150, WITH_IMAGE),
+    "net16_input_scenes": ("net 16 reading the input's activations too (reads_input), 200 "
+                           "objects per category + 150 scenes", 16, 200, 150, None, True),
 }  # fmt: skip
 
 
@@ -112,7 +116,8 @@ def compare(gm, *, smoke: bool, variants=tuple(VARIANTS)[:4]) -> dict[str, dict]
     val_scenes = list(Scenes(1 if smoke else 30, seed=split_seed("validation")))
     out = {}
     for key in variants:
-        name, hidden, n, n_scenes, levels = VARIANTS[key]
+        name, hidden, n, n_scenes, levels, *reads_input = VARIANTS[key]
+        reads_input = bool(reads_input and reads_input[0])
         levels = None if levels is None else [lv for lv in levels if lv in gm.hidden_levels]
         n, n_scenes = (min(n, 3), min(n_scenes, 1)) if smoke else (n, n_scenes)
         work = copy.deepcopy(gm)
@@ -121,10 +126,11 @@ def compare(gm, *, smoke: bool, variants=tuple(VARIANTS)[:4]) -> dict[str, dict]
         _, report = fit_mask_readout(
             work, work.backbone, objects(gm, "train", n), val, scenes=scenes,
             validation_scenes=val_scenes, hidden=min(hidden, 2) if smoke else hidden,
-            epochs=2 if smoke else 30, levels=levels,
+            epochs=2 if smoke else 30, levels=levels, reads_input=reads_input,
         )  # fmt: skip
         out[name] = report | {"hidden": hidden, "train_per_category": n, "train_scenes": n_scenes,
                               "levels": list(levels or work.mask_readout.config()["levels"]),
+                              "reads_input": reads_input,
                               "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
         print(name, json.dumps(out[name]), flush=True)
     return out
@@ -137,12 +143,16 @@ def main(argv=None) -> None:
     p.add_argument("--compare", action="store_true", help="refit readouts, validation IoU")
     p.add_argument("--refit", action="store_true", help="fit the readout as training does")
     p.add_argument("--save", type=Path, default=None, help="with --refit: write the model")
+    p.add_argument("--readout-input", action="store_true",
+                   help="with --refit: the readout also reads the input's activations")  # fmt: skip
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=None,
                    help="with --compare: the readouts refitted (default: first four)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "mask_readout.json")
     args = p.parse_args(argv)
     if args.save is not None and not args.refit:
         p.error("--save writes a refitted readout: pass --refit too")
+    if args.readout_input and not args.refit:
+        p.error("--readout-input sets the refitted readout: pass --refit too")
     if args.variants is not None and not args.compare:
         p.error("--variants picks the readouts that --compare refits: pass --compare too")
     torch.set_num_threads(1)
@@ -152,6 +162,7 @@ def main(argv=None) -> None:
     if args.refit:
         t = time.perf_counter()
         config = PRESETS["smoke" if args.smoke else "default"]
+        config = dataclasses.replace(config, readout_input=args.readout_input)
         refit = train_mask_readout(gm, gm.backbone, config, progress=True)
         refit["seconds"] = round(time.perf_counter() - t, 1)
         if args.save is not None:

@@ -97,6 +97,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "filter)",
     )
     p.add_argument(
+        "--readout-input",
+        action="store_const",
+        const=True,
+        default=None,
+        help="the mask readout also reads the input's activations beside F̂ (measured in "
+        "README, issue #10; default: F̂ only)",
+    )
+    p.add_argument(
         "--resume", action="store_true", help="continue from the last completed stage in --out"
     )
     p.add_argument(
@@ -122,7 +130,8 @@ def run(args: argparse.Namespace) -> None:
                            ("components_top", args.components_top),
                            ("components", args.components),
                            ("readout_objects_per_category", args.readout_objects),
-                           ("readout_hidden", args.readout_hidden))
+                           ("readout_hidden", args.readout_hidden),
+                           ("readout_input", args.readout_input))
         if value is not None
     }  # fmt: skip
     if "categories" in overrides:

@@ -193,6 +193,6 @@ def exact_map(
             assignment=assignment,
             td=td,
             log_joint=scores.gather(1, best[:, None]).squeeze(1),
-            mask=object_mask(gm, td),
+            mask=object_mask(gm, td, bu, masks),
             modes=modes,
         )

@@ -410,7 +410,7 @@ def _greedy(
         total = torch.where(feasible_all[:, r0:r1], total.reshape(b, n), -torch.inf)  # (B, n)
         if k == 1:
             return MapResult(assignment=assignment, td=td, log_joint=total[:, 0],
-                             mask=object_mask(gm, td), modes=None)  # fmt: skip
+                             mask=object_mask(gm, td, rep_bu, rep_masks), modes=None)  # fmt: skip
         assignments.append({s: v.reshape(b, n) for s, v in assignment.items()})
         totals.append(total)
         # The best of this group per image (first maximum: lowest rank), kept if it beats the
@@ -438,6 +438,6 @@ def _greedy(
         assignment={s: v[rows, best_rank] for s, v in per_image.items()},
         td=best_td,
         log_joint=best_total,
-        mask=object_mask(gm, best_td),
+        mask=object_mask(gm, best_td, bu, masks),
         modes=ranked_modes(per_image, total, order),
     )

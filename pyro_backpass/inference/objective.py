@@ -110,14 +110,20 @@ def full_res_level(gm: GenerativeModel) -> str:
     return full_resolution_level(gm.levels)
 
 
-def object_mask(gm: GenerativeModel, td: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def object_mask(
+    gm: GenerativeModel,
+    td: Mapping[str, torch.Tensor],
+    bu: Mapping[str, torch.Tensor] | None = None,
+    observed: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """``(B, H, W)`` bool: the model's learned readout of F̂ if it has one
-    (:class:`~pyro_backpass.model.MaskReadout`), else the elements of F̂_td at
-    :func:`full_res_level` at or above that level's ``mask_threshold`` (λ unless tuned), any
-    channel."""
+    (:class:`~pyro_backpass.model.MaskReadout`; one that ``reads_input`` also reads ``bu``, the
+    input's activations the pass explained, F̂ where ``observed`` is False), else the elements
+    of F̂_td at :func:`full_res_level` at or above that level's ``mask_threshold`` (λ unless
+    tuned), any channel."""
     readout = getattr(gm, "mask_readout", None)
     if readout is not None:
-        return readout(td)
+        return readout(td, bu, observed)
     name = full_res_level(gm)
     return td[name].amax(dim=-3) >= gm.observations[name].mask_threshold  # some channel is on
 

@@ -115,7 +115,7 @@ def descent_features(
     rep_masks = {name: m.expand(bu[name].shape).expand(k, *bu[name].shape[1:])
                  for name, m in masks_obs.items()}  # fmt: skip
     td, scores = top_down_pass(gm, values, rep, rep_masks)  # scores: top level first
-    masks = object_mask(gm, td)  # (k, H, W)
+    masks = object_mask(gm, td, rep, rep_masks)  # (k, H, W)
     data = torch.stack(scores, 1)  # (k, L)
     bg = torch.cat(
         [

@@ -31,6 +31,16 @@ __all__ = [
 #: did not raise the IoU).
 DEFAULT_READOUT_LEVELS = ("conv1_1", "pool1", "conv2_1")
 _LOGIT_GRID = tuple(x / 4 for x in range(-12, 13))  # thresholds tried on the logits
+#: Key of a level's input activations in the maps returned ``with_input``.
+INPUT_KEY = "input/{}"
+
+
+def _split(maps: dict[str, torch.Tensor]) -> tuple[dict, dict | None]:
+    """``(F̂ by level, input activations by level or None)`` of maps that may hold both."""
+    prefix = INPUT_KEY.format("")
+    td = {n: v for n, v in maps.items() if not n.startswith(prefix)}
+    bu = {n[len(prefix) :]: v for n, v in maps.items() if n.startswith(prefix)}
+    return td, (bu or None)
 
 
 @torch.no_grad()
@@ -42,39 +52,55 @@ def object_reconstructions(
     *,
     levels: Sequence[str],
     batch_size: int = 64,
+    with_input: bool = False,
 ) -> dict[str, torch.Tensor]:
     """F̂ of ``levels`` from the backward pass on each image's own activations, category given:
-    ``{level: (N, C, H, W)}``."""
-    out: dict[str, list[torch.Tensor]] = {n: [] for n in levels}
+    ``{level: (N, C, H, W)}``; ``with_input`` adds the images' activations of the same levels
+    under ``INPUT_KEY.format(level)``."""
+    keys = [*levels, *(INPUT_KEY.format(n) for n in levels if with_input)]
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     for start in range(0, images.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         bu = {k: v for k, v in backbone(images[sl]).items() if k in gm.hidden_levels}
         td = greedy_map(gm, bu, category=labels[sl]).td
         for n in levels:
             out[n].append(td[n])
-    return {n: torch.cat(v) for n, v in out.items()}
+            if with_input:
+                out[INPUT_KEY.format(n)].append(bu[n])
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 @torch.no_grad()
 def scene_object_reconstructions(
-    gm: GenerativeModel, backbone: Backbone, scenes: Sequence[Scene], *, levels: Sequence[str]
+    gm: GenerativeModel,
+    backbone: Backbone,
+    scenes: Sequence[Scene],
+    *,
+    levels: Sequence[str],
+    with_input: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """F̂ of ``levels`` for every visible object of ``gm``'s categories in ``scenes``, from the
     pass on its scene with the top level clamped to the object's own E-step assignment
     (:func:`~pyro_backpass.learning.top_clamped_passes`), and the objects' visible masks:
-    ``({level: (M, C, H, W)}, (M, H, W) bool)``."""
+    ``({level: (M, C, H, W)}, (M, H, W) bool)``; ``with_input`` adds the scene's activations
+    of the same levels under ``INPUT_KEY.format(level)``."""
     specs = {s.name: s for s in gm.levels}
-    out: dict[str, list[torch.Tensor]] = {n: [] for n in levels}
+    keys = [*levels, *(INPUT_KEY.format(n) for n in levels if with_input)]
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     masks = []
-    for inst, result in top_clamped_passes(gm, backbone, scenes):
-        for n in levels:
-            out[n].append(result.td[n].cpu())
-        masks.append(inst.mask[None])
+    for scene in scenes:
+        bu = backbone(scene.image[None]) if with_input else {}
+        for inst, result in top_clamped_passes(gm, backbone, [scene]):
+            for n in levels:
+                out[n].append(result.td[n].cpu())
+                if with_input:
+                    out[INPUT_KEY.format(n)].append(bu[n].cpu())
+            masks.append(inst.mask[None])
     if not masks:  # still the right shapes: gathered across ranks
         h, w = gm.levels[0].height, gm.levels[0].width  # the image's: the masks' size
-        empty = {n: torch.zeros(0, *specs[n].shape, dtype=gm.dtype) for n in levels}
+        empty = {k: torch.zeros(0, *specs[k.split("/")[-1]].shape, dtype=gm.dtype) for k in keys}
         return empty, torch.zeros(0, h, w, dtype=torch.bool)
-    return {n: torch.cat(v) for n, v in out.items()}, torch.cat(masks)
+    return {k: torch.cat(v) for k, v in out.items()}, torch.cat(masks)
 
 
 def fit_mask_readout(
@@ -88,6 +114,7 @@ def fit_mask_readout(
     levels: Sequence[str] | None = None,
     kernel_size: int = 5,
     hidden: int = 16,
+    reads_input: bool = False,
     epochs: int = 30,
     batch_size: int = 16,
     lr: float = 3e-3,
@@ -116,6 +143,9 @@ def fit_mask_readout(
         initialisation and order drawn from ``seed``). 16 is the default: fitted with training
         scenes it beat the logistic filter on the shipped model's validation objects and scene
         objects alike (``benchmarks/results/mask_readout_compare.json``).
+    :param reads_input: the readout also reads the input's activations of ``levels``
+        (:class:`MaskReadout`'s ``reads_input``); then every mask of the model needs them,
+        which every backward pass of the library passes.
     :param world: under several processes ``train`` and ``validation`` are this rank's shares;
         their reconstructions are gathered, and every rank fits the same readout.
     :returns: the readout and ``{"validation_iou", "validation_iou_threshold_rule",
@@ -129,6 +159,8 @@ def fit_mask_readout(
     unknown = [n for n in levels if n not in gm.hidden_levels]
     if unknown:
         raise ValueError(f"mask readout: unknown levels {unknown}; hidden: {gm.hidden_levels}")
+    if not isinstance(reads_input, bool):
+        raise ValueError(f"fit_mask_readout: reads_input must be a bool, got {reads_input!r}")
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("max_iter", max_iter)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"fit_mask_readout: {name} must be an int >= 1, got {value!r}")
@@ -144,7 +176,7 @@ def fit_mask_readout(
         torch.manual_seed(seed)  # the net's initialisation
         readout = MaskReadout(
             [specs[n] for n in levels], size=(full.height, full.width), kernel_size=kernel_size,
-            hidden=hidden,
+            hidden=hidden, reads_input=reads_input,
         ).to(dtype=gm.dtype)  # fmt: skip
     # Validation passes keep the rule's level too, for the rule's IoU beside the readout's.
     val_levels = list(dict.fromkeys([*levels, full.name]))
@@ -154,10 +186,14 @@ def fit_mask_readout(
         return {n: world.all_gather_rows(v) for n, v in td.items()}, world.all_gather_rows(masks)
 
     td_train, train_masks = gathered(
-        object_reconstructions(gm, backbone, train[0], train[2], levels=levels), train[1]
-    )
+        object_reconstructions(gm, backbone, train[0], train[2], levels=levels,
+                               with_input=reads_input),
+        train[1],
+    )  # fmt: skip
     td_val, val_masks = gathered(
-        object_reconstructions(gm, backbone, validation[0], validation[2], levels=val_levels),
+        object_reconstructions(
+            gm, backbone, validation[0], validation[2], levels=val_levels, with_input=reads_input
+        ),
         validation[1],
     )
     # Whether any rank holds scenes (a rank's share may be empty; all must gather alike).
@@ -165,14 +201,16 @@ def fit_mask_readout(
     use_validation_scenes = sum(world.sizes(len(validation_scenes))) > 0
     n_scene_objects = 0
     if use_scenes:
-        td_scene, scene_masks = gathered(*scene_object_reconstructions(gm, backbone, scenes,
-                                                                       levels=levels))  # fmt: skip
+        td_scene, scene_masks = gathered(*scene_object_reconstructions(
+            gm, backbone, scenes, levels=levels, with_input=reads_input))  # fmt: skip
         n_scene_objects = scene_masks.shape[0]
         td_train = {n: torch.cat([v, td_scene[n]]) for n, v in td_train.items()}
         train_masks = torch.cat([train_masks, scene_masks])
     if use_validation_scenes:
         td_val_scene, val_scene_masks = gathered(
-            *scene_object_reconstructions(gm, backbone, validation_scenes, levels=val_levels)
+            *scene_object_reconstructions(
+                gm, backbone, validation_scenes, levels=val_levels, with_input=reads_input
+            )
         )
         if val_scene_masks.shape[0] == 0:
             raise ValueError("validation_scenes hold no visible object of the model's categories")
@@ -180,11 +218,13 @@ def fit_mask_readout(
     _standardise(readout, td_train, batch_size=64)
 
     def features(td: dict[str, torch.Tensor], rows) -> torch.Tensor:  # (b, C_total, H, W)
-        return readout.features({n: v[rows] for n, v in td.items()})
+        return readout.features(*_split({n: v[rows] for n, v in td.items()}))
 
     with torch.enable_grad():
         if hidden == 0:
-            _fit_logistic(readout, readout.features(td_train), train_masks, max_iter=max_iter)
+            _fit_logistic(
+                readout, readout.features(*_split(td_train)), train_masks, max_iter=max_iter
+            )
         else:
             _fit_net(readout, lambda rows: features(td_train, rows), train_masks, epochs=epochs,
                      batch_size=batch_size, lr=lr, seed=seed, progress=progress)  # fmt: skip
@@ -276,7 +316,7 @@ def _standardise(readout: MaskReadout, td: dict[str, torch.Tensor], *, batch_siz
     n = next(iter(td.values())).shape[0]
     total = total_sq = None
     for rows in torch.arange(n).split(batch_size):
-        raw = readout.features({k: v[rows] for k, v in td.items()}).double()  # mean 0, scale 1
+        raw = readout.features(*_split({k: v[rows] for k, v in td.items()})).double()  # mean 0
         s, sq = raw.sum(dim=(0, 2, 3)), raw.square().sum(dim=(0, 2, 3))
         total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
     count = n * readout.size[0] * readout.size[1]

@@ -87,9 +87,11 @@ class TrainConfig:
     # The mask readout (issue #9): training objects per category (the first of hard EM's; 0: no
     # readout, masks by the mask_threshold rule), hidden channels (0: one logistic filter),
     # Adam epochs; training scenes whose objects (top level clamped) join its training set, and
-    # validation scenes whose objects join the choice of its threshold.
+    # validation scenes whose objects join the choice of its threshold; whether it also reads
+    # the input's activations (MaskReadout's reads_input).
     readout_objects_per_category: int = 200
     readout_hidden: int = 16
+    readout_input: bool = False
     readout_epochs: int = 30
     readout_scenes: int = 150
     readout_validation_scenes: int = 30
@@ -212,7 +214,8 @@ def train_mask_readout(
         gm, backbone, objects, validation,
         scenes=scenes("train", config.readout_scenes),
         validation_scenes=scenes("validation", config.readout_validation_scenes),
-        hidden=config.readout_hidden, epochs=config.readout_epochs, seed=config.seed,
+        hidden=config.readout_hidden, reads_input=config.readout_input,
+        epochs=config.readout_epochs, seed=config.seed,
         progress=progress, world=world,
     )  # fmt: skip
     return report
@@ -247,12 +250,14 @@ _ADDED_OPTIONS: dict[str, Any] = {
     "readout_epochs": 30,
     "readout_scenes": 150,
     "readout_validation_scenes": 30,
+    "readout_input": False,
 }
 _READOUT_OPTIONS = (
     "readout_hidden",
     "readout_epochs",
     "readout_scenes",
     "readout_validation_scenes",
+    "readout_input",
 )
 
 

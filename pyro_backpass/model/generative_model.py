@@ -707,6 +707,7 @@ class GenerativeModel(nn.Module):
             gm.attach_mask_readout(MaskReadout(
                 [specs[n] for n in readout["levels"]], size=tuple(readout["size"]),
                 kernel_size=readout["kernel_size"], hidden=readout.get("hidden", 0),
+                reads_input=readout.get("reads_input", False),
             ))  # fmt: skip
         for name, obs in gm.observations.items():
             # β and σ2 are one number per level, or one per channel (fit_background).

@@ -142,7 +142,7 @@ def complete_candidates(gm: GenerativeModel, cands: list[Candidate]) -> None:
         obs = {k: torch.cat([c.obs[k] for c in todo]) for k in todo[0].obs}
     with torch.no_grad():
         td, _ = top_down_pass(gm, values, bu, obs)
-    masks = object_mask(gm, td).cpu()  # (n, S, S)
+    masks = object_mask(gm, td, bu, obs).cpu()  # (n, S, S)
     for j, c in enumerate(todo):
         c.td = {k: v[j : j + 1] for k, v in td.items()}
         c.amodal = c.frame.to_image(masks[j], *c.size)

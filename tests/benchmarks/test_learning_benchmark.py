@@ -553,6 +553,13 @@ def test_mask_readout_smoke(tmp_path):
            "net16_image_scenes", "--out", str(out))  # fmt: skip
     (row,) = json.loads(out.read_text())["validation_compare"].values()
     assert row["levels"][0] == "image" and 0 <= row["validation_scene_iou"] <= 1
+    model = tmp_path / "input.safetensors"
+    _smoke(BENCH.parent / "mask_readout.py", "--smoke", "--refit", "--readout-input", "--save",
+           str(model), "--out", str(out))  # fmt: skip
+    assert json.loads(out.read_text())["readout"]["reads_input"] is True
+    from pyro_backpass import GenerativeModel
+
+    assert GenerativeModel.load(model).mask_readout.reads_input
 
 
 def test_per_location_pass_without_map_levels_is_greedy_map():
@@ -841,3 +848,30 @@ def test_dprior_then_verified_passes_the_learned_priors_per_call():
     priors = choice[2]
     assert f"delta_{top}" in priors and "delta_pool3" in priors
     assert not torch.allclose(priors[f"delta_{top}"].log_probs().exp(), uniform)
+
+
+def test_readout_inputs_smoke(tmp_path):
+    out = tmp_path / "readout_inputs.json"
+    _smoke(BENCH.parent / "readout_inputs.py", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"fhat", "fhat_phi3", "fhat_phi5", "fhat_bu",
+                                       "fhat_phi5_bu", "bu_only"}  # fmt: skip
+    for row in result["variants"].values():
+        assert 0 <= row["objects"] <= 1 and 0 <= row["scene_objects_top_clamped"] <= 1
+
+
+def test_readout_inputs_phi_is_the_top_down_prediction_the_pass_combined():
+    """Where an element is unobserved, the closed form's F̂ is φ (the top-down prediction
+    alone), so with every level unobserved the benchmark's φ must equal the pass's F̂."""
+    from pyro_backpass import GenerativeModel, greedy_map, sample
+
+    ri = _module("readout_inputs")
+    gm = GenerativeModel.random([3, "M", 4, "M"], num_components=2, num_categories=2,
+                                image_size=8, seed=0)  # fmt: skip
+    s = sample(gm, 3, observe=True, seed=1)
+    observed = {n: torch.zeros(1, 1, *v.shape[2:], dtype=torch.bool) for n, v in s.bu.items()}
+    r = greedy_map(gm, s.bu, observed=observed)
+    maps = ri._maps(gm, r, s.bu)
+    for name in ("conv1_1", "pool1"):
+        torch.testing.assert_close(maps[f"phi_{name}"], r.td[name])
+        assert torch.equal(maps[f"bu_{name}"], s.bu[name])

@@ -22,7 +22,7 @@ def _fake_reconstructions(monkeypatch):
     """Replace F̂ by random maps, fixed per image set; returns the replacement."""
     td_by_seed = {}
 
-    def fake(gm_, backbone, images, labels, *, levels, batch_size=64):
+    def fake(gm_, backbone, images, labels, *, levels, batch_size=64, with_input=False):
         key = float(images.sum())
         if key not in td_by_seed:
             gen = torch.Generator().manual_seed(int(key * 1000) % 2**31)
@@ -30,8 +30,11 @@ def _fake_reconstructions(monkeypatch):
             td_by_seed[key] = {
                 "conv1_1": torch.rand(n, 3, 8, 8, generator=gen),
                 "pool1": torch.rand(n, 3, 4, 4, generator=gen),
+                "input/conv1_1": torch.rand(n, 3, 8, 8, generator=gen),
+                "input/pool1": torch.rand(n, 3, 4, 4, generator=gen),
             }
-        return {n: td_by_seed[key][n] for n in levels}
+        keys = [*levels, *(f"input/{n}" for n in levels if with_input)]
+        return {k: td_by_seed[key][k] for k in keys}
 
     monkeypatch.setattr(mask_fit, "object_reconstructions", fake)
     return fake
@@ -52,6 +55,28 @@ def test_the_fit_recovers_the_rule_that_made_the_masks(monkeypatch):
     assert gm.mask_readout is readout and readout.hidden == 0
     assert set(report) == {"validation_iou", "validation_iou_threshold_rule", "train_iou",
                            "threshold"}  # fmt: skip
+
+
+def test_a_readout_that_reads_the_input_recovers_a_rule_on_the_input(monkeypatch):
+    """The masks are "the input's conv1_1 channel 1 above 0.5" (F̂ random, independent of it):
+    a readout of F̂ alone cannot find them, one with ``reads_input`` does, and the model then
+    reads its masks with it (the readout's channels: F̂ of both levels, then the input's)."""
+    gm = _model()
+    fake = _fake_reconstructions(monkeypatch)
+    train, val = _objects(40, 1), _objects(20, 2)
+    for images, masks, _ in (train, val):
+        x = fake(gm, None, images, None, levels=["conv1_1"], with_input=True)["input/conv1_1"]
+        masks.copy_(x[:, 1] > 0.5)
+    kw = {"levels": ["conv1_1", "pool1"], "kernel_size": 1, "hidden": 0, "max_iter": 200}
+    _, without = fit_mask_readout(gm, None, train, val, **kw)
+    readout, report = fit_mask_readout(gm, None, train, val, reads_input=True, **kw)
+    assert report["validation_iou"] > 0.95 > 0.6 > without["validation_iou"]
+    assert readout.reads_input and gm.mask_readout is readout
+    assert readout.config()["reads_input"] is True
+    weight = readout.weight[0, :, 0, 0].abs()  # 12 channels: F̂ (3 + 3), then the input's
+    assert int(weight.argmax()) == 7  # the input's conv1_1 channel 1
+    with pytest.raises(ValueError, match="reads_input must be a bool"):
+        fit_mask_readout(gm, None, train, val, reads_input=1, **kw)
 
 
 def _band_masks(fake, gm, objects):

@@ -4,7 +4,7 @@ the model (save/load, greedy_map's mask), and the errors for readouts that do no
 import pytest
 import torch
 
-from pyro_backpass import GenerativeModel, MaskReadout, greedy_map, sample
+from pyro_backpass import GenerativeModel, MaskReadout, exact_map, greedy_map, sample
 from pyro_backpass.levels import full_resolution_level
 
 
@@ -79,3 +79,38 @@ def test_readouts_that_do_not_fit_the_model_are_refused():
         readout({"conv1_1": torch.zeros(1, 3, 8, 8)})
     with pytest.raises(ValueError, match="must be"):
         readout({"pool1": torch.zeros(1, 3, 8, 8)})
+
+
+def test_a_readout_of_the_input_reads_bu_after_fhat_and_fhat_where_unobserved(tmp_path):
+    gm = _model()
+    specs = {s.name: s for s in gm.levels}
+    # Channels: F̂ of conv1_1 (0-2), then the input's conv1_1 (3-5): channel 4 is bu's second.
+    readout = _pick_channel(
+        MaskReadout([specs["conv1_1"]], size=(8, 8), kernel_size=1, reads_input=True), 4, 0.5
+    )
+    gen = torch.Generator().manual_seed(4)
+    td = {"conv1_1": torch.rand(3, 3, 8, 8, generator=gen)}
+    bu = {"conv1_1": torch.rand(3, 3, 8, 8, generator=gen)}
+    assert torch.equal(readout(td, bu), bu["conv1_1"][:, 1] > 0.5)
+    observed = {"conv1_1": torch.rand(3, 1, 8, 8, generator=gen) > 0.5}
+    want = torch.where(observed["conv1_1"][:, 0], bu["conv1_1"][:, 1], td["conv1_1"][:, 1]) > 0.5
+    assert torch.equal(readout(td, bu, observed), want)
+    one = {"conv1_1": bu["conv1_1"][:1]}  # one input under several descents
+    assert torch.equal(readout(td, one), (one["conv1_1"][:, 1] > 0.5).expand(3, 8, 8))
+    with pytest.raises(ValueError, match="pass bu"):
+        readout(td)
+    with pytest.raises(ValueError, match="bu lacks"):
+        readout(td, {"pool1": torch.zeros(3, 3, 4, 4)})
+    with pytest.raises(ValueError, match="reads_input must be a bool"):
+        MaskReadout([specs["conv1_1"]], size=(8, 8), reads_input="yes")
+    # The model's passes hand it their input; it survives save and load.
+    gm.attach_mask_readout(readout)
+    s = sample(gm, 3, observe=True, seed=5)
+    r = greedy_map(gm, s.bu)
+    assert torch.equal(r.mask, s.bu["conv1_1"][:, 1] > 0.5)
+    top = greedy_map(gm, s.bu, top_k=3)
+    assert torch.equal(top.mask, s.bu["conv1_1"][:, 1] > 0.5)
+    assert torch.equal(exact_map(gm, s.bu).mask, s.bu["conv1_1"][:, 1] > 0.5)
+    loaded = GenerativeModel.load(gm.save(tmp_path / "gm.safetensors"))
+    assert loaded.mask_readout.reads_input
+    assert torch.equal(greedy_map(loaded, s.bu).mask, r.mask)
