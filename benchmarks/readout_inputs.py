@@ -34,9 +34,14 @@ from common import RESULTS, learned_model, machine  # noqa: E402
 from pyro_backpass import Scenes, greedy_map  # noqa: E402
 from pyro_backpass.data import OBJECT_SCALE, split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
-from pyro_backpass.learning import mask_iou, render_object_set  # noqa: E402
-from pyro_backpass.learning.calibration import own_top_assignment  # noqa: E402
-from pyro_backpass.learning.mask_fit import _LOGIT_GRID, _fit_net, _standardise  # noqa: E402
+from pyro_backpass.learning import (  # noqa: E402
+    LOGIT_GRID,
+    fit_readout_net,
+    mask_iou,
+    own_top_assignment,
+    render_object_set,
+    standardise_readout,
+)
 from pyro_backpass.model import MaskReadout, shift_select  # noqa: E402
 
 F3 = ["conv1_1", "pool1", "conv2_1"]  # the shipped readout's levels
@@ -120,9 +125,9 @@ def fit_variant(gm, names, train, train_masks, val, val_masks, val_s, val_s_mask
         torch.manual_seed(0)
         readout = MaskReadout(read, size=tuple(val_masks.shape[1:]), kernel_size=5, hidden=16)
     pick = {n: train[n] for n in names}
-    _standardise(readout, pick, batch_size=64)
+    standardise_readout(readout, pick, batch_size=64)
     with torch.enable_grad():
-        _fit_net(
+        fit_readout_net(
             readout, lambda rows: readout.features({n: v[rows] for n, v in pick.items()}),
             train_masks, epochs=epochs, batch_size=16, lr=3e-3, seed=0, progress=False,
         )  # fmt: skip
@@ -132,10 +137,10 @@ def fit_variant(gm, names, train, train_masks, val, val_masks, val_s, val_s_mask
         def ious(maps, masks):
             logits = torch.cat([readout.logits({n: maps[n][rows] for n in names})
                                 for rows in torch.arange(masks.shape[0]).split(64)])  # fmt: skip
-            return {t: float(mask_iou(logits > t, masks).mean()) for t in _LOGIT_GRID}
+            return {t: float(mask_iou(logits > t, masks).mean()) for t in LOGIT_GRID}
 
         objects, scene_objects = ious(val, val_masks), ious(val_s, val_s_masks)
-    best = max(_LOGIT_GRID, key=lambda t: ((objects[t] + scene_objects[t]) / 2, -abs(t)))
+    best = max(LOGIT_GRID, key=lambda t: ((objects[t] + scene_objects[t]) / 2, -abs(t)))
     return {"objects": objects[best], "scene_objects_top_clamped": scene_objects[best],
             "threshold": best}  # fmt: skip
 

@@ -23,9 +23,12 @@ from pyro_backpass.learning.hard_em import (
 )
 from pyro_backpass.learning.mask_fit import (
     DEFAULT_READOUT_LEVELS,
+    LOGIT_GRID,
     fit_mask_readout,
+    fit_readout_net,
     object_reconstructions,
     scene_object_reconstructions,
+    standardise_readout,
 )
 from pyro_backpass.learning.observation_fit import (
     LevelFit,
@@ -58,6 +61,7 @@ __all__ = [
     "EMConfig",
     "EMIteration",
     "EMResult",
+    "LOGIT_GRID",
     "LevelFit",
     "ObservationFit",
     "PRESETS",
@@ -76,6 +80,7 @@ __all__ = [
     "fit_mask_readout",
     "fit_observation_model",
     "fit_offset_priors",
+    "fit_readout_net",
     "listwise_loss",
     "lower_descent_examples",
     "mask_iou",
@@ -90,6 +95,7 @@ __all__ = [
     "render_object_set",
     "scene_object_reconstructions",
     "scene_pairs",
+    "standardise_readout",
     "top_clamped_iou",
     "top_clamped_passes",
     "train_mask_readout",

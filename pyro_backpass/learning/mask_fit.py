@@ -21,16 +21,20 @@ from pyro_backpass.model import GenerativeModel, MaskReadout
 
 __all__ = [
     "DEFAULT_READOUT_LEVELS",
+    "LOGIT_GRID",
     "fit_mask_readout",
+    "fit_readout_net",
     "object_reconstructions",
     "scene_object_reconstructions",
+    "standardise_readout",
 ]
 
 #: The levels read by default (those present in the model): the full-resolution level and the
 #: two above it (on the default backbone's validation objects, adding ``pool2`` and ``conv3_1``
 #: did not raise the IoU).
 DEFAULT_READOUT_LEVELS = ("conv1_1", "pool1", "conv2_1")
-_LOGIT_GRID = tuple(x / 4 for x in range(-12, 13))  # thresholds tried on the logits
+#: The thresholds on the readout's logits its fit tries on the validation objects.
+LOGIT_GRID = tuple(x / 4 for x in range(-12, 13))
 #: Key of a level's input activations in the maps returned ``with_input``.
 INPUT_KEY = "input/{}"
 
@@ -215,7 +219,7 @@ def fit_mask_readout(
         if val_scene_masks.shape[0] == 0:
             raise ValueError("validation_scenes hold no visible object of the model's categories")
     n_train = train_masks.shape[0]
-    _standardise(readout, td_train, batch_size=64)
+    standardise_readout(readout, td_train, batch_size=64)
 
     def features(td: dict[str, torch.Tensor], rows) -> torch.Tensor:  # (b, C_total, H, W)
         return readout.features(*_split({n: v[rows] for n, v in td.items()}))
@@ -226,8 +230,9 @@ def fit_mask_readout(
                 readout, readout.features(*_split(td_train)), train_masks, max_iter=max_iter
             )
         else:
-            _fit_net(readout, lambda rows: features(td_train, rows), train_masks, epochs=epochs,
-                     batch_size=batch_size, lr=lr, seed=seed, progress=progress)  # fmt: skip
+            fit_readout_net(readout, lambda rows: features(td_train, rows), train_masks,
+                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                            progress=progress)  # fmt: skip
     readout.requires_grad_(False)
     with torch.no_grad():
 
@@ -237,7 +242,7 @@ def fit_mask_readout(
 
         def ious_over_grid(td: dict[str, torch.Tensor], masks: torch.Tensor) -> dict:
             lg = logits(td, masks.shape[0])
-            return {t: float(mask_iou(lg > t, masks).mean()) for t in _LOGIT_GRID}
+            return {t: float(mask_iou(lg > t, masks).mean()) for t in LOGIT_GRID}
 
         def rule_iou(td: dict[str, torch.Tensor], masks: torch.Tensor) -> float:
             rule = td[full.name].amax(dim=-3) >= gm.observations[full.name].mask_threshold
@@ -247,7 +252,7 @@ def fit_mask_readout(
         score = dict(ious)
         if use_validation_scenes:
             scene_ious = ious_over_grid(td_val_scene, val_scene_masks)
-            score = {t: (ious[t] + scene_ious[t]) / 2 for t in _LOGIT_GRID}
+            score = {t: (ious[t] + scene_ious[t]) / 2 for t in LOGIT_GRID}
         best = max(score, key=lambda t: (score[t], -abs(t)))
         readout.threshold.fill_(best)
         train_iou = float(mask_iou(logits(td_train, n_train) > best, train_masks).mean())
@@ -284,7 +289,7 @@ def _fit_logistic(
     opt.step(closure)
 
 
-def _fit_net(
+def fit_readout_net(
     readout: MaskReadout,
     features: Callable[[torch.Tensor], torch.Tensor],
     masks: torch.Tensor,
@@ -311,8 +316,11 @@ def _fit_net(
 
 
 @torch.no_grad()
-def _standardise(readout: MaskReadout, td: dict[str, torch.Tensor], *, batch_size: int) -> None:
-    """Set the readout's per-channel mean and scale to those of its features on ``td``."""
+def standardise_readout(
+    readout: MaskReadout, td: dict[str, torch.Tensor], *, batch_size: int
+) -> None:
+    """Set the readout's per-channel mean and scale to those of its features on ``td`` (maps
+    by the names the readout reads; ``INPUT_KEY`` entries are its input's activations)."""
     n = next(iter(td.values())).shape[0]
     total = total_sq = None
     for rows in torch.arange(n).split(batch_size):
