@@ -143,15 +143,16 @@ def main(argv=None) -> None:
     p.add_argument("--compare", action="store_true", help="refit readouts, validation IoU")
     p.add_argument("--refit", action="store_true", help="fit the readout as training does")
     p.add_argument("--save", type=Path, default=None, help="with --refit: write the model")
-    p.add_argument("--readout-input", action="store_true",
-                   help="with --refit: the readout also reads the input's activations")  # fmt: skip
+    p.add_argument("--readout-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --refit: the readout also reads the input's activations (default: "
+                        "the preset's, which does since issue #10 shipped it)")  # fmt: skip
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=None,
                    help="with --compare: the readouts refitted (default: first four)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "mask_readout.json")
     args = p.parse_args(argv)
     if args.save is not None and not args.refit:
         p.error("--save writes a refitted readout: pass --refit too")
-    if args.readout_input and not args.refit:
+    if args.readout_input is not None and not args.refit:
         p.error("--readout-input sets the refitted readout: pass --refit too")
     if args.variants is not None and not args.compare:
         p.error("--variants picks the readouts that --compare refits: pass --compare too")
@@ -162,7 +163,8 @@ def main(argv=None) -> None:
     if args.refit:
         t = time.perf_counter()
         config = PRESETS["smoke" if args.smoke else "default"]
-        config = dataclasses.replace(config, readout_input=args.readout_input)
+        if args.readout_input is not None:
+            config = dataclasses.replace(config, readout_input=args.readout_input)
         refit = train_mask_readout(gm, gm.backbone, config, progress=True)
         refit["seconds"] = round(time.perf_counter() - t, 1)
         if args.save is not None:

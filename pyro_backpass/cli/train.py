@@ -98,11 +98,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--readout-input",
-        action="store_const",
-        const=True,
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="the mask readout also reads the input's activations beside F̂ (measured in "
-        "README, issue #10; default: F̂ only)",
+        help="whether the mask readout also reads the input's activations beside F̂ (default: "
+        "the preset's, which does since issue #10 measured it; --no-readout-input: F̂ only, as "
+        "the model shipped before)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue from the last completed stage in --out"

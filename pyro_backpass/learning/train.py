@@ -88,10 +88,11 @@ class TrainConfig:
     # readout, masks by the mask_threshold rule), hidden channels (0: one logistic filter),
     # Adam epochs; training scenes whose objects (top level clamped) join its training set, and
     # validation scenes whose objects join the choice of its threshold; whether it also reads
-    # the input's activations (MaskReadout's reads_input).
+    # the input's activations (MaskReadout's reads_input; issue #10 measured it and made it the
+    # default: runs written before then used False, see _ADDED_OPTIONS).
     readout_objects_per_category: int = 200
     readout_hidden: int = 16
-    readout_input: bool = False
+    readout_input: bool = True
     readout_epochs: int = 30
     readout_scenes: int = 150
     readout_validation_scenes: int = 30

@@ -42,6 +42,7 @@ def test_the_command_writes_every_stage_and_a_loadable_model(trained):
     assert gm.backbone is not None and gm.config()["backbone"]["name"] == "default"
     # The last stage fits the mask readout and saves it with the model.
     assert gm.mask_readout is not None and gm.mask_readout.hidden == PRESETS["smoke"].readout_hidden
+    assert gm.mask_readout.reads_input  # the preset's readout reads the input too (issue #10)
     assert float(gm.mask_readout.threshold) == log["mask_readout"]["threshold"]
     lam = float(gm.observations["conv1_1"].threshold)
     best = max(log["mask_threshold_iou"].items(), key=lambda kv: kv[1])[0]
@@ -133,6 +134,7 @@ def test_torchrun_with_two_processes_gives_the_single_process_parameters(trained
 def test_resume_with_another_configuration_is_refused(trained, capsys):
     for argv, message in [
         (["--resume", "--seed", "9"], "another configuration"),
+        (["--resume", "--no-readout-input"], "another configuration"),
         ([], "holds checkpoints"),
     ]:
         with pytest.raises(SystemExit) as exc:
@@ -271,3 +273,29 @@ def test_only_shipped_models_and_backbones_are_named():
         Backbone.shipped("zebra")
     with pytest.raises(ValueError, match="not both"):
         Backbone.default(compositional=True, localised=True)
+
+
+def test_a_run_written_before_the_readout_read_the_input_resumes_as_it_was(trained, tmp_path):
+    """Runs written before ``readout_input`` existed used a readout of F̂ alone: resuming one
+    under today's preset (which reads the input) is refused by name, and ``--no-readout-input``
+    (``readout_input=False``) is the configuration that run had."""
+    old = tmp_path / "old"
+    old.mkdir()
+    config = json.loads((trained / "config.json").read_text())
+    assert config["readout_input"] is True
+    del config["readout_input"]
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="differs in \\['readout_input'\\]"):
+        train_model(PRESETS["smoke"], out_dir=old, resume=True, progress=False)
+    (old / "model.safetensors").write_bytes((trained / "model.safetensors").read_bytes())
+    before = replace(PRESETS["smoke"], readout_input=False)
+    train_model(before, out_dir=old, resume=True, progress=False)  # accepted: nothing to redo
+
+
+def test_the_shipped_model_is_the_default_preset_s_kind():
+    """The shipped model's mask readout is the kind the default preset fits (it reads the
+    input's activations beside F̂) and its configuration records it."""
+    gm = GenerativeModel.default()
+    assert PRESETS["default"].readout_input is True
+    assert gm.mask_readout is not None and gm.mask_readout.reads_input
+    assert gm.mask_readout.hidden == PRESETS["default"].readout_hidden
