@@ -147,7 +147,7 @@ def _top_values(gm: GenerativeModel, gamma, delta, label) -> dict[str, torch.Ten
 
 def _pass_mask(gm, bu, top_values, *, levels, coupling, link) -> torch.Tensor:
     td, _, _ = per_location_pass(gm, bu, top_values, levels=levels, coupling=coupling, link=link)
-    return object_mask(gm, td)  # (1, H, W)
+    return object_mask(gm, td, bu)  # (1, H, W)
 
 
 def _iou(mask: torch.Tensor, truth: torch.Tensor) -> float:
@@ -169,7 +169,7 @@ def best_of_all(gm, bu, label, planes, *, levels, coupling, link, batch: int = 1
         values = {"category": label.expand(len(idx)), f"gamma_{top}": idx // d,
                   f"delta_{top}": idx % d}  # fmt: skip
         td, _, _ = per_location_pass(gm, rep, values, levels=levels, coupling=coupling, link=link)
-        masks = object_mask(gm, td)  # (n', H, W)
+        masks = object_mask(gm, td, rep)  # (n', H, W)
         for inst in planes:
             best = max(best, float(mask_iou(masks, inst.mask[None].expand_as(masks)).max()))
     return best >= 0.5
@@ -201,7 +201,7 @@ def evaluate(
         td, values, _ = per_location_pass(
             gm, bu, top_values, levels=levels, coupling=coupling, link=link
         )
-        mask = object_mask(gm, td)
+        mask = object_mask(gm, td, bu)
         if not levels and link == 1:
             same_as_greedy.append(bool(torch.equal(mask, plain.mask)))
         switched.append(
@@ -273,7 +273,7 @@ def figure(gm: GenerativeModel, variants: list[tuple[str, float, float]], path: 
                 levels=_levels(gm, spec), coupling=coupling, link=link,
             )  # fmt: skip
             panels = [scene.image.permute(1, 2, 0)] + [phis[n][0].amax(0) for n in PHI_LEVELS]
-            panels += [td["conv1_1"][0].amax(0), object_mask(gm, td)[0].float()]
+            panels += [td["conv1_1"][0].amax(0), object_mask(gm, td, bu)[0].float()]
             draw_row(axes, r, panels, titles)
             axes[r, 0].set_ylabel(f"{spec} w={coupling:g}\nlink={link:g}, scene {si}", fontsize=7)
     fig.suptitle("Lever 5: first backward pass, category airplane, γ maps with a Potts prior",

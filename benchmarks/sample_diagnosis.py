@@ -108,7 +108,10 @@ def ladder(gm: GenerativeModel, n: int) -> tuple[dict, dict]:
             s = sample(gm, labels.numel(), category=labels, clamp=clamp, seed=0, noise=noise)
             image = s.td["image"].clamp(0, 1)
             rows[f"{rung}_noise{noise:g}"] = share(image)
-            rows[f"{rung}_noise{noise:g}_on_grey"] = share(on_grey(image, object_mask(gm, s.td)))
+            # a sample has no input: a readout that reads one reads the sample's own F̂ in
+            # its place (as where nothing is observed)
+            mask = object_mask(gm, s.td, s.td)
+            rows[f"{rung}_noise{noise:g}_on_grey"] = share(on_grey(image, mask))
             if noise == 0.0:
                 pictures[f"{rung}_noise0"] = image
     return rows, pictures

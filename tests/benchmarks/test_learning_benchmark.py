@@ -582,7 +582,7 @@ def test_per_location_pass_without_map_levels_is_greedy_map():
         assert torch.equal(values[site], value), site
     from pyro_backpass.inference import object_mask
 
-    assert torch.equal(object_mask(gm, td), plain.mask)
+    assert torch.equal(object_mask(gm, td, bu), plain.mask)
     # With γ maps on two levels: one label per location of each level's own grid.
     _, maps, _ = pl.per_location_pass(gm, bu, top_values, levels=("pool3", "conv3_1"), coupling=2.0)
     for name in ("pool3", "conv3_1"):

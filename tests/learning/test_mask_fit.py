@@ -129,4 +129,4 @@ def test_object_passes_report_the_shipped_models_readout_mask():
     got = object_passes(gm, gm.backbone, images, labels)
     bu = {k: v for k, v in gm.backbone(images).items() if k in gm.hidden_levels}
     direct = greedy_map(gm, bu, category=labels)
-    assert torch.equal(got["mask"], gm.mask_readout(direct.td))
+    assert torch.equal(got["mask"], gm.mask_readout(direct.td, bu))
