@@ -11,6 +11,9 @@ Per category, ``--n`` test-split objects (default render scale) and as many samp
   (category given);
 - ``own_mean_path``: the mean top-down path (each level exactly φ of the one above, no
   bottom-up input) with the pass's own assignment on every level;
+- ``own_from_<level>``: the same path started from the object's own masked activations at
+  ``level`` (the hard-EM target) instead of the top: which step of the path loses the
+  category (``own_from_conv1_1`` is one decoding step from the truth);
 - ``own_top_then_sampled``: samples with the top level's (γ, δ) clamped to the pass's, the
   levels below drawn from the model's priors;
 - ``centred_samples``: samples with the top level's δ clamped to the centre offset (where
@@ -47,6 +50,7 @@ from common import RESULTS, learned_model, machine, rendered_objects  # noqa: E4
 from pyro_backpass import GenerativeModel, greedy_map, sample  # noqa: E402
 from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
 from pyro_backpass.inference import object_mask  # noqa: E402
+from pyro_backpass.learning import object_targets  # noqa: E402
 from pyro_backpass.model import shift_select  # noqa: E402
 
 GREY = 0.5
@@ -63,6 +67,20 @@ def mean_path_levels(gm: GenerativeModel, labels: torch.Tensor,
         phi = step.phi_per_sample(upper, assignment[f"gamma_{name}"])
         upper = path[name] = shift_select(phi, step.offsets, assignment[f"delta_{name}"])
     return path
+
+
+def mean_path_from(gm: GenerativeModel, level: str, start: torch.Tensor,
+                   assignment: dict) -> torch.Tensor:  # fmt: skip
+    """``(N, 3, H, W)``: the mean top-down path's image level from ``start`` ``(N, C, h, w)``
+    given as ``level``'s activations, every level below it φ of the one above with its (γ, δ)
+    from ``assignment``."""
+    names = list(gm.hidden_levels)
+    upper = start
+    for name in reversed(names[: names.index(level)]):
+        step = gm.steps[name]
+        phi = step.phi_per_sample(upper, assignment[f"gamma_{name}"])
+        upper = shift_select(phi, step.offsets, assignment[f"delta_{name}"])
+    return upper
 
 
 def mean_path(gm: GenerativeModel, labels: torch.Tensor, assignment: dict) -> torch.Tensor:
@@ -99,6 +117,12 @@ def ladder(gm: GenerativeModel, n: int) -> tuple[dict, dict]:
     }
     rows = {name: share(x) for name, x in pictures.items()}
     rows["objects_on_grey"] = share(on_grey(images, masks))
+    # The generator's ladder: the mean path from the object's own (masked) activations at a
+    # level down, the pass's (γ, δ) below it — which step of the path loses the category?
+    targets = object_targets(bb, images, masks)
+    for level in gm.hidden_levels[1:]:
+        rows[f"own_from_{level}"] = share(mean_path_from(gm, level, targets[level],
+                                                         passes.assignment))  # fmt: skip
     own_top = {f"gamma_{top}": passes.assignment[f"gamma_{top}"],
                f"delta_{top}": passes.assignment[f"delta_{top}"]}  # fmt: skip
     for rung, clamp in (("own_top_then_sampled", own_top),
@@ -117,7 +141,9 @@ def ladder(gm: GenerativeModel, n: int) -> tuple[dict, dict]:
     return rows, pictures
 
 
-def figure(gm: GenerativeModel, pictures: dict, n: int, per: int, out: Path) -> None:
+def figure(gm: GenerativeModel, pictures: dict, n: int, per: int, out: Path, *,
+           title: str = "From objects to samples (image level; columns: three test objects "
+                        "per category)") -> None:  # fmt: skip
     cols = [c * n + i for c in range(len(gm.categories)) for i in range(min(per, n))]
     size = (0.9 * len(cols), 1.0 * len(pictures))
     fig, axes = plt.subplots(len(pictures), len(cols), figsize=size, squeeze=False)
@@ -127,8 +153,7 @@ def figure(gm: GenerativeModel, pictures: dict, n: int, per: int, out: Path) -> 
             ax.imshow(x[i].clamp(0, 1).permute(1, 2, 0).numpy())
             ax.set_xticks([]), ax.set_yticks([])
         axes[r, 0].set_ylabel(name.replace("_", " "), fontsize=6, rotation=0, ha="right")
-    fig.suptitle("From objects to samples (image level; columns: three test objects per "
-                 "category)", fontsize=9)  # fmt: skip
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
 

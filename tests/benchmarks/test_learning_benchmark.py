@@ -260,6 +260,49 @@ def test_sample_diagnosis_smoke(tmp_path):
     assert result["mean"]["objects"] >= 0.5  # the backbone knows its own test objects
 
 
+def test_sample_noise_smoke(tmp_path):
+    out = tmp_path / "noise.json"
+    _smoke(BENCH.parent / "sample_noise.py", "--smoke", "--multipliers", "0.1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    rows = result["per_category_share"]
+    expected = {"noise_0", "noise_1", "split_sigma0", "phi_positive_only", "noise_0.1",
+                "low_x0.1", *(f"only_{n}" for n in result["sigma0"])}  # fmt: skip
+    assert expected | {f"{r}_observation_mean" for r in expected} | {
+        "objects", "objects_with_image_sigma0_noise"} == set(rows)  # fmt: skip
+    for row, shares in rows.items():
+        assert len(shares) == len(result["categories"]), row
+        assert all(0.0 <= v <= 1.0 for v in shares), row
+    for level, s in result["residual_split"].items():
+        assert 0.0 <= s["share_phi_zero"] <= 1.0, level
+        # the overall mean square is the two regions' mean squares weighted by their shares
+        mixed = s["share_phi_zero"] * s["rms_phi_zero"] ** 2 + (
+            1 - s["share_phi_zero"]) * s["rms_phi_positive"] ** 2  # fmt: skip
+        assert mixed == pytest.approx(s["rms_all"] ** 2, rel=1e-6), level
+
+
+def test_sample_noise_draws_are_the_model_trace():
+    """Without noise, ``draw``'s image is the model's own trace (``sample(noise=0)`` under
+    ``poutine.condition``) with every site clamped to the drawn ones; its top-level γ follow
+    the model's n-gram table of the category (a χ²-style bound on 4,000 draws)."""
+    from pyro_backpass import GenerativeModel, sample
+
+    gm = GenerativeModel.default()
+    module = _module("sample_noise")
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    image, values = module.draw(gm, labels, lambda name, phi: torch.zeros(()), seed=5)
+    clamp = {s: v for s, v in values.items() if s != "category"}
+    traced = sample(gm, 6, category=labels, clamp=clamp, noise=0.0).td["image"]
+    torch.testing.assert_close(image, traced)
+    top = gm.hidden_levels[-1]
+    n = 4000
+    _, many = module.draw(gm, torch.zeros(n, dtype=torch.long), lambda name, phi: torch.zeros(()),
+                          seed=6)  # fmt: skip
+    table = gm.priors[f"gamma_{top}"].log_probs().exp()[0].double()  # (K,) for category 0
+    freq = torch.bincount(many[f"gamma_{top}"], minlength=table.numel()).double() / n
+    assert ((freq - table).abs() <= 5 * (table * (1 - table) / n).sqrt() + 1e-3).all()
+
+
 def test_the_dpriortop_lever_sets_the_library_priors_on_every_level_with_offsets():
     """``use_offset_priors(top=True)`` puts ``fit_offset_priors``' priors (tested against
     per-object passes in tests/learning) on every level with more than one offset, the top's
@@ -294,6 +337,9 @@ def test_sample_diagnosis_mean_path_is_the_traced_mean_path():
     clamp = {s: v for s, v in drawn.assignment.items() if s != "category"}
     traced = sample(gm, 4, category=labels, clamp=clamp, seed=4, noise=0.0).td["image"]
     torch.testing.assert_close(module.mean_path(gm, labels, drawn.assignment), traced)
+    # started lower, from the trace's own activations of a middle level: the same image
+    mid = sample(gm, 4, category=labels, clamp=clamp, seed=4, noise=0.0).td["pool2"]
+    torch.testing.assert_close(module.mean_path_from(gm, "pool2", mid, drawn.assignment), traced)
 
 
 @pytest.mark.slow  # ~40 s; its functions are exercised by the sample ladder above
