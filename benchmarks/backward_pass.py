@@ -320,6 +320,27 @@ def run(preset: dict, device: torch.device) -> dict:
     }
 
 
+def run_shipped(preset: dict, device: torch.device) -> dict:
+    """The ``--shipped-only`` run: the ``base`` row and the shipped model's row alone, in one
+    process on the same scenes (for re-measuring the shipped model after it changes without
+    re-running every other row)."""
+    k, batch, repeats = preset["k"], preset["batch"], preset["repeats"]
+    bb, gm = build(k, k, device)
+    x = scenes(batch, device)
+    rows = {"base": measure(bb, gm, x, repeats=repeats, device=device, threads=1)}
+    shipped = GenerativeModel.default().to(device)
+    rows["shipped_model"] = measure(bb, shipped, x, repeats=repeats, device=device, threads=1)
+    for name, r in rows.items():
+        print(f"{name:16s} ratio {r['ratio']:7.1f}x", flush=True)
+    return {
+        "machine": machine(),
+        "device": str(device),
+        "model": f"Backbone.default() levels, random kernels, K={k} per level (base); "
+        "GenerativeModel.default() (shipped_model); bu = backbone activations of rendered scenes",
+        "settings": rows,
+    }
+
+
 def markdown_table(result: dict) -> str:
     """The README's table, from a results JSON."""
     lines = ["| setting | greedy (s) | forward (s) | greedy / forward |", "|---|---|---|---|"]
@@ -332,6 +353,8 @@ def markdown_table(result: dict) -> str:
     for name, r in result["settings"].items():
         lines.append(f"| {labels.get(name, name)} | {r['greedy_s']:.3f} | {r['forward_s']:.4f} "
                      f"| {r['ratio']:.1f}× |")  # fmt: skip
+    if "k_top" not in result:  # a --shipped-only run: its two settings rows
+        return "\n".join(lines)
     for kt, r in result["k_top"].items():
         mem = f", peak RSS {r['call_peak_rss_mb']:.0f} MB" if "peak_rss_mb" in r else ""
         lines.append(f"| top-level K = {kt}{mem} | {r['greedy_s']:.3f} | {r['forward_s']:.4f} "
@@ -361,6 +384,11 @@ def main(argv=None) -> None:
     p.add_argument("--compiled-child", nargs=2, metavar=("MODEL", "IMAGES"), help=argparse.SUPPRESS)
     p.add_argument("--plain-child", nargs=2, metavar=("MODEL", "IMAGES"), help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=5, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--shipped-only",
+        action="store_true",
+        help="only the base and shipped-model rows (backward_pass_shipped.json)",
+    )
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     if args.child:
@@ -373,7 +401,12 @@ def main(argv=None) -> None:
         plain_child(*args.plain_child, device, args.repeats)
         return
     suffix = "" if device.type == "cpu" else f"_{device.type}"
-    out = args.out or RESULTS / f"backward_pass{suffix}.json"
+    out = args.out or RESULTS / f"backward_pass{'_shipped' * args.shipped_only}{suffix}.json"
+    if args.shipped_only and not args.table:  # the table: markdown_table's settings rows
+        result = run_shipped(PRESETS["smoke" if args.smoke else "full"], device)
+        atomic_write_json(out, result)
+        print(f"wrote {out}")
+        return
     if args.table:
         print(markdown_table(json.loads(out.read_text())))
         return

@@ -15,7 +15,9 @@ mean IoU. ``--hidden H`` adds a candidate beside the linear ones: an ensemble of
 ``--ensemble`` networks with H hidden ReLU units (``fit_descent_verifier(hidden=H)``). The
 best candidate by validation hit@0.5 (ties: hit@0.3, then the lone objects' IoU) is written to
 ``pyro_backpass/weights/descent_verifier.safetensors`` with ``--ship``.
-Results: ``benchmarks/results/fit_verifier.json``.
+``--score FILE...`` scores existing verifiers (e.g. the shipped file) on the same validation
+examples, for a refit to be compared with what it would replace (with ``--scenes 0
+--objects 0``: only that). Results: ``benchmarks/results/fit_verifier.json``.
 
 Usage: ``python benchmarks/fit_verifier.py --scenes 500 --validation 60 --workers 2 --ship``
 (with lone objects and the ensemble: ``--objects 200 --validation-objects 40 --hidden 64``)
@@ -169,6 +171,10 @@ def main() -> None:
     parser.add_argument("--ensemble", type=int, default=3, help="networks in the ensemble")
     parser.add_argument("--epochs", type=int, default=10, help="the networks' epochs")
     parser.add_argument("--seed", type=int, default=0, help="the networks' first seed")
+    parser.add_argument("--score", type=Path, nargs="*", default=[],
+                        help="verifier files (e.g. the shipped one) scored on the same "
+                             "validation scenes and objects; with --scenes 0 and --objects 0, "
+                             "only that (no fit)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "fit_verifier.json")
     args = parser.parse_args()
@@ -177,7 +183,8 @@ def main() -> None:
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.smoke:
-        args.scenes, args.validation, args.top_k, args.workers = 3, 2, 4, 1
+        args.scenes, args.validation = min(args.scenes, 3), min(args.validation, 2)
+        args.top_k, args.workers = 4, 1
         args.objects = min(args.objects, 2)
         args.validation_objects = min(args.validation_objects, 1)
     # The smoke preset runs the shipped model on a few scenes (no model is trained).
@@ -190,6 +197,24 @@ def main() -> None:
     train_obj = examples("train", args.objects, objects=True, **common)
     val_obj = examples("validation", args.validation_objects, objects=True, **common)
     extract_s = time.perf_counter() - start
+    scored = {}
+    for file in args.score:
+        other = DescentVerifier.load(file)
+        scored[str(file)] = {
+            c: {"validation": choice_quality(other, [e for e in val if e.category == i]),
+                "validation_objects": choice_quality(
+                    other, [e for e in val_obj if e.category == i])}
+            for c, i in ((c, gm.categories.index(c)) for c in args.categories)
+        }  # fmt: skip
+        print(file, scored[str(file)], flush=True)
+    if args.score and not train + train_obj:  # scoring only
+        atomic_write_json(args.out, {
+            "machine": machine(), "threads": 1, "workers": args.workers, "model": model_name,
+            "validation_scenes": args.validation, "validation_objects": args.validation_objects,
+            "top_k": args.top_k, "categories": args.categories,
+            "extract_seconds": round(extract_s, 1), "scored": scored})  # fmt: skip
+        print(f"wrote {args.out}")
+        return
     rows, fits = {}, {}
     # Candidates: a linear verifier per L2 (keys str(l2)) and, with --hidden, the ensemble.
     kinds = {str(l2): dict(l2=l2) for l2 in args.l2}
@@ -230,6 +255,7 @@ def main() -> None:
         "hidden": {k: v for k, v in rows.items() if k not in map(str, args.l2)},
         "hidden_options": {"hidden": args.hidden, "ensemble": args.ensemble,
                            "epochs": args.epochs, "seed": args.seed} if args.hidden else None,
+        "scored": scored,
         "chosen": chosen,
         "chosen_l2": {c: max(args.l2, key=lambda v, c=c: quality(c, str(v)))
                       for c in args.categories},

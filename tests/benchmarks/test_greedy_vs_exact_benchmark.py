@@ -40,6 +40,18 @@ def test_backward_pass_smoke(tmp_path, monkeypatch):
     assert result["settings"]["fresh_process"]["page_faults_per_call"] >= 0
 
 
+def test_backward_pass_shipped_only_smoke(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bp_shipped.json"
+    run_script("backward_pass.py", "--smoke", "--shipped-only", "--device", "cpu", "--out",
+               str(out), monkeypatch=monkeypatch)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert set(result["settings"]) == {"base", "shipped_model"}
+    assert all(r["ratio"] > 0 and r["greedy_s"] > 0 for r in result["settings"].values())
+    run_script("backward_pass.py", "--shipped-only", "--table", "--out", str(out),
+               monkeypatch=monkeypatch)  # fmt: skip
+    assert "shipped model" in capsys.readouterr().out
+
+
 def test_bool_kernels_smoke(tmp_path, monkeypatch):
     out = tmp_path / "bk.json"
     run_script("bool_kernels.py", "--smoke", "--out", str(out), monkeypatch=monkeypatch)

@@ -678,6 +678,22 @@ def test_fit_verifier_smoke(tmp_path):
                 assert 0.0 <= r["verified"]["hit@0.5"] <= r["verified"]["hit@0.3"] <= 1.0
 
 
+def test_fit_verifier_scores_a_saved_verifier_as_its_fit_did(tmp_path):
+    """``--score FILE`` with ``--scenes 0 --objects 0`` (no fit) reads a verifier written by
+    ``--save`` and scores it on the same validation scenes and objects: the numbers of the
+    chosen fit's own row."""
+    fitted, scored, weights = tmp_path / "fit.json", tmp_path / "scored.json", tmp_path / "v.st"
+    _smoke(BENCH.parent / "fit_verifier.py", "--smoke", "--out", str(fitted), "--l2", "1",
+           "--objects", "1", "--validation-objects", "1", "--save", str(weights))  # fmt: skip
+    _smoke(BENCH.parent / "fit_verifier.py", "--smoke", "--out", str(scored), "--scenes", "0",
+           "--objects", "0", "--validation-objects", "1", "--score", str(weights))  # fmt: skip
+    fit, score = json.loads(fitted.read_text()), json.loads(scored.read_text())
+    row = fit["l2"]["1.0"]["airplane"]
+    mine = score["scored"][str(weights)]["airplane"]
+    assert mine["validation"] == row["validation"]
+    assert mine["validation_objects"] == row["validation_objects"]
+
+
 @pytest.mark.slow  # ~15 s: one object per scale, a 100-descent verified pass each
 def test_verified_objects_smoke(tmp_path):
     out = tmp_path / "verified_objects.json"
