@@ -194,7 +194,7 @@ def main() -> None:
              "phi_positive_only", "noise_1")  # fmt: skip
     for row, scale in scales.items():
         image, _ = draw(gm, labels, scale)
-        mean = torch.where(image >= obs.threshold, image, obs.background)
+        mean = obs.distribution(image).mean  # φ where it clears λ, β elsewhere
         rows[row] = share(image)
         rows[f"{row}_observation_mean"] = share(mean)
         for name, x in ((row, image), (f"{row}_observation_mean", mean)):
