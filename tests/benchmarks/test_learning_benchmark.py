@@ -937,3 +937,62 @@ def test_readout_inputs_phi_is_the_top_down_prediction_the_pass_combined():
     for name in ("conv1_1", "pool1"):
         torch.testing.assert_close(maps[f"phi_{name}"], r.td[name])
         assert torch.equal(maps[f"bu_{name}"], s.bu[name])
+
+
+def test_refocus_smoke(tmp_path):
+    out = tmp_path / "refocus.json"
+    _smoke(BENCH.parent / "refocus.py", "--smoke", "--radii", "0", "4", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"none", "0", "4"}
+    for row in result["rows"].values():
+        for key in ("top_clamped", "oracle_view", "alone"):
+            assert 0.0 <= row[key] <= 1.0
+        assert 0.0 <= row["greedy"]["hit@0.5"] <= row["greedy"]["hit@0.3"] <= 1.0
+    errors = result["top_clamped_errors"]
+    assert 0.0 <= errors["precision"] <= 1.0 and 0.0 <= errors["recall"] <= 1.0
+    # without refocus the view is the whole scene: the oracle row is the top-clamped pass
+    assert result["rows"]["none"]["oracle_view"] == result["rows"]["none"]["top_clamped"]
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_refocus_dilation_and_top_pixels_match_brute_force():
+    """``dilate`` is scipy's binary dilation by a square; ``top_pixels`` keeps the n largest
+    values (a full sort)."""
+    from scipy import ndimage
+
+    module = _module("refocus")
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(3, 20, 17, generator=gen) > 0.93
+    for radius in (0, 1, 3):
+        expected = np.stack([ndimage.binary_dilation(m.numpy(),
+                                                     structure=np.ones((2 * radius + 1,) * 2))
+                             for m in masks])  # fmt: skip
+        assert (module.dilate(masks, radius).numpy() == expected).all(), radius
+    logits = torch.randn(1, 9, 11, generator=gen)
+    kept = module.top_pixels(logits, 17)
+    threshold = logits.flatten().sort(descending=True).values[16]
+    assert int(kept.sum()) == 17 and bool((kept == (logits >= threshold)).all())
+
+
+def test_refocus_on_a_region_covering_the_image_is_the_clamped_pass():
+    """A region that covers the whole image shows the scene unchanged: the refocused pass is
+    ``greedy_map`` on the scene with the first pass's category and top level clamped — here
+    the first pass itself (greedy's descent below a top level does not depend on the clamp)."""
+    from pyro_backpass import GenerativeModel, make_scene
+
+    module = _module("refocus")
+    gm = GenerativeModel.default()
+    scene = make_scene(seed=3)
+    bu = module.hidden_bu(gm, scene.image)
+    first = module.greedy_map(gm, bu, category="airplane")
+    again = module.refocus(gm, scene.image, first, radius=64, rounds=2)
+    for site, value in first.assignment.items():
+        torch.testing.assert_close(again.assignment[site], value, msg=site)
+    torch.testing.assert_close(again.mask, first.mask)
+    # a region of the mask alone changes the input below the top, never the clamped top
+    near = module.refocus(gm, scene.image, first, radius=0)
+    top = gm.hidden_levels[-1]
+    for site in ("category", f"gamma_{top}", f"delta_{top}"):
+        assert int(near.assignment[site]) == int(first.assignment[site]), site
+    with pytest.raises(ValueError, match="radius"):
+        module.refocus(gm, scene.image, first, radius=-1)
