@@ -26,7 +26,11 @@ airplane), for each radius:
   readout's logit threshold moved (``threshold_sweep``), and with the mask taken as the
   readout's highest-logit pixels, as many as the true visible mask has (``area_oracle``: what
   a perfect size prior would give); ``drift``: the share of those masks that overlap another
-  object of the scene (any category) more than their own (IoU);
+  object of the scene (any category) more than their own (IoU); ``gate_<level>_<q>``: the mask
+  kept only where F̂ of that level (any channel) exceeds ``q`` × its maximum, repeated up to the
+  mask's size and dilated by 2 pixels; ``compete_<m>``: the mask kept only where its readout
+  logit is within ``m`` of the highest logit of the other objects of the scene, each from its
+  own top-clamped pass with its category (an oracle competition between the scene's objects);
 - ``alone``: mean IoU, against the amodal mask, of each airplane alone on the plain
   background (rung (d)), then refocused — the lever must not cost lone objects.
 
@@ -59,6 +63,8 @@ from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.inference import region_views  # noqa: E402
 from pyro_backpass.learning import mask_iou, own_top_assignment  # noqa: E402
 
+#: Levels whose F̂ gates the top-clamped mask in ``gate_<level>_<q>``.
+GATE_LEVELS: tuple[str, ...] = ("conv2_1", "pool2", "conv3_1", "pool3")
 #: Offsets added to the mask readout's fitted logit threshold in ``threshold_sweep``.
 THRESHOLDS: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 
@@ -118,6 +124,8 @@ def evaluate(gm: GenerativeModel, scenes: list, radii: list[int | None], *, roun
     clamped = {k: [] for k in key}
     oracle = {k: [] for k in key}
     errs = {"precision": [], "recall": [], "area_ratio": [], "area_oracle": [], "drift": []}
+    gates = {(lv, q): [] for lv in GATE_LEVELS if lv in gm.hidden_levels for q in (0.0, 0.5)}
+    compete = {m: [] for m in (0.0, 1.0, 2.0)}
     sweep = {t: [] for t in THRESHOLDS}
     readout = gm.mask_readout
     alone = {k: [] for k in key}
@@ -141,6 +149,14 @@ def evaluate(gm: GenerativeModel, scenes: list, radii: list[int | None], *, roun
         for name, first in firsts.items():
             for k, mask in passes(scene.image, first).items():
                 free[name][k].append([float(mask_iou(mask, i.mask[None])[0]) for i in planes])
+        known = [o for o in scene.instances if o.category in gm.categories and o.mask.any()]
+        own_logits = {}  # each known object's readout logits from its own top-clamped pass
+        if readout is not None:
+            for o in known:
+                g, d = own_top_assignment(gm, gm.backbone, o)
+                r = greedy_map(gm, bu, category=gm.categories.index(o.category),
+                               clamp={f"gamma_{top}": g, f"delta_{top}": d})  # fmt: skip
+                own_logits[id(o)] = readout.logits(r.td, bu)[0]  # (H, W)
         for inst in planes:
             gamma, delta = own_top_assignment(gm, gm.backbone, inst)
             first = greedy_map(gm, bu, category=label,
@@ -163,6 +179,16 @@ def evaluate(gm: GenerativeModel, scenes: list, radii: list[int | None], *, roun
                                                     t[None])[0]))  # fmt: skip
                 errs["area_oracle"].append(float(mask_iou(top_pixels(logits, int(t.sum())),
                                                           t[None])[0]))  # fmt: skip
+                rivals = [own_logits[id(o)] for o in known if o is not inst]
+                best_rival = torch.stack(rivals).amax(0) if rivals else None
+                for margin in compete:
+                    kept = first.mask if best_rival is None else (
+                        first.mask & (logits >= best_rival - margin))  # fmt: skip
+                    compete[margin].append(float(mask_iou(kept, t[None])[0]))
+            for lv, q in gates:
+                x = first.td[lv].amax(dim=1)  # (1, h, w)
+                on = F.interpolate((x > q * x.amax()).float()[:, None], size=t.shape)[:, 0] > 0
+                gates[lv, q].append(float(mask_iou(first.mask & dilate(on, 2), t[None])[0]))
             for k, r in zip(key, radii, strict=True):
                 view = scene.image if r is None else region_views(
                     scene.image, dilate(inst.mask[None], r))[0]  # fmt: skip
@@ -182,8 +208,10 @@ def evaluate(gm: GenerativeModel, scenes: list, radii: list[int | None], *, roun
         for name, by_radius in free.items():
             rows[k][name] = _row(by_radius[k])
     diagnosis = {k: statistics.mean(v) for k, v in errs.items() if v}
+    diagnosis.update({f"gate_{lv}_{q:g}": statistics.mean(v) for (lv, q), v in gates.items()})
     if readout is not None:
         diagnosis["threshold_sweep"] = {f"{th:+g}": statistics.mean(v) for th, v in sweep.items()}
+        diagnosis.update({f"compete_{m:g}": statistics.mean(v) for m, v in compete.items()})
     return {"scenes": n, "airplanes": len(clamped[key[0]]), "rows": rows,
             "top_clamped_errors": diagnosis}  # fmt: skip
 
