@@ -54,6 +54,7 @@ from pyro_backpass.inference import (
     greedy_map,
     joint_states,
     log_joint,
+    refine_mask,
     sample,
     verified_map,
 )
@@ -192,6 +193,7 @@ __all__ = [
     "plot_overlay",
     "plot_reconstruction",
     "plot_samples",
+    "refine_mask",
     "render_object",
     "run_parse",
     "sample",

@@ -17,6 +17,7 @@ from pyro_backpass.inference.hypotheses import (
 )
 from pyro_backpass.inference.inputs import MapInputs, check_map_inputs
 from pyro_backpass.inference.lower_choice import lower_completions, lower_levels, lower_sites
+from pyro_backpass.inference.mask_refine import MAX_CRF_PIXELS, colour_crf, refine_mask
 from pyro_backpass.inference.objective import (
     freeze_priors,
     full_res_level,
@@ -40,6 +41,7 @@ from pyro_backpass.inference.verification import (
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "DEFAULT_MAX_MEMORY",
+    "MAX_CRF_PIXELS",
     "MapInputs",
     "READ_LEVELS",
     "background_log_likelihood",
@@ -48,6 +50,7 @@ __all__ = [
     "chunk_bytes",
     "closed_form_td",
     "closed_form_with",
+    "colour_crf",
     "default_verifier",
     "descent_features",
     "exact_map",
@@ -65,6 +68,7 @@ __all__ = [
     "object_mask",
     "potts_energy",
     "potts_grid_map",
+    "refine_mask",
     "region_views",
     "sample",
     "select",
