@@ -996,3 +996,14 @@ def test_refocus_on_a_region_covering_the_image_is_the_clamped_pass():
         assert int(near.assignment[site]) == int(first.assignment[site]), site
     with pytest.raises(ValueError, match="radius"):
         module.refocus(gm, scene.image, first, radius=-1)
+
+
+def test_mask_crf_smoke(tmp_path):
+    out = tmp_path / "crf.json"
+    _smoke(BENCH.parent / "mask_crf.py", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"none", result["best_by_top_clamped"]}
+    for row in result["rows"].values():
+        assert 0.0 <= row["top_clamped"] <= 1.0 and 0.0 <= row["alone"] <= 1.0
+        assert 0.0 <= row["greedy"]["hit@0.5"] <= row["greedy"]["hit@0.3"] <= 1.0
+    assert out.with_suffix(".png").stat().st_size > 0

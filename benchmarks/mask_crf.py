@@ -1,0 +1,188 @@
+"""Issue #10, a lever on the pass's mask: a colour-bilateral mean-field CRF
+(:func:`~pyro_backpass.refine_mask`) whose unary term is the mask readout's logit — does
+snapping the mask to colour edges stop it spilling onto the objects that touch it?
+
+On cluttered scenes of one split (2–3 airplanes, distractors, clutter; category clamped to
+airplane), for the pass's own mask (``none``) and for each CRF setting
+(``s<spatial>_c<colour>_w<weight>``):
+
+- ``top_clamped``: mean IoU, against each airplane's visible mask, of the pass with the top
+  level clamped to the airplane's own E-step assignment (rung (b) of the oracle ladder);
+- ``greedy`` / ``verified``: the first pass of :func:`~pyro_backpass.greedy_map` /
+  :func:`~pyro_backpass.verified_map` (the shipped verifier): share of scenes with IoU ≥ 0.5 /
+  ≥ 0.3 with one of the airplanes, and the pass's mean best IoU;
+- ``alone``: mean IoU, against the amodal mask, of each airplane alone on the plain background
+  (rung (d));
+- ``objects``: mean mask IoU of ``--objects`` lone rendered objects a category of the split,
+  category given (the single-object metric of ``learning.py``).
+
+``--grid`` measures every setting of the grid (choose on ``--split validation`` by
+``top_clamped``); otherwise the one given by ``--spatial --colour --weight`` (the library's
+defaults unless given). One thread. Writes ``benchmarks/results/mask_crf_<split>.json`` and,
+beside it, a figure of three scenes' verified masks before and after.
+
+Usage: ``python benchmarks/mask_crf.py --split validation --grid`` then
+``python benchmarks/mask_crf.py --split test --scenes 40``
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, hidden_bu, learned_model, machine, rendered_objects  # noqa: E402
+
+from pyro_backpass import GenerativeModel, Scenes, greedy_map, verified_map  # noqa: E402
+from pyro_backpass.data import split_seed  # noqa: E402
+from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
+from pyro_backpass.inference import colour_crf  # noqa: E402
+from pyro_backpass.learning import mask_iou, own_top_assignment  # noqa: E402
+
+GRID = {"spatial": (4.0, 8.0), "colour": (0.02, 0.05), "weight": (3.0,)}
+
+
+def setting_name(spatial: float, colour: float, weight: float) -> str:
+    return f"s{spatial:g}_c{colour:g}_w{weight:g}"
+
+
+@torch.no_grad()
+def collect(gm: GenerativeModel, scenes: list, *, verified: bool, objects: int = 0,
+            split: str = "validation") -> dict:  # fmt: skip
+    """Every mask the benchmark refines, as (unary ``(1, H, W)``, image ``(3, H, W)``, true
+    masks ``(n, H, W)``) per measurement: the readout's logit minus its threshold for each pass."""
+    top = gm.hidden_levels[-1]
+    readout = gm.mask_readout
+    airplane = gm.categories.index("airplane")
+    out = {"top_clamped": [], "alone": [], "greedy": [], "verified": [], "objects": []}
+
+    def unary(result, bu) -> torch.Tensor:
+        return readout.logits(result.td, bu) - readout.threshold
+
+    for scene in tqdm(scenes, desc="passes", leave=False):
+        planes = [i for i in scene.instances if i.category == "airplane" and i.mask.any()]
+        if not planes:
+            continue
+        bu = hidden_bu(gm, scene.image)
+        truth = torch.stack([i.mask for i in planes])
+        out["greedy"].append((unary(greedy_map(gm, bu, category=airplane), bu), scene.image, truth))
+        if verified:
+            found = verified_map(gm, bu, category=airplane)
+            out["verified"].append((unary(found, bu), scene.image, truth))
+        for inst in planes:
+            gamma, delta = own_top_assignment(gm, gm.backbone, inst)
+            first = greedy_map(gm, bu, category=airplane,
+                               clamp={f"gamma_{top}": gamma, f"delta_{top}": delta})  # fmt: skip
+            out["top_clamped"].append((unary(first, bu), scene.image, inst.mask[None]))
+            lone_bu = hidden_bu(gm, inst.image_alone)
+            lone = greedy_map(gm, lone_bu, category=airplane)
+            out["alone"].append((unary(lone, lone_bu), inst.image_alone, inst.amodal_mask[None]))
+    if objects:
+        images, masks, labels = rendered_objects(gm, objects, split)
+        for image, mask, label in zip(images, masks, labels, strict=True):
+            bu = hidden_bu(gm, image)
+            out["objects"].append((unary(greedy_map(gm, bu, category=int(label)), bu), image,
+                                   mask[None]))  # fmt: skip
+    return out
+
+
+def score(masks: dict, setting: dict | None) -> dict:
+    """The module docstring's row for one CRF ``setting`` (None: the readout's own mask)."""
+
+    def refine(u: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return u > 0 if setting is None else colour_crf(u, image, **setting) > 0.5
+
+    row = {}
+    for key in ("top_clamped", "alone", "objects"):
+        if not masks[key]:
+            continue
+        row[key] = statistics.mean(float(mask_iou(refine(u, im), t)[0]) for u, im, t in masks[key])
+    for key in ("greedy", "verified"):
+        if not masks[key]:
+            continue
+        ious = [mask_iou(refine(u, im).expand_as(t), t) for u, im, t in masks[key]]
+        row[key] = {"hit@0.5": statistics.mean(float(v.max() >= 0.5) for v in ious),
+                    "hit@0.3": statistics.mean(float(v.max() >= 0.3) for v in ious),
+                    "best_iou": statistics.mean(float(v.mean()) for v in ious)}  # fmt: skip
+    return row
+
+
+def figure(masks: dict, setting: dict, path: Path) -> None:
+    """Three scenes' verified (else greedy) masks: the scene, the readout's mask, the CRF's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = (masks["verified"] or masks["greedy"])[:3]
+    fig, axes = plt.subplots(len(rows), 4, figsize=(8, 2 * len(rows)), squeeze=False)
+    for r, (u, image, truth) in enumerate(rows):
+        before, after = u[0] > 0, colour_crf(u, image, **setting)[0] > 0.5
+        iou = [float(mask_iou(m[None].expand_as(truth), truth).max()) for m in (before, after)]
+        panels = [(image.permute(1, 2, 0).clamp(0, 1), "scene"),
+                  (truth.any(0), "airplanes' visible masks"),
+                  (before, f"pass's mask (IoU {iou[0]:.2f})"),
+                  (after, f"CRF (IoU {iou[1]:.2f})")]  # fmt: skip
+        for c, (x, title) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(x.float().numpy(), **({} if x.dim() == 3 else {"cmap": "gray"}))
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
+    parser.add_argument("--split", choices=("validation", "test"), default="validation")
+    parser.add_argument("--scenes", type=int, default=60)
+    parser.add_argument("--grid", action="store_true", help="every setting of GRID")
+    parser.add_argument("--objects", type=int, default=0, help="lone objects a category")
+    parser.add_argument("--spatial", type=float, default=8.0)
+    parser.add_argument("--colour", type=float, default=0.05)
+    parser.add_argument("--weight", type=float, default=3.0)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.scenes < 1 or args.objects < 0:
+        raise SystemExit("--scenes must be >= 1 and --objects >= 0")
+    torch.set_num_threads(1)
+    gm, model_name = learned_model(smoke=args.smoke, path=args.model)
+    if getattr(gm, "mask_readout", None) is None:
+        raise SystemExit(f"{model_name} has no mask readout: the CRF's unary term is its logit")
+    verified = not (args.smoke or args.model is not None)
+    scenes = list(Scenes(2 if args.smoke else args.scenes, seed=split_seed(args.split)))
+    start = time.perf_counter()
+    masks = collect(gm, scenes, verified=verified, objects=1 if args.smoke else args.objects,
+                    split=args.split)  # fmt: skip
+    if args.grid:
+        settings = [dict(zip(GRID, v, strict=True)) for v in itertools.product(*GRID.values())]
+    else:
+        settings = [{"spatial": args.spatial, "colour": args.colour, "weight": args.weight}]
+    rows = {"none": score(masks, None)}
+    for setting in tqdm(settings, desc="CRF settings", leave=False):
+        rows[setting_name(**setting)] = {**setting, **score(masks, setting)}
+    best = max(settings, key=lambda s: rows[setting_name(**s)]["top_clamped"])
+    out = args.out or RESULTS / f"mask_crf_{args.split}.json"
+    atomic_write_json(out, {"machine": machine(), "threads": 1, "model": model_name,
+                            "split": args.split, "scenes": len(masks["greedy"]),
+                            "airplanes": len(masks["top_clamped"]), "rows": rows,
+                            "best_by_top_clamped": setting_name(**best),
+                            "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
+    figure(masks, best, out.with_suffix(".png"))
+    for name, row in rows.items():
+        print(name, row, flush=True)
+    print(f"best by top_clamped: {setting_name(**best)}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
