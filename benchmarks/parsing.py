@@ -504,7 +504,7 @@ def add_verified_sensitivity(out: Path, *, top_k: int, n_sens: int, model: Path 
 def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
             verified_top_k: int | None = None, plain_criterion: bool = False,
             split: str = "test", verifier_file: Path | None = None,
-            name: str | None = None) -> dict:  # fmt: skip
+            name: str | None = None, refine: bool = False) -> dict:  # fmt: skip
     """``ours_beam<B>``: ``parse_scene(gm, image, beam=B)`` on the same test scenes, the stop
     criterion as shipped; or ``ours_verified<K>``: ``run_parse(gm, image, top_k=K,
     verifier=DescentVerifier.shipped())``, each step's K modes ranked by the shipped verifier
@@ -514,10 +514,12 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
     ``split`` "validation" parses as many of that split's parse scenes instead (used to compare
     verifiers without the test scenes; ``out`` is then made if missing); ``verifier_file``: that
     verifier instead of the shipped one (its criterion is the plain parse's unless a shipped
-    record names its fingerprint); ``name``: the row's key."""
+    record names its fingerprint); ``name``: the row's key; ``refine``: every instance's masks
+    refined by the colour CRF (``run_parse(..., refine_masks=True)``; the row's key gains
+    ``_crf``)."""
     import json
 
-    from pyro_backpass import DescentVerifier, parse_scene
+    from pyro_backpass import DescentVerifier
     from pyro_backpass.parsing import run_parse
 
     if not out.is_file() and split == "test":
@@ -526,15 +528,16 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
     gm, _ = learned_model(smoke=False, path=model)
     test = parse_scenes(split, n_test)
     if verified_top_k is None:
-        name = name or f"ours_beam{beam}"
+        name = name or f"ours_beam{beam}" + ("_crf" if refine else "")
 
         def parse(image):
-            return parse_scene(gm, image, beam=beam)
+            return run_parse(gm, image, beam=beam, refine_masks=refine)
     else:
         from pyro_backpass.parsing import default_threshold
 
         name = name or (f"ours_verified{verified_top_k}"
-                        + ("_plain_criterion" if plain_criterion else ""))  # fmt: skip
+                        + ("_plain_criterion" if plain_criterion else "")
+                        + ("_crf" if refine else ""))  # fmt: skip
         verifier = (DescentVerifier.shipped() if verifier_file is None
                     else DescentVerifier.load(verifier_file))  # fmt: skip
         if verifier is None:
@@ -544,7 +547,8 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
 
         def parse(image):
             return run_parse(gm, image, beam=beam, top_k=verified_top_k, verifier=verifier,
-                             criterion=stop["criterion"], threshold=stop["threshold"])  # fmt: skip
+                             criterion=stop["criterion"], threshold=stop["threshold"],
+                             refine_masks=refine)  # fmt: skip
 
     t = time.perf_counter()
     with torch.no_grad():
@@ -602,6 +606,8 @@ def main() -> None:
         help="with --verified-row: this DescentVerifier file, not the shipped",
     )
     parser.add_argument("--row-name", default=None, help="the added row's key")
+    parser.add_argument("--refine", action="store_true",
+                        help="with --beam-row/--verified-row: CRF-refined masks")  # fmt: skip
     parser.add_argument("--verified-sensitivity", type=int, default=None, metavar="K",
                         help="only add the class sensitivity of verified_map(..., top_k=K) to "
                              "the row ours_verified<K> of --out")  # fmt: skip
@@ -620,7 +626,7 @@ def main() -> None:
                 plain_criterion=args.plain_criterion,
                 n_test=2 if args.smoke else args.test, model=args.model,
                 split=args.row_split, verifier_file=args.verifier,
-                name=args.row_name)  # fmt: skip
+                name=args.row_name, refine=args.refine)  # fmt: skip
         return
     torch.set_num_threads(1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pyro_backpass.backbone.activations import downsample_mask
+from pyro_backpass.inference.mask_refine import colour_crf
 from pyro_backpass.inference.verification import check_verifier
 from pyro_backpass.parsing.candidates import (
     Candidate,
@@ -178,6 +179,7 @@ def run_parse(
     top_k: int = DEFAULT_TOP_K,
     mode_masks: bool = False,
     verifier: DescentVerifier | None = None,
+    refine_masks: bool = False,
 ) -> SceneParse:
     """:func:`parse_scene` with the criterion's knobs:
 
@@ -200,11 +202,17 @@ def run_parse(
       on verified parses (``parse_threshold_verified.json``, see
       :func:`.threshold.default_threshold`); otherwise the plain parse's. None: rank by the
       log-likelihood ratio.
+    - ``refine_masks``: each found instance's masks are the mask readout's refined by the
+      colour-bilateral CRF of :func:`~pyro_backpass.refine_mask` in its view (issue #10's
+      option; the step's choice, its stop statistic and the explaining away are unchanged,
+      the refined mask is what the instance reports and what later steps' visible masks
+      exclude). Needs a model with a mask readout.
     """
     return parse_scenes(
         gm, [image], max_objects=max_objects, query=query, beam=beam, scales=scales,
         backbone=backbone, threshold=threshold, criterion=criterion, explain=explain,
         background=background, top_k=top_k, mode_masks=mode_masks, verifier=verifier,
+        refine_masks=refine_masks,
     )[0]  # fmt: skip
 
 
@@ -224,6 +232,7 @@ def parse_scenes(
     top_k: int = DEFAULT_TOP_K,
     mode_masks: bool = False,
     verifier: DescentVerifier | None = None,
+    refine_masks: bool = False,
 ) -> list[SceneParse]:
     """:func:`run_parse` of many images at once: one :class:`SceneParse` per image, each what
     :func:`parse_scene` gives for that image alone (up to floating-point rounding of batched
@@ -275,7 +284,7 @@ def parse_scenes(
     return _parse(gm, scenes, max_objects=max_objects, query=query, beam=beam,
                   threshold=threshold, criterion=criterion, explain=explain, background=background,
                   top_k=top_k, mode_masks=mode_masks, verifier=verifier,
-                  classifier=backbone)  # fmt: skip
+                  refine_masks=refine_masks, classifier=backbone)  # fmt: skip
 
 
 def parse_activations(
@@ -293,6 +302,7 @@ def parse_activations(
     top_k: int = DEFAULT_TOP_K,
     mode_masks: bool = False,
     verifier: DescentVerifier | None = None,
+    refine_masks: bool = False,
 ) -> SceneParse:
     """:func:`run_parse` on given bottom-up activations of one model-sized input (level →
     ``(1, C, H, W)``, e.g. built from the model's own top-down activations in tests), no scan.
@@ -309,7 +319,7 @@ def parse_activations(
     return _parse(gm, [(img, [view], bu0)], max_objects=max_objects, query=query, beam=beam,
                   threshold=threshold, criterion=criterion, explain=explain, background=background,
                   top_k=top_k, mode_masks=mode_masks, verifier=verifier,
-                  classifier=gm.backbone)[0]  # fmt: skip
+                  refine_masks=refine_masks, classifier=gm.backbone)[0]  # fmt: skip
 
 
 @dataclass
@@ -341,6 +351,7 @@ def _parse(
     top_k: int,
     mode_masks: bool = False,
     verifier: DescentVerifier | None = None,
+    refine_masks: bool = False,
     classifier: Backbone | None = None,
 ) -> list[SceneParse]:
     """The parse loop of a batch of images ``(image (3, H, W), views, bottom-up maps level →
@@ -355,6 +366,8 @@ def _parse(
         raise TypeError(f"query must be a pyro_backpass.parsing.Query, got {type(query).__name__}")
     if verifier is not None:
         _check_verifier(gm, verifier, query)
+    if refine_masks and getattr(gm, "mask_readout", None) is None:
+        raise ValueError("refine_masks needs a model with a mask readout (the CRF's unary term)")
     fitted = default_threshold(gm, verifier=verifier, top_k=top_k)
     threshold = fitted["threshold"] if threshold is None else float(threshold)
     criterion = fitted["criterion"] if criterion is None else criterion
@@ -458,7 +471,9 @@ def _parse(
             s.paths = [
                 p
                 if c is None
-                else _extend(gm, p, c, s, score=score, how=how, thresholds=thresholds)
+                else _extend(
+                    gm, p, c, s, score=score, how=how, thresholds=thresholds, refine=refine_masks
+                )  # fmt: skip
                 for score, p, c in ranked[:beam]
             ]
         step += 1
@@ -624,9 +639,12 @@ def _choose(
 
 def _extend(
     gm: GenerativeModel, p: _Path, c: Candidate, s: _Scene, *, score: float, how: str,
-    thresholds: dict[str, float],
+    thresholds: dict[str, float], refine: bool = False,
 ) -> _Path:  # fmt: skip
-    """A new path: ``p`` with candidate ``c`` as its next instance, explained away."""
+    """A new path: ``p`` with candidate ``c`` as its next instance, explained away; with
+    ``refine``, its masks are the readout's refined by the colour CRF in its view
+    (:func:`~pyro_backpass.inference.colour_crf`; the step's choice and stop statistic are
+    made before, on the readout's mask)."""
     v, views, (height, width) = c.view, s.views, s.size
     bu = {n: x.clone() for n, x in p.bu.items()}
     observed = {n: m.clone() for n, m in p.observed.items()}
@@ -643,6 +661,11 @@ def _extend(
             if name in observed:
                 observed[name][others] = observed[name][others] & ~m
     amodal = c.amodal
+    if refine:
+        readout = gm.mask_readout
+        unary = readout.logits(c.td, c.bu, c.obs) - readout.threshold  # (1, S, S)
+        crf = colour_crf(unary, views[v].image.to(unary.device)) > 0.5
+        amodal = views[v].to_image(crf[0].cpu(), height, width)
     visible = amodal & ~p.claimed
     if s.occluder is not None:
         visible = visible & ~s.occluder

@@ -42,6 +42,18 @@ def test_parsing_benchmark_smoke(tmp_path):
     assert "recall_iou50" in table.stdout and "ours_beam2" in table.stdout
 
 
+def test_refined_row_is_added(tmp_path):
+    """``--beam-row 1 --refine``: the parse with CRF-refined masks, as row ``ours_beam1_crf``."""
+    out = tmp_path / "parsing.json"
+    out.write_text("{}")
+    args = ["--smoke", "--beam-row", "1", "--refine", "--out", str(out)]
+    run = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads(out.read_text())["ours_beam1_crf"]
+    assert row["beam"] == 1 and row["scenes"] == 2 and 0.0 <= row["recall_iou50"] <= 1.0
+
+
 def load_benchmark():
     spec = importlib.util.spec_from_file_location("parsing_benchmark", BENCH)
     module = importlib.util.module_from_spec(spec)
