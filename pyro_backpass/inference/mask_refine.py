@@ -66,7 +66,12 @@ def colour_crf(
     for name, value in (("spatial", spatial), ("colour", colour)):
         if not value > 0:
             raise ValueError(f"{name} bandwidth must be > 0, got {value!r}")
-    if not weight >= 0 or isinstance(iterations, bool) or iterations < 0:
+    if (
+        not weight >= 0
+        or isinstance(iterations, bool)
+        or not isinstance(iterations, int)
+        or (iterations < 0)
+    ):
         raise ValueError(f"weight must be >= 0 and iterations >= 0, got {weight!r}, {iterations!r}")
     if not bool(torch.isfinite(unary).all()) or not bool(torch.isfinite(image).all()):
         raise ValueError("colour_crf: unary and image must be finite")

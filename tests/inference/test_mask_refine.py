@@ -81,6 +81,8 @@ def test_clear_errors():
         colour_crf(torch.zeros(4, 4), image)
     with pytest.raises(ValueError, match="spatial bandwidth"):
         colour_crf(unary, image, spatial=0.0)
+    with pytest.raises(ValueError, match="iterations"):
+        colour_crf(unary, image, iterations=2.5)
     with pytest.raises(ValueError, match="finite"):
         colour_crf(torch.full((1, 4, 4), float("nan")), image)
     with pytest.raises(ValueError, match="up to"):
