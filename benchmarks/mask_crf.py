@@ -43,7 +43,7 @@ from common import RESULTS, hidden_bu, learned_model, machine, rendered_objects 
 from pyro_backpass import GenerativeModel, Scenes, greedy_map, verified_map  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
-from pyro_backpass.inference import colour_crf  # noqa: E402
+from pyro_backpass.inference import colour_crf, readout_unary  # noqa: E402
 from pyro_backpass.learning import mask_iou, own_top_assignment  # noqa: E402
 
 GRID = {"spatial": (4.0, 8.0), "colour": (0.02, 0.05), "weight": (3.0,)}
@@ -59,12 +59,11 @@ def collect(gm: GenerativeModel, scenes: list, *, verified: bool, objects: int =
     """Every mask the benchmark refines, as (unary ``(1, H, W)``, image ``(3, H, W)``, true
     masks ``(n, H, W)``) per measurement: the readout's logit minus its threshold for each pass."""
     top = gm.hidden_levels[-1]
-    readout = gm.mask_readout
     airplane = gm.categories.index("airplane")
     out = {"top_clamped": [], "alone": [], "greedy": [], "verified": [], "objects": []}
 
     def unary(result, bu) -> torch.Tensor:
-        return readout.logits(result.td, bu) - readout.threshold
+        return readout_unary(gm, result.td, bu)
 
     for scene in tqdm(scenes, desc="passes", leave=False):
         planes = [i for i in scene.instances if i.category == "airplane" and i.mask.any()]

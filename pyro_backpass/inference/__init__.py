@@ -17,7 +17,13 @@ from pyro_backpass.inference.hypotheses import (
 )
 from pyro_backpass.inference.inputs import MapInputs, check_map_inputs
 from pyro_backpass.inference.lower_choice import lower_completions, lower_levels, lower_sites
-from pyro_backpass.inference.mask_refine import MAX_CRF_PIXELS, colour_crf, refine_mask
+from pyro_backpass.inference.mask_refine import (
+    MAX_CRF_PIXELS,
+    colour_crf,
+    crf_mask,
+    readout_unary,
+    refine_mask,
+)
 from pyro_backpass.inference.objective import (
     freeze_priors,
     full_res_level,
@@ -51,6 +57,7 @@ __all__ = [
     "closed_form_td",
     "closed_form_with",
     "colour_crf",
+    "crf_mask",
     "default_verifier",
     "descent_features",
     "exact_map",
@@ -68,6 +75,7 @@ __all__ = [
     "object_mask",
     "potts_energy",
     "potts_grid_map",
+    "readout_unary",
     "refine_mask",
     "region_views",
     "sample",

@@ -28,7 +28,7 @@ import torch
 from pyro_backpass.model import GenerativeModel
 from pyro_backpass.results import MapResult
 
-__all__ = ["MAX_CRF_PIXELS", "colour_crf", "refine_mask"]
+__all__ = ["MAX_CRF_PIXELS", "colour_crf", "crf_mask", "readout_unary", "refine_mask"]
 
 #: The dense kernel holds (H·W)² floats: masks up to 96 × 96 pixels (340 MB in float32).
 MAX_CRF_PIXELS = 96 * 96
@@ -92,7 +92,44 @@ def colour_crf(
     return torch.stack(out)
 
 
+def readout_unary(
+    gm: GenerativeModel,
+    td: Mapping[str, torch.Tensor],
+    bu: Mapping[str, torch.Tensor] | None = None,
+    observed: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``(B, H, W)``: the CRF's unary term, the model's mask readout's logits of F̂ ``td`` (and
+    ``bu``, if it ``reads_input``) minus its threshold (> 0 where the readout's mask is on)."""
+    readout = getattr(gm, "mask_readout", None)
+    if readout is None:
+        raise ValueError(
+            "refine_mask needs a model with a mask readout (its logits are the CRF's unary "
+            "term); this model's mask is the threshold rule"
+        )
+    return readout.logits(td, bu, observed) - readout.threshold
+
+
 @torch.no_grad()
+def crf_mask(
+    gm: GenerativeModel,
+    td: Mapping[str, torch.Tensor],
+    bu: Mapping[str, torch.Tensor] | None,
+    image: torch.Tensor,
+    *,
+    observed: Mapping[str, torch.Tensor] | None = None,
+    spatial: float = 8.0,
+    colour: float = 0.05,
+    weight: float = 3.0,
+    iterations: int = 5,
+) -> torch.Tensor:
+    """``(B, H, W)`` bool: the mask of F̂ ``td`` refined by :func:`colour_crf` on ``image``,
+    the unary term :func:`readout_unary` (what :func:`refine_mask` does for a pass's result;
+    the parser calls it on each found instance's F̂)."""
+    unary = readout_unary(gm, td, bu, observed)
+    return colour_crf(unary, image.to(unary.device), spatial=spatial, colour=colour,
+                      weight=weight, iterations=iterations) > 0.5  # fmt: skip
+
+
 def refine_mask(
     gm: GenerativeModel,
     result: MapResult,
@@ -123,13 +160,5 @@ def refine_mask(
         result = greedy_map(gm, bu, category="airplane")
         mask = refine_mask(gm, result, bu, scene.image)  # (1, 64, 64)
     """
-    readout = getattr(gm, "mask_readout", None)
-    if readout is None:
-        raise ValueError(
-            "refine_mask needs a model with a mask readout (its logits are the CRF's unary "
-            "term); this model's mask is the threshold rule"
-        )
-    bu = {name: bu[name] for name in readout.level_names if name in bu}
-    unary = readout.logits(result.td, bu, observed) - readout.threshold
-    return colour_crf(unary, image.to(unary.device), spatial=spatial, colour=colour,
-                      weight=weight, iterations=iterations) > 0.5  # fmt: skip
+    return crf_mask(gm, result.td, bu, image, observed=observed, spatial=spatial,
+                    colour=colour, weight=weight, iterations=iterations)  # fmt: skip

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pyro_backpass.backbone.activations import downsample_mask
-from pyro_backpass.inference.mask_refine import colour_crf
+from pyro_backpass.inference.mask_refine import crf_mask
 from pyro_backpass.inference.verification import check_verifier
 from pyro_backpass.parsing.candidates import (
     Candidate,
@@ -643,7 +643,7 @@ def _extend(
 ) -> _Path:  # fmt: skip
     """A new path: ``p`` with candidate ``c`` as its next instance, explained away; with
     ``refine``, its masks are the readout's refined by the colour CRF in its view
-    (:func:`~pyro_backpass.inference.colour_crf`; the step's choice and stop statistic are
+    (:func:`~pyro_backpass.inference.crf_mask`; the step's choice and stop statistic are
     made before, on the readout's mask)."""
     v, views, (height, width) = c.view, s.views, s.size
     bu = {n: x.clone() for n, x in p.bu.items()}
@@ -662,9 +662,7 @@ def _extend(
                 observed[name][others] = observed[name][others] & ~m
     amodal = c.amodal
     if refine:
-        readout = gm.mask_readout
-        unary = readout.logits(c.td, c.bu, c.obs) - readout.threshold  # (1, S, S)
-        crf = colour_crf(unary, views[v].image.to(unary.device)) > 0.5
+        crf = crf_mask(gm, c.td, c.bu, views[v].image, observed=c.obs)  # (1, S, S)
         amodal = views[v].to_image(crf[0].cpu(), height, width)
     visible = amodal & ~p.claimed
     if s.occluder is not None:
