@@ -66,7 +66,7 @@ def _as_scene(category: str, item: tuple) -> SimpleNamespace:
 
 def _examples(args: tuple, gm=None) -> list:
     """One worker's examples: scenes (or lone objects) ``indices`` of ``split`` (one thread)."""
-    split, n, indices, top_k, categories, objects, model, progress = args
+    split, n, indices, top_k, categories, objects, model, progress, refine = args
     torch.set_num_threads(1)
     if gm is None:
         gm, _ = learned_model(smoke=False, path=model)
@@ -76,15 +76,17 @@ def _examples(args: tuple, gm=None) -> list:
     else:
         scenes = Scenes(n, seed=split_seed(split))
         items = [scenes[i] for i in indices]
-    return descent_examples(gm, items, top_k=top_k, categories=categories, progress=progress)
+    return descent_examples(gm, items, top_k=top_k, categories=categories, progress=progress,
+                            refine=refine)  # fmt: skip
 
 
 def examples(split: str, n: int, *, gm, workers: int, top_k: int, categories, model,
-             cache: Path | None, objects: bool = False) -> list:  # fmt: skip
+             cache: Path | None, objects: bool = False, refine: bool = False) -> list:  # fmt: skip
     """Every category's examples on ``n`` scenes (``objects``: lone objects per category) of
     ``split``; with ``cache``, each category's are read from (or written to)
-    ``cache/<model>/<split>_[objects_]<category>_n<n>_k<top_k>.pt``, ``<model>`` the start of
-    the model's and backbone's fingerprint (descents of another model are never read)."""
+    ``cache/<model>/<split>_[objects_]<category>_n<n>_k<top_k>[_crf].pt``, ``<model>`` the
+    start of the model's and backbone's fingerprint (descents of another model are never read);
+    ``refine``: the descents' masks are the colour CRF's (``_crf``)."""
     out = []
     if n <= 0:
         return out
@@ -92,7 +94,8 @@ def examples(split: str, n: int, *, gm, workers: int, top_k: int, categories, mo
         cache = cache / verifier_fingerprint(gm)[:16]
     for category in categories:
         stem = f"{split}_objects_{category}" if objects else f"{split}_{category}"
-        path = None if cache is None else cache / f"{stem}_n{n}_k{top_k}.pt"
+        tail = f"_k{top_k}_crf" if refine else f"_k{top_k}"
+        path = None if cache is None else cache / f"{stem}_n{n}{tail}.pt"
         if path is not None and path.is_file():
             out += [VerifierExample(**e) for e in torch.load(path)]
             continue
@@ -100,14 +103,14 @@ def examples(split: str, n: int, *, gm, workers: int, top_k: int, categories, mo
         mine, n0 = [], 0
         if cache is not None:
             done = sorted((int(f.stem.split("_n")[-1].split("_")[0]), f)
-                          for f in cache.glob(f"{stem}_n*_k{top_k}.pt"))  # fmt: skip
+                          for f in cache.glob(f"{stem}_n*{tail}.pt"))  # fmt: skip
             done = [(m, f) for m, f in done if m < n]
             if done:
                 n0, f = done[-1]
                 mine = [VerifierExample(**e) for e in torch.load(f)]
                 print(f"{split} {category}: {n0} scenes' descents from {f}", flush=True)
         parts = [list(range(n0 + w, n, workers)) for w in range(workers)]
-        jobs = [(split, n, p, top_k, [category], objects, model, w == 0)
+        jobs = [(split, n, p, top_k, [category], objects, model, w == 0, refine)
                 for w, p in enumerate(parts) if p]  # fmt: skip
         if workers == 1:
             mine += _examples(jobs[0], gm)
@@ -175,6 +178,9 @@ def main() -> None:
                         help="verifier files (e.g. the shipped one) scored on the same "
                              "validation scenes and objects; with --scenes 0 and --objects 0, "
                              "only that (no fit)")  # fmt: skip
+    parser.add_argument("--refine", action="store_true",
+                        help="the descents' masks (features and hits) are the colour "
+                             "CRF's, for a verifier that chooses by refined masks")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "fit_verifier.json")
     args = parser.parse_args()
@@ -190,7 +196,7 @@ def main() -> None:
     # The smoke preset runs the shipped model on a few scenes (no model is trained).
     gm, model_name = learned_model(smoke=False, path=args.model)
     common = dict(gm=gm, workers=args.workers, top_k=args.top_k, categories=args.categories,
-                  model=args.model, cache=args.cache)  # fmt: skip
+                  model=args.model, cache=args.cache, refine=args.refine)  # fmt: skip
     start = time.perf_counter()
     train = examples("train", args.scenes, **common)
     val = examples("validation", args.validation, **common)
@@ -248,7 +254,7 @@ def main() -> None:
         "machine": machine(), "threads": 1, "workers": args.workers, "model": model_name,
         "train_scenes": args.scenes, "validation_scenes": args.validation, "top_k": args.top_k,
         "train_objects": args.objects, "validation_objects": args.validation_objects,
-        "categories": args.categories, "train_examples": len(train),
+        "categories": args.categories, "refine": args.refine, "train_examples": len(train),
         "train_examples_with_hit": sum(bool(e.hits.any()) for e in train),
         "validation_examples": len(val), "extract_seconds": round(extract_s, 1),
         "l2": {k: v for k, v in rows.items() if k in map(str, args.l2)},

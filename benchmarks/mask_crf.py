@@ -16,10 +16,12 @@ airplane), for the pass's own mask (``none``) and for each CRF setting
 - ``objects``: mean mask IoU of ``--objects`` lone rendered objects a category of the split,
   category given (the single-object metric of ``learning.py``).
 
-``--grid`` measures every setting of the grid (choose on ``--split validation`` by
-``top_clamped``); otherwise the one given by ``--spatial --colour --weight`` (the library's
-defaults unless given). One thread. Writes ``benchmarks/results/mask_crf_<split>.json`` and,
-beside it, a figure of three scenes' verified masks before and after.
+``--verifier FILE`` runs the verified pass with that verifier instead of the shipped one (e.g.
+one fitted on CRF-refined masks, ``fit_verifier.py --refine``). ``--grid`` measures every
+setting of the grid (choose on ``--split validation`` by ``top_clamped``); otherwise the one
+given by ``--spatial --colour --weight`` (the library's defaults unless given). One thread.
+Writes ``benchmarks/results/mask_crf_<split>.json`` and, beside it, a figure of three scenes'
+verified masks before and after.
 
 Usage: ``python benchmarks/mask_crf.py --split validation --grid`` then
 ``python benchmarks/mask_crf.py --split test --scenes 40``
@@ -40,7 +42,13 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, hidden_bu, learned_model, machine, rendered_objects  # noqa: E402
 
-from pyro_backpass import GenerativeModel, Scenes, greedy_map, verified_map  # noqa: E402
+from pyro_backpass import (  # noqa: E402
+    DescentVerifier,
+    GenerativeModel,
+    Scenes,
+    greedy_map,
+    verified_map,
+)
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
 from pyro_backpass.inference import colour_crf, readout_unary  # noqa: E402
@@ -55,7 +63,8 @@ def setting_name(spatial: float, colour: float, weight: float) -> str:
 
 @torch.no_grad()
 def collect(gm: GenerativeModel, scenes: list, *, verified: bool, objects: int = 0,
-            split: str = "validation") -> dict:  # fmt: skip
+            split: str = "validation",
+            verifier: DescentVerifier | None = None) -> dict:  # fmt: skip
     """Every mask the benchmark refines, as (unary ``(1, H, W)``, image ``(3, H, W)``, true
     masks ``(n, H, W)``) per measurement: the readout's logit minus its threshold for each pass."""
     top = gm.hidden_levels[-1]
@@ -73,7 +82,7 @@ def collect(gm: GenerativeModel, scenes: list, *, verified: bool, objects: int =
         truth = torch.stack([i.mask for i in planes])
         out["greedy"].append((unary(greedy_map(gm, bu, category=airplane), bu), scene.image, truth))
         if verified:
-            found = verified_map(gm, bu, category=airplane)
+            found = verified_map(gm, bu, category=airplane, verifier=verifier)
             out["verified"].append((unary(found, bu), scene.image, truth))
         for inst in planes:
             gamma, delta = own_top_assignment(gm, gm.backbone, inst)
@@ -149,6 +158,9 @@ def main() -> None:
     parser.add_argument("--spatial", type=float, default=8.0)
     parser.add_argument("--colour", type=float, default=0.05)
     parser.add_argument("--weight", type=float, default=3.0)
+    parser.add_argument("--verifier", type=Path, default=None,
+                        help="the verified pass's verifier file (default: the shipped "
+                             "one), e.g. one fitted by fit_verifier.py --refine")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -161,8 +173,9 @@ def main() -> None:
     verified = not (args.smoke or args.model is not None)
     scenes = list(Scenes(2 if args.smoke else args.scenes, seed=split_seed(args.split)))
     start = time.perf_counter()
+    verifier = None if args.verifier is None else DescentVerifier.load(args.verifier)
     masks = collect(gm, scenes, verified=verified, objects=1 if args.smoke else args.objects,
-                    split=args.split)  # fmt: skip
+                    split=args.split, verifier=verifier)  # fmt: skip
     if args.grid:
         settings = [dict(zip(GRID, v, strict=True)) for v in itertools.product(*GRID.values())]
     else:
@@ -174,6 +187,8 @@ def main() -> None:
     out = args.out or RESULTS / f"mask_crf_{args.split}.json"
     atomic_write_json(out, {"machine": machine(), "threads": 1, "model": model_name,
                             "split": args.split, "scenes": len(masks["greedy"]),
+                            "verifier": "shipped" if args.verifier is None else str(args.verifier),
+                            "verifier_refines_masks": bool(verifier and verifier.refine_masks),
                             "airplanes": len(masks["top_clamped"]), "rows": rows,
                             "best_by_top_clamped": setting_name(**best),
                             "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip

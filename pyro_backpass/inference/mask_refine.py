@@ -48,17 +48,19 @@ def colour_crf(
 
     :param unary: ``(B, H, W)`` log-odds of "the object's pixel" (a readout's logit minus its
         threshold).
-    :param image: ``(B, 3, H, W)`` (or ``(3, H, W)`` shared by every mask) RGB in [0, 1].
+    :param image: ``(B, 3, H, W)`` (or ``(3, H, W)`` shared by every mask: its kernel is
+        built once and the masks updated together) RGB in [0, 1].
     """
     if unary.dim() != 3:
         raise ValueError(f"unary must be (B, H, W), got {tuple(unary.shape)}")
     b, h, w = unary.shape
-    if image.dim() == 3:
-        image = image.expand(b, *image.shape)
+    shared = image.dim() == 3  # one image for every mask: one kernel, the masks batched
+    if shared:
+        image = image[None]
     if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != (h, w):
         raise ValueError(f"image must be (B, 3, {h}, {w}) or (3, {h}, {w}) to match the mask, "
                          f"got {tuple(image.shape)}")  # fmt: skip
-    if image.shape[0] != b:
+    if not shared and image.shape[0] != b:
         raise ValueError(f"image has {image.shape[0]} images for {b} masks")
     if h * w > MAX_CRF_PIXELS:
         raise ValueError(f"colour_crf's dense kernel supports masks of up to {MAX_CRF_PIXELS} "
@@ -80,16 +82,19 @@ def colour_crf(
                             torch.arange(w, device=unary.device), indexing="ij")  # fmt: skip
     pos = torch.stack([ys.flatten(), xs.flatten()], dim=1).to(dtype)  # (N, 2)
     near = torch.cdist(pos, pos).square_() / (2 * spatial**2)  # (N, N)
+    u = unary.to(dtype).flatten(1).T  # (N, B)
+    images = image.to(dtype).flatten(2)  # (B or 1, 3, N)
+    columns = [slice(None)] if shared else [slice(i, i + 1) for i in range(b)]
     out = []
-    for u, img in zip(unary.to(dtype).flatten(1), image.to(dtype).flatten(2), strict=True):
+    for cols, img in zip(columns, images, strict=True):
         rgb = img.T  # (N, 3)
         kernel = torch.exp(-(near + torch.cdist(rgb, rgb).square_() / (2 * colour**2)))
         kernel.fill_diagonal_(0.0)
-        q = torch.sigmoid(u)  # (N,)
+        q = torch.sigmoid(u[:, cols])  # (N, B) shared, else (N, 1)
         for _ in range(iterations):
-            q = torch.sigmoid(u + weight * (kernel @ (2 * q - 1)))
-        out.append(q.view(h, w))
-    return torch.stack(out)
+            q = torch.sigmoid(u[:, cols] + weight * (kernel @ (2 * q - 1)))
+        out.append(q.T)
+    return torch.cat(out).view(b, h, w)
 
 
 def readout_unary(

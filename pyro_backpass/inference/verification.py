@@ -21,6 +21,7 @@ import torch
 from pyro_backpass.inference.background import background_log_likelihood
 from pyro_backpass.inference.greedy import greedy_map
 from pyro_backpass.inference.lower_choice import lower_completions, lower_levels
+from pyro_backpass.inference.mask_refine import crf_mask
 from pyro_backpass.inference.objective import object_mask, top_down_pass
 from pyro_backpass.model.checks import category_indices, check_bu, check_clamp, check_observed
 from pyro_backpass.model.descent_verifier import DescentVerifier
@@ -77,6 +78,7 @@ def descent_features(
     *,
     read_levels: Sequence[str] = READ_LEVELS,
     observed: Mapping[str, torch.Tensor] | None = None,
+    refine: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features ``(k, F)`` of ``k`` completed descents of one image, and their masks
     ``(k, H, W)``.
@@ -85,6 +87,9 @@ def descent_features(
     :param values: every site → ``(k,)`` indices: the k full assignments.
     :param log_joints: ``(k,)`` their log-joints (as :attr:`MapResult.modes` gives them).
     :param read_levels: backbone levels read (those in ``bu``).
+    :param refine: each descent's mask is the mask readout's refined by the colour CRF
+        (:func:`~pyro_backpass.inference.crf_mask`, its default settings, on the image level
+        clipped to [0, 1]) rather than the readout's own; every mask-based column below reads it.
 
     The columns, in order: each hidden level's log-likelihood ratio against the all-background
     explanation (its data score minus the level's :func:`background_log_likelihood`; top level
@@ -115,7 +120,10 @@ def descent_features(
     rep_masks = {name: m.expand(bu[name].shape).expand(k, *bu[name].shape[1:])
                  for name, m in masks_obs.items()}  # fmt: skip
     td, scores = top_down_pass(gm, values, rep, rep_masks)  # scores: top level first
-    masks = object_mask(gm, td, rep, rep_masks)  # (k, H, W)
+    if refine:
+        masks = crf_mask(gm, td, rep, bu["image"][0].clamp(0, 1), observed=rep_masks)
+    else:
+        masks = object_mask(gm, td, rep, rep_masks)  # (k, H, W)
     data = torch.stack(scores, 1)  # (k, L)
     bg = torch.cat(
         [
@@ -233,7 +241,10 @@ def verified_map(
     the one ``lower`` scores highest is returned. This is **not** the model's MAP (that is
     :func:`~pyro_backpass.greedy_map`'s): ``log_joint`` is the returned descent's own and
     ``modes`` lists the first stage's k descents in its order, each with its log-joint (with
-    a second stage, the returned descent lies below ``modes[i][0]``'s top level).
+    a second stage, the returned descent lies below ``modes[i][0]``'s top level). A verifier
+    fitted on CRF-refined masks (``verifier.refine_masks``) scores the descents by them; the
+    returned ``mask`` is still the readout's: :func:`~pyro_backpass.refine_mask` of the result
+    gives the mask it scored.
 
     :param category: required (a name, an index or one per image): the verifier scores the
         descents of one category with that category's weights (linear or an ensemble).
@@ -284,7 +295,7 @@ def verified_map(
         obs = {name: m.expand(bu_checked[name].shape)[i : i + 1] for name, m in masks_obs.items()}
         values, lj = mode_values(modes, sites, device=gm.device)
         x, _ = descent_features(gm, one, values, lj, read_levels=verifier.read_levels,
-                                observed=obs or None)  # fmt: skip
+                                observed=obs or None, refine=verifier.refine_masks)  # fmt: skip
         if not modes:
             raise ValueError(f"image {i}: no feasible top-level hypothesis under the clamps")
         c = int(values["category"][0])
@@ -341,6 +352,7 @@ def lower_descent_features(
     clamp: Mapping[str, int] | None = None,
     priors: Mapping[str, SitePrior] | None = None,
     observed: Mapping[str, torch.Tensor] | None = None,
+    refine: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """What a second stage chooses among, on one image: ``chosen``'s (a full assignment's)
     category and top level kept, the :func:`~pyro_backpass.inference.lower_completions` of the
@@ -349,6 +361,7 @@ def lower_descent_features(
 
     :param bu: level → ``(1, C, H, W)``, one image (with its ``image`` level).
     :param clamp: further sites → int the completions must take (not the top level's).
+    :param refine: the masks are the colour CRF's (as in :func:`descent_features`).
     :returns: every site → ``(m,)`` indices, features ``(m, F)`` and masks ``(m, H, W)``.
     """
     name = gm.hidden_levels[-1]
@@ -359,7 +372,7 @@ def lower_descent_features(
     ok = torch.isfinite(result.log_joint).nonzero()[:, 0]
     values = {s: v[ok] for s, v in result.assignment.items()}
     x, masks = descent_features(gm, bu, values, result.log_joint[ok], read_levels=read_levels,
-                                observed=observed)  # fmt: skip
+                                observed=observed, refine=refine)  # fmt: skip
     return values, x, masks
 
 
@@ -372,6 +385,7 @@ def _lower_choice(gm: GenerativeModel, second: DescentVerifier, bu: Mapping[str,
     rest = {s: v for s, v in clamp.items() if s not in (f"gamma_{name}", f"delta_{name}")}
     values, x, _ = lower_descent_features(gm, bu, chosen, levels_below=second.levels_below,
                                           read_levels=second.read_levels, clamp=rest,
-                                          priors=priors, observed=observed)  # fmt: skip
+                                          priors=priors, observed=observed,
+                                          refine=second.refine_masks)  # fmt: skip
     j = int(second.score(x.cpu(), c).argmax())  # argmax: the first of equal maxima
     return {s: int(v[j]) for s, v in values.items()}

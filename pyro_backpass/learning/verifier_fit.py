@@ -61,7 +61,8 @@ class VerifierExample:
     ``iou`` ``(k,)`` each descent's best IoU with an instance of the category; the
     ``read_levels`` and ``top_k`` they were made with (None: not recorded). For a second
     stage's lists, ``levels_below`` (n > 0) and ``anchor``: the index of the first stage's
-    own descent among the completions (its choice, which the second stage starts from)."""
+    own descent among the completions (its choice, which the second stage starts from).
+    ``refine``: the masks were the colour CRF's (:func:`descent_examples`)."""
 
     category: int
     features: torch.Tensor
@@ -71,6 +72,7 @@ class VerifierExample:
     top_k: int | None = None
     levels_below: int | None = None
     anchor: int | None = None
+    refine: bool = False
 
 
 @torch.no_grad()
@@ -83,10 +85,13 @@ def descent_examples(
     read_levels: Sequence[str] = READ_LEVELS,
     hit_iou: float = 0.5,
     progress: bool = True,
+    refine: bool = False,
 ) -> list[VerifierExample]:
     """:class:`VerifierExample` of every scene (objects with ``.image`` ``(3, H, W)`` and
     ``.instances`` with ``.category`` and a visible ``.mask``, as :class:`~pyro_backpass.Scene`)
-    and every category in ``categories`` (None: all the model's) with an instance in it."""
+    and every category in ``categories`` (None: all the model's) with an instance in it.
+    ``refine``: the descents' masks (their features and hits) are the colour CRF's
+    (:func:`~pyro_backpass.inference.descent_features`)."""
     names = _category_names(gm, categories)
     out = []
     for scene in tqdm(list(scenes), desc="verifier: descents", disable=not progress):
@@ -95,11 +100,13 @@ def descent_examples(
             result = greedy_map(gm, bu, category=c, top_k=top_k)
             assert result.modes is not None
             values, lj = mode_values(result.modes[0], list(result.assignment), device=gm.device)
-            x, masks = descent_features(gm, bu, values, lj, read_levels=read_levels)
+            x, masks = descent_features(gm, bu, values, lj, read_levels=read_levels,
+                                        refine=refine)  # fmt: skip
             iou = _best_iou(masks.cpu(), truth)
             out.append(VerifierExample(category=c, features=x.cpu().double(),
                                        hits=iou >= hit_iou, iou=iou,
-                                       read_levels=tuple(read_levels), top_k=top_k))  # fmt: skip
+                                       read_levels=tuple(read_levels), top_k=top_k,
+                                       refine=refine))  # fmt: skip
     return out
 
 
@@ -114,6 +121,7 @@ def lower_descent_examples(
     read_levels: Sequence[str] = READ_LEVELS,
     hit_iou: float = 0.5,
     progress: bool = True,
+    refine: bool = False,
 ) -> list[VerifierExample]:
     """A second stage's :class:`VerifierExample` of every scene and category with an instance
     in it (as :func:`descent_examples`): the ``first_stage`` verifier chooses among greedy's
@@ -131,7 +139,8 @@ def lower_descent_examples(
             first = verified_map(gm, bu, category=c, verifier=first_stage, lower=False)
             chosen = {s: int(v[0]) for s, v in first.assignment.items()}
             below, x2, masks = lower_descent_features(gm, bu, chosen, levels_below=levels_below,
-                                                      read_levels=read_levels)  # fmt: skip
+                                                      read_levels=read_levels,
+                                                      refine=refine)  # fmt: skip
             same = torch.ones(len(masks), dtype=torch.bool, device=gm.device)
             for s, v in below.items():
                 same &= v == chosen[s]
@@ -146,7 +155,8 @@ def lower_descent_examples(
                                        hits=iou >= hit_iou, iou=iou,
                                        read_levels=tuple(read_levels), top_k=first_stage.top_k,
                                        levels_below=levels_below,
-                                       anchor=int(same.nonzero()[0, 0])))  # fmt: skip
+                                       anchor=int(same.nonzero()[0, 0]),
+                                       refine=refine))  # fmt: skip
     return out
 
 
@@ -206,6 +216,7 @@ def fit_descent_verifier(
     levels_below: int = 0,
     first_stage: DescentVerifier | None = None,
     progress: bool = True,
+    refine: bool | None = None,
 ) -> DescentVerifier:
     """A :class:`DescentVerifier` for ``gm`` from training ``scenes`` (or precomputed
     ``examples`` of :func:`descent_examples`, e.g. made in parallel); categories with no scene
@@ -215,6 +226,11 @@ def fit_descent_verifier(
     :func:`lower_descent_examples` behind ``first_stage`` (required with ``scenes``; with
     ``examples``, pass the first stage they were made behind to record its fingerprint, which
     ``verified_map(lower=None)`` pairs by). With a ``first_stage``, ``top_k`` is its.
+
+    ``refine``: the descents' masks (features and hits) are the colour CRF's
+    (``descent_features(refine=True)``), and the verifier records it (``refine_masks``) so that
+    ``verified_map`` scores by them too; None: False from scenes, the examples' own with
+    ``examples`` (which must all agree).
 
     Example::
 
@@ -245,13 +261,21 @@ def fit_descent_verifier(
         examples = lower_descent_examples(gm, scenes, first_stage=first_stage,
                                           levels_below=levels_below, categories=categories,
                                           read_levels=read_levels, hit_iou=hit_iou,
-                                          progress=progress)  # fmt: skip
+                                          progress=progress, refine=bool(refine))  # fmt: skip
     elif examples is None:
         examples = descent_examples(gm, scenes, top_k=top_k, categories=categories,
                                     read_levels=read_levels, hit_iou=hit_iou,
-                                    progress=progress)  # fmt: skip
+                                    progress=progress, refine=bool(refine))  # fmt: skip
     if not examples:
         raise ValueError("no training examples: no scene has an instance of the categories")
+    refined = {ex.refine for ex in examples}
+    if len(refined) > 1:
+        raise ValueError("examples mix CRF-refined masks and the readout's (descent_examples' "
+                         "refine=): fit on one kind")  # fmt: skip
+    if refine is not None and refined != {bool(refine)}:
+        raise ValueError(f"refine={refine} but the examples were made with "
+                         f"refine={refined.pop()}")  # fmt: skip
+    refine_masks = refined.pop()
     n, f = len(gm.categories), examples[0].features.shape[1]
     if any(ex.features.shape[1] != f for ex in examples):
         raise ValueError("examples have different numbers of features")
@@ -311,7 +335,8 @@ def fit_descent_verifier(
                            mean=mean, scale=scale, fitted=fitted, top_k=top_k,
                            model_sha256=verifier_fingerprint(gm), levels_below=levels_below,
                            first_stage_sha256=None if first_stage is None
-                           else first_stage.fingerprint(), **extra)  # fmt: skip
+                           else first_stage.fingerprint(), refine_masks=refine_masks,
+                           **extra)  # fmt: skip
 
 
 def _fit_ensemble(

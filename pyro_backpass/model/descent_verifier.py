@@ -40,7 +40,7 @@ _READS = (1, 2)
 _HIDDEN = ("hidden_weight", "hidden_bias", "out_weight", "nonlinear")
 #: config beyond the scoring
 _SETUP = ("categories", "read_levels", "top_k", "model_sha256", "levels_below",
-          "first_stage_sha256")  # fmt: skip
+          "first_stage_sha256", "refine_masks")  # fmt: skip
 
 
 class DescentVerifier:
@@ -67,6 +67,8 @@ class DescentVerifier:
     :param first_stage_sha256: for a second stage, the :meth:`fingerprint` of the first stage
         it was fitted behind (None: not recorded); ``verified_map(lower=None)`` pairs them by it.
     :param model_sha256: fingerprint of the generative model it was fitted for (None: unknown).
+    :param refine_masks: its features were computed on the descents' masks refined by the
+        colour CRF (``descent_features(refine=True)``); ``verified_map`` computes them so.
     :param hidden_weight: ``(N, E, F, H)``, :param hidden_bias: ``(N, E, H)``,
         :param out_weight: ``(N, E, H)``, :param nonlinear: ``(N,)`` bool — the ensembles, all
         four or none (None: every category linear).
@@ -85,6 +87,7 @@ class DescentVerifier:
         model_sha256: str | None = None,
         levels_below: int = 0,
         first_stage_sha256: str | None = None,
+        refine_masks: bool = False,
         hidden_weight: torch.Tensor | None = None,
         hidden_bias: torch.Tensor | None = None,
         out_weight: torch.Tensor | None = None,
@@ -119,6 +122,9 @@ class DescentVerifier:
             raise ValueError("first_stage_sha256 is for a second stage (levels_below > 0)")
         self.levels_below = levels_below
         self.first_stage_sha256 = first_stage_sha256
+        if not isinstance(refine_masks, bool):
+            raise TypeError(f"refine_masks must be a bool, got {refine_masks!r}")
+        self.refine_masks = refine_masks
         self.model_sha256 = model_sha256
         parts = (hidden_weight, hidden_bias, out_weight, nonlinear)
         if any(t is None for t in parts) and not all(t is None for t in parts):
@@ -236,6 +242,7 @@ class DescentVerifier:
                                top_k=self.top_k, model_sha256=self.model_sha256,
                                levels_below=self.levels_below,
                                first_stage_sha256=self.first_stage_sha256,
+                               refine_masks=self.refine_masks,
                                **state, **(hidden or {}))  # fmt: skip
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -265,6 +272,8 @@ class DescentVerifier:
             out["levels_below"] = self.levels_below
         if self.first_stage_sha256 is not None:
             out["first_stage_sha256"] = self.first_stage_sha256
+        if self.refine_masks:  # absent when False: earlier files' fingerprints are unchanged
+            out["refine_masks"] = True
         if self.has_hidden:
             out["ensemble"], out["hidden"] = (
                 int(self.hidden_weight.shape[1]),
@@ -306,7 +315,8 @@ class DescentVerifier:
                    fitted=state["fitted"].bool(), top_k=int(config["top_k"]),
                    model_sha256=config.get("model_sha256"),
                    levels_below=int(config.get("levels_below", 0)),
-                   first_stage_sha256=config.get("first_stage_sha256"), **hidden)  # fmt: skip
+                   first_stage_sha256=config.get("first_stage_sha256"),
+                   refine_masks=bool(config.get("refine_masks", False)), **hidden)  # fmt: skip
 
     @classmethod
     def shipped(cls, *, lower: bool = False) -> DescentVerifier | None:
@@ -327,4 +337,5 @@ class DescentVerifier:
                 f"top_k={self.top_k}"
                 + (f", levels_below={self.levels_below}" if self.levels_below else "")
                 + (f", nonlinear={nonlinear}" if nonlinear else "")
+                + (", refine_masks=True" if self.refine_masks else "")
                 + ")")  # fmt: skip

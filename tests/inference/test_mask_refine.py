@@ -48,6 +48,18 @@ def test_matches_a_per_pixel_loop_of_the_formula():
         np.testing.assert_allclose(got[b].double().numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_one_image_shared_by_several_masks_matches_the_loop():
+    """A ``(3, H, W)`` image is one kernel for every mask (the batched path)."""
+    gen = torch.Generator().manual_seed(1)
+    unary = torch.randn(3, 3, 4, generator=gen) * 2
+    image = torch.rand(3, 3, 4, generator=gen)
+    kw = {"spatial": 2.0, "colour": 0.4, "weight": 0.9, "iterations": 3}
+    got = colour_crf(unary, image, **kw)
+    for b in range(3):
+        expected = _loop_mean_field(unary[b], image, **kw)
+        np.testing.assert_allclose(got[b].double().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_without_pairwise_weight_it_is_the_logistic_of_the_unary():
     from scipy.special import expit
 

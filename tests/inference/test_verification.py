@@ -16,6 +16,7 @@ from pyro_backpass import (
     fit_descent_verifier,
     greedy_map,
     log_joint,
+    refine_mask,
     verified_map,
 )
 from pyro_backpass.inference import background_log_likelihood, default_verifier, descent_features
@@ -133,6 +134,55 @@ def test_verified_map_keeps_the_descent_the_verifier_scores_highest(case, sign):
     ranked = [sign * float(m.sum()) for m in masks]
     order = [next(j for j, (a, _) in enumerate(modes) if a == mode[0]) for mode in result.modes[0]]
     assert [ranked[j] for j in order] == sorted(ranked, reverse=True)
+
+
+def test_refined_features_read_the_crf_masks_of_the_descents(case):
+    """``refine=True``: each descent's mask is ``refine_mask`` of that descent's own pass; the
+    model's columns do not change, and the area column is the refined mask's."""
+    gm, scene, bu, modes, x, _ = case
+    n_levels = len(gm.hidden_levels)
+    values = {s: torch.tensor([a[s] for a, _ in modes]) for s in modes[0][0]}
+    lj = torch.tensor([v for _, v in modes], dtype=torch.float64)
+    x2, masks2 = descent_features(gm, bu, values, lj, refine=True)
+    for j, (assignment, _) in enumerate(modes):
+        clamped = greedy_map(gm, bu, clamp=assignment)
+        assert torch.equal(masks2[j], refine_mask(gm, clamped, bu, scene.image)[0])
+        assert float(x2[j, n_levels + 1]) == pytest.approx(np.log1p(float(masks2[j].sum())))
+    assert torch.equal(x2[:, : n_levels + 1], x[:, : n_levels + 1])
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_verifier_of_refined_masks_chooses_by_them(case, sign, tmp_path):
+    gm, scene, bu, modes, x, _ = case
+    area_column = len(gm.hidden_levels) + 1
+    plain = _verifier(gm, x, area_column, sign)
+    verifier = DescentVerifier(categories=gm.categories, read_levels=plain.read_levels,
+                               weight=plain.weight, mean=plain.mean, scale=plain.scale,
+                               fitted=plain.fitted, top_k=K, refine_masks=True)  # fmt: skip
+    back = DescentVerifier.load(verifier.save(tmp_path / "v.safetensors"))
+    assert back.refine_masks and back.fingerprint() == verifier.fingerprint()
+    assert "refine_masks" not in plain.config() and verifier.fingerprint() != plain.fingerprint()
+    assert not plain.same_setup(verifier)
+    result = verified_map(gm, bu, category="airplane", verifier=back)
+    refined = [refine_mask(gm, greedy_map(gm, bu, clamp=a), bu, scene.image)[0] for a, _ in modes]
+    best = max(range(K), key=lambda j: (sign * float(refined[j].sum()), -j))  # brute force
+    for site, v in modes[best][0].items():
+        assert int(result.assignment[site][0]) == v, site
+    assert torch.equal(refine_mask(gm, result, bu, scene.image)[0], refined[best])
+
+
+def test_fit_records_and_checks_refined_examples():
+    gm = GenerativeModel.random([4, "M"], num_components=2, num_categories=2)
+    hits = torch.tensor([True, False, False])
+    ex = [VerifierExample(category=1, features=torch.randn(3, 2, dtype=torch.float64),
+                          hits=hits, iou=hits.double(), refine=True) for _ in range(2)]  # fmt: skip
+    assert fit_descent_verifier(gm, examples=ex, top_k=3).refine_masks
+    with pytest.raises(ValueError, match="refine=False but the examples were made with"):
+        fit_descent_verifier(gm, examples=ex, top_k=3, refine=False)
+    mixed = [ex[0], VerifierExample(category=1, features=ex[1].features, hits=hits,
+                                    iou=hits.double())]  # fmt: skip
+    with pytest.raises(ValueError, match="mix CRF-refined masks"):
+        fit_descent_verifier(gm, examples=mixed, top_k=3)
 
 
 def test_verifier_file_round_trip_and_errors(case, tmp_path):
