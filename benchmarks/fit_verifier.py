@@ -274,8 +274,8 @@ def main() -> None:
     if shipped is not None and shipped.same_setup(verifier):
         verifier = shipped  # the other categories keep their shipped weights
     elif shipped is not None:
-        print(f"the shipped verifier {shipped} was made for another model, top_k or features: "
-              f"only {args.categories} will have weights")  # fmt: skip
+        print(f"the shipped verifier {shipped} was made for another model, top_k, features or "
+              f"masks: only {args.categories} will have weights")  # fmt: skip
     for c, name in chosen.items():
         if bool(fits[name].fitted[gm.categories.index(c)]):  # else no hit: keep what is there
             verifier = verifier.with_category(fits[name], c)

@@ -37,6 +37,7 @@ __all__ = [
     "check_verifier",
     "default_verifier",
     "descent_features",
+    "expected_iou",
     "lower_descent_features",
     "mode_values",
     "region_views",
@@ -162,6 +163,22 @@ def descent_features(
     return torch.cat(feats, 1), masks
 
 
+def expected_iou(masks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``(k,)``: each of ``masks`` ``(k, H, W)``'s expected IoU with the k masks weighted by
+    ``weights`` ``(k,)`` (a distribution over them): ``Σ_i weights_i · IoU(mask_i, mask_j)``,
+    the IoU of two empty masks taken as 1. The highest is the minimum-Bayes-risk choice for
+    mask IoU under that distribution."""
+    if masks.dim() != 3 or weights.shape != masks.shape[:1]:
+        raise ValueError(f"masks must be (k, H, W) and weights (k,), got {tuple(masks.shape)} "
+                         f"and {tuple(weights.shape)}")  # fmt: skip
+    flat = masks.flatten(1).to(torch.float64)  # (k, H·W)
+    inter = flat @ flat.T  # (k, k)
+    area = flat.sum(1)
+    union = area[:, None] + area[None] - inter
+    iou = torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(inter))
+    return iou @ weights.to(iou)
+
+
 def verifier_fingerprint(gm: GenerativeModel) -> str:
     """SHA-256 of what a verifier's features depend on: the generative model's parameters and
     its backbone's (which makes 389 of the 400 features)."""
@@ -244,7 +261,8 @@ def verified_map(
     a second stage, the returned descent lies below ``modes[i][0]``'s top level). A verifier
     fitted on CRF-refined masks (``verifier.refine_masks``) scores the descents by them; the
     returned ``mask`` is still the readout's: :func:`~pyro_backpass.refine_mask` of the result
-    gives the mask it scored.
+    gives the mask it scored. A verifier with a ``consensus`` temperature chooses, and orders
+    ``modes``, by each descent's :func:`expected_iou` under the softmax of the scores.
 
     :param category: required (a name, an index or one per image): the verifier scores the
         descents of one category with that category's weights (linear or an ensemble).
@@ -294,12 +312,14 @@ def verified_map(
         one = {name: x[i : i + 1] for name, x in bu_checked.items()}
         obs = {name: m.expand(bu_checked[name].shape)[i : i + 1] for name, m in masks_obs.items()}
         values, lj = mode_values(modes, sites, device=gm.device)
-        x, _ = descent_features(gm, one, values, lj, read_levels=verifier.read_levels,
-                                observed=obs or None, refine=verifier.refine_masks)  # fmt: skip
+        x, masks = descent_features(gm, one, values, lj, read_levels=verifier.read_levels,
+                                    observed=obs or None, refine=verifier.refine_masks)  # fmt: skip
         if not modes:
             raise ValueError(f"image {i}: no feasible top-level hypothesis under the clamps")
         c = int(values["category"][0])
         score = verifier.score(x.cpu(), c)
+        if verifier.consensus is not None:  # the choice of highest expected mask IoU
+            score = expected_iou(masks.cpu(), torch.softmax(score / verifier.consensus, 0))
         order = sorted(range(len(modes)), key=lambda j: (-float(score[j]), j))
         best = dict(modes[order[0]][0])
         if second is not None and bool(second.fitted[c]):

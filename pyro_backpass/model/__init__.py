@@ -13,7 +13,11 @@ from pyro_backpass.model.checks import (
     check_observed,
     merge_category,
 )
-from pyro_backpass.model.descent_verifier import LOWER_VERIFIER_FILE, DescentVerifier
+from pyro_backpass.model.descent_verifier import (
+    LOWER_VERIFIER_FILE,
+    REFINED_VERIFIER_FILE,
+    DescentVerifier,
+)
 from pyro_backpass.model.generative_model import ENUMERATE, GenerativeModel, default_offsets
 from pyro_backpass.model.mask_readout import MaskReadout
 from pyro_backpass.model.observation import (
@@ -33,6 +37,7 @@ __all__ = [
     "GenerativeModel",
     "HALF_LOG_2PI",
     "LOWER_VERIFIER_FILE",
+    "REFINED_VERIFIER_FILE",
     "MaskReadout",
     "ModelLike",
     "NGramPrior",

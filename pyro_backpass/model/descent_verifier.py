@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from importlib import resources
@@ -27,11 +28,14 @@ import torch
 
 from pyro_backpass.files import atomic_write, read_safetensors
 
-__all__ = ["DescentVerifier", "LOWER_VERIFIER_FILE", "VERIFIER_FILE"]
+__all__ = ["DescentVerifier", "LOWER_VERIFIER_FILE", "REFINED_VERIFIER_FILE", "VERIFIER_FILE"]
 
 VERIFIER_FILE = "descent_verifier.safetensors"
 #: The second stage's verifier (``levels_below`` > 0), shipped beside the first stage's.
 LOWER_VERIFIER_FILE = "descent_verifier_lower.safetensors"
+#: A first stage fitted on CRF-refined masks that chooses by consensus (airplane only), shipped
+#: beside the default one: ``DescentVerifier.shipped(refined=True)``.
+REFINED_VERIFIER_FILE = "descent_verifier_crf.safetensors"
 _CONFIG_KEY = "pyro_backpass.descent_verifier"
 #: Version 1: linear scores only; version 2 adds the per-category hidden-layer ensembles. A
 #: verifier without hidden layers is written (and fingerprinted) as version 1.
@@ -69,6 +73,10 @@ class DescentVerifier:
     :param model_sha256: fingerprint of the generative model it was fitted for (None: unknown).
     :param refine_masks: its features were computed on the descents' masks refined by the
         colour CRF (``descent_features(refine=True)``); ``verified_map`` computes them so.
+    :param consensus: the choice rule of a first stage. None: the descent scored highest;
+        τ > 0: the descent whose mask has the highest expected IoU with the k descents' masks
+        under the softmax of their scores / τ (a minimum-Bayes-risk choice for mask IoU:
+        :func:`~pyro_backpass.inference.expected_iou`); see :meth:`with_consensus`.
     :param hidden_weight: ``(N, E, F, H)``, :param hidden_bias: ``(N, E, H)``,
         :param out_weight: ``(N, E, H)``, :param nonlinear: ``(N,)`` bool — the ensembles, all
         four or none (None: every category linear).
@@ -88,6 +96,7 @@ class DescentVerifier:
         levels_below: int = 0,
         first_stage_sha256: str | None = None,
         refine_masks: bool = False,
+        consensus: float | None = None,
         hidden_weight: torch.Tensor | None = None,
         hidden_bias: torch.Tensor | None = None,
         out_weight: torch.Tensor | None = None,
@@ -125,6 +134,15 @@ class DescentVerifier:
         if not isinstance(refine_masks, bool):
             raise TypeError(f"refine_masks must be a bool, got {refine_masks!r}")
         self.refine_masks = refine_masks
+        if consensus is not None:
+            if isinstance(consensus, bool) or not isinstance(consensus, (int, float)):
+                raise TypeError(f"consensus must be None or a temperature > 0, got {consensus!r}")
+            if not (consensus > 0 and math.isfinite(consensus)):
+                raise ValueError(f"consensus must be a finite temperature > 0, got {consensus!r}")
+            if levels_below:
+                raise ValueError("consensus is the first stage's choice rule (levels_below 0)")
+            consensus = float(consensus)
+        self.consensus = consensus
         self.model_sha256 = model_sha256
         parts = (hidden_weight, hidden_bias, out_weight, nonlinear)
         if any(t is None for t in parts) and not all(t is None for t in parts):
@@ -242,8 +260,20 @@ class DescentVerifier:
                                top_k=self.top_k, model_sha256=self.model_sha256,
                                levels_below=self.levels_below,
                                first_stage_sha256=self.first_stage_sha256,
-                               refine_masks=self.refine_masks,
+                               refine_masks=self.refine_masks, consensus=self.consensus,
                                **state, **(hidden or {}))  # fmt: skip
+
+    def with_consensus(self, temperature: float | None) -> DescentVerifier:
+        """A copy of this verifier that chooses by expected mask IoU at ``temperature`` (None:
+        by its highest score); the weights are shared."""
+        hidden = {k: getattr(self, k) for k in _HIDDEN} if self.hidden_weight is not None else {}
+        return DescentVerifier(categories=self.categories, read_levels=self.read_levels,
+                               weight=self.weight, mean=self.mean, scale=self.scale,
+                               fitted=self.fitted, top_k=self.top_k,
+                               model_sha256=self.model_sha256, levels_below=self.levels_below,
+                               first_stage_sha256=self.first_stage_sha256,
+                               refine_masks=self.refine_masks, consensus=temperature,
+                               **hidden)  # fmt: skip
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         state = {"weight": self.weight, "mean": self.mean, "scale": self.scale,
@@ -274,6 +304,8 @@ class DescentVerifier:
             out["first_stage_sha256"] = self.first_stage_sha256
         if self.refine_masks:  # absent when False: earlier files' fingerprints are unchanged
             out["refine_masks"] = True
+        if self.consensus is not None:  # likewise absent when None
+            out["consensus"] = self.consensus
         if self.has_hidden:
             out["ensemble"], out["hidden"] = (
                 int(self.hidden_weight.shape[1]),
@@ -316,13 +348,18 @@ class DescentVerifier:
                    model_sha256=config.get("model_sha256"),
                    levels_below=int(config.get("levels_below", 0)),
                    first_stage_sha256=config.get("first_stage_sha256"),
-                   refine_masks=bool(config.get("refine_masks", False)), **hidden)  # fmt: skip
+                   refine_masks=bool(config.get("refine_masks", False)),
+                   consensus=config.get("consensus"), **hidden)  # fmt: skip
 
     @classmethod
-    def shipped(cls, *, lower: bool = False) -> DescentVerifier | None:
+    def shipped(cls, *, lower: bool = False, refined: bool = False) -> DescentVerifier | None:
         """The verifier shipped in the package (fitted for ``GenerativeModel.default()``), or
-        None if the package has none; ``lower``: the second stage's."""
-        name = LOWER_VERIFIER_FILE if lower else VERIFIER_FILE
+        None if the package has none; ``lower``: the second stage's; ``refined``: the first
+        stage fitted on CRF-refined masks that chooses by consensus (airplane only; issue #10's
+        ``verified_consensus.py``)."""
+        if lower and refined:
+            raise ValueError("the refined verifier is a first stage: pass lower or refined")
+        name = LOWER_VERIFIER_FILE if lower else REFINED_VERIFIER_FILE if refined else VERIFIER_FILE
         ref = resources.files("pyro_backpass").joinpath("weights", name)
         if not ref.is_file():
             return None
@@ -338,4 +375,5 @@ class DescentVerifier:
                 + (f", levels_below={self.levels_below}" if self.levels_below else "")
                 + (f", nonlinear={nonlinear}" if nonlinear else "")
                 + (", refine_masks=True" if self.refine_masks else "")
+                + (f", consensus={self.consensus:g}" if self.consensus is not None else "")
                 + ")")  # fmt: skip

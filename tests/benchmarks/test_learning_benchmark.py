@@ -1007,3 +1007,24 @@ def test_mask_crf_smoke(tmp_path):
         assert 0.0 <= row["top_clamped"] <= 1.0 and 0.0 <= row["alone"] <= 1.0
         assert 0.0 <= row["greedy"]["hit@0.5"] <= row["greedy"]["hit@0.3"] <= 1.0
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_verified_consensus_smoke(tmp_path):
+    """Validation chooses the rule; test re-measures it end to end through ``verified_map`` and
+    ``refine_mask``, which must agree with the benchmark's own choice on the same descents."""
+    script = BENCH.parent / "verified_consensus.py"
+    _smoke(script, "--smoke", "--out", str(tmp_path / "verified_consensus_validation.json"))
+    val = json.loads((tmp_path / "verified_consensus_validation.json").read_text())
+    assert set(val["chosen"]) == {"shipped"}
+    _smoke(script, "--smoke", "--split", "test",
+           "--out", str(tmp_path / "verified_consensus_test.json"))  # fmt: skip
+    test = json.loads((tmp_path / "verified_consensus_test.json").read_text())
+    rule = (
+        "argmax" if val["chosen"]["shipped"] is None else f"consensus_{val['chosen']['shipped']:g}"
+    )
+    assert len(test["rows"]) == 7 and test["rows"]["shipped_argmax"]
+    for key in ("hit@0.5", "hit@0.3", "iou"):
+        assert test["end_to_end"][f"shipped_{rule}"][key] == pytest.approx(
+            test["rows"][f"shipped_{rule}"][key], abs=1e-6
+        )
+        assert test["rows"][f"shipped_{rule}"][key] <= test["best_of_k"][key] + 1e-9

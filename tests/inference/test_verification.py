@@ -19,7 +19,13 @@ from pyro_backpass import (
     refine_mask,
     verified_map,
 )
-from pyro_backpass.inference import background_log_likelihood, default_verifier, descent_features
+from pyro_backpass.inference import (
+    background_log_likelihood,
+    check_verifier,
+    default_verifier,
+    descent_features,
+    expected_iou,
+)
 from pyro_backpass.learning import VerifierExample, listwise_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -169,6 +175,72 @@ def test_a_verifier_of_refined_masks_chooses_by_them(case, sign, tmp_path):
     for site, v in modes[best][0].items():
         assert int(result.assignment[site][0]) == v, site
     assert torch.equal(refine_mask(gm, result, bu, scene.image)[0], refined[best])
+
+
+def test_expected_iou_matches_a_loop_over_pixel_sets():
+    gen = torch.Generator().manual_seed(3)
+    masks = torch.rand(5, 6, 7, generator=gen) > 0.6
+    masks[3] = False  # an empty mask: IoU 1 with itself, 0 with the others
+    masks[4] = masks[0]
+    weights = torch.softmax(torch.randn(5, generator=gen, dtype=torch.float64), 0)
+    sets = [set(map(tuple, m.nonzero().tolist())) for m in masks]
+
+    def iou(a: set, b: set) -> float:
+        return 1.0 if not a | b else len(a & b) / len(a | b)
+
+    oracle = [sum(float(weights[i]) * iou(sets[i], sets[j]) for i in range(5)) for j in range(5)]
+    assert np.allclose(expected_iou(masks, weights).numpy(), oracle, atol=1e-12)
+    with pytest.raises(ValueError, match="masks must be"):
+        expected_iou(masks, weights[:3])
+
+
+@pytest.mark.parametrize("temperature", [0.05, 1.0])
+def test_a_consensus_verifier_chooses_the_highest_expected_iou(case, temperature, tmp_path):
+    gm, _, bu, modes, x, masks = case
+    area_column = len(gm.hidden_levels) + 1
+    verifier = _verifier(gm, x, area_column, 1.0).with_consensus(temperature)
+    back = DescentVerifier.load(verifier.save(tmp_path / "v.safetensors"))
+    assert back.consensus == temperature and back.fingerprint() == verifier.fingerprint()
+    result = verified_map(gm, bu, category="airplane", verifier=back)
+    # Brute force: the scores are the area column (mean 0, scale 1, weight 1).
+    p = np.exp(x[:, area_column].double().numpy() / temperature)
+    p /= p.sum()
+    sets = [set(map(tuple, m.nonzero().tolist())) for m in masks]
+    risk = [sum(p[i] * len(sets[i] & sets[j]) / max(len(sets[i] | sets[j]), 1) for i in range(K))
+            for j in range(K)]  # fmt: skip
+    best = max(range(K), key=lambda j: (risk[j], -j))
+    for site, v in modes[best][0].items():
+        assert int(result.assignment[site][0]) == v, site
+    with pytest.raises(ValueError, match="finite temperature > 0"):
+        verifier.with_consensus(0.0)
+    with pytest.raises(TypeError, match="consensus must be"):
+        verifier.with_consensus(True)
+    assert (
+        verifier.with_consensus(None).fingerprint()
+        == _verifier(gm, x, area_column, 1.0).fingerprint()
+    )
+
+
+def test_the_shipped_refined_verifier_chooses_by_consensus_of_refined_masks(case):
+    gm, scene, bu, modes, _, _ = case
+    verifier = DescentVerifier.shipped(refined=True)
+    assert verifier.refine_masks and verifier.consensus > 0
+    assert verifier.fitted_categories == ("airplane",)
+    check_verifier(gm, verifier)  # fitted for the shipped model
+    result = verified_map(gm, bu, category="airplane", verifier=verifier, top_k=K)
+    refined = [refine_mask(gm, greedy_map(gm, bu, clamp=a), bu, scene.image)[0] for a, _ in modes]
+    values = {s: torch.tensor([a[s] for a, _ in modes]) for s in modes[0][0]}
+    lj = torch.tensor([v for _, v in modes], dtype=torch.float64)
+    x, _ = descent_features(gm, bu, values, lj, refine=True)
+    p = torch.softmax(verifier.score(x, 0) / verifier.consensus, 0).numpy()
+    sets = [set(map(tuple, m.nonzero().tolist())) for m in refined]
+    risk = [sum(p[i] * len(sets[i] & sets[j]) / max(len(sets[i] | sets[j]), 1) for i in range(K))
+            for j in range(K)]  # fmt: skip
+    best = max(range(K), key=lambda j: (risk[j], -j))
+    for site, v in modes[best][0].items():
+        assert int(result.assignment[site][0]) == v, site
+    with pytest.raises(ValueError, match="first stage"):
+        DescentVerifier.shipped(lower=True, refined=True)
 
 
 def test_fit_records_and_checks_refined_examples():
