@@ -162,6 +162,9 @@ def main() -> None:
     parser.add_argument("--save", type=Path, default=None,
                         help="write the verifier (the shipped one's other categories kept) here "
                              "instead, to measure it before shipping")  # fmt: skip
+    parser.add_argument("--base", type=Path, default=None,
+                        help="with --save: the verifier file whose other categories are kept "
+                             "(default: the shipped one)")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=None,
                         help="keep each split's and category's descents here (reused)")  # fmt: skip
     parser.add_argument("--objects", type=int, default=0,
@@ -270,7 +273,11 @@ def main() -> None:
     }  # fmt: skip
     atomic_write_json(args.out, record)  # first: a failure below loses no measurement
     verifier = fits[chosen[args.categories[0]]]
-    shipped = DescentVerifier.shipped() if args.ship or args.save else None
+    shipped = None
+    if args.base is not None and args.save is not None:
+        shipped = DescentVerifier.load(args.base)
+    elif args.ship or args.save:
+        shipped = DescentVerifier.shipped()
     if shipped is not None and shipped.same_setup(verifier):
         verifier = shipped  # the other categories keep their shipped weights
     elif shipped is not None:

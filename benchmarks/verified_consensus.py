@@ -25,7 +25,9 @@ reported, the validation choice marked, and the chosen rows are re-measured end 
 ``--workers`` processes of one thread each. Writes ``verified_consensus_<split>.json`` and a
 figure of test scenes where consensus changed the choice.
 
-``--ship`` writes the CRF verifier with the τ chosen on validation (read from
+``--time N`` only times a verified pass plus ``refine_mask`` with the shipped verifier and the
+shipped refined one on N test scenes (``verified_consensus_time.json``). ``--ship`` writes
+the CRF verifier with the τ chosen on validation (read from
 ``verified_consensus_validation.json``; nothing is measured) into the package as
 ``DescentVerifier.shipped(refined=True)``.
 
@@ -184,6 +186,32 @@ def figure(records: list[dict], name: str, temperature: float, path: Path) -> No
     plt.close(fig)
 
 
+@torch.no_grad()
+def timing(n: int, out: Path) -> None:
+    """Seconds of one verified pass and its ``refine_mask`` with the shipped verifier and (if
+    the package has it) the shipped refined one, interleaved on the same ``n`` test scenes
+    (medians and their ratio: a shared machine's load cancels)."""
+    gm, _ = learned_model(smoke=False, path=None)
+    scenes = Scenes(n, seed=split_seed("test"))
+    rules = {"shipped": DescentVerifier.shipped(), "crf": DescentVerifier.shipped(refined=True)}
+    rules = {name: v for name, v in rules.items() if v is not None}
+    seconds = {name: [] for name in rules}
+    for i in tqdm(range(n), desc="timing"):
+        bu = hidden_bu(gm, scenes[i].image)
+        for name, verifier in rules.items():
+            t = time.perf_counter()
+            found = verified_map(gm, bu, category="airplane", verifier=verifier)
+            refine_mask(gm, found, bu, scenes[i].image)
+            seconds[name].append(time.perf_counter() - t)
+    medians = {name: statistics.median(v) for name, v in seconds.items()}
+    record = {"machine": machine(), "threads": 1, "scenes": n, "median_seconds": medians,
+              "rules": {name: repr(v) for name, v in rules.items()}}  # fmt: skip
+    if "crf" in medians:
+        record["ratio_crf_to_shipped"] = medians["crf"] / medians["shipped"]
+    atomic_write_json(out, record)
+    print(record)
+
+
 def ship(crf_path: Path | None, chosen_file: Path) -> None:
     """The CRF verifier with validation's τ, as the package's refined verifier."""
     if crf_path is None or not chosen_file.is_file():
@@ -214,6 +242,8 @@ def main() -> None:
                         help="write --crf-verifier with validation's τ to the package")  # fmt: skip
     parser.add_argument("--end-to-end", action=argparse.BooleanOptionalAction, default=True,
                         help="test: re-measure the chosen rules through verified_map")  # fmt: skip
+    parser.add_argument("--time", type=int, default=0, metavar="N",
+                        help="only time the shipped verifiers on N test scenes")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -227,6 +257,9 @@ def main() -> None:
         ship(args.crf_verifier, out.with_name("verified_consensus_validation.json"))
         return
     verifiers = _verifiers(args.crf_verifier)
+    if args.time:
+        timing(args.time, out.with_name("verified_consensus_time.json"))
+        return
     start = time.perf_counter()
     parts = [list(range(w, args.scenes, args.workers)) for w in range(args.workers)]
     jobs = [(args.split, p, args.crf_verifier, args.top_k, w == 0)

@@ -1028,3 +1028,7 @@ def test_verified_consensus_smoke(tmp_path):
             test["rows"][f"shipped_{rule}"][key], abs=1e-6
         )
         assert test["rows"][f"shipped_{rule}"][key] <= test["best_of_k"][key] + 1e-9
+    out = str(tmp_path / "verified_consensus_test.json")
+    _smoke(script, "--smoke", "--time", "1", "--out", out)
+    timed = json.loads((tmp_path / "verified_consensus_time.json").read_text())
+    assert timed["median_seconds"]["shipped"] > 0

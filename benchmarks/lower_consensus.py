@@ -1,0 +1,101 @@
+"""Issue #10, rung (b) — does a consensus among the completions below a clamped top level find
+the airplane better than greedy's own completion?
+
+For each airplane of cluttered scenes of one split (category clamped to airplane), the top
+level is clamped to the airplane's own E-step assignment (rung (b) of the oracle ladder) and
+every joint (γ, δ) of the two levels under it is completed
+(:func:`~pyro_backpass.inference.lower_completions`, 225 on the default model); each
+completion's mask is refined by the colour CRF (``crf_mask``, the library's defaults). Rows,
+each the mean IoU with the airplane's visible mask:
+
+- ``greedy``: greedy's own completion (rung (b) with the CRF, as ``mask_crf.py`` measures it);
+- ``log_joint``: the completion of the largest log-joint;
+- ``consensus_T``: the completion of highest :func:`~pyro_backpass.inference.expected_iou`
+  under softmax(log-joint / T) (T = inf: uniform);
+- ``best``: the best of the completions by IoU (the bound of any choice among them).
+
+One thread. Writes ``benchmarks/results/lower_consensus_<split>.json``.
+
+Usage: ``python benchmarks/lower_consensus.py --split validation --scenes 30``
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, hidden_bu, learned_model, machine  # noqa: E402
+
+from pyro_backpass import Scenes, greedy_map  # noqa: E402
+from pyro_backpass.data import split_seed  # noqa: E402
+from pyro_backpass.files import atomic_write_json  # noqa: E402
+from pyro_backpass.inference import crf_mask, expected_iou, lower_completions  # noqa: E402
+from pyro_backpass.learning import mask_iou, own_top_assignment  # noqa: E402
+
+TEMPERATURES = (1.0, 10.0, 100.0, math.inf)
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--split", choices=("validation", "test"), default="validation")
+    parser.add_argument("--scenes", type=int, default=30)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.scenes < 1:
+        parser.error("--scenes must be >= 1")
+    torch.set_num_threads(1)
+    gm, model_name = learned_model(smoke=False, path=None)
+    top = gm.hidden_levels[-1]
+    n = 1 if args.smoke else args.scenes
+    scenes = Scenes(n, seed=split_seed(args.split))
+    rows: dict[str, list[float]] = {"greedy": [], "log_joint": [], "best": []}
+    rows.update({f"consensus_{t:g}": [] for t in TEMPERATURES})
+    start = time.perf_counter()
+    for i in tqdm(range(n), desc="scenes"):
+        scene = scenes[i]
+        bu = hidden_bu(gm, scene.image)
+        for inst in [t for t in scene.instances if t.category == "airplane" and t.mask.any()]:
+            gamma, delta = own_top_assignment(gm, gm.backbone, inst)
+            below = lower_completions(gm, bu, category="airplane",
+                                      top={f"gamma_{top}": gamma, f"delta_{top}": delta},
+                                      levels_below=min(2, len(gm.hidden_levels) - 1))  # fmt: skip
+            ok = torch.isfinite(below.log_joint)
+            td = {k: v[ok] for k, v in below.td.items()}
+            lj = below.log_joint[ok].double()
+            masks = crf_mask(gm, td, bu, scene.image)  # (m, H, W)
+            iou = mask_iou(masks, inst.mask[None].expand_as(masks))  # (m,)
+            first = greedy_map(gm, bu, category="airplane",
+                               clamp={f"gamma_{top}": gamma, f"delta_{top}": delta})  # fmt: skip
+            own = crf_mask(gm, first.td, bu, scene.image)
+            rows["greedy"].append(float(mask_iou(own, inst.mask[None])[0]))
+            rows["log_joint"].append(float(iou[int(lj.argmax())]))
+            rows["best"].append(float(iou.max()))
+            for t in TEMPERATURES:
+                w = (
+                    torch.full_like(lj, 1.0 / len(lj))
+                    if math.isinf(t)
+                    else torch.softmax(lj / t, 0)
+                )
+                rows[f"consensus_{t:g}"].append(float(iou[int(expected_iou(masks, w).argmax())]))
+    summary = {k: statistics.mean(v) for k, v in rows.items() if v}
+    out = args.out or RESULTS / f"lower_consensus_{args.split}.json"
+    atomic_write_json(out, {"machine": machine(), "threads": 1, "model": model_name,
+                            "split": args.split, "scenes": n,
+                            "airplanes": len(rows["greedy"]), "mean_iou": summary,
+                            "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
+    print(summary)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
