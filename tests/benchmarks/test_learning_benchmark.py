@@ -1032,3 +1032,12 @@ def test_verified_consensus_smoke(tmp_path):
     _smoke(script, "--smoke", "--time", "1", "--out", out)
     timed = json.loads((tmp_path / "verified_consensus_time.json").read_text())
     assert timed["median_seconds"]["shipped"] > 0
+
+
+def test_lower_consensus_smoke(tmp_path):
+    out = tmp_path / "lower.json"
+    _smoke(BENCH.parent / "lower_consensus.py", "--smoke", "--out", str(out))
+    rows = json.loads(out.read_text())["mean_iou"]
+    assert {"greedy", "log_joint", "best", "consensus_inf"} <= set(rows)
+    for name, value in rows.items():  # no choice among the completions beats their best
+        assert 0.0 <= value <= rows["best"] + 1e-9, name
