@@ -118,3 +118,26 @@ def rendered_objects(gm, n: int, split: str, *, scale: tuple[float, float] | Non
             image, mask = objects[i]
             images.append(image), masks.append(mask), labels.append(c)
     return torch.stack(images), torch.stack(masks), torch.tensor(labels)
+
+
+def panel_figure(rows: list[list[tuple[torch.Tensor, str]]], path: Path) -> None:
+    """A grid of images, one list of ``(image, title)`` panels a row (an image is ``(H, W, 3)``
+    RGB or ``(H, W)`` shown in grey), written atomically as a PNG to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pyro_backpass.files import atomic_write
+
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2 * cols, 2 * len(rows)), squeeze=False)
+    for r, panels in enumerate(rows):
+        for c, (x, title) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(x.float().numpy(), **({} if x.dim() == 3 else {"cmap": "gray"}))
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    plt.close(fig)

@@ -40,7 +40,14 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, hidden_bu, learned_model, machine, rendered_objects  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    hidden_bu,
+    learned_model,
+    machine,
+    panel_figure,
+    rendered_objects,
+)
 
 from pyro_backpass import (  # noqa: E402
     DescentVerifier,
@@ -50,7 +57,7 @@ from pyro_backpass import (  # noqa: E402
     verified_map,
 )
 from pyro_backpass.data import split_seed  # noqa: E402
-from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
+from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.inference import colour_crf, readout_unary  # noqa: E402
 from pyro_backpass.learning import mask_iou, own_top_assignment  # noqa: E402
 
@@ -124,28 +131,15 @@ def score(masks: dict, setting: dict | None) -> dict:
 
 def figure(masks: dict, setting: dict, path: Path) -> None:
     """Three scenes' verified (else greedy) masks: the scene, the readout's mask, the CRF's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = (masks["verified"] or masks["greedy"])[:3]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(8, 2 * len(rows)), squeeze=False)
-    for r, (u, image, truth) in enumerate(rows):
+    rows = []
+    for u, image, truth in (masks["verified"] or masks["greedy"])[:3]:
         before, after = u[0] > 0, colour_crf(u, image, **setting)[0] > 0.5
         iou = [float(mask_iou(m[None].expand_as(truth), truth).max()) for m in (before, after)]
-        panels = [(image.permute(1, 2, 0).clamp(0, 1), "scene"),
-                  (truth.any(0), "airplanes' visible masks"),
-                  (before, f"pass's mask (IoU {iou[0]:.2f})"),
-                  (after, f"CRF (IoU {iou[1]:.2f})")]  # fmt: skip
-        for c, (x, title) in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(x.float().numpy(), **({} if x.dim() == 3 else {"cmap": "gray"}))
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(title, fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
-    plt.close(fig)
+        rows.append([(image.permute(1, 2, 0).clamp(0, 1), "scene"),
+                     (truth.any(0), "airplanes' visible masks"),
+                     (before, f"pass's mask (IoU {iou[0]:.2f})"),
+                     (after, f"CRF (IoU {iou[1]:.2f})")])  # fmt: skip
+    panel_figure(rows, path)
 
 
 def main() -> None:

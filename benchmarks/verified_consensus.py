@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, hidden_bu, learned_model, machine  # noqa: E402
+from common import RESULTS, hidden_bu, learned_model, machine, panel_figure  # noqa: E402
 
 import pyro_backpass  # noqa: E402
 from pyro_backpass import (  # noqa: E402
@@ -60,7 +60,7 @@ from pyro_backpass import (  # noqa: E402
     verified_map,
 )
 from pyro_backpass.data import split_seed  # noqa: E402
-from pyro_backpass.files import atomic_write, atomic_write_json  # noqa: E402
+from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.inference import descent_features, expected_iou, mode_values  # noqa: E402
 from pyro_backpass.learning import mask_iou  # noqa: E402
 from pyro_backpass.model import REFINED_VERIFIER_FILE  # noqa: E402
@@ -161,29 +161,16 @@ def end_to_end(records: list[dict], verifiers: dict, chosen: dict, split: str,
 def figure(records: list[dict], name: str, temperature: float, path: Path) -> None:
     """Up to four scenes where consensus changed the choice: the scene, the argmax's refined
     mask and consensus's, with their IoU."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     changed = [r for r in records if choose(r, name, None) != choose(r, name, temperature)][:4]
-    if not changed:
-        return
-    fig, axes = plt.subplots(len(changed), 3, figsize=(6, 2 * len(changed)), squeeze=False)
-    for k, r in enumerate(changed):
+    rows = []
+    for r in changed:
         a, c = choose(r, name, None), choose(r, name, temperature)
-        panels = [(r["image"].permute(1, 2, 0).clamp(0, 1), f"scene {r['scene']}"),
-                  (r["refined"][a], f"argmax (IoU {float(r['iou'][a]):.2f})"),
-                  (r["refined"][c], f"consensus τ={temperature:g} "
-                                    f"(IoU {float(r['iou'][c]):.2f})")]  # fmt: skip
-        for col, (x, title) in enumerate(panels):
-            ax = axes[k, col]
-            ax.imshow(x.float().numpy(), **({} if x.dim() == 3 else {"cmap": "gray"}))
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(title, fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
-    plt.close(fig)
+        rows.append([(r["image"].permute(1, 2, 0).clamp(0, 1), f"scene {r['scene']}"),
+                     (r["refined"][a], f"argmax (IoU {float(r['iou'][a]):.2f})"),
+                     (r["refined"][c], f"consensus τ={temperature:g} "
+                                       f"(IoU {float(r['iou'][c]):.2f})")])  # fmt: skip
+    if rows:
+        panel_figure(rows, path)
 
 
 @torch.no_grad()

@@ -194,6 +194,14 @@ def test_expected_iou_matches_a_loop_over_pixel_sets():
         expected_iou(masks, weights[:3])
 
 
+def _highest_expected_iou(p, masks) -> int:
+    """Brute force over pixel sets: the first mask of highest Σ_i p_i IoU(mask_i, mask_j)."""
+    sets = [set(map(tuple, m.nonzero().tolist())) for m in masks]
+    risk = [sum(p[i] * len(sets[i] & sets[j]) / max(len(sets[i] | sets[j]), 1) for i in range(K))
+            for j in range(K)]  # fmt: skip
+    return max(range(K), key=lambda j: (risk[j], -j))
+
+
 @pytest.mark.parametrize("temperature", [0.05, 1.0])
 def test_a_consensus_verifier_chooses_the_highest_expected_iou(case, temperature, tmp_path):
     gm, _, bu, modes, x, masks = case
@@ -205,10 +213,7 @@ def test_a_consensus_verifier_chooses_the_highest_expected_iou(case, temperature
     # Brute force: the scores are the area column (mean 0, scale 1, weight 1).
     p = np.exp(x[:, area_column].double().numpy() / temperature)
     p /= p.sum()
-    sets = [set(map(tuple, m.nonzero().tolist())) for m in masks]
-    risk = [sum(p[i] * len(sets[i] & sets[j]) / max(len(sets[i] | sets[j]), 1) for i in range(K))
-            for j in range(K)]  # fmt: skip
-    best = max(range(K), key=lambda j: (risk[j], -j))
+    best = _highest_expected_iou(p, masks)
     for site, v in modes[best][0].items():
         assert int(result.assignment[site][0]) == v, site
     with pytest.raises(ValueError, match="finite temperature > 0"):
@@ -233,10 +238,7 @@ def test_the_shipped_refined_verifier_chooses_by_consensus_of_refined_masks(case
     lj = torch.tensor([v for _, v in modes], dtype=torch.float64)
     x, _ = descent_features(gm, bu, values, lj, refine=True)
     p = torch.softmax(verifier.score(x, 0) / verifier.consensus, 0).numpy()
-    sets = [set(map(tuple, m.nonzero().tolist())) for m in refined]
-    risk = [sum(p[i] * len(sets[i] & sets[j]) / max(len(sets[i] | sets[j]), 1) for i in range(K))
-            for j in range(K)]  # fmt: skip
-    best = max(range(K), key=lambda j: (risk[j], -j))
+    best = _highest_expected_iou(p, refined)
     for site, v in modes[best][0].items():
         assert int(result.assignment[site][0]) == v, site
     with pytest.raises(ValueError, match="first stage"):
