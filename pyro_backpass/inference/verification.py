@@ -283,6 +283,10 @@ def verified_map(
         bu = gm.backbone(scene.image[None])
         result = verified_map(gm, bu, category="airplane")
         result.mask  # (1, 64, 64): the verified descent's mask
+        # the best first pass measured: refined masks, chosen by consensus (airplanes)
+        best = verified_map(gm, bu, category="airplane",
+                            verifier=DescentVerifier.shipped(refined=True))
+        mask = refine_mask(gm, best, bu, scene.image)  # (1, 64, 64)
     """
     if category is None:
         raise ValueError(
