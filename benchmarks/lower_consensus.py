@@ -60,6 +60,8 @@ def main() -> None:
     scenes = Scenes(n, seed=split_seed(args.split))
     rows: dict[str, list[float]] = {"greedy": [], "log_joint": [], "best": []}
     rows.update({f"consensus_{t:g}": [] for t in TEMPERATURES})
+    # The smoke preset enumerates one level under the top (5 completions), not two (225).
+    levels_below = 1 if args.smoke else min(2, len(gm.hidden_levels) - 1)
     start = time.perf_counter()
     for i in tqdm(range(n), desc="scenes"):
         scene = scenes[i]
@@ -68,7 +70,7 @@ def main() -> None:
             gamma, delta = own_top_assignment(gm, gm.backbone, inst)
             below = lower_completions(gm, bu, category="airplane",
                                       top={f"gamma_{top}": gamma, f"delta_{top}": delta},
-                                      levels_below=min(2, len(gm.hidden_levels) - 1))  # fmt: skip
+                                      levels_below=levels_below)  # fmt: skip
             ok = torch.isfinite(below.log_joint)
             td = {k: v[ok] for k, v in below.td.items()}
             lj = below.log_joint[ok].double()
@@ -91,7 +93,8 @@ def main() -> None:
     out = args.out or RESULTS / f"lower_consensus_{args.split}.json"
     atomic_write_json(out, {"machine": machine(), "threads": 1, "model": model_name,
                             "split": args.split, "scenes": n,
-                            "airplanes": len(rows["greedy"]), "mean_iou": summary,
+                            "airplanes": len(rows["greedy"]), "levels_below": levels_below,
+                            "mean_iou": summary,
                             "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
     print(summary)
     print(f"wrote {out}")

@@ -174,7 +174,7 @@ def figure(records: list[dict], name: str, temperature: float, path: Path) -> No
 
 
 @torch.no_grad()
-def timing(n: int, out: Path) -> None:
+def timing(n: int, out: Path, top_k: int | None = None) -> None:
     """Seconds of one verified pass and its ``refine_mask`` with the shipped verifier and (if
     the package has it) the shipped refined one, interleaved on the same ``n`` test scenes
     (medians and their ratio: a shared machine's load cancels)."""
@@ -187,11 +187,12 @@ def timing(n: int, out: Path) -> None:
         bu = hidden_bu(gm, scenes[i].image)
         for name, verifier in rules.items():
             t = time.perf_counter()
-            found = verified_map(gm, bu, category="airplane", verifier=verifier)
+            found = verified_map(gm, bu, category="airplane", verifier=verifier, top_k=top_k)
             refine_mask(gm, found, bu, scenes[i].image)
             seconds[name].append(time.perf_counter() - t)
     medians = {name: statistics.median(v) for name, v in seconds.items()}
-    record = {"machine": machine(), "threads": 1, "scenes": n, "median_seconds": medians,
+    record = {"machine": machine(), "threads": 1, "scenes": n, "top_k": top_k or "the verifiers'",
+              "median_seconds": medians,
               "rules": {name: repr(v) for name, v in rules.items()}}  # fmt: skip
     if "crf" in medians:
         record["ratio_crf_to_shipped"] = medians["crf"] / medians["shipped"]
@@ -245,7 +246,8 @@ def main() -> None:
         return
     verifiers = _verifiers(args.crf_verifier)
     if args.time:
-        timing(args.time, out.with_name("verified_consensus_time.json"))
+        timing(args.time, out.with_name("verified_consensus_time.json"),
+               top_k=args.top_k if args.smoke else None)  # fmt: skip
         return
     start = time.perf_counter()
     parts = [list(range(w, args.scenes, args.workers)) for w in range(args.workers)]
