@@ -256,24 +256,22 @@ class DescentVerifier:
             for k in _HIDDEN[:3]:
                 hidden[k][c] = 0.0  # no stale weights: they would enter the fingerprint
             hidden["nonlinear"] = others
-        return DescentVerifier(categories=self.categories, read_levels=self.read_levels,
-                               top_k=self.top_k, model_sha256=self.model_sha256,
-                               levels_below=self.levels_below,
-                               first_stage_sha256=self.first_stage_sha256,
-                               refine_masks=self.refine_masks, consensus=self.consensus,
-                               **state, **(hidden or {}))  # fmt: skip
+        return DescentVerifier(**self._setup(), **state, **(hidden or {}))
 
     def with_consensus(self, temperature: float | None) -> DescentVerifier:
         """A copy of this verifier that chooses by expected mask IoU at ``temperature`` (None:
         by its highest score); the weights are shared."""
         hidden = {k: getattr(self, k) for k in _HIDDEN} if self.hidden_weight is not None else {}
-        return DescentVerifier(categories=self.categories, read_levels=self.read_levels,
-                               weight=self.weight, mean=self.mean, scale=self.scale,
-                               fitted=self.fitted, top_k=self.top_k,
-                               model_sha256=self.model_sha256, levels_below=self.levels_below,
-                               first_stage_sha256=self.first_stage_sha256,
-                               refine_masks=self.refine_masks, consensus=temperature,
+        return DescentVerifier(**{**self._setup(), "consensus": temperature}, weight=self.weight,
+                               mean=self.mean, scale=self.scale, fitted=self.fitted,
                                **hidden)  # fmt: skip
+
+    def _setup(self) -> dict:
+        """The constructor's arguments beyond the weights: what a copy keeps."""
+        return {"categories": self.categories, "read_levels": self.read_levels,
+                "top_k": self.top_k, "model_sha256": self.model_sha256,
+                "levels_below": self.levels_below, "first_stage_sha256": self.first_stage_sha256,
+                "refine_masks": self.refine_masks, "consensus": self.consensus}  # fmt: skip
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         state = {"weight": self.weight, "mean": self.mean, "scale": self.scale,
