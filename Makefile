@@ -2,6 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# pytest-xdist workers (one torch thread each; tests/conftest.py): the suite's tests are
+# mostly single-threaded, so one worker per core nearly halves `make test` on 2 cores.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-all lint notebooks bench clean
 
@@ -18,11 +21,11 @@ demo: install
 
 test: install
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist worksteal
 
 test-all: install
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: install
 	$(PY) -m ruff check pyro_backpass tests benchmarks

@@ -50,6 +50,7 @@ from pyro_backpass.data import (
 )
 from pyro_backpass.inference import (
     closed_form_td,
+    consensus_below,
     exact_map,
     greedy_map,
     joint_states,
@@ -161,6 +162,7 @@ __all__ = [
     "closed_form_td",
     "coco_mask_ap",
     "compositionality_score",
+    "consensus_below",
     "distractor_sweep",
     "exact_map",
     "fit_descent_verifier",

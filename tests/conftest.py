@@ -1,9 +1,16 @@
+import os
+
 import matplotlib
 import pyro
 import pytest
 import torch
 
 matplotlib.use("Agg")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: one torch thread each, so the workers
+    # do not fight over the cores.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1041,3 +1041,15 @@ def test_lower_consensus_smoke(tmp_path):
     assert {"greedy", "log_joint", "best", "consensus_inf"} <= set(rows)
     for name, value in rows.items():  # no choice among the completions beats their best
         assert 0.0 <= value <= rows["best"] + 1e-9, name
+    # The library's consensus_below end to end, on the same scene and level, must reproduce
+    # the consensus that lower_consensus.py computes from its parts (and greedy's own row).
+    out2 = tmp_path / "below.json"
+    _smoke(BENCH.parent / "consensus_below.py", "--smoke", "--split", "validation",
+           "--out", str(out2))  # fmt: skip
+    below = json.loads(out2.read_text())
+    assert below["airplanes"] == json.loads(out.read_text())["airplanes"] > 0
+    assert below["top_clamped_consensus"]["iou"] == pytest.approx(rows["consensus_inf"], abs=1e-6)
+    assert below["top_clamped"]["iou"] == pytest.approx(rows["greedy"], abs=1e-6)
+    assert out2.with_suffix(".png").is_file()
+    for name in ("free", "free_consensus"):
+        assert 0.0 <= below[name]["iou"] <= 1.0

@@ -1,0 +1,95 @@
+"""``consensus_below`` (issue #10, rung (b)): its choice against brute force — one greedy call
+per clamped state below the kept top level, each mask refined by ``refine_mask``, and the
+consensus found by a loop over pixel sets — and its errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from pyro_backpass import consensus_below, greedy_map, refine_mask
+from pyro_backpass.inference import lower_sites
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _consensus_by_pixel_sets(masks) -> int:
+    """The first mask of highest mean IoU with all the masks (itself included)."""
+    sets = [set(map(tuple, m.nonzero().tolist())) for m in masks]
+
+    def iou(a: set, b: set) -> float:
+        return 1.0 if not a | b else len(a & b) / len(a | b)
+
+    mean = [sum(iou(a, b) for a in sets) / len(sets) for b in sets]
+    return max(range(len(sets)), key=lambda j: (mean[j], -j))
+
+
+def _oracle(gm, bu, image, keep: dict, levels_below: int, fixed: dict) -> dict[str, int]:
+    """Every state below ``keep`` (category and top level) completed by its own greedy call,
+    refined, and chosen by consensus over pixel sets."""
+    sites = lower_sites(gm, levels_below)
+    ranges = [[fixed[s]] if s in fixed else range(gm.site_sizes[s]) for s in sites]
+    found, masks = [], []
+    for state in itertools.product(*ranges):
+        clamp = {**keep, **dict(zip(sites, state, strict=True))}
+        result = greedy_map(gm, bu, clamp=clamp)
+        if not torch.isfinite(result.log_joint).all():
+            continue
+        found.append(result)
+        masks.append(refine_mask(gm, result, bu, image)[0])
+    best = found[_consensus_by_pixel_sets(masks)]
+    return {s: int(v[0]) for s, v in best.assignment.items()}
+
+
+def _keep(gm, result) -> dict[str, int]:
+    top = gm.hidden_levels[-1]
+    return {s: int(result.assignment[s][0]) for s in ("category", f"gamma_{top}", f"delta_{top}")}
+
+
+def test_consensus_below_one_level_matches_brute_force(airplane_scene):
+    gm, scene, bu = airplane_scene
+    first = greedy_map(gm, bu, category="airplane", top_k=2)
+    result = consensus_below(gm, bu, first, levels_below=1)
+    keep = _keep(gm, first)
+    oracle = _oracle(gm, bu, scene.image, keep, 1, {})
+    for site, v in oracle.items():
+        assert int(result.assignment[site][0]) == v, site
+    # Its own descent: the log-joint and F̂ of greedy with every site clamped to it.
+    again = greedy_map(gm, bu, clamp=oracle)
+    assert torch.allclose(result.log_joint, again.log_joint)
+    assert torch.equal(result.mask, again.mask)
+    assert result.modes == first.modes
+
+
+def test_consensus_below_two_levels_keeps_the_clamps(airplane_scene):
+    gm, scene, bu = airplane_scene
+    top = gm.hidden_levels[-1]
+    first = greedy_map(gm, bu, category="airplane")
+    keep = _keep(gm, first)
+    fixed = {"gamma_conv4_1": 2, "gamma_pool3": 1}  # 9 completions: δ of pool3
+    clamp = {**fixed, f"gamma_{top}": keep[f"gamma_{top}"]}
+    result = consensus_below(gm, bu, first, levels_below=2, clamp=clamp)
+    oracle = _oracle(gm, bu, scene.image, keep, 2, fixed)
+    assert oracle["gamma_conv4_1"] == 2 and oracle["gamma_pool3"] == 1
+    for site, v in oracle.items():
+        assert int(result.assignment[site][0]) == v, site
+
+
+def test_consensus_below_errors(airplane_scene):
+    gm, _, bu = airplane_scene
+    top = gm.hidden_levels[-1]
+    first = greedy_map(gm, bu, category="airplane")
+    with pytest.raises(TypeError, match="must be a MapResult"):
+        consensus_below(gm, bu, first.assignment)
+    other = (int(first.assignment[f"gamma_{top}"][0]) + 1) % gm.site_sizes[f"gamma_{top}"]
+    with pytest.raises(ValueError, match="clamp disagrees with result"):
+        consensus_below(gm, bu, first, levels_below=1, clamp={f"gamma_{top}": other})
+    with pytest.raises(ValueError, match="levels_below must be in"):
+        consensus_below(gm, bu, first, levels_below=len(gm.hidden_levels))
+    two = {k: v.expand(2, *v.shape[1:]) for k, v in bu.items()}
+    with pytest.raises(ValueError, match="result has batch 1 but bu has batch 2"):
+        consensus_below(gm, two, first, levels_below=1)
+    with pytest.raises(ValueError, match="needs the image level"):
+        consensus_below(gm, {k: v for k, v in bu.items() if k != "image"}, first)
