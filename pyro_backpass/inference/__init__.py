@@ -7,7 +7,7 @@ priors=, observed=, top_k=)``, and return a :class:`~pyro_backpass.MapResult`.
 
 from pyro_backpass.inference.background import background_log_likelihood
 from pyro_backpass.inference.closed_form import closed_form_td, closed_form_with, select
-from pyro_backpass.inference.consensus_below import consensus_below
+from pyro_backpass.inference.lower_consensus import consensus_below
 from pyro_backpass.inference.exact import DEFAULT_MAX_MEMORY, chunk_bytes, exact_map, joint_states
 from pyro_backpass.inference.greedy import greedy_map, top_level_scores
 from pyro_backpass.inference.grid_map import potts_energy, potts_grid_map
