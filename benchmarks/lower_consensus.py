@@ -14,6 +14,14 @@ each the mean IoU with the airplane's visible mask:
   under softmax(log-joint / T) (T = inf: uniform);
 - ``best``: the best of the completions by IoU (the bound of any choice among them).
 
+With ``--verifier`` also, scored by the shipped refined first-stage verifier
+(``DescentVerifier.shipped(refined=True)``: fitted on the refined masks of greedy's top-level
+descents, airplane) from each completion's :func:`~pyro_backpass.inference.descent_features`
+(refined masks, as it was fitted):
+
+- ``verifier_argmax``: the completion it scores highest;
+- ``verifier_consensus_τ``: the highest expected IoU under softmax(score / τ).
+
 One thread. Writes ``benchmarks/results/lower_consensus_<split>.json``.
 
 Usage: ``python benchmarks/lower_consensus.py --split validation --scenes 30``
@@ -34,13 +42,19 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, hidden_bu, learned_model, machine  # noqa: E402
 
-from pyro_backpass import Scenes, greedy_map  # noqa: E402
+from pyro_backpass import DescentVerifier, Scenes, greedy_map  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
-from pyro_backpass.inference import crf_mask, expected_iou, lower_completions  # noqa: E402
+from pyro_backpass.inference import (  # noqa: E402
+    crf_mask,
+    expected_iou,
+    lower_completions,
+    lower_descent_features,
+)
 from pyro_backpass.learning import mask_iou, own_top_assignment  # noqa: E402
 
 TEMPERATURES = (1.0, 10.0, 100.0, math.inf)
+VERIFIER_TEMPERATURES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 @torch.no_grad()
@@ -48,6 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--split", choices=("validation", "test"), default="validation")
     parser.add_argument("--scenes", type=int, default=30)
+    parser.add_argument("--verifier", action="store_true",
+                        help="also choose by the shipped refined verifier's scores")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -60,6 +76,10 @@ def main() -> None:
     scenes = Scenes(n, seed=split_seed(args.split))
     rows: dict[str, list[float]] = {"greedy": [], "log_joint": [], "best": []}
     rows.update({f"consensus_{t:g}": [] for t in TEMPERATURES})
+    verifier = DescentVerifier.shipped(refined=True) if args.verifier else None
+    if verifier is not None:
+        rows["verifier_argmax"] = []
+        rows.update({f"verifier_consensus_{t:g}": [] for t in VERIFIER_TEMPERATURES})
     # The smoke preset enumerates one level under the top (5 completions), not two (225).
     levels_below = 1 if args.smoke else min(2, len(gm.hidden_levels) - 1)
     start = time.perf_counter()
@@ -82,6 +102,20 @@ def main() -> None:
             rows["greedy"].append(float(mask_iou(own, inst.mask[None])[0]))
             rows["log_joint"].append(float(iou[int(lj.argmax())]))
             rows["best"].append(float(iou.max()))
+            if verifier is not None:
+                chosen = {"category": gm.categories.index("airplane"),
+                          f"gamma_{top}": gamma, f"delta_{top}": delta}  # fmt: skip
+                _, x, v_masks = lower_descent_features(
+                    gm, bu, chosen, levels_below=levels_below,
+                    read_levels=verifier.read_levels, refine=True)  # fmt: skip
+                if not torch.equal(v_masks, masks):
+                    raise SystemExit("the verifier's refined masks differ from crf_mask's")
+                score = verifier.score(x, chosen["category"]).double()
+                rows["verifier_argmax"].append(float(iou[int(score.argmax())]))
+                for t in VERIFIER_TEMPERATURES:
+                    w = torch.softmax(score / t, 0)
+                    pick = int(expected_iou(masks, w).argmax())
+                    rows[f"verifier_consensus_{t:g}"].append(float(iou[pick]))
             for t in TEMPERATURES:
                 w = (
                     torch.full_like(lj, 1.0 / len(lj))
@@ -93,6 +127,7 @@ def main() -> None:
     out = args.out or RESULTS / f"lower_consensus_{args.split}.json"
     atomic_write_json(out, {"machine": machine(), "threads": 1, "model": model_name,
                             "split": args.split, "scenes": n,
+                            "verifier": repr(verifier) if verifier is not None else None,
                             "airplanes": len(rows["greedy"]), "levels_below": levels_below,
                             "mean_iou": summary,
                             "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
