@@ -8,6 +8,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -141,3 +142,18 @@ def panel_figure(rows: list[list[tuple[torch.Tensor, str]]], path: Path) -> None
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)
+
+
+def records_in_workers(fn, scenes: int, workers: int, job) -> list[dict]:
+    """``fn``'s records (dicts with a ``"scene"`` index) of scenes ``0 … scenes - 1``, split
+    round robin between ``workers`` processes (in this one when there is one job);
+    ``job(indices, first)`` makes each process's argument (``first``: the one that shows
+    progress). Sorted by scene."""
+    parts = [list(range(w, scenes, workers)) for w in range(workers)]
+    jobs = [job(p, w == 0) for w, p in enumerate(parts) if p]
+    if len(jobs) == 1:
+        records = fn(jobs[0])
+    else:
+        with ProcessPoolExecutor(len(jobs)) as pool:
+            records = [r for part in pool.map(fn, jobs) for r in part]
+    return sorted(records, key=lambda r: r["scene"])

@@ -28,14 +28,20 @@ import argparse
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, hidden_bu, learned_model, machine, panel_figure  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    hidden_bu,
+    learned_model,
+    machine,
+    panel_figure,
+    records_in_workers,
+)
 
 from pyro_backpass import (  # noqa: E402
     DescentVerifier,
@@ -127,15 +133,11 @@ def main() -> None:
     if args.smoke:  # one scene, one level under the top (5 completions), few descents
         args.scenes, args.levels_below, args.top_k, args.workers = 1, 1, 4, 1
     start = time.perf_counter()
-    parts = [list(range(w, args.scenes, args.workers)) for w in range(args.workers)]
-    jobs = [(args.split, args.scenes, p, args.levels_below, args.top_k, w == 0)
-            for w, p in enumerate(parts) if p]  # fmt: skip
-    if len(jobs) == 1:
-        records = _scene_records(jobs[0])
-    else:
-        with ProcessPoolExecutor(len(jobs)) as pool:
-            records = [r for part in pool.map(_scene_records, jobs) for r in part]
-    records.sort(key=lambda r: r["scene"])
+
+    def job(indices: list[int], first: bool) -> tuple:
+        return args.split, args.scenes, indices, args.levels_below, args.top_k, first
+
+    records = records_in_workers(_scene_records, args.scenes, args.workers, job)
     result = {
         "machine": machine(), "threads": 1, "workers": args.workers, "split": args.split,
         "scenes": len(records), "levels_below": args.levels_below, "top_k": args.top_k,

@@ -42,14 +42,20 @@ import json
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, hidden_bu, learned_model, machine, panel_figure  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    hidden_bu,
+    learned_model,
+    machine,
+    panel_figure,
+    records_in_workers,
+)
 
 import pyro_backpass  # noqa: E402
 from pyro_backpass import (  # noqa: E402
@@ -250,21 +256,16 @@ def main() -> None:
                top_k=args.top_k if args.smoke else None)  # fmt: skip
         return
     start = time.perf_counter()
-    parts = [list(range(w, args.scenes, args.workers)) for w in range(args.workers)]
-    jobs = [(args.split, p, args.crf_verifier, args.top_k, w == 0)
-            for w, p in enumerate(parts) if p]  # fmt: skip
-    if len(jobs) == 1:
-        records = _scene_records(jobs[0])
-    else:
-        with ProcessPoolExecutor(len(jobs)) as pool:
-            records = [r for part in pool.map(_scene_records, jobs) for r in part]
-    records.sort(key=lambda r: r["scene"])
+    records = records_in_workers(
+        _scene_records, args.scenes, args.workers,
+        lambda p, first: (args.split, p, args.crf_verifier, args.top_k, first))  # fmt: skip
     rows = {}
     for name in verifiers:
         for t in (None, *TEMPERATURES):
             rows[f"{name}_{rule_name(t)}"] = row(records, [choose(r, name, t) for r in records])
     bound = row(records, [int(r["iou"].argmax()) for r in records])
-    result = {"machine": machine(), "threads": 1, "workers": len(jobs), "split": args.split,
+    workers = min(args.workers, args.scenes)
+    result = {"machine": machine(), "threads": 1, "workers": workers, "split": args.split,
               "scenes": len(records), "top_k": args.top_k, "smoke": args.smoke,
               "verifiers": {k: repr(v) for k, v in verifiers.items()},
               "crf_verifier": None if args.crf_verifier is None else args.crf_verifier.name,

@@ -1036,9 +1036,9 @@ def test_verified_consensus_smoke(tmp_path):
 
 def test_lower_consensus_smoke(tmp_path):
     out = tmp_path / "lower.json"
-    _smoke(BENCH.parent / "lower_consensus.py", "--smoke", "--out", str(out))
+    _smoke(BENCH.parent / "lower_consensus.py", "--smoke", "--verifier", "--out", str(out))
     rows = json.loads(out.read_text())["mean_iou"]
-    assert {"greedy", "log_joint", "best", "consensus_inf"} <= set(rows)
+    assert {"greedy", "log_joint", "best", "consensus_inf", "verifier_argmax"} <= set(rows)
     for name, value in rows.items():  # no choice among the completions beats their best
         assert 0.0 <= value <= rows["best"] + 1e-9, name
     # The library's consensus_below end to end, on the same scene and level, must reproduce
