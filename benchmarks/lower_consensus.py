@@ -12,7 +12,10 @@ each the mean IoU with the airplane's visible mask:
 - ``log_joint``: the completion of the largest log-joint;
 - ``consensus_T``: the completion of highest :func:`~pyro_backpass.inference.expected_iou`
   under softmax(log-joint / T) (T = inf: uniform);
-- ``best``: the best of the completions by IoU (the bound of any choice among them).
+- ``best``: the best of the completions by IoU (the bound of any choice among them);
+- ``…_nonempty``: a consensus row with the completions whose refined mask is empty left out
+  (they agree perfectly with each other, so under a top level that misses the object they
+  can outvote every mask that shows something); all of them if every mask is empty.
 
 With ``--verifier`` also, scored by the shipped refined first-stage verifier
 (``DescentVerifier.shipped(refined=True)``: fitted on the refined masks of greedy's top-level
@@ -76,10 +79,12 @@ def main() -> None:
     scenes = Scenes(n, seed=split_seed(args.split))
     rows: dict[str, list[float]] = {"greedy": [], "log_joint": [], "best": []}
     rows.update({f"consensus_{t:g}": [] for t in TEMPERATURES})
+    rows["consensus_inf_nonempty"] = []
     verifier = DescentVerifier.shipped(refined=True) if args.verifier else None
     if verifier is not None:
         rows["verifier_argmax"] = []
-        rows.update({f"verifier_consensus_{t:g}": [] for t in VERIFIER_TEMPERATURES})
+        rows.update({f"verifier_consensus_{t:g}{e}": [] for t in VERIFIER_TEMPERATURES
+                     for e in ("", "_nonempty")})  # fmt: skip
     # The smoke preset enumerates one level under the top (5 completions), not two (225).
     levels_below = 1 if args.smoke else min(2, len(gm.hidden_levels) - 1)
     start = time.perf_counter()
@@ -102,6 +107,10 @@ def main() -> None:
             rows["greedy"].append(float(mask_iou(own, inst.mask[None])[0]))
             rows["log_joint"].append(float(iou[int(lj.argmax())]))
             rows["best"].append(float(iou.max()))
+            shows = masks.flatten(1).any(1)  # (m,)
+            if not shows.any():
+                shows = torch.ones_like(shows)
+            idx = shows.nonzero()[:, 0]
             if verifier is not None:
                 chosen = {"category": gm.categories.index("airplane"),
                           f"gamma_{top}": gamma, f"delta_{top}": delta}  # fmt: skip
@@ -116,6 +125,9 @@ def main() -> None:
                     w = torch.softmax(score / t, 0)
                     pick = int(expected_iou(masks, w).argmax())
                     rows[f"verifier_consensus_{t:g}"].append(float(iou[pick]))
+                    w = torch.softmax(score[idx] / t, 0)
+                    pick = idx[int(expected_iou(masks[idx], w).argmax())]
+                    rows[f"verifier_consensus_{t:g}_nonempty"].append(float(iou[pick]))
             for t in TEMPERATURES:
                 w = (
                     torch.full_like(lj, 1.0 / len(lj))
@@ -123,6 +135,9 @@ def main() -> None:
                     else torch.softmax(lj / t, 0)
                 )
                 rows[f"consensus_{t:g}"].append(float(iou[int(expected_iou(masks, w).argmax())]))
+            w = torch.full((len(idx),), 1.0 / len(idx), dtype=torch.float64)
+            pick = idx[int(expected_iou(masks[idx], w).argmax())]
+            rows["consensus_inf_nonempty"].append(float(iou[pick]))
     summary = {k: statistics.mean(v) for k, v in rows.items() if v}
     out = args.out or RESULTS / f"lower_consensus_{args.split}.json"
     atomic_write_json(out, {"machine": machine(), "threads": 1, "model": model_name,
