@@ -15,7 +15,7 @@ completions an image on the default model) after it:
   this row is the library's function end to end).
 
 ``--workers`` processes of one thread each, scenes split between them. Writes
-``benchmarks/results/consensus_below_<split>.json`` (with per-scene seconds of
+``benchmarks/results/consensus_below_<split>[_keep_empty].json`` (with per-scene seconds of
 ``consensus_below``) and a figure of the first test scenes: input, the free pass's refined
 mask, and with ``consensus_below``.
 
@@ -60,7 +60,7 @@ from pyro_backpass.learning import mask_iou, own_top_assignment  # noqa: E402
 def _scene_records(job: tuple) -> list[dict]:
     """One worker's scenes: the free pass's and the top-clamped passes' refined masks' IoUs,
     each without and with ``consensus_below``."""
-    split, n, indices, levels_below, top_k, progress = job
+    split, n, indices, levels_below, top_k, skip_empty, progress = job
     torch.set_num_threads(1)
     gm, _ = learned_model(smoke=False, path=None)
     verifier = DescentVerifier.shipped(refined=True)
@@ -80,7 +80,7 @@ def _scene_records(job: tuple) -> list[dict]:
         record = {"scene": i}
         first = verified_map(gm, bu, category="airplane", verifier=verifier, top_k=top_k)
         t = time.perf_counter()
-        below = consensus_below(gm, bu, first, levels_below=levels_below)
+        below = consensus_below(gm, bu, first, levels_below=levels_below, skip_empty=skip_empty)
         record["seconds"] = time.perf_counter() - t
         for name, res in (("free", first), ("free_consensus", below)):
             mask = refine_mask(gm, res, bu, scene.image)  # (1, H, W)
@@ -91,7 +91,8 @@ def _scene_records(job: tuple) -> list[dict]:
             gamma, delta = own_top_assignment(gm, gm.backbone, inst)
             clamp = {f"gamma_{top}": gamma, f"delta_{top}": delta}
             own = greedy_map(gm, bu, category="airplane", clamp=clamp)
-            better = consensus_below(gm, bu, own, levels_below=levels_below, clamp=clamp)
+            better = consensus_below(gm, bu, own, levels_below=levels_below, clamp=clamp,
+                                     skip_empty=skip_empty)  # fmt: skip
             for name, res in (("top_clamped", own), ("top_clamped_consensus", better)):
                 mask = refine_mask(gm, res, bu, scene.image)
                 record[name].append(float(mask_iou(mask, inst.mask[None])[0]))
@@ -124,6 +125,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=None,
                         help="the verified pass's descents (default: the verifier's)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--keep-empty", action="store_true",
+                        help="consensus_below(skip_empty=False): empty masks vote too")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -135,12 +138,14 @@ def main() -> None:
     start = time.perf_counter()
 
     def job(indices: list[int], first: bool) -> tuple:
-        return args.split, args.scenes, indices, args.levels_below, args.top_k, first
+        skip = not args.keep_empty
+        return args.split, args.scenes, indices, args.levels_below, args.top_k, skip, first
 
     records = records_in_workers(_scene_records, args.scenes, args.workers, job)
     result = {
         "machine": machine(), "threads": 1, "workers": args.workers, "split": args.split,
         "scenes": len(records), "levels_below": args.levels_below, "top_k": args.top_k,
+        "skip_empty": not args.keep_empty,
         "verifier": repr(DescentVerifier.shipped(refined=True)),
         "free": hits([r["free"] for r in records]),
         "free_consensus": hits([r["free_consensus"] for r in records]),
@@ -152,7 +157,8 @@ def main() -> None:
         "per_scene": [{k: v for k, v in r.items() if k != "image" and not k.endswith("_mask")}
                       for r in records],
     }  # fmt: skip
-    out = args.out or RESULTS / f"consensus_below_{args.split}.json"
+    tail = "_keep_empty" if args.keep_empty else ""
+    out = args.out or RESULTS / f"consensus_below_{args.split}{tail}.json"
     atomic_write_json(out, result)
     figure(records, out.with_suffix(".png"))
     print({k: v for k, v in result.items() if k != "per_scene"})

@@ -7,7 +7,6 @@ priors=, observed=, top_k=)``, and return a :class:`~pyro_backpass.MapResult`.
 
 from pyro_backpass.inference.background import background_log_likelihood
 from pyro_backpass.inference.closed_form import closed_form_td, closed_form_with, select
-from pyro_backpass.inference.lower_consensus import consensus_below
 from pyro_backpass.inference.exact import DEFAULT_MAX_MEMORY, chunk_bytes, exact_map, joint_states
 from pyro_backpass.inference.greedy import greedy_map, top_level_scores
 from pyro_backpass.inference.grid_map import potts_energy, potts_grid_map
@@ -18,6 +17,7 @@ from pyro_backpass.inference.hypotheses import (
 )
 from pyro_backpass.inference.inputs import MapInputs, check_map_inputs
 from pyro_backpass.inference.lower_choice import lower_completions, lower_levels, lower_sites
+from pyro_backpass.inference.lower_consensus import consensus_below
 from pyro_backpass.inference.mask_refine import (
     MAX_CRF_PIXELS,
     colour_crf,

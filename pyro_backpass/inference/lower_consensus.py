@@ -53,6 +53,7 @@ def consensus_below(
     result: MapResult,
     *,
     levels_below: int = 2,
+    skip_empty: bool = True,
     clamp: Mapping[str, int] | None = None,
     priors: Mapping[str, SitePrior] | None = None,
     observed: Mapping[str, torch.Tensor] | None = None,
@@ -75,6 +76,9 @@ def consensus_below(
         top level clamped, or :func:`~pyro_backpass.verified_map`).
     :param levels_below: how many levels under the top are enumerated (2 on the default model:
         5 γ × 1 δ at ``conv4_1`` and 5 γ × 9 δ at ``pool3``, 225 completions an image).
+    :param skip_empty: leave out the completions whose refined mask is empty (all of them are
+        kept if every one is): empty masks agree perfectly with each other, so where many
+        completions show nothing they would outvote every mask that shows something.
     :param clamp, priors, observed: as given to the pass (clamps on the top level or the
         category must agree with ``result``; those on lower sites are kept).
     :returns: a :class:`~pyro_backpass.MapResult` of batch B: the chosen completions, their
@@ -105,6 +109,8 @@ def consensus_below(
     if missing:
         raise ValueError(f"consensus_below needs every hidden level in bu; missing {missing}")
     lower_levels(gm, levels_below)  # a clear error beyond the model's depth
+    if not isinstance(skip_empty, bool):
+        raise TypeError(f"skip_empty must be a bool, got {skip_empty!r}")
     got = int(result.assignment["category"].shape[0])
     if got != b:
         raise ValueError(f"result has batch {got} but bu has batch {b}: pass the activations "
@@ -135,8 +141,12 @@ def consensus_below(
         rep_obs = {name: m.expand(len(ok), *m.shape[1:]) for name, m in obs.items()}
         image = one["image"][0].clamp(0, 1)  # (3, H, W)
         masks = crf_mask(gm, td, rep, image, observed=rep_obs or None)  # (m, H, W)
-        agree = expected_iou(masks.cpu(), torch.full((len(ok),), 1.0 / len(ok)))  # (m,)
-        j = int(ok[int(agree.argmax())])  # argmax: the first of equal maxima
+        among = torch.arange(len(ok))
+        shows = masks.flatten(1).any(1).cpu()  # (m,)
+        if skip_empty and shows.any():
+            among = shows.nonzero()[:, 0]
+        agree = expected_iou(masks.cpu()[among], torch.full((len(among),), 1.0 / len(among)))
+        j = int(ok[int(among[int(agree.argmax())])])  # argmax: the first of equal maxima
         picked.append({s: int(v[j]) for s, v in below.assignment.items()})
     chosen = {s: torch.tensor([a[s] for a in picked], device=gm.device) for s in picked[0]}
     final = greedy_map(gm, bu, priors=priors, observed=observed, clamp=chosen)

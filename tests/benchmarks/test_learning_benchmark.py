@@ -1048,7 +1048,9 @@ def test_lower_consensus_smoke(tmp_path):
            "--out", str(out2))  # fmt: skip
     below = json.loads(out2.read_text())
     assert below["airplanes"] == json.loads(out.read_text())["airplanes"] > 0
-    assert below["top_clamped_consensus"]["iou"] == pytest.approx(rows["consensus_inf"], abs=1e-6)
+    assert below["skip_empty"]
+    assert below["top_clamped_consensus"]["iou"] == pytest.approx(
+        rows["consensus_inf_nonempty"], abs=1e-6)  # fmt: skip
     assert below["top_clamped"]["iou"] == pytest.approx(rows["greedy"], abs=1e-6)
     assert out2.with_suffix(".png").is_file()
     for name in ("free", "free_consensus"):

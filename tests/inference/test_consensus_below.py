@@ -15,18 +15,22 @@ from pyro_backpass.inference import lower_sites
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _consensus_by_pixel_sets(masks) -> int:
-    """The first mask of highest mean IoU with all the masks (itself included)."""
+def _consensus_by_pixel_sets(masks, *, skip_empty: bool) -> int:
+    """The first mask of highest mean IoU with all the masks (itself included); with
+    ``skip_empty``, among the non-empty ones only (unless every one is empty)."""
     sets = [set(map(tuple, m.nonzero().tolist())) for m in masks]
+    among = [j for j, a in enumerate(sets) if a or not skip_empty]
+    among = among or list(range(len(sets)))
 
     def iou(a: set, b: set) -> float:
         return 1.0 if not a | b else len(a & b) / len(a | b)
 
-    mean = [sum(iou(a, b) for a in sets) / len(sets) for b in sets]
-    return max(range(len(sets)), key=lambda j: (mean[j], -j))
+    mean = {j: sum(iou(sets[i], sets[j]) for i in among) / len(among) for j in among}
+    return max(among, key=lambda j: (mean[j], -j))
 
 
-def _oracle(gm, bu, image, keep: dict, levels_below: int, fixed: dict) -> dict[str, int]:
+def _oracle(gm, bu, image, keep: dict, levels_below: int, fixed: dict, *,
+            skip_empty: bool = True) -> dict[str, int]:  # fmt: skip
     """Every state below ``keep`` (category and top level) completed by its own greedy call,
     refined, and chosen by consensus over pixel sets."""
     sites = lower_sites(gm, levels_below)
@@ -39,7 +43,7 @@ def _oracle(gm, bu, image, keep: dict, levels_below: int, fixed: dict) -> dict[s
             continue
         found.append(result)
         masks.append(refine_mask(gm, result, bu, image)[0])
-    best = found[_consensus_by_pixel_sets(masks)]
+    best = found[_consensus_by_pixel_sets(masks, skip_empty=skip_empty)]
     return {s: int(v[0]) for s, v in best.assignment.items()}
 
 
@@ -48,12 +52,13 @@ def _keep(gm, result) -> dict[str, int]:
     return {s: int(result.assignment[s][0]) for s in ("category", f"gamma_{top}", f"delta_{top}")}
 
 
-def test_consensus_below_one_level_matches_brute_force(airplane_scene):
+@pytest.mark.parametrize("skip_empty", [True, False])
+def test_consensus_below_one_level_matches_brute_force(airplane_scene, skip_empty):
     gm, scene, bu = airplane_scene
     first = greedy_map(gm, bu, category="airplane", top_k=2)
-    result = consensus_below(gm, bu, first, levels_below=1)
+    result = consensus_below(gm, bu, first, levels_below=1, skip_empty=skip_empty)
     keep = _keep(gm, first)
-    oracle = _oracle(gm, bu, scene.image, keep, 1, {})
+    oracle = _oracle(gm, bu, scene.image, keep, 1, {}, skip_empty=skip_empty)
     for site, v in oracle.items():
         assert int(result.assignment[site][0]) == v, site
     # Its own descent: the log-joint and F̂ of greedy with every site clamped to it.
@@ -81,6 +86,8 @@ def test_consensus_below_errors(airplane_scene):
     gm, _, bu = airplane_scene
     top = gm.hidden_levels[-1]
     first = greedy_map(gm, bu, category="airplane")
+    with pytest.raises(TypeError, match="skip_empty must be a bool"):
+        consensus_below(gm, bu, first, skip_empty=1)
     with pytest.raises(TypeError, match="must be a MapResult"):
         consensus_below(gm, bu, first.assignment)
     other = (int(first.assignment[f"gamma_{top}"][0]) + 1) % gm.site_sizes[f"gamma_{top}"]
