@@ -20,6 +20,7 @@ completions an image on the default model) after it:
 mask, and with ``consensus_below``.
 
 Usage: ``python benchmarks/consensus_below.py --split test --scenes 40 --workers 2``
+(``--no-top-clamped``: the free pass's rows only)
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from pyro_backpass.learning import mask_iou, own_top_assignment  # noqa: E402
 def _scene_records(job: tuple) -> list[dict]:
     """One worker's scenes: the free pass's and the top-clamped passes' refined masks' IoUs,
     each without and with ``consensus_below``."""
-    split, n, indices, levels_below, top_k, skip_empty, progress = job
+    split, n, indices, levels_below, top_k, skip_empty, top_clamped, progress = job
     torch.set_num_threads(1)
     gm, _ = learned_model(smoke=False, path=None)
     verifier = DescentVerifier.shipped(refined=True)
@@ -87,7 +88,7 @@ def _scene_records(job: tuple) -> list[dict]:
             record[name] = float(mask_iou(mask.expand_as(truth), truth).max())
             record[f"{name}_mask"] = mask[0]
         record["top_clamped"], record["top_clamped_consensus"] = [], []
-        for inst in planes:
+        for inst in planes if top_clamped else []:
             gamma, delta = own_top_assignment(gm, gm.backbone, inst)
             clamp = {f"gamma_{top}": gamma, f"delta_{top}": delta}
             own = greedy_map(gm, bu, category="airplane", clamp=clamp)
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=None,
                         help="the verified pass's descents (default: the verifier's)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--top-clamped", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the top-clamped rows (rung (b), per airplane)")  # fmt: skip
     parser.add_argument("--keep-empty", action="store_true",
                         help="consensus_below(skip_empty=False): empty masks vote too")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
@@ -139,7 +142,8 @@ def main() -> None:
 
     def job(indices: list[int], first: bool) -> tuple:
         skip = not args.keep_empty
-        return args.split, args.scenes, indices, args.levels_below, args.top_k, skip, first
+        return (args.split, args.scenes, indices, args.levels_below, args.top_k, skip,
+                args.top_clamped, first)  # fmt: skip
 
     records = records_in_workers(_scene_records, args.scenes, args.workers, job)
     result = {
@@ -149,9 +153,11 @@ def main() -> None:
         "verifier": repr(DescentVerifier.shipped(refined=True)),
         "free": hits([r["free"] for r in records]),
         "free_consensus": hits([r["free_consensus"] for r in records]),
-        "airplanes": sum(len(r["top_clamped"]) for r in records),
-        "top_clamped": hits([v for r in records for v in r["top_clamped"]]),
-        "top_clamped_consensus": hits([v for r in records for v in r["top_clamped_consensus"]]),
+        "airplanes": sum(len(r["top_clamped"]) for r in records) if args.top_clamped else None,
+        "top_clamped": (hits([v for r in records for v in r["top_clamped"]])
+                        if args.top_clamped else None),
+        "top_clamped_consensus": (hits([v for r in records for v in r["top_clamped_consensus"]])
+                                  if args.top_clamped else None),
         "consensus_below_seconds_median": statistics.median(r["seconds"] for r in records),
         "seconds": round(time.perf_counter() - start, 1),
         "per_scene": [{k: v for k, v in r.items() if k != "image" and not k.endswith("_mask")}
