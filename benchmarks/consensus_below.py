@@ -15,9 +15,9 @@ completions an image on the default model) after it:
   this row is the library's function end to end).
 
 ``--workers`` processes of one thread each, scenes split between them. Writes
-``benchmarks/results/consensus_below_<split>[_keep_empty].json`` (with per-scene seconds of
-``consensus_below``) and a figure of the first test scenes: input, the free pass's refined
-mask, and with ``consensus_below``.
+``benchmarks/results/consensus_below_<split>[_weighted][_keep_empty].json`` (with per-scene
+seconds of ``consensus_below``) and a figure of the first test scenes: input, the free
+pass's refined mask, and with ``consensus_below``.
 
 Usage: ``python benchmarks/consensus_below.py --split test --scenes 40 --workers 2``
 (``--no-top-clamped``: the free pass's rows only)
@@ -61,13 +61,15 @@ from pyro_backpass.learning import mask_iou, own_top_assignment  # noqa: E402
 def _scene_records(job: tuple) -> list[dict]:
     """One worker's scenes: the free pass's and the top-clamped passes' refined masks' IoUs,
     each without and with ``consensus_below``."""
-    split, n, indices, levels_below, top_k, skip_empty, top_clamped, progress = job
+    split, n, indices, levels_below, top_k, skip_empty, top_clamped, weighted, progress = job
     torch.set_num_threads(1)
     gm, _ = learned_model(smoke=False, path=None)
     verifier = DescentVerifier.shipped(refined=True)
     if verifier is None:
         raise SystemExit("the package has no refined verifier "
                          "(DescentVerifier.shipped(refined=True))")  # fmt: skip
+    options = dict(levels_below=levels_below, skip_empty=skip_empty,
+                   verifier=verifier if weighted else None)  # fmt: skip
     top = gm.hidden_levels[-1]
     scenes = Scenes(n, seed=split_seed(split))
     out = []
@@ -81,7 +83,7 @@ def _scene_records(job: tuple) -> list[dict]:
         record = {"scene": i}
         first = verified_map(gm, bu, category="airplane", verifier=verifier, top_k=top_k)
         t = time.perf_counter()
-        below = consensus_below(gm, bu, first, levels_below=levels_below, skip_empty=skip_empty)
+        below = consensus_below(gm, bu, first, **options)
         record["seconds"] = time.perf_counter() - t
         for name, res in (("free", first), ("free_consensus", below)):
             mask = refine_mask(gm, res, bu, scene.image)  # (1, H, W)
@@ -92,8 +94,7 @@ def _scene_records(job: tuple) -> list[dict]:
             gamma, delta = own_top_assignment(gm, gm.backbone, inst)
             clamp = {f"gamma_{top}": gamma, f"delta_{top}": delta}
             own = greedy_map(gm, bu, category="airplane", clamp=clamp)
-            better = consensus_below(gm, bu, own, levels_below=levels_below, clamp=clamp,
-                                     skip_empty=skip_empty)  # fmt: skip
+            better = consensus_below(gm, bu, own, clamp=clamp, **options)
             for name, res in (("top_clamped", own), ("top_clamped_consensus", better)):
                 mask = refine_mask(gm, res, bu, scene.image)
                 record[name].append(float(mask_iou(mask, inst.mask[None])[0]))
@@ -128,6 +129,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--top-clamped", action=argparse.BooleanOptionalAction, default=True,
                         help="also the top-clamped rows (rung (b), per airplane)")  # fmt: skip
+    parser.add_argument("--weighted", action="store_true",
+                        help="consensus_below(verifier=DescentVerifier.shipped(refined=True)): "
+                             "the vote weighted by the refined verifier's scores")  # fmt: skip
     parser.add_argument("--keep-empty", action="store_true",
                         help="consensus_below(skip_empty=False): empty masks vote too")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
@@ -143,13 +147,13 @@ def main() -> None:
     def job(indices: list[int], first: bool) -> tuple:
         skip = not args.keep_empty
         return (args.split, args.scenes, indices, args.levels_below, args.top_k, skip,
-                args.top_clamped, first)  # fmt: skip
+                args.top_clamped, args.weighted, first)  # fmt: skip
 
     records = records_in_workers(_scene_records, args.scenes, args.workers, job)
     result = {
         "machine": machine(), "threads": 1, "workers": args.workers, "split": args.split,
         "scenes": len(records), "levels_below": args.levels_below, "top_k": args.top_k,
-        "skip_empty": not args.keep_empty,
+        "skip_empty": not args.keep_empty, "weighted": args.weighted,
         "verifier": repr(DescentVerifier.shipped(refined=True)),
         "free": hits([r["free"] for r in records]),
         "free_consensus": hits([r["free_consensus"] for r in records]),
@@ -163,7 +167,7 @@ def main() -> None:
         "per_scene": [{k: v for k, v in r.items() if k != "image" and not k.endswith("_mask")}
                       for r in records],
     }  # fmt: skip
-    tail = "_keep_empty" if args.keep_empty else ""
+    tail = ("_weighted" if args.weighted else "") + ("_keep_empty" if args.keep_empty else "")
     out = args.out or RESULTS / f"consensus_below_{args.split}{tail}.json"
     atomic_write_json(out, result)
     figure(records, out.with_suffix(".png"))

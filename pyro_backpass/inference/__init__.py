@@ -17,7 +17,7 @@ from pyro_backpass.inference.hypotheses import (
 )
 from pyro_backpass.inference.inputs import MapInputs, check_map_inputs
 from pyro_backpass.inference.lower_choice import lower_completions, lower_levels, lower_sites
-from pyro_backpass.inference.lower_consensus import consensus_below
+from pyro_backpass.inference.lower_consensus import LOWER_TEMPERATURE, consensus_below
 from pyro_backpass.inference.mask_refine import (
     MAX_CRF_PIXELS,
     colour_crf,
@@ -49,6 +49,7 @@ from pyro_backpass.inference.verification import (
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "DEFAULT_MAX_MEMORY",
+    "LOWER_TEMPERATURE",
     "MAX_CRF_PIXELS",
     "MapInputs",
     "READ_LEVELS",

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from pyro_backpass.inference import LOWER_TEMPERATURE
+
 BENCH = Path(__file__).parents[2] / "benchmarks" / "learning.py"
 
 
@@ -1055,3 +1057,11 @@ def test_lower_consensus_smoke(tmp_path):
     assert out2.with_suffix(".png").is_file()
     for name in ("free", "free_consensus"):
         assert 0.0 <= below[name]["iou"] <= 1.0
+    # Weighted by the refined verifier: lower_consensus.py's row at the library's temperature.
+    out3 = tmp_path / "weighted.json"
+    _smoke(BENCH.parent / "consensus_below.py", "--smoke", "--split", "validation", "--weighted",
+           "--out", str(out3))  # fmt: skip
+    weighted = json.loads(out3.read_text())
+    assert weighted["weighted"]
+    assert weighted["top_clamped_consensus"]["iou"] == pytest.approx(
+        rows[f"verifier_consensus_{LOWER_TEMPERATURE:g}_nonempty"], abs=1e-6)  # fmt: skip

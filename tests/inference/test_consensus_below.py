@@ -5,32 +5,37 @@ consensus found by a loop over pixel sets — and its errors."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
-from pyro_backpass import consensus_below, greedy_map, refine_mask
+from pyro_backpass import DescentVerifier, consensus_below, greedy_map, refine_mask
 from pyro_backpass.inference import lower_sites
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _consensus_by_pixel_sets(masks, *, skip_empty: bool) -> int:
-    """The first mask of highest mean IoU with all the masks (itself included); with
-    ``skip_empty``, among the non-empty ones only (unless every one is empty)."""
+def _consensus_by_pixel_sets(masks, *, skip_empty: bool, logits=None) -> int:
+    """The first mask of highest expected IoU with all the masks (itself included) under
+    softmax(``logits``) (uniform if None); with ``skip_empty``, among the non-empty ones only
+    (unless every one is empty)."""
     sets = [set(map(tuple, m.nonzero().tolist())) for m in masks]
     among = [j for j, a in enumerate(sets) if a or not skip_empty]
     among = among or list(range(len(sets)))
+    logits = [0.0] * len(sets) if logits is None else logits
+    z = [math.exp(logits[i] - max(logits[j] for j in among)) for i in among]
+    p = {i: zi / sum(z) for i, zi in zip(among, z, strict=True)}
 
     def iou(a: set, b: set) -> float:
         return 1.0 if not a | b else len(a & b) / len(a | b)
 
-    mean = {j: sum(iou(sets[i], sets[j]) for i in among) / len(among) for j in among}
-    return max(among, key=lambda j: (mean[j], -j))
+    risk = {j: sum(p[i] * iou(sets[i], sets[j]) for i in among) for j in among}
+    return max(among, key=lambda j: (risk[j], -j))
 
 
-def _oracle(gm, bu, image, keep: dict, levels_below: int, fixed: dict, *,
-            skip_empty: bool = True) -> dict[str, int]:  # fmt: skip
+def _oracle(gm, bu, image, keep: dict, levels_below: int, fixed: dict, *, skip_empty: bool = True,
+            area_temperature: float | None = None) -> dict[str, int]:  # fmt: skip
     """Every state below ``keep`` (category and top level) completed by its own greedy call,
     refined, and chosen by consensus over pixel sets."""
     sites = lower_sites(gm, levels_below)
@@ -43,7 +48,10 @@ def _oracle(gm, bu, image, keep: dict, levels_below: int, fixed: dict, *,
             continue
         found.append(result)
         masks.append(refine_mask(gm, result, bu, image)[0])
-    best = found[_consensus_by_pixel_sets(masks, skip_empty=skip_empty)]
+    logits = None
+    if area_temperature is not None:  # weights softmax(log(1 + area) / T)
+        logits = [math.log1p(int(m.sum())) / area_temperature for m in masks]
+    best = found[_consensus_by_pixel_sets(masks, skip_empty=skip_empty, logits=logits)]
     return {s: int(v[0]) for s, v in best.assignment.items()}
 
 
@@ -66,6 +74,36 @@ def test_consensus_below_one_level_matches_brute_force(airplane_scene, skip_empt
     assert torch.allclose(result.log_joint, again.log_joint)
     assert torch.equal(result.mask, again.mask)
     assert result.modes == first.modes
+
+
+def _area_verifier(gm, *, refine_masks: bool = True) -> DescentVerifier:
+    """Scores a descent by log(1 + its refined mask's pixels) (the area column); airplane."""
+    n, f = len(gm.categories), 400
+    weight = torch.zeros(n, f, dtype=torch.float64)
+    weight[0, len(gm.hidden_levels) + 1] = 1.0
+    return DescentVerifier(categories=gm.categories, read_levels=("pool3", "conv4_1", "pool4"),
+                           weight=weight, mean=torch.zeros(n, f), scale=torch.ones(n, f),
+                           fitted=torch.tensor([True] + [False] * (n - 1)), top_k=4,
+                           refine_masks=refine_masks)  # fmt: skip
+
+
+def test_consensus_below_weighted_by_a_verifier_matches_brute_force(airplane_scene):
+    gm, scene, bu = airplane_scene
+    first = greedy_map(gm, bu, category="airplane")
+    result = consensus_below(gm, bu, first, levels_below=1, verifier=_area_verifier(gm),
+                             temperature=0.5)  # fmt: skip
+    oracle = _oracle(gm, bu, scene.image, _keep(gm, first), 1, {}, area_temperature=0.5)
+    for site, v in oracle.items():
+        assert int(result.assignment[site][0]) == v, site
+    with pytest.raises(ValueError, match="must score them"):
+        consensus_below(gm, bu, first, levels_below=1, verifier=_area_verifier(
+            gm, refine_masks=False))  # fmt: skip
+    with pytest.raises(ValueError, match="temperature must be"):
+        consensus_below(gm, bu, first, levels_below=1, verifier=_area_verifier(gm),
+                        temperature=0.0)  # fmt: skip
+    bird = greedy_map(gm, bu, category="bird")
+    with pytest.raises(ValueError, match="no weights for 'bird'"):
+        consensus_below(gm, bu, bird, levels_below=1, verifier=_area_verifier(gm))
 
 
 def test_consensus_below_two_levels_keeps_the_clamps(airplane_scene):
