@@ -150,6 +150,8 @@ def main() -> None:
                 args.top_clamped, args.weighted, first)  # fmt: skip
 
     records = records_in_workers(_scene_records, args.scenes, args.workers, job)
+    if not records:
+        raise SystemExit(f"none of the {args.scenes} {args.split} scenes has an airplane")
     result = {
         "machine": machine(), "threads": 1, "workers": args.workers, "split": args.split,
         "scenes": len(records), "levels_below": args.levels_below, "top_k": args.top_k,

@@ -11,6 +11,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one pytest-xdist worker per core: one torch thread each, so the workers
     # do not fight over the cores.
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the processes the tests start
 
 
 @pytest.fixture(autouse=True)

@@ -7,14 +7,15 @@ level clamped to the truth, the best of the 225 joint (γ, δ) of the two levels
 greedy's own (mean IoU 0.78 against 0.47 on test scenes, every mask refined by the colour CRF),
 while the largest log-joint among them is the worst choice of all (0.12): the model's own score
 prefers completions that cover clutter. The completions agree where the object is, though, so
-the *consensus* — the completion whose CRF-refined mask has the highest mean IoU with all the
-others' (:func:`~pyro_backpass.inference.expected_iou` under the uniform distribution, the
-minimum-Bayes-risk choice for mask IoU when no completion is trusted more than another) — is
-better than greedy's own (0.57 against 0.47; ``benchmarks/lower_consensus.py``), 0.59 with
-the completions whose refined mask is empty left out of the vote, and 0.64 with the vote
-weighted by the refined descent verifier's scores (``verifier=``; validation 0.44 → 0.50 →
-0.53). Weighting the completions by their tempered log-joints measured no better than the
-largest log-joint.
+the *consensus* — the completion whose CRF-refined mask has the highest mean IoU with all of
+them, itself included (:func:`~pyro_backpass.inference.expected_iou` under the uniform
+distribution, the minimum-Bayes-risk choice for mask IoU when no completion is trusted more
+than another) — is better than greedy's own (0.57 against 0.47;
+``benchmarks/lower_consensus.py``), 0.59 with the completions whose refined mask is empty left
+out of the vote, and 0.64 with the vote weighted by the refined descent verifier's scores
+(``verifier=``; on validation scenes the same four read 0.44 greedy, 0.50, 0.50 and 0.53).
+Weighting the completions by their tempered log-joints measured no better than the largest
+log-joint.
 
 This is **not** the model's MAP: the returned descent is neither the largest log-joint nor the
 greedy one; its ``log_joint`` is its own.
@@ -80,11 +81,11 @@ def consensus_below(
     (:func:`~pyro_backpass.inference.lower_completions`; those a prior forbids are dropped), each
     completion's mask is refined by the colour CRF
     (:func:`~pyro_backpass.inference.crf_mask`, its defaults, on the image level clipped to
-    [0, 1]), and the completion whose refined mask has the highest mean IoU with the others'
-    (:func:`~pyro_backpass.inference.expected_iou`, uniform weights; with a ``verifier``, the
-    weights softmax(score / ``temperature``) of its scores of each completion's
-    :func:`~pyro_backpass.inference.descent_features`; ties: the first enumerated) is returned,
-    every site of it clamped and completed again.
+    [0, 1]), and the completion whose refined mask has the highest mean IoU with all of them
+    (itself included; :func:`~pyro_backpass.inference.expected_iou`, uniform weights; with a
+    ``verifier``, the weights softmax(score / ``temperature``) of its scores of each
+    completion's :func:`~pyro_backpass.inference.descent_features`; ties: the first
+    enumerated) is returned, every site of it clamped and completed again.
 
     :param bu: level → ``(B, C, H, W)``: the activations ``result`` explained, with the
         ``image`` level (the CRF's colours) and every hidden level.
@@ -102,7 +103,8 @@ def consensus_below(
         uniform 0.586, greedy's own completion 0.465 (validation: 0.528 / 0.495 / 0.436;
         ``benchmarks/lower_consensus.py --verifier``).
     :param temperature: of the verifier's softmax (unused without one); the default
-        (:data:`LOWER_TEMPERATURE`) was chosen on validation for the shipped refined verifier.
+        (:data:`LOWER_TEMPERATURE`) was chosen on validation for the shipped refined verifier,
+        at the top of the grid measured (0.125 … 4): a higher one was not tried.
     :param clamp, priors, observed: as given to the pass (clamps on the top level or the
         category must agree with ``result``; those on lower sites are kept).
     :returns: a :class:`~pyro_backpass.MapResult` of batch B: the chosen completions, their
@@ -140,14 +142,21 @@ def consensus_below(
     if verifier is None:
         temperature = 1.0  # the scores are all 0: uniform weights whatever the temperature
     else:
+        if getattr(verifier, "levels_below", 0):
+            raise ValueError(
+                "consensus_below weighs its vote by a first-stage verifier (one "
+                "fitted on whole descents, levels_below=0, e.g. "
+                "DescentVerifier.shipped(refined=True)); this one is a second stage"
+            )
         check_verifier(gm, verifier)
         if not verifier.refine_masks:
             raise ValueError(
                 "consensus_below votes on CRF-refined masks: its verifier must score "
                 "them (refine_masks=True, e.g. DescentVerifier.shipped(refined=True))"
             )
-        if (isinstance(temperature, bool) or not isinstance(temperature, int | float)
-                or not math.isfinite(temperature) or temperature <= 0):  # fmt: skip
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+            raise TypeError(f"temperature must be a number, got {temperature!r}")
+        if not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     got = int(result.assignment["category"].shape[0])
     if got != b:

@@ -394,6 +394,9 @@ def lower_descent_features(
                                levels_below=levels_below, clamp=clamp, priors=priors,
                                observed=observed)  # fmt: skip
     ok = torch.isfinite(result.log_joint).nonzero()[:, 0]
+    if len(ok) == 0:
+        raise ValueError("no completion below the kept top level is feasible under the clamps "
+                         "and priors")  # fmt: skip
     values = {s: v[ok] for s, v in result.assignment.items()}
     x, masks = descent_features(gm, bu, values, result.log_joint[ok], read_levels=read_levels,
                                 observed=observed, refine=refine)  # fmt: skip
