@@ -27,12 +27,14 @@ descents, airplane) from each completion's :func:`~pyro_backpass.inference.desce
 
 One thread. Writes ``benchmarks/results/lower_consensus_<split>.json``.
 
-Usage: ``python benchmarks/lower_consensus.py --split validation --scenes 30``
+Usage: ``python benchmarks/lower_consensus.py --split validation --scenes 30`` (split between
+two processes: ``--scenes 15`` and ``--scenes 30 --first 15``, then ``--merge A B --out C``)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -57,7 +59,26 @@ from pyro_backpass.inference import (  # noqa: E402
 from pyro_backpass.learning import mask_iou, own_top_assignment  # noqa: E402
 
 TEMPERATURES = (1.0, 10.0, 100.0, math.inf)
-VERIFIER_TEMPERATURES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+VERIFIER_TEMPERATURES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def merge(parts: list[Path], out: Path) -> None:
+    """One result from runs on disjoint scene ranges of one split (``--first``): each row's
+    mean over all their airplanes."""
+    runs = [json.loads(p.read_text()) for p in parts]
+    if len({r["split"] for r in runs}) != 1 or len({r.get("verifier") for r in runs}) != 1:
+        raise SystemExit("--merge takes runs of one split and one verifier")
+    ranges = sorted((r.get("first", 0), r["scenes"]) for r in runs)
+    if any(a[1] != b[0] for a, b in zip(ranges, ranges[1:], strict=False)) or ranges[0][0] != 0:
+        raise SystemExit(f"--merge needs contiguous scene ranges from 0, got {ranges}")
+    n = sum(r["airplanes"] for r in runs)
+    rows = set.intersection(*(set(r["mean_iou"]) for r in runs))
+    merged = {k: sum(r["mean_iou"][k] * r["airplanes"] for r in runs) / n for k in sorted(rows)}
+    atomic_write_json(out, {**runs[0], "scenes": ranges[-1][1], "first": 0, "airplanes": n,
+                            "mean_iou": merged, "seconds": sum(r["seconds"] for r in runs),
+                            "merged_from": [p.name for p in parts]})  # fmt: skip
+    print(merged)
+    print(f"wrote {out}")
 
 
 @torch.no_grad()
@@ -65,11 +86,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--split", choices=("validation", "test"), default="validation")
     parser.add_argument("--scenes", type=int, default=30)
+    parser.add_argument("--first", type=int, default=0,
+                        help="start at this scene (scenes --first … --scenes - 1; to split a "
+                             "run between processes)")  # fmt: skip
     parser.add_argument("--verifier", action="store_true",
                         help="also choose by the shipped refined verifier's scores")  # fmt: skip
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="only merge these results of disjoint scene ranges into --out",
+    )
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge needs --out")
+        merge(args.merge, args.out)
+        return
     if args.scenes < 1:
         parser.error("--scenes must be >= 1")
     torch.set_num_threads(1)
@@ -88,7 +124,9 @@ def main() -> None:
     # The smoke preset enumerates one level under the top (5 completions), not two (225).
     levels_below = 1 if args.smoke else min(2, len(gm.hidden_levels) - 1)
     start = time.perf_counter()
-    for i in tqdm(range(n), desc="scenes"):
+    if not 0 <= args.first < n:
+        parser.error("--first must be in [0, --scenes)")
+    for i in tqdm(range(args.first, n), desc="scenes"):
         scene = scenes[i]
         bu = hidden_bu(gm, scene.image)
         for inst in [t for t in scene.instances if t.category == "airplane" and t.mask.any()]:
@@ -141,7 +179,7 @@ def main() -> None:
     summary = {k: statistics.mean(v) for k, v in rows.items() if v}
     out = args.out or RESULTS / f"lower_consensus_{args.split}.json"
     atomic_write_json(out, {"machine": machine(), "threads": 1, "model": model_name,
-                            "split": args.split, "scenes": n,
+                            "split": args.split, "scenes": n, "first": args.first,
                             "verifier": repr(verifier) if verifier is not None else None,
                             "airplanes": len(rows["greedy"]), "levels_below": levels_below,
                             "mean_iou": summary,

@@ -1043,6 +1043,9 @@ def test_lower_consensus_smoke(tmp_path):
     assert {"greedy", "log_joint", "best", "consensus_inf", "verifier_argmax"} <= set(rows)
     for name, value in rows.items():  # no choice among the completions beats their best
         assert 0.0 <= value <= rows["best"] + 1e-9, name
+    merged = tmp_path / "merged.json"  # one run is its own merge
+    _smoke(BENCH.parent / "lower_consensus.py", "--merge", str(out), "--out", str(merged))
+    assert json.loads(merged.read_text())["mean_iou"] == pytest.approx(rows)
     # The library's consensus_below end to end, on the same scene and level, must reproduce
     # the consensus that lower_consensus.py computes from its parts (and greedy's own row).
     out2 = tmp_path / "below.json"
