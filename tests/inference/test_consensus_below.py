@@ -158,3 +158,22 @@ def test_consensus_below_errors(airplane_scene):
         consensus_below(gm, two, first, levels_below=1)
     with pytest.raises(ValueError, match="needs the image level"):
         consensus_below(gm, {k: v for k, v in bu.items() if k != "image"}, first)
+
+
+def test_consensus_below_takes_each_image_of_a_batch_alone(airplane_scene):
+    """Two images (the scene twice, two different top levels kept): each image's choice is the
+    one-image call's, which the brute-force tests above check."""
+    gm, _, bu = airplane_scene
+    top = gm.hidden_levels[-1]
+    two = {k: v.expand(2, *v.shape[1:]) for k, v in bu.items()}
+    first = greedy_map(gm, bu, category="airplane", top_k=2)
+    tops = [dict(first.modes[0][j][0]) for j in range(2)]
+    clamp = {s: torch.tensor([t[s] for t in tops]) for s in (f"gamma_{top}", f"delta_{top}")}
+    both = greedy_map(gm, two, category="airplane", clamp=clamp)
+    result = consensus_below(gm, two, both, levels_below=1, clamp=clamp)
+    for i in range(2):
+        mine = {s: int(v[i]) for s, v in clamp.items()}
+        one = greedy_map(gm, bu, category="airplane", clamp=mine)
+        alone = consensus_below(gm, bu, one, levels_below=1, clamp=mine)
+        for site, v in alone.assignment.items():
+            assert int(result.assignment[site][i]) == int(v[0]), (i, site)
