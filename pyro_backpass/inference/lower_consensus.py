@@ -163,10 +163,7 @@ def consensus_below(
         raise ValueError(f"result has batch {got} but bu has batch {b}: pass the activations "
                          "the result explained")  # fmt: skip
     if verifier is not None:
-        for c in result.assignment["category"].unique().tolist():
-            if not bool(verifier.fitted[c]):
-                raise ValueError(f"the verifier has no weights for {gm.categories[c]!r}; it "
-                                 f"was fitted for {list(verifier.fitted_categories)}")  # fmt: skip
+        check_verifier(gm, verifier, categories=result.assignment["category"])
     top = gm.hidden_levels[-1]
     top_sites = (f"gamma_{top}", f"delta_{top}")
     clamps = check_clamp(gm, clamp, b)  # site → (B,)

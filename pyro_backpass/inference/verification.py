@@ -209,11 +209,13 @@ def default_verifier(gm: GenerativeModel, *, lower: bool = False) -> DescentVeri
     )
 
 
-def check_verifier(gm: GenerativeModel, verifier: object, *, second_stage: bool = False) -> None:
+def check_verifier(gm: GenerativeModel, verifier: object, *, second_stage: bool = False,
+                   categories: torch.Tensor | None = None) -> None:  # fmt: skip
     """A clear error unless ``verifier`` is a :class:`DescentVerifier` for ``gm``: the same
     categories, when it records one, the same model and backbone fingerprint, and the stage
     asked for (a first stage chooses the top level: ``levels_below`` 0; a ``second_stage``
-    chooses below it: ``levels_below`` > 0, within the model's depth)."""
+    chooses below it: ``levels_below`` > 0, within the model's depth); with ``categories``
+    (category indices), weights for each of them."""
     if not isinstance(verifier, DescentVerifier):
         raise TypeError(f"verifier must be a DescentVerifier, got {type(verifier).__name__}")
     if second_stage and not verifier.levels_below:
@@ -233,6 +235,10 @@ def check_verifier(gm: GenerativeModel, verifier: object, *, second_stage: bool 
             "the verifier was fitted for another model or backbone (its fingerprint differs); "
             "fit one for this model with fit_descent_verifier(gm, scenes)"
         )
+    for c in [] if categories is None else categories.unique().tolist():
+        if not bool(verifier.fitted[c]):
+            raise ValueError(f"the verifier has no weights for {gm.categories[c]!r}; it was "
+                             f"fitted for {list(verifier.fitted_categories)}")  # fmt: skip
 
 
 def verified_map(
@@ -294,13 +300,9 @@ def verified_map(
             "use greedy_map to leave the category to the model"
         )
     verifier = default_verifier(gm) if verifier is None else verifier
-    check_verifier(gm, verifier)
     bu_checked, b = check_bu(gm, bu)
     cats = category_indices(gm, category, b)
-    for c in cats.unique().tolist():
-        if not bool(verifier.fitted[c]):
-            raise ValueError(f"the verifier has no weights for {gm.categories[c]!r}; it was "
-                             f"fitted for {list(verifier.fitted_categories)}")  # fmt: skip
+    check_verifier(gm, verifier, categories=cats)
     second = _second_stage(gm, lower, cats, verifier)
     k = verifier.top_k if top_k is None else top_k
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
