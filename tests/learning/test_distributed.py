@@ -2,8 +2,8 @@
 and the observation fit in two gloo processes against the single-process run (the oracle:
 sharding must not change the answer beyond float rounding)."""
 
-import os
-import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,16 +16,10 @@ from pyro_backpass.learning.hard_em import EMConfig, fit_hard_em
 from pyro_backpass.learning.observation_fit import fit_level
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, size, port, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(rank, size, rendezvous, fn, args):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=size)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=size)  # fmt: skip
     try:
         fn(World.current(), *args)
     finally:
@@ -33,8 +27,13 @@ def _entry(rank, size, port, fn, args):
 
 
 def _spawn(fn, *args, size=2):
-    """Run ``fn(world, *args)`` in ``size`` gloo processes (raises what a process raised)."""
-    mp.spawn(_entry, args=(size, _free_port(), fn, args), nprocs=size, join=True)
+    """Run ``fn(world, *args)`` in ``size`` gloo processes (raises what a process raised).
+
+    They meet through a file in a fresh folder, not a TCP port: a port found free here could be
+    taken by another pytest-xdist worker before the processes bind it."""
+    with tempfile.TemporaryDirectory() as folder:
+        rendezvous = Path(folder) / "rendezvous"  # must not exist yet: gloo's FileStore makes it
+        mp.spawn(_entry, args=(size, str(rendezvous), fn, args), nprocs=size, join=True)
 
 
 def test_a_single_process_world_is_a_no_op():
