@@ -25,6 +25,19 @@ descents, airplane) from each completion's :func:`~pyro_backpass.inference.desce
 - ``verifier_argmax``: the completion it scores highest;
 - ``verifier_consensus_τ``: the highest expected IoU under softmax(score / τ).
 
+And two ways of deciding a mask from the vote that need not be any completion's (at the
+library's temperature, :data:`~pyro_backpass.inference.LOWER_TEMPERATURE`, empty masks left
+out; ``uniform_…`` the same with uniform weights):
+
+- ``aggregate_marginal_…``: the pixels that at least half the vote's weight puts in the mask
+  (the weighted per-pixel marginal thresholded at 0.5);
+- ``aggregate_mbr_…``: the mask of highest expected IoU under the vote among the completions'
+  masks *and* every threshold of that marginal (:func:`mbr_mask`; the minimum-Bayes-risk
+  decision for IoU searched over a larger set, Nowozin 2014), never below the consensus's
+  expected IoU.
+
+These two can exceed ``best``.
+
 One thread. Writes ``benchmarks/results/lower_consensus_<split>.json``.
 
 Usage: ``python benchmarks/lower_consensus.py --split validation --scenes 30`` (split between
@@ -51,6 +64,7 @@ from pyro_backpass import DescentVerifier, Scenes, greedy_map  # noqa: E402
 from pyro_backpass.data import split_seed  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.inference import (  # noqa: E402
+    LOWER_TEMPERATURE,
     crf_mask,
     expected_iou,
     lower_completions,
@@ -60,6 +74,23 @@ from pyro_backpass.learning import mask_iou, own_top_assignment  # noqa: E402
 
 TEMPERATURES = (1.0, 10.0, 100.0, math.inf)
 VERIFIER_TEMPERATURES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def mbr_mask(masks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``(H, W)`` bool: of ``masks`` ``(k, H, W)`` and every threshold ``marginal >= l`` of their
+    ``weights``-weighted per-pixel marginal (l each distinct positive value of it), the mask of
+    highest expected IoU with ``masks`` under ``weights`` (the IoU of two empty masks 1; ties:
+    the completions first, then the lower thresholds)."""
+    flat = masks.flatten(1).to(torch.float64)  # (k, N)
+    marginal = weights.to(flat) @ flat  # (N,)
+    levels = torch.unique(marginal)
+    levels = levels[levels > 0]
+    candidates = torch.cat([flat, (marginal[None] >= levels[:, None]).to(flat)])  # (k + L, N)
+    inter = candidates @ flat.T  # (k + L, k)
+    union = candidates.sum(1)[:, None] + flat.sum(1)[None] - inter
+    iou = torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(inter))
+    best = int((iou @ weights.to(iou)).argmax())
+    return candidates[best].view(masks.shape[1:]).bool()
 
 
 def merge(parts: list[Path], out: Path) -> None:
@@ -121,6 +152,15 @@ def main() -> None:
         rows["verifier_argmax"] = []
         rows.update({f"verifier_consensus_{t:g}{e}": [] for t in VERIFIER_TEMPERATURES
                      for e in ("", "_nonempty")})  # fmt: skip
+    for prefix in ("", "uniform_") if verifier is not None else ("uniform_",):
+        rows.update({f"aggregate_{rule}_{prefix}nonempty": [] for rule in ("marginal", "mbr")})
+
+    def aggregate(prefix: str, voters: torch.Tensor, w: torch.Tensor, truth: torch.Tensor) -> None:
+        marginal = ((w.to(torch.float64) @ voters.flatten(1).double()) >= 0.5).view_as(truth)
+        rows[f"aggregate_marginal_{prefix}nonempty"].append(float(mask_iou(marginal, truth)[0]))
+        best = mbr_mask(voters, w)[None]
+        rows[f"aggregate_mbr_{prefix}nonempty"].append(float(mask_iou(best, truth)[0]))
+
     # The smoke preset enumerates one level under the top (5 completions), not two (225).
     levels_below = 1 if args.smoke else min(2, len(gm.hidden_levels) - 1)
     start = time.perf_counter()
@@ -158,6 +198,8 @@ def main() -> None:
                 if not torch.equal(v_masks, masks):
                     raise SystemExit("the verifier's refined masks differ from crf_mask's")
                 score = verifier.score(x, chosen["category"]).double()
+                w = torch.softmax(score[idx] / LOWER_TEMPERATURE, 0)
+                aggregate("", masks[idx], w, inst.mask[None])
                 rows["verifier_argmax"].append(float(iou[int(score.argmax())]))
                 for t in VERIFIER_TEMPERATURES:
                     w = torch.softmax(score / t, 0)
@@ -176,6 +218,7 @@ def main() -> None:
             w = torch.full((len(idx),), 1.0 / len(idx), dtype=torch.float64)
             pick = idx[int(expected_iou(masks[idx], w).argmax())]
             rows["consensus_inf_nonempty"].append(float(iou[pick]))
+            aggregate("uniform_", masks[idx], w, inst.mask[None])
     summary = {k: statistics.mean(v) for k, v in rows.items() if v}
     out = args.out or RESULTS / f"lower_consensus_{args.split}.json"
     atomic_write_json(out, {"machine": machine(), "threads": 1, "model": model_name,
