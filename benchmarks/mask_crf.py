@@ -16,6 +16,12 @@ airplane), for the pass's own mask (``none``) and for each CRF setting
 - ``objects``: mean mask IoU of ``--objects`` lone rendered objects a category of the split,
   category given (the single-object metric of ``learning.py``).
 
+``--colour-model`` adds rows of a GrabCut-style colour model on top of the library's CRF
+(Rother et al. 2004): the CRF's probabilities fit colour histograms of the object and of the
+background (8 bins a channel, add-one smoothed; the background's pixels all of the frame or
+only those within ``local`` pixels of the mask), ``a`` × their log-ratio is added to the unary
+term and the CRF is run again, ``rounds`` times (``colour_model_a<a>_r<rounds>_l<local>``).
+
 ``--verifier FILE`` runs the verified pass with that verifier instead of the shipped one (e.g.
 one fitted on CRF-refined masks, ``fit_verifier.py --refine``). ``--grid`` measures every
 setting of the grid (choose on ``--split validation`` by ``top_clamped``); otherwise the one
@@ -62,6 +68,36 @@ from pyro_backpass.inference import colour_crf, readout_unary  # noqa: E402
 from pyro_backpass.learning import mask_iou, own_top_assignment  # noqa: E402
 
 GRID = {"spatial": (4.0, 8.0), "colour": (0.02, 0.05), "weight": (3.0,)}
+
+
+COLOUR_MODELS = ({"a": 1.0, "rounds": 1, "local": 0}, {"a": 1.0, "rounds": 2, "local": 0},
+                 {"a": 1.0, "rounds": 1, "local": 8})  # fmt: skip
+
+
+def colour_log_ratio(q: torch.Tensor, image: torch.Tensor, *, local: int,
+                     bins: int = 8) -> torch.Tensor:  # fmt: skip
+    """``(1, H, W)``: log p(colour | object) − log p(colour | background) of each pixel, the
+    histograms weighted by the probabilities ``q`` ``(1, H, W)`` and 1 − ``q`` (the background's
+    only within ``local`` pixels of ``q > 0.5`` if ``local`` > 0)."""
+    idx = (image.clamp(0, 1 - 1e-6) * bins).long()  # (3, H, W)
+    code = ((idx[0] * bins + idx[1]) * bins + idx[2]).flatten()  # (H·W,)
+    fg, bg = q.flatten(), 1 - q.flatten()
+    if local > 0:
+        near = torch.nn.functional.max_pool2d((q > 0.5).float()[None], 2 * local + 1, 1, local)
+        bg = bg * near.flatten()
+    hist_fg = torch.zeros(bins**3).index_add_(0, code, fg) + 1.0
+    hist_bg = torch.zeros(bins**3).index_add_(0, code, bg) + 1.0
+    ratio = (hist_fg / hist_fg.sum()).log() - (hist_bg / hist_bg.sum()).log()
+    return ratio[code].view_as(q)
+
+
+def colour_model_mask(u: torch.Tensor, image: torch.Tensor, *, a: float, rounds: int,
+                      local: int) -> torch.Tensor:  # fmt: skip
+    """``(1, H, W)`` bool: the library's CRF, then ``rounds`` of the colour model."""
+    q = colour_crf(u, image)
+    for _ in range(rounds):
+        q = colour_crf(u + a * colour_log_ratio(q, image, local=local), image)
+    return q > 0.5
 
 
 def setting_name(spatial: float, colour: float, weight: float) -> str:
@@ -112,7 +148,11 @@ def score(masks: dict, setting: dict | None) -> dict:
     """The module docstring's row for one CRF ``setting`` (None: the readout's own mask)."""
 
     def refine(u: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        return u > 0 if setting is None else colour_crf(u, image, **setting) > 0.5
+        if setting is None:
+            return u > 0
+        if "rounds" in setting:
+            return colour_model_mask(u, image, **setting)
+        return colour_crf(u, image, **setting) > 0.5
 
     row = {}
     for key in ("top_clamped", "alone", "objects"):
@@ -155,6 +195,8 @@ def main() -> None:
     parser.add_argument("--verifier", type=Path, default=None,
                         help="the verified pass's verifier file (default: the shipped "
                              "one), e.g. one fitted by fit_verifier.py --refine")  # fmt: skip
+    parser.add_argument("--colour-model", action="store_true",
+                        help="also the rows of COLOUR_MODELS (the module's note)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -178,6 +220,10 @@ def main() -> None:
     for setting in tqdm(settings, desc="CRF settings", leave=False):
         rows[setting_name(**setting)] = {**setting, **score(masks, setting)}
     best = max(settings, key=lambda s: rows[setting_name(**s)]["top_clamped"])
+    if args.colour_model:
+        for model in tqdm(COLOUR_MODELS, desc="colour models", leave=False):
+            name = "colour_model_a{a:g}_r{rounds}_l{local}".format(**model)
+            rows[name] = {**model, **score(masks, model)}
     out = args.out or RESULTS / f"mask_crf_{args.split}.json"
     atomic_write_json(out, {"machine": machine(), "threads": 1, "model": model_name,
                             "split": args.split, "scenes": len(masks["greedy"]),

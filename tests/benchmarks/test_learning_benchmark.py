@@ -1002,13 +1002,31 @@ def test_refocus_on_a_region_covering_the_image_is_the_clamped_pass():
 
 def test_mask_crf_smoke(tmp_path):
     out = tmp_path / "crf.json"
-    _smoke(BENCH.parent / "mask_crf.py", "--smoke", "--out", str(out))
+    _smoke(BENCH.parent / "mask_crf.py", "--smoke", "--colour-model", "--out", str(out))
     result = json.loads(out.read_text())
-    assert set(result["rows"]) == {"none", result["best_by_top_clamped"]}
+    colour_models = {n for n in result["rows"] if n.startswith("colour_model_")}
+    assert len(colour_models) == 3
+    assert set(result["rows"]) - colour_models == {"none", result["best_by_top_clamped"]}
     for row in result["rows"].values():
         assert 0.0 <= row["top_clamped"] <= 1.0 and 0.0 <= row["alone"] <= 1.0
         assert 0.0 <= row["greedy"]["hit@0.5"] <= row["greedy"]["hit@0.3"] <= 1.0
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_colour_log_ratio_against_numpy_histograms():
+    module = _module("mask_crf")
+    gen = torch.Generator().manual_seed(1)
+    image = torch.rand(3, 6, 6, generator=gen)
+    q = torch.rand(1, 6, 6, generator=gen)
+    got = module.colour_log_ratio(q, image, local=0, bins=4)
+    colours = image.permute(1, 2, 0).reshape(-1, 3).numpy()
+    edges = [np.linspace(0, 1, 5)] * 3
+    fg = np.histogramdd(colours, bins=edges, weights=q.flatten().numpy())[0] + 1
+    bg = np.histogramdd(colours, bins=edges, weights=1 - q.flatten().numpy())[0] + 1
+    ratio = np.log(fg / fg.sum()) - np.log(bg / bg.sum())
+    cell = np.minimum((colours * 4).astype(int), 3)
+    want = ratio[cell[:, 0], cell[:, 1], cell[:, 2]].reshape(1, 6, 6)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_verified_consensus_smoke(tmp_path):
