@@ -84,13 +84,12 @@ def mbr_mask(masks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     flat = masks.flatten(1).to(torch.float64)  # (k, N)
     marginal = weights.to(flat) @ flat  # (N,)
     levels = torch.unique(marginal)
-    levels = levels[levels > 0]
-    candidates = torch.cat([flat, (marginal[None] >= levels[:, None]).to(flat)])  # (k + L, N)
-    inter = candidates @ flat.T  # (k + L, k)
-    union = candidates.sum(1)[:, None] + flat.sum(1)[None] - inter
-    iou = torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(inter))
-    best = int((iou @ weights.to(iou)).argmax())
-    return candidates[best].view(masks.shape[1:]).bool()
+    thresholds = marginal[None] >= levels[levels > 0][:, None]  # (L, N)
+    candidates = torch.cat([masks.flatten(1), thresholds])  # (k + L, N)
+    # The thresholds join the vote with weight 0: each candidate's expected IoU with the masks.
+    voting = torch.cat([weights.to(flat), flat.new_zeros(len(thresholds))])
+    best = int(expected_iou(candidates.view(-1, *masks.shape[1:]), voting).argmax())
+    return candidates[best].view(masks.shape[1:])
 
 
 def merge(parts: list[Path], out: Path) -> None:
