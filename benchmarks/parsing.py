@@ -504,7 +504,8 @@ def add_verified_sensitivity(out: Path, *, top_k: int, n_sens: int, model: Path 
 def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
             verified_top_k: int | None = None, plain_criterion: bool = False,
             split: str = "test", verifier_file: Path | None = None,
-            name: str | None = None, refine: bool = False) -> dict:  # fmt: skip
+            name: str | None = None, refine: bool = False,
+            airplane_refined: bool = False) -> dict:  # fmt: skip
     """``ours_beam<B>``: ``parse_scene(gm, image, beam=B)`` on the same test scenes, the stop
     criterion as shipped; or ``ours_verified<K>``: ``run_parse(gm, image, top_k=K,
     verifier=DescentVerifier.shipped())``, each step's K modes ranked by the shipped verifier
@@ -516,7 +517,12 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
     verifier instead of the shipped one (its criterion is the plain parse's unless a shipped
     record names its fingerprint); ``name``: the row's key; ``refine``: every instance's masks
     refined by the colour CRF (``run_parse(..., refine_masks=True)``; the row's key gains
-    ``_crf``)."""
+    ``_crf``); ``airplane_refined``: airplanes' modes chosen by #10's best first stage,
+    ``DescentVerifier.shipped(refined=True)`` (CRF-refined masks, consensus), the other
+    categories' by the verifier as above (``run_parse(..., verifier={category: verifier})``;
+    the key gains ``_airplane_refined``), stopped by the criterion the verifier above would
+    use (the one fitted on the shipped verifier's parses, or with ``plain_criterion`` the plain
+    parse's)."""
     import json
 
     from pyro_backpass import DescentVerifier
@@ -537,16 +543,21 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
 
         name = name or (f"ours_verified{verified_top_k}"
                         + ("_plain_criterion" if plain_criterion else "")
-                        + ("_crf" if refine else ""))  # fmt: skip
+                        + ("_crf" if refine else "")
+                        + ("_airplane_refined" if airplane_refined else ""))  # fmt: skip
         verifier = (DescentVerifier.shipped() if verifier_file is None
                     else DescentVerifier.load(verifier_file))  # fmt: skip
         if verifier is None:
             raise SystemExit("no shipped descent verifier: run benchmarks/fit_verifier.py --ship")
         stop = default_threshold(gm) if plain_criterion else default_threshold(
             gm, verifier=verifier, top_k=verified_top_k)  # fmt: skip
+        chooser = verifier
+        if airplane_refined:
+            chooser = {**dict.fromkeys(gm.categories, verifier),
+                       "airplane": DescentVerifier.shipped(refined=True)}  # fmt: skip
 
         def parse(image):
-            return run_parse(gm, image, beam=beam, top_k=verified_top_k, verifier=verifier,
+            return run_parse(gm, image, beam=beam, top_k=verified_top_k, verifier=chooser,
                              criterion=stop["criterion"], threshold=stop["threshold"],
                              refine_masks=refine)  # fmt: skip
 
@@ -563,6 +574,8 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
     row["split"], row["scenes"] = split, n_test
     if verified_top_k is not None:
         row["verifier_sha256"] = verifier.fingerprint()
+        if airplane_refined:
+            row["airplane_verifier_sha256"] = chooser["airplane"].fingerprint()
     # read now: another row may have been added meanwhile
     result = json.loads(out.read_text()) if out.is_file() else {}
     result[name] = row
@@ -608,6 +621,9 @@ def main() -> None:
     parser.add_argument("--row-name", default=None, help="the added row's key")
     parser.add_argument("--refine", action="store_true",
                         help="with --beam-row/--verified-row: CRF-refined masks")  # fmt: skip
+    parser.add_argument("--airplane-refined", action="store_true",
+                        help="with --verified-row: airplanes' modes chosen by "
+                             "DescentVerifier.shipped(refined=True)")  # fmt: skip
     parser.add_argument("--verified-sensitivity", type=int, default=None, metavar="K",
                         help="only add the class sensitivity of verified_map(..., top_k=K) to "
                              "the row ours_verified<K> of --out")  # fmt: skip
@@ -626,7 +642,8 @@ def main() -> None:
                 plain_criterion=args.plain_criterion,
                 n_test=2 if args.smoke else args.test, model=args.model,
                 split=args.row_split, verifier_file=args.verifier,
-                name=args.row_name, refine=args.refine)  # fmt: skip
+                name=args.row_name, refine=args.refine,
+                airplane_refined=args.airplane_refined)  # fmt: skip
         return
     torch.set_num_threads(1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ floating-point rounding of batched kernels).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ import torch
 from pyro_backpass.inference.background import background_log_likelihood
 from pyro_backpass.inference.greedy import greedy_map
 from pyro_backpass.inference.objective import object_mask, top_down_pass
-from pyro_backpass.inference.verification import descent_features
+from pyro_backpass.inference.verification import descent_features, expected_iou
 from pyro_backpass.model.descent_verifier import DescentVerifier
 from pyro_backpass.parsing.query import Query, location_prior
 from pyro_backpass.parsing.views import View
@@ -149,19 +150,36 @@ def complete_candidates(gm: GenerativeModel, cands: list[Candidate]) -> None:
 
 
 def verify_candidates(
-    gm: GenerativeModel, cands: list[Candidate], verifier: DescentVerifier
+    gm: GenerativeModel, cands: list[Candidate], verifiers: Mapping[int, DescentVerifier]
 ) -> None:
-    """Each candidate's :class:`~pyro_backpass.model.DescentVerifier` score (``.verified``),
-    from its :func:`~pyro_backpass.inference.descent_features` on its row's current maps (the
-    objects found before it explained away); one feature pass per row."""
-    rows: dict[int, list[Candidate]] = {}
+    """Each candidate's verifier score (``.verified``) by the
+    :class:`~pyro_backpass.model.DescentVerifier` of its category (``verifiers``: category index
+    → verifier), from its :func:`~pyro_backpass.inference.descent_features` on its row's current
+    maps (the objects found before it explained away); one feature pass per row and feature
+    kind (read levels, CRF-refined masks or not).
+
+    A verifier with a ``consensus`` temperature τ scores each candidate by its expected mask
+    IoU with the other candidates of its row and category under softmax(score / τ), as
+    :func:`~pyro_backpass.verified_map` chooses (:func:`~pyro_backpass.inference.expected_iou`);
+    its ``refine_masks`` computes the features, and that vote, on the CRF-refined masks."""
+    rows: dict[tuple[int, tuple[str, ...], bool], list[Candidate]] = {}
     for c in cands:
-        rows.setdefault(c.row, []).append(c)
-    for mine in rows.values():
+        v = verifiers[int(c.assignment["category"])]
+        rows.setdefault((c.row, tuple(v.read_levels), v.refine_masks), []).append(c)
+    for (_, read_levels, refine), mine in rows.items():
         values = {s: torch.tensor([c.assignment[s] for c in mine], device=gm.device)
                   for s in mine[0].assignment}  # fmt: skip
         lj = torch.tensor([c.log_joint for c in mine], dtype=torch.float64)
-        x, _ = descent_features(gm, mine[0].bu, values, lj, read_levels=verifier.read_levels,
-                                observed=mine[0].obs)  # fmt: skip
-        for c, v in zip(mine, x.cpu(), strict=True):
-            c.verified = float(verifier.score(v[None], c.assignment["category"])[0])
+        x, masks = descent_features(gm, mine[0].bu, values, lj, read_levels=read_levels,
+                                    observed=mine[0].obs, refine=refine)  # fmt: skip
+        x, masks = x.cpu(), masks.cpu()  # (k, F), (k, H, W)
+        groups: dict[int, list[int]] = {}
+        for j, c in enumerate(mine):
+            groups.setdefault(int(c.assignment["category"]), []).append(j)
+        for cat, idx in groups.items():
+            v = verifiers[cat]
+            score = v.score(x[idx], cat)  # (n,)
+            if v.consensus is not None:  # (n,) expected IoU under the verifier's vote
+                score = expected_iou(masks[idx], torch.softmax(score / v.consensus, 0))
+            for j, s in zip(idx, score.tolist(), strict=True):
+                mine[j].verified = float(s)

@@ -178,7 +178,7 @@ def run_parse(
     background: str | None = None,
     top_k: int = DEFAULT_TOP_K,
     mode_masks: bool = False,
-    verifier: DescentVerifier | None = None,
+    verifier: DescentVerifier | Mapping[str, DescentVerifier] | None = None,
     refine_masks: bool = False,
 ) -> SceneParse:
     """:func:`parse_scene` with the criterion's knobs:
@@ -201,7 +201,12 @@ def run_parse(
       ``top_k`` it was fitted with (100), the default criterion and threshold are those fitted
       on verified parses (``parse_threshold_verified.json``, see
       :func:`.threshold.default_threshold`); otherwise the plain parse's. None: rank by the
-      log-likelihood ratio.
+      log-likelihood ratio. A mapping category name → verifier gives each category its own
+      (e.g. ``{**{c: DescentVerifier.shipped() for c in gm.categories}, "airplane":
+      DescentVerifier.shipped(refined=True)}``); a verifier with ``refine_masks`` scores its
+      category's modes by their CRF-refined masks, one with a ``consensus`` temperature by
+      their expected mask IoU under its vote, as :func:`~pyro_backpass.verified_map` does. A
+      mapping of more than one verifier stops by the plain parse's criterion.
     - ``refine_masks``: each found instance's masks are the mask readout's refined by the
       colour-bilateral CRF of :func:`~pyro_backpass.refine_mask` in its view (issue #10's
       option; the step's choice, its stop statistic and the explaining away are unchanged,
@@ -231,7 +236,7 @@ def parse_scenes(
     background: str | None = None,
     top_k: int = DEFAULT_TOP_K,
     mode_masks: bool = False,
-    verifier: DescentVerifier | None = None,
+    verifier: DescentVerifier | Mapping[str, DescentVerifier] | None = None,
     refine_masks: bool = False,
 ) -> list[SceneParse]:
     """:func:`run_parse` of many images at once: one :class:`SceneParse` per image, each what
@@ -301,7 +306,7 @@ def parse_activations(
     background: str | None = None,
     top_k: int = DEFAULT_TOP_K,
     mode_masks: bool = False,
-    verifier: DescentVerifier | None = None,
+    verifier: DescentVerifier | Mapping[str, DescentVerifier] | None = None,
     refine_masks: bool = False,
 ) -> SceneParse:
     """:func:`run_parse` on given bottom-up activations of one model-sized input (level →
@@ -350,7 +355,7 @@ def _parse(
     background: str | None,
     top_k: int,
     mode_masks: bool = False,
-    verifier: DescentVerifier | None = None,
+    verifier: DescentVerifier | Mapping[str, DescentVerifier] | None = None,
     refine_masks: bool = False,
     classifier: Backbone | None = None,
 ) -> list[SceneParse]:
@@ -364,8 +369,11 @@ def _parse(
     query = Query() if query is None else query
     if not isinstance(query, Query):
         raise TypeError(f"query must be a pyro_backpass.parsing.Query, got {type(query).__name__}")
-    if verifier is not None:
-        _check_verifier(gm, verifier, query)
+    verifiers = None if verifier is None else _verifiers(gm, verifier, query)
+    if verifiers is not None and len({id(v) for v in verifiers.values()}) == 1:
+        verifier = next(iter(verifiers.values()))  # one verifier: its own stop criterion
+    elif verifiers is not None:
+        verifier = None  # several: no criterion was fitted on their parses
     if refine_masks and getattr(gm, "mask_readout", None) is None:
         raise ValueError("refine_masks needs a model with a mask readout (the CRF's unary term)")
     fitted = default_threshold(gm, verifier=verifier, top_k=top_k)
@@ -420,8 +428,8 @@ def _parse(
         by_path: dict[int, list[Candidate]] = {}
         for c in cands:
             by_path.setdefault(c.path, []).append(c)
-        if verifier is not None:
-            verify_candidates(gm, cands, verifier)
+        if verifiers is not None:
+            verify_candidates(gm, cands, verifiers)
             _verified_order(gm, by_path, units, criterion, classifier)
         # Decide per path what stops and what needs completing, then complete all at once.
         plans = []  # (scene, path, its candidates best first, the ones to complete)
@@ -429,7 +437,7 @@ def _parse(
         for u, (_, s, p) in enumerate(units):
             # Best first by LLR; with a verifier, in the order _verified_order made.
             mine = by_path.get(u, [])
-            if verifier is None:
+            if verifiers is None:
                 mine = sorted(mine, key=lambda c: -c.llr)
             plans.append((s, p, mine, _to_complete(mine, query, beam=beam)))
         complete_candidates(gm, [c for *_, pool in plans for c in pool])
@@ -508,8 +516,10 @@ def _verified_order(
         by_path[u] = heads + mine[n_heads:]
 
 
-def _check_verifier(gm: GenerativeModel, verifier: Any, query: Query) -> None:
-    check_verifier(gm, verifier)
+def _verifiers(gm: GenerativeModel, verifier: Any, query: Query) -> dict[int, DescentVerifier]:
+    """Category index → the verifier of each category this parse can choose (the query's, or
+    all), from one verifier or a mapping category name → verifier; a clear error for an
+    unknown category, a verifier for another model, or a category without weights."""
     if query.category is not None:
         c = query.category
         need = [c if isinstance(c, str) else gm.categories[int(c)]]
@@ -517,13 +527,30 @@ def _check_verifier(gm: GenerativeModel, verifier: Any, query: Query) -> None:
         need = [c for c, w in query.categories.items() if w > 0]
     else:
         need = list(gm.categories)
-    missing = [c for c in need if c not in verifier.fitted_categories]
+    if isinstance(verifier, Mapping):
+        unknown = [c for c in verifier if c not in gm.categories]
+        if unknown:
+            raise ValueError(f"verifier maps unknown categories {unknown}; the model's are "
+                             f"{list(gm.categories)}")  # fmt: skip
+        uncovered = [c for c in need if c not in verifier]
+        if uncovered:
+            raise ValueError(
+                f"verifier maps no verifier to {uncovered}, which this parse can "
+                "choose (attend to the mapped ones with Query(category=...))"
+            )
+        by_name = {c: verifier[c] for c in need}
+    else:
+        by_name = dict.fromkeys(need, verifier)
+    for v in {id(v): v for v in by_name.values()}.values():
+        check_verifier(gm, v)
+    missing = [n for n, v in by_name.items() if not bool(v.fitted[gm.categories.index(n)])]
     if missing:
+        fitted = sorted({c for v in by_name.values() for c in v.fitted_categories})
         raise ValueError(
             f"the verifier has no weights for {missing}, which this parse can choose; it was "
-            f"fitted for {list(verifier.fitted_categories)} (attend to one with "
-            "Query(category=...), or fit the others)"
+            f"fitted for {fitted} (attend to one with Query(category=...), or fit the others)"
         )
+    return {gm.categories.index(name): v for name, v in by_name.items()}
 
 
 def _start(
