@@ -54,6 +54,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import (  # noqa: E402
@@ -233,7 +234,7 @@ def run_ours(
     """Parse every scene; the evaluation and per-scene records (for the failure analysis)."""
     ev = InstanceEvaluation(gm.categories)
     records = []
-    for k, scene in enumerate(scenes):
+    for k, scene in enumerate(tqdm(scenes, desc="parses", leave=False)):
         t = time.perf_counter()
         parse_result = parse(scene.image)
         seconds = time.perf_counter() - t
