@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "READ_LEVELS",
     "check_verifier",
+    "choice_scores",
     "default_verifier",
     "descent_features",
     "expected_iou",
@@ -177,6 +178,18 @@ def expected_iou(masks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     union = area[:, None] + area[None] - inter
     iou = torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(inter))
     return iou @ weights.to(iou)
+
+
+def choice_scores(verifier: DescentVerifier, x: torch.Tensor, masks: torch.Tensor,
+                  category: int) -> torch.Tensor:  # fmt: skip
+    """``(k,)``: what a first-stage verifier's choice among ``k`` descents of one category
+    maximises — its score of their features ``x`` ``(k, F)``, or with a ``consensus``
+    temperature τ each descent's expected mask IoU (``masks`` ``(k, H, W)``) under
+    softmax(score / τ) (:func:`expected_iou`)."""
+    score = verifier.score(x, category)
+    if verifier.consensus is None:
+        return score
+    return expected_iou(masks, torch.softmax(score / verifier.consensus, 0))
 
 
 def verifier_fingerprint(gm: GenerativeModel) -> str:
@@ -323,9 +336,7 @@ def verified_map(
         if not modes:
             raise ValueError(f"image {i}: no feasible top-level hypothesis under the clamps")
         c = int(values["category"][0])
-        score = verifier.score(x.cpu(), c)
-        if verifier.consensus is not None:  # the choice of highest expected mask IoU
-            score = expected_iou(masks.cpu(), torch.softmax(score / verifier.consensus, 0))
+        score = choice_scores(verifier, x.cpu(), masks.cpu(), c)
         order = sorted(range(len(modes)), key=lambda j: (-float(score[j]), j))
         best = dict(modes[order[0]][0])
         if second is not None and bool(second.fitted[c]):

@@ -21,7 +21,7 @@ import torch
 from pyro_backpass.inference.background import background_log_likelihood
 from pyro_backpass.inference.greedy import greedy_map
 from pyro_backpass.inference.objective import object_mask, top_down_pass
-from pyro_backpass.inference.verification import descent_features, expected_iou
+from pyro_backpass.inference.verification import choice_scores, descent_features
 from pyro_backpass.model.descent_verifier import DescentVerifier
 from pyro_backpass.parsing.query import Query, location_prior
 from pyro_backpass.parsing.views import View
@@ -177,9 +177,6 @@ def verify_candidates(
         for j, c in enumerate(mine):
             groups.setdefault(int(c.assignment["category"]), []).append(j)
         for cat, idx in groups.items():
-            v = verifiers[cat]
-            score = v.score(x[idx], cat)  # (n,)
-            if v.consensus is not None:  # (n,) expected IoU under the verifier's vote
-                score = expected_iou(masks[idx], torch.softmax(score / v.consensus, 0))
+            score = choice_scores(verifiers[cat], x[idx], masks[idx], cat)  # (n,)
             for j, s in zip(idx, score.tolist(), strict=True):
                 mine[j].verified = float(s)
