@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+# A file of the smoke preset's trained model: ``learned_model(smoke=True)`` loads it instead of
+# training its own (the test suite trains it once per worker, tests/benchmarks/conftest.py).
+SMOKE_MODEL_ENV = "PYRO_BACKPASS_SMOKE_MODEL"
 
 
 def machine() -> str:
@@ -85,7 +88,9 @@ def learned_model(*, smoke: bool, path: Path | None = None):
     from pyro_backpass import GenerativeModel
     from pyro_backpass.learning import PRESETS, train_model
 
-    if smoke:
+    if smoke and os.environ.get(SMOKE_MODEL_ENV):  # the test suite's one smoke model
+        gm, name = GenerativeModel.load(os.environ[SMOKE_MODEL_ENV]), "smoke"
+    elif smoke:
         with tempfile.TemporaryDirectory() as tmp:
             gm, name = train_model(PRESETS["smoke"], out_dir=tmp, progress=False), "smoke"
     elif path is not None:

@@ -1,0 +1,37 @@
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _smoke_model_env() -> str:
+    """``benchmarks/common.py``'s variable name, read without putting benchmarks/ on the path."""
+    path = Path(__file__).parents[2] / "benchmarks" / "common.py"
+    spec = importlib.util.spec_from_file_location("_benchmarks_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SMOKE_MODEL_ENV
+
+
+SMOKE_MODEL_ENV = _smoke_model_env()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_smoke_model(tmp_path_factory):
+    """The benchmark scripts' ``--smoke`` runs (and the tests that import them) train the smoke
+    preset's model; train it once per test process and let them load it (``SMOKE_MODEL_ENV``,
+    inherited by the scripts' subprocesses): about 13 s saved per smoke run."""
+    from pyro_backpass.learning import PRESETS, train_model
+
+    before = os.environ.get(SMOKE_MODEL_ENV)
+    out = tmp_path_factory.mktemp("smoke_model")
+    with torch.random.fork_rng():  # leave the tests' own seeding as it was
+        gm = train_model(PRESETS["smoke"], out_dir=out / "run", progress=False)
+    os.environ[SMOKE_MODEL_ENV] = str(gm.save(out / "smoke.safetensors"))
+    yield
+    if before is None:
+        os.environ.pop(SMOKE_MODEL_ENV, None)
+    else:
+        os.environ[SMOKE_MODEL_ENV] = before

@@ -1,0 +1,90 @@
+"""benchmarks/parse_first_step.py: its summary of hand-built records whose answers are known,
+its AUC against scipy's Mann–Whitney U, and its smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import mannwhitneyu
+
+BENCH = Path(__file__).parents[2] / "benchmarks"
+CATS = ("airplane", "bird", "boat", "car", "chair")
+
+
+def _load():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_parse_first_step",
+                                                  BENCH / "parse_first_step.py")  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _head(category: str, stat: float, hit: bool) -> dict:
+    return {"category": category, "stat": stat, "llr": 0.0, "visible": 1, "amodal": 1,
+            "best_iou": 0.9 if hit else 0.1, "hit": hit, "hit_airplane": hit and category ==
+            "airplane", "category_right": hit}  # fmt: skip
+
+
+def _record(stats: dict[str, float], hits: set[str], free: str) -> dict:
+    rows = {f"shipped_{c}": _head(c, stats[c], c in hits) for c in CATS}
+    rows["shipped_free"] = _head(free, stats[free], free in hits)
+    return {
+        "rows": rows,
+        "seconds": dict.fromkeys(rows, 1.0),
+        "free_top_k_categories": {"airplane": 3, "bird": 1},
+    }
+
+
+def test_summary_of_known_records():
+    base = dict(zip(CATS, (0.0, 0.0, 0.0, 0.0, 0.0), strict=True))
+    records = [
+        # the airplane head hits and has the largest statistic; the free step took it
+        _record(base | {"airplane": 3.0}, {"airplane"}, "airplane"),
+        # no head hits
+        _record(base | {"car": 2.0}, set(), "car"),
+        # the car head hits, the bird's statistic is larger (2nd by statistic); free took bird
+        _record(base | {"bird": 2.0, "car": 1.0}, {"car"}, "bird"),
+        # the chair head hits with the largest statistic, the free step took boat (its top-k)
+        _record(base | {"chair": 4.0, "boat": 1.0}, {"chair"}, "boat"),
+    ]
+    got = _load().summarise(records, CATS)
+    choices = got["choices"]
+    assert choices["oracle_any_head"] == 0.75
+    assert choices["max_stat_over_heads"]["hit"] == 0.5  # records 0 and 3
+    assert choices["max_stat_over_heads"]["chose"] == {"airplane": 1, "car": 1, "bird": 1,
+                                                       "chair": 1}  # fmt: skip
+    assert choices["free_missed_a_hitting_head"] == 0.5  # records 2 and 3
+    assert choices["rank_by_stat_of_the_best_hitting_head_when_missed"] == {1: 1, 2: 1}
+    assert got["rows"]["shipped_free"]["hit"] == 0.25
+    assert got["rows"]["shipped_free"]["chose"] == {"airplane": 1, "car": 1, "bird": 1, "boat": 1}
+    assert choices["free_top_k_share"]["bird"] == 4 / 16
+    assert choices["free_top_k_share"]["airplane"] == 12 / 16
+
+
+def test_auc_is_mann_whitney():
+    rng = np.random.default_rng(0)
+    stats = np.round(rng.normal(size=40), 1)  # ties on purpose
+    hits = rng.random(40) < 0.4
+    want = mannwhitneyu(stats[hits], stats[~hits]).statistic / (hits.sum() * (~hits).sum())
+    got = _load().auc(list(zip(stats.tolist(), hits.tolist(), strict=True)))
+    assert got == pytest.approx(want)
+    assert _load().auc([(1.0, True)]) is None
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_smoke(tmp_path):
+    out = tmp_path / "first.json"
+    summary = _load().main(["--smoke", "--top-k", "4", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["scenes"] == 1 and result["top_k"] == 4
+    assert set(result["rows"]) == {"shipped_free", "shipped_airplane"} == set(summary["rows"])
+    assert result["rows"]["shipped_airplane"]["chose"] == {"airplane": 1}
+    for row in result["rows"].values():
+        assert 0.0 <= row["hit"] <= 1.0 and 0.0 <= row["best_iou"] <= 1.0
+    assert sum(result["records"][0]["free_top_k_categories"].values()) == 4
