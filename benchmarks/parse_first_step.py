@@ -22,6 +22,8 @@ From the per-scene records (in the JSON), choices the step could have made:
 - ``oracle_any_head``: some clamped head (shipped verifier, any category) hits;
 - ``max_stat_over_heads``: the clamped head of largest stop statistic — the free step were each
   category given its own top-k (k modes per category instead of k in all);
+- ``max_class_log_prob_over_heads``: the clamped head whose visible region the backbone's
+  classifier reads as its category with the largest log-probability (``region_log_prob``);
 - ``free_top_k_share``: how many of the free step's k modes each category has.
 
 One thread. Writes ``benchmarks/results/parse_first_step.json`` (``--out``).
@@ -49,15 +51,23 @@ from parsing import parse_scenes  # noqa: E402
 from pyro_backpass import DescentVerifier  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.learning import mask_iou  # noqa: E402
-from pyro_backpass.parsing import Query, default_threshold, run_parse  # noqa: E402
+from pyro_backpass.parsing import (  # noqa: E402
+    Query,
+    default_threshold,
+    region_log_prob,
+    run_parse,
+)
 
 TOP_K = 100
 HIT = 0.5
 
 
-def judge(inst, known: list, truth: torch.Tensor) -> dict:
-    """One first instance against the scene's true instances of known categories."""
+def judge(inst, known: list, truth: torch.Tensor, image: torch.Tensor, backbone) -> dict:
+    """One first instance against the scene's true instances of known categories, with the
+    backbone's log-probabilities of each category on its visible region (``region_log_prob``,
+    the stop criterion's ``class_log_prob`` feature)."""
     iou = mask_iou(inst.mask[None].expand_as(truth), truth)  # (n,)
+    n_cls = len(backbone.categories)
     best = int(iou.argmax())
     planes = [float(v) for v, t in zip(iou, known, strict=True) if t.category == "airplane"]
     same = [float(v) for v, t in zip(iou, known, strict=True) if t.category == inst.category]
@@ -71,6 +81,18 @@ def judge(inst, known: list, truth: torch.Tensor) -> dict:
         "hit": bool(iou[best] >= HIT),
         "hit_airplane": bool(planes and max(planes) >= HIT),
         "category_right": bool(same and max(same) >= HIT),
+        "class_log_probs": dict(
+            zip(
+                backbone.categories,
+                region_log_prob(
+                    backbone,
+                    image,
+                    inst.mask[None].expand(n_cls, *inst.mask.shape),
+                    list(range(n_cls)),
+                ).tolist(),
+                strict=True,
+            )
+        ),  # fmt: skip
     }
 
 
@@ -95,6 +117,15 @@ def summarise(records: list[dict], categories: tuple[str, ...]) -> dict:
         choices["max_stat_over_heads"]["chose"] = dict(
             collections.Counter(g["category"] for g in best)
         )
+
+        def own_class(g: dict) -> float:
+            return g["class_log_probs"][g["category"]]
+
+        by_class = [max((r["rows"][h] for h in heads), key=own_class) for r in present]
+        choices["max_class_log_prob_over_heads"] = {
+            k: statistics.mean(float(g[k]) for g in by_class)
+            for k in ("hit", "hit_airplane", "category_right")
+        }  # fmt: skip
         choices["oracle_any_head"] = statistics.mean(
             float(any(r["rows"][h]["hit"] for h in heads)) for r in present)  # fmt: skip
         # the free step missed while some head hit: which head, and its statistic's rank
@@ -174,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
                               criterion=stop["criterion"], refine_masks=True,
                               verifier=verifier, query=query)  # fmt: skip
             inst = parse.instances[0]
-            record["rows"][name] = judge(inst, known, truth)
+            record["rows"][name] = judge(inst, known, truth, scene.image, gm.backbone)
             record["seconds"][name] = time.perf_counter() - t
             if name == "shipped_free":
                 record["free_top_k_categories"] = dict(collections.Counter(

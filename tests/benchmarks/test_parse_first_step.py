@@ -25,14 +25,17 @@ def _load():
     return module
 
 
-def _head(category: str, stat: float, hit: bool) -> dict:
+def _head(category: str, stat: float, hit: bool, clp: float | None = None) -> dict:
     return {"category": category, "stat": stat, "llr": 0.0, "visible": 1, "amodal": 1,
             "best_iou": 0.9 if hit else 0.1, "hit": hit, "hit_airplane": hit and category ==
-            "airplane", "category_right": hit}  # fmt: skip
+            "airplane", "category_right": hit,
+            "class_log_probs": dict.fromkeys(CATS, -stat if clp is None else clp)}  # fmt: skip
 
 
-def _record(stats: dict[str, float], hits: set[str], free: str) -> dict:
-    rows = {f"shipped_{c}": _head(c, stats[c], c in hits) for c in CATS}
+def _record(stats: dict[str, float], hits: set[str], free: str, clp: str = "") -> dict:
+    """``clp``: the one head the classifier reads as its category (log-prob 1; else −stat)."""
+    rows = {f"shipped_{c}": _head(c, stats[c], c in hits, 1.0 if c == clp else None)
+            for c in CATS}  # fmt: skip
     rows["shipped_free"] = _head(free, stats[free], free in hits)
     return {
         "rows": rows,
@@ -49,7 +52,7 @@ def test_summary_of_known_records():
         # no head hits
         _record(base | {"car": 2.0}, set(), "car"),
         # the car head hits, the bird's statistic is larger (2nd by statistic); free took bird
-        _record(base | {"bird": 2.0, "car": 1.0}, {"car"}, "bird"),
+        _record(base | {"bird": 2.0, "car": 1.0}, {"car"}, "bird", clp="car"),
         # the chair head hits with the largest statistic, the free step took boat (its top-k)
         _record(base | {"chair": 4.0, "boat": 1.0}, {"chair"}, "boat"),
     ]
@@ -59,6 +62,8 @@ def test_summary_of_known_records():
     assert choices["max_stat_over_heads"]["hit"] == 0.5  # records 0 and 3
     assert choices["max_stat_over_heads"]["chose"] == {"airplane": 1, "car": 1, "bird": 1,
                                                        "chair": 1}  # fmt: skip
+    # by the classifier: bird, airplane, car (the one hit), airplane (ties go to the first)
+    assert choices["max_class_log_prob_over_heads"]["hit"] == 0.25
     assert choices["free_missed_a_hitting_head"] == 0.5  # records 2 and 3
     assert choices["rank_by_stat_of_the_best_hitting_head_when_missed"] == {1: 1, 2: 1}
     assert got["rows"]["shipped_free"]["hit"] == 0.25
