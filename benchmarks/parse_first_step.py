@@ -24,7 +24,10 @@ From the per-scene records (in the JSON), choices the step could have made:
   category given its own top-k (k modes per category instead of k in all);
 - ``max_class_log_prob_over_heads``: the clamped head whose visible region the backbone's
   classifier reads as its category with the largest log-probability (``region_log_prob``);
-- ``free_top_k_share``: how many of the free step's k modes each category has.
+- ``free_top_k_share``: how many of the free step's k modes each category has;
+- ``fitted_choice`` (``--records-from RUN.json --fit-choice-on VALIDATION.json``): the head of
+  largest score under a conditional logit fitted on another split's records
+  (:func:`fit_choice`), scored on these.
 
 One thread. Writes ``benchmarks/results/parse_first_step.json`` (``--out``).
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import math
 import statistics
 import sys
@@ -60,6 +64,13 @@ from pyro_backpass.parsing import (  # noqa: E402
 
 TOP_K = 100
 HIT = 0.5
+FEATURES = (
+    "llr per amodal pixel",
+    "log(1 + visible pixels)",
+    "class log-prob",
+    "class log-prob minus the best other class's",
+    "category one-hot (less the first)",
+)
 
 
 def judge(inst, known: list, truth: torch.Tensor, image: torch.Tensor, backbone) -> dict:
@@ -158,6 +169,92 @@ def auc(pairs: list[tuple[float, bool]]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
+def head_features(g: dict, categories: tuple[str, ...]) -> list[float]:
+    """A head's features for a choice across categories: LLR per amodal pixel, log visible
+    area, the classifier's log-probability of its category on its region and that minus the
+    best other category's, and its category one-hot (less the first)."""
+    own = g["class_log_probs"][g["category"]]
+    other = max(v for c, v in g["class_log_probs"].items() if c != g["category"])
+    return [
+        g["llr"] / max(g["amodal"], 1),
+        math.log1p(g["visible"]),
+        own,
+        own - other,
+        *(float(g["category"] == c) for c in categories[1:]),
+    ]
+
+
+def fit_choice(records: list[dict], categories: tuple[str, ...], *, l2: float = 0.1) -> dict:
+    """A conditional logit over each scene's category heads (``shipped_<category>``): weights
+    ``w`` maximising Σ_scenes log Σ_{heads that hit} softmax(w·x)_head − l2 |w|² on standardised
+    features (:func:`head_features`); scenes where no head hits carry no information and are
+    left out. Returns ``{"weights", "mean", "scale", "scenes"}``."""
+    heads = [f"shipped_{c}" for c in categories]
+    usable = [r for r in records if any(r["rows"][h]["hit"] for h in heads)]
+    if not usable:
+        raise ValueError("no scene has a head that hits: nothing to fit a choice on")
+    x = torch.tensor([[head_features(r["rows"][h], categories) for h in heads] for r in usable],
+                     dtype=torch.float64)  # (scenes, heads, features)  # fmt: skip
+    hit = torch.tensor([[r["rows"][h]["hit"] for h in heads] for r in usable])  # (scenes, heads)
+    flat = x.reshape(-1, x.shape[-1])
+    mean, scale = flat.mean(0), flat.std(0).clamp_min(1e-6)
+    z = (x - mean) / scale
+    w = torch.zeros(x.shape[-1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        opt.zero_grad()
+        logp = torch.log_softmax(z @ w, -1)  # (scenes, heads)
+        value = -torch.logsumexp(logp.masked_fill(~hit, -math.inf), -1).sum() + l2 * w @ w
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        opt.step(loss)
+    return {"weights": w.detach().tolist(), "mean": mean.tolist(), "scale": scale.tolist(),
+            "scenes": len(usable)}  # fmt: skip
+
+
+def fitted_choice(records: list[dict], categories: tuple[str, ...], fit: dict) -> dict:
+    """Each scene's head of largest fitted score (:func:`fit_choice`): hit shares and the
+    categories chosen."""
+    heads = [f"shipped_{c}" for c in categories]
+    w, mean, scale = (torch.tensor(fit[k], dtype=torch.float64)
+                      for k in ("weights", "mean", "scale"))  # fmt: skip
+    chosen = []
+    for r in records:
+        x = torch.tensor([head_features(r["rows"][h], categories) for h in heads],
+                         dtype=torch.float64)  # fmt: skip
+        chosen.append(r["rows"][heads[int((((x - mean) / scale) @ w).argmax())]])
+    out = {k: statistics.mean(float(g[k]) for g in chosen)
+           for k in ("hit", "hit_airplane", "category_right")}  # fmt: skip
+    out["chose"] = dict(collections.Counter(g["category"] for g in chosen))
+    return out
+
+
+def resummarise(args: argparse.Namespace) -> dict:
+    """``--records-from``: the summary of saved records, with a choice fitted on another run's
+    (``--fit-choice-on``); written to ``--out`` (default: the input file, updated)."""
+    saved = json.loads(args.records_from.read_text())
+    records = saved["records"]
+    categories = tuple(saved.get("categories") or [  # the clamped rows, in the run's order
+        k.removeprefix("shipped_") for k in records[0]["rows"]
+        if k.startswith("shipped_") and k != "shipped_free"])  # fmt: skip
+    summary = summarise(records, categories)
+    if args.fit_choice_on is not None:
+        train = json.loads(args.fit_choice_on.read_text())
+        fit = fit_choice(train["records"], categories)
+        summary["choices"]["fitted_choice"] = {
+            **fitted_choice(records, categories, fit),
+            "fitted_on": f"{train['split']}: {fit['scenes']} scenes with a hitting head",
+            "features": FEATURES, "fit": fit,
+        }  # fmt: skip
+    out = args.out or args.records_from
+    atomic_write_json(out, {**saved, **summary})
+    print(json.dumps(summary["choices"], indent=1))
+    return summary
+
+
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -175,9 +272,24 @@ def main(argv: list[str] | None = None) -> dict:
         default=TOP_K,
         help="modes a step (the verified criterion was fitted at 100)",
     )
+    parser.add_argument(
+        "--records-from",
+        type=Path,
+        default=None,
+        help="summarise the records of an earlier run's JSON instead of parsing",
+    )
+    parser.add_argument(
+        "--fit-choice-on",
+        type=Path,
+        default=None,
+        help="fit the choice across category heads (fit_choice) on this run's JSON "
+        "(validation) and score it on the records summarised",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.records_from is not None:
+        return resummarise(args)
     gm, model_name = learned_model(smoke=False, path=None)
     shipped = DescentVerifier.shipped()
     refined = DescentVerifier.shipped(refined=True)
@@ -216,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_json(out, {"machine": machine(), "threads": 1, "model": model_name,
                             "split": args.split, "scenes": n, "first": args.first,
                             "top_k": args.top_k, "stop_criterion_fitted_on": stop["fitted_on"],
+                            "categories": list(gm.categories),
                             **summary, "records": records,
                             "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
     for name, s in summary["rows"].items():

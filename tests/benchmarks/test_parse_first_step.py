@@ -93,3 +93,43 @@ def test_smoke(tmp_path):
     for row in result["rows"].values():
         assert 0.0 <= row["hit"] <= 1.0 and 0.0 <= row["best_iou"] <= 1.0
     assert sum(result["records"][0]["free_top_k_categories"].values()) == 4
+
+
+def _random_records(n: int, seed: int) -> list[dict]:
+    """Scenes where exactly one head hits and the classifier reads it as its category with the
+    largest log-probability; statistics random (so the statistic's choice is chance)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        winner = CATS[rng.integers(len(CATS))]
+        stats = dict(zip(CATS, rng.normal(size=len(CATS)).tolist(), strict=True))
+        record = _record(stats, {winner}, winner)
+        for c in CATS:
+            clp = -3.0 + rng.normal() + (2.5 if c == winner else 0.0)
+            record["rows"][f"shipped_{c}"]["class_log_probs"] = dict.fromkeys(CATS, -20.0) | {
+                c: clp
+            }
+        out.append(record)
+    return out
+
+
+def test_fitted_choice_learns_the_feature_that_tells_the_hit(tmp_path):
+    module = _load()
+    train, test = _random_records(60, 0), _random_records(60, 1)
+    fit = module.fit_choice(train, CATS)
+    assert fit["scenes"] == 60
+    got = module.fitted_choice(test, CATS, fit)
+    by_stat = module.summarise(test, CATS)["choices"]["max_stat_over_heads"]["hit"]
+    assert got["hit"] >= 0.9 > 0.5 > by_stat
+    # the command line: fitted on one file, scored on another, written where asked
+    for name, records in (("val", train), ("test", test)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"records": records,
+                                                           "split": name}))  # fmt: skip
+    files = {k: str(tmp_path / f"{k}.json") for k in ("val", "test", "out")}
+    summary = module.main(["--records-from", files["test"], "--fit-choice-on", files["val"],
+                           "--out", files["out"]])  # fmt: skip
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["choices"]["fitted_choice"]["hit"] == got["hit"]
+    assert summary["choices"]["fitted_choice"]["fit"]["weights"] == pytest.approx(fit["weights"])
+    with pytest.raises(ValueError, match="no scene has a head that hits"):
+        module.fit_choice([_record(dict.fromkeys(CATS, 0.0), set(), "car")], CATS)
