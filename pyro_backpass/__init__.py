@@ -86,6 +86,7 @@ from pyro_backpass.model import (
     UniformPrior,
 )
 from pyro_backpass.parsing import (
+    HeadChoice,
     InstanceEvaluation,
     ParsedInstance,
     PredictedInstances,
@@ -132,6 +133,7 @@ __all__ = [
     "DistractorSweep",
     "EMConfig",
     "GenerativeModel",
+    "HeadChoice",
     "ImageFiles",
     "InstanceEvaluation",
     "LevelSpec",

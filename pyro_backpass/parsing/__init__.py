@@ -8,6 +8,12 @@ true instances.
 """
 
 from pyro_backpass.parsing.explaining_away import EXPLAIN_AWAY, explain_away
+from pyro_backpass.parsing.head_choice import (
+    HEAD_CHOICE_FILE,
+    HeadChoice,
+    fit_head_choice,
+    head_features,
+)
 from pyro_backpass.parsing.labels import mode_label
 from pyro_backpass.parsing.metrics import (
     InstanceEvaluation,
@@ -60,6 +66,8 @@ from pyro_backpass.parsing.views import View, as_image, make_views
 __all__ = [
     "BACKGROUNDS",
     "EXPLAIN_AWAY",
+    "HEAD_CHOICE_FILE",
+    "HeadChoice",
     "InstanceEvaluation",
     "LOCATIONS",
     "LogLinearPrior",
@@ -84,8 +92,10 @@ __all__ = [
     "default_threshold",
     "encode_mask",
     "explain_away",
+    "fit_head_choice",
     "fit_stop_criterion",
     "foreground_ari",
+    "head_features",
     "location_prior",
     "make_views",
     "mask_box",

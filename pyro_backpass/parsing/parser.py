@@ -46,10 +46,11 @@ from pyro_backpass.parsing.candidates import (
     verify_candidates,
 )
 from pyro_backpass.parsing.explaining_away import explain_away
+from pyro_backpass.parsing.head_choice import HeadChoice
 from pyro_backpass.parsing.query import Query
 from pyro_backpass.parsing.scene_parse import ParsedInstance, SceneParse
 from pyro_backpass.parsing.stop import StopCriterion, region_log_prob
-from pyro_backpass.parsing.threshold import default_threshold
+from pyro_backpass.parsing.threshold import default_threshold, model_fingerprint
 from pyro_backpass.parsing.views import View, as_image, make_views
 
 if TYPE_CHECKING:
@@ -180,6 +181,7 @@ def run_parse(
     mode_masks: bool = False,
     verifier: DescentVerifier | Mapping[str, DescentVerifier] | None = None,
     refine_masks: bool = False,
+    choose: HeadChoice | None = None,
 ) -> SceneParse:
     """:func:`parse_scene` with the criterion's knobs:
 
@@ -212,12 +214,19 @@ def run_parse(
       option; the step's choice, its stop statistic and the explaining away are unchanged,
       the refined mask is what the instance reports and what later steps' visible masks
       exclude). Needs a model with a mask readout.
+    - ``choose``: a :class:`~pyro_backpass.parsing.HeadChoice`: each step completes the best
+      mode of each category in each view (by the verifier's score, or by LLR without one) and
+      takes the head of largest choice score, not of largest stop statistic (which ranks a
+      step's heads at chance, ``benchmarks/parse_first_step.py``); the stop is decided on
+      that head's statistic as before. ``HeadChoice.shipped()`` is fitted for the shipped
+      model and verifier at ``top_k=100`` (``benchmarks/fit_head_choice.py``). Needs a
+      backbone with a classifier head (its features read the classifier).
     """
     return parse_scenes(
         gm, [image], max_objects=max_objects, query=query, beam=beam, scales=scales,
         backbone=backbone, threshold=threshold, criterion=criterion, explain=explain,
         background=background, top_k=top_k, mode_masks=mode_masks, verifier=verifier,
-        refine_masks=refine_masks,
+        refine_masks=refine_masks, choose=choose,
     )[0]  # fmt: skip
 
 
@@ -238,6 +247,7 @@ def parse_scenes(
     mode_masks: bool = False,
     verifier: DescentVerifier | Mapping[str, DescentVerifier] | None = None,
     refine_masks: bool = False,
+    choose: HeadChoice | None = None,
 ) -> list[SceneParse]:
     """:func:`run_parse` of many images at once: one :class:`SceneParse` per image, each what
     :func:`parse_scene` gives for that image alone (up to floating-point rounding of batched
@@ -289,7 +299,7 @@ def parse_scenes(
     return _parse(gm, scenes, max_objects=max_objects, query=query, beam=beam,
                   threshold=threshold, criterion=criterion, explain=explain, background=background,
                   top_k=top_k, mode_masks=mode_masks, verifier=verifier,
-                  refine_masks=refine_masks, classifier=backbone)  # fmt: skip
+                  refine_masks=refine_masks, classifier=backbone, choose=choose)  # fmt: skip
 
 
 def parse_activations(
@@ -308,6 +318,7 @@ def parse_activations(
     mode_masks: bool = False,
     verifier: DescentVerifier | Mapping[str, DescentVerifier] | None = None,
     refine_masks: bool = False,
+    choose: HeadChoice | None = None,
 ) -> SceneParse:
     """:func:`run_parse` on given bottom-up activations of one model-sized input (level →
     ``(1, C, H, W)``, e.g. built from the model's own top-down activations in tests), no scan.
@@ -324,7 +335,7 @@ def parse_activations(
     return _parse(gm, [(img, [view], bu0)], max_objects=max_objects, query=query, beam=beam,
                   threshold=threshold, criterion=criterion, explain=explain, background=background,
                   top_k=top_k, mode_masks=mode_masks, verifier=verifier,
-                  refine_masks=refine_masks, classifier=gm.backbone)[0]  # fmt: skip
+                  refine_masks=refine_masks, classifier=gm.backbone, choose=choose)[0]  # fmt: skip
 
 
 @dataclass
@@ -358,6 +369,7 @@ def _parse(
     verifier: DescentVerifier | Mapping[str, DescentVerifier] | None = None,
     refine_masks: bool = False,
     classifier: Backbone | None = None,
+    choose: HeadChoice | None = None,
 ) -> list[SceneParse]:
     """The parse loop of a batch of images ``(image (3, H, W), views, bottom-up maps level →
     (V, C, h, w))``, one step of every image still parsing per iteration. ``classifier``: the
@@ -374,6 +386,8 @@ def _parse(
         verifier = next(iter(verifiers.values()))  # one verifier: its own stop criterion
     elif verifiers is not None:
         verifier = None  # several: no criterion was fitted on their parses
+    if choose is not None:
+        _check_choice(gm, choose, classifier)
     if refine_masks and getattr(gm, "mask_readout", None) is None:
         raise ValueError("refine_masks needs a model with a mask readout (the CRF's unary term)")
     fitted = default_threshold(gm, verifier=verifier, top_k=top_k)
@@ -430,14 +444,15 @@ def _parse(
             by_path.setdefault(c.path, []).append(c)
         if verifiers is not None:
             verify_candidates(gm, cands, verifiers)
-            _verified_order(gm, by_path, units, criterion, classifier)
+        if verifiers is not None or choose is not None:
+            _head_order(gm, by_path, units, criterion, classifier, choose=choose)
         # Decide per path what stops and what needs completing, then complete all at once.
         plans = []  # (scene, path, its candidates best first, the ones to complete)
         force = query.imagine and step == 0
         for u, (_, s, p) in enumerate(units):
-            # Best first by LLR; with a verifier, in the order _verified_order made.
+            # Best first by LLR; with a verifier or a choice, in the order _head_order made.
             mine = by_path.get(u, [])
-            if verifiers is None:
+            if verifiers is None and choose is None:
                 mine = sorted(mine, key=lambda c: -c.llr)
             plans.append((s, p, mine, _to_complete(mine, query, beam=beam)))
         complete_candidates(gm, [c for *_, pool in plans for c in pool])
@@ -488,31 +503,35 @@ def _parse(
     return [s.result for s in batch]
 
 
-def _verified_order(
+def _head_order(
     gm: GenerativeModel, by_path: dict[int, list[Candidate]], units: list,
-    criterion: StopCriterion, classifier: Backbone | None,
+    criterion: StopCriterion, classifier: Backbone | None, *, choose: HeadChoice | None,
 ) -> None:  # fmt: skip
-    """Order each path's candidates for a parse with a verifier, in place. The verifier's
-    scores compare descents of one category on one row (a view) only — it was fitted on such
-    lists, and its listwise loss leaves a constant per list free — so each (row, category)
-    group's best by the verifier is completed, and these heads are ordered by the stop
-    statistic (a calibrated log-odds of "new object", comparable across rows and categories);
-    the other candidates follow, by verifier score within their group."""
+    """Order each path's candidates by per-category heads, in place. Each (row, category)
+    group's best — by the verifier's score when the parse verifies (its scores compare
+    descents of one category on one row only: it was fitted on such lists, and its listwise
+    loss leaves a constant per list free), else by LLR — is completed, and these heads are
+    ordered by the stop statistic (a calibrated log-odds of "new object", comparable across
+    rows and categories) or, with ``choose``, by its choice score; the other candidates
+    follow, best first within their group."""
     heads_all = []
     for u, mine in by_path.items():
         groups: dict[tuple[int, int], list[Candidate]] = {}
         for c in mine:  # candidates arrive in greedy's order: ties keep the lower rank
             groups.setdefault((c.row, c.assignment["category"]), []).append(c)
-        ranked = [sorted(g, key=lambda c: -c.verified) for g in groups.values()]
+        ranked = [sorted(g, key=lambda c: -(c.llr if c.verified is None else c.verified))
+                  for g in groups.values()]  # fmt: skip
         heads_all += [(u, g[0]) for g in ranked]
         by_path[u] = [g[0] for g in ranked] + [c for g in ranked for c in g[1:]]
     complete_candidates(gm, [c for _, c in heads_all])
+    key: dict[int, float] = {}
     for u, c in heads_all:
         _, s, p = units[u]
         c.stat = _statistic(gm, criterion, c, p, s, classifier)
+        key[id(c)] = c.stat if choose is None else _choice_score(gm, choose, c, p, s, classifier)
     for u, mine in by_path.items():
         n_heads = sum(1 for v, _ in heads_all if v == u)
-        heads = sorted(mine[:n_heads], key=lambda c: -c.stat)
+        heads = sorted(mine[:n_heads], key=lambda c: -key[id(c)])
         by_path[u] = heads + mine[n_heads:]
 
 
@@ -601,19 +620,25 @@ def _check_classifier(gm: GenerativeModel, classifier: Backbone | None) -> None:
                          f"classifier does not know the categories {missing}")  # fmt: skip
 
 
+def _regions(c: Candidate, p: _Path, s: _Scene) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate ``c``'s amodal and visible masks ``(H, W)`` in image space on path ``p``: the
+    occluder's pixels count neither as visible nor in the amodal mask, so an occluded object
+    is not read as "already claimed"."""
+    amodal = c.amodal
+    if s.occluder is not None:
+        amodal = amodal & ~s.occluder
+    return amodal, amodal & ~p.claimed
+
+
 def _statistic(
     gm: GenerativeModel, criterion: StopCriterion, c: Candidate, p: _Path, s: _Scene,
     classifier: Backbone | None,
 ) -> float:  # fmt: skip
     """The stop statistic of candidate ``c`` on path ``p``. Pixels are counted in its view's
     frame (the model's input, where the criterion was fitted), so the statistic is comparable
-    across image sizes and scales; the occluder's pixels count neither as visible nor in the
-    amodal mask, so an occluded object is not read as "already claimed". A criterion that
-    weighs ``class_log_prob`` reads the visible region in the candidate's view."""
-    amodal = c.amodal
-    if s.occluder is not None:
-        amodal = amodal & ~s.occluder
-    visible = amodal & ~p.claimed
+    across image sizes and scales (see :func:`_regions`). A criterion that weighs
+    ``class_log_prob`` reads the visible region in the candidate's view."""
+    amodal, visible = _regions(c, p, s)
     per_pixel = s.views[c.view].factor ** 2  # view pixels per image pixel
     class_log_prob = None
     if criterion.needs_class_log_prob:
@@ -626,6 +651,48 @@ def _statistic(
     return criterion.statistic(llr=c.llr, visible=float(visible.sum()) * per_pixel,
                                amodal=float(amodal.sum()) * per_pixel, step=len(p.instances),
                                class_log_prob=class_log_prob)  # fmt: skip
+
+
+def _choice_score(
+    gm: GenerativeModel, choose: HeadChoice, c: Candidate, p: _Path, s: _Scene,
+    classifier: Backbone | None,
+) -> float:  # fmt: skip
+    """The :class:`HeadChoice` score of head ``c`` on path ``p``: its features counted in its
+    view's frame, the classifier read on its visible region in its view."""
+    assert classifier is not None  # _check_choice ran
+    amodal, visible = _regions(c, p, s)
+    view = s.views[c.view]
+    per_pixel = view.factor**2
+    cats = list(gm.categories)
+    mask = view.from_image(visible)[None].expand(len(cats), -1, -1)  # (C, S, S)
+    index = [classifier.categories.index(name) for name in cats]
+    logp = region_log_prob(classifier, view.image, mask, index).tolist()
+    return choose.score_head(llr=c.llr, visible=float(visible.sum()) * per_pixel,
+                             amodal=float(amodal.sum()) * per_pixel,
+                             class_log_probs=dict(zip(cats, logp, strict=True)),
+                             category=cats[int(c.assignment["category"])])  # fmt: skip
+
+
+def _check_choice(gm: GenerativeModel, choose: Any, classifier: Backbone | None) -> None:
+    """A head choice must be one, fitted for this model's categories (and this model, when it
+    names one), with a classifier that knows them."""
+    if not isinstance(choose, HeadChoice):
+        raise TypeError(f"choose must be a pyro_backpass.parsing.HeadChoice, "
+                        f"got {type(choose).__name__}")  # fmt: skip
+    if tuple(choose.categories) != tuple(gm.categories):
+        raise ValueError(f"the head choice was fitted for the categories "
+                         f"{list(choose.categories)}; the model has "
+                         f"{list(gm.categories)}")  # fmt: skip
+    if choose.model_sha256 is not None and choose.model_sha256 != model_fingerprint(gm):
+        raise ValueError("the head choice was fitted for another model (its model_sha256 "
+                         "differs); fit one for this model "
+                         "(benchmarks/fit_head_choice.py)")  # fmt: skip
+    if classifier is None or getattr(classifier, "head", None) is None:
+        raise ValueError("a head choice reads the classifier: it needs a backbone with a "
+                         "classifier head (gm.backbone or backbone=)")  # fmt: skip
+    missing = [c for c in gm.categories if c not in classifier.categories]
+    if missing:
+        raise ValueError(f"the backbone's classifier does not know the categories {missing}")
 
 
 def _stopped(p: _Path, stop_score: float) -> _Path:

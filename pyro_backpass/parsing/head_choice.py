@@ -1,0 +1,187 @@
+"""The parse's choice among one step's per-category heads (issue #11).
+
+A parse step with per-category heads (each view's best mode of each category: by the descent
+verifier in a verified parse) must pick one. By default it picks the head of largest stop
+statistic (:class:`~pyro_backpass.parsing.StopCriterion`), a log-odds of "new object" fitted
+to decide *whether to stop* on the step's chosen head; ``benchmarks/parse_first_step.py``
+measured that it ranks the heads of one step at chance (AUC 0.45–0.49: it favours small masks).
+:class:`HeadChoice` is a conditional logit fitted for the choice itself: on validation scenes,
+the probability that a head is the one that matches a true instance is
+
+    p(head) = softmax_heads( w · (x(head) − mean) / scale )
+
+over the step's heads, with ``x`` = :func:`head_features` (LLR per amodal pixel, log visible
+area, the backbone's log-probability of the head's category on its visible region and its
+margin over the best other category, the category one-hot). The stop is still decided by the
+criterion, on the chosen head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import torch
+
+__all__ = ["HEAD_CHOICE_FILE", "HeadChoice", "fit_head_choice", "head_features"]
+
+HEAD_CHOICE_FILE = "head_choice.json"
+
+
+def head_features(
+    *,
+    llr: float,
+    visible: float,
+    amodal: float,
+    class_log_probs: Mapping[str, float],
+    category: str,
+    categories: Sequence[str],
+) -> list[float]:
+    """One head's features: ``[llr / amodal, log(1 + visible), log p(category | region),
+    that minus the largest other category's, one-hot of the category less the first]``.
+
+    :param llr: its log-likelihood ratio against background.
+    :param visible: its visible pixels (amodal less what earlier instances claimed), in the
+        model's input frame; ``amodal``: its amodal pixels (≥ 1 counted).
+    :param class_log_probs: category name → the backbone's log-probability of it on the
+        head's visible region (:func:`~pyro_backpass.parsing.region_log_prob`); every name in
+        ``categories``.
+    """
+    if category not in categories:
+        raise ValueError(f"unknown category {category!r}; the choice knows {list(categories)}")
+    missing = [c for c in categories if c not in class_log_probs]
+    if missing:
+        raise ValueError(f"class_log_probs lacks the categories {missing}")
+    own = float(class_log_probs[category])
+    other = max(float(class_log_probs[c]) for c in categories if c != category)
+    x = [float(llr) / max(float(amodal), 1.0), math.log1p(max(float(visible), 0.0)), own,
+         own - other, *(float(category == c) for c in categories[1:])]  # fmt: skip
+    if not all(math.isfinite(v) for v in x):
+        raise ValueError(f"head features must be finite, got {x}")
+    return x
+
+
+@dataclass(frozen=True)
+class HeadChoice:
+    """A fitted choice among a step's heads (see the module's docstring).
+
+    :ivar categories: the categories whose heads it scores (the model's, in its order).
+    :ivar weights: one per feature of :func:`head_features` (``4 + len(categories) - 1``).
+    :ivar mean: the features' means on the fit; ``scale``: their standard deviations.
+    :ivar model_sha256: the fingerprint of the model it was fitted for
+        (:func:`~pyro_backpass.parsing.model_fingerprint`), or None (not checked).
+    """
+
+    categories: tuple[str, ...]
+    weights: tuple[float, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    model_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "categories", tuple(str(c) for c in self.categories))
+        n = 4 + len(self.categories) - 1
+        for name in ("weights", "mean", "scale"):
+            values = tuple(float(v) for v in getattr(self, name))
+            if len(values) != n:
+                raise ValueError(f"HeadChoice.{name}: {len(values)} values for {n} features "
+                                 f"({len(self.categories)} categories)")  # fmt: skip
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"HeadChoice.{name} must be finite, got {values}")
+            object.__setattr__(self, name, values)
+        if len(self.categories) < 2 or len(set(self.categories)) != len(self.categories):
+            raise ValueError(f"HeadChoice needs ≥ 2 distinct categories, got {self.categories}")
+        if min(self.scale) <= 0:
+            raise ValueError(f"HeadChoice.scale must be positive, got {self.scale}")
+
+    @property
+    def num_features(self) -> int:
+        return len(self.weights)
+
+    def score(self, features: Sequence[float]) -> float:
+        """``w · (x − mean) / scale`` of one head's :func:`head_features`."""
+        if len(features) != self.num_features:
+            raise ValueError(f"need {self.num_features} features, got {len(features)}")
+        return sum(w * (x - m) / s for w, x, m, s in
+                   zip(self.weights, features, self.mean, self.scale, strict=True))  # fmt: skip
+
+    def score_head(self, *, llr: float, visible: float, amodal: float,
+                   class_log_probs: Mapping[str, float], category: str) -> float:  # fmt: skip
+        """:meth:`score` of a head described by :func:`head_features`' arguments."""
+        return self.score(head_features(llr=llr, visible=visible, amodal=amodal,
+                                        class_log_probs=class_log_probs, category=category,
+                                        categories=self.categories))  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"categories": list(self.categories), "weights": list(self.weights),
+                "mean": list(self.mean), "scale": list(self.scale),
+                "model_sha256": self.model_sha256}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> HeadChoice:
+        keys = {"categories", "weights", "mean", "scale", "model_sha256"}
+        if not {"categories", "weights", "mean", "scale"} <= set(record) <= keys:
+            raise ValueError(f"not a HeadChoice record: keys {sorted(record)}")
+        return cls(tuple(record["categories"]), tuple(record["weights"]), tuple(record["mean"]),
+                   tuple(record["scale"]), record.get("model_sha256"))  # fmt: skip
+
+    @classmethod
+    def shipped(cls) -> HeadChoice | None:
+        """The choice shipped in the package (fitted for ``GenerativeModel.default()`` and the
+        shipped descent verifier, ``benchmarks/fit_head_choice.py --ship``), or None."""
+        ref = resources.files("pyro_backpass").joinpath("weights", HEAD_CHOICE_FILE)
+        if not ref.is_file():
+            return None
+        return cls.from_dict(json.loads(ref.read_text())["head_choice"])
+
+
+def fit_head_choice(
+    groups: Sequence[Sequence[Mapping[str, Any]]],
+    *,
+    categories: Sequence[str],
+    l2: float = 1.0,
+    model_sha256: str | None = None,
+) -> HeadChoice:
+    """Fit a :class:`HeadChoice` by maximum penalised likelihood of the hitting heads.
+
+    :param groups: one list per step (scene) of its heads, each a mapping with the arguments of
+        :func:`head_features` (``llr``, ``visible``, ``amodal``, ``class_log_probs``,
+        ``category``) and ``hit`` (bool: it matches a true instance). The objective is
+        Σ_steps log Σ_{heads that hit} p(head) − l2 |w|² on standardised features; steps
+        where no head hits say nothing about the choice and are left out.
+    :param l2: the penalty's weight (≥ 0).
+    """
+    categories = tuple(categories)
+    if not (isinstance(l2, (int, float)) and math.isfinite(l2) and l2 >= 0):
+        raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
+    usable = [g for g in groups if len(g) >= 2 and any(bool(h["hit"]) for h in g)]
+    if not usable:
+        raise ValueError("no step has two or more heads of which one hits: nothing to fit")
+    feats = [[head_features(llr=h["llr"], visible=h["visible"], amodal=h["amodal"],
+                            class_log_probs=h["class_log_probs"], category=h["category"],
+                            categories=categories) for h in g] for g in usable]  # fmt: skip
+    flat = torch.tensor([x for g in feats for x in g], dtype=torch.float64)  # (heads, F)
+    mean, scale = flat.mean(0), flat.std(0)
+    scale = torch.where(scale > 1e-9, scale, torch.ones_like(scale))  # a constant feature
+    w = torch.zeros(flat.shape[1], dtype=torch.float64, requires_grad=True)
+    zs = [(torch.tensor(g, dtype=torch.float64) - mean) / scale for g in feats]  # (h_i, F)
+    hits = [torch.tensor([bool(h["hit"]) for h in g]) for g in usable]
+    opt = torch.optim.LBFGS([w], max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        value = l2 * (w @ w)
+        for z, hit in zip(zs, hits, strict=True):
+            logp = torch.log_softmax(z @ w, 0)
+            value = value - torch.logsumexp(logp[hit], 0)
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return HeadChoice(categories, tuple(w.detach().tolist()), tuple(mean.tolist()),
+                      tuple(scale.tolist()), model_sha256)  # fmt: skip

@@ -1,0 +1,166 @@
+"""``HeadChoice``: its features by hand, its fit against scipy's optimiser on the same
+objective, what it learns on heads where one feature tells the hit, its checks, and the parse
+that uses it (``run_parse(..., choose=)``) against ``greedy_map``'s own modes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from pyro_backpass import GenerativeModel, HeadChoice, greedy_map, make_scene, split_seed
+from pyro_backpass.parsing import fit_head_choice, head_features, model_fingerprint, run_parse
+
+CATS = ("airplane", "bird", "boat")
+
+
+def _head(category: str, *, llr=-100.0, visible=50.0, amodal=80.0, clp=None, hit=False):
+    clp = {c: -2.0 for c in CATS} if clp is None else clp
+    return {"category": category, "llr": llr, "visible": visible, "amodal": amodal,
+            "class_log_probs": clp, "hit": hit}  # fmt: skip
+
+
+def test_features_by_hand():
+    x = head_features(llr=-120.0, visible=49.0, amodal=60.0, category="bird", categories=CATS,
+                      class_log_probs={"airplane": -0.5, "bird": -1.5, "boat": -3.0})  # fmt: skip
+    assert x == pytest.approx([-2.0, math.log(50.0), -1.5, -1.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="unknown category 'car'"):
+        head_features(llr=0, visible=1, amodal=1, category="car", categories=CATS,
+                      class_log_probs=dict.fromkeys(CATS, 0.0))  # fmt: skip
+    with pytest.raises(ValueError, match="lacks the categories"):
+        head_features(llr=0, visible=1, amodal=1, category="bird", categories=CATS,
+                      class_log_probs={"bird": 0.0})  # fmt: skip
+    with pytest.raises(ValueError, match="finite"):
+        head_features(llr=math.nan, visible=1, amodal=1, category="bird", categories=CATS,
+                      class_log_probs=dict.fromkeys(CATS, 0.0))  # fmt: skip
+
+
+def _groups(n: int, seed: int) -> list[list[dict]]:
+    """Steps of three heads; the hit is the head the classifier reads best as its category,
+    other features noise; some steps have no hit, some two."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        own = rng.normal(-3.0, 1.0, size=len(CATS))
+        best = int(own.argmax())
+        hits = [j == best and rng.random() < 0.9 for j in range(len(CATS))]
+        if rng.random() < 0.1:
+            hits[(best + 1) % len(CATS)] = True
+        out.append([_head(c, llr=float(rng.normal(-5000, 2000)),
+                          visible=float(rng.integers(20, 400)), amodal=400.0,
+                          clp=dict.fromkeys(CATS, -9.0) | {c: float(own[j])}, hit=hits[j])
+                    for j, c in enumerate(CATS)])  # fmt: skip
+    return out
+
+
+def test_fit_matches_scipy_on_the_same_objective():
+    groups, l2 = _groups(40, 0), 0.5
+    fit = fit_head_choice(groups, categories=CATS, l2=l2)
+    usable = [g for g in groups if any(h["hit"] for h in g)]
+    x = [np.array([head_features(**{k: h[k] for k in ("llr", "visible", "amodal",
+                                                          "class_log_probs", "category")},
+                                 categories=CATS) for h in g]) for g in usable]  # fmt: skip
+    flat = np.concatenate(x)
+    mean, scale = flat.mean(0), flat.std(0, ddof=1)
+    scale[scale < 1e-9] = 1.0
+    zs = [(g - mean) / scale for g in x]
+    hits = [np.array([h["hit"] for h in g]) for g in usable]
+
+    def objective(w: np.ndarray) -> float:
+        value = l2 * w @ w
+        for z, hit in zip(zs, hits, strict=True):
+            s = z @ w
+            logp = s - np.logaddexp.reduce(s)
+            value -= np.logaddexp.reduce(logp[hit])
+        return value
+
+    want = minimize(objective, np.zeros(flat.shape[1]), method="BFGS", options={"gtol": 1e-9})
+    np.testing.assert_allclose(fit.weights, want.x, atol=1e-4)
+    np.testing.assert_allclose(fit.mean, mean, rtol=1e-9)
+    assert objective(np.array(fit.weights)) <= want.fun + 1e-7
+
+
+def test_fit_learns_the_feature_that_tells_the_hit():
+    fit = fit_head_choice(_groups(80, 1), categories=CATS, l2=0.1)
+    test = [g for g in _groups(80, 2) if any(h["hit"] for h in g)]
+    right = 0
+    for g in test:
+        scores = [fit.score_head(**{k: h[k] for k in ("llr", "visible", "amodal",
+                                                       "class_log_probs", "category")})
+                  for h in g]  # fmt: skip
+        right += g[int(np.argmax(scores))]["hit"]
+    assert right / len(test) >= 0.9
+    assert fit.weights[2] > 0  # the class log-probability carries the choice
+
+
+def test_checks_and_round_trip():
+    fit = fit_head_choice(_groups(20, 3), categories=CATS, model_sha256="abc")
+    assert HeadChoice.from_dict(fit.to_dict()) == fit
+    with pytest.raises(ValueError, match="3 values for 6 features"):
+        HeadChoice(CATS, (1.0, 2.0, 3.0), (0.0,) * 6, (1.0,) * 6)
+    with pytest.raises(ValueError, match="finite"):
+        HeadChoice(CATS, (math.nan,) + (0.0,) * 5, (0.0,) * 6, (1.0,) * 6)
+    with pytest.raises(ValueError, match="distinct categories"):
+        HeadChoice(("bird", "bird"), (0.0,) * 5, (0.0,) * 5, (1.0,) * 5)
+    with pytest.raises(ValueError, match="not a HeadChoice record"):
+        HeadChoice.from_dict({"weights": [1.0]})
+    with pytest.raises(ValueError, match="nothing to fit"):
+        fit_head_choice([[_head("bird"), _head("boat")]], categories=CATS)
+    with pytest.raises(ValueError, match="l2 must be"):
+        fit_head_choice(_groups(5, 4), categories=CATS, l2=-1.0)
+
+
+@pytest.fixture(scope="module")
+def shipped_gm():
+    return GenerativeModel.default()
+
+
+def _favour(gm, category: str, *, sha: str | None = None) -> HeadChoice:
+    """A choice that reads only the category one-hot: ``category``'s head always wins."""
+    cats = gm.categories
+    weights = [0.0] * 4 + [0.0] * (len(cats) - 1)
+    if category == cats[0]:
+        weights[4:] = [-10.0] * (len(cats) - 1)
+    else:
+        weights[4 + cats.index(category) - 1] = 10.0
+    return HeadChoice(cats, weights, [0.0] * len(weights), [1.0] * len(weights), sha)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_the_parse_takes_the_chosen_categorys_best_mode(shipped_gm, which):
+    gm = shipped_gm
+    image = make_scene(targets=("airplane", "airplane"), distractors=2,
+                       seed=(split_seed("test"), 777)).image  # fmt: skip
+    top_k = 30
+    # the oracle: greedy_map's own top-k on the scene's activations; a category's head is its
+    # mode of largest log-joint (one row: largest LLR)
+    with torch.no_grad():
+        acts = gm.backbone(image[None].to(gm.dtype))
+    modes = greedy_map(gm, {n: acts[n] for n in gm.hidden_levels}, top_k=top_k).modes[0]
+    best: dict[str, dict] = {}
+    for a, lj in modes:  # best first
+        if math.isfinite(lj):
+            best.setdefault(gm.categories[int(a["category"])], a)
+    assert len(best) >= 2  # the choice has something to choose between
+    category = list(best)[0 if which == "first" else -1]
+    choice = _favour(gm, category, sha=model_fingerprint(gm))
+    inst = run_parse(gm, image, top_k=top_k, max_objects=1, threshold=-math.inf,
+                     choose=choice).instances[0]  # fmt: skip
+    assert inst.category == category
+    got = {k: int(v) for k, v in inst.assignment.items()}
+    assert got == {k: int(v) for k, v in best[category].items()}
+
+
+def test_the_parse_refuses_a_choice_it_cannot_use(shipped_gm):
+    gm, image = shipped_gm, torch.rand(3, 64, 64)
+    with pytest.raises(TypeError, match="HeadChoice"):
+        run_parse(gm, image, choose="bird")
+    other = HeadChoice(("a", "b"), (0.0,) * 5, (0.0,) * 5, (1.0,) * 5)
+    with pytest.raises(ValueError, match="fitted for the categories"):
+        run_parse(gm, image, choose=other)
+    with pytest.raises(ValueError, match="another model"):
+        run_parse(gm, image, choose=_favour(gm, "bird", sha="0" * 64))
