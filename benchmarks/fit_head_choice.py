@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,10 +40,28 @@ from parsing import parse_scenes  # noqa: E402
 from pyro_backpass import DescentVerifier  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.learning import mask_iou  # noqa: E402
-from pyro_backpass.parsing import Query, default_threshold, region_log_prob, run_parse  # noqa: E402
+from pyro_backpass.parsing import (  # noqa: E402
+    HEAD_CHOICE_FILE,
+    HeadChoice,
+    Query,
+    default_threshold,
+    fit_head_choice,
+    region_log_prob,
+    run_parse,
+)
 
 TOP_K = 100
 HIT = 0.5
+L2_GRID = (0.01, 0.1, 1.0, 10.0)
+FEATURE_KEYS = ("llr", "visible", "amodal", "class_log_probs", "category")
+FEATURES = (
+    "llr per amodal pixel",
+    "log(1 + visible pixels)",
+    "class log-prob",
+    "class log-prob minus the best other class's",
+    "category one-hot (less the first)",
+)
+PACKAGE_FILE = Path(__file__).parents[1] / "pyro_backpass" / "weights" / HEAD_CHOICE_FILE
 
 
 def head_record(inst, known: list, truth: torch.Tensor, image: torch.Tensor, gm) -> dict:
@@ -99,6 +118,71 @@ def model_fingerprint(gm) -> str:
     return fingerprint(gm)
 
 
+def chosen_hit(choice: HeadChoice, heads: list[dict]) -> bool:
+    """Whether the head ``choice`` scores highest hits (ties: the first)."""
+    scores = [choice.score_head(**{k: h[k] for k in FEATURE_KEYS}) for h in heads]
+    return bool(heads[max(range(len(heads)), key=scores.__getitem__)]["hit"])
+
+
+def leave_one_out(groups: list[list[dict]], categories: tuple[str, ...], l2: float) -> float:
+    """The share of steps whose chosen head hits, each step scored by a fit without it."""
+    return statistics.mean(
+        float(chosen_hit(fit_head_choice(groups[:i] + groups[i + 1 :], categories=categories,
+                                         l2=l2), g))
+        for i, g in enumerate(groups)
+    )  # fmt: skip
+
+
+def fit(args: argparse.Namespace) -> dict:
+    """``--records-from``: the choice fitted on the collected heads, its L2 weight chosen by
+    leave-one-scene-out hit rate; ``--ship`` writes it into the package."""
+    saved = [json.loads(Path(f).read_text()) for f in args.records_from]
+    for key in ("model_sha256", "verifier_sha256", "top_k", "categories", "split"):
+        if len({json.dumps(s[key]) for s in saved}) != 1:
+            raise SystemExit(f"the record files differ in {key}: fit on one collection")
+    first = saved[0]
+    categories = tuple(first["categories"])
+    groups = [r["heads"] for s in saved for r in s["records"]]
+    loo = {l2: leave_one_out(groups, categories, l2) for l2 in L2_GRID}
+    best = max(L2_GRID, key=lambda l2: (loo[l2], l2))  # ties: the stronger penalty
+    choice = fit_head_choice(groups, categories=categories, l2=best,
+                             model_sha256=first["model_sha256"])  # fmt: skip
+
+    def own(h: dict) -> float:
+        return h["class_log_probs"][h["category"]]
+
+    result = {
+        "machine": machine(), "model": first["model"], "model_sha256": first["model_sha256"],
+        "verifier_sha256": first["verifier_sha256"], "top_k": first["top_k"],
+        "split": first["split"], "scenes": len(groups),
+        "features": list(FEATURES), "l2_grid": list(L2_GRID),
+        "leave_one_out_hit": {str(k): v for k, v in loo.items()}, "l2": best,
+        "hit": {
+            "fitted_choice_in_sample": statistics.mean(float(chosen_hit(choice, g))
+                                                       for g in groups),
+            "fitted_choice_leave_one_out": loo[best],
+            "max_class_log_prob": statistics.mean(float(max(g, key=own)["hit"])
+                                                  for g in groups),
+            "airplane_head": statistics.mean(float(next(h for h in g if h["category"] ==
+                                                        "airplane")["hit"]) for g in groups)
+            if "airplane" in categories else None,
+            "any_head": statistics.mean(float(any(h["hit"] for h in g)) for g in groups),
+        },
+        "head_choice": choice.to_dict(),
+        "fitted_by": "benchmarks/fit_head_choice.py",
+        "record_files": [str(f) for f in args.records_from],
+    }  # fmt: skip
+    out = args.out or RESULTS / "head_choice_fit.json"
+    atomic_write_json(out, result)
+    if args.ship:
+        atomic_write_json(args.package_file, {k: v for k, v in result.items()
+                                              if k not in ("machine", "record_files")})  # fmt: skip
+        print(f"shipped {args.package_file}")
+    print(json.dumps({k: result[k] for k in ("leave_one_out_hit", "l2", "hit")}, indent=1))
+    print(f"wrote {out}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--split", choices=("validation", "test"), default="validation")
@@ -108,10 +192,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--records-out", type=Path, default=RESULTS / "head_choice_records.json")
     parser.add_argument("--records-from", type=Path, nargs="+", default=None)
-    parser.add_argument("--ship", action="store_true")
+    parser.add_argument("--ship", action="store_true", help="write it into the package")
+    parser.add_argument("--package-file", type=Path, default=PACKAGE_FILE)
+    parser.add_argument("--out", type=Path, default=None, help="the fit's report (JSON)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    return collect(args)
+    return collect(args) if args.records_from is None else fit(args)
 
 
 if __name__ == "__main__":

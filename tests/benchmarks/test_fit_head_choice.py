@@ -1,0 +1,75 @@
+"""benchmarks/fit_head_choice.py: the smoke collection, and the fit on hand-built record files
+where the classifier's reading tells the hit."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyro_backpass import HeadChoice
+
+BENCH = Path(__file__).parents[2] / "benchmarks"
+CATS = ("airplane", "bird", "boat")
+
+
+def _load():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_fit_head_choice",
+                                                  BENCH / "fit_head_choice.py")  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _file(path: Path, n: int, seed: int, **overrides) -> Path:
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        own = rng.normal(-3.0, 1.0, size=len(CATS))
+        heads = [{"category": c, "llr": float(rng.normal(-5000, 500)),
+                  "visible": float(rng.integers(20, 300)), "amodal": 300.0,
+                  "class_log_probs": dict.fromkeys(CATS, -9.0) | {c: float(own[j])},
+                  "best_iou": 0.0, "hit": bool(j == own.argmax())}
+                 for j, c in enumerate(CATS)]  # fmt: skip
+        records.append({"scene": i, "heads": heads})
+    record = {"model": "m", "model_sha256": "a" * 64, "verifier_sha256": "b" * 64,
+              "top_k": 100, "categories": list(CATS), "split": "validation",
+              "records": records} | overrides  # fmt: skip
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_fit_ships_a_choice_that_picks_the_hit(tmp_path):
+    files = [_file(tmp_path / "a.json", 12, 0), _file(tmp_path / "b.json", 12, 1)]
+    package = tmp_path / "head_choice.json"
+    result = _load().main(["--records-from", *map(str, files), "--ship", "--package-file",
+                           str(package), "--out", str(tmp_path / "fit.json")])  # fmt: skip
+    assert result["scenes"] == 24 and result["l2"] in result["l2_grid"]
+    assert result["hit"]["fitted_choice_leave_one_out"] >= 0.8
+    assert result["hit"]["max_class_log_prob"] == 1.0 == result["hit"]["any_head"]
+    shipped = json.loads(package.read_text())
+    choice = HeadChoice.from_dict(shipped["head_choice"])
+    assert choice.categories == CATS and choice.model_sha256 == "a" * 64
+    assert json.loads((tmp_path / "fit.json").read_text())["head_choice"] == shipped["head_choice"]
+    other = _file(tmp_path / "c.json", 3, 2, verifier_sha256="c" * 64)
+    with pytest.raises(SystemExit, match="differ in verifier_sha256"):
+        _load().main(["--records-from", str(files[0]), str(other), "--out",
+                      str(tmp_path / "x.json")])  # fmt: skip
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_smoke_collection(tmp_path):
+    out = tmp_path / "records.json"
+    _load().main(["--smoke", "--top-k", "4", "--records-out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["scenes"] == 1 and len(result["categories"]) == 2
+    heads = result["records"][0]["heads"]
+    assert [h["category"] for h in heads] == result["categories"]
+    for h in heads:
+        assert 0 < h["visible"] <= h["amodal"] and 0.0 <= h["best_iou"] <= 1.0
+        assert max(h["class_log_probs"].values()) <= 0.0
