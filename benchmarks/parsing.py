@@ -506,7 +506,7 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
             verified_top_k: int | None = None, plain_criterion: bool = False,
             split: str = "test", verifier_file: Path | None = None,
             name: str | None = None, refine: bool = False,
-            airplane_refined: bool = False) -> dict:  # fmt: skip
+            airplane_refined: bool = False, choose: bool = False) -> dict:  # fmt: skip
     """``ours_beam<B>``: ``parse_scene(gm, image, beam=B)`` on the same test scenes, the stop
     criterion as shipped; or ``ours_verified<K>``: ``run_parse(gm, image, top_k=K,
     verifier=DescentVerifier.shipped())``, each step's K modes ranked by the shipped verifier
@@ -523,7 +523,8 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
     categories' by the verifier as above (``run_parse(..., verifier={category: verifier})``;
     the key gains ``_airplane_refined``), stopped by the criterion the verifier above would
     use (the one fitted on the shipped verifier's parses, or with ``plain_criterion`` the plain
-    parse's)."""
+    parse's); ``choose``: each step's head chosen by the shipped ``HeadChoice``
+    (``run_parse(..., choose=HeadChoice.shipped())``; the key gains ``_choice``)."""
     import json
 
     from pyro_backpass import DescentVerifier
@@ -545,7 +546,8 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
         name = name or (f"ours_verified{verified_top_k}"
                         + ("_plain_criterion" if plain_criterion else "")
                         + ("_crf" if refine else "")
-                        + ("_airplane_refined" if airplane_refined else ""))  # fmt: skip
+                        + ("_airplane_refined" if airplane_refined else "")
+                        + ("_choice" if choose else ""))  # fmt: skip
         verifier = (DescentVerifier.shipped() if verifier_file is None
                     else DescentVerifier.load(verifier_file))  # fmt: skip
         if verifier is None:
@@ -556,11 +558,18 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
         if airplane_refined:
             chooser = {**dict.fromkeys(gm.categories, verifier),
                        "airplane": DescentVerifier.shipped(refined=True)}  # fmt: skip
+        head_choice = None
+        if choose:
+            from pyro_backpass import HeadChoice
+
+            head_choice = HeadChoice.shipped()
+            if head_choice is None:
+                raise SystemExit("no shipped HeadChoice: run benchmarks/fit_head_choice.py --ship")
 
         def parse(image):
             return run_parse(gm, image, beam=beam, top_k=verified_top_k, verifier=chooser,
                              criterion=stop["criterion"], threshold=stop["threshold"],
-                             refine_masks=refine)  # fmt: skip
+                             refine_masks=refine, choose=head_choice)  # fmt: skip
 
     t = time.perf_counter()
     with torch.no_grad():
@@ -577,6 +586,8 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
         row["verifier_sha256"] = verifier.fingerprint()
         if airplane_refined:
             row["airplane_verifier_sha256"] = chooser["airplane"].fingerprint()
+        if choose:
+            row["head_choice"] = head_choice.to_dict()
     # read now: another row may have been added meanwhile
     result = json.loads(out.read_text()) if out.is_file() else {}
     result[name] = row
@@ -625,6 +636,9 @@ def main() -> None:
     parser.add_argument("--airplane-refined", action="store_true",
                         help="with --verified-row: airplanes' modes chosen by "
                              "DescentVerifier.shipped(refined=True)")  # fmt: skip
+    parser.add_argument("--choose", action="store_true",
+                        help="with --verified-row: each step's head chosen by "
+                             "HeadChoice.shipped()")  # fmt: skip
     parser.add_argument("--verified-sensitivity", type=int, default=None, metavar="K",
                         help="only add the class sensitivity of verified_map(..., top_k=K) to "
                              "the row ours_verified<K> of --out")  # fmt: skip
@@ -644,7 +658,7 @@ def main() -> None:
                 n_test=2 if args.smoke else args.test, model=args.model,
                 split=args.row_split, verifier_file=args.verifier,
                 name=args.row_name, refine=args.refine,
-                airplane_refined=args.airplane_refined)  # fmt: skip
+                airplane_refined=args.airplane_refined, choose=args.choose)  # fmt: skip
         return
     torch.set_num_threads(1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -119,3 +119,19 @@ def test_verified_row_on_validation_with_a_verifier_file(tmp_path):
                               "--out", str(tmp_path / "none.json")],
                              capture_output=True, text=True, timeout=600)  # fmt: skip
     assert missing.returncode != 0 and "run the benchmark first" in missing.stderr
+
+
+def test_choice_row_is_added(tmp_path):
+    """``--verified-row K --choose``: the verified parse whose heads the shipped HeadChoice
+    chooses, as row ``ours_verified<K>_choice``, naming the choice it used."""
+    from pyro_backpass import HeadChoice
+
+    out = tmp_path / "parsing.json"
+    out.write_text("{}")
+    args = ["--smoke", "--verified-row", "4", "--choose", "--out", str(out)]
+    run = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads(out.read_text())["ours_verified4_choice"]
+    assert row["head_choice"] == HeadChoice.shipped().to_dict()
+    assert row["scenes"] == 2 and 0.0 <= row["recall_iou50"] <= 1.0
