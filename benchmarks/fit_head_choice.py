@@ -42,6 +42,7 @@ from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.learning import mask_iou  # noqa: E402
 from pyro_backpass.parsing import (  # noqa: E402
     HEAD_CHOICE_FILE,
+    HEAD_FEATURES,
     HeadChoice,
     Query,
     default_threshold,
@@ -54,13 +55,6 @@ TOP_K = 100
 HIT = 0.5
 L2_GRID = (0.01, 0.1, 1.0, 10.0)
 FEATURE_KEYS = ("llr", "visible", "amodal", "class_log_probs", "category")
-FEATURES = (
-    "llr per amodal pixel",
-    "log(1 + visible pixels)",
-    "class log-prob",
-    "class log-prob minus the best other class's",
-    "category one-hot (less the first)",
-)
 PACKAGE_FILE = Path(__file__).parents[1] / "pyro_backpass" / "weights" / HEAD_CHOICE_FILE
 
 
@@ -155,7 +149,7 @@ def fit(args: argparse.Namespace) -> dict:
         "machine": machine(), "model": first["model"], "model_sha256": first["model_sha256"],
         "verifier_sha256": first["verifier_sha256"], "top_k": first["top_k"],
         "split": first["split"], "scenes": len(groups),
-        "features": list(FEATURES), "l2_grid": list(L2_GRID),
+        "features": list(HEAD_FEATURES), "l2_grid": list(L2_GRID),
         "leave_one_out_hit": {str(k): v for k, v in loo.items()}, "l2": best,
         "hit": {
             "fitted_choice_in_sample": statistics.mean(float(chosen_hit(choice, g))

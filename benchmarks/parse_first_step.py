@@ -27,7 +27,7 @@ From the per-scene records (in the JSON), choices the step could have made:
 - ``free_top_k_share``: how many of the free step's k modes each category has;
 - ``fitted_choice`` (``--records-from RUN.json --fit-choice-on VALIDATION.json``): the head of
   largest score under a conditional logit fitted on another split's records
-  (:func:`fit_choice`), scored on these.
+  (``pyro_backpass.parsing.fit_head_choice``, L2 0.1), scored on these.
 
 One thread. Writes ``benchmarks/results/parse_first_step.json`` (``--out``).
 
@@ -56,21 +56,19 @@ from pyro_backpass import DescentVerifier  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.learning import mask_iou  # noqa: E402
 from pyro_backpass.parsing import (  # noqa: E402
+    HEAD_FEATURES,
+    HeadChoice,
     Query,
     default_threshold,
+    fit_head_choice,
     region_log_prob,
     run_parse,
 )
 
 TOP_K = 100
 HIT = 0.5
-FEATURES = (
-    "llr per amodal pixel",
-    "log(1 + visible pixels)",
-    "class log-prob",
-    "class log-prob minus the best other class's",
-    "category one-hot (less the first)",
-)
+CHOICE_L2 = 0.1  # fit_head_choice's penalty for --fit-choice-on
+FEATURE_KEYS = ("llr", "visible", "amodal", "class_log_probs", "category")
 
 
 def judge(inst, known: list, truth: torch.Tensor, image: torch.Tensor, backbone) -> dict:
@@ -169,63 +167,19 @@ def auc(pairs: list[tuple[float, bool]]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
-def head_features(g: dict, categories: tuple[str, ...]) -> list[float]:
-    """A head's features for a choice across categories: LLR per amodal pixel, log visible
-    area, the classifier's log-probability of its category on its region and that minus the
-    best other category's, and its category one-hot (less the first)."""
-    own = g["class_log_probs"][g["category"]]
-    other = max(v for c, v in g["class_log_probs"].items() if c != g["category"])
-    return [
-        g["llr"] / max(g["amodal"], 1),
-        math.log1p(g["visible"]),
-        own,
-        own - other,
-        *(float(g["category"] == c) for c in categories[1:]),
-    ]
+def heads_of(record: dict, categories: tuple[str, ...]) -> list[dict]:
+    """One scene's clamped heads (``shipped_<category>``) as ``fit_head_choice`` reads them."""
+    return [record["rows"][f"shipped_{c}"] for c in categories]
 
 
-def fit_choice(records: list[dict], categories: tuple[str, ...], *, l2: float = 0.1) -> dict:
-    """A conditional logit over each scene's category heads (``shipped_<category>``): weights
-    ``w`` maximising Σ_scenes log Σ_{heads that hit} softmax(w·x)_head − l2 |w|² on standardised
-    features (:func:`head_features`); scenes where no head hits carry no information and are
-    left out. Returns ``{"weights", "mean", "scale", "scenes"}``."""
-    heads = [f"shipped_{c}" for c in categories]
-    usable = [r for r in records if any(r["rows"][h]["hit"] for h in heads)]
-    if not usable:
-        raise ValueError("no scene has a head that hits: nothing to fit a choice on")
-    x = torch.tensor([[head_features(r["rows"][h], categories) for h in heads] for r in usable],
-                     dtype=torch.float64)  # (scenes, heads, features)  # fmt: skip
-    hit = torch.tensor([[r["rows"][h]["hit"] for h in heads] for r in usable])  # (scenes, heads)
-    flat = x.reshape(-1, x.shape[-1])
-    mean, scale = flat.mean(0), flat.std(0).clamp_min(1e-6)
-    z = (x - mean) / scale
-    w = torch.zeros(x.shape[-1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
-
-    def loss() -> torch.Tensor:
-        opt.zero_grad()
-        logp = torch.log_softmax(z @ w, -1)  # (scenes, heads)
-        value = -torch.logsumexp(logp.masked_fill(~hit, -math.inf), -1).sum() + l2 * w @ w
-        value.backward()
-        return value
-
-    with torch.enable_grad():
-        opt.step(loss)
-    return {"weights": w.detach().tolist(), "mean": mean.tolist(), "scale": scale.tolist(),
-            "scenes": len(usable)}  # fmt: skip
-
-
-def fitted_choice(records: list[dict], categories: tuple[str, ...], fit: dict) -> dict:
-    """Each scene's head of largest fitted score (:func:`fit_choice`): hit shares and the
+def fitted_choice(records: list[dict], categories: tuple[str, ...], choice: HeadChoice) -> dict:
+    """Each scene's head of largest ``choice`` score (ties: the first): hit shares and the
     categories chosen."""
-    heads = [f"shipped_{c}" for c in categories]
-    w, mean, scale = (torch.tensor(fit[k], dtype=torch.float64)
-                      for k in ("weights", "mean", "scale"))  # fmt: skip
     chosen = []
     for r in records:
-        x = torch.tensor([head_features(r["rows"][h], categories) for h in heads],
-                         dtype=torch.float64)  # fmt: skip
-        chosen.append(r["rows"][heads[int((((x - mean) / scale) @ w).argmax())]])
+        heads = heads_of(r, categories)
+        scores = [choice.score_head(**{k: h[k] for k in FEATURE_KEYS}) for h in heads]
+        chosen.append(heads[max(range(len(heads)), key=scores.__getitem__)])
     out = {k: statistics.mean(float(g[k]) for g in chosen)
            for k in ("hit", "hit_airplane", "category_right")}  # fmt: skip
     out["chose"] = dict(collections.Counter(g["category"] for g in chosen))
@@ -243,11 +197,13 @@ def resummarise(args: argparse.Namespace) -> dict:
     summary = summarise(records, categories)
     if args.fit_choice_on is not None:
         train = json.loads(args.fit_choice_on.read_text())
-        fit = fit_choice(train["records"], categories)
+        groups = [heads_of(r, categories) for r in train["records"]]
+        choice = fit_head_choice(groups, categories=categories, l2=CHOICE_L2)
+        usable = sum(any(h["hit"] for h in g) for g in groups)
         summary["choices"]["fitted_choice"] = {
-            **fitted_choice(records, categories, fit),
-            "fitted_on": f"{train['split']}: {fit['scenes']} scenes with a hitting head",
-            "features": FEATURES, "fit": fit,
+            **fitted_choice(records, categories, choice),
+            "fitted_on": f"{train['split']}: {usable} scenes with a hitting head",
+            "features": list(HEAD_FEATURES), "l2": CHOICE_L2, "fit": choice.to_dict(),
         }  # fmt: skip
     out = args.out or args.records_from
     atomic_write_json(out, {**saved, **summary})
@@ -282,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--fit-choice-on",
         type=Path,
         default=None,
-        help="fit the choice across category heads (fit_choice) on this run's JSON "
+        help="fit the choice across category heads (fit_head_choice) on this run's JSON "
         "(validation) and score it on the records summarised",
     )
     parser.add_argument("--out", type=Path, default=None)

@@ -10,6 +10,7 @@ true instances.
 from pyro_backpass.parsing.explaining_away import EXPLAIN_AWAY, explain_away
 from pyro_backpass.parsing.head_choice import (
     HEAD_CHOICE_FILE,
+    HEAD_FEATURES,
     HeadChoice,
     fit_head_choice,
     head_features,
@@ -67,6 +68,7 @@ __all__ = [
     "BACKGROUNDS",
     "EXPLAIN_AWAY",
     "HEAD_CHOICE_FILE",
+    "HEAD_FEATURES",
     "HeadChoice",
     "InstanceEvaluation",
     "LOCATIONS",

@@ -27,9 +27,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["HEAD_CHOICE_FILE", "HeadChoice", "fit_head_choice", "head_features"]
+__all__ = ["HEAD_CHOICE_FILE", "HEAD_FEATURES", "HeadChoice", "fit_head_choice", "head_features"]
 
 HEAD_CHOICE_FILE = "head_choice.json"
+#: What :func:`head_features` returns, in order (the one-hot has one entry per category but
+#: the first).
+HEAD_FEATURES = (
+    "llr per amodal pixel",
+    "log(1 + visible pixels)",
+    "class log-prob",
+    "class log-prob minus the best other class's",
+    "category one-hot (less the first)",
+)
 
 
 def head_features(

@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,24 @@ def _smoke_model_env() -> str:
 
 
 SMOKE_MODEL_ENV = _smoke_model_env()
+
+
+def _load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (its functions; ``main`` not run), with
+    benchmarks/ on the path for its own imports."""
+    bench = Path(__file__).parents[2] / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def load_benchmark():
+    """``load_benchmark(name)``: a benchmark script as a module."""
+    return _load_benchmark
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,9 +3,7 @@ where the classifier's reading tells the hit."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +11,7 @@ import pytest
 
 from pyro_backpass import HeadChoice
 
-BENCH = Path(__file__).parents[2] / "benchmarks"
 CATS = ("airplane", "bird", "boat")
-
-
-def _load():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_fit_head_choice",
-                                                  BENCH / "fit_head_choice.py")  # fmt: skip
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _file(path: Path, n: int, seed: int, **overrides) -> Path:
@@ -44,11 +32,12 @@ def _file(path: Path, n: int, seed: int, **overrides) -> Path:
     return path
 
 
-def test_fit_ships_a_choice_that_picks_the_hit(tmp_path):
+def test_fit_ships_a_choice_that_picks_the_hit(tmp_path, load_benchmark):
     files = [_file(tmp_path / "a.json", 12, 0), _file(tmp_path / "b.json", 12, 1)]
     package = tmp_path / "head_choice.json"
-    result = _load().main(["--records-from", *map(str, files), "--ship", "--package-file",
-                           str(package), "--out", str(tmp_path / "fit.json")])  # fmt: skip
+    bench = load_benchmark("fit_head_choice")
+    result = bench.main(["--records-from", *map(str, files), "--ship", "--package-file",
+                         str(package), "--out", str(tmp_path / "fit.json")])  # fmt: skip
     assert result["scenes"] == 24 and result["l2"] in result["l2_grid"]
     assert result["hit"]["fitted_choice_leave_one_out"] >= 0.8
     assert result["hit"]["max_class_log_prob"] == 1.0 == result["hit"]["any_head"]
@@ -58,14 +47,14 @@ def test_fit_ships_a_choice_that_picks_the_hit(tmp_path):
     assert json.loads((tmp_path / "fit.json").read_text())["head_choice"] == shipped["head_choice"]
     other = _file(tmp_path / "c.json", 3, 2, verifier_sha256="c" * 64)
     with pytest.raises(SystemExit, match="differ in verifier_sha256"):
-        _load().main(["--records-from", str(files[0]), str(other), "--out",
-                      str(tmp_path / "x.json")])  # fmt: skip
+        bench.main(["--records-from", str(files[0]), str(other), "--out",
+                    str(tmp_path / "x.json")])  # fmt: skip
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_smoke_collection(tmp_path):
+def test_smoke_collection(tmp_path, load_benchmark):
     out = tmp_path / "records.json"
-    _load().main(["--smoke", "--top-k", "4", "--records-out", str(out)])
+    load_benchmark("fit_head_choice").main(["--smoke", "--top-k", "4", "--records-out", str(out)])
     result = json.loads(out.read_text())
     assert result["scenes"] == 1 and len(result["categories"]) == 2
     heads = result["records"][0]["heads"]

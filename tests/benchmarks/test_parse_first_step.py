@@ -3,26 +3,15 @@ its AUC against scipy's Mann–Whitney U, and its smoke run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.stats import mannwhitneyu
 
-BENCH = Path(__file__).parents[2] / "benchmarks"
+from pyro_backpass.parsing import fit_head_choice
+
 CATS = ("airplane", "bird", "boat", "car", "chair")
-
-
-def _load():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_parse_first_step",
-                                                  BENCH / "parse_first_step.py")  # fmt: skip
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _head(category: str, stat: float, hit: bool, clp: float | None = None) -> dict:
@@ -44,7 +33,7 @@ def _record(stats: dict[str, float], hits: set[str], free: str, clp: str = "") -
     }
 
 
-def test_summary_of_known_records():
+def test_summary_of_known_records(load_benchmark):
     base = dict(zip(CATS, (0.0, 0.0, 0.0, 0.0, 0.0), strict=True))
     records = [
         # the airplane head hits and has the largest statistic; the free step took it
@@ -56,7 +45,7 @@ def test_summary_of_known_records():
         # the chair head hits with the largest statistic, the free step took boat (its top-k)
         _record(base | {"chair": 4.0, "boat": 1.0}, {"chair"}, "boat"),
     ]
-    got = _load().summarise(records, CATS)
+    got = load_benchmark("parse_first_step").summarise(records, CATS)
     choices = got["choices"]
     assert choices["oracle_any_head"] == 0.75
     assert choices["max_stat_over_heads"]["hit"] == 0.5  # records 0 and 3
@@ -72,20 +61,24 @@ def test_summary_of_known_records():
     assert choices["free_top_k_share"]["airplane"] == 12 / 16
 
 
-def test_auc_is_mann_whitney():
+def test_auc_is_mann_whitney(load_benchmark):
     rng = np.random.default_rng(0)
     stats = np.round(rng.normal(size=40), 1)  # ties on purpose
     hits = rng.random(40) < 0.4
     want = mannwhitneyu(stats[hits], stats[~hits]).statistic / (hits.sum() * (~hits).sum())
-    got = _load().auc(list(zip(stats.tolist(), hits.tolist(), strict=True)))
+    got = load_benchmark("parse_first_step").auc(
+        list(zip(stats.tolist(), hits.tolist(), strict=True))
+    )
     assert got == pytest.approx(want)
-    assert _load().auc([(1.0, True)]) is None
+    assert load_benchmark("parse_first_step").auc([(1.0, True)]) is None
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_smoke(tmp_path):
+def test_smoke(tmp_path, load_benchmark):
     out = tmp_path / "first.json"
-    summary = _load().main(["--smoke", "--top-k", "4", "--out", str(out)])
+    summary = load_benchmark("parse_first_step").main(
+        ["--smoke", "--top-k", "4", "--out", str(out)]
+    )
     result = json.loads(out.read_text())
     assert result["scenes"] == 1 and result["top_k"] == 4
     assert set(result["rows"]) == {"shipped_free", "shipped_airplane"} == set(summary["rows"])
@@ -113,12 +106,11 @@ def _random_records(n: int, seed: int) -> list[dict]:
     return out
 
 
-def test_fitted_choice_learns_the_feature_that_tells_the_hit(tmp_path):
-    module = _load()
+def test_fitted_choice_learns_the_feature_that_tells_the_hit(tmp_path, load_benchmark):
+    module = load_benchmark("parse_first_step")
     train, test = _random_records(60, 0), _random_records(60, 1)
-    fit = module.fit_choice(train, CATS)
-    assert fit["scenes"] == 60
-    got = module.fitted_choice(test, CATS, fit)
+    choice = fit_head_choice([module.heads_of(r, CATS) for r in train], categories=CATS, l2=0.1)
+    got = module.fitted_choice(test, CATS, choice)
     by_stat = module.summarise(test, CATS)["choices"]["max_stat_over_heads"]["hit"]
     assert got["hit"] >= 0.9 > 0.5 > by_stat
     # the command line: fitted on one file, scored on another, written where asked
@@ -130,6 +122,5 @@ def test_fitted_choice_learns_the_feature_that_tells_the_hit(tmp_path):
                            "--out", files["out"]])  # fmt: skip
     written = json.loads((tmp_path / "out.json").read_text())
     assert written["choices"]["fitted_choice"]["hit"] == got["hit"]
-    assert summary["choices"]["fitted_choice"]["fit"]["weights"] == pytest.approx(fit["weights"])
-    with pytest.raises(ValueError, match="no scene has a head that hits"):
-        module.fit_choice([_record(dict.fromkeys(CATS, 0.0), set(), "car")], CATS)
+    fitted = summary["choices"]["fitted_choice"]["fit"]["weights"]
+    assert fitted == pytest.approx(list(choice.weights))

@@ -42,15 +42,19 @@ def test_parsing_benchmark_smoke(tmp_path):
     assert "recall_iou50" in table.stdout and "ours_beam2" in table.stdout
 
 
-def test_refined_row_is_added(tmp_path):
-    """``--beam-row 1 --refine``: the parse with CRF-refined masks, as row ``ours_beam1_crf``."""
+def _added_row(tmp_path, *args: str) -> dict:
+    """Run ``parsing.py --smoke <args>`` adding a row to an empty results file; the file."""
     out = tmp_path / "parsing.json"
     out.write_text("{}")
-    args = ["--smoke", "--beam-row", "1", "--refine", "--out", str(out)]
-    run = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+    run = subprocess.run([sys.executable, str(BENCH), "--smoke", *args, "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
-    row = json.loads(out.read_text())["ours_beam1_crf"]
+    return json.loads(out.read_text())
+
+
+def test_refined_row_is_added(tmp_path):
+    """``--beam-row 1 --refine``: the parse with CRF-refined masks, as row ``ours_beam1_crf``."""
+    row = _added_row(tmp_path, "--beam-row", "1", "--refine")["ours_beam1_crf"]
     assert row["beam"] == 1 and row["scenes"] == 2 and 0.0 <= row["recall_iou50"] <= 1.0
 
 
@@ -126,12 +130,6 @@ def test_choice_row_is_added(tmp_path):
     chooses, as row ``ours_verified<K>_choice``, naming the choice it used."""
     from pyro_backpass import HeadChoice
 
-    out = tmp_path / "parsing.json"
-    out.write_text("{}")
-    args = ["--smoke", "--verified-row", "4", "--choose", "--out", str(out)]
-    run = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
-    row = json.loads(out.read_text())["ours_verified4_choice"]
+    row = _added_row(tmp_path, "--verified-row", "4", "--choose")["ours_verified4_choice"]
     assert row["head_choice"] == HeadChoice.shipped().to_dict()
     assert row["scenes"] == 2 and 0.0 <= row["recall_iou50"] <= 1.0
