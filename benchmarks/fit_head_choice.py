@@ -54,7 +54,6 @@ from pyro_backpass.parsing import (  # noqa: E402
 TOP_K = 100
 HIT = 0.5
 L2_GRID = (0.01, 0.1, 1.0, 10.0)
-FEATURE_KEYS = ("llr", "visible", "amodal", "class_log_probs", "category")
 PACKAGE_FILE = Path(__file__).parents[1] / "pyro_backpass" / "weights" / HEAD_CHOICE_FILE
 
 
@@ -114,8 +113,7 @@ def model_fingerprint(gm) -> str:
 
 def chosen_hit(choice: HeadChoice, heads: list[dict]) -> bool:
     """Whether the head ``choice`` scores highest hits (ties: the first)."""
-    scores = [choice.score_head(**{k: h[k] for k in FEATURE_KEYS}) for h in heads]
-    return bool(heads[max(range(len(heads)), key=scores.__getitem__)]["hit"])
+    return bool(heads[choice.choose(heads)]["hit"])
 
 
 def leave_one_out(groups: list[list[dict]], categories: tuple[str, ...], l2: float) -> float:

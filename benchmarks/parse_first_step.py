@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, learned_model, machine  # noqa: E402
+from fit_head_choice import HIT, head_record  # noqa: E402
 from parsing import parse_scenes  # noqa: E402
 
 from pyro_backpass import DescentVerifier  # noqa: E402
@@ -61,47 +62,26 @@ from pyro_backpass.parsing import (  # noqa: E402
     Query,
     default_threshold,
     fit_head_choice,
-    region_log_prob,
     run_parse,
 )
 
 TOP_K = 100
-HIT = 0.5
 CHOICE_L2 = 0.1  # fit_head_choice's penalty for --fit-choice-on
-FEATURE_KEYS = ("llr", "visible", "amodal", "class_log_probs", "category")
 
 
-def judge(inst, known: list, truth: torch.Tensor, image: torch.Tensor, backbone) -> dict:
-    """One first instance against the scene's true instances of known categories, with the
-    backbone's log-probabilities of each category on its visible region (``region_log_prob``,
-    the stop criterion's ``class_log_prob`` feature)."""
+def judge(inst, known: list, truth: torch.Tensor, image: torch.Tensor, gm) -> dict:
+    """One first instance against the scene's true instances of known categories: what the
+    parser's head choice reads (``fit_head_choice.head_record``: the backbone's
+    log-probabilities of each category on its visible region, the stop criterion's
+    ``class_log_prob`` feature), its stop statistic, and whether it matches an airplane or a
+    true instance of its own category."""
     iou = mask_iou(inst.mask[None].expand_as(truth), truth)  # (n,)
-    n_cls = len(backbone.categories)
-    best = int(iou.argmax())
     planes = [float(v) for v, t in zip(iou, known, strict=True) if t.category == "airplane"]
     same = [float(v) for v, t in zip(iou, known, strict=True) if t.category == inst.category]
-    return {
-        "category": inst.category,
+    return head_record(inst, known, truth, image, gm) | {
         "stat": float(inst.score),
-        "llr": float(inst.llr),
-        "visible": int(inst.mask.sum()),
-        "amodal": int(inst.amodal_mask.sum()),
-        "best_iou": float(iou[best]),
-        "hit": bool(iou[best] >= HIT),
         "hit_airplane": bool(planes and max(planes) >= HIT),
         "category_right": bool(same and max(same) >= HIT),
-        "class_log_probs": dict(
-            zip(
-                backbone.categories,
-                region_log_prob(
-                    backbone,
-                    image,
-                    inst.mask[None].expand(n_cls, *inst.mask.shape),
-                    list(range(n_cls)),
-                ).tolist(),
-                strict=True,
-            )
-        ),  # fmt: skip
     }
 
 
@@ -178,8 +158,7 @@ def fitted_choice(records: list[dict], categories: tuple[str, ...], choice: Head
     chosen = []
     for r in records:
         heads = heads_of(r, categories)
-        scores = [choice.score_head(**{k: h[k] for k in FEATURE_KEYS}) for h in heads]
-        chosen.append(heads[max(range(len(heads)), key=scores.__getitem__)])
+        chosen.append(heads[choice.choose(heads)])
     out = {k: statistics.mean(float(g[k]) for g in chosen)
            for k in ("hit", "hit_airplane", "category_right")}  # fmt: skip
     out["chose"] = dict(collections.Counter(g["category"] for g in chosen))
@@ -273,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
                               criterion=stop["criterion"], refine_masks=True,
                               verifier=verifier, query=query)  # fmt: skip
             inst = parse.instances[0]
-            record["rows"][name] = judge(inst, known, truth, scene.image, gm.backbone)
+            record["rows"][name] = judge(inst, known, truth, scene.image, gm)
             record["seconds"][name] = time.perf_counter() - t
             if name == "shipped_free":
                 record["free_top_k_categories"] = dict(collections.Counter(

@@ -125,6 +125,15 @@ class HeadChoice:
                                         class_log_probs=class_log_probs, category=category,
                                         categories=self.categories))  # fmt: skip
 
+    def choose(self, heads: Sequence[Mapping[str, Any]]) -> int:
+        """The index of the head of largest score among ``heads`` (ties: the first), each a
+        mapping with :func:`head_features`' arguments (``llr``, ``visible``, ``amodal``,
+        ``class_log_probs``, ``category``), as :func:`fit_head_choice` reads them."""
+        if not heads:
+            raise ValueError("choose needs at least one head")
+        scores = [self.score(_features_of(h, self.categories)) for h in heads]
+        return max(range(len(scores)), key=scores.__getitem__)
+
     def to_dict(self) -> dict[str, Any]:
         return {"categories": list(self.categories), "weights": list(self.weights),
                 "mean": list(self.mean), "scale": list(self.scale),
@@ -170,9 +179,7 @@ def fit_head_choice(
     usable = [g for g in groups if len(g) >= 2 and any(bool(h["hit"]) for h in g)]
     if not usable:
         raise ValueError("no step has two or more heads of which one hits: nothing to fit")
-    feats = [[head_features(llr=h["llr"], visible=h["visible"], amodal=h["amodal"],
-                            class_log_probs=h["class_log_probs"], category=h["category"],
-                            categories=categories) for h in g] for g in usable]  # fmt: skip
+    feats = [[_features_of(h, categories) for h in g] for g in usable]
     flat = torch.tensor([x for g in feats for x in g], dtype=torch.float64)  # (heads, F)
     mean, scale = flat.mean(0), flat.std(0)
     scale = torch.where(scale > 1e-9, scale, torch.ones_like(scale))  # a constant feature
@@ -194,3 +201,10 @@ def fit_head_choice(
         opt.step(closure)
     return HeadChoice(categories, tuple(w.detach().tolist()), tuple(mean.tolist()),
                       tuple(scale.tolist()), model_sha256)  # fmt: skip
+
+
+def _features_of(head: Mapping[str, Any], categories: Sequence[str]) -> list[float]:
+    """:func:`head_features` of a head given as a mapping of its arguments."""
+    return head_features(llr=head["llr"], visible=head["visible"], amodal=head["amodal"],
+                         class_log_probs=head["class_log_probs"], category=head["category"],
+                         categories=categories)  # fmt: skip

@@ -92,6 +92,7 @@ def test_fit_learns_the_feature_that_tells_the_hit():
                                                        "class_log_probs", "category")})
                   for h in g]  # fmt: skip
         right += g[int(np.argmax(scores))]["hit"]
+        assert fit.choose(g) == int(np.argmax(scores))
     assert right / len(test) >= 0.9
     assert fit.weights[2] > 0  # the class log-probability carries the choice
 
@@ -109,6 +110,8 @@ def test_checks_and_round_trip():
         HeadChoice.from_dict({"weights": [1.0]})
     with pytest.raises(ValueError, match="nothing to fit"):
         fit_head_choice([[_head("bird"), _head("boat")]], categories=CATS)
+    with pytest.raises(ValueError, match="at least one head"):
+        fit.choose([])
     with pytest.raises(ValueError, match="l2 must be"):
         fit_head_choice(_groups(5, 4), categories=CATS, l2=-1.0)
 
