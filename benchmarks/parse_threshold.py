@@ -31,14 +31,22 @@ verifier (``run_parse(..., top_k=K, verifier=DescentVerifier.shipped())``, issue
 plain parse's shipped setting only; each step's heads are ordered by the plain parse's shipped
 criterion (the refit criterion then orders them at parse time), and the statistic fitted on
 these steps is shipped as ``pyro_backpass/weights/parse_threshold_verified.json`` with the
-verifier's fingerprint: the default of a parse with that verifier.
+verifier's fingerprint: the default of a parse with that verifier. With ``--choose`` as well,
+each step's heads are ordered by the shipped ``HeadChoice`` instead
+(``run_parse(..., choose=HeadChoice.shipped())``; with ``--refine`` the instances' masks are
+CRF-refined, ``refine_masks=True``, which changes what later steps see), and the statistic is
+shipped as ``pyro_backpass/weights/parse_threshold_choice.json`` with the choice's and the
+verifier's fingerprints and the ``refine_masks`` flag: the default of a parse with that choice.
+Each step's stop features are the ones the parser read (``ParsedInstance.stop_inputs``: the
+readout's mask before any CRF refinement).
 
 One thread per process (``--workers``). Writes ``benchmarks/results/parse_threshold.json`` and
 ``parse_threshold_roc.png`` (verified: ``parse_threshold_verified.json`` and
-``parse_threshold_verified_roc.png``).
+``parse_threshold_verified_roc.png``; with the choice: ``parse_threshold_choice[_crf].json``
+and ``parse_threshold_choice[_crf]_roc.png``).
 
 Usage: ``python benchmarks/parse_threshold.py [--scenes N] [--smoke] [--verifier-top-k K
---workers 2]``
+[--choose [--refine]] --workers 2]``
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ from pyro_backpass.parsing import STOP_FEATURES  # noqa: E402
 
 PACKAGE_FILE = Path(__file__).parents[1] / "pyro_backpass" / "weights" / "parse_threshold.json"
 VERIFIED_FILE = PACKAGE_FILE.with_name("parse_threshold_verified.json")
+CHOICE_FILE = PACKAGE_FILE.with_name("parse_threshold_choice.json")
 BASE_FEATURES = tuple(f for f in STOP_FEATURES if f != "class_log_prob")
 SEED = 11  # base seed of the validation scenes: split_seed("validation", SEED)
 IOU = 0.5
@@ -207,15 +216,18 @@ def parse_steps(job: tuple) -> dict:
     step's stop features and label. Plain: every step takes the best mode by LLR (the LLR is
     the ordering criterion). With ``verifier_top_k`` K: ``run_parse(..., top_k=K,
     verifier=DescentVerifier.shipped())``, whose heads are ordered by the plain parse's shipped
-    criterion (one thread; the model is loaded once per process)."""
-    from pyro_backpass import DescentVerifier, GenerativeModel
+    criterion, or with ``choose`` by the shipped ``HeadChoice`` (``refine``: CRF-refined masks);
+    one thread; the model is loaded once per process. The features are the ones the parser's
+    stop statistic read (``ParsedInstance.stop_inputs``)."""
+    from pyro_backpass import DescentVerifier, GenerativeModel, HeadChoice
     from pyro_backpass.parsing import StopCriterion, default_threshold, region_log_prob, run_parse
 
-    scene, explain, background, smoke, verifier_top_k = job
+    scene, explain, background, smoke, verifier_top_k, choose, refine = job
     torch.set_num_threads(1)
     if not _MODEL:
         _MODEL["gm"] = GenerativeModel.default()
         _MODEL["verifier"] = DescentVerifier.shipped()
+        _MODEL["choice"] = HeadChoice.shipped()
     gm = _MODEL["gm"]
     n_true = len(scene.instances)
     steps = 2 if smoke else min(n_true + 2, 6)
@@ -223,7 +235,8 @@ def parse_steps(job: tuple) -> dict:
         knobs = dict(criterion=StopCriterion.llr())
     else:
         knobs = dict(criterion=default_threshold(gm)["criterion"], top_k=verifier_top_k,
-                     verifier=_MODEL["verifier"])  # fmt: skip
+                     verifier=_MODEL["verifier"], refine_masks=refine,
+                     choose=_MODEL["choice"] if choose else None)  # fmt: skip
     with torch.no_grad():
         parse = run_parse(gm, scene.image, max_objects=steps, threshold=-math.inf,
                           explain=explain, background=background, **knobs)  # fmt: skip
@@ -233,9 +246,8 @@ def parse_steps(job: tuple) -> dict:
         index = [gm.backbone.categories.index(i.category) for i in parse.instances]
         logp = region_log_prob(gm.backbone, scene.image, masks, index).tolist()
     return {
-        "features": [dict(llr=i.llr, visible=int(i.mask.sum()), amodal=int(i.amodal_mask.sum()),
-                          step=k, class_log_prob=lp)
-                     for k, (i, lp) in enumerate(zip(parse.instances, logp, strict=True))],
+        "features": [{**i.stop_inputs, "class_log_prob": lp}
+                     for i, lp in zip(parse.instances, logp, strict=True)],
         "labels": label_steps(parse, scene), "objects": n_true,
     }  # fmt: skip
 
@@ -255,6 +267,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="fit the criterion on parses with the shipped descent verifier and K "
                         "modes a step (run_parse(..., top_k=K, verifier=...)), in the shipped "
                         "setting only")  # fmt: skip
+    p.add_argument("--choose", action="store_true",
+                   help="with --verifier-top-k: heads chosen by the shipped HeadChoice; the "
+                        "criterion is shipped as parse_threshold_choice.json")  # fmt: skip
+    p.add_argument(
+        "--refine",
+        action="store_true",
+        help="with --choose: CRF-refined instance masks (refine_masks=True)",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes of one thread each")
     p.add_argument("--steps-from", type=Path, default=None, metavar="JSON",
                    help="refit on the steps a previous run of the same kind wrote (its "
@@ -264,12 +284,18 @@ def main(argv: list[str] | None = None) -> dict:
                         "class_log_prob, which costs a classifier pass a step)")  # fmt: skip
     args = p.parse_args(argv)
     verified = args.verifier_top_k is not None
+    if args.choose and not verified:
+        p.error("--choose needs --verifier-top-k (the choice picks among verified heads)")
+    if args.refine and not args.choose:
+        p.error("--refine needs --choose")
+    kind = ("choice" + ("_crf" if args.refine else "")) if args.choose else "verified"
     if args.package_file is None:
-        args.package_file = VERIFIED_FILE if verified else PACKAGE_FILE
+        args.package_file = (CHOICE_FILE if args.choose else VERIFIED_FILE if verified
+                             else PACKAGE_FILE)  # fmt: skip
     if verified and args.out == RESULTS / "parse_threshold.json":
-        args.out = RESULTS / "parse_threshold_verified.json"
+        args.out = RESULTS / f"parse_threshold_{kind}.json"
     if verified and args.figure == RESULTS / "parse_threshold_roc.png":
-        args.figure = RESULTS / "parse_threshold_verified_roc.png"
+        args.figure = RESULTS / f"parse_threshold_{kind}_roc.png"
     torch.set_num_threads(1)
 
     import matplotlib
@@ -277,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pyro_backpass import DescentVerifier, GenerativeModel, make_scene
+    from pyro_backpass import DescentVerifier, GenerativeModel, HeadChoice, make_scene
     from pyro_backpass.data import split_seed
     from pyro_backpass.files import atomic_write, atomic_write_json
     from pyro_backpass.inference import verifier_fingerprint
@@ -298,9 +324,14 @@ def main(argv: list[str] | None = None) -> dict:
         import json
 
         previous = json.loads(args.steps_from.read_text())
-        if previous.get("verifier_top_k") != args.verifier_top_k or previous["smoke"] != args.smoke:
+        if (previous.get("verifier_top_k") != args.verifier_top_k
+                or previous["smoke"] != args.smoke
+                or previous.get("choose", False) != args.choose
+                or previous.get("refine_masks", False) != args.refine):  # fmt: skip
             raise SystemExit(f"{args.steps_from} holds steps of another kind of run "
-                             f"(verifier_top_k {previous.get('verifier_top_k')})")  # fmt: skip
+                             f"(verifier_top_k {previous.get('verifier_top_k')}, choose "
+                             f"{previous.get('choose', False)}, refine_masks "
+                             f"{previous.get('refine_masks', False)})")  # fmt: skip
         n_scenes = previous["scenes"]
     seed = split_seed("validation", SEED)
     rng = np.random.default_rng(seed)
@@ -319,6 +350,11 @@ def main(argv: list[str] | None = None) -> dict:
         if plain["fitted_on"] != "plain":
             raise SystemExit("fit the plain parse's criterion first (parse_threshold.py)")
         settings = [(plain["explain_away"], plain["background"])]
+    choice = None
+    if args.choose:
+        choice = HeadChoice.shipped()
+        if choice is None:
+            raise SystemExit("no shipped HeadChoice: run benchmarks/fit_head_choice.py --ship")
     out: dict = {"machine": machine(), "smoke": args.smoke, "split": "validation",
                  "seed": f"split_seed('validation', {SEED}) = {seed}", "scenes": n_scenes,
                  "iou": IOU, "features": list(args.features), "settings": {},
@@ -327,11 +363,13 @@ def main(argv: list[str] | None = None) -> dict:
                  "model_sha256": model_fingerprint(gm),
                  "backbone_sha256": verifier_fingerprint(gm),  # the model's and backbone's
                  "verifier_sha256": None if verifier is None else verifier.fingerprint(),
+                 "choose": args.choose, "refine_masks": args.refine,
+                 "head_choice_sha256": None if choice is None else choice.fingerprint(),
                  "plain_record_sha256": (record_fingerprint(threshold_record()) if verified
                                          else None)}  # fmt: skip
     if previous is not None:  # its steps must be what this run would parse
         stale = [k for k in ("model_sha256", "backbone_sha256", "verifier_sha256",
-                             "plain_record_sha256")
+                             "plain_record_sha256", "head_choice_sha256")
                  if previous.get(k) != out[k]]  # fmt: skip
         if stale:
             raise SystemExit(f"{args.steps_from} was parsed with another {stale}: parse again")
@@ -340,7 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
     for explain, background in settings:
         key = f"{explain}/{background}"
         row: dict = {"explain_away": explain, "background": background, "regimes": {}}
-        jobs = [(scene, explain, background, args.smoke, args.verifier_top_k)
+        jobs = [(scene, explain, background, args.smoke, args.verifier_top_k, args.choose,
+                 args.refine)
                 for regime in REGIMES for scene in scenes[regime]]  # fmt: skip
         if previous is not None:
             done = previous["settings"][key]["parsed"]
@@ -415,11 +454,16 @@ def main(argv: list[str] | None = None) -> dict:
             "model": "GenerativeModel.default()",
             "model_sha256": model_fingerprint(gm),
             "fitted_by": "benchmarks/parse_threshold.py"
-                         + (f" --verifier-top-k {args.verifier_top_k}" if verified else ""),
+                         + (f" --verifier-top-k {args.verifier_top_k}" if verified else "")
+                         + (" --choose" if args.choose else "")
+                         + (" --refine" if args.refine else ""),
             **({"verifier_sha256": verifier.fingerprint(), "verifier_top_k": args.verifier_top_k,
                 "ordered_by": "the plain parse's shipped criterion (parse_threshold.json)",
                 "plain_record_sha256": record_fingerprint(threshold_record())}
                if verified else {}),
+            **({"ordered_by": "the shipped HeadChoice (head_choice.json)",
+                "head_choice_sha256": choice.fingerprint(), "refine_masks": args.refine}
+               if args.choose else {}),
             "split": out["seed"],
             "scenes": n_scenes,
             "criterion": f"max micro F1 of kept instances at mask IoU >= {IOU}",

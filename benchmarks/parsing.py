@@ -228,16 +228,40 @@ def tune_stop(
     return best[1], best[0]
 
 
+_FORKED: dict = {}  # what forked workers of run_ours read: the parse function and the scenes
+
+
+def _timed_parse(k: int) -> tuple[object, float]:
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = _FORKED["parse"](_FORKED["scenes"][k].image)
+    return out, time.perf_counter() - t
+
+
 def run_ours(
-    gm: GenerativeModel, scenes: list[Scene], parse: Callable
+    gm: GenerativeModel, scenes: list[Scene], parse: Callable, *, workers: int = 1
 ) -> tuple[InstanceEvaluation, list[dict]]:
-    """Parse every scene; the evaluation and per-scene records (for the failure analysis)."""
+    """Parse every scene; the evaluation and per-scene records (for the failure analysis).
+    ``workers`` > 1: the scenes are parsed by that many forked processes of one thread each
+    (the parse function is inherited, not pickled); the evaluation is the same."""
     ev = InstanceEvaluation(gm.categories)
     records = []
-    for k, scene in enumerate(tqdm(scenes, desc="parses", leave=False)):
-        t = time.perf_counter()
-        parse_result = parse(scene.image)
-        seconds = time.perf_counter() - t
+    _FORKED.update(parse=parse, scenes=scenes)
+    try:
+        if workers > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+                done = list(tqdm(pool.map(_timed_parse, range(len(scenes))), total=len(scenes),
+                                 desc="parses", leave=False))  # fmt: skip
+        else:
+            done = (_timed_parse(k) for k in tqdm(range(len(scenes)), desc="parses", leave=False))
+        done = list(done)
+    finally:
+        _FORKED.clear()
+    for k, (scene, (parse_result, seconds)) in enumerate(zip(scenes, done, strict=True)):
         pred, amodal = predicted(list(parse_result.instances), tuple(scene.image.shape[-2:]))
         truth, true_amodal = truth_of(scene, gm.categories)
         m = ev.add(pred, truth, pred_amodal=amodal, true_amodal=true_amodal)
@@ -506,7 +530,8 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
             verified_top_k: int | None = None, plain_criterion: bool = False,
             split: str = "test", verifier_file: Path | None = None,
             name: str | None = None, refine: bool = False,
-            airplane_refined: bool = False, choose: bool = False) -> dict:  # fmt: skip
+            airplane_refined: bool = False, choose: bool = False,
+            workers: int = 1) -> dict:  # fmt: skip
     """``ours_beam<B>``: ``parse_scene(gm, image, beam=B)`` on the same test scenes, the stop
     criterion as shipped; or ``ours_verified<K>``: ``run_parse(gm, image, top_k=K,
     verifier=DescentVerifier.shipped())``, each step's K modes ranked by the shipped verifier
@@ -524,7 +549,10 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
     the key gains ``_airplane_refined``), stopped by the criterion the verifier above would
     use (the one fitted on the shipped verifier's parses, or with ``plain_criterion`` the plain
     parse's); ``choose``: each step's head chosen by the shipped ``HeadChoice``
-    (``run_parse(..., choose=HeadChoice.shipped())``; the key gains ``_choice``)."""
+    (``run_parse(..., choose=HeadChoice.shipped())``; the key gains ``_choice``), stopped by
+    the criterion fitted on such parses when one is shipped for them
+    (``default_threshold(..., choose=, refine_masks=)``, ``parse_threshold.py --choose``; the
+    key then gains ``_refit``). ``workers``: processes of one thread each."""
     import json
 
     from pyro_backpass import DescentVerifier
@@ -543,21 +571,10 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
     else:
         from pyro_backpass.parsing import default_threshold
 
-        name = name or (f"ours_verified{verified_top_k}"
-                        + ("_plain_criterion" if plain_criterion else "")
-                        + ("_crf" if refine else "")
-                        + ("_airplane_refined" if airplane_refined else "")
-                        + ("_choice" if choose else ""))  # fmt: skip
         verifier = (DescentVerifier.shipped() if verifier_file is None
                     else DescentVerifier.load(verifier_file))  # fmt: skip
         if verifier is None:
             raise SystemExit("no shipped descent verifier: run benchmarks/fit_verifier.py --ship")
-        stop = default_threshold(gm) if plain_criterion else default_threshold(
-            gm, verifier=verifier, top_k=verified_top_k)  # fmt: skip
-        chooser = verifier
-        if airplane_refined:
-            chooser = {**dict.fromkeys(gm.categories, verifier),
-                       "airplane": DescentVerifier.shipped(refined=True)}  # fmt: skip
         head_choice = None
         if choose:
             from pyro_backpass import HeadChoice
@@ -565,6 +582,19 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
             head_choice = HeadChoice.shipped()
             if head_choice is None:
                 raise SystemExit("no shipped HeadChoice: run benchmarks/fit_head_choice.py --ship")
+        stop = default_threshold(gm) if plain_criterion else default_threshold(
+            gm, verifier=verifier, top_k=verified_top_k, choose=head_choice,
+            refine_masks=refine)  # fmt: skip
+        name = name or (f"ours_verified{verified_top_k}"
+                        + ("_plain_criterion" if plain_criterion else "")
+                        + ("_crf" if refine else "")
+                        + ("_airplane_refined" if airplane_refined else "")
+                        + ("_choice" if choose else "")
+                        + ("_refit" if stop["fitted_on"] == "choice" else ""))  # fmt: skip
+        chooser = verifier
+        if airplane_refined:
+            chooser = {**dict.fromkeys(gm.categories, verifier),
+                       "airplane": DescentVerifier.shipped(refined=True)}  # fmt: skip
 
         def parse(image):
             return run_parse(gm, image, beam=beam, top_k=verified_top_k, verifier=chooser,
@@ -573,7 +603,7 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
 
     t = time.perf_counter()
     with torch.no_grad():
-        ev, records = run_ours(gm, test, parse)
+        ev, records = run_ours(gm, test, parse, workers=workers)
     row = ev.summary()
     row["beam"] = beam
     row["verifier_top_k"] = verified_top_k
@@ -581,7 +611,7 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
         row["stop_criterion_fitted_on"] = stop["fitted_on"]
     row["seconds"] = round(time.perf_counter() - t, 1)
     row["median_seconds_per_parse"] = statistics.median(r["seconds"] for r in records)
-    row["split"], row["scenes"] = split, n_test
+    row["split"], row["scenes"], row["workers"] = split, n_test, workers
     if verified_top_k is not None:
         row["verifier_sha256"] = verifier.fingerprint()
         if airplane_refined:
@@ -639,6 +669,12 @@ def main() -> None:
     parser.add_argument("--choose", action="store_true",
                         help="with --verified-row: each step's head chosen by "
                              "HeadChoice.shipped()")  # fmt: skip
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="with --beam-row/--verified-row: processes of one thread each",
+    )
     parser.add_argument("--verified-sensitivity", type=int, default=None, metavar="K",
                         help="only add the class sensitivity of verified_map(..., top_k=K) to "
                              "the row ours_verified<K> of --out")  # fmt: skip
@@ -658,7 +694,8 @@ def main() -> None:
                 n_test=2 if args.smoke else args.test, model=args.model,
                 split=args.row_split, verifier_file=args.verifier,
                 name=args.row_name, refine=args.refine,
-                airplane_refined=args.airplane_refined, choose=args.choose)  # fmt: skip
+                airplane_refined=args.airplane_refined, choose=args.choose,
+                workers=args.workers)  # fmt: skip
         return
     torch.set_num_threads(1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

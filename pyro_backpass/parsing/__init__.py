@@ -55,6 +55,7 @@ from pyro_backpass.parsing.stop import (
     stop_features,
 )
 from pyro_backpass.parsing.threshold import (
+    CHOICE_THRESHOLD_FILE,
     THRESHOLD_FILE,
     VERIFIED_THRESHOLD_FILE,
     default_threshold,
@@ -66,6 +67,7 @@ from pyro_backpass.parsing.views import View, as_image, make_views
 
 __all__ = [
     "BACKGROUNDS",
+    "CHOICE_THRESHOLD_FILE",
     "EXPLAIN_AWAY",
     "HEAD_CHOICE_FILE",
     "HEAD_FEATURES",

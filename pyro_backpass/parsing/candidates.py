@@ -62,6 +62,7 @@ class Candidate:
     amodal: torch.Tensor | None = None  # (H, W) image space
     mode_masks: list[torch.Tensor] | None = None  # amodal masks of its row's modes
     stat: float | None = None  # the stop statistic on its path (StopCriterion), once completed
+    stop_inputs: dict[str, float] | None = None  # what ``stat`` read (stop_features' kwargs)
     verified: float | None = None  # its DescentVerifier score, when the parse verifies
 
 

@@ -18,6 +18,7 @@ criterion, on the chosen head.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -133,6 +134,11 @@ class HeadChoice:
             raise ValueError("choose needs at least one head")
         scores = [self.score(_features_of(h, self.categories)) for h in heads]
         return max(range(len(scores)), key=scores.__getitem__)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of :meth:`to_dict` (what a stop criterion fitted on its parses records)."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         return {"categories": list(self.categories), "weights": list(self.weights),

@@ -390,7 +390,9 @@ def _parse(
         _check_choice(gm, choose, classifier)
     if refine_masks and getattr(gm, "mask_readout", None) is None:
         raise ValueError("refine_masks needs a model with a mask readout (the CRF's unary term)")
-    fitted = default_threshold(gm, verifier=verifier, top_k=top_k)
+    fitted = default_threshold(
+        gm, verifier=verifier, top_k=top_k, choose=choose, refine_masks=refine_masks
+    )
     threshold = fitted["threshold"] if threshold is None else float(threshold)
     criterion = fitted["criterion"] if criterion is None else criterion
     if not isinstance(criterion, StopCriterion):
@@ -648,9 +650,15 @@ def _statistic(
         mask = view.from_image(visible)[None]  # (1, S, S)
         index = [classifier.categories.index(name)]
         class_log_prob = float(region_log_prob(classifier, view.image, mask, index)[0])
-    return criterion.statistic(llr=c.llr, visible=float(visible.sum()) * per_pixel,
-                               amodal=float(amodal.sum()) * per_pixel, step=len(p.instances),
-                               class_log_prob=class_log_prob)  # fmt: skip
+    c.stop_inputs = {
+        "llr": float(c.llr),
+        "visible": float(visible.sum()) * per_pixel,
+        "amodal": float(amodal.sum()) * per_pixel,
+        "step": len(p.instances),
+    }
+    if class_log_prob is not None:
+        c.stop_inputs["class_log_prob"] = class_log_prob
+    return criterion.statistic(**c.stop_inputs)
 
 
 def _choice_score(
@@ -776,5 +784,6 @@ def _extend(
         scale=view.scale,
         view=v,
         llr=c.llr,
+        stop_inputs=None if c.stop_inputs is None else dict(c.stop_inputs),
     )
     return _Path(bu, observed, p.claimed | visible, [*p.instances, instance], score)

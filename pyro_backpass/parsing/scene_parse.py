@@ -47,6 +47,11 @@ class ParsedInstance:
     :ivar scale: the scan scale of its view; ``view``: the view's index in the scan.
     :ivar llr: its log-likelihood ratio against the all-background explanation of what was
         left of the scene at its step (the paper's statistic).
+    :ivar stop_inputs: what its stop statistic read, as the parser read it: ``llr``,
+        ``visible`` and ``amodal`` pixels (of the readout's mask, before any CRF refinement, in
+        the model's input frame), ``step`` and, when the criterion weighs it,
+        ``class_log_prob`` (:func:`~pyro_backpass.parsing.stop_features`' arguments; refit a
+        criterion on them), or None.
     """
 
     category: str
@@ -62,6 +67,7 @@ class ParsedInstance:
     scale: float = 1.0
     view: int = 0
     llr: float = math.nan
+    stop_inputs: dict[str, float] | None = None
 
     def __repr__(self) -> str:
         return (

@@ -85,6 +85,8 @@ def test_ours_path_with_a_stand_in_parse(tmp_path):
     ev, records = bench.run_ours(gm, scenes, stand_in)
     n_true = sum(len(s.instances) for s in scenes)
     summary = ev.summary()
+    forked, _ = bench.run_ours(gm, scenes, stand_in, workers=2)  # two processes: the same
+    assert forked.summary() == summary
     assert summary["recall_iou50"] == pytest.approx((n_true - 2) / n_true)
     assert summary["precision_iou50"] == pytest.approx((n_true - 2) / n_true)
     assert summary["count_accuracy"] == 1.0  # one missed, one spurious: the count is right

@@ -48,16 +48,26 @@ def test_parse_threshold_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_parse_threshold_verified_smoke(tmp_path):
+@pytest.mark.parametrize("choice", [[], ["--choose", "--refine"]])
+def test_parse_threshold_verified_smoke(tmp_path, choice):
     shipped = tmp_path / "shipped.json"
     _load("parse_threshold").main(["--smoke", "--verifier-top-k", "4", "--out",
                                    str(tmp_path / "t.json"), "--figure", str(tmp_path / "r.png"),
-                                   "--package-file", str(shipped)])  # fmt: skip
+                                   "--package-file", str(shipped), *choice])  # fmt: skip
     result = json.loads((tmp_path / "t.json").read_text())
     assert result["verifier_top_k"] == 4 and not shipped.exists()
+    assert result["choose"] == result["refine_masks"] == bool(choice)
+    assert (result["head_choice_sha256"] is not None) == bool(choice)
     assert list(result["settings"]) == ["unobserve/profile"]  # the plain parse's shipped setting
     steps = result["settings"]["unobserve/profile"]["llr"]["pooled"]["steps"]
     assert [len(s["labels"]) for s in steps] == [2, 2]  # smoke: 2 steps, one scene a regime
+
+
+@pytest.mark.parametrize("args", [["--choose"], ["--refine"], ["--verifier-top-k", "4",
+                                                                 "--refine"]])  # fmt: skip
+def test_parse_threshold_refuses_a_choice_without_a_verifier_and_crf_without_a_choice(args):
+    with pytest.raises(SystemExit):
+        _load("parse_threshold").main(["--smoke", *args])
 
 
 def test_fit_threshold_keeps_the_steps_before_the_first_low_score():

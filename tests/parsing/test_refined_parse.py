@@ -29,6 +29,12 @@ def test_first_instance_is_the_plain_one_with_the_crf_mask():
     expected = refine_mask(gm, again, bu, scene.image)[0]
     assert bool((b.amodal_mask == expected).all())
     assert bool((b.mask == expected).all())  # the first instance: nothing claimed before it
+    # The stop statistic read the readout's mask, not the CRF's: its inputs are the plain
+    # instance's pixel counts (one view at the model's size), at step 0.
+    want = {"llr": a.llr, "visible": float(a.mask.sum()), "amodal": float(a.amodal_mask.sum()),
+            "step": 0}  # fmt: skip
+    assert b.stop_inputs == pytest.approx(want) and a.stop_inputs == pytest.approx(want)
+    assert refined.instances[1].stop_inputs["step"] == 1
 
 
 def test_refined_masks_need_a_mask_readout():

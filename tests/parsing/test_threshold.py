@@ -1,13 +1,14 @@
-"""Which stop criterion a parse gets (``default_threshold``): the fit on verified parses only
-for the model, verifier, ``top_k`` and plain fit it was made with, else the plain fit, else the
-fallback."""
+"""Which stop criterion a parse gets (``default_threshold``): the fit on parses whose heads a
+HeadChoice chose only for the model, verifier, ``top_k``, choice and ``refine_masks`` it was made
+with; the fit on verified parses only for the model, verifier, ``top_k`` and plain fit it was
+made with; else the plain fit, else the fallback."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pyro_backpass import DescentVerifier, GenerativeModel
+from pyro_backpass import DescentVerifier, GenerativeModel, HeadChoice
 from pyro_backpass.parsing import (
     StopCriterion,
     default_threshold,
@@ -59,7 +60,7 @@ def test_verified_record_only_for_what_it_was_fitted_with(gm, monkeypatch):
                        plain_record_sha256=record_fingerprint(plain))  # fmt: skip
     records = {False: plain, True: verified}
     monkeypatch.setattr(threshold_module, "threshold_record",
-                        lambda *, verified=False: records[verified])  # fmt: skip
+                        lambda *, verified=False, choice=False: records[verified])  # fmt: skip
     got = default_threshold(gm, verifier=v, top_k=100)
     assert (got["threshold"], got["fitted_on"]) == (-2.5, "verified")
     assert (got["explain_away"], got["background"]) == ("subtract", "off")
@@ -76,9 +77,46 @@ def test_verified_record_only_for_what_it_was_fitted_with(gm, monkeypatch):
     assert (got["threshold"], got["fitted_on"]) == (0.0, "fallback")
 
 
+def _choice(bias: float = 0.0) -> HeadChoice:
+    return HeadChoice(("a", "b"), (1.0, bias, 0.0, 0.0, 0.5), (0.0,) * 5, (1.0,) * 5)
+
+
+def test_choice_record_only_for_what_it_was_fitted_with(gm, monkeypatch):
+    sha, v, h = model_fingerprint(gm), _verifier(), _choice()
+    plain = _record(1.5, sha)
+    verified = _record(-2.5, sha, verifier_sha256=v.fingerprint(), verifier_top_k=100,
+                       plain_record_sha256=record_fingerprint(plain))  # fmt: skip
+    choice = _record(-4.0, sha, verifier_sha256=v.fingerprint(), verifier_top_k=100,
+                     head_choice_sha256=h.fingerprint(), refine_masks=True)  # fmt: skip
+    records = {"plain": plain, "verified": verified, "choice": choice}
+
+    def record(*, verified=False, choice=False):
+        return records["choice" if choice else "verified" if verified else "plain"]
+
+    monkeypatch.setattr(threshold_module, "threshold_record", record)
+    got = default_threshold(gm, verifier=v, top_k=100, choose=h, refine_masks=True)
+    assert (got["threshold"], got["fitted_on"]) == (-4.0, "choice")
+    assert (got["explain_away"], got["background"]) == ("subtract", "off")
+    # Another choice, no refinement, another top_k or verifier, no choice: not the choice fit.
+    for kw in ({"choose": _choice(0.5), "refine_masks": True, "top_k": 100, "verifier": v},
+               {"choose": h, "top_k": 100, "verifier": v},
+               {"choose": h, "refine_masks": True, "top_k": 32, "verifier": v},
+               {"choose": h, "refine_masks": True, "top_k": 100, "verifier": _verifier(2.0)},
+               {"refine_masks": True, "top_k": 100, "verifier": v}):  # fmt: skip
+        assert default_threshold(gm, **kw)["fitted_on"] != "choice"
+    assert default_threshold(gm, choose=h, refine_masks=True)["fitted_on"] == "plain"
+    records["choice"] = {**choice, "model_sha256": "0" * 64}  # another model: the verified fit
+    got = default_threshold(gm, verifier=v, top_k=100, choose=h, refine_masks=True)
+    assert (got["threshold"], got["fitted_on"]) == (-2.5, "verified")
+    assert h.fingerprint() == HeadChoice.from_dict(h.to_dict()).fingerprint()
+
+
 def test_shipped_files_agree():
     """The shipped verifier, model and plain fit are those the verified fit was made with: a
     verifier or plain criterion shipped without refitting it fails here."""
     gm, v = GenerativeModel.default(), DescentVerifier.shipped()
     assert default_threshold(gm, verifier=v, top_k=100)["fitted_on"] == "verified"
     assert default_threshold(gm)["fitted_on"] == "plain"
+    got = default_threshold(gm, verifier=v, top_k=100, choose=HeadChoice.shipped(),
+                            refine_masks=True)  # fmt: skip
+    assert got["fitted_on"] == "choice"
