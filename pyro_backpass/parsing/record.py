@@ -37,11 +37,14 @@ def parse_record(parse: SceneParse, *, image_id: str) -> dict[str, Any]:
         {"image_id": str, "size": [H, W], "stop_reason": str, "threshold": float,
          "criterion": {"weights": {...}, "bias": float, "mean": {...}, "scale": {...}} | null,
          "instances": [{"category": str, "score": float, "llr": float, "box": [x, y, w, h],
-                        "segmentation": {"size": [H, W], "counts": str}}, ...]}
+                        "segmentation": {"size": [H, W], "counts": str},
+                        "stop_inputs": {"llr", "visible", "amodal", "step", ...} | null}, ...]}
 
     ``box`` and ``segmentation`` describe the visible mask; ``score`` is the instance's stop
     statistic (for the shipped model the fitted log-odds that it is a new object) and ``llr``
-    its log-likelihood ratio against background (null if unknown). ``segmentation`` decodes with
+    its log-likelihood ratio against background (null if unknown); ``stop_inputs`` what that
+    statistic read (``StopCriterion.from_dict(record["criterion"]).statistic(**stop_inputs)``
+    is ``score``). ``segmentation`` decodes with
     ``pycocotools.mask.decode`` (after ``counts.encode()``).
     """
     if not isinstance(parse, SceneParse):
@@ -58,6 +61,7 @@ def parse_record(parse: SceneParse, *, image_id: str) -> dict[str, Any]:
                 "llr": float(inst.llr) if math.isfinite(inst.llr) else None,
                 "box": mask_box(m),
                 "segmentation": encode_mask(m),
+                "stop_inputs": None if inst.stop_inputs is None else dict(inst.stop_inputs),
             }
         )
     h, w = parse.size

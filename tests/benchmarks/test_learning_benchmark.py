@@ -1000,12 +1000,17 @@ def test_refocus_on_a_region_covering_the_image_is_the_clamped_pass():
         module.refocus(gm, scene.image, first, radius=-1)
 
 
-def test_mask_crf_smoke(tmp_path):
+@pytest.mark.parametrize(
+    "colour", [pytest.param(True, marks=pytest.mark.slow), False], ids=["colour_model", "crf"]
+)
+def test_mask_crf_smoke(tmp_path, colour):
+    """The default run: the CRF rows; ``make test-all`` adds the colour model's rows."""
     out = tmp_path / "crf.json"
-    _smoke(BENCH.parent / "mask_crf.py", "--smoke", "--colour-model", "--out", str(out))
+    extra = ["--colour-model"] if colour else []
+    _smoke(BENCH.parent / "mask_crf.py", "--smoke", *extra, "--out", str(out))
     result = json.loads(out.read_text())
     colour_models = {n for n in result["rows"] if n.startswith("colour_model_")}
-    assert len(colour_models) == 3
+    assert len(colour_models) == (3 if colour else 0)
     assert set(result["rows"]) - colour_models == {"none", result["best_by_top_clamped"]}
     for row in result["rows"].values():
         assert 0.0 <= row["top_clamped"] <= 1.0 and 0.0 <= row["alone"] <= 1.0

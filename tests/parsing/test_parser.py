@@ -29,6 +29,7 @@ from pyro_backpass.parsing import (
     STOP_REASONS,
     Query,
     SceneParse,
+    StopCriterion,
     explain_away,
     parse_activations,
     parse_record,
@@ -246,6 +247,12 @@ def test_max_objects_is_a_cap_and_record_is_json(gm):
     assert len(p.instances) == 2 and p.stop_reason == "max_objects"
     record = json.loads(json.dumps(parse_record(p, image_id="noise")))
     assert record["size"] == [64, 64] and len(record["instances"]) == 2
+    # The record holds what each score read: the criterion recomputes it from the JSON alone.
+    crit = StopCriterion.from_dict(record["criterion"])
+    for k, (inst, rec) in enumerate(zip(p.instances, record["instances"], strict=True)):
+        assert rec["stop_inputs"]["step"] == k
+        assert rec["stop_inputs"]["visible"] == float(inst.mask.sum())  # one view, no occluder
+        assert crit.statistic(**rec["stop_inputs"]) == pytest.approx(rec["score"])
 
 
 def test_bad_arguments_name_the_problem(gm):
