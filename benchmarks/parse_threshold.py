@@ -38,7 +38,10 @@ CRF-refined, ``refine_masks=True``, which changes what later steps see), and the
 shipped as ``pyro_backpass/weights/parse_threshold_choice.json`` with the choice's and the
 verifier's fingerprints and the ``refine_masks`` flag: the default of a parse with that choice.
 Each step's stop features are the ones the parser read (``ParsedInstance.stop_inputs``: the
-readout's mask before any CRF refinement).
+readout's mask before any CRF refinement; with ``--choose`` the parser also reads
+``class_log_prob`` there, by a zero weight, so ``--steps-from ... --features ... class_log_prob``
+refits on the parser's own values). Every step is also diagnosed (``step_diagnosis``: a new
+object, one found again, a part, or clutter), counted in ``step_kinds``.
 
 One thread per process (``--workers``). Writes ``benchmarks/results/parse_threshold.json`` and
 ``parse_threshold_roc.png`` (verified: ``parse_threshold_verified.json`` and
@@ -107,6 +110,29 @@ def label_steps(parse, scene) -> list[bool]:
             free.remove(which)
         labels.append(hit)
     return labels
+
+
+def step_diagnosis(parse, scene) -> list[dict]:
+    """Per step, what it took: its best IoU with any true instance (the better of visible and
+    amodal), whether that instance was found by an earlier step (``again``), whether its
+    category is the step's, and ``kind``: "new" (IoU >= 0.5 with an instance not found before),
+    "again", "part" (0.1 <= IoU < 0.5) or "clutter" (IoU < 0.1)."""
+    found: set[int] = set()
+    out = []
+    for inst, hit in zip(parse.instances, label_steps(parse, scene), strict=True):
+        ious = [max(iou(inst.mask, t.mask), iou(inst.amodal_mask, t.amodal_mask))
+                for t in scene.instances]  # fmt: skip
+        k = max(range(len(ious)), key=ious.__getitem__) if ious else None
+        best = ious[k] if k is not None else 0.0
+        again = k is not None and best >= IOU and k in found and not hit
+        if hit:  # the instance label_steps matched: the best unfound one at IoU >= 0.5
+            k = max((j for j in range(len(ious)) if j not in found), key=ious.__getitem__)
+            found.add(k)
+        kind = "new" if hit else "again" if again else "part" if best >= 0.1 else "clutter"
+        out.append({"best_iou": round(best, 4), "kind": kind,
+                    "category_right": k is not None and best >= 0.1
+                    and scene.instances[k].category == inst.category})  # fmt: skip
+    return out
 
 
 def roc(scores: list[float], labels: list[bool]) -> dict:
@@ -234,7 +260,13 @@ def parse_steps(job: tuple) -> dict:
     if verifier_top_k is None:
         knobs = dict(criterion=StopCriterion.llr())
     else:
-        knobs = dict(criterion=default_threshold(gm)["criterion"], top_k=verifier_top_k,
+        criterion = default_threshold(gm)["criterion"]
+        if choose:  # the choice orders the heads and nothing stops: a zero weight on
+            # class_log_prob only makes the parser read it on the statistic's own region
+            record = criterion.to_dict()
+            record["weights"] = {**record["weights"], "class_log_prob": 0.0}
+            criterion = StopCriterion.from_dict(record)
+        knobs = dict(criterion=criterion, top_k=verifier_top_k,
                      verifier=_MODEL["verifier"], refine_masks=refine,
                      choose=_MODEL["choice"] if choose else None)  # fmt: skip
     with torch.no_grad():
@@ -246,9 +278,10 @@ def parse_steps(job: tuple) -> dict:
         index = [gm.backbone.categories.index(i.category) for i in parse.instances]
         logp = region_log_prob(gm.backbone, scene.image, masks, index).tolist()
     return {
-        "features": [{**i.stop_inputs, "class_log_prob": lp}
+        "features": [{"class_log_prob": lp, **i.stop_inputs}  # the parser's own, when read
                      for i, lp in zip(parse.instances, logp, strict=True)],
         "labels": label_steps(parse, scene), "objects": n_true,
+        "diagnosis": step_diagnosis(parse, scene),
     }  # fmt: skip
 
 
@@ -408,6 +441,12 @@ def main(argv: list[str] | None = None) -> dict:
             report(f"{key} {name} pooled", row[name]["pooled"])
         row["criterion"] = crit.to_dict()
         row["parsed"] = pooled  # every step's raw features and label: other fits offline
+        kinds = [d for s in pooled for d in s.get("diagnosis", [])]
+        if kinds:  # what the steps took (step_diagnosis), over all steps of the no-stop parses
+            row["step_kinds"] = {k: sum(d["kind"] == k for d in kinds)
+                                 for k in ("new", "again", "part", "clutter")}  # fmt: skip
+            row["step_kinds"]["category_right"] = sum(d["category_right"] for d in kinds)
+            print(f"{key} steps took: {row['step_kinds']}", flush=True)
         row["cross_validated"] = (
             cross_validated(pooled, features=args.features) if crit is not llr else None
         )

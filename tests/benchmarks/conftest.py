@@ -27,6 +27,7 @@ def _load_benchmark(name: str):
         sys.path.insert(0, str(bench))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[f"bench_{name}"] = module  # its functions pickle by name (worker processes)
     spec.loader.exec_module(module)
     return module
 

@@ -59,8 +59,11 @@ def test_refined_row_is_added(tmp_path):
 
 
 def load_benchmark():
+    """The script as module ``parsing_benchmark``, registered in ``sys.modules`` so that its
+    functions pickle by name (``run_ours(..., workers=2)`` sends one to its processes)."""
     spec = importlib.util.spec_from_file_location("parsing_benchmark", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["parsing_benchmark"] = module
     spec.loader.exec_module(module)
     return module
 
