@@ -67,11 +67,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine  # noqa: E402
 
-from pyro_backpass.parsing import STOP_FEATURES  # noqa: E402
+from pyro_backpass.parsing import (  # noqa: E402
+    CHOICE_THRESHOLD_FILE,
+    STOP_FEATURES,
+    THRESHOLD_FILE,
+    VERIFIED_THRESHOLD_FILE,
+)
 
-PACKAGE_FILE = Path(__file__).parents[1] / "pyro_backpass" / "weights" / "parse_threshold.json"
-VERIFIED_FILE = PACKAGE_FILE.with_name("parse_threshold_verified.json")
-CHOICE_FILE = PACKAGE_FILE.with_name("parse_threshold_choice.json")
+PACKAGE_FILE = Path(__file__).parents[1] / "pyro_backpass" / "weights" / THRESHOLD_FILE
+VERIFIED_FILE = PACKAGE_FILE.with_name(VERIFIED_THRESHOLD_FILE)
+CHOICE_FILE = PACKAGE_FILE.with_name(CHOICE_THRESHOLD_FILE)
 BASE_FEATURES = tuple(f for f in STOP_FEATURES if f != "class_log_prob")
 SEED = 11  # base seed of the validation scenes: split_seed("validation", SEED)
 IOU = 0.5
@@ -112,14 +117,15 @@ def label_steps(parse, scene) -> list[bool]:
     return labels
 
 
-def step_diagnosis(parse, scene) -> list[dict]:
-    """Per step, what it took: its best IoU with any true instance (the better of visible and
-    amodal), whether that instance was found by an earlier step (``again``), whether its
-    category is the step's, and ``kind``: "new" (IoU >= 0.5 with an instance not found before),
-    "again", "part" (0.1 <= IoU < 0.5) or "clutter" (IoU < 0.1)."""
+def step_diagnosis(parse, scene, labels: list[bool]) -> list[dict]:
+    """Per step (``labels``: :func:`label_steps` of the parse), what it took: its best IoU with
+    any true instance (the better of visible and amodal), whether that instance was found by an
+    earlier step (``again``), whether its category is the step's, and ``kind``: "new" (IoU >=
+    0.5 with an instance not found before), "again", "part" (0.1 <= IoU < 0.5) or "clutter"
+    (IoU < 0.1)."""
     found: set[int] = set()
     out = []
-    for inst, hit in zip(parse.instances, label_steps(parse, scene), strict=True):
+    for inst, hit in zip(parse.instances, labels, strict=True):
         ious = [max(iou(inst.mask, t.mask), iou(inst.amodal_mask, t.amodal_mask))
                 for t in scene.instances]  # fmt: skip
         k = max(range(len(ious)), key=ious.__getitem__) if ious else None
@@ -277,11 +283,12 @@ def parse_steps(job: tuple) -> dict:
         masks = torch.stack([i.mask for i in parse.instances])
         index = [gm.backbone.categories.index(i.category) for i in parse.instances]
         logp = region_log_prob(gm.backbone, scene.image, masks, index).tolist()
+    labels = label_steps(parse, scene)
     return {
         "features": [{"class_log_prob": lp, **i.stop_inputs}  # the parser's own, when read
                      for i, lp in zip(parse.instances, logp, strict=True)],
-        "labels": label_steps(parse, scene), "objects": n_true,
-        "diagnosis": step_diagnosis(parse, scene),
+        "labels": labels, "objects": n_true,
+        "diagnosis": step_diagnosis(parse, scene, labels),
     }  # fmt: skip
 
 

@@ -257,8 +257,7 @@ def run_ours(
                 done = list(tqdm(pool.map(_timed_parse, range(len(scenes))), total=len(scenes),
                                  desc="parses", leave=False))  # fmt: skip
         else:
-            done = (_timed_parse(k) for k in tqdm(range(len(scenes)), desc="parses", leave=False))
-        done = list(done)
+            done = [_timed_parse(k) for k in tqdm(range(len(scenes)), desc="parses", leave=False)]
     finally:
         _FORKED.clear()
     for k, (scene, (parse_result, seconds)) in enumerate(zip(scenes, done, strict=True)):

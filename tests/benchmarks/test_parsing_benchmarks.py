@@ -70,6 +70,35 @@ def test_parse_threshold_refuses_a_choice_without_a_verifier_and_crf_without_a_c
         _load("parse_threshold").main(["--smoke", *args])
 
 
+def test_step_diagnosis_on_hand_built_masks():
+    """Four steps on two true instances, each kind by construction: A found, A again, a
+    third of B, clutter."""
+    from types import SimpleNamespace
+
+    import torch
+
+    def box(r0, r1, c0, c1):
+        m = torch.zeros(20, 20, dtype=torch.bool)
+        m[r0:r1, c0:c1] = True
+        return m
+
+    a, b = box(0, 6, 0, 6), box(10, 16, 10, 16)
+    truth = [SimpleNamespace(mask=m, amodal_mask=m, category=c)
+             for m, c in ((a, "airplane"), (b, "car"))]  # fmt: skip
+    scene = SimpleNamespace(instances=truth)
+    steps = [(a, "airplane"), (box(0, 6, 0, 5), "airplane"), (box(10, 16, 10, 12), "airplane"),
+             (box(18, 20, 0, 2), "car")]  # fmt: skip
+    parse = SimpleNamespace(instances=[SimpleNamespace(mask=m, amodal_mask=m, category=c)
+                                       for m, c in steps])  # fmt: skip
+    module = _load("parse_threshold")
+    labels = module.label_steps(parse, scene)
+    assert labels == [True, False, False, False]
+    got = module.step_diagnosis(parse, scene, labels)
+    assert [d["kind"] for d in got] == ["new", "again", "part", "clutter"]
+    assert [d["best_iou"] for d in got] == [1.0, round(30 / 36, 4), round(12 / 36, 4), 0.0]
+    assert [d["category_right"] for d in got] == [True, True, False, False]
+
+
 def test_fit_threshold_keeps_the_steps_before_the_first_low_score():
     fit = _load("parse_threshold").fit_threshold(
         [([9.0, 8.0, 1.0], [True, True, False], 2), ([7.0, 0.5], [True, False], 1)]
