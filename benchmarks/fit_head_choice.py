@@ -16,8 +16,21 @@ L2 weight by leave-one-scene-out hit rate) and ``--ship`` writes it to
 One thread a process; ``--first``/``--scenes`` split the scenes between processes and
 ``--records-from`` fits on their files without parsing.
 
+``--steps-from`` fits on every step of whole parses instead: the heads each step of
+``parse_threshold.py --verifier-top-k 100 --choose [--refine]`` chose among
+(``ParsedInstance.heads``, recorded in its ``parsed`` steps with ``hit``: the head matches a
+true instance that no earlier step found, IoU >= 0.5). On later steps earlier instances have
+claimed part of the scene, which the first-step records never show; ``--extra "visible
+fraction"`` lets the choice weigh the share of a head that is still unclaimed. The L2 weight is
+chosen by the hit rate of fits without the scene (``--folds`` folds of scenes); reported
+beside the shipped choice and the fit without the extra feature on the same steps, on first
+and later steps apart. (Offline: a different choice would change what later steps see; the
+parse itself measures the choice, ``parse_threshold.py``/``parsing.py`` with it shipped.)
+
 Usage: ``python benchmarks/fit_head_choice.py --scenes 20 --first 0 --records-out A.json``;
-``python benchmarks/fit_head_choice.py --records-from A.json B.json [--ship]``
+``python benchmarks/fit_head_choice.py --records-from A.json B.json [--ship]``;
+``python benchmarks/fit_head_choice.py --steps-from STEPS.json --extra "visible fraction"
+[--ship]``
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ from pyro_backpass import DescentVerifier  # noqa: E402
 from pyro_backpass.files import atomic_write_json  # noqa: E402
 from pyro_backpass.learning import mask_iou  # noqa: E402
 from pyro_backpass.parsing import (  # noqa: E402
+    EXTRA_HEAD_FEATURES,
     HEAD_CHOICE_FILE,
     HEAD_FEATURES,
     HeadChoice,
@@ -125,6 +139,90 @@ def leave_one_out(groups: list[list[dict]], categories: tuple[str, ...], l2: flo
     )  # fmt: skip
 
 
+def scene_held_out(
+    scenes: list[list[list[dict]]], categories: tuple[str, ...], l2: float, extra: tuple,
+    *, folds: int,
+) -> list[list[bool]]:  # fmt: skip
+    """Per scene, per step: whether the head chosen by a fit on the other folds' scenes hits
+    (scene ``i`` in fold ``i % folds``)."""
+    out: list[list[bool]] = [[] for _ in scenes]
+    for f in range(folds):
+        rest = [g for j, other in enumerate(scenes) if j % folds != f for g in other]
+        choice = fit_head_choice(rest, categories=categories, l2=l2, extra=extra)
+        for i in range(f, len(scenes), folds):
+            out[i] = [chosen_hit(choice, g) for g in scenes[i]]
+    return out
+
+
+def hit_rates(hits: list[list[bool]]) -> dict:
+    """Share of steps that hit: all, first steps, later steps (and how many of each)."""
+    first = [h[0] for h in hits if h]
+    later = [x for h in hits for x in h[1:]]
+    every = first + later
+    return {"all": statistics.mean(every), "first": statistics.mean(first),
+            "later": statistics.mean(later) if later else None,
+            "steps": len(every), "later_steps": len(later)}  # fmt: skip
+
+
+def fit_steps(args: argparse.Namespace) -> dict:
+    """``--steps-from``: the choice fitted on every step's heads of no-stop choice parses."""
+    saved = [json.loads(Path(f).read_text()) for f in args.steps_from]
+    for key in ("model_sha256", "verifier_sha256", "verifier_top_k", "head_choice_sha256",
+                "refine_masks"):  # fmt: skip
+        if len({json.dumps(s.get(key)) for s in saved}) != 1:
+            raise SystemExit(f"the step files differ in {key}: fit on one kind of parse")
+    first = saved[0]
+    if not first.get("choose"):
+        raise SystemExit(f"{args.steps_from[0]} holds no choice parse (parse_threshold.py "
+                         "--verifier-top-k K --choose): its steps record no heads")  # fmt: skip
+    extra = tuple(args.extra)
+    # One list per scene of its steps' heads (steps with one head or none that hits say
+    # nothing about the choice; fit_head_choice leaves them out, the hit rates count them).
+    scenes = [[step for step in parsed["heads"] if step]
+              for s in saved for row in s["settings"].values() for parsed in row["parsed"]
+              if parsed.get("heads")]  # fmt: skip
+    if not scenes:
+        raise SystemExit("the step files record no heads: parse again with this version")
+    categories = tuple(scenes[0][0][0]["class_log_probs"])
+    groups = [g for steps in scenes for g in steps]
+    shipped = HeadChoice.shipped()  # compared only on steps it could have chosen
+    if shipped is not None and (shipped.categories != categories
+                                or shipped.model_sha256 != first["model_sha256"]):  # fmt: skip
+        shipped = None
+    folds = min(args.folds, len(scenes))
+    grid = {l2: scene_held_out(scenes, categories, l2, extra, folds=folds) for l2 in L2_GRID}
+    best = max(L2_GRID, key=lambda l2: (hit_rates(grid[l2])["all"], l2))
+    base = {l2: scene_held_out(scenes, categories, l2, (), folds=folds) for l2 in L2_GRID}
+    base_best = max(L2_GRID, key=lambda l2: (hit_rates(base[l2])["all"], l2))
+    choice = fit_head_choice(groups, categories=categories, l2=best,
+                             model_sha256=first["model_sha256"], extra=extra)  # fmt: skip
+    result = {
+        "machine": machine(), "model": "GenerativeModel.default()",
+        "model_sha256": first["model_sha256"], "verifier_sha256": first["verifier_sha256"],
+        "top_k": first["verifier_top_k"], "split": first["split"], "scenes": len(scenes),
+        "fitted_on": "every step of no-stop choice parses",
+        "parsed_with": {"head_choice_sha256": first["head_choice_sha256"],
+                        "refine_masks": first["refine_masks"]},
+        "features": [*HEAD_FEATURES, *extra], "extra": list(extra), "l2_grid": list(L2_GRID),
+        "folds": folds, "held_out_hit": {str(k): hit_rates(v) for k, v in grid.items()},
+        "l2": best,
+        "hit": {
+            "as_parsed": hit_rates([[bool(g[0]["hit"]) for g in st] for st in scenes]),
+            "shipped_choice": None if shipped is None else hit_rates(
+                [[chosen_hit(shipped, g) for g in st] for st in scenes]),
+            "fitted_choice_in_sample": hit_rates([[chosen_hit(choice, g) for g in st]
+                                                  for st in scenes]),
+            "fitted_choice_held_out": hit_rates(grid[best]),
+            "without_extra_held_out": hit_rates(base[base_best]),
+            "any_head": hit_rates([[any(h["hit"] for h in g) for g in st] for st in scenes]),
+        },
+        "head_choice": choice.to_dict(),
+        "fitted_by": "benchmarks/fit_head_choice.py --steps-from",
+        "record_files": [str(f) for f in args.steps_from],
+    }  # fmt: skip
+    return _write(args, result, ("held_out_hit", "l2", "hit"))
+
+
 def fit(args: argparse.Namespace) -> dict:
     """``--records-from``: the choice fitted on the collected heads, its L2 weight chosen by
     leave-one-scene-out hit rate; ``--ship`` writes it into the package."""
@@ -164,13 +262,20 @@ def fit(args: argparse.Namespace) -> dict:
         "fitted_by": "benchmarks/fit_head_choice.py",
         "record_files": [str(f) for f in args.records_from],
     }  # fmt: skip
-    out = args.out or RESULTS / "head_choice_fit.json"
+    return _write(args, result, ("leave_one_out_hit", "l2", "hit"))
+
+
+def _write(args: argparse.Namespace, result: dict, shown: tuple[str, ...]) -> dict:
+    """The fit's report to ``--out`` (default ``head_choice_fit[_steps].json``) and, with
+    ``--ship``, the choice into the package."""
+    steps = args.steps_from is not None
+    out = args.out or RESULTS / ("head_choice_fit_steps.json" if steps else "head_choice_fit.json")
     atomic_write_json(out, result)
     if args.ship:
         atomic_write_json(args.package_file, {k: v for k, v in result.items()
                                               if k not in ("machine", "record_files")})  # fmt: skip
         print(f"shipped {args.package_file}")
-    print(json.dumps({k: result[k] for k in ("leave_one_out_hit", "l2", "hit")}, indent=1))
+    print(json.dumps({k: result[k] for k in shown}, indent=1))
     print(f"wrote {out}")
     return result
 
@@ -184,11 +289,33 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--records-out", type=Path, default=RESULTS / "head_choice_records.json")
     parser.add_argument("--records-from", type=Path, nargs="+", default=None)
+    parser.add_argument(
+        "--steps-from",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="fit on every step's heads of parse_threshold.py --choose runs",
+    )
+    parser.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        choices=EXTRA_HEAD_FEATURES,
+        help="with --steps-from: optional features the choice weighs",
+    )
+    parser.add_argument("--folds", type=int, default=10,
+                        help="with --steps-from: folds of scenes for the held-out hit rates")
     parser.add_argument("--ship", action="store_true", help="write it into the package")
     parser.add_argument("--package-file", type=Path, default=PACKAGE_FILE)
     parser.add_argument("--out", type=Path, default=None, help="the fit's report (JSON)")
     args = parser.parse_args(argv)
+    if args.records_from is not None and args.steps_from is not None:
+        parser.error("--records-from and --steps-from fit on different records: give one")
+    if args.extra and args.steps_from is None:
+        parser.error("--extra needs --steps-from (first-step records never show a claimed head)")
     torch.set_num_threads(1)
+    if args.steps_from is not None:
+        return fit_steps(args)
     return collect(args) if args.records_from is None else fit(args)
 
 

@@ -117,6 +117,35 @@ def label_steps(parse, scene) -> list[bool]:
     return labels
 
 
+def head_labels(parse, scene) -> list[list[dict]] | None:
+    """Per step of a parse with a ``HeadChoice`` (``ParsedInstance.heads``), every head the step
+    chose among: what the choice read, its score, ``best_iou`` with a true instance no earlier
+    step matched (:func:`label_steps`' matching) and ``hit`` (that IoU >= 0.5: choosing it would
+    have found a new object). None without heads."""
+    if not parse.instances or parse.instances[0].heads is None:
+        return None
+    free = list(range(len(scene.instances)))
+    out = []
+    for inst in parse.instances:
+        step = []
+        for h in inst.heads:
+            best = max((max(iou(h["mask"], scene.instances[k].mask),
+                            iou(h["amodal_mask"], scene.instances[k].amodal_mask))
+                        for k in free), default=0.0)  # fmt: skip
+            step.append({**{k: v for k, v in h.items() if k not in ("mask", "amodal_mask")},
+                         "best_iou": round(best, 4), "hit": best >= IOU})  # fmt: skip
+        out.append(step)
+        best, which = 0.0, None  # label_steps' matching of the instance taken
+        for k in free:
+            t = scene.instances[k]
+            v = max(iou(inst.mask, t.mask), iou(inst.amodal_mask, t.amodal_mask))
+            if v > best:
+                best, which = v, k
+        if which is not None and best >= IOU:
+            free.remove(which)
+    return out
+
+
 def step_diagnosis(parse, scene, labels: list[bool]) -> list[dict]:
     """Per step (``labels``: :func:`label_steps` of the parse), what it took: its best IoU with
     any true instance (the better of visible and amodal), whether that instance was found by an
@@ -289,6 +318,7 @@ def parse_steps(job: tuple) -> dict:
                      for i, lp in zip(parse.instances, logp, strict=True)],
         "labels": labels, "objects": n_true,
         "diagnosis": step_diagnosis(parse, scene, labels),
+        "heads": head_labels(parse, scene),  # with --choose: every step's heads (refit it)
     }  # fmt: skip
 
 

@@ -9,6 +9,7 @@ true instances.
 
 from pyro_backpass.parsing.explaining_away import EXPLAIN_AWAY, explain_away
 from pyro_backpass.parsing.head_choice import (
+    EXTRA_HEAD_FEATURES,
     HEAD_CHOICE_FILE,
     HEAD_FEATURES,
     HeadChoice,
@@ -69,6 +70,7 @@ __all__ = [
     "BACKGROUNDS",
     "CHOICE_THRESHOLD_FILE",
     "EXPLAIN_AWAY",
+    "EXTRA_HEAD_FEATURES",
     "HEAD_CHOICE_FILE",
     "HEAD_FEATURES",
     "HeadChoice",

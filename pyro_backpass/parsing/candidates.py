@@ -64,6 +64,8 @@ class Candidate:
     stat: float | None = None  # the stop statistic on its path (StopCriterion), once completed
     stop_inputs: dict[str, float] | None = None  # what ``stat`` read (stop_features' kwargs)
     verified: float | None = None  # its DescentVerifier score, when the parse verifies
+    choice_inputs: dict | None = None  # what a HeadChoice read of it (head_features' kwargs)
+    heads: list[dict] | None = None  # its path's heads this step, with a choice (ParsedInstance)
 
 
 def step_candidates(

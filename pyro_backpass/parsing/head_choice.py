@@ -12,8 +12,14 @@ the probability that a head is the one that matches a true instance is
 
 over the step's heads, with ``x`` = :func:`head_features` (LLR per amodal pixel, log visible
 area, the backbone's log-probability of the head's category on its visible region and its
-margin over the best other category, the category one-hot). The stop is still decided by the
-criterion, on the chosen head.
+margin over the best other category, the category one-hot, and optionally the features of
+:data:`EXTRA_HEAD_FEATURES`). The stop is still decided by the criterion, on the chosen head.
+
+The first choice was fitted on first steps only, where nothing is claimed yet; on later steps
+about a third of the chosen heads re-take an object an earlier step took (they are mostly
+claimed: visible fraction median 0.31, against 0.96 for new ones; the diagnosis of
+``benchmarks/parse_threshold.py``). A choice with ``extra=("visible fraction",)`` sees that;
+it is fitted on every step of no-stop parses (``benchmarks/fit_head_choice.py --steps-from``).
 """
 
 from __future__ import annotations
@@ -28,7 +34,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["HEAD_CHOICE_FILE", "HEAD_FEATURES", "HeadChoice", "fit_head_choice", "head_features"]
+__all__ = [
+    "EXTRA_HEAD_FEATURES",
+    "HEAD_CHOICE_FILE",
+    "HEAD_FEATURES",
+    "HeadChoice",
+    "fit_head_choice",
+    "head_features",
+]
 
 HEAD_CHOICE_FILE = "head_choice.json"
 #: What :func:`head_features` returns, in order (the one-hot has one entry per category but
@@ -40,6 +53,9 @@ HEAD_FEATURES = (
     "class log-prob minus the best other class's",
     "category one-hot (less the first)",
 )
+#: Optional features a choice may add after those (``HeadChoice.extra``): ``"visible
+#: fraction"`` is visible / amodal pixels (1 where nothing of the head is claimed yet).
+EXTRA_HEAD_FEATURES = ("visible fraction",)
 
 
 def head_features(
@@ -50,9 +66,10 @@ def head_features(
     class_log_probs: Mapping[str, float],
     category: str,
     categories: Sequence[str],
+    extra: Sequence[str] = (),
 ) -> list[float]:
     """One head's features: ``[llr / amodal, log(1 + visible), log p(category | region),
-    that minus the largest other category's, one-hot of the category less the first]``.
+    that minus the largest other category's, one-hot of the category less the first, *extra]``.
 
     :param llr: its log-likelihood ratio against background.
     :param visible: its visible pixels (amodal less what earlier instances claimed), in the
@@ -60,7 +77,11 @@ def head_features(
     :param class_log_probs: category name → the backbone's log-probability of it on the
         head's visible region (:func:`~pyro_backpass.parsing.region_log_prob`); every name in
         ``categories``.
+    :param extra: names from :data:`EXTRA_HEAD_FEATURES` appended in that order.
     """
+    unknown = [e for e in extra if e not in EXTRA_HEAD_FEATURES]
+    if unknown:
+        raise ValueError(f"unknown extra head features {unknown}; known: {EXTRA_HEAD_FEATURES}")
     if category not in categories:
         raise ValueError(f"unknown category {category!r}; the choice knows {list(categories)}")
     missing = [c for c in categories if c not in class_log_probs]
@@ -70,6 +91,8 @@ def head_features(
     other = max(float(class_log_probs[c]) for c in categories if c != category)
     x = [float(llr) / max(float(amodal), 1.0), math.log1p(max(float(visible), 0.0)), own,
          own - other, *(float(category == c) for c in categories[1:])]  # fmt: skip
+    fraction = max(float(visible), 0.0) / max(float(amodal), 1.0)
+    x += [fraction for name in extra if name == "visible fraction"]
     if not all(math.isfinite(v) for v in x):
         raise ValueError(f"head features must be finite, got {x}")
     return x
@@ -80,10 +103,12 @@ class HeadChoice:
     """A fitted choice among a step's heads (see the module's docstring).
 
     :ivar categories: the categories whose heads it scores (the model's, in its order).
-    :ivar weights: one per feature of :func:`head_features` (``4 + len(categories) - 1``).
+    :ivar weights: one per feature of :func:`head_features` (``4 + len(categories) - 1 +
+        len(extra)``).
     :ivar mean: the features' means on the fit; ``scale``: their standard deviations.
     :ivar model_sha256: the fingerprint of the model it was fitted for
         (:func:`~pyro_backpass.parsing.model_fingerprint`), or None (not checked).
+    :ivar extra: the optional features it weighs (names of :data:`EXTRA_HEAD_FEATURES`).
     """
 
     categories: tuple[str, ...]
@@ -91,10 +116,16 @@ class HeadChoice:
     mean: tuple[float, ...]
     scale: tuple[float, ...]
     model_sha256: str | None = None
+    extra: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "categories", tuple(str(c) for c in self.categories))
-        n = 4 + len(self.categories) - 1
+        object.__setattr__(self, "extra", tuple(str(e) for e in self.extra))
+        unknown = [e for e in self.extra if e not in EXTRA_HEAD_FEATURES]
+        if unknown or len(set(self.extra)) != len(self.extra):
+            raise ValueError(f"HeadChoice.extra must be distinct names of {EXTRA_HEAD_FEATURES}, "
+                             f"got {self.extra}")  # fmt: skip
+        n = 4 + len(self.categories) - 1 + len(self.extra)
         for name in ("weights", "mean", "scale"):
             values = tuple(float(v) for v in getattr(self, name))
             if len(values) != n:
@@ -124,7 +155,7 @@ class HeadChoice:
         """:meth:`score` of a head described by :func:`head_features`' arguments."""
         return self.score(head_features(llr=llr, visible=visible, amodal=amodal,
                                         class_log_probs=class_log_probs, category=category,
-                                        categories=self.categories))  # fmt: skip
+                                        categories=self.categories, extra=self.extra))  # fmt: skip
 
     def choose(self, heads: Sequence[Mapping[str, Any]]) -> int:
         """The index of the head of largest score among ``heads`` (ties: the first), each a
@@ -132,7 +163,7 @@ class HeadChoice:
         ``class_log_probs``, ``category``), as :func:`fit_head_choice` reads them."""
         if not heads:
             raise ValueError("choose needs at least one head")
-        scores = [self.score(_features_of(h, self.categories)) for h in heads]
+        scores = [self.score(_features_of(h, self.categories, self.extra)) for h in heads]
         return max(range(len(scores)), key=scores.__getitem__)
 
     def fingerprint(self) -> str:
@@ -141,17 +172,23 @@ class HeadChoice:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"categories": list(self.categories), "weights": list(self.weights),
-                "mean": list(self.mean), "scale": list(self.scale),
-                "model_sha256": self.model_sha256}  # fmt: skip
+        """The record (``extra`` only when it has some, so a choice without extras keeps the
+        fingerprint it was shipped with)."""
+        record = {"categories": list(self.categories), "weights": list(self.weights),
+                  "mean": list(self.mean), "scale": list(self.scale),
+                  "model_sha256": self.model_sha256}  # fmt: skip
+        if self.extra:
+            record["extra"] = list(self.extra)
+        return record
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> HeadChoice:
-        keys = {"categories", "weights", "mean", "scale", "model_sha256"}
+        keys = {"categories", "weights", "mean", "scale", "model_sha256", "extra"}
         if not {"categories", "weights", "mean", "scale"} <= set(record) <= keys:
             raise ValueError(f"not a HeadChoice record: keys {sorted(record)}")
         return cls(tuple(record["categories"]), tuple(record["weights"]), tuple(record["mean"]),
-                   tuple(record["scale"]), record.get("model_sha256"))  # fmt: skip
+                   tuple(record["scale"]), record.get("model_sha256"),
+                   tuple(record.get("extra", ())))  # fmt: skip
 
     @classmethod
     def shipped(cls) -> HeadChoice | None:
@@ -169,6 +206,7 @@ def fit_head_choice(
     categories: Sequence[str],
     l2: float = 1.0,
     model_sha256: str | None = None,
+    extra: Sequence[str] = (),
 ) -> HeadChoice:
     """Fit a :class:`HeadChoice` by maximum penalised likelihood of the hitting heads.
 
@@ -178,39 +216,47 @@ def fit_head_choice(
         Σ_steps log Σ_{heads that hit} p(head) − l2 |w|² on standardised features; steps
         where no head hits say nothing about the choice and are left out.
     :param l2: the penalty's weight (≥ 0).
+    :param extra: the optional features to weigh as well (:data:`EXTRA_HEAD_FEATURES`).
     """
-    categories = tuple(categories)
+    categories, extra = tuple(categories), tuple(extra)
     if not (isinstance(l2, (int, float)) and math.isfinite(l2) and l2 >= 0):
         raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
     usable = [g for g in groups if len(g) >= 2 and any(bool(h["hit"]) for h in g)]
     if not usable:
         raise ValueError("no step has two or more heads of which one hits: nothing to fit")
-    feats = [[_features_of(h, categories) for h in g] for g in usable]
+    feats = [[_features_of(h, categories, extra) for h in g] for g in usable]
     flat = torch.tensor([x for g in feats for x in g], dtype=torch.float64)  # (heads, F)
     mean, scale = flat.mean(0), flat.std(0)
     scale = torch.where(scale > 1e-9, scale, torch.ones_like(scale))  # a constant feature
     w = torch.zeros(flat.shape[1], dtype=torch.float64, requires_grad=True)
-    zs = [(torch.tensor(g, dtype=torch.float64) - mean) / scale for g in feats]  # (h_i, F)
-    hits = [torch.tensor([bool(h["hit"]) for h in g]) for g in usable]
+    width = max(len(g) for g in usable)  # the steps padded to one tensor
+    z = torch.zeros(len(usable), width, flat.shape[1], dtype=torch.float64)  # (G, H, F)
+    valid = torch.zeros(len(usable), width, dtype=torch.bool)  # (G, H)
+    hit = torch.zeros(len(usable), width, dtype=torch.bool)  # (G, H)
+    for i, (g, x) in enumerate(zip(usable, feats, strict=True)):
+        z[i, : len(g)] = (torch.tensor(x, dtype=torch.float64) - mean) / scale
+        valid[i, : len(g)] = True
+        hit[i, : len(g)] = torch.tensor([bool(h["hit"]) for h in g])
     opt = torch.optim.LBFGS([w], max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        value = l2 * (w @ w)
-        for z, hit in zip(zs, hits, strict=True):
-            logp = torch.log_softmax(z @ w, 0)
-            value = value - torch.logsumexp(logp[hit], 0)
+        logits = (z @ w).masked_fill(~valid, -math.inf)  # (G, H)
+        logp = torch.log_softmax(logits, 1)
+        value = l2 * (w @ w) - torch.logsumexp(logp.masked_fill(~hit, -math.inf), 1).sum()
         value.backward()
         return value
 
     with torch.enable_grad():
         opt.step(closure)
     return HeadChoice(categories, tuple(w.detach().tolist()), tuple(mean.tolist()),
-                      tuple(scale.tolist()), model_sha256)  # fmt: skip
+                      tuple(scale.tolist()), model_sha256, extra)  # fmt: skip
 
 
-def _features_of(head: Mapping[str, Any], categories: Sequence[str]) -> list[float]:
+def _features_of(
+    head: Mapping[str, Any], categories: Sequence[str], extra: Sequence[str] = ()
+) -> list[float]:
     """:func:`head_features` of a head given as a mapping of its arguments."""
     return head_features(llr=head["llr"], visible=head["visible"], amodal=head["amodal"],
                          class_log_probs=head["class_log_probs"], category=head["category"],
-                         categories=categories)  # fmt: skip
+                         categories=categories, extra=extra)  # fmt: skip

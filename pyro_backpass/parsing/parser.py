@@ -535,6 +535,17 @@ def _head_order(
         n_heads = sum(1 for v, _ in heads_all if v == u)
         heads = sorted(mine[:n_heads], key=lambda c: -key[id(c)])
         by_path[u] = heads + mine[n_heads:]
+        if choose is not None:  # what the step chose among (ParsedInstance.heads)
+            _, s, p = units[u]
+            shown = [_head_record(c, key[id(c)], p, s) for c in heads]
+            for c in heads:
+                c.heads = shown
+
+
+def _head_record(c: Candidate, score: float, p: _Path, s: _Scene) -> dict:
+    """One head as :attr:`ParsedInstance.heads` shows it."""
+    amodal, visible = _regions(c, p, s)
+    return {**c.choice_inputs, "score": float(score), "mask": visible, "amodal_mask": c.amodal}
 
 
 def _verifiers(gm: GenerativeModel, verifier: Any, query: Query) -> dict[int, DescentVerifier]:
@@ -675,10 +686,11 @@ def _choice_score(
     mask = view.from_image(visible)[None].expand(len(cats), -1, -1)  # (C, S, S)
     index = [classifier.categories.index(name) for name in cats]
     logp = region_log_prob(classifier, view.image, mask, index).tolist()
-    return choose.score_head(llr=c.llr, visible=float(visible.sum()) * per_pixel,
-                             amodal=float(amodal.sum()) * per_pixel,
-                             class_log_probs=dict(zip(cats, logp, strict=True)),
-                             category=cats[int(c.assignment["category"])])  # fmt: skip
+    c.choice_inputs = {"category": cats[int(c.assignment["category"])], "llr": float(c.llr),
+                       "visible": float(visible.sum()) * per_pixel,
+                       "amodal": float(amodal.sum()) * per_pixel,
+                       "class_log_probs": dict(zip(cats, logp, strict=True))}  # fmt: skip
+    return choose.score_head(**c.choice_inputs)
 
 
 def _check_choice(gm: GenerativeModel, choose: Any, classifier: Backbone | None) -> None:
@@ -785,5 +797,6 @@ def _extend(
         view=v,
         llr=c.llr,
         stop_inputs=None if c.stop_inputs is None else dict(c.stop_inputs),
+        heads=None if c.heads is None else [dict(h) for h in c.heads],
     )
     return _Path(bu, observed, p.claimed | visible, [*p.instances, instance], score)

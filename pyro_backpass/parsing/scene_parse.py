@@ -52,6 +52,13 @@ class ParsedInstance:
         the model's input frame), ``step`` and, when the criterion weighs it,
         ``class_log_prob`` (:func:`~pyro_backpass.parsing.stop_features`' arguments; refit a
         criterion on them), or None.
+    :ivar heads: with a :class:`~pyro_backpass.parsing.HeadChoice`, the heads its step chose
+        among (one per view and category; the chosen one first, then by choice score): dicts
+        of what the choice read (``category``, ``llr``, ``visible``, ``amodal``,
+        ``class_log_probs``: :func:`~pyro_backpass.parsing.head_features`' arguments, pixels
+        in the model's input frame), its ``score``, and its ``mask`` (visible) and
+        ``amodal_mask`` ``(H, W)`` bool in image space, before any CRF; refit a choice on them.
+        None without a choice.
     """
 
     category: str
@@ -68,6 +75,7 @@ class ParsedInstance:
     view: int = 0
     llr: float = math.nan
     stop_inputs: dict[str, float] | None = None
+    heads: list[dict] | None = None
 
     def __repr__(self) -> str:
         return (

@@ -62,3 +62,52 @@ def test_smoke_collection(tmp_path, load_benchmark):
     for h in heads:
         assert 0 < h["visible"] <= h["amodal"] and 0.0 <= h["best_iou"] <= 1.0
         assert max(h["class_log_probs"].values()) <= 0.0
+
+
+def _steps_file(path: Path, n: int, seed: int, **overrides) -> Path:
+    """parse_threshold.py --choose's output, hand-built: each step's hit is the head nothing
+    claimed yet (visible = amodal); the others are mostly claimed, with larger amodal masks."""
+    rng = np.random.default_rng(seed)
+    parsed = []
+    for _ in range(n):
+        steps = []
+        for _ in range(3):
+            fresh = int(rng.integers(len(CATS)))
+            heads = []
+            for j, c in enumerate(CATS):
+                amodal = float(rng.integers(100, 200) if j == fresh else rng.integers(200, 400))
+                visible = amodal if j == fresh else float(round(amodal * rng.uniform(0.1, 0.5)))
+                heads.append({"category": c, "llr": float(rng.normal(-5000, 500)),
+                              "visible": visible, "amodal": amodal, "score": 0.0,
+                              "class_log_probs": {k: float(rng.normal(-3, 1)) for k in CATS},
+                              "best_iou": 0.9 if j == fresh else 0.0,
+                              "hit": j == fresh})  # fmt: skip
+            steps.append(heads)
+        parsed.append({"features": [], "labels": [], "objects": 2, "heads": steps})
+    record = {"model_sha256": "a" * 64, "verifier_sha256": "b" * 64, "verifier_top_k": 100,
+              "head_choice_sha256": "c" * 64, "refine_masks": True, "choose": True,
+              "split": "validation", "smoke": False,
+              "settings": {"subtract/profile": {"parsed": parsed}}} | overrides  # fmt: skip
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_steps_fit_weighs_the_visible_fraction(tmp_path, load_benchmark):
+    steps = _steps_file(tmp_path / "steps.json", 12, 0)
+    package = tmp_path / "head_choice.json"
+    bench = load_benchmark("fit_head_choice")
+    result = bench.main(["--steps-from", str(steps), "--extra", "visible fraction", "--ship",
+                         "--package-file", str(package), "--folds", "4",
+                         "--out", str(tmp_path / "f.json")])  # fmt: skip
+    hit = result["hit"]
+    assert result["scenes"] == 12 and hit["any_head"]["all"] == 1.0
+    assert hit["any_head"]["steps"] == 36 and hit["any_head"]["later_steps"] == 24
+    assert hit["fitted_choice_held_out"]["all"] >= 0.9
+    assert hit["fitted_choice_held_out"]["all"] >= hit["without_extra_held_out"]["all"]
+    choice = HeadChoice.from_dict(json.loads(package.read_text())["head_choice"])
+    assert choice.extra == ("visible fraction",) and choice.weights[-1] > 0
+    plain = _steps_file(tmp_path / "plain.json", 2, 1, choose=False)
+    with pytest.raises(SystemExit, match="no choice parse"):
+        bench.main(["--steps-from", str(plain), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):  # argparse: --extra needs --steps-from
+        bench.main(["--records-from", str(plain), "--extra", "visible fraction"])

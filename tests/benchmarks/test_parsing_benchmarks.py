@@ -99,6 +99,40 @@ def test_step_diagnosis_on_hand_built_masks():
     assert [d["category_right"] for d in got] == [True, True, False, False]
 
 
+def test_head_labels_on_hand_built_masks():
+    """Two steps over two true instances: step 1's heads are A (hit), a third of B (no); step 1
+    takes A; step 2's heads are A again (no: found) and B (hit)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    def box(r0, r1, c0, c1):
+        m = torch.zeros(20, 20, dtype=torch.bool)
+        m[r0:r1, c0:c1] = True
+        return m
+
+    a, b = box(0, 6, 0, 6), box(10, 16, 10, 16)
+    scene = SimpleNamespace(instances=[SimpleNamespace(mask=m, amodal_mask=m) for m in (a, b)])
+
+    def head(m, category):
+        return {"category": category, "llr": 1.0, "visible": float(m.sum()),
+                "amodal": float(m.sum()), "class_log_probs": {}, "score": 0.0,
+                "mask": m, "amodal_mask": m}  # fmt: skip
+
+    steps = [
+        SimpleNamespace(mask=a, amodal_mask=a, heads=[head(a, "airplane"),
+                                                      head(box(10, 16, 10, 12), "car")]),
+        SimpleNamespace(mask=b, amodal_mask=b, heads=[head(a, "airplane"), head(b, "car")]),
+    ]  # fmt: skip
+    got = _load("parse_threshold").head_labels(SimpleNamespace(instances=steps), scene)
+    assert [[h["hit"] for h in step] for step in got] == [[True, False], [False, True]]
+    assert [[h["best_iou"] for h in step] for step in got] == [[1.0, round(12 / 36, 4)],
+                                                               [0.0, 1.0]]  # fmt: skip
+    assert all("mask" not in h and "amodal_mask" not in h for step in got for h in step)
+    plain = SimpleNamespace(instances=[SimpleNamespace(mask=a, amodal_mask=a, heads=None)])
+    assert _load("parse_threshold").head_labels(plain, scene) is None
+
+
 def test_fit_threshold_keeps_the_steps_before_the_first_low_score():
     fit = _load("parse_threshold").fit_threshold(
         [([9.0, 8.0, 1.0], [True, True, False], 2), ([7.0, 0.5], [True, False], 1)]

@@ -97,9 +97,43 @@ def test_fit_learns_the_feature_that_tells_the_hit():
     assert fit.weights[2] > 0  # the class log-probability carries the choice
 
 
+def test_visible_fraction_by_hand_and_its_fit():
+    x = head_features(llr=-120.0, visible=45.0, amodal=60.0, category="bird", categories=CATS,
+                      class_log_probs={"airplane": -0.5, "bird": -1.5, "boat": -3.0},
+                      extra=("visible fraction",))  # fmt: skip
+    assert len(x) == 7 and x[-1] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="unknown extra head features"):
+        head_features(llr=0, visible=1, amodal=1, category="bird", categories=CATS,
+                      class_log_probs=dict.fromkeys(CATS, 0.0), extra=("size",))  # fmt: skip
+    # Steps where the hit is the head nothing claimed yet; its classifier reading is no help.
+    rng = np.random.default_rng(5)
+
+    def groups(n):
+        out = []
+        for _ in range(n):
+            fresh = int(rng.integers(3))
+            out.append([_head(c, visible=float(80 if j == fresh else rng.integers(5, 40)),
+                              amodal=80.0, llr=float(rng.normal(-100, 10)),
+                              clp={k: float(rng.normal(-2, 1)) for k in CATS},
+                              hit=j == fresh)
+                        for j, c in enumerate(CATS)])  # fmt: skip
+        return out
+
+    fit = fit_head_choice(groups(60), categories=CATS, l2=0.1, extra=("visible fraction",))
+    assert fit.extra == ("visible fraction",) and fit.num_features == 7 and fit.weights[-1] > 0
+    test = groups(60)
+    assert sum(g[fit.choose(g)]["hit"] for g in test) / len(test) >= 0.9
+    assert HeadChoice.from_dict(fit.to_dict()) == fit and fit.to_dict()["extra"] == [
+        "visible fraction"
+    ]
+    with pytest.raises(ValueError, match="distinct names"):
+        HeadChoice(CATS, (0.0,) * 7, (0.0,) * 7, (1.0,) * 7, None, ("size",))
+
+
 def test_checks_and_round_trip():
     fit = fit_head_choice(_groups(20, 3), categories=CATS, model_sha256="abc")
     assert HeadChoice.from_dict(fit.to_dict()) == fit
+    assert "extra" not in fit.to_dict()  # a choice without extras keeps its fingerprint
     with pytest.raises(ValueError, match="3 values for 6 features"):
         HeadChoice(CATS, (1.0, 2.0, 3.0), (0.0,) * 6, (1.0,) * 6)
     with pytest.raises(ValueError, match="finite"):
@@ -156,6 +190,36 @@ def test_the_parse_takes_the_chosen_categorys_best_mode(shipped_gm, which):
     assert inst.category == category
     got = {k: int(v) for k, v in inst.assignment.items()}
     assert got == {k: int(v) for k, v in best[category].items()}
+    # what the step chose among: one head per category of the oracle's modes, the chosen first
+    assert sorted(h["category"] for h in inst.heads) == sorted(best)
+    assert inst.heads[0]["category"] == category and inst.heads[0]["llr"] == inst.llr
+    assert [h["score"] for h in inst.heads] == sorted((h["score"] for h in inst.heads),
+                                                      reverse=True)  # fmt: skip
+    assert torch.equal(inst.heads[0]["amodal_mask"], inst.amodal_mask)
+    assert torch.equal(inst.heads[0]["mask"], inst.mask)  # first step: nothing claimed
+    for h in inst.heads:  # one view of the model's size: pixels counted in the image
+        assert h["visible"] == h["amodal"] == float(h["amodal_mask"].sum())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_second_step_counts_what_the_first_claimed(shipped_gm):
+    """A choice that weighs only the visible fraction: on step 2 each head's visible pixels are
+    its amodal mask less step 1's instance, and the chosen head has the largest fraction."""
+    gm = shipped_gm
+    image = make_scene(targets=("airplane", "airplane"), distractors=2,
+                       seed=(split_seed("test"), 777)).image  # fmt: skip
+    n = 4 + len(gm.categories) - 1 + 1
+    choice = HeadChoice(gm.categories, [0.0] * (n - 1) + [10.0], [0.0] * n, [1.0] * n,
+                        model_fingerprint(gm), ("visible fraction",))  # fmt: skip
+    first, second = run_parse(gm, image, top_k=30, max_objects=2, threshold=-math.inf,
+                              choose=choice).instances  # fmt: skip
+    for h in second.heads:
+        want = h["amodal_mask"] & ~first.mask
+        assert torch.equal(h["mask"], want) and h["visible"] == float(want.sum())
+    fractions = [h["visible"] / max(h["amodal"], 1.0) for h in second.heads]
+    assert fractions[0] == max(fractions) and second.heads[0]["category"] == second.category
+    assert torch.equal(second.mask, second.heads[0]["mask"])
+    assert run_parse(gm, image, top_k=30, max_objects=1).instances[0].heads is None
 
 
 def test_the_parse_refuses_a_choice_it_cannot_use(shipped_gm):
