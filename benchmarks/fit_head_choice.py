@@ -303,8 +303,12 @@ def main(argv: list[str] | None = None) -> dict:
         choices=EXTRA_HEAD_FEATURES,
         help="with --steps-from: optional features the choice weighs",
     )
-    parser.add_argument("--folds", type=int, default=10,
-                        help="with --steps-from: folds of scenes for the held-out hit rates")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=10,
+        help="with --steps-from: folds of scenes for the held-out hit rates",
+    )
     parser.add_argument("--ship", action="store_true", help="write it into the package")
     parser.add_argument("--package-file", type=Path, default=PACKAGE_FILE)
     parser.add_argument("--out", type=Path, default=None, help="the fit's report (JSON)")
