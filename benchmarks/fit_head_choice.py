@@ -141,14 +141,14 @@ def leave_one_out(groups: list[list[dict]], categories: tuple[str, ...], l2: flo
 
 def scene_held_out(
     scenes: list[list[list[dict]]], categories: tuple[str, ...], l2: float, extra: tuple,
-    *, folds: int,
+    *, folds: int, base: HeadChoice | None = None,
 ) -> list[list[bool]]:  # fmt: skip
     """Per scene, per step: whether the head chosen by a fit on the other folds' scenes hits
     (scene ``i`` in fold ``i % folds``)."""
     out: list[list[bool]] = [[] for _ in scenes]
     for f in range(folds):
         rest = [g for j, other in enumerate(scenes) if j % folds != f for g in other]
-        choice = fit_head_choice(rest, categories=categories, l2=l2, extra=extra)
+        choice = fit_head_choice(rest, categories=categories, l2=l2, extra=extra, base=base)
         for i in range(f, len(scenes), folds):
             out[i] = [chosen_hit(choice, g) for g in scenes[i]]
     return out
@@ -190,17 +190,25 @@ def fit_steps(args: argparse.Namespace) -> dict:
                                 or shipped.model_sha256 != first["model_sha256"]):  # fmt: skip
         shipped = None
     folds = min(args.folds, len(scenes))
-    grid = {l2: scene_held_out(scenes, categories, l2, extra, folds=folds) for l2 in L2_GRID}
+    kept = None
+    if args.keep_shipped:  # only the extra features' weights are fitted; the rest is kept
+        if shipped is None or shipped.extra:
+            raise SystemExit("--keep-shipped needs a shipped choice for these steps' model and "
+                             "categories without extra features")  # fmt: skip
+        kept = shipped
+    grid = {l2: scene_held_out(scenes, categories, l2, extra, folds=folds, base=kept)
+            for l2 in L2_GRID}  # fmt: skip
     best = max(L2_GRID, key=lambda l2: (hit_rates(grid[l2])["all"], l2))
     base = {l2: scene_held_out(scenes, categories, l2, (), folds=folds) for l2 in L2_GRID}
     base_best = max(L2_GRID, key=lambda l2: (hit_rates(base[l2])["all"], l2))
-    choice = fit_head_choice(groups, categories=categories, l2=best,
+    choice = fit_head_choice(groups, categories=categories, l2=best, base=kept,
                              model_sha256=first["model_sha256"], extra=extra)  # fmt: skip
     result = {
         "machine": machine(), "model": "GenerativeModel.default()",
         "model_sha256": first["model_sha256"], "verifier_sha256": first["verifier_sha256"],
         "top_k": first["verifier_top_k"], "split": first["split"], "scenes": len(scenes),
         "fitted_on": "every step of no-stop choice parses",
+        "kept_shipped": None if kept is None else kept.to_dict(),
         "parsed_with": {"head_choice_sha256": first["head_choice_sha256"],
                         "refine_masks": first["refine_masks"]},
         "features": [*HEAD_FEATURES, *extra], "extra": list(extra), "l2_grid": list(L2_GRID),
@@ -309,12 +317,20 @@ def main(argv: list[str] | None = None) -> dict:
         default=10,
         help="with --steps-from: folds of scenes for the held-out hit rates",
     )
+    parser.add_argument(
+        "--keep-shipped",
+        action="store_true",
+        help="with --steps-from and --extra: keep the shipped choice's weights "
+        "and fit only the extra features' (a veto of claimed heads)",
+    )
     parser.add_argument("--ship", action="store_true", help="write it into the package")
     parser.add_argument("--package-file", type=Path, default=PACKAGE_FILE)
     parser.add_argument("--out", type=Path, default=None, help="the fit's report (JSON)")
     args = parser.parse_args(argv)
     if args.records_from is not None and args.steps_from is not None:
         parser.error("--records-from and --steps-from fit on different records: give one")
+    if args.keep_shipped and not args.extra:
+        parser.error("--keep-shipped fits only --extra features: name some")
     if args.extra and args.steps_from is None:
         parser.error("--extra needs --steps-from (first-step records never show a claimed head)")
     torch.set_num_threads(1)

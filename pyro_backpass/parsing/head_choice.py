@@ -207,6 +207,7 @@ def fit_head_choice(
     l2: float = 1.0,
     model_sha256: str | None = None,
     extra: Sequence[str] = (),
+    base: HeadChoice | None = None,
 ) -> HeadChoice:
     """Fit a :class:`HeadChoice` by maximum penalised likelihood of the hitting heads.
 
@@ -217,8 +218,17 @@ def fit_head_choice(
         where no head hits say nothing about the choice and are left out.
     :param l2: the penalty's weight (≥ 0).
     :param extra: the optional features to weigh as well (:data:`EXTRA_HEAD_FEATURES`).
+    :param base: a fitted choice to keep: its weights, means and scales are fixed and only
+        the features of ``extra`` it lacks are fitted (a correction of ``base``, e.g. a
+        first-step choice taught to avoid claimed heads on later steps); its categories must
+        be ``categories`` and its ``extra`` a prefix of ``extra``.
     """
     categories, extra = tuple(categories), tuple(extra)
+    if base is not None and (base.categories != categories
+                             or base.extra != extra[: len(base.extra)]
+                             or len(base.extra) == len(extra)):  # fmt: skip
+        raise ValueError(f"base must be a choice for {categories} whose extra features "
+                         f"{base.extra} are a proper prefix of {extra}")  # fmt: skip
     if not (isinstance(l2, (int, float)) and math.isfinite(l2) and l2 >= 0):
         raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
     usable = [g for g in groups if len(g) >= 2 and any(bool(h["hit"]) for h in g)]
@@ -228,7 +238,13 @@ def fit_head_choice(
     flat = torch.tensor([x for g in feats for x in g], dtype=torch.float64)  # (heads, F)
     mean, scale = flat.mean(0), flat.std(0)
     scale = torch.where(scale > 1e-9, scale, torch.ones_like(scale))  # a constant feature
-    w = torch.zeros(flat.shape[1], dtype=torch.float64, requires_grad=True)
+    fixed = torch.zeros(0, dtype=torch.float64)  # base's weights, kept
+    if base is not None:
+        n = base.num_features
+        fixed = torch.tensor(base.weights, dtype=torch.float64)
+        mean[:n] = torch.tensor(base.mean, dtype=torch.float64)
+        scale[:n] = torch.tensor(base.scale, dtype=torch.float64)
+    w = torch.zeros(flat.shape[1] - len(fixed), dtype=torch.float64, requires_grad=True)
     width = max(len(g) for g in usable)  # the steps padded to one tensor
     z = torch.zeros(len(usable), width, flat.shape[1], dtype=torch.float64)  # (G, H, F)
     valid = torch.zeros(len(usable), width, dtype=torch.bool)  # (G, H)
@@ -241,7 +257,7 @@ def fit_head_choice(
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        logits = (z @ w).masked_fill(~valid, -math.inf)  # (G, H)
+        logits = (z @ torch.cat([fixed, w])).masked_fill(~valid, -math.inf)  # (G, H)
         logp = torch.log_softmax(logits, 1)
         value = l2 * (w @ w) - torch.logsumexp(logp.masked_fill(~hit, -math.inf), 1).sum()
         value.backward()
@@ -249,7 +265,8 @@ def fit_head_choice(
 
     with torch.enable_grad():
         opt.step(closure)
-    return HeadChoice(categories, tuple(w.detach().tolist()), tuple(mean.tolist()),
+    weights = torch.cat([fixed, w.detach()])
+    return HeadChoice(categories, tuple(weights.tolist()), tuple(mean.tolist()),
                       tuple(scale.tolist()), model_sha256, extra)  # fmt: skip
 
 

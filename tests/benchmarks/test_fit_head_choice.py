@@ -106,6 +106,9 @@ def test_steps_fit_weighs_the_visible_fraction(tmp_path, load_benchmark):
     assert hit["fitted_choice_held_out"]["all"] >= hit["without_extra_held_out"]["all"]
     choice = HeadChoice.from_dict(json.loads(package.read_text())["head_choice"])
     assert choice.extra == ("visible fraction",) and choice.weights[-1] > 0
+    with pytest.raises(SystemExit, match="--keep-shipped needs a shipped choice"):
+        bench.main(["--steps-from", str(steps), "--extra", "visible fraction", "--keep-shipped",
+                    "--folds", "2", "--out", str(tmp_path / "k.json")])  # fmt: skip
     plain = _steps_file(tmp_path / "plain.json", 2, 1, choose=False)
     with pytest.raises(SystemExit, match="no choice parse"):
         bench.main(["--steps-from", str(plain), "--out", str(tmp_path / "x.json")])

@@ -128,6 +128,33 @@ def test_visible_fraction_by_hand_and_its_fit():
     ]
     with pytest.raises(ValueError, match="distinct names"):
         HeadChoice(CATS, (0.0,) * 7, (0.0,) * 7, (1.0,) * 7, None, ("size",))
+    # Kept: a base choice's weights, means and scales stay; only the extra weight is fitted.
+    first = fit_head_choice(_groups(40, 6), categories=CATS, l2=0.1)
+    data = groups(60)
+    kept = fit_head_choice(data, categories=CATS, l2=0.1, base=first,
+                           extra=("visible fraction",))  # fmt: skip
+    assert kept.weights[:6] == first.weights and kept.mean[:6] == first.mean
+    assert kept.scale[:6] == first.scale and kept.weights[-1] > 0
+    # the oracle: scipy's minimum of the same penalised objective over the one free weight
+    keys = ("llr", "visible", "amodal", "class_log_probs", "category")
+    fractions = np.array([h["visible"] / h["amodal"] for g in data for h in g])
+    m, sd = fractions.mean(), fractions.std(ddof=1)
+    terms = [(np.array([first.score_head(**{k: h[k] for k in keys}) for h in g]),
+              np.array([(h["visible"] / h["amodal"] - m) / sd for h in g]),
+              np.array([h["hit"] for h in g])) for g in data]  # fmt: skip
+
+    def objective(w):
+        value = 0.1 * w * w
+        for a, b, hit in terms:
+            z = a + w * b
+            value -= np.logaddexp.reduce(z[hit]) - np.logaddexp.reduce(z)
+        return value
+
+    from scipy.optimize import minimize_scalar
+
+    assert kept.weights[-1] == pytest.approx(minimize_scalar(objective).x, abs=1e-4)
+    with pytest.raises(ValueError, match="proper prefix"):
+        fit_head_choice(groups(5), categories=CATS, base=first)  # nothing left to fit
 
 
 def test_checks_and_round_trip():
