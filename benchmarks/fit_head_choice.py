@@ -21,11 +21,13 @@ One thread a process; ``--first``/``--scenes`` split the scenes between processe
 (``ParsedInstance.heads``, recorded in its ``parsed`` steps with ``hit``: the head matches a
 true instance that no earlier step found, IoU >= 0.5). On later steps earlier instances have
 claimed part of the scene, which the first-step records never show; ``--extra "visible
-fraction"`` lets the choice weigh the share of a head that is still unclaimed. The L2 weight is
-chosen by the hit rate of fits without the scene (``--folds`` folds of scenes); reported
-beside the shipped choice and the fit without the extra feature on the same steps, on first
-and later steps apart. (Offline: a different choice would change what later steps see; the
-parse itself measures the choice, ``parse_threshold.py``/``parsing.py`` with it shipped.)
+fraction"`` lets the choice weigh the share of a head that is still unclaimed (with
+``--keep-shipped`` the shipped choice's weights are kept and only that weight is fitted).
+The L2 weight is chosen by the hit rate of fits without the scene (``--folds`` folds of
+scenes); reported beside the shipped choice and the fit without the extra feature on the same
+steps, on first and later steps apart. (Offline: a different choice would change what later
+steps see; the parse itself measures the choice, ``parse_threshold.py``/``parsing.py`` with it
+shipped.)
 
 Usage: ``python benchmarks/fit_head_choice.py --scenes 20 --first 0 --records-out A.json``;
 ``python benchmarks/fit_head_choice.py --records-from A.json B.json [--ship]``;

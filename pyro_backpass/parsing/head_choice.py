@@ -19,7 +19,9 @@ The first choice was fitted on first steps only, where nothing is claimed yet; o
 about a third of the chosen heads re-take an object an earlier step took (they are mostly
 claimed: visible fraction median 0.31, against 0.96 for new ones; the diagnosis of
 ``benchmarks/parse_threshold.py``). A choice with ``extra=("visible fraction",)`` sees that;
-it is fitted on every step of no-stop parses (``benchmarks/fit_head_choice.py --steps-from``).
+it is fitted on every step of no-stop parses (``benchmarks/fit_head_choice.py --steps-from``,
+whole, or with ``--keep-shipped`` only the new weight, ``fit_head_choice(..., base=)``). The
+shipped choice is the first-step one; the README says what the step fits measured.
 """
 
 from __future__ import annotations
