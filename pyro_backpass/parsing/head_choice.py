@@ -21,7 +21,8 @@ claimed: visible fraction median 0.31, against 0.96 for new ones; the diagnosis 
 ``benchmarks/parse_threshold.py``). A choice with ``extra=("visible fraction",)`` sees that;
 it is fitted on every step of no-stop parses (``benchmarks/fit_head_choice.py --steps-from``,
 whole, or with ``--keep-shipped`` only the new weight, ``fit_head_choice(..., base=)``). The
-shipped choice is the first-step one; the README says what the step fits measured.
+shipped choice is the first-step one with such a weight (the whole refit lost on test; the
+README says what each measured).
 """
 
 from __future__ import annotations
