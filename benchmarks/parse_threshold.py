@@ -99,22 +99,25 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return int((a & b).sum()) / union if union else 0.0
 
 
+def take(inst, scene, free: list[int]) -> bool:
+    """Does ``inst`` match one of the not-yet-matched true instances ``free`` at IoU >= 0.5
+    (the better of visible and amodal)? The best such one is removed from ``free``."""
+    best, which = 0.0, None
+    for k in free:
+        t = scene.instances[k]
+        v = max(iou(inst.mask, t.mask), iou(inst.amodal_mask, t.amodal_mask))
+        if v > best:
+            best, which = v, k
+    hit = which is not None and best >= IOU
+    if hit:
+        free.remove(which)
+    return hit
+
+
 def label_steps(parse, scene) -> list[bool]:
     """Per step: does its instance match a not-yet-matched true instance at IoU >= 0.5?"""
     free = list(range(len(scene.instances)))
-    labels = []
-    for inst in parse.instances:
-        best, which = 0.0, None
-        for k in free:
-            t = scene.instances[k]
-            v = max(iou(inst.mask, t.mask), iou(inst.amodal_mask, t.amodal_mask))
-            if v > best:
-                best, which = v, k
-        hit = which is not None and best >= IOU
-        if hit:
-            free.remove(which)
-        labels.append(hit)
-    return labels
+    return [take(inst, scene, free) for inst in parse.instances]
 
 
 def head_labels(parse, scene) -> list[list[dict]] | None:
@@ -135,14 +138,7 @@ def head_labels(parse, scene) -> list[list[dict]] | None:
             step.append({**{k: v for k, v in h.items() if k not in ("mask", "amodal_mask")},
                          "best_iou": round(best, 4), "hit": best >= IOU})  # fmt: skip
         out.append(step)
-        best, which = 0.0, None  # label_steps' matching of the instance taken
-        for k in free:
-            t = scene.instances[k]
-            v = max(iou(inst.mask, t.mask), iou(inst.amodal_mask, t.amodal_mask))
-            if v > best:
-                best, which = v, k
-        if which is not None and best >= IOU:
-            free.remove(which)
+        take(inst, scene, free)  # label_steps' matching of the instance taken
     return out
 
 

@@ -544,7 +544,7 @@ def _head_order(
 
 def _head_record(c: Candidate, score: float, p: _Path, s: _Scene) -> dict:
     """One head as :attr:`ParsedInstance.heads` shows it."""
-    amodal, visible = _regions(c, p, s)
+    _, visible = _regions(c, p, s)
     return {**c.choice_inputs, "score": float(score), "mask": visible, "amodal_mask": c.amodal}
 
 
