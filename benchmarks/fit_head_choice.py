@@ -22,7 +22,10 @@ One thread a process; ``--first``/``--scenes`` split the scenes between processe
 true instance that no earlier step found, IoU >= 0.5). On later steps earlier instances have
 claimed part of the scene, which the first-step records never show; ``--extra "visible
 fraction"`` lets the choice weigh the share of a head that is still unclaimed (with
-``--keep-shipped`` the shipped choice's weights are kept and only that weight is fitted).
+``--keep-shipped`` the shipped choice's weights are kept and only that weight is fitted; when
+the shipped choice is itself such a fit, the choice it kept). The fitted choice offers as many
+heads per category as the parses did (``HeadChoice.per_category``, ``parse_threshold.py
+--heads-per-category``).
 The L2 weight is chosen by the hit rate of fits without the scene (``--folds`` folds of
 scenes); reported beside the shipped choice and the fit without the extra feature on the same
 steps, on first and later steps apart. (Offline: a different choice would change what later
@@ -194,17 +197,21 @@ def fit_steps(args: argparse.Namespace) -> dict:
     folds = min(args.folds, len(scenes))
     kept = None
     if args.keep_shipped:  # only the extra features' weights are fitted; the rest is kept
-        if shipped is None or shipped.extra:
-            raise SystemExit("--keep-shipped needs a shipped choice for these steps' model and "
-                             "categories without extra features")  # fmt: skip
         kept = shipped
+        if kept is not None and kept.extra:  # itself a kept choice with extras: keep its base
+            record = json.loads(PACKAGE_FILE.read_text()).get("kept_shipped")
+            kept = None if record is None else HeadChoice.from_dict(record)
+        if kept is None or kept.extra:
+            raise SystemExit("--keep-shipped needs a shipped choice for these steps' model and "
+                             "categories without extra features (or that it kept)")  # fmt: skip
     grid = {l2: scene_held_out(scenes, categories, l2, extra, folds=folds, base=kept)
             for l2 in L2_GRID}  # fmt: skip
     best = max(L2_GRID, key=lambda l2: (hit_rates(grid[l2])["all"], l2))
     base = {l2: scene_held_out(scenes, categories, l2, (), folds=folds) for l2 in L2_GRID}
     base_best = max(L2_GRID, key=lambda l2: (hit_rates(base[l2])["all"], l2))
     choice = fit_head_choice(groups, categories=categories, l2=best, base=kept,
-                             model_sha256=first["model_sha256"], extra=extra)  # fmt: skip
+                             model_sha256=first["model_sha256"], extra=extra,
+                             per_category=first.get("heads_per_category") or 1)  # fmt: skip
     result = {
         "machine": machine(), "model": "GenerativeModel.default()",
         "model_sha256": first["model_sha256"], "verifier_sha256": first["verifier_sha256"],
@@ -212,7 +219,8 @@ def fit_steps(args: argparse.Namespace) -> dict:
         "fitted_on": "every step of no-stop choice parses",
         "kept_shipped": None if kept is None else kept.to_dict(),
         "parsed_with": {"head_choice_sha256": first["head_choice_sha256"],
-                        "refine_masks": first["refine_masks"]},
+                        "refine_masks": first["refine_masks"],
+                        "heads_per_category": first.get("heads_per_category")},
         "features": [*HEAD_FEATURES, *extra], "extra": list(extra), "l2_grid": list(L2_GRID),
         "folds": folds, "held_out_hit": {str(k): hit_rates(v) for k, v in grid.items()},
         "l2": best,

@@ -40,6 +40,7 @@ import torch
 __all__ = [
     "EXTRA_HEAD_FEATURES",
     "HEAD_CHOICE_FILE",
+    "HEAD_POOL",
     "HEAD_FEATURES",
     "HeadChoice",
     "fit_head_choice",
@@ -47,6 +48,9 @@ __all__ = [
 ]
 
 HEAD_CHOICE_FILE = "head_choice.json"
+#: With ``HeadChoice.per_category`` m > 1, a step completes each group's ``HEAD_POOL * m`` best
+#: modes to find m heads whose masks differ.
+HEAD_POOL = 4
 #: What :func:`head_features` returns, in order (the one-hot has one entry per category but
 #: the first).
 HEAD_FEATURES = (
@@ -112,6 +116,10 @@ class HeadChoice:
     :ivar model_sha256: the fingerprint of the model it was fitted for
         (:func:`~pyro_backpass.parsing.model_fingerprint`), or None (not checked).
     :ivar extra: the optional features it weighs (names of :data:`EXTRA_HEAD_FEATURES`).
+    :ivar per_category: the heads a parse step offers it per category and view: that
+        group's best mode (by the verifier, else by LLR) and, when more than 1, the next
+        best whose amodal masks overlap none taken before by IoU ≥ 0.5 (they are read among
+        the group's ``HEAD_POOL × per_category`` best, completed for the purpose).
     """
 
     categories: tuple[str, ...]
@@ -120,8 +128,13 @@ class HeadChoice:
     scale: tuple[float, ...]
     model_sha256: str | None = None
     extra: tuple[str, ...] = ()
+    per_category: int = 1
 
     def __post_init__(self) -> None:
+        if (isinstance(self.per_category, bool) or not isinstance(self.per_category, int)
+                or self.per_category < 1):  # fmt: skip
+            raise ValueError(f"HeadChoice.per_category must be an int >= 1, "
+                             f"got {self.per_category!r}")  # fmt: skip
         object.__setattr__(self, "categories", tuple(str(c) for c in self.categories))
         object.__setattr__(self, "extra", tuple(str(e) for e in self.extra))
         unknown = [e for e in self.extra if e not in EXTRA_HEAD_FEATURES]
@@ -175,23 +188,25 @@ class HeadChoice:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
-        """The record (``extra`` only when it has some, so a choice without extras keeps the
-        fingerprint it was shipped with)."""
+        """The record (``extra`` only when it has some and ``per_category`` only when it is not
+        1, so a choice without them keeps the fingerprint it was shipped with)."""
         record = {"categories": list(self.categories), "weights": list(self.weights),
                   "mean": list(self.mean), "scale": list(self.scale),
                   "model_sha256": self.model_sha256}  # fmt: skip
         if self.extra:
             record["extra"] = list(self.extra)
+        if self.per_category != 1:
+            record["per_category"] = self.per_category
         return record
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> HeadChoice:
-        keys = {"categories", "weights", "mean", "scale", "model_sha256", "extra"}
+        keys = {"categories", "weights", "mean", "scale", "model_sha256", "extra", "per_category"}
         if not {"categories", "weights", "mean", "scale"} <= set(record) <= keys:
             raise ValueError(f"not a HeadChoice record: keys {sorted(record)}")
         return cls(tuple(record["categories"]), tuple(record["weights"]), tuple(record["mean"]),
                    tuple(record["scale"]), record.get("model_sha256"),
-                   tuple(record.get("extra", ())))  # fmt: skip
+                   tuple(record.get("extra", ())), record.get("per_category", 1))  # fmt: skip
 
     @classmethod
     def shipped(cls) -> HeadChoice | None:
@@ -211,6 +226,7 @@ def fit_head_choice(
     model_sha256: str | None = None,
     extra: Sequence[str] = (),
     base: HeadChoice | None = None,
+    per_category: int = 1,
 ) -> HeadChoice:
     """Fit a :class:`HeadChoice` by maximum penalised likelihood of the hitting heads.
 
@@ -225,6 +241,8 @@ def fit_head_choice(
         the features of ``extra`` it lacks are fitted (a correction of ``base``, e.g. a
         first-step choice taught to avoid claimed heads on later steps); its categories must
         be ``categories`` and its ``extra`` a prefix of ``extra``.
+    :param per_category: the fitted choice's :attr:`HeadChoice.per_category` (the heads a step
+        offered per category when ``groups`` were recorded).
     """
     categories, extra = tuple(categories), tuple(extra)
     if base is not None and (base.categories != categories
@@ -270,7 +288,7 @@ def fit_head_choice(
         opt.step(closure)
     weights = torch.cat([fixed, w.detach()])
     return HeadChoice(categories, tuple(weights.tolist()), tuple(mean.tolist()),
-                      tuple(scale.tolist()), model_sha256, extra)  # fmt: skip
+                      tuple(scale.tolist()), model_sha256, extra, per_category)  # fmt: skip
 
 
 def _features_of(

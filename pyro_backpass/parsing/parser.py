@@ -46,7 +46,7 @@ from pyro_backpass.parsing.candidates import (
     verify_candidates,
 )
 from pyro_backpass.parsing.explaining_away import explain_away
-from pyro_backpass.parsing.head_choice import HeadChoice
+from pyro_backpass.parsing.head_choice import HEAD_POOL, HeadChoice
 from pyro_backpass.parsing.query import Query
 from pyro_backpass.parsing.scene_parse import ParsedInstance, SceneParse
 from pyro_backpass.parsing.stop import StopCriterion, region_log_prob
@@ -218,7 +218,8 @@ def run_parse(
       mode of each category in each view (by the verifier's score, or by LLR without one) and
       takes the head of largest choice score, not of largest stop statistic (which ranks a
       step's heads at chance, ``benchmarks/parse_first_step.py``); the stop is decided on
-      that head's statistic as before. ``HeadChoice.shipped()`` is fitted for the shipped
+      that head's statistic as before; its ``per_category`` m > 1 offers each category's m
+      best modes whose masks differ. ``HeadChoice.shipped()`` is fitted for the shipped
       model and verifier at ``top_k=100`` (``benchmarks/fit_head_choice.py``). Needs a
       backbone with a classifier head (its features read the classifier).
     """
@@ -512,19 +513,28 @@ def _head_order(
     """Order each path's candidates by per-category heads, in place. Each (row, category)
     group's best — by the verifier's score when the parse verifies (its scores compare
     descents of one category on one row only: it was fitted on such lists, and its listwise
-    loss leaves a constant per list free), else by LLR — is completed, and these heads are
-    ordered by the stop statistic (a calibrated log-odds of "new object", comparable across
-    rows and categories) or, with ``choose``, by its choice score; the other candidates
-    follow, best first within their group."""
-    heads_all = []
+    loss leaves a constant per list free), else by LLR — is completed (with ``choose`` of
+    ``per_category`` m > 1: its m best whose amodal masks differ, :func:`_distinct_heads`),
+    and these heads are ordered by the stop statistic (a calibrated log-odds of "new
+    object", comparable across rows and categories) or, with ``choose``, by its choice
+    score; the other candidates follow, best first within their group."""
+    ranked_of: dict[int, list[list[Candidate]]] = {}
     for u, mine in by_path.items():
         groups: dict[tuple[int, int], list[Candidate]] = {}
         for c in mine:  # candidates arrive in greedy's order: ties keep the lower rank
             groups.setdefault((c.row, c.assignment["category"]), []).append(c)
-        ranked = [sorted(g, key=lambda c: -(c.llr if c.verified is None else c.verified))
-                  for g in groups.values()]  # fmt: skip
-        heads_all += [(u, g[0]) for g in ranked]
-        by_path[u] = [g[0] for g in ranked] + [c for g in ranked for c in g[1:]]
+        ranked_of[u] = [sorted(g, key=lambda c: -(c.llr if c.verified is None else c.verified))
+                        for g in groups.values()]  # fmt: skip
+    m = 1 if choose is None else choose.per_category
+    if m > 1:  # the masks that tell a group's heads apart, in one batched pass
+        complete_candidates(gm, [c for ranked in ranked_of.values() for g in ranked
+                                 for c in g[: HEAD_POOL * m]])  # fmt: skip
+    heads_all = []
+    for u, ranked in ranked_of.items():
+        heads = [c for g in ranked for c in _distinct_heads(g, m)]
+        heads_all += [(u, c) for c in heads]
+        taken = {id(c) for c in heads}
+        by_path[u] = heads + [c for g in ranked for c in g if id(c) not in taken]
     complete_candidates(gm, [c for _, c in heads_all])
     key: dict[int, float] = {}
     for u, c in heads_all:
@@ -540,6 +550,21 @@ def _head_order(
             shown = [_head_record(c, key[id(c)], p, s) for c in heads]
             for c in heads:
                 c.heads = shown
+
+
+def _distinct_heads(group: list[Candidate], m: int) -> list[Candidate]:
+    """The heads of one (row, category) group, ranked best first: its first and, for m > 1,
+    the next ones of its ``HEAD_POOL * m`` best (completed) whose amodal masks overlap every
+    head taken before by IoU < 0.5, up to m."""
+    if m == 1:
+        return group[:1]
+    heads: list[Candidate] = []
+    for c in group[: HEAD_POOL * m]:
+        if all(_iou(c.amodal, d.amodal) < 0.5 for d in heads):
+            heads.append(c)
+            if len(heads) == m:
+                break
+    return heads
 
 
 def _head_record(c: Candidate, score: float, p: _Path, s: _Scene) -> dict:

@@ -4,6 +4,7 @@ that uses it (``run_parse(..., choose=)``) against ``greedy_map``'s own modes.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,7 +13,9 @@ import torch
 from scipy.optimize import minimize
 
 from pyro_backpass import GenerativeModel, HeadChoice, greedy_map, make_scene, split_seed
+from pyro_backpass.inference import object_mask, top_down_pass
 from pyro_backpass.parsing import fit_head_choice, head_features, model_fingerprint, run_parse
+from pyro_backpass.parsing.head_choice import HEAD_POOL
 
 CATS = ("airplane", "bird", "boat")
 
@@ -175,6 +178,14 @@ def test_checks_and_round_trip():
         fit.choose([])
     with pytest.raises(ValueError, match="l2 must be"):
         fit_head_choice(_groups(5, 4), categories=CATS, l2=-1.0)
+    many = fit_head_choice(_groups(20, 3), categories=CATS, per_category=3)
+    assert many.per_category == 3 and many.to_dict()["per_category"] == 3
+    assert HeadChoice.from_dict(many.to_dict()) == many
+    assert "per_category" not in fit.to_dict() and many.fingerprint() != dataclasses.replace(
+        many, per_category=1).fingerprint()  # fmt: skip
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="per_category must be an int >= 1"):
+            dataclasses.replace(fit, per_category=bad)
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +237,53 @@ def test_the_parse_takes_the_chosen_categorys_best_mode(shipped_gm, which):
     assert torch.equal(inst.heads[0]["mask"], inst.mask)  # first step: nothing claimed
     for h in inst.heads:  # one view of the model's size: pixels counted in the image
         assert h["visible"] == h["amodal"] == float(h["amodal_mask"].sum())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_more_heads_per_category_are_the_next_modes_whose_masks_differ(shipped_gm):
+    """``per_category=2``: each category's heads are its best mode by LLR (greedy's order on one
+    row) and the next of its ``HEAD_POOL * 2`` best whose amodal mask overlaps the first by IoU
+    < 0.5 — masks completed here from greedy_map's modes by the top-down pass."""
+    gm = shipped_gm
+    image = make_scene(targets=("airplane", "airplane"), distractors=2,
+                       seed=(split_seed("test"), 777)).image  # fmt: skip
+    top_k = 60
+    with torch.no_grad():
+        acts = gm.backbone(image[None].to(gm.dtype))
+        bu = {n: acts[n] for n in gm.hidden_levels}
+        modes = greedy_map(gm, bu, top_k=top_k).modes[0]
+    by_cat: dict[str, list] = {}
+    for a, lj in modes:  # best first
+        if math.isfinite(lj):
+            by_cat.setdefault(gm.categories[int(a["category"])], []).append((a, lj))
+    want: dict[str, list[float]] = {}  # category -> its heads' log-joints
+    for cat, ranked in by_cat.items():
+        pool = ranked[: HEAD_POOL * 2]
+        values = {s: torch.tensor([int(a[s]) for a, _ in pool]) for s in pool[0][0]}
+        big = {n: x.expand(len(pool), *x.shape[1:]) for n, x in bu.items()}
+        obs = {n: torch.ones_like(x, dtype=torch.bool) for n, x in big.items()}
+        with torch.no_grad():
+            td, _ = top_down_pass(gm, values, big, obs)
+            masks = object_mask(gm, td, big, obs)  # (n, S, S): one view of the model's size
+        inter = (masks & masks[0]).flatten(1).sum(1)
+        union = (masks | masks[0]).flatten(1).sum(1).clamp(min=1)
+        second = [j for j in range(1, len(pool)) if inter[j] / union[j] < 0.5]
+        want[cat] = [pool[0][1]] + [pool[j][1] for j in second[:1]]
+    assert any(len(v) == 2 for v in want.values())  # some category offers a second head
+    choice = dataclasses.replace(_favour(gm, "bird", sha=model_fingerprint(gm)), per_category=2)
+    inst = run_parse(gm, image, top_k=top_k, max_objects=1, threshold=-math.inf,
+                     choose=choice).instances[0]  # fmt: skip
+    got: dict[str, list[float]] = {}
+    for h in sorted(inst.heads, key=lambda h: -h["llr"]):
+        got.setdefault(h["category"], []).append(h["llr"])
+    bg = inst.log_joint - inst.llr  # one row: LLR = log-joint - its background's
+    assert {c: [round(x + bg, 3) for x in v] for c, v in got.items()} == {
+        c: [round(x, 3) for x in v] for c, v in want.items()}  # fmt: skip
+    for cat in got:  # a category's two heads differ
+        masks = [h["amodal_mask"] for h in inst.heads if h["category"] == cat]
+        if len(masks) == 2:
+            assert (masks[0] & masks[1]).sum() / (masks[0] | masks[1]).sum() < 0.5
+    assert inst.category == "bird"  # the choice picks among all of them
 
 
 @pytest.mark.usefixtures("one_thread")
