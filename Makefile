@@ -21,7 +21,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 test-all: install
 	$(VENV)/bin/lint-imports
