@@ -40,8 +40,8 @@ import torch
 __all__ = [
     "EXTRA_HEAD_FEATURES",
     "HEAD_CHOICE_FILE",
-    "HEAD_POOL",
     "HEAD_FEATURES",
+    "HEAD_POOL",
     "HeadChoice",
     "fit_head_choice",
     "head_features",

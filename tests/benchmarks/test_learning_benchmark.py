@@ -286,7 +286,7 @@ def test_sample_noise_smoke(tmp_path):
 def test_sample_noise_draws_are_the_model_trace():
     """Without noise, ``draw``'s image is the model's own trace (``sample(noise=0)`` under
     ``poutine.condition``) with every site clamped to the drawn ones; its top-level γ follow
-    the model's n-gram table of the category (a 5-σ bound per component on 1,000 draws)."""
+    the model's n-gram table of the category (a 5-σ bound per component on 300 draws)."""
     from pyro_backpass import GenerativeModel, sample
 
     gm = GenerativeModel.default()
@@ -297,7 +297,7 @@ def test_sample_noise_draws_are_the_model_trace():
     traced = sample(gm, 6, category=labels, clamp=clamp, noise=0.0).td["image"]
     torch.testing.assert_close(image, traced)
     top = gm.hidden_levels[-1]
-    n = 1000
+    n = 300
     _, many = module.draw(gm, torch.zeros(n, dtype=torch.long), lambda name, phi: torch.zeros(()),
                           seed=6)  # fmt: skip
     table = gm.priors[f"gamma_{top}"].log_probs().exp()[0].double()  # (K,) for category 0
@@ -1053,6 +1053,12 @@ def test_verified_consensus_smoke(tmp_path):
             test["rows"][f"shipped_{rule}"][key], abs=1e-6
         )
         assert test["rows"][f"shipped_{rule}"][key] <= test["best_of_k"][key] + 1e-9
+
+
+@pytest.mark.slow
+def test_verified_consensus_time_smoke(tmp_path):
+    """``verified_consensus.py --time``: the timing mode (its other modes run by default)."""
+    script = BENCH.parent / "verified_consensus.py"
     out = str(tmp_path / "verified_consensus_test.json")
     _smoke(script, "--smoke", "--time", "1", "--out", out)
     timed = json.loads((tmp_path / "verified_consensus_time.json").read_text())
@@ -1122,6 +1128,15 @@ def test_lower_consensus_smoke(tmp_path):
     assert out2.with_suffix(".png").is_file()
     for name in ("free", "free_consensus"):
         assert 0.0 <= below[name]["iou"] <= 1.0
+
+
+@pytest.mark.slow
+def test_consensus_below_weighted_smoke(tmp_path):
+    """``consensus_below.py --weighted``: lower_consensus.py's row at the library's temperature
+    (the unweighted run is in the default suite)."""
+    out = tmp_path / "lower.json"
+    _smoke(BENCH.parent / "lower_consensus.py", "--smoke", "--verifier", "--out", str(out))
+    rows = json.loads(out.read_text())["mean_iou"]
     # Weighted by the refined verifier: lower_consensus.py's row at the library's temperature.
     out3 = tmp_path / "weighted.json"
     _smoke(BENCH.parent / "consensus_below.py", "--smoke", "--split", "validation", "--weighted",
