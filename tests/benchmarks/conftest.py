@@ -39,17 +39,28 @@ def load_benchmark():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _one_smoke_model(tmp_path_factory):
+def _one_smoke_model(tmp_path_factory, request):
     """The benchmark scripts' ``--smoke`` runs (and the tests that import them) train the smoke
-    preset's model; train it once per test process and let them load it (``SMOKE_MODEL_ENV``,
-    inherited by the scripts' subprocesses): about 13 s saved per smoke run."""
+    preset's model; train it once per test run — the first xdist worker to need it, under a
+    file lock, while the others wait and then load it — and let them load it
+    (``SMOKE_MODEL_ENV``, inherited by the scripts' subprocesses): about 13 s saved per smoke
+    run and one training per worker. The file lives in this run's temporary directory only."""
+    from filelock import FileLock
+
     from pyro_backpass.learning import PRESETS, train_model
 
     before = os.environ.get(SMOKE_MODEL_ENV)
-    out = tmp_path_factory.mktemp("smoke_model")
-    with torch.random.fork_rng():  # leave the tests' own seeding as it was
-        gm = train_model(PRESETS["smoke"], out_dir=out / "run", progress=False)
-    os.environ[SMOKE_MODEL_ENV] = str(gm.save(out / "smoke.safetensors"))
+    base = tmp_path_factory.getbasetemp()
+    worker = hasattr(request.config, "workerinput")  # an xdist worker
+    root = base.parent if worker else base  # the run's own directory, shared by its workers
+    path = root / "smoke_model" / "smoke.safetensors"
+    with FileLock(str(root / "smoke_model.lock")):
+        if not path.is_file():
+            with torch.random.fork_rng():  # leave the tests' own seeding as it was
+                gm = train_model(PRESETS["smoke"], out_dir=root / "smoke_model" / "run",
+                                 progress=False)  # fmt: skip
+            gm.save(path)  # atomic: a worker never loads half a file
+    os.environ[SMOKE_MODEL_ENV] = str(path)
     yield
     if before is None:
         os.environ.pop(SMOKE_MODEL_ENV, None)
