@@ -199,9 +199,13 @@ def fit_steps(args: argparse.Namespace) -> dict:
     if args.keep_shipped:  # only the extra features' weights are fitted; the rest is kept
         kept = shipped
         if kept is not None and kept.extra:  # itself a kept choice with extras: keep its base
-            record = json.loads(PACKAGE_FILE.read_text()).get("kept_shipped")
+            from importlib import resources  # where HeadChoice.shipped() reads it
+
+            ref = resources.files("pyro_backpass").joinpath("weights", HEAD_CHOICE_FILE)
+            record = json.loads(ref.read_text()).get("kept_shipped")
             kept = None if record is None else HeadChoice.from_dict(record)
-        if kept is None or kept.extra:
+        if (kept is None or kept.extra or kept.categories != categories
+                or kept.model_sha256 != first["model_sha256"]):  # fmt: skip
             raise SystemExit("--keep-shipped needs a shipped choice for these steps' model and "
                              "categories without extra features (or that it kept)")  # fmt: skip
     grid = {l2: scene_held_out(scenes, categories, l2, extra, folds=folds, base=kept)

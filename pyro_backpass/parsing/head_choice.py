@@ -1,7 +1,8 @@
 """The parse's choice among one step's per-category heads (issue #11).
 
-A parse step with per-category heads (each view's best mode of each category: by the descent
-verifier in a verified parse) must pick one. By default it picks the head of largest stop
+A parse step with per-category heads (each view's best mode of each category — or its
+``HeadChoice.per_category`` best whose masks differ — by the descent verifier in a verified
+parse) must pick one. By default it picks the head of largest stop
 statistic (:class:`~pyro_backpass.parsing.StopCriterion`), a log-odds of "new object" fitted
 to decide *whether to stop* on the step's chosen head; ``benchmarks/parse_first_step.py``
 measured that it ranks the heads of one step at chance (AUC 0.45–0.49: it favours small masks).
@@ -41,6 +42,7 @@ __all__ = [
     "EXTRA_HEAD_FEATURES",
     "HEAD_CHOICE_FILE",
     "HEAD_FEATURES",
+    "HEAD_IOU",
     "HEAD_POOL",
     "HeadChoice",
     "fit_head_choice",
@@ -49,8 +51,9 @@ __all__ = [
 
 HEAD_CHOICE_FILE = "head_choice.json"
 #: With ``HeadChoice.per_category`` m > 1, a step completes each group's ``HEAD_POOL * m`` best
-#: modes to find m heads whose masks differ.
+#: modes to find m heads whose amodal masks overlap by IoU < ``HEAD_IOU``.
 HEAD_POOL = 4
+HEAD_IOU = 0.5
 #: What :func:`head_features` returns, in order (the one-hot has one entry per category but
 #: the first).
 HEAD_FEATURES = (
@@ -195,15 +198,22 @@ class HeadChoice:
                   "model_sha256": self.model_sha256}  # fmt: skip
         if self.extra:
             record["extra"] = list(self.extra)
-        if self.per_category != 1:
-            record["per_category"] = self.per_category
+        if self.per_category != 1:  # how its heads were found is part of what it was fitted on
+            record.update(per_category=self.per_category, head_pool=HEAD_POOL, head_iou=HEAD_IOU)
         return record
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> HeadChoice:
-        keys = {"categories", "weights", "mean", "scale", "model_sha256", "extra", "per_category"}
+        keys = {"categories", "weights", "mean", "scale", "model_sha256", "extra", "per_category",
+                "head_pool", "head_iou"}  # fmt: skip
         if not {"categories", "weights", "mean", "scale"} <= set(record) <= keys:
             raise ValueError(f"not a HeadChoice record: keys {sorted(record)}")
+        if record.get("per_category", 1) != 1 and (record.get("head_pool"), record.get(
+                "head_iou")) != (HEAD_POOL, HEAD_IOU):  # fmt: skip
+            raise ValueError(f"the choice was fitted on heads found among head_pool="
+                             f"{record.get('head_pool')} x per_category modes at IoU < "
+                             f"{record.get('head_iou')}; this version finds them with "
+                             f"{HEAD_POOL} and {HEAD_IOU}: refit it")  # fmt: skip
         return cls(tuple(record["categories"]), tuple(record["weights"]), tuple(record["mean"]),
                    tuple(record["scale"]), record.get("model_sha256"),
                    tuple(record.get("extra", ())), record.get("per_category", 1))  # fmt: skip
@@ -245,6 +255,8 @@ def fit_head_choice(
         offered per category when ``groups`` were recorded).
     """
     categories, extra = tuple(categories), tuple(extra)
+    if isinstance(per_category, bool) or not isinstance(per_category, int) or per_category < 1:
+        raise ValueError(f"per_category must be an int >= 1, got {per_category!r}")
     if base is not None and (base.categories != categories
                              or base.extra != extra[: len(base.extra)]
                              or len(base.extra) == len(extra)):  # fmt: skip

@@ -46,7 +46,7 @@ from pyro_backpass.parsing.candidates import (
     verify_candidates,
 )
 from pyro_backpass.parsing.explaining_away import explain_away
-from pyro_backpass.parsing.head_choice import HEAD_POOL, HeadChoice
+from pyro_backpass.parsing.head_choice import HEAD_IOU, HEAD_POOL, HeadChoice
 from pyro_backpass.parsing.query import Query
 from pyro_backpass.parsing.scene_parse import ParsedInstance, SceneParse
 from pyro_backpass.parsing.stop import StopCriterion, region_log_prob
@@ -555,12 +555,12 @@ def _head_order(
 def _distinct_heads(group: list[Candidate], m: int) -> list[Candidate]:
     """The heads of one (row, category) group, ranked best first: its first and, for m > 1,
     the next ones of its ``HEAD_POOL * m`` best (completed) whose amodal masks overlap every
-    head taken before by IoU < 0.5, up to m."""
+    head taken before by IoU < ``HEAD_IOU``, up to m."""
     if m == 1:
         return group[:1]
     heads: list[Candidate] = []
     for c in group[: HEAD_POOL * m]:
-        if all(_iou(c.amodal, d.amodal) < 0.5 for d in heads):
+        if all(_iou(c.amodal, d.amodal) < HEAD_IOU for d in heads):
             heads.append(c)
             if len(heads) == m:
                 break

@@ -53,7 +53,8 @@ class ParsedInstance:
         ``class_log_prob`` (:func:`~pyro_backpass.parsing.stop_features`' arguments; refit a
         criterion on them), or None.
     :ivar heads: with a :class:`~pyro_backpass.parsing.HeadChoice`, the heads its step chose
-        among (one per view and category; the chosen one first, then by choice score): dicts
+        among (``per_category`` per view and category; the chosen one first, then by choice
+        score): dicts
         of what the choice read (``category``, ``llr``, ``visible``, ``amodal``,
         ``class_log_probs``: :func:`~pyro_backpass.parsing.head_features`' arguments, pixels
         in the model's input frame), its ``score``, and its ``mask`` (visible) and

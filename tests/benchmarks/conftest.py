@@ -51,14 +51,16 @@ def _one_smoke_model(tmp_path_factory, request):
 
     before = os.environ.get(SMOKE_MODEL_ENV)
     base = tmp_path_factory.getbasetemp()
-    worker = hasattr(request.config, "workerinput")  # an xdist worker
-    root = base.parent if worker else base  # the run's own directory, shared by its workers
+    # An xdist popen worker's basetemp is popen-gwN inside the run's own: share that one.
+    worker = hasattr(request.config, "workerinput") and base.name.startswith("popen-")
+    root = base.parent if worker else base
     path = root / "smoke_model" / "smoke.safetensors"
     with FileLock(str(root / "smoke_model.lock")):
         if not path.is_file():
             with torch.random.fork_rng():  # leave the tests' own seeding as it was
-                gm = train_model(PRESETS["smoke"], out_dir=root / "smoke_model" / "run",
-                                 progress=False)  # fmt: skip
+                run = tmp_path_factory.mktemp("smoke_run")  # this worker's own checkpoints
+                gm = train_model(PRESETS["smoke"], out_dir=run, progress=False)
+            path.parent.mkdir(exist_ok=True)
             gm.save(path)  # atomic: a worker never loads half a file
     os.environ[SMOKE_MODEL_ENV] = str(path)
     yield

@@ -1055,13 +1055,10 @@ def test_verified_consensus_smoke(tmp_path):
         assert test["rows"][f"shipped_{rule}"][key] <= test["best_of_k"][key] + 1e-9
 
 
-@pytest.mark.slow
-def test_verified_consensus_time_smoke(tmp_path):
-    """``verified_consensus.py --time``: the timing mode (its other modes run by default)."""
-    script = BENCH.parent / "verified_consensus.py"
-    out = str(tmp_path / "verified_consensus_test.json")
-    _smoke(script, "--smoke", "--time", "1", "--out", out)
-    timed = json.loads((tmp_path / "verified_consensus_time.json").read_text())
+def test_verified_consensus_timing(tmp_path):
+    """``verified_consensus.py --time``'s function, in process (its command line runs above)."""
+    _module("verified_consensus").timing(1, tmp_path / "time.json", top_k=4)
+    timed = json.loads((tmp_path / "time.json").read_text())
     assert timed["median_seconds"]["shipped"] > 0
 
 

@@ -186,6 +186,12 @@ def test_checks_and_round_trip():
     for bad in (0, True, 1.5):
         with pytest.raises(ValueError, match="per_category must be an int >= 1"):
             dataclasses.replace(fit, per_category=bad)
+    with pytest.raises(ValueError, match="per_category must be an int >= 1"):
+        fit_head_choice(_groups(5, 4), categories=CATS, per_category=0)
+    record = many.to_dict()  # heads found otherwise than this version finds them: refused
+    assert (record["head_pool"], record["head_iou"]) == (HEAD_POOL, 0.5)
+    with pytest.raises(ValueError, match="refit it"):
+        HeadChoice.from_dict({**record, "head_pool": HEAD_POOL + 1})
 
 
 @pytest.fixture(scope="module")
@@ -204,18 +210,25 @@ def _favour(gm, category: str, *, sha: str | None = None) -> HeadChoice:
     return HeadChoice(cats, weights, [0.0] * len(weights), [1.0] * len(weights), sha)
 
 
+def _scene_and_modes(gm, top_k: int):
+    """A test scene of two airplanes and two distractors, its bottom-up maps and greedy_map's
+    own top-k modes on them (best first)."""
+    image = make_scene(targets=("airplane", "airplane"), distractors=2,
+                       seed=(split_seed("test"), 777)).image  # fmt: skip
+    with torch.no_grad():
+        acts = gm.backbone(image[None].to(gm.dtype))
+        bu = {n: acts[n] for n in gm.hidden_levels}
+        return image, bu, greedy_map(gm, bu, top_k=top_k).modes[0]
+
+
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("which", ["first", "last"])
 def test_the_parse_takes_the_chosen_categorys_best_mode(shipped_gm, which):
     gm = shipped_gm
-    image = make_scene(targets=("airplane", "airplane"), distractors=2,
-                       seed=(split_seed("test"), 777)).image  # fmt: skip
     top_k = 30
     # the oracle: greedy_map's own top-k on the scene's activations; a category's head is its
     # mode of largest log-joint (one row: largest LLR)
-    with torch.no_grad():
-        acts = gm.backbone(image[None].to(gm.dtype))
-    modes = greedy_map(gm, {n: acts[n] for n in gm.hidden_levels}, top_k=top_k).modes[0]
+    image, _, modes = _scene_and_modes(gm, top_k)
     best: dict[str, dict] = {}
     for a, lj in modes:  # best first
         if math.isfinite(lj):
@@ -245,13 +258,8 @@ def test_more_heads_per_category_are_the_next_modes_whose_masks_differ(shipped_g
     row) and the next of its ``HEAD_POOL * 2`` best whose amodal mask overlaps the first by IoU
     < 0.5 — masks completed here from greedy_map's modes by the top-down pass."""
     gm = shipped_gm
-    image = make_scene(targets=("airplane", "airplane"), distractors=2,
-                       seed=(split_seed("test"), 777)).image  # fmt: skip
     top_k = 60
-    with torch.no_grad():
-        acts = gm.backbone(image[None].to(gm.dtype))
-        bu = {n: acts[n] for n in gm.hidden_levels}
-        modes = greedy_map(gm, bu, top_k=top_k).modes[0]
+    image, bu, modes = _scene_and_modes(gm, top_k)
     by_cat: dict[str, list] = {}
     for a, lj in modes:  # best first
         if math.isfinite(lj):
