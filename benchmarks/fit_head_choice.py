@@ -135,6 +135,17 @@ def chosen_hit(choice: HeadChoice, heads: list[dict]) -> bool:
     return bool(heads[choice.choose(heads)]["hit"])
 
 
+def near_misses(scenes: list[list[list[dict]]]) -> dict:
+    """The steps whose chosen head (as parsed: the first) misses while another hits, by the
+    chosen head's best IoU with an unfound true instance (readout masks, before any CRF): a
+    part of an object (0.3 to 0.5), a fragment (0.1 to 0.3), nothing of one (< 0.1)."""
+    missed = [g[0]["best_iou"] for st in scenes for g in st
+              if not g[0]["hit"] and any(h["hit"] for h in g)]  # fmt: skip
+    return {"steps": len(missed), "part_0.3_0.5": sum(0.3 <= v < 0.5 for v in missed),
+            "fragment_0.1_0.3": sum(0.1 <= v < 0.3 for v in missed),
+            "nothing_below_0.1": sum(v < 0.1 for v in missed)}  # fmt: skip
+
+
 def leave_one_out(groups: list[list[dict]], categories: tuple[str, ...], l2: float) -> float:
     """The share of steps whose chosen head hits, each step scored by a fit without it."""
     return statistics.mean(
@@ -238,6 +249,7 @@ def fit_steps(args: argparse.Namespace) -> dict:
             "without_extra_held_out": hit_rates(base[base_best]),
             "any_head": hit_rates([[any(h["hit"] for h in g) for g in st] for st in scenes]),
         },
+        "misses": near_misses(scenes),
         "head_choice": choice.to_dict(),
         "fitted_by": "benchmarks/fit_head_choice.py --steps-from",
         "record_files": [str(f) for f in args.steps_from],

@@ -102,6 +102,12 @@ def test_steps_fit_weighs_the_visible_fraction(tmp_path, load_benchmark):
     hit = result["hit"]
     assert result["scenes"] == 12 and hit["any_head"]["all"] == 1.0
     assert hit["any_head"]["steps"] == 36 and hit["any_head"]["later_steps"] == 24
+    # as parsed, the first head (hand-built: a random category) misses where it is not the
+    # fresh one, and those misses have best IoU 0 (nothing of an object)
+    n_missed = sum(not g[0]["hit"] for s in json.loads(steps.read_text())["settings"][
+        "subtract/profile"]["parsed"] for g in s["heads"])  # fmt: skip
+    assert result["misses"] == {"steps": n_missed, "part_0.3_0.5": 0, "fragment_0.1_0.3": 0,
+                                "nothing_below_0.1": n_missed}  # fmt: skip
     assert hit["fitted_choice_held_out"]["all"] >= 0.9
     assert hit["fitted_choice_held_out"]["all"] >= hit["without_extra_held_out"]["all"]
     choice = HeadChoice.from_dict(json.loads(package.read_text())["head_choice"])
