@@ -226,7 +226,8 @@ def fit_steps(args: argparse.Namespace) -> dict:
     base_best = max(L2_GRID, key=lambda l2: (hit_rates(base[l2])["all"], l2))
     choice = fit_head_choice(groups, categories=categories, l2=best, base=kept,
                              model_sha256=first["model_sha256"], extra=extra,
-                             per_category=first.get("heads_per_category") or 1)  # fmt: skip
+                             per_category=first.get("heads_per_category") or 1,
+                             refined_heads=bool(first.get("refined_heads")))  # fmt: skip
     result = {
         "machine": machine(), "model": "GenerativeModel.default()",
         "model_sha256": first["model_sha256"], "verifier_sha256": first["verifier_sha256"],
@@ -235,7 +236,8 @@ def fit_steps(args: argparse.Namespace) -> dict:
         "kept_shipped": None if kept is None else kept.to_dict(),
         "parsed_with": {"head_choice_sha256": first["head_choice_sha256"],
                         "refine_masks": first["refine_masks"],
-                        "heads_per_category": first.get("heads_per_category")},
+                        "heads_per_category": first.get("heads_per_category"),
+                        "refined_heads": first.get("refined_heads")},
         "features": [*HEAD_FEATURES, *extra], "extra": list(extra), "l2_grid": list(L2_GRID),
         "folds": folds, "held_out_hit": {str(k): hit_rates(v) for k, v in grid.items()},
         "l2": best,

@@ -38,8 +38,9 @@ CRF-refined, ``refine_masks=True``, which changes what later steps see), and the
 shipped as ``pyro_backpass/weights/parse_threshold_choice.json`` with the choice's and the
 verifier's fingerprints and the ``refine_masks`` flag: the default of a parse with that choice.
 ``--heads-per-category M`` offers that choice each category's M best modes whose masks differ
-(``HeadChoice.per_category``) instead of its own number; the fingerprint recorded is that
-choice's.
+(``HeadChoice.per_category``) instead of its own number, ``--refined-heads`` has it read every
+head on its CRF-refined masks (``HeadChoice.refined_heads``; the heads' labels then judge those
+masks too); the fingerprint recorded is that choice's.
 Each step's stop features are the ones the parser read (``ParsedInstance.stop_inputs``: the
 readout's mask before any CRF refinement; with ``--choose`` the parser also reads
 ``class_log_prob`` there, by a zero weight, so ``--steps-from ... --features ... class_log_prob``
@@ -52,7 +53,7 @@ One thread per process (``--workers``). Writes ``benchmarks/results/parse_thresh
 and ``parse_threshold_choice[_crf]_roc.png``).
 
 Usage: ``python benchmarks/parse_threshold.py [--scenes N] [--smoke] [--verifier-top-k K
-[--choose [--refine] [--heads-per-category M]] --workers 2]``
+[--choose [--refine [--refined-heads]] [--heads-per-category M]] --workers 2]``
 """
 
 from __future__ import annotations
@@ -283,7 +284,7 @@ def parse_steps(job: tuple) -> dict:
     from pyro_backpass import DescentVerifier, GenerativeModel, HeadChoice
     from pyro_backpass.parsing import StopCriterion, default_threshold, region_log_prob, run_parse
 
-    scene, explain, background, smoke, verifier_top_k, choose, refine, per_category = job
+    scene, explain, background, smoke, verifier_top_k, choose, refine, choice_kw = job
     torch.set_num_threads(1)
     if not _MODEL:
         _MODEL["gm"] = GenerativeModel.default()
@@ -303,9 +304,8 @@ def parse_steps(job: tuple) -> dict:
             criterion = StopCriterion.from_dict(record)
         knobs = dict(criterion=criterion, top_k=verifier_top_k,
                      verifier=_MODEL["verifier"], refine_masks=refine,
-                     choose=(dataclasses.replace(_MODEL["choice"], per_category=per_category)
-                             if choose and per_category else
-                             _MODEL["choice"] if choose else None))  # fmt: skip
+                     choose=(dataclasses.replace(_MODEL["choice"], **choice_kw)
+                             if choose else None))  # fmt: skip
     with torch.no_grad():
         parse = run_parse(gm, scene.image, max_objects=steps, threshold=-math.inf,
                           explain=explain, background=background, **knobs)  # fmt: skip
@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--heads-per-category", type=int, default=None, metavar="M",
                    help="with --choose: the choice is offered each category's M best modes "
                         "whose masks differ (HeadChoice.per_category)")  # fmt: skip
+    p.add_argument("--refined-heads", action="store_true",
+                   help="with --choose --refine: the choice reads every head on its CRF-refined "
+                        "masks (HeadChoice.refined_heads)")  # fmt: skip
     p.add_argument("--workers", type=int, default=1, help="processes of one thread each")
     p.add_argument("--steps-from", type=Path, default=None, metavar="JSON",
                    help="refit on the steps a previous run of the same kind wrote (its "
@@ -365,6 +368,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--refine needs --choose")
     if args.heads_per_category is not None and (not args.choose or args.heads_per_category < 1):
         p.error("--heads-per-category needs --choose and M >= 1")
+    if args.refined_heads and not args.refine:
+        p.error("--refined-heads needs --choose --refine")
+    choice_kw = {k: v for k, v in (("per_category", args.heads_per_category),
+                                   ("refined_heads", args.refined_heads or None)) if v}  # fmt: skip
     kind = ("choice" + ("_crf" if args.refine else "")) if args.choose else "verified"
     if args.package_file is None:
         args.package_file = (CHOICE_FILE if args.choose else VERIFIED_FILE if verified
@@ -432,8 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
         choice = HeadChoice.shipped()
         if choice is None:
             raise SystemExit("no shipped HeadChoice: run benchmarks/fit_head_choice.py --ship")
-        if args.heads_per_category is not None:
-            choice = dataclasses.replace(choice, per_category=args.heads_per_category)
+        choice = dataclasses.replace(choice, **choice_kw)
     out: dict = {"machine": machine(), "smoke": args.smoke, "split": "validation",
                  "seed": f"split_seed('validation', {SEED}) = {seed}", "scenes": n_scenes,
                  "iou": IOU, "features": list(args.features), "settings": {},
@@ -444,6 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "verifier_sha256": None if verifier is None else verifier.fingerprint(),
                  "choose": args.choose, "refine_masks": args.refine,
                  "heads_per_category": None if choice is None else choice.per_category,
+                 "refined_heads": None if choice is None else choice.refined_heads,
                  "head_choice_sha256": None if choice is None else choice.fingerprint(),
                  "plain_record_sha256": (record_fingerprint(threshold_record()) if verified
                                          else None)}  # fmt: skip
@@ -459,7 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
         key = f"{explain}/{background}"
         row: dict = {"explain_away": explain, "background": background, "regimes": {}}
         jobs = [(scene, explain, background, args.smoke, args.verifier_top_k, args.choose,
-                 args.refine, args.heads_per_category)
+                 args.refine, choice_kw)
                 for regime in REGIMES for scene in scenes[regime]]  # fmt: skip
         if previous is not None:
             done = previous["settings"][key]["parsed"]
@@ -544,14 +551,14 @@ def main(argv: list[str] | None = None) -> dict:
                          + (" --choose" if args.choose else "")
                          + (" --refine" if args.refine else "")
                          + (f" --heads-per-category {args.heads_per_category}"
-                            if args.heads_per_category is not None else ""),
+                            if args.heads_per_category is not None else "")
+                         + (" --refined-heads" if args.refined_heads else ""),
             **({"verifier_sha256": verifier.fingerprint(), "verifier_top_k": args.verifier_top_k,
                 "ordered_by": "the plain parse's shipped criterion (parse_threshold.json)",
                 "plain_record_sha256": record_fingerprint(threshold_record())}
                if verified else {}),
             **({"ordered_by": "the shipped HeadChoice (head_choice.json)"
-                              + ("" if args.heads_per_category is None else
-                                 f" with per_category={args.heads_per_category}"),
+                              + "".join(f", {k}={v}" for k, v in choice_kw.items()),
                 "head_choice_sha256": choice.fingerprint(), "refine_masks": args.refine}
                if args.choose else {}),
             "split": out["seed"],

@@ -60,6 +60,7 @@ class Candidate:
     obs: dict[str, torch.Tensor] | None = None  # level -> (1, C, H, W) bool
     td: dict[str, torch.Tensor] | None = None  # level -> (1, C, H, W), view space
     amodal: torch.Tensor | None = None  # (H, W) image space
+    refined: torch.Tensor | None = None  # (H, W) image space: amodal refined by the colour CRF
     mode_masks: list[torch.Tensor] | None = None  # amodal masks of its row's modes
     stat: float | None = None  # the stop statistic on its path (StopCriterion), once completed
     stop_inputs: dict[str, float] | None = None  # what ``stat`` read (stop_features' kwargs)

@@ -123,6 +123,10 @@ class HeadChoice:
         group's best mode (by the verifier, else by LLR) and, when more than 1, the next
         best whose amodal masks overlap none taken before by IoU ≥ 0.5 (they are read among
         the group's ``HEAD_POOL × per_category`` best, completed for the purpose).
+    :ivar refined_heads: read each head on its masks refined by the colour CRF (as the instance
+        it would become reports them with ``refine_masks=True``, which it needs) instead of the
+        readout's; what :attr:`ParsedInstance.heads` records then too. The stop statistic
+        still reads the readout's masks, as its criterion was fitted.
     """
 
     categories: tuple[str, ...]
@@ -132,8 +136,11 @@ class HeadChoice:
     model_sha256: str | None = None
     extra: tuple[str, ...] = ()
     per_category: int = 1
+    refined_heads: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.refined_heads, bool):
+            raise ValueError(f"HeadChoice.refined_heads must be a bool, got {self.refined_heads!r}")
         if (isinstance(self.per_category, bool) or not isinstance(self.per_category, int)
                 or self.per_category < 1):  # fmt: skip
             raise ValueError(f"HeadChoice.per_category must be an int >= 1, "
@@ -191,8 +198,9 @@ class HeadChoice:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
-        """The record (``extra`` only when it has some and ``per_category`` only when it is not
-        1, so a choice without them keeps the fingerprint it was shipped with)."""
+        """The record (``extra`` only when it has some, ``per_category`` only when it is not 1
+        and ``refined_heads`` only when set, so a choice without them keeps the fingerprint it
+        was shipped with)."""
         record = {"categories": list(self.categories), "weights": list(self.weights),
                   "mean": list(self.mean), "scale": list(self.scale),
                   "model_sha256": self.model_sha256}  # fmt: skip
@@ -200,12 +208,14 @@ class HeadChoice:
             record["extra"] = list(self.extra)
         if self.per_category != 1:  # how its heads were found is part of what it was fitted on
             record.update(per_category=self.per_category, head_pool=HEAD_POOL, head_iou=HEAD_IOU)
+        if self.refined_heads:
+            record["refined_heads"] = True
         return record
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> HeadChoice:
         keys = {"categories", "weights", "mean", "scale", "model_sha256", "extra", "per_category",
-                "head_pool", "head_iou"}  # fmt: skip
+                "head_pool", "head_iou", "refined_heads"}  # fmt: skip
         if not {"categories", "weights", "mean", "scale"} <= set(record) <= keys:
             raise ValueError(f"not a HeadChoice record: keys {sorted(record)}")
         if record.get("per_category", 1) != 1 and (record.get("head_pool"), record.get(
@@ -216,7 +226,8 @@ class HeadChoice:
                              f"{HEAD_POOL} and {HEAD_IOU}: refit it")  # fmt: skip
         return cls(tuple(record["categories"]), tuple(record["weights"]), tuple(record["mean"]),
                    tuple(record["scale"]), record.get("model_sha256"),
-                   tuple(record.get("extra", ())), record.get("per_category", 1))  # fmt: skip
+                   tuple(record.get("extra", ())), record.get("per_category", 1),
+                   record.get("refined_heads", False))  # fmt: skip
 
     @classmethod
     def shipped(cls) -> HeadChoice | None:
@@ -237,6 +248,7 @@ def fit_head_choice(
     extra: Sequence[str] = (),
     base: HeadChoice | None = None,
     per_category: int = 1,
+    refined_heads: bool = False,
 ) -> HeadChoice:
     """Fit a :class:`HeadChoice` by maximum penalised likelihood of the hitting heads.
 
@@ -252,7 +264,8 @@ def fit_head_choice(
         first-step choice taught to avoid claimed heads on later steps); its categories must
         be ``categories`` and its ``extra`` a prefix of ``extra``.
     :param per_category: the fitted choice's :attr:`HeadChoice.per_category` (the heads a step
-        offered per category when ``groups`` were recorded).
+        offered per category when ``groups`` were recorded); ``refined_heads``: its
+        :attr:`HeadChoice.refined_heads` (the heads' masks were the CRF's).
     """
     categories, extra = tuple(categories), tuple(extra)
     if isinstance(per_category, bool) or not isinstance(per_category, int) or per_category < 1:
@@ -300,7 +313,8 @@ def fit_head_choice(
         opt.step(closure)
     weights = torch.cat([fixed, w.detach()])
     return HeadChoice(categories, tuple(weights.tolist()), tuple(mean.tolist()),
-                      tuple(scale.tolist()), model_sha256, extra, per_category)  # fmt: skip
+                      tuple(scale.tolist()), model_sha256, extra, per_category,
+                      refined_heads)  # fmt: skip
 
 
 def _features_of(

@@ -219,9 +219,10 @@ def run_parse(
       takes the head of largest choice score, not of largest stop statistic (which ranks a
       step's heads at chance, ``benchmarks/parse_first_step.py``); the stop is decided on
       that head's statistic as before; its ``per_category`` m > 1 offers each category's m
-      best modes whose masks differ. ``HeadChoice.shipped()`` is fitted for the shipped
-      model and verifier at ``top_k=100`` (``benchmarks/fit_head_choice.py``). Needs a
-      backbone with a classifier head (its features read the classifier).
+      best modes whose masks differ, and its ``refined_heads`` reads every head on its
+      CRF-refined masks (needs ``refine_masks=True``). ``HeadChoice.shipped()`` is fitted for
+      the shipped model and verifier at ``top_k=100`` (``benchmarks/fit_head_choice.py``).
+      Needs a backbone with a classifier head (its features read the classifier).
     """
     return parse_scenes(
         gm, [image], max_objects=max_objects, query=query, beam=beam, scales=scales,
@@ -391,6 +392,9 @@ def _parse(
         _check_choice(gm, choose, classifier)
     if refine_masks and getattr(gm, "mask_readout", None) is None:
         raise ValueError("refine_masks needs a model with a mask readout (the CRF's unary term)")
+    if choose is not None and choose.refined_heads and not refine_masks:
+        raise ValueError("a HeadChoice with refined_heads reads the masks refine_masks=True "
+                         "reports: pass refine_masks=True")  # fmt: skip
     fitted = default_threshold(
         gm, verifier=verifier, top_k=top_k, choose=choose, refine_masks=refine_masks
     )
@@ -536,6 +540,9 @@ def _head_order(
         taken = {id(c) for c in heads}
         by_path[u] = heads + [c for g in ranked for c in g if id(c) not in taken]
     complete_candidates(gm, [c for _, c in heads_all])
+    if choose is not None and choose.refined_heads:  # the masks the instance would report
+        for u, c in heads_all:
+            _refine(gm, c, units[u][1])
     key: dict[int, float] = {}
     for u, c in heads_all:
         _, s, p = units[u]
@@ -568,9 +575,10 @@ def _distinct_heads(group: list[Candidate], m: int) -> list[Candidate]:
 
 
 def _head_record(c: Candidate, score: float, p: _Path, s: _Scene) -> dict:
-    """One head as :attr:`ParsedInstance.heads` shows it."""
-    _, visible = _regions(c, p, s)
-    return {**c.choice_inputs, "score": float(score), "mask": visible, "amodal_mask": c.amodal}
+    """One head as :attr:`ParsedInstance.heads` shows it (the masks its choice read)."""
+    _, visible = _regions(c, p, s, refined=c.refined is not None)
+    amodal = c.amodal if c.refined is None else c.refined  # as computed, occluder included
+    return {**c.choice_inputs, "score": float(score), "mask": visible, "amodal_mask": amodal}
 
 
 def _verifiers(gm: GenerativeModel, verifier: Any, query: Query) -> dict[int, DescentVerifier]:
@@ -658,11 +666,24 @@ def _check_classifier(gm: GenerativeModel, classifier: Backbone | None) -> None:
                          f"classifier does not know the categories {missing}")  # fmt: skip
 
 
-def _regions(c: Candidate, p: _Path, s: _Scene) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidate ``c``'s amodal and visible masks ``(H, W)`` in image space on path ``p``: the
-    occluder's pixels count neither as visible nor in the amodal mask, so an occluded object
-    is not read as "already claimed"."""
-    amodal = c.amodal
+def _refine(gm: GenerativeModel, c: Candidate, s: _Scene) -> torch.Tensor:
+    """Candidate ``c``'s amodal mask ``(H, W)`` refined by the colour CRF in its view (computed
+    once: ``c.refined``)."""
+    if c.refined is None:
+        view = s.views[c.view]
+        crf = crf_mask(gm, c.td, c.bu, view.image, observed=c.obs)  # (1, S, S)
+        c.refined = view.to_image(crf[0].cpu(), *s.size)
+    return c.refined
+
+
+def _regions(
+    c: Candidate, p: _Path, s: _Scene, *, refined: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate ``c``'s amodal and visible masks ``(H, W)`` in image space on path ``p`` (the
+    readout's, or with ``refined`` its CRF-refined ones): the occluder's pixels count neither
+    as visible nor in the amodal mask, so an occluded object is not read as "already
+    claimed"."""
+    amodal = c.refined if refined else c.amodal
     if s.occluder is not None:
         amodal = amodal & ~s.occluder
     return amodal, amodal & ~p.claimed
@@ -704,7 +725,7 @@ def _choice_score(
     """The :class:`HeadChoice` score of head ``c`` on path ``p``: its features counted in its
     view's frame, the classifier read on its visible region in its view."""
     assert classifier is not None  # _check_choice ran
-    amodal, visible = _regions(c, p, s)
+    amodal, visible = _regions(c, p, s, refined=choose.refined_heads)
     view = s.views[c.view]
     per_pixel = view.factor**2
     cats = list(gm.categories)
@@ -799,10 +820,7 @@ def _extend(
         for name, m in _level_masks(gm, masks).items():
             if name in observed:
                 observed[name][others] = observed[name][others] & ~m
-    amodal = c.amodal
-    if refine:
-        crf = crf_mask(gm, c.td, c.bu, views[v].image, observed=c.obs)  # (1, S, S)
-        amodal = views[v].to_image(crf[0].cpu(), height, width)
+    amodal = _refine(gm, c, s) if refine else c.amodal
     visible = amodal & ~p.claimed
     if s.occluder is not None:
         visible = visible & ~s.occluder
