@@ -113,10 +113,11 @@ def test_steps_fit_weighs_the_visible_fraction(tmp_path, load_benchmark):
     choice = HeadChoice.from_dict(json.loads(package.read_text())["head_choice"])
     assert choice.extra == ("visible fraction",) and choice.weights[-1] > 0
     assert choice.per_category == 1  # as many heads a category as the parses offered
-    wide = _steps_file(tmp_path / "wide.json", 4, 2, heads_per_category=3)
+    wide = _steps_file(tmp_path / "wide.json", 4, 2, heads_per_category=3, refined_heads=True)
     bench.main(["--steps-from", str(wide), "--ship", "--package-file", str(package),
                 "--folds", "2", "--out", str(tmp_path / "w.json")])  # fmt: skip
-    assert HeadChoice.from_dict(json.loads(package.read_text())["head_choice"]).per_category == 3
+    wide_choice = HeadChoice.from_dict(json.loads(package.read_text())["head_choice"])
+    assert wide_choice.per_category == 3 and wide_choice.refined_heads
     with pytest.raises(SystemExit, match="--keep-shipped needs a shipped choice"):
         bench.main(["--steps-from", str(steps), "--extra", "visible fraction", "--keep-shipped",
                     "--folds", "2", "--out", str(tmp_path / "k.json")])  # fmt: skip

@@ -67,7 +67,9 @@ def test_parse_threshold_verified_smoke(tmp_path, choice):
                                                                  "--refine"],
                                   ["--verifier-top-k", "4", "--heads-per-category", "2"],
                                   ["--verifier-top-k", "4", "--choose",
-                                   "--heads-per-category", "0"]])  # fmt: skip
+                                   "--heads-per-category", "0"],
+                                  ["--verifier-top-k", "4", "--choose",
+                                   "--refined-heads"]])  # fmt: skip
 def test_parse_threshold_refuses_a_choice_without_a_verifier_and_crf_without_a_choice(args):
     with pytest.raises(SystemExit):
         _load("parse_threshold").main(["--smoke", *args])

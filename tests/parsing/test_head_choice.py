@@ -13,7 +13,7 @@ import torch
 from scipy.optimize import minimize
 
 from pyro_backpass import GenerativeModel, HeadChoice, greedy_map, make_scene, split_seed
-from pyro_backpass.inference import object_mask, top_down_pass
+from pyro_backpass.inference import crf_mask, object_mask, top_down_pass
 from pyro_backpass.parsing import fit_head_choice, head_features, model_fingerprint, run_parse
 from pyro_backpass.parsing.head_choice import HEAD_POOL
 
@@ -292,6 +292,40 @@ def test_more_heads_per_category_are_the_next_modes_whose_masks_differ(shipped_g
         if len(masks) == 2:
             assert (masks[0] & masks[1]).sum() / (masks[0] | masks[1]).sum() < 0.5
     assert inst.category == "bird"  # the choice picks among all of them
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_refined_heads_are_read_on_the_crf_masks_of_greedys_modes(shipped_gm):
+    """``refined_heads``: each head's masks are the colour CRF's of that category's best mode
+    (greedy_map's, completed here by the top-down pass and refined by ``crf_mask``), what the
+    choice read is counted on them, and the chosen head's is the instance's mask."""
+    gm = shipped_gm
+    top_k = 30
+    image, bu, modes = _scene_and_modes(gm, top_k)
+    best: dict[str, dict] = {}
+    for a, lj in modes:  # best first
+        if math.isfinite(lj):
+            best.setdefault(gm.categories[int(a["category"])], a)
+    pick = list(best)[-1]  # the category whose best mode ranks last
+    choice = dataclasses.replace(_favour(gm, pick, sha=model_fingerprint(gm)),
+                                 refined_heads=True)  # fmt: skip
+    assert HeadChoice.from_dict(choice.to_dict()) == choice
+    assert choice.to_dict()["refined_heads"] is True
+    inst = run_parse(gm, image, top_k=top_k, max_objects=1, threshold=-math.inf,
+                     choose=choice, refine_masks=True).instances[0]  # fmt: skip
+    assert sorted(h["category"] for h in inst.heads) == sorted(best)
+    obs = {n: torch.ones_like(x, dtype=torch.bool) for n, x in bu.items()}
+    for h in inst.heads:
+        a = best[h["category"]]
+        with torch.no_grad():
+            td, _ = top_down_pass(gm, {k: torch.tensor([int(v)]) for k, v in a.items()}, bu, obs)
+            want = crf_mask(gm, td, bu, image[None], observed=obs)[0]  # (S, S): one view
+        assert torch.equal(h["amodal_mask"], want) and torch.equal(h["mask"], want)
+        assert h["visible"] == h["amodal"] == float(want.sum())
+    assert inst.heads[0]["category"] == inst.category == pick
+    assert torch.equal(inst.amodal_mask, inst.heads[0]["amodal_mask"])
+    with pytest.raises(ValueError, match="refine_masks=True"):
+        run_parse(gm, image, top_k=top_k, max_objects=1, choose=choice)
 
 
 @pytest.mark.usefixtures("one_thread")
