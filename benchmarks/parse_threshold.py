@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--refined-heads needs --choose --refine")
     choice_kw = {k: v for k, v in (("per_category", args.heads_per_category),
                                    ("refined_heads", args.refined_heads or None)) if v}  # fmt: skip
+    if args.choose and not args.refine:  # no CRF masks to read: the choice reads the readout's
+        choice_kw["refined_heads"] = False
     kind = ("choice" + ("_crf" if args.refine else "")) if args.choose else "verified"
     if args.package_file is None:
         args.package_file = (CHOICE_FILE if args.choose else VERIFIED_FILE if verified

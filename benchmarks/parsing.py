@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import statistics
 import sys
@@ -581,6 +582,8 @@ def add_row(out: Path, *, n_test: int, model: Path | None, beam: int = 1,
             head_choice = HeadChoice.shipped()
             if head_choice is None:
                 raise SystemExit("no shipped HeadChoice: run benchmarks/fit_head_choice.py --ship")
+            if head_choice.refined_heads and not refine:  # no CRF masks to read: its readout's
+                head_choice = dataclasses.replace(head_choice, refined_heads=False)
         stop = default_threshold(gm) if plain_criterion else default_threshold(
             gm, verifier=verifier, top_k=verified_top_k, choose=head_choice,
             refine_masks=refine)  # fmt: skip
