@@ -221,6 +221,16 @@ def _scene_and_modes(gm, top_k: int):
         return image, bu, greedy_map(gm, bu, top_k=top_k).modes[0]
 
 
+def _best_per_category(gm, modes) -> dict[str, dict]:
+    """Category name -> its best finite mode's assignment (``modes`` best first), in the
+    order the categories first appear."""
+    best: dict[str, dict] = {}
+    for a, lj in modes:
+        if math.isfinite(lj):
+            best.setdefault(gm.categories[int(a["category"])], a)
+    return best
+
+
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("which", ["first", "last"])
 def test_the_parse_takes_the_chosen_categorys_best_mode(shipped_gm, which):
@@ -229,10 +239,7 @@ def test_the_parse_takes_the_chosen_categorys_best_mode(shipped_gm, which):
     # the oracle: greedy_map's own top-k on the scene's activations; a category's head is its
     # mode of largest log-joint (one row: largest LLR)
     image, _, modes = _scene_and_modes(gm, top_k)
-    best: dict[str, dict] = {}
-    for a, lj in modes:  # best first
-        if math.isfinite(lj):
-            best.setdefault(gm.categories[int(a["category"])], a)
+    best = _best_per_category(gm, modes)
     assert len(best) >= 2  # the choice has something to choose between
     category = list(best)[0 if which == "first" else -1]
     choice = _favour(gm, category, sha=model_fingerprint(gm))
@@ -302,10 +309,7 @@ def test_refined_heads_are_read_on_the_crf_masks_of_greedys_modes(shipped_gm):
     gm = shipped_gm
     top_k = 30
     image, bu, modes = _scene_and_modes(gm, top_k)
-    best: dict[str, dict] = {}
-    for a, lj in modes:  # best first
-        if math.isfinite(lj):
-            best.setdefault(gm.categories[int(a["category"])], a)
+    best = _best_per_category(gm, modes)
     pick = list(best)[-1]  # the category whose best mode ranks last
     choice = dataclasses.replace(_favour(gm, pick, sha=model_fingerprint(gm)),
                                  refined_heads=True)  # fmt: skip
